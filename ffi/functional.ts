@@ -1,0 +1,55 @@
+/**
+ * Ops over several tensors that read better as functions than as methods.
+ * @module
+ */
+import { type Shape } from "./dtype.ts";
+import { c, handles, i64 } from "./handle.ts";
+import { shim } from "./lib.ts";
+import { type Tensor, wrap } from "./tensor.ts";
+
+/** Joins tensors along an existing dim. */
+export function cat(ts: readonly Tensor[], dim = 0): Tensor {
+  return wrap("cat", shim().mt_cat(c(), handles(ts), ts.length, BigInt(dim)), ...ts);
+}
+
+/** Joins tensors along a new dim. */
+export function stack(ts: readonly Tensor[], dim = 0): Tensor {
+  return wrap("stack", shim().mt_stack(c(), handles(ts), ts.length, BigInt(dim)), ...ts);
+}
+
+/** Elementwise cond ? a : b (broadcasting). */
+export function where(cond: Tensor, a: Tensor, b: Tensor): Tensor {
+  return wrap("where", shim().mt_where(c(), cond.ptr, a.ptr, b.ptr), cond, a, b);
+}
+
+/** y = x Wᵀ + b, with W of shape [out, in]. */
+export function linear(x: Tensor, weight: Tensor, bias?: Tensor | null): Tensor {
+  const p = shim().mt_linear(c(), x.ptr, weight.ptr, bias ? bias.ptr : null);
+  return bias ? wrap("linear", p, x, weight, bias) : wrap("linear", p, x, weight);
+}
+
+/** Rows of weight picked by the int64 ids in index. */
+export function embedding(weight: Tensor, index: Tensor): Tensor {
+  return wrap("embedding", shim().mt_embedding(c(), weight.ptr, index.ptr), weight, index);
+}
+
+/** LayerNorm over the trailing dims given by normalizedShape, with optional affine weight and bias. */
+export function layerNorm(
+  x: Tensor,
+  normalizedShape: Shape,
+  weight?: Tensor | null,
+  bias?: Tensor | null,
+  eps = 1e-5,
+): Tensor {
+  const p = shim().mt_layer_norm(
+    c(),
+    x.ptr,
+    i64(normalizedShape, "layer_norm"),
+    normalizedShape.length,
+    weight ? weight.ptr : null,
+    bias ? bias.ptr : null,
+    eps,
+  );
+  const inputs = [x, ...(weight ? [weight] : []), ...(bias ? [bias] : [])];
+  return wrap("layer_norm", p, ...inputs);
+}

@@ -1,0 +1,124 @@
+/**
+ * Finding, loading and talking to the native shim. Loading is lazy: importing
+ * moerl never touches the library until the first tensor op.
+ * @module
+ */
+import { type ShimLibrary, symbols } from "./symbols.ts";
+
+/** The ABI version this TypeScript expects from the shim (mt_abi_version). */
+const ABI_VERSION = 1;
+
+/** An error raised by libtorch (or by the shim's argument checks). */
+export class TorchError extends Error {
+  /** The op that failed, e.g. "matmul". */
+  readonly op: string;
+  /** Shapes of the tensor inputs, in argument order. */
+  readonly shapes: readonly (readonly number[])[];
+  /**
+   * @param op The op that failed.
+   * @param shapes Shapes of the tensor inputs.
+   * @param detail libtorch's message.
+   */
+  constructor(op: string, shapes: readonly (readonly number[])[], detail: string) {
+    const args = shapes.map((s) => `[${s.join(", ")}]`).join(", ");
+    super(`${op}(${args}): ${detail}`);
+    this.name = "TorchError";
+    this.op = op;
+    this.shapes = shapes;
+  }
+}
+
+interface Loaded {
+  lib: ShimLibrary;
+  ctx: Deno.PointerObject;
+  path: string;
+}
+
+let loaded: Loaded | undefined;
+
+function envVar(name: string): string | undefined {
+  try {
+    return Deno.env.get(name);
+  } catch {
+    return undefined; // no --allow-env: behave as if unset
+  }
+}
+
+/** Paths tried, in order: $MOERL_LIB, then the build's ffi/build/current.json. */
+function candidates(): { path: string; from: string }[] {
+  const out: { path: string; from: string }[] = [];
+  const env = envVar("MOERL_LIB");
+  if (env) out.push({ path: env, from: "$MOERL_LIB" });
+  const manifest = new URL("./build/current.json", import.meta.url);
+  if (manifest.protocol === "file:") {
+    try {
+      const info = JSON.parse(Deno.readTextFileSync(manifest)) as { lib?: unknown };
+      if (typeof info.lib === "string") out.push({ path: info.lib, from: manifest.pathname });
+    } catch (e) {
+      out.push({ path: manifest.pathname, from: `manifest unreadable: ${(e as Error).message}` });
+    }
+  }
+  return out;
+}
+
+function load(): Loaded {
+  const tried: string[] = [];
+  for (const { path, from } of candidates()) {
+    try {
+      const lib = Deno.dlopen(path, symbols);
+      const abi = lib.symbols.mt_abi_version();
+      if (abi !== ABI_VERSION) {
+        lib.close();
+        tried.push(`${path} (${from}): ABI ${abi}, expected ${ABI_VERSION}; rebuild`);
+        continue;
+      }
+      const ctx = lib.symbols.mt_ctx_new();
+      if (ctx === null) throw new Error("mt_ctx_new returned null");
+      return { lib, ctx, path };
+    } catch (e) {
+      tried.push(`${path} (${from}): ${(e as Error).message}`);
+    }
+  }
+  throw new Error(
+    "moerl: cannot load the libtorch shim.\n" +
+      (tried.length ? `Tried:\n  ${tried.join("\n  ")}\n` : "No build found (ffi/build/current.json).\n") +
+      "Fix: run `deno task build` (or scripts/setup.sh), or set MOERL_LIB to a built libmoerl .so.",
+  );
+}
+
+/** The loaded shim's symbols, loading it on first use. */
+export function shim(): ShimLibrary["symbols"] {
+  return (loaded ??= load()).lib.symbols;
+}
+
+/** The shim's error/grad context for calls made from this thread. */
+export function ctx(): Deno.PointerObject {
+  return (loaded ??= load()).ctx;
+}
+
+/** Path of the loaded shim library. */
+export function libraryPath(): string {
+  return (loaded ??= load()).path;
+}
+
+/** The message of the last failure on the shared context. */
+export function lastError(): string {
+  const p = shim().mt_ctx_message(ctx());
+  return p === null ? "" : Deno.UnsafePointerView.getCString(p);
+}
+
+/** Throws a TorchError for op if status is negative. */
+export function check(status: number, op: string, shapes: () => (readonly number[])[]): void {
+  if (status < 0) throw new TorchError(op, shapes(), lastError());
+}
+
+/** The libtorch version the shim was built against, e.g. "1.13.0". */
+export function torchVersion(): string {
+  const p = shim().mt_torch_version();
+  return p === null ? "" : Deno.UnsafePointerView.getCString(p);
+}
+
+/** Number of native tensor handles alive in the shim. */
+export function nativeLiveCount(): number {
+  return Number(shim().mt_live_count());
+}

@@ -1,0 +1,113 @@
+/**
+ * AdamW with parameter groups, and gradient clipping by global norm. The
+ * bookkeeping (groups, state, step counts) is TypeScript; one shim call
+ * applies each parameter's update in place.
+ * @module
+ */
+import { zeros } from "./create.ts";
+import { c, handles } from "./handle.ts";
+import { check, shim } from "./lib.ts";
+import { keep } from "./scope.ts";
+import type { Tensor } from "./tensor.ts";
+
+/** Parameters sharing one learning rate and weight decay. */
+export interface ParamGroup {
+  /** Leaf tensors with requiresGrad. */
+  params: Tensor[];
+  /** Learning rate (may be changed between steps, e.g. by a schedule). */
+  lr: number;
+  /** Decoupled weight decay (default 0.01, as PyTorch). */
+  weightDecay?: number;
+  /** Adam's (β1, β2) (default [0.9, 0.999]). */
+  betas?: [number, number];
+  /** Denominator epsilon (default 1e-8). */
+  eps?: number;
+}
+
+/** One parameter's optimizer state. */
+export interface AdamState {
+  /** Number of updates applied. */
+  step: number;
+  /** First moment estimate. */
+  expAvg: Tensor;
+  /** Second moment estimate. */
+  expAvgSq: Tensor;
+}
+
+/** AdamW (Loshchilov & Hutter), matching torch.optim.AdamW without amsgrad. */
+export class AdamW {
+  /** The groups, defaults filled in; change `lr` here to schedule. */
+  readonly groups: Required<ParamGroup>[];
+  #state = new Map<Tensor, AdamState>();
+
+  /** Creates the optimizer; state is allocated on each parameter's first step. */
+  constructor(groups: ParamGroup[]) {
+    this.groups = groups.map((g) => ({
+      params: g.params,
+      lr: g.lr,
+      weightDecay: g.weightDecay ?? 0.01,
+      betas: g.betas ?? [0.9, 0.999],
+      eps: g.eps ?? 1e-8,
+    }));
+  }
+
+  /** Applies one update to every parameter that has a gradient. */
+  step(): void {
+    for (const g of this.groups) {
+      for (const p of g.params) {
+        const st = this.#state.get(p) ?? this.#init(p);
+        using grad = p.grad;
+        if (grad === null) continue;
+        st.step++;
+        const status = shim().mt_adamw_step(
+          c(), p.ptr, st.expAvg.ptr, st.expAvgSq.ptr, BigInt(st.step),
+          g.lr, g.betas[0], g.betas[1], g.eps, g.weightDecay,
+        );
+        check(status, "adamw_step", () => [p.shape, st.expAvg.shape]);
+      }
+    }
+  }
+
+  #init(p: Tensor): AdamState {
+    const opts = { dtype: p.dtype, device: p.device };
+    const st = { step: 0, expAvg: keep(zeros(p.shape, opts)), expAvgSq: keep(zeros(p.shape, opts)) };
+    this.#state.set(p, st);
+    return st;
+  }
+
+  /** The state of p, if it has taken a step (for checkpoints). */
+  state(p: Tensor): AdamState | undefined {
+    return this.#state.get(p);
+  }
+
+  /** Drops every parameter's gradient. */
+  zeroGrad(): void {
+    for (const g of this.groups) for (const p of g.params) p.clearGrad();
+  }
+
+  /** Frees the moment tensors. */
+  dispose(): void {
+    for (const s of this.#state.values()) {
+      s.expAvg.dispose();
+      s.expAvgSq.dispose();
+    }
+    this.#state.clear();
+  }
+
+  /** Frees the moment tensors at the end of a `using` block. */
+  [Symbol.dispose](): void {
+    this.dispose();
+  }
+}
+
+/**
+ * Scales the gradients of params in place so that their global L2 norm is at
+ * most maxNorm (torch.nn.utils.clip_grad_norm_). Returns the norm before
+ * clipping.
+ */
+export function clipGradNorm(params: readonly Tensor[], maxNorm: number): number {
+  const out = new Float64Array(1);
+  const status = shim().mt_clip_grad_norm(c(), handles(params), params.length, maxNorm, out);
+  check(status, "clip_grad_norm", () => params.map((p) => p.shape));
+  return out[0]!;
+}

@@ -1,0 +1,104 @@
+/**
+ * Process-wide libtorch state: seeding, random generators, grad mode and CUDA.
+ * @module
+ */
+import { type Device, deviceCode } from "./dtype.ts";
+import { check, ctx, shim, TorchError, lastError } from "./lib.ts";
+
+/** Seeds libtorch's default generators (CPU and every CUDA device). */
+export function manualSeed(seed: number | bigint): void {
+  check(shim().mt_manual_seed(ctx(), BigInt(seed)), "manual_seed", () => []);
+}
+
+/** A seeded random generator of its own, for reproducible sampling. */
+export class Generator {
+  #ptr: Deno.PointerObject | null;
+  /** Creates a generator on device seeded with seed. */
+  constructor(seed: number | bigint, device: Device = "cpu") {
+    const p = shim().mt_generator_new(ctx(), BigInt(seed), deviceCode(device));
+    if (p === null) throw new TorchError("generator", [], lastError());
+    this.#ptr = p;
+  }
+  /** The native handle; throws if disposed. */
+  get ptr(): Deno.PointerObject {
+    if (this.#ptr === null) throw new Error("moerl: generator used after dispose()");
+    return this.#ptr;
+  }
+  /** Frees the generator. Idempotent. */
+  dispose(): void {
+    if (this.#ptr !== null) shim().mt_generator_free(this.#ptr);
+    this.#ptr = null;
+  }
+  /** Frees the generator at the end of a `using` block. */
+  [Symbol.dispose](): void {
+    this.dispose();
+  }
+}
+
+/** Whether ops record autograd history (true by default). */
+export function isGradEnabled(): boolean {
+  return shim().mt_ctx_grad(ctx()) === 1;
+}
+
+/** Turns autograd recording on or off; returns the previous setting. */
+export function setGradEnabled(enabled: boolean): boolean {
+  const prev = isGradEnabled();
+  shim().mt_ctx_set_grad(ctx(), enabled ? 1 : 0);
+  return prev;
+}
+
+/**
+ * Runs fn with autograd recording off (torch.no_grad), restoring the
+ * previous mode afterwards, also on throw.
+ */
+export function noGrad<T>(fn: () => T): T {
+  const prev = setGradEnabled(false);
+  try {
+    return fn();
+  } finally {
+    setGradEnabled(prev);
+  }
+}
+
+/** CUDA runtime queries. */
+export const cuda = {
+  /** True if libtorch sees a usable CUDA device. */
+  isAvailable(): boolean {
+    return shim().mt_cuda_available() === 1;
+  },
+  /** Number of CUDA devices. */
+  deviceCount(): number {
+    return shim().mt_cuda_device_count();
+  },
+  /** Waits until all queued work on device has finished. */
+  synchronize(device: Device = "cuda"): void {
+    check(shim().mt_cuda_synchronize(ctx(), deviceCode(device)), "cuda_synchronize", () => []);
+  },
+  /** The caching allocator's byte counts for device. */
+  memoryStats(device: Device = "cuda"): CudaMemoryStats {
+    const out = new BigInt64Array(4);
+    check(shim().mt_cuda_memory_stats(ctx(), deviceCode(device), out), "cuda_memory_stats", () => []);
+    return {
+      allocated: Number(out[0]),
+      reserved: Number(out[1]),
+      peakAllocated: Number(out[2]),
+      peakReserved: Number(out[3]),
+    };
+  },
+  /** Restarts peak tracking on device. */
+  resetPeakMemoryStats(device: Device = "cuda"): void {
+    check(shim().mt_cuda_reset_peak(ctx(), deviceCode(device)), "cuda_reset_peak", () => []);
+  },
+};
+
+/** Bytes held by the CUDA caching allocator. */
+export interface CudaMemoryStats {
+  /** Bytes in live tensors. */
+  allocated: number;
+  /** Bytes reserved from the driver. */
+  reserved: number;
+  /** Highest `allocated` since the last reset. */
+  peakAllocated: number;
+  /** Highest `reserved` since the last reset. */
+  peakReserved: number;
+}

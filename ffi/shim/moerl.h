@@ -1,0 +1,196 @@
+/*
+ * moerl shim: a thin C ABI over libtorch, loaded from Deno with Deno.dlopen.
+ *
+ * Rules (after tch-rs's torch_api.h):
+ *  - A tensor crosses the ABI as an opaque handle (a heap torch::Tensor alias).
+ *    Every handle returned is new and owned by the caller, who releases it with
+ *    mt_free exactly once. Inputs are borrowed, never freed by the callee.
+ *  - Nothing throws across the ABI. Every fallible call takes the caller's
+ *    mt_ctx first; on failure it returns NULL (handles) or -1 (status) and the
+ *    context holds the message (mt_ctx_message). The context also carries the
+ *    grad mode, so a call behaves the same on whatever thread runs it (Deno's
+ *    nonblocking calls run on another thread; libtorch's grad mode is
+ *    thread-local).
+ *  - Devices are one int: -1 is the CPU, k >= 0 is CUDA device k.
+ *  - Dtypes are c10::ScalarType codes (6 float32, 15 bfloat16, ...).
+ *  - Lists of tensors are arrays of handles; lists of ints are int64 arrays.
+ */
+#ifndef MOERL_SHIM_H
+#define MOERL_SHIM_H
+
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+typedef void* mt_tensor;
+typedef struct mt_ctx mt_ctx;
+typedef void* mt_generator;
+
+/* ---- context, version, live handles -------------------------------------- */
+mt_ctx* mt_ctx_new(void);
+void mt_ctx_free(mt_ctx* ctx);
+/* The message of the last failure on this context ("" if none). */
+const char* mt_ctx_message(mt_ctx* ctx);
+void mt_ctx_set_grad(mt_ctx* ctx, int32_t enabled);
+int32_t mt_ctx_grad(mt_ctx* ctx);
+/* libtorch's version as compiled against, e.g. "1.13.0" or "2.5.1". */
+const char* mt_torch_version(void);
+/* Bumped whenever the ABI changes; TS checks it at load. */
+int32_t mt_abi_version(void);
+/* Number of tensor handles created and not yet freed. */
+int64_t mt_live_count(void);
+
+/* ---- runtime: seeding, CUDA ------------------------------------------------ */
+int32_t mt_manual_seed(mt_ctx* ctx, uint64_t seed);
+int32_t mt_cuda_available(void);
+int32_t mt_cuda_device_count(void);
+int32_t mt_cuda_synchronize(mt_ctx* ctx, int32_t device);
+/* out[4] = allocated, reserved, peak allocated, peak reserved (bytes). */
+int32_t mt_cuda_memory_stats(mt_ctx* ctx, int32_t device, int64_t* out);
+int32_t mt_cuda_reset_peak(mt_ctx* ctx, int32_t device);
+mt_generator mt_generator_new(mt_ctx* ctx, uint64_t seed, int32_t device);
+void mt_generator_free(mt_generator gen);
+
+/* ---- handles and metadata -------------------------------------------------- */
+void mt_free(mt_tensor t);
+/* out = [dtype, device, requires_grad, ndim, size0, size1, ...]; returns ndim
+ * or -1 if cap is too small. */
+int32_t mt_meta(mt_ctx* ctx, mt_tensor t, int64_t* out, int32_t cap);
+
+/* ---- creation ---------------------------------------------------------------- */
+mt_tensor mt_from_data(mt_ctx* ctx, const void* data, int64_t nbytes,
+                       int32_t dtype, const int64_t* shape, int32_t ndim,
+                       int32_t device);
+mt_tensor mt_full(mt_ctx* ctx, const int64_t* shape, int32_t ndim, double value,
+                  int32_t dtype, int32_t device);
+mt_tensor mt_arange(mt_ctx* ctx, double start, double end, double step,
+                    int32_t dtype, int32_t device);
+/* kind 0: uniform [0, 1); kind 1: standard normal. gen may be NULL. */
+mt_tensor mt_rand(mt_ctx* ctx, const int64_t* shape, int32_t ndim, int32_t kind,
+                  int32_t dtype, int32_t device, mt_generator gen);
+/* Copy a tensor's values (any device, any layout) into dst, which must hold
+ * exactly numel * element size bytes. */
+int32_t mt_copy_to(mt_ctx* ctx, mt_tensor t, void* dst, int64_t nbytes);
+int32_t mt_item(mt_ctx* ctx, mt_tensor t, double* out);
+/* dtype -1 keeps the dtype; copy != 0 forces a copy. */
+mt_tensor mt_to(mt_ctx* ctx, mt_tensor t, int32_t dtype, int32_t device,
+                int32_t copy);
+
+/* ---- views and shape ops ------------------------------------------------------ */
+mt_tensor mt_reshape(mt_ctx* ctx, mt_tensor t, const int64_t* shape, int32_t nd);
+mt_tensor mt_permute(mt_ctx* ctx, mt_tensor t, const int64_t* dims, int32_t nd);
+mt_tensor mt_expand(mt_ctx* ctx, mt_tensor t, const int64_t* shape, int32_t nd);
+mt_tensor mt_transpose(mt_ctx* ctx, mt_tensor t, int64_t d0, int64_t d1);
+mt_tensor mt_slice(mt_ctx* ctx, mt_tensor t, int64_t dim, int64_t start,
+                   int64_t end, int64_t step);
+mt_tensor mt_narrow(mt_ctx* ctx, mt_tensor t, int64_t dim, int64_t start,
+                    int64_t length);
+mt_tensor mt_select(mt_ctx* ctx, mt_tensor t, int64_t dim, int64_t index);
+mt_tensor mt_squeeze(mt_ctx* ctx, mt_tensor t, int64_t dim);
+mt_tensor mt_unsqueeze(mt_ctx* ctx, mt_tensor t, int64_t dim);
+mt_tensor mt_contiguous(mt_ctx* ctx, mt_tensor t);
+mt_tensor mt_clone(mt_ctx* ctx, mt_tensor t);
+mt_tensor mt_cat(mt_ctx* ctx, const mt_tensor* ts, int32_t n, int64_t dim);
+mt_tensor mt_stack(mt_ctx* ctx, const mt_tensor* ts, int32_t n, int64_t dim);
+/* upper != 0: triu, else tril. */
+mt_tensor mt_tri(mt_ctx* ctx, mt_tensor t, int64_t diagonal, int32_t upper);
+
+/* ---- indexing ------------------------------------------------------------------ */
+mt_tensor mt_index_select(mt_ctx* ctx, mt_tensor t, int64_t dim, mt_tensor index);
+mt_tensor mt_gather(mt_ctx* ctx, mt_tensor t, int64_t dim, mt_tensor index);
+mt_tensor mt_scatter(mt_ctx* ctx, mt_tensor t, int64_t dim, mt_tensor index,
+                     mt_tensor src);
+mt_tensor mt_index_add(mt_ctx* ctx, mt_tensor t, int64_t dim, mt_tensor index,
+                       mt_tensor src);
+mt_tensor mt_masked_fill(mt_ctx* ctx, mt_tensor t, mt_tensor mask, double value);
+mt_tensor mt_where(mt_ctx* ctx, mt_tensor cond, mt_tensor a, mt_tensor b);
+mt_tensor mt_embedding(mt_ctx* ctx, mt_tensor weight, mt_tensor index);
+
+/* ---- in-place writes (for caches and optimizers; no autograd history) ---------- */
+int32_t mt_copy_(mt_ctx* ctx, mt_tensor dst, mt_tensor src);
+int32_t mt_fill_(mt_ctx* ctx, mt_tensor t, double value);
+int32_t mt_index_copy_(mt_ctx* ctx, mt_tensor t, int64_t dim, mt_tensor index,
+                       mt_tensor src);
+
+/* ---- elementwise ------------------------------------------------------------------ */
+enum mt_unary_op {
+  MT_NEG = 0, MT_EXP, MT_LOG, MT_SQRT, MT_RSQRT, MT_TANH, MT_SIGMOID, MT_SILU,
+  MT_RELU, MT_GELU, MT_ABS, MT_SIN, MT_COS, MT_RECIPROCAL, MT_SQUARE, MT_LOG1P,
+  MT_FLOOR, MT_CEIL, MT_ROUND, MT_SIGN, MT_LOGICAL_NOT, MT_ISNAN, MT_ISFINITE,
+  MT_UNARY_COUNT
+};
+enum mt_binary_op {
+  MT_ADD = 0, MT_SUB, MT_MUL, MT_DIV, MT_POW, MT_MAXIMUM, MT_MINIMUM, MT_EQ,
+  MT_NE, MT_LT, MT_LE, MT_GT, MT_GE, MT_LOGICAL_AND, MT_LOGICAL_OR, MT_RSUB,
+  MT_REMAINDER, MT_BINARY_COUNT
+};
+mt_tensor mt_unary(mt_ctx* ctx, int32_t op, mt_tensor t);
+mt_tensor mt_binary(mt_ctx* ctx, int32_t op, mt_tensor a, mt_tensor b);
+/* Tensor op scalar (MT_RSUB: scalar - tensor). */
+mt_tensor mt_binary_scalar(mt_ctx* ctx, int32_t op, mt_tensor a, double s);
+/* flags bit 0: apply lo; bit 1: apply hi. */
+mt_tensor mt_clamp(mt_ctx* ctx, mt_tensor t, double lo, double hi, int32_t flags);
+
+/* ---- reductions --------------------------------------------------------------------- */
+enum mt_reduce_op {
+  MT_SUM = 0, MT_MEAN, MT_AMAX, MT_AMIN, MT_LOGSUMEXP, MT_PROD, MT_ANY, MT_ALL,
+  MT_VAR, MT_STD, MT_NORM, MT_REDUCE_COUNT
+};
+/* nd == 0 reduces over every dim (MT_LOGSUMEXP needs dims). */
+mt_tensor mt_reduce(mt_ctx* ctx, int32_t op, mt_tensor t, const int64_t* dims,
+                    int32_t nd, int32_t keepdim);
+/* out[0] = values, out[1] = indices; is_min selects min. */
+int32_t mt_max_dim(mt_ctx* ctx, mt_tensor t, int64_t dim, int32_t keepdim,
+                   int32_t is_min, mt_tensor* out);
+mt_tensor mt_argmax(mt_ctx* ctx, mt_tensor t, int64_t dim, int32_t keepdim,
+                    int32_t is_min);
+mt_tensor mt_cumsum(mt_ctx* ctx, mt_tensor t, int64_t dim);
+
+/* ---- linear algebra and NN ----------------------------------------------------------- */
+mt_tensor mt_matmul(mt_ctx* ctx, mt_tensor a, mt_tensor b);
+mt_tensor mt_bmm(mt_ctx* ctx, mt_tensor a, mt_tensor b);
+/* y = x W^T + b; bias may be NULL. */
+mt_tensor mt_linear(mt_ctx* ctx, mt_tensor x, mt_tensor w, mt_tensor bias);
+/* dtype -1: compute in the input dtype. */
+mt_tensor mt_softmax(mt_ctx* ctx, mt_tensor t, int64_t dim, int32_t dtype);
+mt_tensor mt_log_softmax(mt_ctx* ctx, mt_tensor t, int64_t dim, int32_t dtype);
+/* weight and bias may be NULL. */
+mt_tensor mt_layer_norm(mt_ctx* ctx, mt_tensor x, const int64_t* shape,
+                        int32_t nd, mt_tensor weight, mt_tensor bias, double eps);
+
+/* ---- selection and sampling ----------------------------------------------------------- */
+int32_t mt_topk(mt_ctx* ctx, mt_tensor t, int64_t k, int64_t dim, int32_t largest,
+                int32_t sorted, mt_tensor* out);
+int32_t mt_sort(mt_ctx* ctx, mt_tensor t, int64_t dim, int32_t descending,
+                mt_tensor* out);
+mt_tensor mt_multinomial(mt_ctx* ctx, mt_tensor probs, int64_t n,
+                         int32_t replacement, mt_generator gen);
+
+/* ---- autograd --------------------------------------------------------------------------- */
+int32_t mt_set_requires_grad(mt_ctx* ctx, mt_tensor t, int32_t flag);
+/* grad may be NULL (scalar outputs). */
+int32_t mt_backward(mt_ctx* ctx, mt_tensor t, mt_tensor grad, int32_t retain_graph);
+/* *out = the gradient, or NULL when there is none. */
+int32_t mt_grad(mt_ctx* ctx, mt_tensor t, mt_tensor* out);
+/* Drops the gradient (PyTorch's zero_grad(set_to_none=True)). */
+int32_t mt_clear_grad(mt_ctx* ctx, mt_tensor t);
+mt_tensor mt_detach(mt_ctx* ctx, mt_tensor t);
+
+/* ---- optimizer kernels (the optimizer logic lives in TS) -------------------------------- */
+/* One AdamW update of param from its .grad, in place, PyTorch's formula:
+ * p -= lr*wd*p; m = b1 m + (1-b1) g; v = b2 v + (1-b2) g^2;
+ * p -= lr/(1-b1^t) * m / (sqrt(v/(1-b2^t)) + eps). A param without grad is skipped. */
+int32_t mt_adamw_step(mt_ctx* ctx, mt_tensor param, mt_tensor exp_avg,
+                      mt_tensor exp_avg_sq, int64_t step, double lr, double beta1,
+                      double beta2, double eps, double weight_decay);
+/* Scales the grads so their global L2 norm is at most max_norm; *total_norm
+ * gets the norm before clipping. */
+int32_t mt_clip_grad_norm(mt_ctx* ctx, const mt_tensor* params, int32_t n,
+                          double max_norm, double* total_norm);
+
+#ifdef __cplusplus
+}
+#endif
+#endif

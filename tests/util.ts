@@ -1,0 +1,34 @@
+/**
+ * Shared test helpers. Tests run on the device and float dtype named by
+ * MOERL_TEST_DEVICE (default "cpu") and MOERL_TEST_DTYPE (default "float32"),
+ * so the same suite checks CUDA and bf16 on a GPU machine.
+ */
+import assert from "node:assert/strict";
+import { type Device, type DType, liveTensors, nativeLiveCount } from "../mod.ts";
+
+/** Device the suite runs on. */
+export const DEVICE: Device = (Deno.env.get("MOERL_TEST_DEVICE") ?? "cpu") as Device;
+/** Float dtype for value tests. */
+export const FLOAT: DType = (Deno.env.get("MOERL_TEST_DTYPE") ?? "float32") as DType;
+/** Tolerance matching FLOAT: exact-ish for f32, ~3 significant digits for bf16. */
+export const TOL: number = FLOAT === "bfloat16" ? 2e-2 : FLOAT === "float16" ? 2e-3 : 1e-5;
+
+/** Asserts |a - e| <= tol·max(1, |e|) elementwise, with a message naming the first bad index. */
+export function assertClose(actual: readonly number[], expected: readonly number[], tol = TOL, what = ""): void {
+  assert.equal(actual.length, expected.length, `${what} length ${actual.length} != ${expected.length}`);
+  for (let i = 0; i < actual.length; i++) {
+    const a = actual[i]!, e = expected[i]!;
+    if (Number.isNaN(e) && Number.isNaN(a)) continue;
+    if (a === e) continue; // covers ±Infinity
+    const ok = Math.abs(a - e) <= tol * Math.max(1, Math.abs(e));
+    assert.ok(ok, `${what} [${i}]: got ${a}, expected ${e} (tol ${tol})\n  got ${actual.join(", ")}\n  exp ${expected.join(", ")}`);
+  }
+}
+
+/** Runs fn and asserts it leaves no tensor alive, JS-side and native-side. */
+export function assertNoLeak(fn: () => void, what = "block"): void {
+  const js = liveTensors(), native = nativeLiveCount();
+  fn();
+  assert.equal(liveTensors(), js, `${what} leaked ${liveTensors() - js} tensors`);
+  assert.equal(nativeLiveCount(), native, `${what} leaked ${nativeLiveCount() - native} native handles`);
+}
