@@ -126,7 +126,12 @@ int32_t mt_cuda_memory_stats(mt_ctx* ctx, int32_t device, int64_t* out) {
 #ifdef MOERL_WITH_CUDA
     using namespace c10::cuda::CUDACachingAllocator;
     auto stats = getDeviceStats(static_cast<c10::DeviceIndex>(device));
+#if TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 5)
+    // 2.5 moved StatType to the device-generic allocator header.
+    auto agg = static_cast<size_t>(c10::CachingDeviceAllocator::StatType::AGGREGATE);
+#else
     auto agg = static_cast<size_t>(StatType::AGGREGATE);
+#endif
     out[0] = stats.allocated_bytes[agg].current;
     out[1] = stats.reserved_bytes[agg].current;
     out[2] = stats.allocated_bytes[agg].peak;
@@ -153,7 +158,7 @@ mt_generator mt_generator_new(mt_ctx* ctx, uint64_t seed, int32_t device) {
   return guarded(ctx, [&]() -> mt_generator {
     torch::Generator g = device < 0
         ? at::detail::createCPUGenerator(seed)
-        : at::detail::getCUDAHooks().getDefaultCUDAGenerator(device).clone();
+        : at::globalContext().defaultGenerator(device_of(device)).clone();
     g.set_current_seed(seed);
     return new torch::Generator(std::move(g));
   }, nullptr);
