@@ -55,9 +55,9 @@ export class AdamW {
   step(): void {
     for (const g of this.groups) {
       for (const p of g.params) {
-        const st = this.#state.get(p) ?? this.#init(p);
         using grad = p.grad;
-        if (grad === null) continue;
+        if (grad === null) continue; // as PyTorch: no grad, no state, no step
+        const st = this.#state.get(p) ?? this.#init(p);
         st.step++;
         const status = shim().mt_adamw_step(
           c(), p.ptr, st.expAvg.ptr, st.expAvgSq.ptr, BigInt(st.step),

@@ -55,8 +55,9 @@ export class Tensor extends Handle {
 
   // ---- metadata ------------------------------------------------------------
   #m(): Meta {
+    const ptr = this.ptr; // throws after dispose, even when the metadata is cached
     if (this.#meta) return this.#meta;
-    const nd = shim().mt_meta(c(), this.ptr, metaBuf, metaBuf.length);
+    const nd = shim().mt_meta(c(), ptr, metaBuf, metaBuf.length);
     check(nd, "meta", () => []);
     const shape: number[] = [];
     for (let i = 0; i < nd; i++) shape.push(Number(metaBuf[4 + i]));
@@ -138,6 +139,9 @@ export class Tensor extends Handle {
   /** A copy or view with another dtype or on another device (same tensor if nothing changes). */
   to(target: DType | Device, opts: { copy?: boolean } = {}): Tensor {
     const isDev = target === "cpu" || target.startsWith("cuda");
+    if (!isDev && !(target in ELEMENT_SIZE)) {
+      throw new TypeError(`to([${this.shape.join(", ")}]): "${target}" is neither a dtype nor a device`);
+    }
     const dt = isDev ? -1 : dtypeCode(target as DType);
     const dev = deviceCode(isDev ? (target as Device) : this.device);
     return wrap("to", shim().mt_to(c(), this.ptr, dt, dev, opts.copy ? 1 : 0), this);

@@ -41,8 +41,13 @@ c10::optional<Tensor> opt(mt_tensor t) {
 }
 
 torch::Device device_of(int32_t d) {
-  return d < 0 ? torch::Device(torch::kCPU)
-               : torch::Device(torch::kCUDA, static_cast<c10::DeviceIndex>(d));
+  if (d < 0) return torch::Device(torch::kCPU);
+  // libtorch's own message here lists every registered backend; say it plainly.
+  if (!torch::cuda::is_available()) throw std::runtime_error("CUDA is not available");
+  if (d >= static_cast<int32_t>(torch::cuda::device_count()))
+    throw std::out_of_range("cuda:" + std::to_string(d) + " does not exist (" +
+                            std::to_string(torch::cuda::device_count()) + " CUDA devices)");
+  return torch::Device(torch::kCUDA, static_cast<c10::DeviceIndex>(d));
 }
 
 torch::ScalarType dtype_of(int32_t code) {
@@ -568,7 +573,12 @@ int32_t mt_clip_grad_norm(mt_ctx* ctx, const mt_tensor* params, int32_t n, doubl
     }
     if (grads.empty()) { *total_norm = 0.0; return 0; }
     std::vector<Tensor> norms;
-    for (auto& g : grads) norms.push_back(g.detach().to(torch::kFloat).norm(2));
+    // Each norm in the grad's precision (at least float32), summed in float64.
+    for (auto& g : grads) {
+      auto x = g.detach();
+      if (!x.is_floating_point() || x.element_size() < 4) x = x.to(torch::kFloat);
+      norms.push_back(x.norm(2).to(torch::kDouble));
+    }
     double total = torch::stack(norms).norm(2).item().toDouble();
     *total_norm = total;
     double coef = max_norm / (total + 1e-6);
