@@ -100,12 +100,23 @@ export function tidy<T>(fn: () => T): T {
  * its awaits, except those returned or kept. Concurrent scopes stay separate.
  */
 export async function tidyAsync<T>(fn: () => Promise<T>): Promise<T> {
-  const parent = currentBag();
+  // The parent is the enclosing async scope: an enclosing sync tidy ends
+  // before this promise settles, so it cannot receive the results.
+  const parent = asyncDepth > 0 ? asyncScopes.getStore() : undefined;
   const bag: Bag = new Set();
   asyncDepth++;
   let result: T | undefined;
+  // Until its first await fn runs synchronously, possibly inside a sync
+  // tidy: hide that tidy's stack so fn's tensors land in this scope's bag.
+  const outerSync = syncStack.splice(0);
+  let pending: Promise<T>;
   try {
-    result = await asyncScopes.run(bag, fn);
+    pending = asyncScopes.run(bag, fn);
+  } finally {
+    syncStack.push(...outerSync);
+  }
+  try {
+    result = await pending;
     return result;
   } finally {
     asyncDepth--;

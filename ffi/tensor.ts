@@ -189,6 +189,10 @@ export class Tensor extends Handle {
     const s = this.shape;
     const a = start < 0 ? s.length + start : start;
     const b = end < 0 ? s.length + end : end;
+    if (s.length === 0) return this.reshape([1]);
+    if (!(0 <= a && a <= b && b < s.length)) {
+      throw new RangeError(`flatten(${start}, ${end}): bad dims for a tensor of shape [${s.join(", ")}]`);
+    }
     const merged = s.slice(a, b + 1).reduce((x, y) => x * y, 1);
     return this.reshape([...s.slice(0, a), merged, ...s.slice(b + 1)]);
   }
@@ -202,7 +206,9 @@ export class Tensor extends Handle {
   }
   /** Splits into n pieces along dim, as torch.chunk (views). */
   chunk(n: number, dim = 0): Tensor[] {
+    if (!Number.isInteger(n) || n < 1) throw new RangeError(`chunk(${n}): the number of chunks must be an integer >= 1`);
     const size = this.size(dim);
+    if (size === 0) return [this.narrow(dim, 0, 0)];
     const step = Math.ceil(size / n);
     const out: Tensor[] = [];
     for (let s = 0; s < size; s += step) out.push(this.narrow(dim, s, Math.min(step, size - s)));

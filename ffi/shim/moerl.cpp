@@ -5,6 +5,7 @@
 #include <torch/torch.h>
 
 #include <atomic>
+#include <cmath>
 #include <cstring>
 #include <string>
 #include <vector>
@@ -230,7 +231,14 @@ mt_tensor mt_rand(mt_ctx* ctx, const int64_t* shape, int32_t ndim, int32_t kind,
   return TENSOR_OP(ctx, ([&] {
     auto opts = torch::TensorOptions().dtype(dtype_of(dtype)).device(device_of(device));
     auto sizes = ints(shape, ndim);
-    if (kind == 0) return at::rand(sizes, gen_of(gen), opts);
+    if (kind == 0) {
+      auto st = opts.dtype().toScalarType();
+      if (st != torch::kHalf && st != torch::kBFloat16) return at::rand(sizes, gen_of(gen), opts);
+      // Rounding float32 draws to a half type can give exactly 1.0 (and
+      // CUDA's half kernels do; pytorch#96947): keep [0, 1) as promised.
+      double below_one = st == torch::kHalf ? 1.0 - 1.0 / 2048 : 1.0 - 1.0 / 256;
+      return at::rand(sizes, gen_of(gen), opts.dtype(torch::kFloat)).to(st).clamp_max_(below_one);
+    }
     if (kind == 1) return at::randn(sizes, gen_of(gen), opts);
     throw std::invalid_argument("rand kind must be 0 (uniform) or 1 (normal)");
   })());
@@ -398,8 +406,9 @@ mt_tensor mt_binary_scalar(mt_ctx* ctx, int32_t op, mt_tensor a, double s) {
   return TENSOR_OP(ctx, ([&]() -> Tensor {
     const Tensor& x = T(a);
     // Integer tensors keep their dtype when s is integral, as in PyTorch.
-    torch::Scalar sc = (s == static_cast<double>(static_cast<int64_t>(s)) && !x.is_floating_point())
-        ? torch::Scalar(static_cast<int64_t>(s)) : torch::Scalar(s);
+    bool integral = std::isfinite(s) && std::fabs(s) < 9.2e18 && s == std::trunc(s);
+    torch::Scalar sc = (integral && !x.is_floating_point()) ? torch::Scalar(static_cast<int64_t>(s))
+                                                            : torch::Scalar(s);
     switch (op) {
       case MT_ADD: return x.add(sc);
       case MT_SUB: return x.sub(sc);
@@ -427,6 +436,8 @@ mt_tensor mt_clamp(mt_ctx* ctx, mt_tensor t, double lo, double hi, int32_t flags
 }
 
 // ---- reductions --------------------------------------------------------------------------------------
+static Tensor reduce(int32_t op, const Tensor& x, const std::vector<int64_t>& d, bool kd, bool all);
+
 mt_tensor mt_reduce(mt_ctx* ctx, int32_t op, mt_tensor t, const int64_t* dims, int32_t nd,
                     int32_t keepdim) {
   return TENSOR_OP(ctx, ([&]() -> Tensor {
@@ -434,32 +445,39 @@ mt_tensor mt_reduce(mt_ctx* ctx, int32_t op, mt_tensor t, const int64_t* dims, i
     auto d = ints(dims, nd);
     bool kd = keepdim != 0;
     bool all = nd == 0;
-    switch (op) {
-      case MT_SUM: return all ? x.sum() : x.sum(d, kd);
-      case MT_MEAN: return all ? x.mean() : x.mean(d, kd);
-      case MT_AMAX: return x.amax(d, kd);
-      case MT_AMIN: return x.amin(d, kd);
-      case MT_LOGSUMEXP:
-        if (all) throw std::invalid_argument("logsumexp needs dims");
-        return x.logsumexp(d, kd);
-      case MT_PROD:
-        if (all) return x.prod();
-        if (nd != 1) throw std::invalid_argument("prod takes one dim");
-        return x.prod(d[0], kd);
-      case MT_ANY:
-        if (all) return x.any();
-        if (nd != 1) throw std::invalid_argument("any takes one dim");
-        return x.any(d[0], kd);
-      case MT_ALL:
-        if (all) return x.all();
-        if (nd != 1) throw std::invalid_argument("all takes one dim");
-        return x.all(d[0], kd);
-      case MT_VAR: return all ? x.var() : x.var(d, /*unbiased=*/true, kd);
-      case MT_STD: return all ? x.std() : x.std(d, /*unbiased=*/true, kd);
-      case MT_NORM: return all ? x.norm() : x.norm(2, d, kd);
-    }
-    throw std::invalid_argument("unknown reduce op " + std::to_string(op));
+    Tensor r = reduce(op, x, d, kd, all);
+    // Full reductions drop every dim; keepdim asks for them back as size 1.
+    return all && kd && r.dim() == 0 ? r.reshape(std::vector<int64_t>(x.dim(), 1)) : r;
   })());
+}
+
+static Tensor reduce(int32_t op, const Tensor& x, const std::vector<int64_t>& d, bool kd, bool all) {
+  int32_t nd = static_cast<int32_t>(d.size());
+  switch (op) {
+    case MT_SUM: return all ? x.sum() : x.sum(d, kd);
+    case MT_MEAN: return all ? x.mean() : x.mean(d, kd);
+    case MT_AMAX: return x.amax(d, kd);
+    case MT_AMIN: return x.amin(d, kd);
+    case MT_LOGSUMEXP:
+      if (all) throw std::invalid_argument("logsumexp needs dims");
+      return x.logsumexp(d, kd);
+    case MT_PROD:
+      if (all) return x.prod();
+      if (nd != 1) throw std::invalid_argument("prod takes one dim");
+      return x.prod(d[0], kd);
+    case MT_ANY:
+      if (all) return x.any();
+      if (nd != 1) throw std::invalid_argument("any takes one dim");
+      return x.any(d[0], kd);
+    case MT_ALL:
+      if (all) return x.all();
+      if (nd != 1) throw std::invalid_argument("all takes one dim");
+      return x.all(d[0], kd);
+    case MT_VAR: return all ? x.var() : x.var(d, /*unbiased=*/true, kd);
+    case MT_STD: return all ? x.std() : x.std(d, /*unbiased=*/true, kd);
+    case MT_NORM: return all ? x.norm() : x.norm(2, d, kd);
+  }
+  throw std::invalid_argument("unknown reduce op " + std::to_string(op));
 }
 
 int32_t mt_max_dim(mt_ctx* ctx, mt_tensor t, int64_t dim, int32_t keepdim, int32_t is_min,
