@@ -33,12 +33,13 @@ export {
 } from "./ffi/create.ts";
 export { cat, embedding, layerNorm, linear, stack, where } from "./ffi/functional.ts";
 export { type Device, type DType, isFloating, type Shape } from "./ffi/dtype.ts";
-export { dispose, keep, tidy, tidyAsync } from "./ffi/scope.ts";
-export { liveTensors, setLeakCheck } from "./ffi/handle.ts";
+export { dispose, keep, tidy, tidyAsync, TRACKED, type Tracked } from "./ffi/scope.ts";
+export { Handle, liveTensors, setLeakCheck } from "./ffi/handle.ts";
 export { libraryPath, nativeLiveCount, TorchError, torchVersion } from "./ffi/lib.ts";
 export {
   cuda,
   type CudaMemoryStats,
+  type CudaRuntime,
   Generator,
   isGradEnabled,
   manualSeed,

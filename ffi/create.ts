@@ -7,7 +7,7 @@ import { type Device, deviceCode, type DType, dtypeCode, ELEMENT_SIZE, type Shap
 import { c, i64 } from "./handle.ts";
 import { shim } from "./lib.ts";
 import type { Generator } from "./runtime.ts";
-import { Tensor, wrap } from "./tensor.ts";
+import { type Tensor, wrap } from "./tensor.ts";
 
 /** Typed arrays accepted as tensor data. */
 export type TensorData =
@@ -55,13 +55,21 @@ function flatten(x: NestedArray, shape: number[], out: number[], depth: number):
 
 function toTyped(values: number[], dtype: DType): TensorData {
   switch (dtype) {
-    case "float64": return Float64Array.from(values);
-    case "int64": return BigInt64Array.from(values, (v) => BigInt(Math.trunc(v)));
-    case "int32": return Int32Array.from(values);
-    case "int16": return Int16Array.from(values);
-    case "int8": return Int8Array.from(values);
-    case "uint8": case "bool": return Uint8Array.from(values, (v) => (dtype === "bool" ? (v ? 1 : 0) : v));
-    default: return Float32Array.from(values);
+    case "float64":
+      return Float64Array.from(values);
+    case "int64":
+      return BigInt64Array.from(values, (v) => BigInt(Math.trunc(v)));
+    case "int32":
+      return Int32Array.from(values);
+    case "int16":
+      return Int16Array.from(values);
+    case "int8":
+      return Int8Array.from(values);
+    case "uint8":
+    case "bool":
+      return Uint8Array.from(values, (v) => (dtype === "bool" ? (v ? 1 : 0) : v));
+    default:
+      return Float32Array.from(values);
   }
 }
 
@@ -104,13 +112,28 @@ export function fromTypedArray(data: TensorData, shape: Shape, opts: CreateOptio
       `fromTypedArray: ${bytes.byteLength} bytes cannot hold shape [${shape.join(", ")}] of ${dtype}`,
     );
   }
-  const p = shim().mt_from_data(c(), bytes, BigInt(bytes.byteLength), dtypeCode(dtype), i64(shape, "fromTypedArray"), shape.length, deviceCode(opts.device ?? "cpu"));
+  const p = shim().mt_from_data(
+    c(),
+    bytes,
+    BigInt(bytes.byteLength),
+    dtypeCode(dtype),
+    i64(shape, "fromTypedArray"),
+    shape.length,
+    deviceCode(opts.device ?? "cpu"),
+  );
   return wrap("from_data", p);
 }
 
 /** A tensor of shape filled with value. */
 export function full(shape: Shape, value: number, opts: CreateOptions = {}): Tensor {
-  const p = shim().mt_full(c(), i64(shape, "full"), shape.length, value, dtypeCode(opts.dtype ?? "float32"), deviceCode(opts.device ?? "cpu"));
+  const p = shim().mt_full(
+    c(),
+    i64(shape, "full"),
+    shape.length,
+    value,
+    dtypeCode(opts.dtype ?? "float32"),
+    deviceCode(opts.device ?? "cpu"),
+  );
   return wrap("full", p);
 }
 
@@ -126,7 +149,14 @@ export function ones(shape: Shape, opts: CreateOptions = {}): Tensor {
 
 /** start, start+step, ... below end (default dtype int64, as torch.arange with integers). */
 export function arange(start: number, end: number, step = 1, opts: CreateOptions = {}): Tensor {
-  const p = shim().mt_arange(c(), start, end, step, dtypeCode(opts.dtype ?? "int64"), deviceCode(opts.device ?? "cpu"));
+  const p = shim().mt_arange(
+    c(),
+    start,
+    end,
+    step,
+    dtypeCode(opts.dtype ?? "int64"),
+    deviceCode(opts.device ?? "cpu"),
+  );
   return wrap("arange", p);
 }
 
@@ -137,7 +167,15 @@ export interface RandomOptions extends CreateOptions {
 }
 
 function random(op: string, kind: number, shape: Shape, opts: RandomOptions): Tensor {
-  const p = shim().mt_rand(c(), i64(shape, op), shape.length, kind, dtypeCode(opts.dtype ?? "float32"), deviceCode(opts.device ?? "cpu"), opts.generator ? opts.generator.ptr : null);
+  const p = shim().mt_rand(
+    c(),
+    i64(shape, op),
+    shape.length,
+    kind,
+    dtypeCode(opts.dtype ?? "float32"),
+    deviceCode(opts.device ?? "cpu"),
+    opts.generator ? opts.generator.ptr : null,
+  );
   return wrap(op, p);
 }
 

@@ -2,7 +2,7 @@
  * Ops over several tensors that read better as functions than as methods.
  * @module
  */
-import { type Shape } from "./dtype.ts";
+import type { Shape } from "./dtype.ts";
 import { c, handles, i64 } from "./handle.ts";
 import { shim } from "./lib.ts";
 import { type Tensor, wrap } from "./tensor.ts";

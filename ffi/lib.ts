@@ -15,6 +15,7 @@ export class TorchError extends Error {
   /** Shapes of the tensor inputs, in argument order. */
   readonly shapes: readonly (readonly number[])[];
   /**
+   * Builds the message `op([shape], ...): detail`.
    * @param op The op that failed.
    * @param shapes Shapes of the tensor inputs.
    * @param detail libtorch's message.

@@ -60,8 +60,16 @@ export class AdamW {
         const st = this.#state.get(p) ?? this.#init(p);
         st.step++;
         const status = shim().mt_adamw_step(
-          c(), p.ptr, st.expAvg.ptr, st.expAvgSq.ptr, BigInt(st.step),
-          g.lr, g.betas[0], g.betas[1], g.eps, g.weightDecay,
+          c(),
+          p.ptr,
+          st.expAvg.ptr,
+          st.expAvgSq.ptr,
+          BigInt(st.step),
+          g.lr,
+          g.betas[0],
+          g.betas[1],
+          g.eps,
+          g.weightDecay,
         );
         check(status, "adamw_step", () => [p.shape, st.expAvg.shape]);
       }

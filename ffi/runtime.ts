@@ -3,7 +3,7 @@
  * @module
  */
 import { type Device, deviceCode } from "./dtype.ts";
-import { check, ctx, shim, TorchError, lastError } from "./lib.ts";
+import { check, ctx, lastError, shim, TorchError } from "./lib.ts";
 
 /** Seeds libtorch's default generators (CPU and every CUDA device). */
 export function manualSeed(seed: number | bigint): void {
@@ -60,8 +60,22 @@ export function noGrad<T>(fn: () => T): T {
   }
 }
 
+/** CUDA runtime queries (see {@link cuda}). */
+export interface CudaRuntime {
+  /** True if libtorch sees a usable CUDA device. */
+  isAvailable(): boolean;
+  /** Number of CUDA devices. */
+  deviceCount(): number;
+  /** Waits until all queued work on device has finished. */
+  synchronize(device?: Device): void;
+  /** The caching allocator's byte counts for device. */
+  memoryStats(device?: Device): CudaMemoryStats;
+  /** Restarts peak tracking on device. */
+  resetPeakMemoryStats(device?: Device): void;
+}
+
 /** CUDA runtime queries. */
-export const cuda = {
+export const cuda: CudaRuntime = {
   /** True if libtorch sees a usable CUDA device. */
   isAvailable(): boolean {
     return shim().mt_cuda_available() === 1;

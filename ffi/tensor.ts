@@ -4,22 +4,76 @@
  * inputs; free results with dispose(), `using`, or a scope.
  * @module
  */
-import { type Device, deviceCode, deviceName, type DType, dtypeCode, dtypeName, ELEMENT_SIZE, type Shape } from "./dtype.ts";
+import {
+  type Device,
+  deviceCode,
+  deviceName,
+  type DType,
+  dtypeCode,
+  dtypeName,
+  ELEMENT_SIZE,
+  type Shape,
+} from "./dtype.ts";
 import { c, fail, Handle, i64, outPtr, pair } from "./handle.ts";
 import { check, shim } from "./lib.ts";
 import type { Generator } from "./runtime.ts";
 
 const U = {
-  neg: 0, exp: 1, log: 2, sqrt: 3, rsqrt: 4, tanh: 5, sigmoid: 6, silu: 7, relu: 8, gelu: 9,
-  abs: 10, sin: 11, cos: 12, reciprocal: 13, square: 14, log1p: 15, floor: 16, ceil: 17,
-  round: 18, sign: 19, logicalNot: 20, isnan: 21, isfinite: 22,
+  neg: 0,
+  exp: 1,
+  log: 2,
+  sqrt: 3,
+  rsqrt: 4,
+  tanh: 5,
+  sigmoid: 6,
+  silu: 7,
+  relu: 8,
+  gelu: 9,
+  abs: 10,
+  sin: 11,
+  cos: 12,
+  reciprocal: 13,
+  square: 14,
+  log1p: 15,
+  floor: 16,
+  ceil: 17,
+  round: 18,
+  sign: 19,
+  logicalNot: 20,
+  isnan: 21,
+  isfinite: 22,
 } as const;
 const B = {
-  add: 0, sub: 1, mul: 2, div: 3, pow: 4, maximum: 5, minimum: 6, eq: 7, ne: 8, lt: 9, le: 10,
-  gt: 11, ge: 12, logicalAnd: 13, logicalOr: 14, rsub: 15, remainder: 16,
+  add: 0,
+  sub: 1,
+  mul: 2,
+  div: 3,
+  pow: 4,
+  maximum: 5,
+  minimum: 6,
+  eq: 7,
+  ne: 8,
+  lt: 9,
+  le: 10,
+  gt: 11,
+  ge: 12,
+  logicalAnd: 13,
+  logicalOr: 14,
+  rsub: 15,
+  remainder: 16,
 } as const;
 const R = {
-  sum: 0, mean: 1, amax: 2, amin: 3, logsumexp: 4, prod: 5, any: 6, all: 7, var: 8, std: 9, norm: 10,
+  sum: 0,
+  mean: 1,
+  amax: 2,
+  amin: 3,
+  logsumexp: 4,
+  prod: 5,
+  any: 6,
+  all: 7,
+  var: 8,
+  std: 9,
+  norm: 10,
 } as const;
 
 const metaBuf = new BigInt64Array(72);
@@ -98,15 +152,38 @@ export class Tensor extends Handle {
 
   // ---- reading values ----------------------------------------------------------
   /** Copies the values to a typed array of the dtype (bf16/f16 as raw Uint16 bits, bool as Uint8). */
-  toTypedArray(): Float32Array | Float64Array | Int32Array | Int16Array | Int8Array | Uint8Array | Uint16Array | BigInt64Array {
+  toTypedArray():
+    | Float32Array
+    | Float64Array
+    | Int32Array
+    | Int16Array
+    | Int8Array
+    | Uint8Array
+    | Uint16Array
+    | BigInt64Array {
     const d = this.dtype;
     const n = this.numel;
-    const out = d === "float32" ? new Float32Array(n) : d === "float64" ? new Float64Array(n)
-      : d === "int64" ? new BigInt64Array(n) : d === "int32" ? new Int32Array(n)
-      : d === "int16" ? new Int16Array(n) : d === "int8" ? new Int8Array(n)
-      : d === "bfloat16" || d === "float16" ? new Uint16Array(n) : new Uint8Array(n);
+    const out = d === "float32"
+      ? new Float32Array(n)
+      : d === "float64"
+      ? new Float64Array(n)
+      : d === "int64"
+      ? new BigInt64Array(n)
+      : d === "int32"
+      ? new Int32Array(n)
+      : d === "int16"
+      ? new Int16Array(n)
+      : d === "int8"
+      ? new Int8Array(n)
+      : d === "bfloat16" || d === "float16"
+      ? new Uint16Array(n)
+      : new Uint8Array(n);
     const bytes = new Uint8Array(out.buffer);
-    check(shim().mt_copy_to(c(), this.ptr, bytes, BigInt(n * ELEMENT_SIZE[d])), "toTypedArray", () => [this.shape]);
+    check(
+      shim().mt_copy_to(c(), this.ptr, bytes, BigInt(n * ELEMENT_SIZE[d])),
+      "toTypedArray",
+      () => [this.shape],
+    );
     return out;
   }
   /** The values as a flat array of numbers (half types are converted via float32). */
@@ -166,7 +243,11 @@ export class Tensor extends Handle {
   }
   /** Elements start..end (exclusive) with step along dim. */
   slice(dim: number, start: number, end: number = Number.MAX_SAFE_INTEGER, step = 1): Tensor {
-    return wrap("slice", shim().mt_slice(c(), this.ptr, BigInt(dim), BigInt(start), BigInt(end), BigInt(step)), this);
+    return wrap(
+      "slice",
+      shim().mt_slice(c(), this.ptr, BigInt(dim), BigInt(start), BigInt(end), BigInt(step)),
+      this,
+    );
   }
   /** length elements from start along dim. */
   narrow(dim: number, start: number, length: number): Tensor {
@@ -206,7 +287,9 @@ export class Tensor extends Handle {
   }
   /** Splits into n pieces along dim, as torch.chunk (views). */
   chunk(n: number, dim = 0): Tensor[] {
-    if (!Number.isInteger(n) || n < 1) throw new RangeError(`chunk(${n}): the number of chunks must be an integer >= 1`);
+    if (!Number.isInteger(n) || n < 1) {
+      throw new RangeError(`chunk(${n}): the number of chunks must be an integer >= 1`);
+    }
     const size = this.size(dim);
     if (size === 0) return [this.narrow(dim, 0, 0)];
     const step = Math.ceil(size / n);
@@ -230,11 +313,23 @@ export class Tensor extends Handle {
   }
   /** A copy with src written at index along dim. */
   scatter(dim: number, index: Tensor, src: Tensor): Tensor {
-    return wrap("scatter", shim().mt_scatter(c(), this.ptr, BigInt(dim), index.ptr, src.ptr), this, index, src);
+    return wrap(
+      "scatter",
+      shim().mt_scatter(c(), this.ptr, BigInt(dim), index.ptr, src.ptr),
+      this,
+      index,
+      src,
+    );
   }
   /** A copy with src's rows added at index along dim. */
   indexAdd(dim: number, index: Tensor, src: Tensor): Tensor {
-    return wrap("index_add", shim().mt_index_add(c(), this.ptr, BigInt(dim), index.ptr, src.ptr), this, index, src);
+    return wrap(
+      "index_add",
+      shim().mt_index_add(c(), this.ptr, BigInt(dim), index.ptr, src.ptr),
+      this,
+      index,
+      src,
+    );
   }
   /** A copy with value where mask is true. */
   maskedFill(mask: Tensor, value: number): Tensor {
@@ -254,7 +349,11 @@ export class Tensor extends Handle {
   }
   /** Writes src's slices at index along dim; returns this. */
   indexCopy_(dim: number, index: Tensor, src: Tensor): this {
-    check(shim().mt_index_copy_(c(), this.ptr, BigInt(dim), index.ptr, src.ptr), "index_copy_", () => [this.shape, index.shape, src.shape]);
+    check(
+      shim().mt_index_copy_(c(), this.ptr, BigInt(dim), index.ptr, src.ptr),
+      "index_copy_",
+      () => [this.shape, index.shape, src.shape],
+    );
     return this;
   }
 
@@ -263,49 +362,131 @@ export class Tensor extends Handle {
     return wrap(op, shim().mt_unary(c(), U[op], this.ptr), this);
   }
   #b(op: keyof typeof B, other: Tensor | number): Tensor {
-    if (typeof other === "number") return wrap(op, shim().mt_binary_scalar(c(), B[op], this.ptr, other), this);
+    if (typeof other === "number") {
+      return wrap(op, shim().mt_binary_scalar(c(), B[op], this.ptr, other), this);
+    }
     return wrap(op, shim().mt_binary(c(), B[op], this.ptr, other.ptr), this, other);
   }
-  /** -x */ neg(): Tensor { return this.#u("neg"); }
-  /** e^x */ exp(): Tensor { return this.#u("exp"); }
-  /** ln x */ log(): Tensor { return this.#u("log"); }
-  /** √x */ sqrt(): Tensor { return this.#u("sqrt"); }
-  /** 1/√x */ rsqrt(): Tensor { return this.#u("rsqrt"); }
-  /** tanh x */ tanh(): Tensor { return this.#u("tanh"); }
-  /** 1/(1+e^-x) */ sigmoid(): Tensor { return this.#u("sigmoid"); }
-  /** x·sigmoid(x) */ silu(): Tensor { return this.#u("silu"); }
-  /** max(x, 0) */ relu(): Tensor { return this.#u("relu"); }
-  /** GELU (erf form) */ gelu(): Tensor { return this.#u("gelu"); }
-  /** |x| */ abs(): Tensor { return this.#u("abs"); }
-  /** sin x */ sin(): Tensor { return this.#u("sin"); }
-  /** cos x */ cos(): Tensor { return this.#u("cos"); }
-  /** 1/x */ reciprocal(): Tensor { return this.#u("reciprocal"); }
-  /** x² */ square(): Tensor { return this.#u("square"); }
-  /** ln(1+x) */ log1p(): Tensor { return this.#u("log1p"); }
-  /** ⌊x⌋ */ floor(): Tensor { return this.#u("floor"); }
-  /** ⌈x⌉ */ ceil(): Tensor { return this.#u("ceil"); }
-  /** round half to even */ round(): Tensor { return this.#u("round"); }
-  /** -1, 0 or 1 */ sign(): Tensor { return this.#u("sign"); }
-  /** !x (bool) */ logicalNot(): Tensor { return this.#u("logicalNot"); }
-  /** x is NaN (bool) */ isnan(): Tensor { return this.#u("isnan"); }
-  /** x is finite (bool) */ isfinite(): Tensor { return this.#u("isfinite"); }
-  /** this + o */ add(o: Tensor | number): Tensor { return this.#b("add", o); }
-  /** this - o */ sub(o: Tensor | number): Tensor { return this.#b("sub", o); }
-  /** this · o */ mul(o: Tensor | number): Tensor { return this.#b("mul", o); }
-  /** this / o (true division) */ div(o: Tensor | number): Tensor { return this.#b("div", o); }
-  /** this ^ o */ pow(o: Tensor | number): Tensor { return this.#b("pow", o); }
-  /** elementwise max */ maximum(o: Tensor | number): Tensor { return this.#b("maximum", o); }
-  /** elementwise min */ minimum(o: Tensor | number): Tensor { return this.#b("minimum", o); }
-  /** this == o (bool) */ eq(o: Tensor | number): Tensor { return this.#b("eq", o); }
-  /** this != o (bool) */ ne(o: Tensor | number): Tensor { return this.#b("ne", o); }
-  /** this < o (bool) */ lt(o: Tensor | number): Tensor { return this.#b("lt", o); }
-  /** this <= o (bool) */ le(o: Tensor | number): Tensor { return this.#b("le", o); }
-  /** this > o (bool) */ gt(o: Tensor | number): Tensor { return this.#b("gt", o); }
-  /** this >= o (bool) */ ge(o: Tensor | number): Tensor { return this.#b("ge", o); }
-  /** this && o */ logicalAnd(o: Tensor): Tensor { return this.#b("logicalAnd", o); }
-  /** this || o */ logicalOr(o: Tensor): Tensor { return this.#b("logicalOr", o); }
-  /** o - this */ rsub(o: Tensor | number): Tensor { return this.#b("rsub", o); }
-  /** Python-style modulo */ remainder(o: Tensor | number): Tensor { return this.#b("remainder", o); }
+  /** -x */ neg(): Tensor {
+    return this.#u("neg");
+  }
+  /** e^x */ exp(): Tensor {
+    return this.#u("exp");
+  }
+  /** ln x */ log(): Tensor {
+    return this.#u("log");
+  }
+  /** √x */ sqrt(): Tensor {
+    return this.#u("sqrt");
+  }
+  /** 1/√x */ rsqrt(): Tensor {
+    return this.#u("rsqrt");
+  }
+  /** tanh x */ tanh(): Tensor {
+    return this.#u("tanh");
+  }
+  /** 1/(1+e^-x) */ sigmoid(): Tensor {
+    return this.#u("sigmoid");
+  }
+  /** x·sigmoid(x) */ silu(): Tensor {
+    return this.#u("silu");
+  }
+  /** max(x, 0) */ relu(): Tensor {
+    return this.#u("relu");
+  }
+  /** GELU (erf form) */ gelu(): Tensor {
+    return this.#u("gelu");
+  }
+  /** |x| */ abs(): Tensor {
+    return this.#u("abs");
+  }
+  /** sin x */ sin(): Tensor {
+    return this.#u("sin");
+  }
+  /** cos x */ cos(): Tensor {
+    return this.#u("cos");
+  }
+  /** 1/x */ reciprocal(): Tensor {
+    return this.#u("reciprocal");
+  }
+  /** x² */ square(): Tensor {
+    return this.#u("square");
+  }
+  /** ln(1+x) */ log1p(): Tensor {
+    return this.#u("log1p");
+  }
+  /** ⌊x⌋ */ floor(): Tensor {
+    return this.#u("floor");
+  }
+  /** ⌈x⌉ */ ceil(): Tensor {
+    return this.#u("ceil");
+  }
+  /** round half to even */ round(): Tensor {
+    return this.#u("round");
+  }
+  /** -1, 0 or 1 */ sign(): Tensor {
+    return this.#u("sign");
+  }
+  /** !x (bool) */ logicalNot(): Tensor {
+    return this.#u("logicalNot");
+  }
+  /** x is NaN (bool) */ isnan(): Tensor {
+    return this.#u("isnan");
+  }
+  /** x is finite (bool) */ isfinite(): Tensor {
+    return this.#u("isfinite");
+  }
+  /** this + o */ add(o: Tensor | number): Tensor {
+    return this.#b("add", o);
+  }
+  /** this - o */ sub(o: Tensor | number): Tensor {
+    return this.#b("sub", o);
+  }
+  /** this · o */ mul(o: Tensor | number): Tensor {
+    return this.#b("mul", o);
+  }
+  /** this / o (true division) */ div(o: Tensor | number): Tensor {
+    return this.#b("div", o);
+  }
+  /** this ^ o */ pow(o: Tensor | number): Tensor {
+    return this.#b("pow", o);
+  }
+  /** elementwise max */ maximum(o: Tensor | number): Tensor {
+    return this.#b("maximum", o);
+  }
+  /** elementwise min */ minimum(o: Tensor | number): Tensor {
+    return this.#b("minimum", o);
+  }
+  /** this == o (bool) */ eq(o: Tensor | number): Tensor {
+    return this.#b("eq", o);
+  }
+  /** this != o (bool) */ ne(o: Tensor | number): Tensor {
+    return this.#b("ne", o);
+  }
+  /** this < o (bool) */ lt(o: Tensor | number): Tensor {
+    return this.#b("lt", o);
+  }
+  /** this <= o (bool) */ le(o: Tensor | number): Tensor {
+    return this.#b("le", o);
+  }
+  /** this > o (bool) */ gt(o: Tensor | number): Tensor {
+    return this.#b("gt", o);
+  }
+  /** this >= o (bool) */ ge(o: Tensor | number): Tensor {
+    return this.#b("ge", o);
+  }
+  /** this && o */ logicalAnd(o: Tensor): Tensor {
+    return this.#b("logicalAnd", o);
+  }
+  /** this || o */ logicalOr(o: Tensor): Tensor {
+    return this.#b("logicalOr", o);
+  }
+  /** o - this */ rsub(o: Tensor | number): Tensor {
+    return this.#b("rsub", o);
+  }
+  /** Python-style modulo */ remainder(o: Tensor | number): Tensor {
+    return this.#b("remainder", o);
+  }
   /** Limits values to [min, max]; either bound may be omitted. */
   clamp(min?: number, max?: number): Tensor {
     const flags = (min === undefined ? 0 : 1) | (max === undefined ? 0 : 2);
@@ -318,35 +499,65 @@ export class Tensor extends Handle {
     return wrap(op, shim().mt_reduce(c(), R[op], this.ptr, i64(d, op), d.length, keepdim ? 1 : 0), this);
   }
   /** Sum over dims (all if omitted). */
-  sum(dim?: number | readonly number[], keepdim = false): Tensor { return this.#r("sum", dim, keepdim); }
+  sum(dim?: number | readonly number[], keepdim = false): Tensor {
+    return this.#r("sum", dim, keepdim);
+  }
   /** Mean over dims (all if omitted). */
-  mean(dim?: number | readonly number[], keepdim = false): Tensor { return this.#r("mean", dim, keepdim); }
+  mean(dim?: number | readonly number[], keepdim = false): Tensor {
+    return this.#r("mean", dim, keepdim);
+  }
   /** Maximum value over dims (all if omitted). */
-  amax(dim?: number | readonly number[], keepdim = false): Tensor { return this.#r("amax", dim, keepdim); }
+  amax(dim?: number | readonly number[], keepdim = false): Tensor {
+    return this.#r("amax", dim, keepdim);
+  }
   /** Minimum value over dims (all if omitted). */
-  amin(dim?: number | readonly number[], keepdim = false): Tensor { return this.#r("amin", dim, keepdim); }
+  amin(dim?: number | readonly number[], keepdim = false): Tensor {
+    return this.#r("amin", dim, keepdim);
+  }
   /** log Σ exp over dims (required). */
-  logsumexp(dim: number | readonly number[], keepdim = false): Tensor { return this.#r("logsumexp", dim, keepdim); }
+  logsumexp(dim: number | readonly number[], keepdim = false): Tensor {
+    return this.#r("logsumexp", dim, keepdim);
+  }
   /** Product over one dim (all if omitted). */
-  prod(dim?: number, keepdim = false): Tensor { return this.#r("prod", dim, keepdim); }
+  prod(dim?: number, keepdim = false): Tensor {
+    return this.#r("prod", dim, keepdim);
+  }
   /** Any true over one dim (all if omitted). */
-  any(dim?: number, keepdim = false): Tensor { return this.#r("any", dim, keepdim); }
+  any(dim?: number, keepdim = false): Tensor {
+    return this.#r("any", dim, keepdim);
+  }
   /** All true over one dim (all if omitted). */
-  all(dim?: number, keepdim = false): Tensor { return this.#r("all", dim, keepdim); }
+  all(dim?: number, keepdim = false): Tensor {
+    return this.#r("all", dim, keepdim);
+  }
   /** Unbiased variance over dims (all if omitted). */
-  var(dim?: number | readonly number[], keepdim = false): Tensor { return this.#r("var", dim, keepdim); }
+  var(dim?: number | readonly number[], keepdim = false): Tensor {
+    return this.#r("var", dim, keepdim);
+  }
   /** Unbiased standard deviation over dims (all if omitted). */
-  std(dim?: number | readonly number[], keepdim = false): Tensor { return this.#r("std", dim, keepdim); }
+  std(dim?: number | readonly number[], keepdim = false): Tensor {
+    return this.#r("std", dim, keepdim);
+  }
   /** L2 norm over dims (all if omitted). */
-  norm(dim?: number | readonly number[], keepdim = false): Tensor { return this.#r("norm", dim, keepdim); }
+  norm(dim?: number | readonly number[], keepdim = false): Tensor {
+    return this.#r("norm", dim, keepdim);
+  }
   #mm(op: "max" | "min", dim: number, keepdim: boolean): ValuesIndices {
-    check(shim().mt_max_dim(c(), this.ptr, BigInt(dim), keepdim ? 1 : 0, op === "min" ? 1 : 0, pair), op, () => [this.shape]);
+    check(
+      shim().mt_max_dim(c(), this.ptr, BigInt(dim), keepdim ? 1 : 0, op === "min" ? 1 : 0, pair),
+      op,
+      () => [this.shape],
+    );
     return { values: new Tensor(outPtr(pair, 0)), indices: new Tensor(outPtr(pair, 1)) };
   }
   /** Largest values along dim and where they are. */
-  max(dim: number, keepdim = false): ValuesIndices { return this.#mm("max", dim, keepdim); }
+  max(dim: number, keepdim = false): ValuesIndices {
+    return this.#mm("max", dim, keepdim);
+  }
   /** Smallest values along dim and where they are. */
-  min(dim: number, keepdim = false): ValuesIndices { return this.#mm("min", dim, keepdim); }
+  min(dim: number, keepdim = false): ValuesIndices {
+    return this.#mm("min", dim, keepdim);
+  }
   /** Index of the largest value along dim. */
   argmax(dim: number, keepdim = false): Tensor {
     return wrap("argmax", shim().mt_argmax(c(), this.ptr, BigInt(dim), keepdim ? 1 : 0, 0), this);
@@ -371,17 +582,29 @@ export class Tensor extends Handle {
   }
   /** Softmax along dim, optionally computed in dtype. */
   softmax(dim: number, dtype?: DType): Tensor {
-    return wrap("softmax", shim().mt_softmax(c(), this.ptr, BigInt(dim), dtype ? dtypeCode(dtype) : -1), this);
+    return wrap(
+      "softmax",
+      shim().mt_softmax(c(), this.ptr, BigInt(dim), dtype ? dtypeCode(dtype) : -1),
+      this,
+    );
   }
   /** Log-softmax along dim, optionally computed in dtype. */
   logSoftmax(dim: number, dtype?: DType): Tensor {
-    return wrap("log_softmax", shim().mt_log_softmax(c(), this.ptr, BigInt(dim), dtype ? dtypeCode(dtype) : -1), this);
+    return wrap(
+      "log_softmax",
+      shim().mt_log_softmax(c(), this.ptr, BigInt(dim), dtype ? dtypeCode(dtype) : -1),
+      this,
+    );
   }
 
   // ---- selection and sampling -----------------------------------------------------------------------
   /** The k largest (or smallest) values along dim. */
   topk(k: number, dim = -1, largest = true, sorted = true): ValuesIndices {
-    check(shim().mt_topk(c(), this.ptr, BigInt(k), BigInt(dim), largest ? 1 : 0, sorted ? 1 : 0, pair), "topk", () => [this.shape]);
+    check(
+      shim().mt_topk(c(), this.ptr, BigInt(k), BigInt(dim), largest ? 1 : 0, sorted ? 1 : 0, pair),
+      "topk",
+      () => [this.shape],
+    );
     return { values: new Tensor(outPtr(pair, 0)), indices: new Tensor(outPtr(pair, 1)) };
   }
   /** Sorted values along dim and their original indices. */
@@ -428,11 +651,12 @@ export class Tensor extends Handle {
 
   /** A short description (no values): shape, dtype, device. */
   override toString(): string {
-    return this.disposed ? "Tensor(disposed)" : `Tensor([${this.shape.join(", ")}], ${this.dtype}, ${this.device})`;
+    return this.disposed
+      ? "Tensor(disposed)"
+      : `Tensor([${this.shape.join(", ")}], ${this.dtype}, ${this.device})`;
   }
   /** Shown by console.log. */
   [Symbol.for("Deno.customInspect")](): string {
     return this.toString();
   }
 }
-

@@ -58,10 +58,19 @@ PKGS=()
 command -v "${CXX:-g++}" >/dev/null 2>&1 || PKGS+=(g++)
 if [ -n "${LIBTORCH:-}" ]; then
   say "using LIBTORCH=$LIBTORCH" # ffi/build.ts fails with a clear message if it is wrong
-elif deno run -A ffi/build.ts --print >/dev/null 2>&1; then
+elif FOUND="$(deno run -A ffi/build.ts --print 2>/dev/null)"; then
   say "libtorch found"
 else
   PKGS+=(libtorch-dev)
+fi
+# Debian's libtorch calls the system BLAS, which defaults to the slow reference
+# implementation (a 10x slower matmul here); OpenBLAS built for OpenMP (as
+# libtorch is) takes over through update-alternatives when installed.
+SYSTEM_TORCH=0
+case " ${PKGS[*]} ${FOUND:-} " in *libtorch-dev* | *'"source": "system"'*) SYSTEM_TORCH=1 ;; esac
+if [ "$SYSTEM_TORCH" = 1 ] && command -v dpkg >/dev/null 2>&1 &&
+  ! dpkg -s libopenblas0-openmp >/dev/null 2>&1 && ! dpkg -s libopenblas0-pthread >/dev/null 2>&1; then
+  PKGS+=(libopenblas0-openmp)
 fi
 # Debian's python torch is only needed by the FFI benchmark (bench/).
 if [ "${MOERL_BENCH_DEPS:-0}" = 1 ] && ! /usr/bin/python3 -c 'import torch' >/dev/null 2>&1; then

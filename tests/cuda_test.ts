@@ -22,7 +22,10 @@ Deno.test({ name: "cuda: memory statistics track allocations", ignore: !hasCuda 
   const t = zeros([bytes / 4], { device: "cuda" });
   cuda.synchronize();
   const during = cuda.memoryStats();
-  assert.ok(during.allocated - before.allocated >= bytes, `allocated grew by ${during.allocated - before.allocated}`);
+  assert.ok(
+    during.allocated - before.allocated >= bytes,
+    `allocated grew by ${during.allocated - before.allocated}`,
+  );
   assert.ok(during.peakAllocated >= during.allocated);
   assert.ok(during.reserved >= during.allocated);
   t.dispose();

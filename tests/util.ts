@@ -14,14 +14,24 @@ export const FLOAT: DType = (Deno.env.get("MOERL_TEST_DTYPE") ?? "float32") as D
 export const TOL: number = FLOAT === "bfloat16" ? 2e-2 : FLOAT === "float16" ? 2e-3 : 1e-5;
 
 /** Asserts |a - e| <= tol·max(1, |e|) elementwise, with a message naming the first bad index. */
-export function assertClose(actual: readonly number[], expected: readonly number[], tol = TOL, what = ""): void {
+export function assertClose(
+  actual: readonly number[],
+  expected: readonly number[],
+  tol = TOL,
+  what = "",
+): void {
   assert.equal(actual.length, expected.length, `${what} length ${actual.length} != ${expected.length}`);
   for (let i = 0; i < actual.length; i++) {
     const a = actual[i]!, e = expected[i]!;
     if (Number.isNaN(e) && Number.isNaN(a)) continue;
     if (a === e) continue; // covers ±Infinity
     const ok = Math.abs(a - e) <= tol * Math.max(1, Math.abs(e));
-    assert.ok(ok, `${what} [${i}]: got ${a}, expected ${e} (tol ${tol})\n  got ${actual.join(", ")}\n  exp ${expected.join(", ")}`);
+    assert.ok(
+      ok,
+      `${what} [${i}]: got ${a}, expected ${e} (tol ${tol})\n  got ${actual.join(", ")}\n  exp ${
+        expected.join(", ")
+      }`,
+    );
   }
 }
 

@@ -1,0 +1,188 @@
+/**
+ * The decoder-only transformer both families share: embeddings, then layers
+ * of pre-norm attention and a dense or MoE MLP, a final norm and the LM head.
+ * The families differ only in the parts they plug in (norms, q/k norms,
+ * biases, router), built by model/qwen3_moe.ts and model/phimoe.ts.
+ * @module
+ */
+import { embedding, type Tensor, tidy } from "../mod.ts";
+import type { KVCache } from "./kv_cache.ts";
+import { applyRope, attention, causalMask, type LinearLayer, type Norm, ropeCosSin } from "./layers.ts";
+import { dispatch, type ExpertBank, type Routing, swiglu } from "./moe.ts";
+
+/** Attention projections of one layer. */
+export interface AttentionBlock {
+  /** Query projection [nH·d, H]. */
+  q: LinearLayer;
+  /** Key projection [nKV·d, H]. */
+  k: LinearLayer;
+  /** Value projection [nKV·d, H]. */
+  v: LinearLayer;
+  /** Output projection [H, nH·d]. */
+  o: LinearLayer;
+  /** Qwen3's per-head RMSNorm on queries, before RoPE. */
+  qNorm?: Norm;
+  /** Qwen3's per-head RMSNorm on keys, before RoPE. */
+  kNorm?: Norm;
+}
+
+/** A dense SwiGLU MLP (Qwen3's mlp_only_layers). */
+export interface DenseMlp {
+  /** Discriminant. */
+  kind: "dense";
+  /** Gate and up projections, concatenated: [2I, H]. */
+  gateUp: LinearLayer;
+  /** Down projection [H, I]. */
+  down: LinearLayer;
+}
+
+/** A sparse MoE block: a router and its experts. */
+export interface MoeMlp {
+  /** Discriminant. */
+  kind: "moe";
+  /** Routes tokens [T, H]. */
+  route(x: Tensor): Routing;
+  /** The experts. */
+  experts: ExpertBank;
+}
+
+/** One decoder layer. */
+export interface DecoderLayer {
+  /** Norm before attention. */
+  inputNorm: Norm;
+  /** Norm before the MLP. */
+  postNorm: Norm;
+  /** Attention. */
+  attn: AttentionBlock;
+  /** Dense or MoE MLP. */
+  mlp: DenseMlp | MoeMlp;
+}
+
+/** Sizes the forward pass needs. */
+export interface DecoderDims {
+  /** Query heads. */
+  heads: number;
+  /** Key/value heads. */
+  kvHeads: number;
+  /** Per-head width (may differ from hidden/heads). */
+  headDim: number;
+  /** RoPE base. */
+  ropeTheta: number;
+}
+
+/** Inputs of one forward pass. */
+export interface ForwardInput {
+  /** Token ids [B, S], int64. */
+  inputIds: Tensor;
+  /** Positions [B, S], int64 (cumsum of the mask − 1 for left-padded rows). */
+  positionIds: Tensor;
+  /** Which key slots hold real tokens [B, past + S] (1/0 or bool). */
+  attentionMask: Tensor;
+  /** Cache to read past keys from and write new ones to. */
+  cache?: KVCache;
+  /** Compute logits for only the last n positions (0 = all). */
+  logitsToKeep?: number;
+  /** Skip the LM head entirely (value heads need only hidden states). */
+  skipLogits?: boolean;
+  /** MoE dispatch strategy (see {@link dispatch}). */
+  dispatch?: "loop" | "dense";
+}
+
+/** Outputs of one forward pass; the caller owns every tensor. */
+export interface ForwardOutput {
+  /** Logits [B, S′, V] (S′ = logitsToKeep or S), in the model dtype; null with skipLogits. */
+  logits: Tensor | null;
+  /** Final hidden states after the last norm [B, S, H]. */
+  hidden: Tensor;
+  /** Router logits [B·S, E] of each MoE layer, in layer order. */
+  routerLogits: Tensor[];
+}
+
+/** A causal LM from its parts. Holds borrowed tensors; dispose via the loader's owner. */
+export class Decoder {
+  /** Token embeddings [V, H]. */
+  readonly embed: Tensor;
+  /** The layers. */
+  readonly layers: DecoderLayer[];
+  /** Final norm. */
+  readonly finalNorm: Norm;
+  /** LM head [V, H] (+ bias for PhiMoE). */
+  readonly lmHead: LinearLayer;
+  /** Head counts and RoPE settings. */
+  readonly dims: DecoderDims;
+
+  /** Assembles a decoder from already-built parts. */
+  constructor(
+    embed: Tensor,
+    layers: DecoderLayer[],
+    finalNorm: Norm,
+    lmHead: LinearLayer,
+    dims: DecoderDims,
+  ) {
+    this.embed = embed;
+    this.layers = layers;
+    this.finalNorm = finalNorm;
+    this.lmHead = lmHead;
+    this.dims = dims;
+  }
+
+  /** Runs the model; with a cache, appends this step's keys and values to it. */
+  forward(input: ForwardInput): ForwardOutput {
+    return tidy(() => {
+      const [b, s] = input.inputIds.shape as [number, number];
+      const past = input.cache?.length ?? 0;
+      let h = embedding(this.embed, input.inputIds);
+      const [cos, sin] = ropeCosSin(input.positionIds, this.dims.headDim, this.dims.ropeTheta, h.dtype);
+      const mask = causalMask(input.attentionMask, past, s, h.dtype);
+      const routerLogits: Tensor[] = [];
+      this.layers.forEach((layer, i) => {
+        const out = tidy(() => {
+          const a = this.#attention(layer.attn, layer.inputNorm.forward(h), cos, sin, mask, i, input.cache);
+          const mid = h.add(a);
+          const x = layer.postNorm.forward(mid).reshape([b * s, -1]);
+          if (layer.mlp.kind === "dense") {
+            const y = layer.mlp.down.forward(swiglu(layer.mlp.gateUp.forward(x)));
+            return { h: mid.add(y.reshape(mid.shape)), logits: null };
+          }
+          const r = layer.mlp.route(x);
+          const y = dispatch(x, r, layer.mlp.experts, input.dispatch);
+          return { h: mid.add(y.reshape(mid.shape)), logits: r.logits };
+        });
+        h = out.h;
+        if (out.logits) routerLogits.push(out.logits);
+      });
+      input.cache?.advance(s);
+      const hidden = this.finalNorm.forward(h);
+      let logits: Tensor | null = null;
+      if (!input.skipLogits) {
+        const keep = input.logitsToKeep ?? 0;
+        logits = this.lmHead.forward(keep > 0 && keep < s ? hidden.narrow(1, s - keep, keep) : hidden);
+      }
+      return { logits, hidden, routerLogits };
+    });
+  }
+
+  #attention(
+    blk: AttentionBlock,
+    x: Tensor,
+    cos: Tensor,
+    sin: Tensor,
+    mask: Tensor,
+    layer: number,
+    cache: KVCache | undefined,
+  ): Tensor {
+    return tidy(() => {
+      const { heads, kvHeads, headDim } = this.dims;
+      const [b, s] = x.shape as [number, number];
+      const split = (t: Tensor, n: number, norm?: Norm): Tensor => {
+        const r = t.reshape([b, s, n, headDim]);
+        return (norm ? norm.forward(r) : r).transpose(1, 2); // norm over d before the transpose, as Qwen3
+      };
+      const q = applyRope(split(blk.q.forward(x), heads, blk.qNorm), cos, sin);
+      let k = applyRope(split(blk.k.forward(x), kvHeads, blk.kNorm), cos, sin);
+      let v = split(blk.v.forward(x), kvHeads);
+      if (cache) [k, v] = cache.update(layer, k, v);
+      return blk.o.forward(attention(q, k, v, mask, 1 / Math.sqrt(headDim)));
+    });
+  }
+}

@@ -1,0 +1,221 @@
+/**
+ * Batched generation with a preallocated KV cache, following transformers'
+ * `generate`: left-padded prompts, positions from the attention mask,
+ * temperature → top-k → top-p sampling, EOS rows padded afterwards.
+ *
+ * A decode step runs no host synchronisation: the next token, finished flags
+ * and the key mask stay on the device, and stop conditions are read back only
+ * every `checkEvery` steps.
+ * @module
+ */
+import { type Generator, noGrad, type Tensor, tensor, tidy, where, zeros } from "../mod.ts";
+import type { Decoder } from "./decoder.ts";
+import { KVCache } from "./kv_cache.ts";
+import { leftPad } from "./padding.ts";
+
+/** How the next token is chosen. Greedy unless doSample. */
+export interface SamplingOptions {
+  /** Sample instead of taking the argmax (default false). */
+  doSample?: boolean;
+  /** Divide logits by this before sampling (default 1). */
+  temperature?: number;
+  /** Keep only the k most likely tokens (0 = off, the default). */
+  topK?: number;
+  /** Keep the smallest set of tokens whose probability reaches p (1 = off, the default). */
+  topP?: number;
+}
+
+/** Options for {@link generate}. */
+export interface GenerateOptions extends SamplingOptions {
+  /** Upper bound on new tokens per row. */
+  maxNewTokens: number;
+  /** A row stops after emitting any of these. */
+  eosTokenIds?: readonly number[];
+  /** Written after a row has stopped, and used to left-pad prompts (default 0). */
+  padTokenId?: number;
+  /** Random source for sampling (default: libtorch's global generator). */
+  generator?: Generator;
+  /** A row also stops once its decoded text contains one of these (needs decode). */
+  stopStrings?: readonly string[];
+  /** Turns token ids into text; needed for text output and stop strings. */
+  decode?: (ids: number[]) => string;
+  /** Read stop conditions back from the device every this many steps (default 8). */
+  checkEvery?: number;
+  /** MoE dispatch for the forward passes (default "loop"). */
+  dispatch?: "loop" | "dense";
+}
+
+/** Why a row stopped. */
+export type FinishReason = "eos" | "stop" | "length";
+
+/** What {@link generate} returns, per prompt. */
+export interface GenerateResult {
+  /** New tokens, up to and including the EOS token if one was emitted. */
+  tokens: number[][];
+  /** log p(token) under the model's raw distribution (temperature 1, no filtering), per new token. */
+  logprobs: number[][];
+  /** Decoded text, truncated before a matched stop string (only with decode). */
+  text: string[] | null;
+  /** Why each row stopped. */
+  finishReasons: FinishReason[];
+}
+
+/** Applies temperature, top-k and top-p to float32 scores [B, V] and draws one token per row. */
+export function sampleNext(scores: Tensor, opts: SamplingOptions, generator?: Generator): Tensor {
+  return tidy(() => {
+    let s = scores;
+    const v = s.size(-1);
+    if (opts.temperature !== undefined && opts.temperature !== 1) s = s.div(opts.temperature);
+    if (opts.topK && opts.topK > 0) {
+      const k = Math.min(opts.topK, v);
+      const kth = s.topk(k, -1).values.narrow(-1, k - 1, 1);
+      s = s.maskedFill(s.lt(kth), -Infinity); // strictly below the k-th: ties survive, as HF
+    }
+    if (opts.topP !== undefined && opts.topP < 1) {
+      const { values, indices } = s.sort(-1, false);
+      const remove = values.softmax(-1).cumsum(-1).le(1 - opts.topP);
+      remove.narrow(-1, v - 1, 1).fill_(0); // always keep the most likely token
+      s = s.maskedFill(remove.scatter(-1, indices, remove), -Infinity);
+    }
+    return s.softmax(-1).multinomial(1, false, generator).squeeze(-1);
+  });
+}
+
+/**
+ * Generates continuations of token-id prompts with a decoder.
+ * @example
+ * ```ts ignore
+ * const out = generate(model.decoder, [tok.encode("Hi")], { maxNewTokens: 32, eosTokenIds: [2] });
+ * ```
+ */
+export function generate(
+  decoder: Decoder,
+  prompts: readonly number[][],
+  opts: GenerateOptions,
+): GenerateResult {
+  if (prompts.length === 0) throw new RangeError("generate: no prompts");
+  if (prompts.some((p) => p.length === 0)) {
+    throw new RangeError("generate: an empty prompt (no token to start from)");
+  }
+  if (!(opts.maxNewTokens >= 1)) {
+    throw new RangeError(`generate: maxNewTokens must be >= 1, got ${opts.maxNewTokens}`);
+  }
+  if (opts.stopStrings?.length && !opts.decode) {
+    throw new TypeError("generate: stopStrings need a decode function");
+  }
+  return noGrad(() => tidy(() => run(decoder, prompts, opts)));
+}
+
+function run(decoder: Decoder, prompts: readonly number[][], opts: GenerateOptions): GenerateResult {
+  const device = decoder.embed.device, dtype = decoder.embed.dtype;
+  const pad = opts.padTokenId ?? 0;
+  const checkEvery = Math.max(1, opts.checkEvery ?? 8);
+  const b = prompts.length, t = opts.maxNewTokens;
+  const padded = leftPad(prompts, pad);
+  const s = padded.inputIds[0]!.length;
+  const i64 = { dtype: "int64" as const, device };
+
+  using cache = new KVCache(decoder.layers.length, b, decoder.dims.kvHeads, s + t, decoder.dims.headDim, {
+    dtype,
+    device,
+  });
+  const keyMask = zeros([b, s + t], i64);
+  keyMask.narrow(1, 0, s).copy_(tensor(padded.attentionMask, i64));
+  const tokens = zeros([b, t], i64).fill_(pad);
+  const logprobs = zeros([b, t], { dtype: "float32", device });
+  const eos = tensor(opts.eosTokenIds?.length ? [...opts.eosTokenIds] : [-1], i64);
+  const padT = tensor([pad], i64);
+
+  let finished = zeros([b], { dtype: "bool", device });
+  let positions = tensor(padded.positionIds, i64);
+  let input = tensor(padded.inputIds, i64);
+  const stoppedByString = new Set<number>();
+  let steps = 0;
+  for (let step = 0; step < t; step++) {
+    const state = tidy(() => {
+      const out = decoder.forward({
+        inputIds: input,
+        positionIds: positions,
+        attentionMask: keyMask.narrow(1, 0, cache.length + input.size(1)),
+        cache,
+        logitsToKeep: 1,
+        dispatch: opts.dispatch,
+      });
+      const scores = out.logits!.select(1, 0).to("float32");
+      const chosen = opts.doSample ? sampleNext(scores, opts, opts.generator) : scores.argmax(-1);
+      const next = where(finished, padT, chosen);
+      logprobs.narrow(1, step, 1).copy_(scores.logSoftmax(-1).gather(-1, next.unsqueeze(-1)));
+      tokens.narrow(1, step, 1).copy_(next.unsqueeze(-1));
+      keyMask.narrow(1, s + step, 1).fill_(1);
+      const done = finished.logicalOr(next.unsqueeze(-1).eq(eos).any(-1));
+      return { next: next.unsqueeze(-1), done, pos: positions.narrow(1, positions.size(1) - 1, 1).add(1) };
+    });
+    for (const old of [input, positions, finished]) old.dispose();
+    input = state.next, positions = state.pos, finished = state.done;
+    steps = step + 1;
+    if (steps % checkEvery === 0 || steps === t) {
+      if (opts.stopStrings?.length) markStopStrings(tokens, steps, opts, stoppedByString, pad);
+      if (stoppedByString.size) {
+        const host = tensor(prompts.map((_, i) => stoppedByString.has(i)), { dtype: "bool", device });
+        const merged = finished.logicalOr(host);
+        finished.dispose();
+        finished = merged;
+      }
+      if (finished.all().item() === 1) break;
+    }
+  }
+  return collect(tokens, logprobs, steps, opts);
+}
+
+/** Marks rows whose decoded text so far contains a stop string. */
+function markStopStrings(
+  tokens: Tensor,
+  steps: number,
+  opts: GenerateOptions,
+  stopped: Set<number>,
+  pad: number,
+): void {
+  const rows = tidy(() => tokens.narrow(1, 0, steps).tolist() as number[][]);
+  rows.forEach((row, i) => {
+    if (stopped.has(i)) return;
+    const text = opts.decode!(row.filter((id) => id !== pad));
+    if (opts.stopStrings!.some((str) => text.includes(str))) stopped.add(i);
+  });
+}
+
+function collect(tokens: Tensor, logprobs: Tensor, steps: number, opts: GenerateOptions): GenerateResult {
+  const ids = tidy(() => tokens.narrow(1, 0, steps).tolist() as number[][]);
+  const lps = tidy(() => logprobs.narrow(1, 0, steps).tolist() as number[][]);
+  const eos = new Set(opts.eosTokenIds ?? []);
+  const out: GenerateResult = { tokens: [], logprobs: [], text: opts.decode ? [] : null, finishReasons: [] };
+  ids.forEach((row, i) => {
+    const end = row.findIndex((id) => eos.has(id));
+    let n = end >= 0 ? end + 1 : row.length;
+    let reason: FinishReason = end >= 0 ? "eos" : "length";
+    let text: string | undefined;
+    if (opts.decode) {
+      text = opts.decode(row.slice(0, n));
+      const cut = stopIndex(text, opts.stopStrings ?? []);
+      if (cut >= 0) {
+        // Keep the shortest token prefix whose text contains the stop string.
+        while (n > 1 && stopIndex(opts.decode(row.slice(0, n - 1)), opts.stopStrings!) >= 0) n--;
+        text = text.slice(0, cut);
+        reason = "stop";
+      }
+    }
+    out.tokens.push(row.slice(0, n));
+    out.logprobs.push(lps[i]!.slice(0, n));
+    out.finishReasons.push(reason);
+    if (text !== undefined) out.text!.push(text);
+  });
+  return out;
+}
+
+function stopIndex(text: string, stops: readonly string[]): number {
+  let best = -1;
+  for (const s of stops) {
+    const i = text.indexOf(s);
+    if (i >= 0 && (best < 0 || i < best)) best = i;
+  }
+  return best;
+}

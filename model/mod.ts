@@ -1,0 +1,129 @@
+/**
+ * Loading Hugging Face MoE models' files: safetensors checkpoints (single
+ * file or sharded) read one tensor at a time and written atomically,
+ * `qwen3_moe` / `phimoe` configs, Hub repo ids resolved through the standard
+ * HF cache, and tokenizers (HF `tokenizers`) with chat templates.
+ *
+ * @example
+ * ```ts ignore
+ * import { Checkpoint, loadConfig, resolveModel, Tokenizer } from "./model/mod.ts";
+ * const dir = await resolveModel("org/name");          // HF_HUB_OFFLINE=1: cache only
+ * const cfg = await loadConfig(dir);
+ * using ckpt = await Checkpoint.open(dir);
+ * const embed = await ckpt.load("model.embed_tokens.weight", { device: "cuda" });
+ * const tok = await Tokenizer.load(dir);
+ * const ids = await tok.encodeChat([{ role: "user", content: "2+2?" }], { addGenerationPrompt: true });
+ * ```
+ * @module
+ */
+export {
+  FROM_SAFETENSORS,
+  type LoadOptions,
+  MAX_HEADER_BYTES,
+  parseHeader,
+  type SafetensorsDtype,
+  SafetensorsError,
+  SafetensorsFile,
+  type SafetensorsHeader,
+  tensorFromBytes,
+  type TensorInfo,
+  TO_SAFETENSORS,
+} from "./safetensors.ts";
+export { headerBytes, type HeaderEntry, layoutOrder, writeSafetensors } from "./safetensors_write.ts";
+export { Checkpoint, type CheckpointTensorInfo, INDEX_FILE, readIndex, SINGLE_FILE } from "./checkpoint.ts";
+export {
+  type CommonConfig,
+  ConfigError,
+  isMoeLayer,
+  loadConfig,
+  type ModelType,
+  type MoeConfig,
+  parseConfig,
+  type PhiMoeConfig,
+  type Qwen3MoeConfig,
+  SUPPORTED_MODEL_TYPES,
+} from "./config.ts";
+export {
+  hubCacheDir,
+  missingFiles,
+  MODEL_FILES,
+  parseRepoId,
+  repoCacheDir,
+  type RepoRef,
+  REQUIRED_FILES,
+  resolveModel,
+  type ResolveOptions,
+} from "./hub.ts";
+export {
+  type AddedTokenInfo,
+  type DecodeOptions,
+  type EncodeOptions,
+  type SpecialTokenName,
+  Tokenizer,
+  type TokenizerFiles,
+  type TokenizerOptions,
+  type TokenizerPipeline,
+} from "./tokenizer.ts";
+export {
+  type ChatMessage,
+  ChatTemplate,
+  type ChatTemplateOptions,
+  selectChatTemplate,
+} from "./chat_template.ts";
+export { leftPad, type PaddedBatch } from "./padding.ts";
+export { CausalLM, loadModel, type LoadModelOptions, randomModel } from "./model.ts";
+export {
+  type AttentionBlock,
+  Decoder,
+  type DecoderDims,
+  type DecoderLayer,
+  type DenseMlp,
+  type ForwardInput,
+  type ForwardOutput,
+  type MoeMlp,
+} from "./decoder.ts";
+export {
+  type FinishReason,
+  generate,
+  type GenerateOptions,
+  type GenerateResult,
+  sampleNext,
+  type SamplingOptions,
+} from "./generate.ts";
+export { KVCache } from "./kv_cache.ts";
+export {
+  applyRope,
+  attention,
+  causalMask,
+  dtypeMin,
+  LayerNorm,
+  Linear,
+  type LinearLayer,
+  type Norm,
+  RmsNorm,
+  ropeCosSin,
+} from "./layers.ts";
+export {
+  dispatch,
+  type ExpertBank,
+  loadBalancingLoss,
+  type Routing,
+  softmaxTopK,
+  sparsemixer,
+  StackedExperts,
+  swiglu,
+} from "./moe.ts";
+export { buildQwen3Moe } from "./qwen3_moe.ts";
+export { buildPhiMoe } from "./phimoe.ts";
+export {
+  CheckpointSource,
+  RandomSource,
+  type TensorSource,
+  WeightLoader,
+  type WeightOptions,
+} from "./weights.ts";
+export type { JsonObject } from "./json.ts";
+// Types from the tensor layer that these APIs take and return (also exported by the root mod.ts).
+export type { Device, DType, Shape } from "../ffi/dtype.ts";
+export type { Tensor, ValuesIndices } from "../ffi/tensor.ts";
+export type { Generator } from "../ffi/runtime.ts";

@@ -1,0 +1,95 @@
+/**
+ * Loading a causal LM from a Hugging Face repo id or local folder: config,
+ * weights (either expert layout, sharded or not) and the decoder.
+ * @module
+ */
+import { join } from "node:path";
+import { Checkpoint } from "./checkpoint.ts";
+import { loadConfig, type MoeConfig } from "./config.ts";
+import type { Decoder } from "./decoder.ts";
+import { resolveModel, type ResolveOptions } from "./hub.ts";
+import { buildPhiMoe } from "./phimoe.ts";
+import { buildQwen3Moe } from "./qwen3_moe.ts";
+import {
+  CheckpointSource,
+  RandomSource,
+  type TensorSource,
+  WeightLoader,
+  type WeightOptions,
+} from "./weights.ts";
+
+/** Options for {@link loadModel}. */
+export interface LoadModelOptions extends WeightOptions {
+  /** Hub resolution options (revision, token, cache dir). */
+  hub?: ResolveOptions;
+}
+
+/** A loaded model: its config, decoder, and the folder it came from. Dispose to free the weights. */
+export class CausalLM {
+  /** The parsed config.json. */
+  readonly config: MoeConfig;
+  /** The network. */
+  readonly decoder: Decoder;
+  /** The local folder holding the files. */
+  readonly dir: string;
+  readonly #weights: WeightLoader;
+
+  /** Wraps built parts; use {@link loadModel}. */
+  constructor(config: MoeConfig, decoder: Decoder, dir: string, weights: WeightLoader) {
+    this.config = config;
+    this.decoder = decoder;
+    this.dir = dir;
+    this.#weights = weights;
+  }
+
+  /** Frees every weight tensor. */
+  dispose(): void {
+    this.#weights.dispose();
+  }
+
+  /** Frees the weights at the end of a `using` block. */
+  [Symbol.dispose](): void {
+    this.dispose();
+  }
+}
+
+/**
+ * Loads a Qwen3-MoE or PhiMoE model from a local folder or a Hub repo id
+ * (downloaded into the standard Hugging Face cache).
+ * @example
+ * ```ts ignore
+ * using model = await loadModel("huihui-ai/Huihui-MoE-1B-A0.6B-SFT", { dtype: "bfloat16", device: "cuda" });
+ * ```
+ */
+export async function loadModel(idOrPath: string, opts: LoadModelOptions = {}): Promise<CausalLM> {
+  const dir = await resolveModel(idOrPath, opts.hub);
+  const config = await loadConfig(join(dir, "config.json"));
+  using ckpt = await Checkpoint.open(dir);
+  return await build(config, new CheckpointSource(ckpt), dir, opts);
+}
+
+/**
+ * A model of config's shapes with random weights (no checkpoint): for
+ * measuring speed and memory at real model sizes. Seed with manualSeed().
+ */
+export async function randomModel(config: MoeConfig, opts: WeightOptions = {}): Promise<CausalLM> {
+  return await build(config, new RandomSource(), "", opts);
+}
+
+async function build(
+  config: MoeConfig,
+  src: TensorSource,
+  dir: string,
+  opts: WeightOptions,
+): Promise<CausalLM> {
+  const weights = new WeightLoader(src, { dtype: opts.dtype, device: opts.device });
+  try {
+    const decoder = config.modelType === "qwen3_moe"
+      ? await buildQwen3Moe(config, weights)
+      : await buildPhiMoe(config, weights);
+    return new CausalLM(config, decoder, dir, weights);
+  } catch (e) {
+    weights.dispose();
+    throw e;
+  }
+}

@@ -1,0 +1,182 @@
+/**
+ * Sparse mixture-of-experts: routers (Qwen3's softmax top-k and PhiMoE's
+ * sparsemixer), expert banks, token dispatch, and the load-balancing loss.
+ * @module
+ */
+import { arange, cat, linear, type Tensor, tensor, tidy, zeros } from "../mod.ts";
+import type { LinearLayer } from "./layers.ts";
+
+/** Which experts each token uses, and with what weight. */
+export interface Routing {
+  /** Expert ids [T, k], int64. */
+  experts: Tensor;
+  /** Weights [T, k] in the activation dtype. */
+  weights: Tensor;
+  /** Router logits [T, E] (for the load-balancing loss). */
+  logits: Tensor;
+}
+
+/** A set of SwiGLU experts. */
+export interface ExpertBank {
+  /** Number of experts. */
+  readonly count: number;
+  /** Expert e on tokens x [n, H] → [n, H]. */
+  forward(e: number, x: Tensor): Tensor;
+  /** Every expert on every token, x [T, H] → [E, T, H] (static shapes, no host sync). */
+  forwardAll(x: Tensor): Tensor;
+}
+
+/**
+ * Experts held as stacked weights, whatever the checkpoint layout:
+ * gateUp [E, 2I, H] (gate rows, then up rows) and down [E, H, I].
+ */
+export class StackedExperts implements ExpertBank {
+  /** [E, 2I, H]. */
+  readonly gateUp: Tensor;
+  /** [E, H, I]. */
+  readonly down: Tensor;
+  /** Wraps existing tensors; the caller keeps ownership. */
+  constructor(gateUp: Tensor, down: Tensor) {
+    this.gateUp = gateUp;
+    this.down = down;
+  }
+  /** Number of experts. */
+  get count(): number {
+    return this.gateUp.size(0);
+  }
+  /** down(silu(gate(x)) · up(x)) for expert e. */
+  forward(e: number, x: Tensor): Tensor {
+    return tidy(() => {
+      const gu = linear(x, this.gateUp.select(0, e));
+      return linear(swiglu(gu), this.down.select(0, e));
+    });
+  }
+  /** Every expert on every token via two batched matmuls. */
+  forwardAll(x: Tensor): Tensor {
+    return tidy(() => {
+      const e = this.count;
+      const xe = x.unsqueeze(0).expand([e, ...x.shape]);
+      const gu = xe.bmm(this.gateUp.transpose(1, 2));
+      return swiglu(gu).bmm(this.down.transpose(1, 2));
+    });
+  }
+}
+
+/** silu(gate)·up for gate and up concatenated in the last dim. */
+export function swiglu(gateUp: Tensor): Tensor {
+  return tidy(() => {
+    const i = gateUp.size(-1) / 2;
+    return gateUp.narrow(-1, 0, i).silu().mul(gateUp.narrow(-1, i, i));
+  });
+}
+
+/**
+ * Qwen3-MoE routing: softmax over all experts in float32, top-k, optional
+ * renormalisation, weights cast to the activation dtype (model-notes §2.7).
+ */
+export function softmaxTopK(x: Tensor, router: LinearLayer, k: number, normTopK: boolean): Routing {
+  return tidy(() => {
+    const logits = router.forward(x);
+    const probs = logits.softmax(-1, "float32");
+    const { values, indices } = probs.topk(k, -1);
+    const w = normTopK ? values.div(values.sum(-1, true)) : values;
+    return { experts: indices, weights: w.to(x.dtype), logits };
+  });
+}
+
+/**
+ * PhiMoE's sparsemixer in eval mode (model-notes §3.6): two slots, each the
+ * argmax of a softmax over the logits within a relative 2·eps band of the
+ * slot's maximum; weights not renormalised. Deterministic: the train-mode
+ * Gumbel sampling and jitter are deliberately not implemented.
+ */
+export function sparsemixer(x: Tensor, router: LinearLayer, jitterEps: number): Routing {
+  return tidy(() => {
+    const scores = router.forward(x);
+    const neg = (t: Tensor, mask: Tensor): Tensor => t.maskedFill(mask, -Infinity);
+    const slot = (masked: Tensor): [Tensor, Tensor] => {
+      const { values: top, indices } = masked.max(-1, true);
+      const factor = scores.abs().maximum(top);
+      const outside = top.sub(scores).div(factor).gt(2 * jitterEps);
+      const gate = neg(masked, outside).softmax(-1);
+      return [gate.gather(-1, indices), indices];
+    };
+    const [w1, i1] = slot(scores);
+    const first = arange(0, scores.size(-1), 1, { device: scores.device }).eq(i1);
+    const [w2, i2] = slot(neg(scores, first));
+    return { experts: cat([i1, i2], -1), weights: cat([w1, w2], -1), logits: scores };
+  });
+}
+
+/**
+ * Combines expert outputs for tokens x [T, H].
+ * "loop" runs each used expert on its tokens in ascending expert order, as
+ * transformers does (one host sync to read the routing). "dense" runs every
+ * expert on every token and masks, with static shapes and no sync: cheaper
+ * when experts are few or all are hit anyway (small E/k, large batches).
+ */
+export function dispatch(
+  x: Tensor,
+  routing: Routing,
+  bank: ExpertBank,
+  mode: "loop" | "dense" = "loop",
+): Tensor {
+  return tidy(() => (mode === "dense" ? dispatchDense(x, routing, bank) : dispatchLoop(x, routing, bank)));
+}
+
+function dispatchLoop(x: Tensor, routing: Routing, bank: ExpertBank): Tensor {
+  const k = routing.experts.size(-1);
+  const ids = routing.experts.toArray(); // the one host sync
+  const slots: number[][] = Array.from({ length: bank.count }, () => []);
+  ids.forEach((e, i) => slots[e]!.push(i));
+  const weights = routing.weights.reshape([-1]);
+  let out = zeros(x.shape, { dtype: x.dtype, device: x.device });
+  for (let e = 0; e < bank.count; e++) {
+    const flat = slots[e]!;
+    if (flat.length === 0) continue;
+    const device = x.device;
+    const slotIdx = tensor(flat, { dtype: "int64", device });
+    const tokIdx = tensor(flat.map((i) => Math.floor(i / k)), { dtype: "int64", device });
+    const y = bank.forward(e, x.indexSelect(0, tokIdx)).mul(weights.indexSelect(0, slotIdx).unsqueeze(-1));
+    out = out.indexAdd(0, tokIdx, y);
+  }
+  return out;
+}
+
+function dispatchDense(x: Tensor, routing: Routing, bank: ExpertBank): Tensor {
+  const t = x.size(0);
+  const dense = zeros([t, bank.count], { dtype: x.dtype, device: x.device }).scatter(
+    1,
+    routing.experts,
+    routing.weights,
+  );
+  return bank.forwardAll(x).mul(dense.transpose(0, 1).unsqueeze(-1)).sum(0);
+}
+
+/**
+ * The Switch/Mixtral load-balancing loss over every MoE layer's router
+ * logits [B·S, E], as transformers' load_balancing_loss_func: E · Σ f·P with
+ * f the fraction of tokens routed to each (slot, expert) and P the mean
+ * router probability, both over real tokens when attentionMask [B, S] is given.
+ */
+export function loadBalancingLoss(
+  routerLogits: readonly Tensor[],
+  k: number,
+  attentionMask?: Tensor,
+): Tensor {
+  return tidy(() => {
+    const logits = cat(routerLogits.map((l) => l.to("float32")), 0); // [L·B·S, E]
+    const e = logits.size(-1);
+    const probs = logits.softmax(-1);
+    const { indices } = probs.topk(k, -1);
+    const onehot = indices.unsqueeze(-1).eq(arange(0, e, 1, { device: logits.device })).to("float32"); // [N, k, E]
+    if (!attentionMask) {
+      return onehot.mean(0).mul(probs.mean(0).unsqueeze(0)).sum().mul(e);
+    }
+    const layers = routerLogits.length;
+    const m = attentionMask.to("float32").reshape([1, -1]).expand([layers, -1]).reshape([-1, 1]); // [N, 1]
+    const f = onehot.mul(m.unsqueeze(-1)).sum(0).div(m.sum()); // [k, E]
+    const p = probs.mul(m).sum(0).div(m.sum()); // [E]
+    return f.mul(p.unsqueeze(0)).sum().mul(e);
+  });
+}
