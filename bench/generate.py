@@ -76,6 +76,7 @@ def timed(experts: str | None) -> dict:
         "seconds": seconds,
         "new_tokens": new.numel(),
         "tokens_per_s": new.numel() / seconds,
+        "spread": (max(times) - min(times)) / seconds,
         "ids": new.tolist(),
     }
 

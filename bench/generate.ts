@@ -74,6 +74,7 @@ interface Run {
   name: string;
   seconds: number;
   tokensPerS: number;
+  spread: number; // (max - min) / median of the timed runs
   ids: number[][];
 }
 interface PyResult {
@@ -82,7 +83,7 @@ interface PyResult {
   python: string;
   threads: number;
   attn: string;
-  runs: { experts: string; seconds: number; new_tokens: number; tokens_per_s: number; ids: number[][] }[];
+  runs: { experts: string; seconds: number; tokens_per_s: number; spread: number; ids: number[][] }[];
 }
 
 /** Runs bench/generate.py (which also writes the model into dir); returns its result, or why it could not. */
@@ -150,7 +151,8 @@ try {
       times.push((performance.now() - t0) / 1e3);
     }
     const seconds = median(times), n = ids.flat().length;
-    return { name: `moerl, ${dispatch} dispatch`, seconds, tokensPerS: n / seconds, ids };
+    const spread = (Math.max(...times) - Math.min(...times)) / seconds;
+    return { name: `moerl, ${dispatch} dispatch`, seconds, tokensPerS: n / seconds, spread, ids };
   });
 
   // ---- report ----------------------------------------------------------------------------------
@@ -158,6 +160,7 @@ try {
     name: `transformers, ${r.experts} experts${r === py.runs[0] ? " (default)" : ""}`,
     seconds: r.seconds,
     tokensPerS: r.tokens_per_s,
+    spread: r.spread,
     ids: r.ids,
   }));
   const ref = theirs[0]!;
@@ -172,12 +175,17 @@ try {
     `attn ${py.attn}, Python ${py.python}\n`,
   ].join("\n"));
   const row = (a: string, ...c: string[]): string => a.padEnd(44) + c.map((x) => x.padStart(10)).join(" ");
-  console.log(row("implementation", "seconds", "tokens/s", "ratio"));
+  console.log(row("implementation", "seconds", "tokens/s", "ratio", "noise"));
   for (const r of [...theirs, ...ours]) {
     const ratio = (r.tokensPerS / ref.tokensPerS).toFixed(2);
-    console.log(row(r.name, r.seconds.toFixed(3), r.tokensPerS.toFixed(1), ratio));
+    console.log(
+      row(r.name, r.seconds.toFixed(3), r.tokensPerS.toFixed(1), ratio, `${Math.round(100 * r.spread)}%`),
+    );
   }
-  console.log(`ratio = tokens/s ÷ the first row's (above 1: faster than transformers' default)\n`);
+  console.log(
+    "ratio = tokens/s ÷ the first row's (above 1: faster than transformers' default)\n" +
+      "noise = (max - min) / median of the timed runs: more than ~10% means the machine was busy; rerun\n",
+  );
   for (const r of [...theirs.slice(1), ...ours]) {
     const same = r.ids.filter((row, i) => JSON.stringify(row) === JSON.stringify(ref.ids[i])).length;
     const yes = same === CFG.batch ? "yes" : "no";

@@ -645,6 +645,17 @@ def record_parity(name: str, model_dir: Path, in_memory_model, kind: str) -> tup
             again = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids).logits
         assert torch.equal(again, logits)
 
+    # The same forward in bfloat16: transformers' own bf16 error is the yardstick for ours
+    # (a bf16 port cannot be closer to the f32 logits than bf16 rounding and routing flips allow).
+    import copy
+
+    with torch.no_grad():
+        bf16 = copy.deepcopy(model).to(torch.bfloat16)
+        logits_bf16 = bf16(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids).logits.float()
+        del bf16
+    real = attention_mask.bool()
+    checks["hf_bf16_vs_f32_logits_maxdiff_real_positions"] = fmt(max_abs_diff(logits_bf16[real], logits[real]))
+
     # Greedy generation. First with eos = [2] (the config's), then add a token that row 1 emits
     # mid-way so that at least one row stops early and the post-EOS padding is exercised.
     def generate(eos):
@@ -719,6 +730,7 @@ def record_parity(name: str, model_dir: Path, in_memory_model, kind: str) -> tup
         "attention_mask": attention_mask,
         "position_ids": position_ids,
         "logits": logits,
+        "logits_bf16": logits_bf16,
         "hidden": hidden.float(),
         "router_logits": torch.stack(router_logits).float(),
         "aux_loss": out.aux_loss.float().reshape(()),
@@ -767,6 +779,8 @@ def record_parity(name: str, model_dir: Path, in_memory_model, kind: str) -> tup
             "position_ids": "cumsum(attention_mask)-1, pads set to 1; passed explicitly to the forward",
             "logits": "model(input_ids, attention_mask=, position_ids=).logits; values at pad positions are "
             "implementation-defined (fully masked query rows) and should not be compared",
+            "logits_bf16": "the same forward with the model cast to bfloat16 (CPU), as float32: transformers' own "
+            "bf16 error, the yardstick for a bf16 port",
             "hidden": "hidden_states[-1] with output_hidden_states=True: the final-norm output (verified)",
             "router_logits": "[L_moe, N*S, E] raw gate logits (pre-softmax), rows in (batch, position) order, pads included",
             "aux_loss": "scalar, masked load-balancing loss (pads excluded)",

@@ -1,0 +1,61 @@
+#!/usr/bin/env bash
+# The GPU check, run once on a machine with a CUDA GPU and a Python torch 2.x
+# (no network needed): builds the shim against that libtorch with CUDA, runs
+# the whole test suite on the CPU (float32) and on CUDA (float32 and
+# bfloat16), and measures generation with random weights at real model
+# shapes. Logs go to $OUT (default /tmp/moerl-gpu); a summary is printed last.
+#
+# Offline machines: put a Deno binary at .gpu/deno.xz and a prefilled Deno
+# cache (DENO_DIR with the npm packages) at .gpu/deno_dir.tar.xz.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-/tmp/moerl-gpu}
+mkdir -p "$OUT"
+export DENO_NO_UPDATE_CHECK=1
+
+if ! command -v deno >/dev/null 2>&1; then
+  xz -dc .gpu/deno.xz >/tmp/deno && chmod +x /tmp/deno && export PATH=/tmp:$PATH
+fi
+# Tests read the Phi-3 tokenizer from ../shared (beside the checkout), which
+# does not travel to a device machine; a copy can ride along in .gpu/shared.
+if [ ! -e ../shared ] && [ -d .gpu/shared ]; then ln -s "$PWD/.gpu/shared" ../shared; fi
+if [ -f .gpu/deno_dir.tar.xz ]; then
+  tar xJf .gpu/deno_dir.tar.xz -C /tmp && export DENO_DIR=/tmp/deno_dir
+fi
+{
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+  python3 -c 'import torch; print("torch", torch.__version__, "cuda", torch.version.cuda)'
+  deno --version | head -1
+} 2>&1 | tee "$OUT/machine.txt"
+
+step() { # name, command...: run, keep the log, print the verdict line
+  local name=$1
+  shift
+  local t0=$SECONDS
+  "$@" >"$OUT/$name.log" 2>&1
+  local rc=$?
+  printf '%-16s rc=%d %4ds  %s\n' "$name" "$rc" $((SECONDS - t0)) \
+    "$(grep -E '(passed|failed)' "$OUT/$name.log" | tail -1 | sed 's/\x1b\[[0-9;]*m//g')" | tee -a "$OUT/summary.txt"
+  return $rc
+}
+
+step build deno task build || { tail -30 "$OUT/build.log"; exit 1; }
+grep -E "^building|cuda" "$OUT/build.log" | head -3
+TEST="deno test -A --v8-flags=--expose-gc tests/"
+step test-cpu-f32 env MOERL_TEST_DEVICE=cpu $TEST
+step test-cuda-f32 env MOERL_TEST_DEVICE=cuda $TEST
+step test-cuda-bf16 env MOERL_TEST_DEVICE=cuda MOERL_TEST_DTYPE=bfloat16 $TEST
+grep -h "max |Δlogits|\|greedy tokens equal" "$OUT/test-cuda-bf16.log" | sed 's/\x1b\[[0-9;]*m//g' | tee "$OUT/parity-bf16.txt"
+step gen-huihui deno run -A bench/generate_shapes.ts --shapes bench/shapes/huihui-moe-1b-a0.6b.json \
+  --device cuda --dtype bfloat16 --batch 64 --prompt 128 --new 128
+step gen-phi-tiny deno run -A bench/generate_shapes.ts --shapes bench/shapes/phi-tiny-moe.json \
+  --device cuda --dtype bfloat16 --batch 64 --prompt 128 --new 64
+
+echo "==== failures (first 60 lines of each failing suite)"
+for f in "$OUT"/test-*.log; do
+  grep -q "FAILED" "$f" && { echo "--- $f"; sed 's/\x1b\[[0-9;]*m//g' "$f" | grep -A12 "=> \|ERRORS" | head -60; }
+done
+echo "==== generation"
+cat "$OUT/gen-huihui.log" "$OUT/gen-phi-tiny.log" | grep -v "^\s*at "
+echo "==== summary"
+cat "$OUT/summary.txt"
