@@ -139,21 +139,22 @@ try {
 
   // ---- ours: same weights, same prompts ------------------------------------------------------
   using model = await loadModel(dir, { dtype: "float32", device: "cpu" });
-  const ours: Run[] = (["loop", "dense"] as const).map((dispatch) => {
+  const ours: Run[] = [];
+  for (const dispatch of ["loop", "dense"] as const) {
     const opts = { maxNewTokens: CFG.newTokens, padTokenId: CFG.padTokenId, dispatch };
-    const gen = (): number[][] => generate(model.decoder, prompts, opts).tokens;
-    gen(); // warm-up
+    const gen = async (): Promise<number[][]> => (await generate(model.decoder, prompts, opts)).tokens;
+    await gen(); // warm-up
     const times: number[] = [];
     let ids: number[][] = [];
     for (let r = 0; r < CFG.runs; r++) {
       const t0 = performance.now();
-      ids = gen();
+      ids = await gen();
       times.push((performance.now() - t0) / 1e3);
     }
     const seconds = median(times), n = ids.flat().length;
     const spread = (Math.max(...times) - Math.min(...times)) / seconds;
-    return { name: `moerl, ${dispatch} dispatch`, seconds, tokensPerS: n / seconds, spread, ids };
-  });
+    ours.push({ name: `moerl, ${dispatch} dispatch`, seconds, tokensPerS: n / seconds, spread, ids });
+  }
 
   // ---- report ----------------------------------------------------------------------------------
   const theirs: Run[] = py.runs.map((r) => ({

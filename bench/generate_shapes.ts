@@ -53,10 +53,10 @@ const prompts = Array.from(
   (_, i) => Array.from({ length: promptLen }, (_, j) => (i * 7919 + j * 104729) % 30000 + 100),
 );
 
-function timeGenerate(dispatch: "loop" | "dense", maxNew: number): number {
+async function timeGenerate(dispatch: "loop" | "dense", maxNew: number): Promise<number> {
   sync();
   const start = performance.now();
-  const out = generate(model.decoder, prompts, {
+  const out = await generate(model.decoder, prompts, {
     maxNewTokens: maxNew,
     eosTokenIds: [],
     dispatch,
@@ -69,10 +69,10 @@ function timeGenerate(dispatch: "loop" | "dense", maxNew: number): number {
 
 const rows: string[] = [];
 for (const dispatch of ["dense", "loop"] as const) {
-  timeGenerate(dispatch, 4); // warm-up: allocator, kernels, cuBLAS handles
+  await timeGenerate(dispatch, 4); // warm-up: allocator, kernels, cuBLAS handles
   if (onGpu) cuda.resetPeakMemoryStats(device);
-  const prefill = Math.min(timeGenerate(dispatch, 1), timeGenerate(dispatch, 1)); // prefill + 1 step
-  const full = timeGenerate(dispatch, newTokens);
+  const prefill = Math.min(await timeGenerate(dispatch, 1), await timeGenerate(dispatch, 1)); // prefill + 1 step
+  const full = await timeGenerate(dispatch, newTokens);
   const decodeRate = (batch * (newTokens - 1)) / (full - prefill);
   const peak = onGpu ? `${(cuda.memoryStats(device).peakAllocated / 2 ** 30).toFixed(2)} GiB` : "-";
   rows.push(

@@ -8,7 +8,7 @@
  * every `checkEvery` steps.
  * @module
  */
-import { type Generator, noGrad, type Tensor, tensor, tidy, where, zeros } from "../mod.ts";
+import { type Generator, noGrad, type Tensor, tensor, tidy, tidyAsync, where, zeros } from "../mod.ts";
 import type { Decoder } from "./decoder.ts";
 import { KVCache } from "./kv_cache.ts";
 import { leftPad } from "./padding.ts";
@@ -37,11 +37,11 @@ export interface GenerateOptions extends SamplingOptions {
   generator?: Generator;
   /** A row also stops once its decoded text contains one of these (needs decode). */
   stopStrings?: readonly string[];
-  /** Turns token ids into text; needed for text output and stop strings. */
-  decode?: (ids: number[]) => string;
+  /** Turns token ids into text (e.g. a Tokenizer's decode); needed for text output and stop strings. */
+  decode?: (ids: number[]) => string | Promise<string>;
   /** Read stop conditions back from the device every this many steps (default 8). */
   checkEvery?: number;
-  /** MoE dispatch for the forward passes (default "loop"). */
+  /** MoE dispatch for the forward passes (default "dense": no host sync in a decode step). */
   dispatch?: "loop" | "dense";
 }
 
@@ -88,11 +88,11 @@ export function sampleNext(scores: Tensor, opts: SamplingOptions, generator?: Ge
  * const out = generate(model.decoder, [tok.encode("Hi")], { maxNewTokens: 32, eosTokenIds: [2] });
  * ```
  */
-export function generate(
+export async function generate(
   decoder: Decoder,
   prompts: readonly number[][],
   opts: GenerateOptions,
-): GenerateResult {
+): Promise<GenerateResult> {
   if (prompts.length === 0) throw new RangeError("generate: no prompts");
   if (prompts.some((p) => p.length === 0)) {
     throw new RangeError("generate: an empty prompt (no token to start from)");
@@ -103,10 +103,14 @@ export function generate(
   if (opts.stopStrings?.length && !opts.decode) {
     throw new TypeError("generate: stopStrings need a decode function");
   }
-  return noGrad(() => tidy(() => run(decoder, prompts, opts)));
+  return await tidyAsync(() => run(decoder, prompts, opts));
 }
 
-function run(decoder: Decoder, prompts: readonly number[][], opts: GenerateOptions): GenerateResult {
+async function run(
+  decoder: Decoder,
+  prompts: readonly number[][],
+  opts: GenerateOptions,
+): Promise<GenerateResult> {
   const device = decoder.embed.device, dtype = decoder.embed.dtype;
   const pad = opts.padTokenId ?? 0;
   const checkEvery = Math.max(1, opts.checkEvery ?? 8);
@@ -132,29 +136,33 @@ function run(decoder: Decoder, prompts: readonly number[][], opts: GenerateOptio
   const stoppedByString = new Set<number>();
   let steps = 0;
   for (let step = 0; step < t; step++) {
-    const state = tidy(() => {
-      const out = decoder.forward({
-        inputIds: input,
-        positionIds: positions,
-        attentionMask: keyMask.narrow(1, 0, cache.length + input.size(1)),
-        cache,
-        logitsToKeep: 1,
-        dispatch: opts.dispatch,
-      });
-      const scores = out.logits!.select(1, 0).to("float32");
-      const chosen = opts.doSample ? sampleNext(scores, opts, opts.generator) : scores.argmax(-1);
-      const next = where(finished, padT, chosen);
-      logprobs.narrow(1, step, 1).copy_(scores.logSoftmax(-1).gather(-1, next.unsqueeze(-1)));
-      tokens.narrow(1, step, 1).copy_(next.unsqueeze(-1));
-      keyMask.narrow(1, s + step, 1).fill_(1);
-      const done = finished.logicalOr(next.unsqueeze(-1).eq(eos).any(-1));
-      return { next: next.unsqueeze(-1), done, pos: positions.narrow(1, positions.size(1) - 1, 1).add(1) };
-    });
+    // One decode step, all on the device. Grad mode is switched off per step
+    // (not across awaits) so concurrent code keeps its own mode.
+    const state = noGrad(() =>
+      tidy(() => {
+        const out = decoder.forward({
+          inputIds: input,
+          positionIds: positions,
+          attentionMask: keyMask.narrow(1, 0, cache.length + input.size(1)),
+          cache,
+          logitsToKeep: 1,
+          dispatch: opts.dispatch ?? "dense",
+        });
+        const scores = out.logits!.select(1, 0).to("float32");
+        const chosen = opts.doSample ? sampleNext(scores, opts, opts.generator) : scores.argmax(-1);
+        const next = where(finished, padT, chosen);
+        logprobs.narrow(1, step, 1).copy_(scores.logSoftmax(-1).gather(-1, next.unsqueeze(-1)));
+        tokens.narrow(1, step, 1).copy_(next.unsqueeze(-1));
+        keyMask.narrow(1, s + step, 1).fill_(1);
+        const done = finished.logicalOr(next.unsqueeze(-1).eq(eos).any(-1));
+        return { next: next.unsqueeze(-1), done, pos: positions.narrow(1, positions.size(1) - 1, 1).add(1) };
+      })
+    );
     for (const old of [input, positions, finished]) old.dispose();
     input = state.next, positions = state.pos, finished = state.done;
     steps = step + 1;
     if (steps % checkEvery === 0 || steps === t) {
-      if (opts.stopStrings?.length) markStopStrings(tokens, steps, opts, stoppedByString, pad);
+      if (opts.stopStrings?.length) await markStopStrings(tokens, steps, opts, stoppedByString, pad);
       if (stoppedByString.size) {
         const host = tensor(prompts.map((_, i) => stoppedByString.has(i)), { dtype: "bool", device });
         const merged = finished.logicalOr(host);
@@ -164,41 +172,47 @@ function run(decoder: Decoder, prompts: readonly number[][], opts: GenerateOptio
       if (finished.all().item() === 1) break;
     }
   }
-  return collect(tokens, logprobs, steps, opts);
+  return await collect(tokens, logprobs, steps, opts);
 }
 
 /** Marks rows whose decoded text so far contains a stop string. */
-function markStopStrings(
+async function markStopStrings(
   tokens: Tensor,
   steps: number,
   opts: GenerateOptions,
   stopped: Set<number>,
   pad: number,
-): void {
+): Promise<void> {
   const rows = tidy(() => tokens.narrow(1, 0, steps).tolist() as number[][]);
-  rows.forEach((row, i) => {
-    if (stopped.has(i)) return;
-    const text = opts.decode!(row.filter((id) => id !== pad));
+  for (const [i, row] of rows.entries()) {
+    if (stopped.has(i)) continue;
+    const text = await opts.decode!(row.filter((id) => id !== pad));
     if (opts.stopStrings!.some((str) => text.includes(str))) stopped.add(i);
-  });
+  }
 }
 
-function collect(tokens: Tensor, logprobs: Tensor, steps: number, opts: GenerateOptions): GenerateResult {
+async function collect(
+  tokens: Tensor,
+  logprobs: Tensor,
+  steps: number,
+  opts: GenerateOptions,
+): Promise<GenerateResult> {
   const ids = tidy(() => tokens.narrow(1, 0, steps).tolist() as number[][]);
   const lps = tidy(() => logprobs.narrow(1, 0, steps).tolist() as number[][]);
   const eos = new Set(opts.eosTokenIds ?? []);
+  const stops = opts.stopStrings ?? [];
   const out: GenerateResult = { tokens: [], logprobs: [], text: opts.decode ? [] : null, finishReasons: [] };
-  ids.forEach((row, i) => {
+  for (const [i, row] of ids.entries()) {
     const end = row.findIndex((id) => eos.has(id));
     let n = end >= 0 ? end + 1 : row.length;
     let reason: FinishReason = end >= 0 ? "eos" : "length";
     let text: string | undefined;
     if (opts.decode) {
-      text = opts.decode(row.slice(0, n));
-      const cut = stopIndex(text, opts.stopStrings ?? []);
+      text = await opts.decode(row.slice(0, n));
+      const cut = stopIndex(text, stops);
       if (cut >= 0) {
         // Keep the shortest token prefix whose text contains the stop string.
-        while (n > 1 && stopIndex(opts.decode(row.slice(0, n - 1)), opts.stopStrings!) >= 0) n--;
+        while (n > 1 && stopIndex(await opts.decode(row.slice(0, n - 1)), stops) >= 0) n--;
         text = text.slice(0, cut);
         reason = "stop";
       }
@@ -207,7 +221,7 @@ function collect(tokens: Tensor, logprobs: Tensor, steps: number, opts: Generate
     out.logprobs.push(lps[i]!.slice(0, n));
     out.finishReasons.push(reason);
     if (text !== undefined) out.text!.push(text);
-  });
+  }
   return out;
 }
 

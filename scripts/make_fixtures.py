@@ -820,6 +820,53 @@ def qwen3_tokenizer_dir(arg: str | None, tmp: Path) -> Path:
     return d
 
 
+TINY_SPECIALS = ["<pad>", "<s>", "</s>", "<unk>", "<|im_start|>", "<|im_end|>"]
+TINY_CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+TINY_BIGRAMS = (
+    "th he in er an re on at en nd ti es or te of ed is it al ar st to nt ng se ha as ou io le ve co me de hi "
+    "ri ro ic ne ea ra ce li ch ll be ma si om ur ca el ta la"
+).split()
+
+
+def make_tiny_tokenizer(model_dir: Path) -> None:
+    """A small BPE tokenizer for qwen3-moe-tiny, so that folder is a complete model (config, weights,
+    tokenizer, chat template) for end-to-end smoke runs: 6 specials, printable ASCII and newline,
+    then merges for every two-digit number and common English bigrams, exactly filling the model's
+    256 embedding rows (so every id the model can emit decodes). Ids 0/1/2 are pad/bos/eos as in
+    its config."""
+    from tokenizers import AddedToken, decoders, models
+
+    chars = [chr(c) for c in range(32, 127)] + ["\n"]
+    pairs = [(a, b) for a in "0123456789" for b in "0123456789"] + [(w[0], w[1]) for w in TINY_BIGRAMS]
+    tokens = TINY_SPECIALS + chars + [a + b for a, b in pairs]
+    assert len(tokens) == 256 and len(set(tokens)) == 256, len(tokens)
+    vocab = {t: i for i, t in enumerate(tokens)}
+    tok = tokenizers.Tokenizer(models.BPE(vocab=vocab, merges=pairs, unk_token="<unk>"))
+    tok.decoder = decoders.Fuse()
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in TINY_SPECIALS])
+    tok.save(str(model_dir / "tokenizer.json"))
+    write_json(
+        model_dir / "tokenizer_config.json",
+        {
+            "tokenizer_class": "PreTrainedTokenizerFast",
+            "bos_token": None,
+            "eos_token": "<|im_end|>",
+            "pad_token": "<pad>",
+            "unk_token": "<unk>",
+            "add_bos_token": False,
+            "add_eos_token": False,
+            "padding_side": "left",
+            "model_max_length": 256,
+            "chat_template": TINY_CHAT_TEMPLATE,
+        },
+    )
+
+
 def gsm8k_questions(k: int) -> list[str]:
     lines = (SHARED / "data" / "gsm8k" / "test.jsonl").read_text(encoding="utf-8").splitlines()
     return [json.loads(line)["question"] for line in lines[:k]]
@@ -849,6 +896,9 @@ SPECIAL_TEXTS = {
         "<|user|>\nhi<|end|>\n<|assistant|>",
         "<|system|>\nBe brief.<|end|>\n<|user|>\n  two spaces<|end|>\n<|assistant|>\nok<|end|><|endoftext|>",
         "<s>hello</s> world",
+    ],
+    "tiny": [
+        "<|im_start|>user\nWhat is 12+30?<|im_end|>\n<|im_start|>assistant\n#### 42<|im_end|>",
     ],
 }
 
@@ -894,6 +944,7 @@ CHAT_CASES = {
             {"add_generation_prompt": False},
         ),
     ],
+    "tiny": [],
     "phi3": [
         (
             "no_generation_prompt",
@@ -1018,6 +1069,7 @@ def main() -> None:
         "qwen3-moe-fused": (make_qwen3_fused(OUT / "models" / "qwen3-moe-fused"), "qwen3"),
         "phimoe-tiny": (make_phimoe_tiny(OUT / "models" / "phimoe-tiny"), "phimoe"),
     }
+    make_tiny_tokenizer(OUT / "models" / "qwen3-moe-tiny")
     for name, (info, kind) in built.items():
         tensors, meta = record_parity(name, OUT / "models" / name, info["model"], kind)
         meta["checkpoint_keys_on_disk"] = safetensors_keys(OUT / "models" / name)
@@ -1037,6 +1089,15 @@ def main() -> None:
                 {"eos_token_id": [151645, 151643], "pad_token_id": 151643, "bos_token_id(config.json)": 151643},
             ),
         )
+    write_json(
+        OUT / "tokenizers" / "tiny.json",
+        make_tokenizer_fixture(
+            "tiny",
+            OUT / "models" / "qwen3-moe-tiny",
+            "models/qwen3-moe-tiny/ (character-level, made by make_tiny_tokenizer)",
+            {"eos_token_id": [2], "pad_token_id": 0},
+        ),
+    )
     write_json(
         OUT / "tokenizers" / "phi3.json",
         make_tokenizer_fixture(

@@ -7,6 +7,7 @@ import { join } from "node:path";
 import { Generator, liveTensors, tensor, tidy } from "../mod.ts";
 import { generate, sampleNext } from "../model/generate.ts";
 import { loadModel } from "../model/model.ts";
+import { Tokenizer } from "../model/tokenizer.ts";
 import { DEVICE } from "./util.ts";
 
 const MODEL = join(import.meta.dirname!, "fixtures", "models", "qwen3-moe-tiny");
@@ -58,26 +59,29 @@ Deno.test("generate: the tiny model's generation", async (t) => {
   using model = await loadModel(MODEL, { device: DEVICE });
   const live = liveTensors();
 
-  await t.step("seeded sampling is reproducible and seed-dependent", () => {
-    const run = (seed: number): number[][] => {
+  await t.step("seeded sampling is reproducible and seed-dependent", async () => {
+    const run = async (seed: number): Promise<number[][]> => {
       using g = new Generator(seed, DEVICE);
-      return generate(model.decoder, PROMPTS, {
+      return (await generate(model.decoder, PROMPTS, {
         maxNewTokens: 12,
         doSample: true,
         topK: 50,
         topP: 0.9,
         generator: g,
-      })
-        .tokens;
+      })).tokens;
     };
-    assert.deepEqual(run(3), run(3));
-    assert.notDeepEqual(run(3), run(4));
+    assert.deepEqual(await run(3), await run(3));
+    assert.notDeepEqual(await run(3), await run(4));
   });
 
-  await t.step("a row that emits EOS stops and reports it; others run to the length", () => {
-    const greedy = generate(model.decoder, PROMPTS, { maxNewTokens: 10 });
+  await t.step("a row that emits EOS stops and reports it; others run to the length", async () => {
+    const greedy = await generate(model.decoder, PROMPTS, { maxNewTokens: 10 });
     const eos = greedy.tokens[0]![3]!; // make row 0's 4th token an EOS
-    const out = generate(model.decoder, PROMPTS, { maxNewTokens: 10, eosTokenIds: [eos], checkEvery: 4 });
+    const out = await generate(model.decoder, PROMPTS, {
+      maxNewTokens: 10,
+      eosTokenIds: [eos],
+      checkEvery: 4,
+    });
     assert.deepEqual(out.tokens[0], greedy.tokens[0]!.slice(0, greedy.tokens[0]!.indexOf(eos) + 1));
     assert.equal(out.finishReasons[0], "eos");
     out.tokens.forEach((row, i) => {
@@ -88,11 +92,11 @@ Deno.test("generate: the tiny model's generation", async (t) => {
     });
   });
 
-  await t.step("stop strings end a row and are cut from its text", () => {
+  await t.step("stop strings end a row and are cut from its text", async () => {
     const decode = (ids: number[]): string => ids.map((id) => String.fromCharCode(97 + (id % 26))).join("");
-    const greedy = generate(model.decoder, PROMPTS, { maxNewTokens: 10, decode });
+    const greedy = await generate(model.decoder, PROMPTS, { maxNewTokens: 10, decode });
     const stop = greedy.text![1]!.slice(2, 4); // a string row 1 will produce
-    const out = generate(model.decoder, PROMPTS, {
+    const out = await generate(model.decoder, PROMPTS, {
       maxNewTokens: 10,
       decode,
       stopStrings: [stop],
@@ -103,11 +107,33 @@ Deno.test("generate: the tiny model's generation", async (t) => {
     assert.ok(decode(out.tokens[1]!).includes(stop) && !decode(out.tokens[1]!.slice(0, -1)).includes(stop));
   });
 
-  await t.step("bad arguments are rejected", () => {
-    assert.throws(() => generate(model.decoder, [], { maxNewTokens: 2 }), /no prompts/);
-    assert.throws(() => generate(model.decoder, [[1], []], { maxNewTokens: 2 }), /empty prompt/);
-    assert.throws(() => generate(model.decoder, [[1]], { maxNewTokens: 0 }), /maxNewTokens/);
-    assert.throws(() => generate(model.decoder, [[1]], { maxNewTokens: 2, stopStrings: ["x"] }), /decode/);
+  await t.step("end to end from one folder: tokenizer, chat template, generation, text", async () => {
+    const tok = await Tokenizer.load(MODEL);
+    const prompt = await tok.encodeChat([{ role: "user", content: "What is 12+30?" }], {
+      addGenerationPrompt: true,
+    });
+    assert.equal(
+      await tok.decode(prompt),
+      "<|im_start|>user\nWhat is 12+30?<|im_end|>\n<|im_start|>assistant\n",
+    );
+    const eos = tok.eosTokenIds;
+    const out = await generate(model.decoder, [prompt], {
+      maxNewTokens: 16,
+      eosTokenIds: [...eos],
+      decode: (ids) => tok.decode(ids),
+    });
+    assert.equal(out.text![0], await tok.decode(out.tokens[0]!));
+    assert.ok(out.tokens[0]!.length >= 1 && out.tokens[0]!.length <= 16);
+  });
+
+  await t.step("bad arguments are rejected", async () => {
+    await assert.rejects(() => generate(model.decoder, [], { maxNewTokens: 2 }), /no prompts/);
+    await assert.rejects(() => generate(model.decoder, [[1], []], { maxNewTokens: 2 }), /empty prompt/);
+    await assert.rejects(() => generate(model.decoder, [[1]], { maxNewTokens: 0 }), /maxNewTokens/);
+    await assert.rejects(
+      () => generate(model.decoder, [[1]], { maxNewTokens: 2, stopStrings: ["x"] }),
+      /decode/,
+    );
   });
 
   assert.equal(liveTensors(), live, "generation leaves no tensor behind");

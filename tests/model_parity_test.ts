@@ -107,7 +107,7 @@ for (const name of MODELS) {
           using refLp = await read("greedy_logprobs");
           using refMask = await read("greedy_mask");
           const { eos_token_id, max_new_tokens, pad_token_id } = meta.generate_kwargs;
-          const out = generate(model.decoder, meta.prompts, {
+          const out = await generate(model.decoder, meta.prompts, {
             maxNewTokens: max_new_tokens,
             eosTokenIds: eos_token_id,
             padTokenId: pad_token_id,
