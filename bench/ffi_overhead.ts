@@ -25,6 +25,7 @@
  */
 import { arange, randn, setLeakCheck, type Tensor, tidy, torchVersion } from "../mod.ts";
 import { ctx, shim } from "../ffi/lib.ts";
+import { runPythonJson } from "./python.ts";
 
 Deno.env.set("OMP_NUM_THREADS", "1");
 Deno.env.set("MKL_NUM_THREADS", "1");
@@ -146,26 +147,7 @@ interface PyResult {
 
 /** Runs the Python side; returns its result, or a reason it could not. */
 async function runPython(): Promise<PyResult | string> {
-  const script = new URL("./ffi_overhead.py", import.meta.url).pathname;
-  let out: Deno.CommandOutput;
-  try {
-    out = await new Deno.Command(PYTHON, {
-      args: [script, JSON.stringify(CFG)],
-      stdout: "piped",
-      stderr: "piped",
-    })
-      .output();
-  } catch (e) {
-    return `cannot run ${PYTHON}: ${(e as Error).message}`;
-  }
-  const text = new TextDecoder().decode(out.stdout).trim();
-  try {
-    const r = JSON.parse(text) as PyResult | { error: string };
-    if ("error" in r) return `${PYTHON}: ${r.error}`;
-    if (out.success) return r;
-  } catch { /* fall through: report the exit status and stderr */ }
-  const err = new TextDecoder().decode(out.stderr).trim().split("\n").slice(-5).join("\n  ");
-  return `${PYTHON} exited with ${out.code}:\n  ${err || text}`;
+  return await runPythonJson<PyResult>(PYTHON, "ffi_overhead.py", CFG);
 }
 
 const f2 = (x: number): string => x.toFixed(2).padStart(9);

@@ -24,6 +24,7 @@
 import { generate } from "../model/generate.ts";
 import { loadModel } from "../model/model.ts";
 import { torchVersion } from "../mod.ts";
+import { runPythonJson } from "./python.ts";
 
 const CFG = {
   seed: 1234,
@@ -88,25 +89,7 @@ interface PyResult {
 
 /** Runs bench/generate.py (which also writes the model into dir); returns its result, or why it could not. */
 async function runPython(dir: string, prompts: number[][]): Promise<PyResult | string> {
-  const script = new URL("./generate.py", import.meta.url).pathname;
-  let out: Deno.CommandOutput;
-  try {
-    out = await new Deno.Command(PYTHON, {
-      args: [script, JSON.stringify({ ...CFG, dir, prompts })],
-      stdout: "piped",
-      stderr: "piped",
-    }).output();
-  } catch (e) {
-    return `cannot run ${PYTHON}: ${(e as Error).message}`;
-  }
-  const text = new TextDecoder().decode(out.stdout).trim();
-  try {
-    const r = JSON.parse(text) as PyResult | { error: string };
-    if ("error" in r) return `${PYTHON}: ${r.error}`;
-    if (out.success) return r;
-  } catch { /* fall through: report the exit status and stderr */ }
-  const err = new TextDecoder().decode(out.stderr).trim().split("\n").slice(-5).join("\n  ");
-  return `${PYTHON} exited with ${out.code}:\n  ${err || text}`;
+  return await runPythonJson<PyResult>(PYTHON, "generate.py", { ...CFG, dir, prompts });
 }
 
 /** at::get_num_threads() of the libtorch this process loaded (by its mangled name; dlopen of a loaded lib is a lookup). */

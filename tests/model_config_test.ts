@@ -15,6 +15,7 @@ import {
   type PhiMoeConfig,
   type Qwen3MoeConfig,
 } from "../model/mod.ts";
+import { PYTHON, pythonHas } from "./util.ts";
 
 const MODELS = new URL("./fixtures/models/", import.meta.url).pathname;
 
@@ -303,15 +304,7 @@ Deno.test("config: isMoeLayer follows model-notes §2.2", () => {
   assert.throws(() => isMoeLayer(every2, 1.5), RangeError);
 });
 
-const PYTHON = Deno.env.get("MOERL_TEST_PYTHON") ?? "/work/venv-fx/bin/python";
-const hasTransformers = (() => {
-  try {
-    return new Deno.Command(PYTHON, { args: ["-c", "import transformers"], stdout: "null", stderr: "null" })
-      .outputSync().success;
-  } catch {
-    return false;
-  }
-})();
+const hasTransformers = pythonHas("transformers");
 
 Deno.test({
   name: "config: matches transformers' parse of the same config.json",

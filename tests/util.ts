@@ -42,3 +42,21 @@ export function assertNoLeak(fn: () => void, what = "block"): void {
   assert.equal(liveTensors(), js, `${what} leaked ${liveTensors() - js} tensors`);
   assert.equal(nativeLiveCount(), native, `${what} leaked ${nativeLiveCount() - native} native handles`);
 }
+
+/**
+ * A Python for the optional cross-checks against the reference libraries
+ * (transformers, safetensors): $MOERL_TEST_PYTHON, else `python3`. Tests that
+ * need it are reported as ignored when it lacks the modules, since the
+ * committed fixtures already pin the reference results.
+ */
+export const PYTHON: string = Deno.env.get("MOERL_TEST_PYTHON") ?? "python3";
+
+/** True if PYTHON runs and can import every module named. */
+export function pythonHas(...modules: string[]): boolean {
+  try {
+    const args = ["-c", `import ${modules.join(", ")}`];
+    return new Deno.Command(PYTHON, { args, stdout: "null", stderr: "null" }).outputSync().success;
+  } catch {
+    return false;
+  }
+}
