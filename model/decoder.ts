@@ -8,7 +8,7 @@
 import { embedding, type Tensor, tidy } from "../mod.ts";
 import type { KVCache } from "./kv_cache.ts";
 import { applyRope, attention, causalMask, type LinearLayer, type Norm, ropeCosSin } from "./layers.ts";
-import { dispatch, type ExpertBank, type Routing, swiglu } from "./moe.ts";
+import { dispatch, type ExpertBank, type Routing } from "./moe.ts";
 
 /** Attention projections of one layer. */
 export interface AttentionBlock {
@@ -26,12 +26,14 @@ export interface AttentionBlock {
   kNorm?: Norm;
 }
 
-/** A dense SwiGLU MLP (Qwen3's mlp_only_layers). */
+/** A dense SwiGLU MLP (Qwen3's mlp_only_layers): down(silu(gate(x)) · up(x)). */
 export interface DenseMlp {
   /** Discriminant. */
   kind: "dense";
-  /** Gate and up projections, concatenated: [2I, H]. */
-  gateUp: LinearLayer;
+  /** Gate projection [I, H]. */
+  gate: LinearLayer;
+  /** Up projection [I, H]. */
+  up: LinearLayer;
   /** Down projection [H, I]. */
   down: LinearLayer;
 }
@@ -40,14 +42,22 @@ export interface DenseMlp {
 export interface MoeMlp {
   /** Discriminant. */
   kind: "moe";
-  /** Routes tokens [T, H]. */
-  route(x: Tensor): Routing;
+  /** The router's linear layer [E, H] (replaceable, e.g. by a LoRA layer). */
+  router: LinearLayer;
+  /** Module name of the router, e.g. "model.layers.0.mlp.gate". */
+  routerName: string;
+  /** The family's routing rule applied to router logits computed by router. */
+  route(x: Tensor, router: LinearLayer): Routing;
   /** The experts. */
   experts: ExpertBank;
 }
 
 /** One decoder layer. */
 export interface DecoderLayer {
+  /** Module path, e.g. "model.layers.0" (its parts are named as in Hugging Face checkpoints). */
+  name: string;
+  /** Module path of the MLP block: "mlp" (Qwen3, PhiMoE v5) or "block_sparse_moe" (PhiMoE 4.x). */
+  mlpName: string;
   /** Norm before attention. */
   inputNorm: Norm;
   /** Norm before the MLP. */
@@ -107,7 +117,7 @@ export class Decoder {
   /** Final norm. */
   readonly finalNorm: Norm;
   /** LM head [V, H] (+ bias for PhiMoE). */
-  readonly lmHead: LinearLayer;
+  lmHead: LinearLayer;
   /** Head counts and RoPE settings. */
   readonly dims: DecoderDims;
 
@@ -141,10 +151,11 @@ export class Decoder {
           const mid = h.add(a);
           const x = layer.postNorm.forward(mid).reshape([b * s, -1]);
           if (layer.mlp.kind === "dense") {
-            const y = layer.mlp.down.forward(swiglu(layer.mlp.gateUp.forward(x)));
+            const { gate, up, down } = layer.mlp;
+            const y = down.forward(gate.forward(x).silu().mul(up.forward(x)));
             return { h: mid.add(y.reshape(mid.shape)), logits: null };
           }
-          const r = layer.mlp.route(x);
+          const r = layer.mlp.route(x, layer.mlp.router);
           const y = dispatch(x, r, layer.mlp.experts, input.dispatch);
           return { h: mid.add(y.reshape(mid.shape)), logits: r.logits };
         });

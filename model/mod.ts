@@ -91,6 +91,7 @@ export {
   type SamplingOptions,
 } from "./generate.ts";
 export { KVCache } from "./kv_cache.ts";
+export { type ExpertSlot, expertSlots, type LinearSlot, linearSlots } from "./modules.ts";
 export {
   applyRope,
   attention,
@@ -106,6 +107,9 @@ export {
 export {
   dispatch,
   type ExpertBank,
+  expertForward,
+  expertForwardAll,
+  type ExpertNames,
   loadBalancingLoss,
   type Routing,
   softmaxTopK,

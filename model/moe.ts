@@ -16,14 +16,51 @@ export interface Routing {
   logits: Tensor;
 }
 
-/** A set of SwiGLU experts. */
+/** How a family names its expert projections, and how the checkpoint stored them. */
+export interface ExpertNames {
+  /** Module path of the experts, e.g. "model.layers.0.mlp.experts". */
+  prefix: string;
+  /** Per-expert gate/up/down module names: Qwen3 gate_proj/up_proj/down_proj, PhiMoE w1/w3/w2. */
+  gate: string;
+  /** See gate. */
+  up: string;
+  /** See gate. */
+  down: string;
+  /** "per-expert" (one module per expert) or "fused" (v5's 3-D gate_up_proj / down_proj). */
+  layout: "per-expert" | "fused";
+}
+
+/**
+ * A set of SwiGLU experts, exposed projection by projection so adapters
+ * (LoRA) and quantised storage (NF4) can change one projection and keep the
+ * rest: expert e computes down(silu(gate(x)) · up(x)).
+ */
 export interface ExpertBank {
   /** Number of experts. */
   readonly count: number;
-  /** Expert e on tokens x [n, H] → [n, H]. */
-  forward(e: number, x: Tensor): Tensor;
-  /** Every expert on every token, x [T, H] → [E, T, H] (static shapes, no host sync). */
-  forwardAll(x: Tensor): Tensor;
+  /** Names and stored layout, for adapters and checkpoints. */
+  readonly names: ExpertNames;
+  /** Expert e's gate and up projections of x [n, H], concatenated: [n, 2I]. */
+  gateUp(e: number, x: Tensor): Tensor;
+  /** Expert e's down projection of h [n, I]: [n, H]. */
+  down(e: number, h: Tensor): Tensor;
+  /** Every expert's gate/up projection of x [E, T, H]: [E, T, 2I]. */
+  gateUpAll(x: Tensor): Tensor;
+  /** Every expert's down projection of h [E, T, I]: [E, T, H]. */
+  downAll(h: Tensor): Tensor;
+}
+
+/** Expert e on tokens x [n, H] → [n, H]. */
+export function expertForward(bank: ExpertBank, e: number, x: Tensor): Tensor {
+  return tidy(() => bank.down(e, swiglu(bank.gateUp(e, x))));
+}
+
+/** Every expert on every token, x [T, H] → [E, T, H]: static shapes, no host sync. */
+export function expertForwardAll(bank: ExpertBank, x: Tensor): Tensor {
+  return tidy(() => {
+    const xe = x.unsqueeze(0).expand([bank.count, ...x.shape]);
+    return bank.downAll(swiglu(bank.gateUpAll(xe)));
+  });
 }
 
 /**
@@ -32,33 +69,36 @@ export interface ExpertBank {
  */
 export class StackedExperts implements ExpertBank {
   /** [E, 2I, H]. */
-  readonly gateUp: Tensor;
+  readonly gateUpWeight: Tensor;
   /** [E, H, I]. */
-  readonly down: Tensor;
+  readonly downWeight: Tensor;
+  /** Names and stored layout. */
+  readonly names: ExpertNames;
   /** Wraps existing tensors; the caller keeps ownership. */
-  constructor(gateUp: Tensor, down: Tensor) {
-    this.gateUp = gateUp;
-    this.down = down;
+  constructor(gateUp: Tensor, down: Tensor, names: ExpertNames) {
+    this.gateUpWeight = gateUp;
+    this.downWeight = down;
+    this.names = names;
   }
   /** Number of experts. */
   get count(): number {
-    return this.gateUp.size(0);
+    return this.gateUpWeight.size(0);
   }
-  /** down(silu(gate(x)) · up(x)) for expert e. */
-  forward(e: number, x: Tensor): Tensor {
-    return tidy(() => {
-      const gu = linear(x, this.gateUp.select(0, e));
-      return linear(swiglu(gu), this.down.select(0, e));
-    });
+  /** x W_gu[e]ᵀ. */
+  gateUp(e: number, x: Tensor): Tensor {
+    return tidy(() => linear(x, this.gateUpWeight.select(0, e)));
   }
-  /** Every expert on every token via two batched matmuls. */
-  forwardAll(x: Tensor): Tensor {
-    return tidy(() => {
-      const e = this.count;
-      const xe = x.unsqueeze(0).expand([e, ...x.shape]);
-      const gu = xe.bmm(this.gateUp.transpose(1, 2));
-      return swiglu(gu).bmm(this.down.transpose(1, 2));
-    });
+  /** h W_d[e]ᵀ. */
+  down(e: number, h: Tensor): Tensor {
+    return tidy(() => linear(h, this.downWeight.select(0, e)));
+  }
+  /** Batched over experts. */
+  gateUpAll(x: Tensor): Tensor {
+    return tidy(() => x.bmm(this.gateUpWeight.transpose(1, 2)));
+  }
+  /** Batched over experts. */
+  downAll(h: Tensor): Tensor {
+    return tidy(() => h.bmm(this.downWeight.transpose(1, 2)));
   }
 }
 
@@ -137,7 +177,9 @@ function dispatchLoop(x: Tensor, routing: Routing, bank: ExpertBank): Tensor {
     const device = x.device;
     const slotIdx = tensor(flat, { dtype: "int64", device });
     const tokIdx = tensor(flat.map((i) => Math.floor(i / k)), { dtype: "int64", device });
-    const y = bank.forward(e, x.indexSelect(0, tokIdx)).mul(weights.indexSelect(0, slotIdx).unsqueeze(-1));
+    const y = expertForward(bank, e, x.indexSelect(0, tokIdx)).mul(
+      weights.indexSelect(0, slotIdx).unsqueeze(-1),
+    );
     out = out.indexAdd(0, tokIdx, y);
   }
   return out;
@@ -150,7 +192,7 @@ function dispatchDense(x: Tensor, routing: Routing, bank: ExpertBank): Tensor {
     routing.experts,
     routing.weights,
   );
-  return bank.forwardAll(x).mul(dense.transpose(0, 1).unsqueeze(-1)).sum(0);
+  return expertForwardAll(bank, x).mul(dense.transpose(0, 1).unsqueeze(-1)).sum(0);
 }
 
 /**

@@ -40,7 +40,8 @@ export async function buildPhiMoe(cfg: PhiMoeConfig, w: WeightLoader): Promise<D
       o: await linear(`${p}.self_attn.o_proj`, h, nH * d, b),
     };
     const moe = w.has(`${p}.block_sparse_moe.gate.weight`) ? `${p}.block_sparse_moe` : `${p}.mlp`;
-    const router = new Linear(await w.load(w.pick(`${moe}.gate.weight`, `${moe}.router.weight`), [e, h]));
+    const routerKey = w.pick(`${moe}.gate.weight`, `${moe}.router.weight`);
+    const router = new Linear(await w.load(routerKey, [e, h]));
     const fused = w.has(`${moe}.experts.gate_up_proj`);
     const gateUp = fused
       ? await w.load(`${moe}.experts.gate_up_proj`, [e, 2 * im, h])
@@ -51,13 +52,23 @@ export async function buildPhiMoe(cfg: PhiMoeConfig, w: WeightLoader): Promise<D
       : await w.stackExperts(e, (x) => w.load(`${moe}.experts.${x}.w2.weight`, [h, im]));
     const jitter = cfg.routerJitterNoise;
     layers.push({
+      name: p,
+      mlpName: moe.slice(p.length + 1),
       inputNorm: await norm(`${p}.input_layernorm`),
       postNorm: await norm(`${p}.post_attention_layernorm`),
       attn,
       mlp: {
         kind: "moe",
-        route: (x) => sparsemixer(x, router, jitter),
-        experts: new StackedExperts(gateUp, down),
+        router,
+        routerName: routerKey.replace(/\.weight$/, ""),
+        route: (x, r) => sparsemixer(x, r, jitter),
+        experts: new StackedExperts(gateUp, down, {
+          prefix: `${moe}.experts`,
+          gate: "w1",
+          up: "w3",
+          down: "w2",
+          layout: fused ? "fused" : "per-expert",
+        }),
       },
     });
   }

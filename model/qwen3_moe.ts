@@ -50,20 +50,29 @@ export async function buildQwen3Moe(cfg: Qwen3MoeConfig, w: WeightLoader): Promi
       const k = cfg.numExpertsPerTok, norm = cfg.normTopkProb;
       mlp = {
         kind: "moe",
-        route: (x) => softmaxTopK(x, router, k, norm),
-        experts: new StackedExperts(gateUp, down),
+        router,
+        routerName: `${p}.mlp.gate`,
+        route: (x, r) => softmaxTopK(x, r, k, norm),
+        experts: new StackedExperts(gateUp, down, {
+          prefix: `${p}.mlp.experts`,
+          gate: "gate_proj",
+          up: "up_proj",
+          down: "down_proj",
+          layout: fused ? "fused" : "per-expert",
+        }),
       };
     } else {
       const im = cfg.intermediateSize;
       mlp = {
         kind: "dense",
-        gateUp: new Linear(
-          await w.concat([`${p}.mlp.gate_proj.weight`, `${p}.mlp.up_proj.weight`], [[im, h], [im, h]]),
-        ),
+        gate: await linear(`${p}.mlp.gate_proj`, im, h, false),
+        up: await linear(`${p}.mlp.up_proj`, im, h, false),
         down: await linear(`${p}.mlp.down_proj`, h, im, false),
       };
     }
     layers.push({
+      name: p,
+      mlpName: "mlp",
       inputNorm: new RmsNorm(await w.load(`${p}.input_layernorm.weight`, [h]), eps),
       postNorm: new RmsNorm(await w.load(`${p}.post_attention_layernorm.weight`, [h]), eps),
       attn,
