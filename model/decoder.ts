@@ -108,6 +108,22 @@ export interface ForwardOutput {
   routerLogits: Tensor[];
 }
 
+/** Per-forward state shared by the layers; dispose with `dispose(ctx)` from mod.ts. */
+export interface LayerContext {
+  /** RoPE cos [B, S, d]. */
+  cos: Tensor;
+  /** RoPE sin [B, S, d]. */
+  sin: Tensor;
+  /** Additive attention mask [B, 1, S, past + S]. */
+  mask: Tensor;
+  /** S: new positions in this pass. */
+  queries: number;
+  /** The KV cache, if any. */
+  cache: KVCache | undefined;
+  /** MoE dispatch strategy. */
+  dispatch: "loop" | "dense" | undefined;
+}
+
 /** A causal LM from its parts. Holds borrowed tensors; dispose via the loader's owner. */
 export class Decoder {
   /** Token embeddings [V, H]. */
@@ -139,49 +155,62 @@ export class Decoder {
   /** Runs the model; with a cache, appends this step's keys and values to it. */
   forward(input: ForwardInput): ForwardOutput {
     return tidy(() => {
-      const [b, s] = input.inputIds.shape as [number, number];
-      const past = input.cache?.length ?? 0;
+      const ctx = this.prepare(input);
       let h = embedding(this.embed, input.inputIds);
-      const [cos, sin] = ropeCosSin(input.positionIds, this.dims.headDim, this.dims.ropeTheta, h.dtype);
-      const mask = causalMask(input.attentionMask, past, s, h.dtype);
       const routerLogits: Tensor[] = [];
-      this.layers.forEach((layer, i) => {
-        const out = tidy(() => {
-          const a = this.#attention(layer.attn, layer.inputNorm.forward(h), cos, sin, mask, i, input.cache);
-          const mid = h.add(a);
-          const x = layer.postNorm.forward(mid).reshape([b * s, -1]);
-          if (layer.mlp.kind === "dense") {
-            const { gate, up, down } = layer.mlp;
-            const y = down.forward(gate.forward(x).silu().mul(up.forward(x)));
-            return { h: mid.add(y.reshape(mid.shape)), logits: null };
-          }
-          const r = layer.mlp.route(x, layer.mlp.router);
-          const y = dispatch(x, r, layer.mlp.experts, input.dispatch);
-          return { h: mid.add(y.reshape(mid.shape)), logits: r.logits };
-        });
+      for (let i = 0; i < this.layers.length; i++) {
+        const out = this.layer(i, h, ctx);
+        h.dispose(); // autograd keeps what backward needs; free our handle now
         h = out.h;
-        if (out.logits) routerLogits.push(out.logits);
-      });
-      input.cache?.advance(s);
+        if (out.routerLogits) routerLogits.push(out.routerLogits);
+      }
+      input.cache?.advance(ctx.queries);
       const hidden = this.finalNorm.forward(h);
       let logits: Tensor | null = null;
       if (!input.skipLogits) {
-        const keep = input.logitsToKeep ?? 0;
+        const s = ctx.queries, keep = input.logitsToKeep ?? 0;
         logits = this.lmHead.forward(keep > 0 && keep < s ? hidden.narrow(1, s - keep, keep) : hidden);
       }
       return { logits, hidden, routerLogits };
     });
   }
 
-  #attention(
-    blk: AttentionBlock,
-    x: Tensor,
-    cos: Tensor,
-    sin: Tensor,
-    mask: Tensor,
-    layer: number,
-    cache: KVCache | undefined,
-  ): Tensor {
+  /**
+   * What every layer of one forward pass shares: RoPE tables and the
+   * attention mask. For running layers one at a time (gradient checkpointing);
+   * the caller disposes the context.
+   */
+  prepare(input: ForwardInput): LayerContext {
+    return tidy(() => {
+      const s = input.inputIds.size(1);
+      const past = input.cache?.length ?? 0;
+      const dtype = this.embed.dtype;
+      const [cos, sin] = ropeCosSin(input.positionIds, this.dims.headDim, this.dims.ropeTheta, dtype);
+      const mask = causalMask(input.attentionMask, past, s, dtype);
+      return { cos, sin, mask, queries: s, cache: input.cache, dispatch: input.dispatch };
+    });
+  }
+
+  /** Layer i on hidden states h [B, S, H]: the new hidden states and the router logits (MoE layers). */
+  layer(i: number, h: Tensor, ctx: LayerContext): { h: Tensor; routerLogits: Tensor | null } {
+    const layer = this.layers[i]!;
+    return tidy(() => {
+      const [b, s] = h.shape as [number, number];
+      const a = this.#attention(layer.attn, layer.inputNorm.forward(h), ctx, i);
+      const mid = h.add(a);
+      const x = layer.postNorm.forward(mid).reshape([b * s, -1]);
+      if (layer.mlp.kind === "dense") {
+        const { gate, up, down } = layer.mlp;
+        const y = down.forward(gate.forward(x).silu().mul(up.forward(x)));
+        return { h: mid.add(y.reshape(mid.shape)), routerLogits: null };
+      }
+      const r = layer.mlp.route(x, layer.mlp.router);
+      const y = dispatch(x, r, layer.mlp.experts, ctx.dispatch);
+      return { h: mid.add(y.reshape(mid.shape)), routerLogits: r.logits };
+    });
+  }
+
+  #attention(blk: AttentionBlock, x: Tensor, ctx: LayerContext, layer: number): Tensor {
     return tidy(() => {
       const { heads, kvHeads, headDim } = this.dims;
       const [b, s] = x.shape as [number, number];
@@ -189,11 +218,11 @@ export class Decoder {
         const r = t.reshape([b, s, n, headDim]);
         return (norm ? norm.forward(r) : r).transpose(1, 2); // norm over d before the transpose, as Qwen3
       };
-      const q = applyRope(split(blk.q.forward(x), heads, blk.qNorm), cos, sin);
-      let k = applyRope(split(blk.k.forward(x), kvHeads, blk.kNorm), cos, sin);
+      const q = applyRope(split(blk.q.forward(x), heads, blk.qNorm), ctx.cos, ctx.sin);
+      let k = applyRope(split(blk.k.forward(x), kvHeads, blk.kNorm), ctx.cos, ctx.sin);
       let v = split(blk.v.forward(x), kvHeads);
-      if (cache) [k, v] = cache.update(layer, k, v);
-      return blk.o.forward(attention(q, k, v, mask, 1 / Math.sqrt(headDim)));
+      if (ctx.cache) [k, v] = ctx.cache.update(layer, k, v);
+      return blk.o.forward(attention(q, k, v, ctx.mask, 1 / Math.sqrt(headDim)));
     });
   }
 }

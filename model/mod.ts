@@ -80,6 +80,7 @@ export {
   type DenseMlp,
   type ForwardInput,
   type ForwardOutput,
+  type LayerContext,
   type MoeMlp,
 } from "./decoder.ts";
 export {

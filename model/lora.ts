@@ -1,0 +1,132 @@
+/**
+ * LoRA (Hu et al. 2021) as PEFT computes it: y = base(x) + dropout(x) Aᵀ Bᵀ · α/r,
+ * A [r, in] Kaiming-uniform, B [out, r] zero, the base frozen. Adapters can be
+ * switched off (the frozen reference policy is the same weights with adapters
+ * off) and merged into / unmerged from full-precision base weights.
+ * @module
+ */
+import { keep, noGrad, rand, type Tensor, tidy, zeros } from "../mod.ts";
+import { Linear, type LinearLayer } from "./layers.ts";
+
+/** LoRA hyperparameters (PEFT's LoraConfig names in comments). */
+export interface LoraOptions {
+  /** Rank r. */
+  r: number;
+  /** Scale numerator: the update is multiplied by alpha / r (lora_alpha). */
+  alpha: number;
+  /** Dropout on the adapter's input while training (lora_dropout). */
+  dropout: number;
+}
+
+/** Switches shared by all adapters of a model. */
+export class LoraState {
+  /** Adapters add their update (false: the frozen base model, e.g. the reference policy). */
+  enabled = true;
+  /** Training mode: adapter dropout is active. */
+  training = false;
+}
+
+/** Kaiming-uniform (a = √5) bound for a [rows, fanIn] matrix, as nn.Linear and PEFT initialise lora_A. */
+function kaimingBound(fanIn: number): number {
+  return 1 / Math.sqrt(fanIn);
+}
+
+/** A fresh trainable tensor kept out of every scope. */
+function param(t: Tensor): Tensor {
+  return keep(t.setRequiresGrad(true));
+}
+
+/** Uniform(−b, b) of shape, as dtype/device of like. */
+function uniform(shape: number[], bound: number, like: Tensor): Tensor {
+  return tidy(() => rand(shape, { dtype: like.dtype, device: like.device }).mul(2 * bound).sub(bound));
+}
+
+/** Inverted dropout of x with probability p (identity when p is 0 or not training). */
+export function dropout(x: Tensor, p: number, training: boolean): Tensor {
+  if (!training || p <= 0) return x.clone();
+  return tidy(() => {
+    const keepMask = rand(x.shape, { dtype: x.dtype, device: x.device }).ge(p);
+    return x.mul(keepMask.to(x.dtype)).div(1 - p);
+  });
+}
+
+/** A linear layer with a LoRA update on top of a frozen base (plain or 4-bit). */
+export class LoraLinear implements LinearLayer {
+  /** The frozen layer. */
+  readonly base: LinearLayer;
+  /** Down-projection [r, in], trainable. */
+  readonly A: Tensor;
+  /** Up-projection [out, r], trainable. */
+  readonly B: Tensor;
+  /** α / r. */
+  readonly scale: number;
+  /** Hyperparameters. */
+  readonly opts: LoraOptions;
+  /** Shared on/off and training switches. */
+  readonly state: LoraState;
+  /** True while the update is merged into the base weight. */
+  merged = false;
+
+  /**
+   * Adds fresh adapters to base. in/out sizes come from the base weight
+   * (any layer exposing `weight` [out, in]) or must be given.
+   */
+  constructor(
+    base: LinearLayer,
+    dims: { in: number; out: number; like: Tensor },
+    opts: LoraOptions,
+    state: LoraState,
+  ) {
+    this.base = base;
+    this.opts = opts;
+    this.state = state;
+    this.scale = opts.alpha / opts.r;
+    this.A = param(uniform([opts.r, dims.in], kaimingBound(dims.in), dims.like));
+    this.B = param(zeros([dims.out, opts.r], { dtype: dims.like.dtype, device: dims.like.device }));
+  }
+
+  /** base(x) + dropout(x) Aᵀ Bᵀ · α/r (the update skipped when disabled or merged). */
+  forward(x: Tensor): Tensor {
+    return tidy(() => {
+      const y = this.base.forward(x);
+      if (!this.state.enabled || this.merged) return y;
+      const h = dropout(x, this.opts.dropout, this.state.training).matmul(this.A.transpose(0, 1));
+      return y.add(h.matmul(this.B.transpose(0, 1)).mul(this.scale));
+    });
+  }
+
+  /** The trainable tensors. */
+  parameters(): Tensor[] {
+    return [this.A, this.B];
+  }
+
+  /** Adds B A · α/r into the base weight (full-precision Linear bases only). */
+  merge(): void {
+    if (this.merged) return;
+    this.#applyToBase(1);
+    this.merged = true;
+  }
+
+  /** Subtracts the update again. */
+  unmerge(): void {
+    if (!this.merged) return;
+    this.#applyToBase(-1);
+    this.merged = false;
+  }
+
+  #applyToBase(sign: 1 | -1): void {
+    if (!(this.base instanceof Linear)) {
+      throw new TypeError(
+        "LoRA merge needs a full-precision base layer (a 4-bit base cannot absorb the update exactly)",
+      );
+    }
+    const w = this.base.weight;
+    noGrad(() => tidy(() => w.copy_(w.add(this.B.matmul(this.A).mul(sign * this.scale)))));
+  }
+
+  /** Frees A and B (the base belongs to the model). */
+  dispose(): void {
+    this.A.dispose();
+    this.B.dispose();
+  }
+}

@@ -1,0 +1,212 @@
+/**
+ * Putting LoRA adapters on a loaded model by module name, PEFT style, and
+ * handling them as one set: parameters, trainable count, on/off, merge, removal.
+ * @module
+ */
+import type { Tensor } from "../mod.ts";
+import { isMoeLayer, type MoeConfig } from "./config.ts";
+import type { Decoder } from "./decoder.ts";
+import type { LinearLayer } from "./layers.ts";
+import { LoraExperts } from "./lora_experts.ts";
+import { LoraLinear, type LoraOptions, LoraState } from "./lora.ts";
+import type { ExpertBank } from "./moe.ts";
+import { expertSlots, type LinearSlot, linearSlots } from "./modules.ts";
+
+/** Which modules get adapters, and the adapter hyperparameters. */
+export interface LoraConfig extends LoraOptions {
+  /**
+   * PEFT's target_modules: module-name suffixes (["q_proj", "v_proj"]: a name
+   * matches if it is, or ends with ".", the entry), one regular expression
+   * matched against the whole name, or "all-linear" (every linear layer but
+   * the routers and the LM head).
+   */
+  targetModules: readonly string[] | string;
+  /** Adapters on every expert's gate, up and down projections. */
+  targetExperts: boolean;
+}
+
+/** The defaults of the design: rank 16, α 32, no dropout, attention and experts. */
+export const DEFAULT_LORA: LoraConfig = {
+  r: 16,
+  alpha: 32,
+  dropout: 0,
+  targetModules: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+  targetExperts: true,
+};
+
+/** Whether a linear slot is targeted (routers and the LM head only when named). */
+export function isTarget(slot: LinearSlot, target: LoraConfig["targetModules"]): boolean {
+  if (target === "all-linear") return slot.role === "linear";
+  if (typeof target === "string") return new RegExp(`^(?:${target})$`).test(slot.name);
+  return target.some((t) => slot.name === t || slot.name.endsWith(`.${t}`));
+}
+
+/** [out, in] of a linear slot, from the config (no weights needed). */
+export function slotShape(cfg: MoeConfig, name: string): [number, number] {
+  const h = cfg.hiddenSize, d = cfg.headDim;
+  const leaf = name.slice(name.lastIndexOf(".") + 1);
+  const dense = cfg.intermediateSize; // Qwen3's dense layers (PhiMoE has none)
+  switch (leaf) {
+    case "q_proj":
+      return [cfg.numAttentionHeads * d, h];
+    case "k_proj":
+    case "v_proj":
+      return [cfg.numKeyValueHeads * d, h];
+    case "o_proj":
+      return [h, cfg.numAttentionHeads * d];
+    case "gate_proj":
+    case "up_proj":
+      return [dense, h];
+    case "down_proj":
+      return [h, dense];
+    case "gate":
+    case "router":
+      return [cfg.numExperts, h];
+    case "lm_head":
+      return [cfg.vocabSize, h];
+  }
+  throw new Error(`${name}: no known shape for a module named "${leaf}"`);
+}
+
+/** Width of each expert. */
+export function expertWidth(cfg: MoeConfig): number {
+  return cfg.modelType === "qwen3_moe" ? cfg.moeIntermediateSize : cfg.intermediateSize;
+}
+
+/** The adapters of one model. */
+export class LoraModel {
+  /** Shared switches: `enabled` (false = the frozen base, the reference policy) and `training` (dropout). */
+  readonly state: LoraState;
+  /** The configuration applied. */
+  readonly config: LoraConfig;
+  /** Adapted linear layers by module name. */
+  readonly linears: Map<string, LoraLinear> = new Map();
+  /** Adapted expert banks by module name. */
+  readonly experts: Map<string, LoraExperts> = new Map();
+  readonly #restore: (() => void)[] = [];
+
+  /** Adds adapters to decoder's matching modules; sizes come from cfg. */
+  constructor(decoder: Decoder, cfg: MoeConfig, config: LoraConfig) {
+    if (!(Number.isInteger(config.r) && config.r > 0)) {
+      throw new RangeError(`LoRA rank must be a positive integer, got ${config.r}`);
+    }
+    if (!(config.dropout >= 0 && config.dropout < 1)) {
+      throw new RangeError(`LoRA dropout must be in [0, 1), got ${config.dropout}`);
+    }
+    this.state = new LoraState();
+    this.config = config;
+    const like = decoder.embed;
+    for (const slot of linearSlots(decoder)) {
+      if (!isTarget(slot, config.targetModules)) continue;
+      const [out, inp] = slotShape(cfg, slot.name);
+      const base: LinearLayer = slot.get();
+      const lora = new LoraLinear(base, { in: inp, out, like }, config, this.state);
+      slot.set(lora);
+      this.linears.set(slot.name, lora);
+      this.#restore.push(() => slot.set(base));
+    }
+    if (config.targetExperts) {
+      for (const slot of expertSlots(decoder)) {
+        const base: ExpertBank = slot.get();
+        const lora = new LoraExperts(
+          base,
+          { hidden: cfg.hiddenSize, inter: expertWidth(cfg), like },
+          config,
+          this.state,
+        );
+        slot.set(lora);
+        this.experts.set(slot.name, lora);
+        this.#restore.push(() => slot.set(base));
+      }
+    }
+    if (this.linears.size + this.experts.size === 0) {
+      throw new Error(`LoRA: target_modules ${JSON.stringify(config.targetModules)} matched no module`);
+    }
+  }
+
+  /** Every trainable tensor, in module order. */
+  parameters(): Tensor[] {
+    return [
+      ...[...this.linears.values()].flatMap((l) => l.parameters()),
+      ...[...this.experts.values()].flatMap((e) => e.parameters()),
+    ];
+  }
+
+  /** Number of trainable scalars. */
+  trainableCount(): number {
+    return this.parameters().reduce((n, t) => n + t.numel, 0);
+  }
+
+  /** Merges every adapter into the base weights (generation without adapter overhead). */
+  merge(): void {
+    for (const m of [...this.linears.values(), ...this.experts.values()]) m.merge();
+  }
+
+  /** Undoes {@link merge}. */
+  unmerge(): void {
+    for (const m of [...this.linears.values(), ...this.experts.values()]) m.unmerge();
+  }
+
+  /** Puts the original layers back and frees the adapters. */
+  dispose(): void {
+    this.unmerge();
+    for (const r of this.#restore.splice(0)) r();
+    for (const m of [...this.linears.values(), ...this.experts.values()]) m.dispose();
+    this.linears.clear();
+    this.experts.clear();
+  }
+}
+
+/** The linear modules a config implies, by Hugging Face name (what {@link linearSlots} would list). */
+export function moduleNames(cfg: MoeConfig): LinearSlot[] {
+  const out: LinearSlot[] = [];
+  const slot = (name: string, role: LinearSlot["role"]): LinearSlot => ({
+    name,
+    role,
+    get: () => {
+      throw new Error("moduleNames: a name only");
+    },
+    set: () => {
+      throw new Error("moduleNames: a name only");
+    },
+  });
+  for (let i = 0; i < cfg.numHiddenLayers; i++) {
+    const p = `model.layers.${i}`;
+    for (const k of ["q", "k", "v", "o"]) out.push(slot(`${p}.self_attn.${k}_proj`, "linear"));
+    if (!isMoeLayer(cfg, i)) {
+      for (const k of ["gate", "up", "down"]) out.push(slot(`${p}.mlp.${k}_proj`, "linear"));
+    } else {
+      out.push(slot(cfg.modelType === "phimoe" ? `${p}.block_sparse_moe.gate` : `${p}.mlp.gate`, "router"));
+    }
+  }
+  out.push(slot("lm_head", "lm_head"));
+  return out;
+}
+
+/**
+ * Trainable LoRA parameters for a config, computed from sizes alone (no
+ * weights): what {@link LoraModel} would add. Experts stored fused carry one
+ * gate/up adapter instead of two (PEFT's target_parameters).
+ */
+export function loraParamCount(
+  cfg: MoeConfig,
+  config: LoraConfig,
+  expertLayout: "per-expert" | "fused" = "per-expert",
+): { linear: number; experts: number; total: number } {
+  const r = config.r;
+  let linear = 0;
+  for (const slot of moduleNames(cfg)) {
+    if (!isTarget(slot, config.targetModules)) continue;
+    const [out, inp] = slotShape(cfg, slot.name);
+    linear += r * (inp + out);
+  }
+  let experts = 0;
+  if (config.targetExperts) {
+    const h = cfg.hiddenSize, i = expertWidth(cfg), e = cfg.numExperts;
+    const moeLayers = Array.from({ length: cfg.numHiddenLayers }, (_, l) =>
+      isMoeLayer(cfg, l)).filter(Boolean).length;
+    const gateUp = expertLayout === "fused" ? r * (h + 2 * i) : 2 * r * (h + i);
+    experts = moeLayers * e * (gateUp + r * (i + h));
+  }
+  return { linear, experts, total: linear + experts };
+}

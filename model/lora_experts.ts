@@ -1,0 +1,174 @@
+/**
+ * LoRA on MoE experts, batched over experts: per expert e and projection p,
+ * Δ_p(x) = dropout(x) A_p[e]ᵀ B_p[e]ᵀ · α/r with A_p [E, r, in], B_p [E, out, r].
+ *
+ * The gate/up projection carries either two adapters (gate rows, up rows:
+ * PEFT on one module per expert) or one over both (PEFT's target_parameters
+ * on v5's fused gate_up_proj); the down projection carries one.
+ * @module
+ */
+import { cat, keep, noGrad, rand, type Tensor, tidy, zeros } from "../mod.ts";
+import { dropout, type LoraOptions, type LoraState } from "./lora.ts";
+import { type ExpertBank, type ExpertNames, StackedExperts } from "./moe.ts";
+
+/** One adapter over an output slice of a projection: A [E, r, in], B [E, size, r]. */
+export interface ExpertAdapter {
+  /** First output row of the slice. */
+  offset: number;
+  /** Rows in the slice. */
+  size: number;
+  /** [E, r, in], trainable. */
+  A: Tensor;
+  /** [E, size, r], trainable. */
+  B: Tensor;
+}
+
+function adapter(
+  e: number,
+  r: number,
+  inDim: number,
+  offset: number,
+  size: number,
+  like: Tensor,
+): ExpertAdapter {
+  const o = { dtype: like.dtype, device: like.device };
+  const bound = 1 / Math.sqrt(inDim); // Kaiming-uniform(a=√5), as lora_A
+  const A = keep(tidy(() => rand([e, r, inDim], o).mul(2 * bound).sub(bound)).setRequiresGrad(true));
+  const B = keep(zeros([e, size, r], o).setRequiresGrad(true));
+  return { offset, size, A, B };
+}
+
+/** Experts with LoRA adapters on a frozen bank (full precision or 4-bit). */
+export class LoraExperts implements ExpertBank {
+  /** The frozen experts. */
+  readonly base: ExpertBank;
+  /** Adapters on the gate/up projection (two for separate gate and up modules, one when fused). */
+  readonly gateUpAdapters: ExpertAdapter[];
+  /** The adapter on the down projection. */
+  readonly downAdapter: ExpertAdapter;
+  /** α / r. */
+  readonly scale: number;
+  /** Hyperparameters. */
+  readonly opts: LoraOptions;
+  /** Shared switches. */
+  readonly state: LoraState;
+  /** True while merged into the base weights. */
+  merged = false;
+
+  /**
+   * Adds fresh adapters to base, whose experts have input width `hidden` and
+   * expert width `inter`; `like` gives dtype and device.
+   */
+  constructor(
+    base: ExpertBank,
+    dims: { hidden: number; inter: number; like: Tensor },
+    opts: LoraOptions,
+    state: LoraState,
+  ) {
+    const { hidden: h, inter: i, like } = dims;
+    const e = base.count, r = opts.r;
+    this.base = base;
+    this.opts = opts;
+    this.state = state;
+    this.scale = opts.alpha / r;
+    this.gateUpAdapters = base.names.layout === "fused"
+      ? [adapter(e, r, h, 0, 2 * i, like)]
+      : [adapter(e, r, h, 0, i, like), adapter(e, r, h, i, i, like)];
+    this.downAdapter = adapter(e, r, i, 0, h, like);
+  }
+
+  /** Number of experts. */
+  get count(): number {
+    return this.base.count;
+  }
+  /** The base bank's names and layout. */
+  get names(): ExpertNames {
+    return this.base.names;
+  }
+
+  #active(): boolean {
+    return this.state.enabled && !this.merged;
+  }
+
+  #delta(ad: ExpertAdapter, x: Tensor, e: number | null): Tensor {
+    const xd = dropout(x, this.opts.dropout, this.state.training);
+    if (e === null) return xd.bmm(ad.A.transpose(1, 2)).bmm(ad.B.transpose(1, 2)).mul(this.scale);
+    return xd.matmul(ad.A.select(0, e).transpose(0, 1)).matmul(ad.B.select(0, e).transpose(0, 1)).mul(
+      this.scale,
+    );
+  }
+
+  /** base gate/up of expert e plus the adapters' updates. */
+  gateUp(e: number, x: Tensor): Tensor {
+    return tidy(() => {
+      const y = this.base.gateUp(e, x);
+      if (!this.#active()) return y;
+      return y.add(cat(this.gateUpAdapters.map((ad) => this.#delta(ad, x, e)), -1));
+    });
+  }
+  /** base down of expert e plus the adapter's update. */
+  down(e: number, h: Tensor): Tensor {
+    return tidy(() => {
+      const y = this.base.down(e, h);
+      return this.#active() ? y.add(this.#delta(this.downAdapter, h, e)) : y;
+    });
+  }
+  /** Batched over experts. */
+  gateUpAll(x: Tensor): Tensor {
+    return tidy(() => {
+      const y = this.base.gateUpAll(x);
+      if (!this.#active()) return y;
+      return y.add(cat(this.gateUpAdapters.map((ad) => this.#delta(ad, x, null)), -1));
+    });
+  }
+  /** Batched over experts. */
+  downAll(h: Tensor): Tensor {
+    return tidy(() => {
+      const y = this.base.downAll(h);
+      return this.#active() ? y.add(this.#delta(this.downAdapter, h, null)) : y;
+    });
+  }
+
+  /** The trainable tensors. */
+  parameters(): Tensor[] {
+    return [...this.gateUpAdapters.flatMap((a) => [a.A, a.B]), this.downAdapter.A, this.downAdapter.B];
+  }
+
+  /** Adds every adapter's B A · α/r into the stacked base weights. */
+  merge(): void {
+    if (this.merged) return;
+    this.#apply(1);
+    this.merged = true;
+  }
+
+  /** Subtracts the updates again. */
+  unmerge(): void {
+    if (!this.merged) return;
+    this.#apply(-1);
+    this.merged = false;
+  }
+
+  #apply(sign: 1 | -1): void {
+    const base = this.base;
+    if (!(base instanceof StackedExperts)) {
+      throw new TypeError(
+        "LoRA merge needs full-precision experts (a 4-bit base cannot absorb the update exactly)",
+      );
+    }
+    noGrad(() =>
+      tidy(() => {
+        const add = (w: Tensor, ad: ExpertAdapter): void => {
+          const rows = w.narrow(1, ad.offset, ad.size);
+          rows.copy_(rows.add(ad.B.bmm(ad.A).mul(sign * this.scale)));
+        };
+        for (const ad of this.gateUpAdapters) add(base.gateUpWeight, ad);
+        add(base.downWeight, this.downAdapter);
+      })
+    );
+  }
+
+  /** Frees the adapters (the base belongs to the model). */
+  dispose(): void {
+    for (const t of this.parameters()) t.dispose();
+  }
+}

@@ -1,0 +1,90 @@
+/**
+ * The critic: Linear(h→h) → Tanh → Linear(h→1) on the policy's final hidden
+ * states, with its own parameters (and so its own optimizer group). It runs
+ * in float32 whatever the model's dtype, since its targets are small reward
+ * differences.
+ * @module
+ */
+import { join } from "node:path";
+import { type Device, type DType, keep, linear, rand, type Tensor, tidy } from "../mod.ts";
+import { SafetensorsFile } from "./safetensors.ts";
+import { writeSafetensors } from "./safetensors_write.ts";
+
+/** The value head's file inside a checkpoint folder. */
+export const VALUE_HEAD_FILE = "value_head.safetensors";
+
+/** Linear(h→h) → Tanh → Linear(h→1). */
+export class ValueHead {
+  /** [h, h]. */
+  readonly w1: Tensor;
+  /** [h]. */
+  readonly b1: Tensor;
+  /** [1, h]. */
+  readonly w2: Tensor;
+  /** [1]. */
+  readonly b2: Tensor;
+
+  private constructor(w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor) {
+    [this.w1, this.b1, this.w2, this.b2] = [w1, b1, w2, b2].map((t) => keep(t.setRequiresGrad(true))) as [
+      Tensor,
+      Tensor,
+      Tensor,
+      Tensor,
+    ];
+  }
+
+  /**
+   * A fresh head for hidden size h, initialised as torch.nn.Linear (uniform
+   * ±1/√fan_in for weights and biases). Seed with manualSeed() for reproducibility.
+   */
+  static create(hidden: number, opts: { device?: Device; dtype?: DType } = {}): ValueHead {
+    const o = { device: opts.device ?? "cpu", dtype: opts.dtype ?? "float32" } as const;
+    const u = (shape: number[], fanIn: number): Tensor =>
+      tidy(() => rand(shape, o).mul(2 / Math.sqrt(fanIn)).sub(1 / Math.sqrt(fanIn)));
+    return new ValueHead(
+      u([hidden, hidden], hidden),
+      u([hidden], hidden),
+      u([1, hidden], hidden),
+      u([1], hidden),
+    );
+  }
+
+  /** Loads a head saved by {@link save} from dir. */
+  static async load(dir: string, opts: { device?: Device } = {}): Promise<ValueHead> {
+    const f = await SafetensorsFile.open(join(dir, VALUE_HEAD_FILE));
+    try {
+      const get = (n: string): Promise<Tensor> => f.load(n, { device: opts.device });
+      return new ValueHead(await get("w1"), await get("b1"), await get("w2"), await get("b2"));
+    } finally {
+      f.close();
+    }
+  }
+
+  /** Per-token values [B, S] from hidden states [B, S, H] (any float dtype). */
+  forward(hidden: Tensor): Tensor {
+    return tidy(() => {
+      const x = hidden.to(this.w1.dtype);
+      return linear(linear(x, this.w1, this.b1).tanh(), this.w2, this.b2).squeeze(-1);
+    });
+  }
+
+  /** The parameters, for the optimizer. */
+  parameters(): Tensor[] {
+    return [this.w1, this.b1, this.w2, this.b2];
+  }
+
+  /** Writes the weights to dir/value_head.safetensors (atomically). */
+  async save(dir: string): Promise<void> {
+    await writeSafetensors(join(dir, VALUE_HEAD_FILE), {
+      w1: this.w1,
+      b1: this.b1,
+      w2: this.w2,
+      b2: this.b2,
+    });
+  }
+
+  /** Frees the weights. */
+  dispose(): void {
+    for (const t of this.parameters()) t.dispose();
+  }
+}

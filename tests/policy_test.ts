@@ -1,0 +1,202 @@
+/**
+ * The policy: LoRA adapters (placement, counts, on/off, merge), log-probs and
+ * entropy against a direct computation from full logits, the reference
+ * policy as the adapters-off model, the value head's gradient isolation,
+ * gradient checkpointing giving the same gradients, and no leaks over 100
+ * training steps.
+ */
+import assert from "node:assert/strict";
+import { join } from "node:path";
+import { AdamW, liveTensors, manualSeed, noGrad, randn, type Tensor, tensor, tidy } from "../mod.ts";
+import { leftPad } from "../model/padding.ts";
+import { DEFAULT_LORA, type LoraConfig, loraParamCount } from "../model/lora_apply.ts";
+import { loadModel } from "../model/model.ts";
+import { Policy, type SequenceBatch, sequenceValues } from "../rl/policy.ts";
+import { assertClose, DEVICE } from "./util.ts";
+
+const FIXTURES = join(import.meta.dirname!, "fixtures", "models");
+const LORA: LoraConfig = { ...DEFAULT_LORA, r: 4, alpha: 8 };
+
+/** Prompts of different lengths with completions, left-padded. */
+function batch(): SequenceBatch {
+  const prompts = [[5, 6, 7, 8], [9, 10], [11, 12, 13]];
+  const completions = [[20, 21, 22], [23, 24, 25, 26], [27]];
+  const seqs = prompts.map((p, i) => [...p, ...completions[i]!]);
+  const pad = leftPad(seqs, 0);
+  const width = pad.inputIds[0]!.length;
+  const comp = completions.map((c) => [...Array(width - c.length).fill(0), ...Array(c.length).fill(1)]);
+  const i64 = { dtype: "int64" as const, device: DEVICE };
+  return {
+    inputIds: tensor(pad.inputIds, i64),
+    attentionMask: tensor(pad.attentionMask, i64),
+    positionIds: tensor(pad.positionIds, i64),
+    completionMask: tensor(comp, i64),
+  };
+}
+
+/** Randomises every adapter so that it changes the outputs (B starts at zero). */
+function perturb(policy: Policy): void {
+  noGrad(() =>
+    tidy(() =>
+      policy.policyParameters().forEach((p) => p.copy_(randn(p.shape, { device: p.device }).mul(0.05)))
+    )
+  );
+}
+
+function grads(ps: Tensor[]): number[][] {
+  return ps.map((p) => tidy(() => p.grad?.toArray() ?? []));
+}
+
+Deno.test("policy: adapters, outputs and gradients", async (t) => {
+  manualSeed(0);
+  const live = liveTensors();
+  {
+    using model = await loadModel(join(FIXTURES, "qwen3-moe-tiny"), { device: DEVICE });
+    const b = batch();
+    const policy = new Policy(model, { lora: LORA });
+
+    await t.step("adapters sit on attention, dense MLP and every expert, not on the router", () => {
+      const names = [...policy.lora.linears.keys()];
+      assert.ok(
+        names.includes("model.layers.0.self_attn.q_proj") && names.includes("model.layers.1.mlp.down_proj"),
+      );
+      assert.ok(!names.some((n) => n.endsWith("mlp.gate") || n === "lm_head"), names.join(", "));
+      assert.deepEqual([...policy.lora.experts.keys()], [
+        "model.layers.0.mlp.experts",
+        "model.layers.2.mlp.experts",
+      ]);
+      assert.equal(policy.lora.trainableCount(), loraParamCount(model.config, LORA).total);
+    });
+
+    await t.step("fresh adapters do not change the model (B = 0)", () => {
+      tidy(() => {
+        const out = noGrad(() => policy.forward(b));
+        assertClose(out.logprobs.toArray(), policy.referenceLogprobs(b).toArray(), 1e-6);
+      });
+    });
+
+    perturb(policy);
+    await t.step("log-probs and entropy equal a direct computation from full logits", () => {
+      tidy(() => {
+        const out = noGrad(() => policy.forward(b));
+        const logits = noGrad(() =>
+          model.decoder.forward({
+            inputIds: b.inputIds,
+            positionIds: b.positionIds,
+            attentionMask: b.attentionMask,
+          })
+            .logits!
+        );
+        const logp = logits.to("float32").logSoftmax(-1); // [B, T, V]
+        const ids = b.inputIds.tolist() as number[][], comp = b.completionMask.tolist() as number[][];
+        const lp = logp.tolist() as number[][][];
+        const ours = out.logprobs.tolist() as number[][], ent = out.entropy.tolist() as number[][];
+        for (let i = 0; i < ids.length; i++) {
+          for (let j = 1; j < ids[i]!.length; j++) {
+            const want = comp[i]![j] ? lp[i]![j - 1]![ids[i]![j]!]! : 0;
+            assert.ok(Math.abs(ours[i]![j]! - want) < 1e-5, `logprob [${i},${j}] ${ours[i]![j]} vs ${want}`);
+            const h = comp[i]![j] ? -lp[i]![j - 1]!.reduce((s, l) => s + Math.exp(l) * l, 0) : 0;
+            assert.ok(Math.abs(ent[i]![j]! - h) < 1e-4, `entropy [${i},${j}]`);
+          }
+        }
+        // completions never start at position 0 here, so the mask is the completion mask
+        assert.deepEqual(out.mask.toArray(), b.completionMask.to("float32").toArray());
+      });
+    });
+
+    await t.step("the reference policy is the adapters-off model and differs from the policy", () => {
+      tidy(() => {
+        const ref = policy.referenceLogprobs(b);
+        const pol = noGrad(() => policy.forward(b)).logprobs;
+        assert.ok(pol.sub(ref).abs().amax().item() > 1e-3, "perturbed adapters must change log-probs");
+        policy.lora.state.enabled = false;
+        const off = noGrad(() => policy.forward(b)).logprobs;
+        policy.lora.state.enabled = true;
+        assertClose(ref.toArray(), off.toArray(), 1e-6);
+        assert.ok(policy.lora.state.enabled, "referenceLogprobs restores the adapters");
+      });
+    });
+
+    await t.step("merge and unmerge keep the outputs and restore the base weights", () => {
+      tidy(() => {
+        const before = noGrad(() => policy.forward(b)).logprobs.toArray();
+        const w = model.decoder.layers[0]!.attn.q;
+        const base = (w as unknown as { base: { weight: Tensor } }).base.weight.toArray();
+        policy.lora.merge();
+        assertClose(noGrad(() => policy.forward(b)).logprobs.toArray(), before, 1e-4);
+        policy.lora.unmerge();
+        assertClose((w as unknown as { base: { weight: Tensor } }).base.weight.toArray(), base, 1e-6);
+      });
+    });
+
+    await t.step("the value loss reaches only the value head; the policy loss only the adapters", () => {
+      const vLoss = policy.backward(b, (out) => sequenceValues(out).square().mean());
+      assert.ok(Number.isFinite(vLoss));
+      assert.ok(policy.valueParameters().every((p) => tidy(() => p.grad !== null)));
+      assert.ok(
+        policy.policyParameters().every((p) => tidy(() => p.grad === null)),
+        "value loss leaked into LoRA",
+      );
+      policy.valueParameters().forEach((p) => p.clearGrad());
+      policy.backward(b, (out) => out.logprobs.mul(out.mask).sum().neg());
+      assert.ok(
+        policy.valueParameters().every((p) => tidy(() => p.grad === null)),
+        "policy loss leaked into the critic",
+      );
+      assert.ok(policy.policyParameters().some((p) => tidy(() => p.grad !== null)));
+      policy.policyParameters().forEach((p) => p.clearGrad());
+    });
+
+    await t.step("gradient checkpointing gives the same gradients", () => {
+      const loss = (out: Parameters<Parameters<Policy["backward"]>[1]>[0]): Tensor =>
+        out.logprobs.mul(out.mask).sum().neg().add(sequenceValues(out).square().mean());
+      const l1 = policy.backward(b, loss);
+      const g1 = grads([...policy.policyParameters(), ...policy.valueParameters()]);
+      [...policy.policyParameters(), ...policy.valueParameters()].forEach((p) => p.clearGrad());
+      policy.checkpointing = true;
+      const l2 = policy.backward(b, loss);
+      policy.checkpointing = false;
+      const g2 = grads([...policy.policyParameters(), ...policy.valueParameters()]);
+      assert.ok(Math.abs(l1 - l2) < 1e-5, `loss ${l1} vs ${l2}`);
+      assert.ok(g1.every((g) => g.length > 0), "every parameter got a gradient");
+      g1.forEach((g, i) => assertClose(g2[i]!, g, 1e-4, `param ${i}`));
+      [...policy.policyParameters(), ...policy.valueParameters()].forEach((p) => p.clearGrad());
+    });
+
+    await t.step("100 training steps leak no tensor", () => {
+      const opt = new AdamW([
+        { params: policy.policyParameters(), lr: 1e-3, weightDecay: 0 },
+        { params: policy.valueParameters(), lr: 1e-3, weightDecay: 0 },
+      ]);
+      policy.train(true);
+      const start = liveTensors();
+      let first = 0, last = 0;
+      for (let step = 0; step < 100; step++) {
+        const loss = policy.backward(
+          b,
+          (out) =>
+            out.logprobs.mul(out.mask).sum().neg().div(out.mask.sum()).add(
+              sequenceValues(out).square().mean(),
+            ),
+        );
+        if (step === 1) first = loss;
+        last = loss;
+        opt.step();
+        opt.zeroGrad();
+        if (step === 1) assert.equal(liveTensors(), start + opt.groups.flatMap((g) => g.params).length * 2);
+      }
+      assert.equal(
+        liveTensors(),
+        start + opt.groups.flatMap((g) => g.params).length * 2,
+        "only Adam's moments remain",
+      );
+      assert.ok(last < first, `maximising log-likelihood lowers the loss: ${first} → ${last}`);
+      opt.dispose();
+      policy.train(false);
+    });
+
+    policy.dispose();
+    for (const t of Object.values(b)) t.dispose();
+  }
+  assert.equal(liveTensors(), live, "policy, model and batch freed");
+});
