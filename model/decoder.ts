@@ -5,7 +5,7 @@
  * biases, router), built by model/qwen3_moe.ts and model/phimoe.ts.
  * @module
  */
-import { embedding, type Tensor, tidy } from "../mod.ts";
+import { embedding, type Tensor, tidy } from "../ffi/mod.ts";
 import type { KVCache } from "./kv_cache.ts";
 import { applyRope, attention, causalMask, type LinearLayer, type Norm, ropeCosSin } from "./layers.ts";
 import { dispatch, type ExpertBank, type Routing } from "./moe.ts";

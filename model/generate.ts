@@ -8,7 +8,7 @@
  * every `checkEvery` steps.
  * @module
  */
-import { type Generator, noGrad, type Tensor, tensor, tidy, tidyAsync, where, zeros } from "../mod.ts";
+import { type Generator, noGrad, type Tensor, tensor, tidy, tidyAsync, where, zeros } from "../ffi/mod.ts";
 import type { Decoder } from "./decoder.ts";
 import { KVCache } from "./kv_cache.ts";
 import { leftPad } from "./padding.ts";

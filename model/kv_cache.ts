@@ -4,7 +4,7 @@
  * so a decode step's memory traffic and allocations stay constant.
  * @module
  */
-import { type Device, type DType, keep, type Tensor, zeros } from "../mod.ts";
+import { type Device, type DType, keep, type Tensor, zeros } from "../ffi/mod.ts";
 
 /** Keys and values of every layer for a batch being generated. */
 export class KVCache {

@@ -3,7 +3,7 @@
  * Hugging Face transformers numerics (model-notes §1, §2.4, §7).
  * @module
  */
-import { arange, cat, full, layerNorm, linear, type Tensor, tidy } from "../mod.ts";
+import { arange, cat, full, layerNorm, linear, type Tensor, tidy } from "../ffi/mod.ts";
 
 /** A linear layer y = x Wᵀ + b; LoRA and 4-bit layers implement the same shape. */
 export interface LinearLayer {

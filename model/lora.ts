@@ -5,7 +5,7 @@
  * off) and merged into / unmerged from full-precision base weights.
  * @module
  */
-import { keep, noGrad, rand, type Tensor, tidy, zeros } from "../mod.ts";
+import { keep, noGrad, rand, type Tensor, tidy, zeros } from "../ffi/mod.ts";
 import { Linear, type LinearLayer } from "./layers.ts";
 
 /** LoRA hyperparameters (PEFT's LoraConfig names in comments). */

@@ -3,7 +3,7 @@
  * handling them as one set: parameters, trainable count, on/off, merge, removal.
  * @module
  */
-import type { Tensor } from "../mod.ts";
+import type { Tensor } from "../ffi/mod.ts";
 import { isMoeLayer, type MoeConfig } from "./config.ts";
 import type { Decoder } from "./decoder.ts";
 import type { LinearLayer } from "./layers.ts";

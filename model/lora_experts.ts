@@ -7,7 +7,7 @@
  * on v5's fused gate_up_proj); the down projection carries one.
  * @module
  */
-import { cat, keep, noGrad, rand, type Tensor, tidy, zeros } from "../mod.ts";
+import { cat, keep, noGrad, rand, type Tensor, tidy, zeros } from "../ffi/mod.ts";
 import { dropout, type LoraOptions, type LoraState } from "./lora.ts";
 import { type ExpertBank, type ExpertNames, StackedExperts } from "./moe.ts";
 

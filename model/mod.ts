@@ -120,6 +120,19 @@ export {
 } from "./moe.ts";
 export { buildQwen3Moe } from "./qwen3_moe.ts";
 export { buildPhiMoe } from "./phimoe.ts";
+export { dropout, LoraLinear, type LoraOptions, LoraState } from "./lora.ts";
+export { type ExpertAdapter, LoraExperts } from "./lora_experts.ts";
+export {
+  DEFAULT_LORA,
+  expertWidth,
+  isTarget,
+  type LoraConfig,
+  LoraModel,
+  loraParamCount,
+  moduleNames,
+  slotShape,
+} from "./lora_apply.ts";
+export { VALUE_HEAD_FILE, ValueHead } from "./value_head.ts";
 export {
   CheckpointSource,
   RandomSource,
@@ -128,7 +141,3 @@ export {
   type WeightOptions,
 } from "./weights.ts";
 export type { JsonObject } from "./json.ts";
-// Types from the tensor layer that these APIs take and return (also exported by the root mod.ts).
-export type { Device, DType, Shape } from "../ffi/dtype.ts";
-export type { Tensor, ValuesIndices } from "../ffi/tensor.ts";
-export type { Generator } from "../ffi/runtime.ts";

@@ -3,7 +3,7 @@
  * sparsemixer), expert banks, token dispatch, and the load-balancing loss.
  * @module
  */
-import { arange, cat, linear, type Tensor, tensor, tidy, zeros } from "../mod.ts";
+import { arange, cat, linear, type Tensor, tensor, tidy, zeros } from "../ffi/mod.ts";
 import type { LinearLayer } from "./layers.ts";
 
 /** Which experts each token uses, and with what weight. */

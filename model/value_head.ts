@@ -6,7 +6,7 @@
  * @module
  */
 import { join } from "node:path";
-import { type Device, type DType, keep, linear, rand, type Tensor, tidy } from "../mod.ts";
+import { type Device, type DType, keep, linear, rand, type Tensor, tidy } from "../ffi/mod.ts";
 import { SafetensorsFile } from "./safetensors.ts";
 import { writeSafetensors } from "./safetensors_write.ts";
 

@@ -4,7 +4,7 @@
  * tensors) to stacked [E, 2I, H] / [E, H, I] weights.
  * @module
  */
-import { cat, type Device, type DType, keep, randn, stack, type Tensor, tidy } from "../mod.ts";
+import { cat, type Device, type DType, keep, randn, stack, type Tensor, tidy } from "../ffi/mod.ts";
 import type { Checkpoint } from "./checkpoint.ts";
 import { SafetensorsError } from "./safetensors.ts";
 

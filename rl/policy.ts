@@ -10,7 +10,7 @@
  * are 0 and masked out).
  * @module
  */
-import { cat, embedding, noGrad, type Tensor, tensor, tidy, zeros } from "../mod.ts";
+import { cat, embedding, noGrad, type Tensor, tensor, tidy, zeros } from "../ffi/mod.ts";
 import type { CausalLM } from "../model/model.ts";
 import { type LoraConfig, LoraModel } from "../model/lora_apply.ts";
 import { ValueHead } from "../model/value_head.ts";

@@ -1,0 +1,46 @@
+/**
+ * moerl's tensor layer: a {@link Tensor} class over
+ * libtorch with deterministic memory (dispose, `using`, {@link tidy},
+ * {@link tidyAsync}), autograd, AdamW and CUDA queries.
+ *
+ * @example
+ * ```ts ignore
+ * import { tensor, tidy, liveTensors } from "jsr:@moerl/moerl";
+ * const w = tensor([[1, 2], [3, 4]]).setRequiresGrad();
+ * const loss = tidy(() => w.matmul(w).sum());
+ * loss.backward();
+ * console.log(w.grad?.tolist(), liveTensors());
+ * ```
+ * @module
+ */
+export { Tensor, type ValuesIndices } from "./tensor.ts";
+export {
+  arange,
+  type CreateOptions,
+  fromTypedArray,
+  full,
+  type NestedArray,
+  ones,
+  rand,
+  randn,
+  type RandomOptions,
+  tensor,
+  type TensorData,
+  zeros,
+} from "./create.ts";
+export { cat, embedding, layerNorm, linear, stack, where } from "./functional.ts";
+export { type Device, type DType, isFloating, type Shape } from "./dtype.ts";
+export { dispose, keep, tidy, tidyAsync, TRACKED, type Tracked } from "./scope.ts";
+export { Handle, liveTensors, setLeakCheck } from "./handle.ts";
+export { libraryPath, nativeLiveCount, TorchError, torchVersion } from "./lib.ts";
+export {
+  cuda,
+  type CudaMemoryStats,
+  type CudaRuntime,
+  Generator,
+  isGradEnabled,
+  manualSeed,
+  noGrad,
+  setGradEnabled,
+} from "./runtime.ts";
+export { type AdamState, AdamW, clipGradNorm, type ParamGroup } from "./optim.ts";
