@@ -7,7 +7,7 @@ import type { Tensor } from "../ffi/mod.ts";
 import { isMoeLayer, type MoeConfig } from "./config.ts";
 import type { Decoder } from "./decoder.ts";
 import type { LinearLayer } from "./layers.ts";
-import { LoraExperts } from "./lora_experts.ts";
+import { type ExpertLoraForm, LoraExperts } from "./lora_experts.ts";
 import { LoraLinear, type LoraOptions, LoraState } from "./lora.ts";
 import type { ExpertBank } from "./moe.ts";
 import { expertSlots, type LinearSlot, linearSlots } from "./modules.ts";
@@ -23,6 +23,8 @@ export interface LoraConfig extends LoraOptions {
   targetModules: readonly string[] | string;
   /** Adapters on every expert's gate, up and down projections. */
   targetExperts: boolean;
+  /** One adapter over gate+up per expert ("fused", default: current PEFT) or one each ("split": PEFT on transformers 4.x). */
+  expertForm?: ExpertLoraForm;
 }
 
 /** The defaults of the design: rank 16, α 32, no dropout, attention and experts. */
@@ -108,12 +110,8 @@ export class LoraModel {
     if (config.targetExperts) {
       for (const slot of expertSlots(decoder)) {
         const base: ExpertBank = slot.get();
-        const lora = new LoraExperts(
-          base,
-          { hidden: cfg.hiddenSize, inter: expertWidth(cfg), like },
-          config,
-          this.state,
-        );
+        const dims = { hidden: cfg.hiddenSize, inter: expertWidth(cfg), like };
+        const lora = new LoraExperts(base, dims, config, this.state, config.expertForm ?? "fused");
         slot.set(lora);
         this.experts.set(slot.name, lora);
         this.#restore.push(() => slot.set(base));
@@ -185,13 +183,11 @@ export function moduleNames(cfg: MoeConfig): LinearSlot[] {
 
 /**
  * Trainable LoRA parameters for a config, computed from sizes alone (no
- * weights): what {@link LoraModel} would add. Experts stored fused carry one
- * gate/up adapter instead of two (PEFT's target_parameters).
+ * weights): what {@link LoraModel} would add.
  */
 export function loraParamCount(
   cfg: MoeConfig,
   config: LoraConfig,
-  expertLayout: "per-expert" | "fused" = "per-expert",
 ): { linear: number; experts: number; total: number } {
   const r = config.r;
   let linear = 0;
@@ -205,7 +201,7 @@ export function loraParamCount(
     const h = cfg.hiddenSize, i = expertWidth(cfg), e = cfg.numExperts;
     const moeLayers = Array.from({ length: cfg.numHiddenLayers }, (_, l) =>
       isMoeLayer(cfg, l)).filter(Boolean).length;
-    const gateUp = expertLayout === "fused" ? r * (h + 2 * i) : 2 * r * (h + i);
+    const gateUp = (config.expertForm ?? "fused") === "fused" ? r * (h + 2 * i) : 2 * r * (h + i);
     experts = moeLayers * e * (gateUp + r * (i + h));
   }
   return { linear, experts, total: linear + experts };

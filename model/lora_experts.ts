@@ -2,14 +2,21 @@
  * LoRA on MoE experts, batched over experts: per expert e and projection p,
  * Δ_p(x) = dropout(x) A_p[e]ᵀ B_p[e]ᵀ · α/r with A_p [E, r, in], B_p [E, out, r].
  *
- * The gate/up projection carries either two adapters (gate rows, up rows:
- * PEFT on one module per expert) or one over both (PEFT's target_parameters
- * on v5's fused gate_up_proj); the down projection carries one.
+ * The gate/up projection carries one adapter over both ("fused") or one each
+ * ("split"); the down projection carries one (see {@link ExpertLoraForm}).
  * @module
  */
 import { cat, keep, noGrad, rand, type Tensor, tidy, zeros } from "../ffi/mod.ts";
 import { dropout, type LoraOptions, type LoraState } from "./lora.ts";
 import { type ExpertBank, type ExpertNames, StackedExperts } from "./moe.ts";
+
+/**
+ * "fused": one rank-r adapter over the whole gate/up projection, as PEFT's
+ * target_parameters on transformers v5's gate_up_proj (the current format);
+ * "split": separate gate and up adapters, as PEFT on transformers 4.x's one
+ * module per expert.
+ */
+export type ExpertLoraForm = "fused" | "split";
 
 /** One adapter over an output slice of a projection: A [E, r, in], B [E, size, r]. */
 export interface ExpertAdapter {
@@ -52,6 +59,8 @@ export class LoraExperts implements ExpertBank {
   readonly opts: LoraOptions;
   /** Shared switches. */
   readonly state: LoraState;
+  /** One adapter over gate and up ("fused") or one each ("split"). */
+  readonly form: ExpertLoraForm;
   /** True while merged into the base weights. */
   merged = false;
 
@@ -64,14 +73,16 @@ export class LoraExperts implements ExpertBank {
     dims: { hidden: number; inter: number; like: Tensor },
     opts: LoraOptions,
     state: LoraState,
+    form: ExpertLoraForm = "fused",
   ) {
     const { hidden: h, inter: i, like } = dims;
     const e = base.count, r = opts.r;
     this.base = base;
     this.opts = opts;
     this.state = state;
+    this.form = form;
     this.scale = opts.alpha / r;
-    this.gateUpAdapters = base.names.layout === "fused"
+    this.gateUpAdapters = form === "fused"
       ? [adapter(e, r, h, 0, 2 * i, like)]
       : [adapter(e, r, h, 0, i, like), adapter(e, r, h, i, i, like)];
     this.downAdapter = adapter(e, r, i, 0, h, like);

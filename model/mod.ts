@@ -121,7 +121,7 @@ export {
 export { buildQwen3Moe } from "./qwen3_moe.ts";
 export { buildPhiMoe } from "./phimoe.ts";
 export { dropout, LoraLinear, type LoraOptions, LoraState } from "./lora.ts";
-export { type ExpertAdapter, LoraExperts } from "./lora_experts.ts";
+export { type ExpertAdapter, type ExpertLoraForm, LoraExperts } from "./lora_experts.ts";
 export {
   DEFAULT_LORA,
   expertWidth,
@@ -133,6 +133,7 @@ export {
   slotShape,
 } from "./lora_apply.ts";
 export { VALUE_HEAD_FILE, ValueHead } from "./value_head.ts";
+export { ADAPTER_CONFIG, ADAPTER_WEIGHTS, loadPeftAdapter, savePeftAdapter } from "./peft.ts";
 export {
   CheckpointSource,
   RandomSource,
