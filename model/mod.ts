@@ -133,6 +133,31 @@ export {
   slotShape,
 } from "./lora_apply.ts";
 export { VALUE_HEAD_FILE, ValueHead } from "./value_head.ts";
+export {
+  nf4Bytes,
+  Nf4Experts,
+  type Nf4LayerOptions,
+  Nf4Linear,
+  type Nf4Role,
+  type QuantEntry,
+  quantizeModel,
+  type QuantizeModelOptions,
+  QuantReport,
+  type WeightBytes,
+} from "./nf4.ts";
+export {
+  dequantizeNf4,
+  DQ_BLOCK,
+  DYNAMIC_MAP,
+  NF4_BLOCK,
+  NF4_CODE,
+  type Nf4DoubleQuant,
+  type Nf4Options,
+  type Nf4Parts,
+  Nf4Tables,
+  Nf4Weight,
+  quantizeNf4,
+} from "./nf4_codec.ts";
 export { ADAPTER_CONFIG, ADAPTER_WEIGHTS, loadPeftAdapter, savePeftAdapter } from "./peft.ts";
 export {
   CheckpointSource,

@@ -33,6 +33,7 @@ export class CausalLM {
   /** The local folder holding the files. */
   readonly dir: string;
   readonly #weights: WeightLoader;
+  readonly #adopted: { dispose(): void }[] = [];
 
   /** Wraps built parts; use {@link loadModel}. */
   constructor(config: MoeConfig, decoder: Decoder, dir: string, weights: WeightLoader) {
@@ -42,9 +43,15 @@ export class CausalLM {
     this.#weights = weights;
   }
 
-  /** Frees every weight tensor. */
+  /** Frees every weight tensor, and whatever was adopted. */
   dispose(): void {
+    for (const d of this.#adopted.splice(0)) d.dispose();
     this.#weights.dispose();
+  }
+
+  /** Takes ownership of something holding model weights (e.g. NF4 weights), freed with the model. */
+  adopt(d: { dispose(): void }): void {
+    this.#adopted.push(d);
   }
 
   /** Frees the weights at the end of a `using` block. */

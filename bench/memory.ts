@@ -1,0 +1,140 @@
+/**
+ * Peak memory of one LoRA training step (forward + backward through the
+ * policy, PPO-shaped loss) on a small random-weight MoE, with and without a
+ * 4-bit base and gradient checkpointing.
+ *
+ *   deno task bench:memory                      # CPU: peak resident memory, each variant in its own process
+ *   deno task bench:memory --device cuda        # GPU: the CUDA allocator's peak
+ *
+ * On the CPU each variant runs in a fresh child process (with glibc told to
+ * return large freed blocks to the OS, so RSS follows live memory) and
+ * reports its peak RSS (VmHWM) during the measured step above the RSS just
+ * before it, so variants cannot inherit each other's high-water mark.
+ */
+import { parseArgs } from "node:util";
+import { cuda, type Device, type DType, manualSeed, tensor } from "../mod.ts";
+import { parseConfig } from "../model/config.ts";
+import { DEFAULT_LORA } from "../model/lora_apply.ts";
+import { randomModel } from "../model/model.ts";
+import { quantizeModel } from "../model/nf4.ts";
+import { Policy, sequenceValues } from "../rl/policy.ts";
+
+const { values: a } = parseArgs({
+  options: {
+    device: { type: "string", default: "cpu" },
+    dtype: { type: "string", default: "float32" },
+    shapes: { type: "string" },
+    batch: { type: "string", default: "4" },
+    seq: { type: "string", default: "256" },
+    variant: { type: "string" }, // internal: run one variant and print JSON
+  },
+});
+const device = a.device as Device, dtype = a.dtype as DType;
+const onGpu = device.startsWith("cuda");
+const VARIANTS = [
+  { name: "full-precision base", nf4: false, checkpointing: false },
+  { name: "full-precision base + checkpointing", nf4: false, checkpointing: true },
+  { name: "4-bit base", nf4: true, checkpointing: false },
+  { name: "4-bit base + checkpointing", nf4: true, checkpointing: true },
+];
+
+/** A small MoE (Qwen3-MoE layout) unless --shapes names a bench/shapes file. */
+function config(): ReturnType<typeof parseConfig> {
+  if (a.shapes) return parseConfig(JSON.parse(Deno.readTextFileSync(a.shapes)), a.shapes);
+  return parseConfig({
+    model_type: "qwen3_moe",
+    vocab_size: 8192,
+    hidden_size: 512,
+    intermediate_size: 1024,
+    moe_intermediate_size: 512,
+    num_hidden_layers: 8,
+    num_attention_heads: 8,
+    num_key_value_heads: 4,
+    head_dim: 64,
+    num_experts: 8,
+    num_experts_per_tok: 2,
+    norm_topk_prob: true,
+    rope_theta: 10000,
+  }, "bench/memory.ts");
+}
+
+function rssKiB(field: "VmRSS" | "VmHWM"): number {
+  const m = Deno.readTextFileSync("/proc/self/status").match(new RegExp(`${field}:\\s+(\\d+) kB`));
+  return Number(m![1]);
+}
+
+/** Runs one variant in this process: build, quantise, one warm-up and one measured step. */
+async function runVariant(v: typeof VARIANTS[number]): Promise<Record<string, number>> {
+  manualSeed(0);
+  using model = await randomModel(config(), { dtype, device });
+  let weightBytes = 0;
+  if (v.nf4) weightBytes = quantizeModel(model).bytesAfter;
+  const policy = new Policy(model, { lora: { ...DEFAULT_LORA }, checkpointing: v.checkpointing });
+  const b = Number(a.batch), t = Number(a.seq), half = Math.floor(t / 2);
+  const ids = Array.from(
+    { length: b },
+    (_, i) => Array.from({ length: t }, (_, j) => (i * 131 + j * 31) % 8000 + 10),
+  );
+  const i64 = { dtype: "int64" as const, device };
+  const batch = {
+    inputIds: tensor(ids, i64),
+    attentionMask: tensor(ids.map((r) => r.map(() => 1)), i64),
+    positionIds: tensor(ids.map((r) => r.map((_, j) => j)), i64),
+    completionMask: tensor(ids.map((r) => r.map((_, j) => (j >= half ? 1 : 0))), i64),
+  };
+  const lossFn = (out: Parameters<Parameters<Policy["backward"]>[1]>[0]) =>
+    out.logprobs.mul(out.mask).sum().neg().div(out.mask.sum()).add(sequenceValues(out).square().mean());
+  policy.backward(batch, lossFn); // warm-up: allocator pools, kernels
+  [...policy.policyParameters(), ...policy.valueParameters()].forEach((p) => p.clearGrad());
+  if (onGpu) {
+    cuda.synchronize(device);
+    cuda.resetPeakMemoryStats(device);
+  } else Deno.writeTextFileSync("/proc/self/clear_refs", "5"); // reset VmHWM
+  const base = onGpu ? cuda.memoryStats(device).allocated : rssKiB("VmRSS") * 1024;
+  const t0 = performance.now();
+  policy.backward(batch, lossFn);
+  if (onGpu) cuda.synchronize(device);
+  const seconds = (performance.now() - t0) / 1000;
+  const peak = onGpu ? cuda.memoryStats(device).peakAllocated : rssKiB("VmHWM") * 1024;
+  policy.dispose();
+  for (const x of Object.values(batch)) x.dispose();
+  return { base, peak, stepPeak: peak - base, seconds, weightBytes };
+}
+
+if (a.variant !== undefined) {
+  console.log(JSON.stringify(await runVariant(VARIANTS[Number(a.variant)]!)));
+  Deno.exit(0);
+}
+
+const cfg = config();
+console.log(
+  `model: ${cfg.modelType}, ${cfg.numHiddenLayers} layers, hidden ${cfg.hiddenSize}, ${cfg.numExperts} experts ` +
+    `top-${cfg.numExpertsPerTok}, vocab ${cfg.vocabSize}; ${dtype} on ${device}; batch ${a.batch} × ${a.seq} tokens ` +
+    `(half completion); LoRA r=${DEFAULT_LORA.r} on attention + experts`,
+);
+console.log("variant                               step peak above resident   total peak    step s");
+const mib = (x: number): string => `${(x / 2 ** 20).toFixed(1)} MiB`;
+const results: Record<string, number>[] = [];
+for (const [i, v] of VARIANTS.entries()) {
+  let r: Record<string, number>;
+  if (onGpu) {
+    r = await runVariant(v);
+  } else {
+    const args = ["run", "-A", import.meta.filename!, ...Deno.args, `--variant=${i}`];
+    // Large blocks from mmap go back to the OS when freed, so RSS follows live memory
+    // (glibc would otherwise keep freed heap pages and hide the step's own peak).
+    const env = { MALLOC_MMAP_THRESHOLD_: "65536", MALLOC_TRIM_THRESHOLD_: "0" };
+    const out = await new Deno.Command(Deno.execPath(), { args, env, stdout: "piped", stderr: "inherit" })
+      .output();
+    if (!out.success) throw new Error(`variant "${v.name}" failed`);
+    r = JSON.parse(new TextDecoder().decode(out.stdout).trim().split("\n").pop()!);
+  }
+  results.push(r);
+  console.log(
+    `${v.name.padEnd(36)} ${mib(r.stepPeak!).padStart(14)} ${mib(r.peak!).padStart(22)} ${
+      r.seconds!.toFixed(2).padStart(9)
+    }`,
+  );
+}
+const [full, ckpt] = [results[0]!, results[1]!];
+console.log(`checkpointing: step peak ${(ckpt.stepPeak! / full.stepPeak!).toFixed(2)}× of without`);
