@@ -9,7 +9,6 @@
  */
 import { dirname, join, resolve } from "node:path";
 import { homedir } from "node:os";
-import { downloadFileToCacheDir, listFiles, modelInfo } from "@huggingface/hub";
 import { INDEX_FILE, readIndex, SINGLE_FILE } from "./checkpoint.ts";
 import { isDirectory, isFile } from "./json.ts";
 
@@ -191,6 +190,8 @@ async function download(
       );
     }
   };
+  // Loaded only when downloading: importing moerl must not pull in the Hub client.
+  const { downloadFileToCacheDir, listFiles, modelInfo } = await import("@huggingface/hub");
   // Pin the revision to a commit first, so every file comes from the same snapshot.
   const info = await step(
     "resolving the revision",

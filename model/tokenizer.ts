@@ -7,7 +7,7 @@
  * @module
  */
 import { join } from "node:path";
-import { Tokenizer as HfTokenizer } from "tokenizers";
+import type { Tokenizer as HfTokenizer } from "tokenizers";
 import {
   type ChatMessage,
   ChatTemplate,
@@ -165,9 +165,11 @@ export class Tokenizer {
     // HF ignores tokenizer.json's truncation/padding unless asked (some published files carry a stray max_length).
     json.truncation = null;
     json.padding = null;
+    // The native library loads on first use, not when moerl is imported.
+    const { Tokenizer: Native } = await import("tokenizers");
     let hf: HfTokenizer;
     try {
-      hf = HfTokenizer.fromString(JSON.stringify(json));
+      hf = Native.fromString(JSON.stringify(json));
     } catch (e) {
       throw new Error(
         `tokenizer: the tokenizers library rejected ${files.tokenizer}: ${(e as Error).message}`,

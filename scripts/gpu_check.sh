@@ -50,6 +50,7 @@ step test-cpu-f32 env MOERL_TEST_DEVICE=cpu $TEST
 step test-cuda-f32 env MOERL_TEST_DEVICE=cuda $TEST
 step test-cuda-bf16 env MOERL_TEST_DEVICE=cuda MOERL_TEST_DTYPE=bfloat16 $TEST
 grep -h "max |Δlogits|\|greedy tokens equal" "$OUT/test-cuda-bf16.log" | sed 's/\x1b\[[0-9;]*m//g' | tee "$OUT/parity-bf16.txt"
+if [ "${MOERL_GPU_TESTS_ONLY:-0}" = 1 ]; then cat "$OUT/summary.txt"; exit 0; fi
 step gen-huihui deno run -A bench/generate_shapes.ts --shapes bench/shapes/huihui-moe-1b-a0.6b.json \
   --device cuda --dtype bfloat16 --batch 64 --prompt 128 --new 128
 step gen-phi-tiny deno run -A bench/generate_shapes.ts --shapes bench/shapes/phi-tiny-moe.json \
