@@ -5,7 +5,8 @@
  * - The tensor layer ({@link Tensor}, scopes, autograd, AdamW, CUDA): `ffi/mod.ts`.
  * - Models (Qwen3-MoE, PhiMoE), checkpoints, tokenizers, generation, LoRA,
  *   4-bit weights and the value head: `model/mod.ts`.
- * - The policy and the RL pieces: `rl/mod.ts`.
+ * - The policy and the RL pieces (answer extraction, rewards): `rl/mod.ts`.
+ * - GSM8K loading, prompts and seeded micro-batches: `data/mod.ts`.
  *
  * @example
  * ```ts ignore
@@ -18,3 +19,4 @@
 export * from "./ffi/mod.ts";
 export * from "./model/mod.ts";
 export * from "./rl/mod.ts";
+export * from "./data/mod.ts";

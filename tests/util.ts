@@ -51,10 +51,26 @@ export function assertNoLeak(fn: () => void, what = "block"): void {
  */
 export const PYTHON: string = Deno.env.get("MOERL_TEST_PYTHON") ?? "python3";
 
-/** True if PYTHON runs and can import every module named. */
+/** Versions pinned in scripts/requirements-fixtures.txt, by distribution name. */
+function pinnedVersions(): Map<string, string> {
+  const text = Deno.readTextFileSync(new URL("../scripts/requirements-fixtures.txt", import.meta.url));
+  return new Map([...text.matchAll(/^([A-Za-z0-9_.-]+)==(\S+)/gm)].map((m) => [m[1]!.toLowerCase(), m[2]!]));
+}
+
+/**
+ * True if PYTHON runs, imports every module named, and each has the version
+ * the fixtures were made with (scripts/requirements-fixtures.txt): another
+ * transformers renders templates or lays out checkpoints differently, which
+ * would test that version rather than our code.
+ */
 export function pythonHas(...modules: string[]): boolean {
+  const pins = pinnedVersions();
+  const checks = modules.map((m) => {
+    const pin = pins.get(m.toLowerCase());
+    return pin ? `assert ${m}.__version__.split("+")[0] == "${pin}", "${m}"` : "";
+  }).filter(Boolean);
   try {
-    const args = ["-c", `import ${modules.join(", ")}`];
+    const args = ["-c", [`import ${modules.join(", ")}`, ...checks].join("\n")];
     return new Deno.Command(PYTHON, { args, stdout: "null", stderr: "null" }).outputSync().success;
   } catch {
     return false;

@@ -1,0 +1,146 @@
+/**
+ * Resolving one file of a Hugging Face Hub dataset repo (e.g. openai/gsm8k's
+ * `main/train-00000-of-00001.parquet`) to a local path through the standard
+ * HF cache that Python's huggingface_hub shares
+ * (`datasets--org--name/{refs,snapshots,blobs}`), as model/hub.ts does for
+ * models: a cached file is used without touching the network; otherwise it is
+ * downloaded with `@huggingface/hub`, which writes the same layout.
+ * @module
+ */
+import { dirname, join } from "node:path";
+import { hubCacheDir, parseRepoId } from "../model/hub.ts";
+import { isFile } from "../model/json.ts";
+
+/** Options for {@link resolveDatasetFile}. */
+export interface DatasetFileOptions {
+  /** Branch, tag or 40-hex commit (default "main", or the id's "@revision"). */
+  revision?: string;
+  /** Cache folder (default: model/hub.ts's `hubCacheDir()`: $HF_HUB_CACHE, $HF_HOME/hub, …). */
+  cacheDir?: string;
+  /** Access token (default: $HF_TOKEN). */
+  token?: string;
+  /** Use only the cache (default: $HF_HUB_OFFLINE is "1"/"true"/"yes"/"on"). */
+  offline?: boolean;
+  /** Hub endpoint (default: $HF_ENDPOINT, else huggingface.co). */
+  hubUrl?: string;
+}
+
+const COMMIT = /^[0-9a-f]{40}$/;
+
+/** Reads an environment variable, treating a denied permission as unset. */
+function env(name: string): string | undefined {
+  try {
+    return Deno.env.get(name) || undefined;
+  } catch {
+    return undefined;
+  }
+}
+
+/** The cache folder of one dataset repo: `datasets--org--name` (huggingface_hub's naming). */
+export function datasetCacheDir(cacheDir: string, repo: string): string {
+  return join(cacheDir, `datasets--${repo.split("/").join("--")}`);
+}
+
+/** The commit a revision names in the cache (itself when it is a commit), or null. */
+async function cachedCommit(repoDir: string, revision: string): Promise<string | null> {
+  if (COMMIT.test(revision)) return revision;
+  const ref = join(repoDir, "refs", revision);
+  if (!(await isFile(ref))) return null;
+  const commit = (await Deno.readTextFile(ref)).trim();
+  if (!COMMIT.test(commit)) throw new Error(`${ref}: expected a 40-hex commit hash, found "${commit}"`);
+  return commit;
+}
+
+/**
+ * A local path holding one file of a Hub dataset repo: the cached copy of the
+ * revision's snapshot, else a fresh download into the cache.
+ * @param id "org/name" or "org/name@revision"
+ * @param path the file inside the repo, e.g. "main/train-00000-of-00001.parquet"
+ * @throws {Error} for a malformed id; offline with the file not cached (naming the repo, revision, file and
+ *   cache folder); or a failed download (naming the step and suggesting HF_TOKEN / HF_HUB_OFFLINE)
+ */
+export async function resolveDatasetFile(
+  id: string,
+  path: string,
+  opts: DatasetFileOptions = {},
+): Promise<string> {
+  let ref;
+  try {
+    ref = parseRepoId(id);
+  } catch {
+    throw new Error(`"${id}" is not a Hub dataset id: expected "org/name" or "org/name@revision"`);
+  }
+  if (ref.revision && opts.revision && ref.revision !== opts.revision) {
+    throw new Error(`"${id}" names revision ${ref.revision} but opts.revision is ${opts.revision}`);
+  }
+  const revision = opts.revision ?? ref.revision ?? "main";
+  const cacheDir = opts.cacheDir ?? hubCacheDir();
+  const repoDir = datasetCacheDir(cacheDir, ref.repo);
+  const offline = opts.offline ??
+    ["1", "true", "yes", "on"].includes((env("HF_HUB_OFFLINE") ?? "").toLowerCase());
+
+  const commit = await cachedCommit(repoDir, revision);
+  const cached = commit ? join(repoDir, "snapshots", commit, path) : null;
+  if (cached && (await isFile(cached))) return cached;
+  if (offline) {
+    const looked = cached ?? join(repoDir, "refs", revision);
+    throw new Error(
+      `dataset ${ref.repo}@${revision}: offline (HF_HUB_OFFLINE) and ${path} is not in the cache ` +
+        `(looked for ${looked}); cache folder ${cacheDir} (set HF_HUB_CACHE or HF_HOME to use another, ` +
+        `or unset HF_HUB_OFFLINE to download)`,
+    );
+  }
+  return await download(ref.repo, revision, path, cacheDir, repoDir, opts);
+}
+
+/** Pins the revision to a commit, records the ref, and downloads the file into the cache. */
+async function download(
+  repo: string,
+  revision: string,
+  path: string,
+  cacheDir: string,
+  repoDir: string,
+  opts: DatasetFileOptions,
+): Promise<string> {
+  const accessToken = opts.token ?? env("HF_TOKEN");
+  const hubUrl = opts.hubUrl ?? env("HF_ENDPOINT");
+  const common = { ...(accessToken ? { accessToken } : {}), ...(hubUrl ? { hubUrl } : {}) };
+  const step = async <T>(what: string, fn: () => Promise<T>): Promise<T> => {
+    try {
+      return await fn();
+    } catch (e) {
+      throw new Error(
+        `dataset ${repo}@${revision}: ${what} failed: ${(e as Error).message} ` +
+          `(private or gated repo? set HF_TOKEN; no network? set HF_HUB_OFFLINE=1 to use the cache at ${cacheDir})`,
+        { cause: e },
+      );
+    }
+  };
+  // Loaded only when downloading (see model/hub.ts).
+  const { datasetInfo, downloadFileToCacheDir } = await import("@huggingface/hub");
+  // Pin the revision first, so a later "main" that moves does not mix files of two commits.
+  const info = await step(
+    "resolving the revision",
+    () => datasetInfo({ name: repo, revision, additionalFields: ["sha"], ...common }),
+  );
+  const commit = (info as { sha?: unknown }).sha;
+  if (typeof commit !== "string" || !COMMIT.test(commit)) {
+    throw new Error(`dataset ${repo}@${revision}: the Hub returned no commit hash`);
+  }
+  if (commit !== revision) {
+    const refPath = join(repoDir, "refs", revision);
+    await Deno.mkdir(dirname(refPath), { recursive: true });
+    await Deno.writeTextFile(refPath, commit);
+  }
+  return await step(
+    `downloading ${path}`,
+    () =>
+      downloadFileToCacheDir({
+        repo: { type: "dataset", name: repo },
+        path,
+        revision: commit,
+        cacheDir,
+        ...common,
+      }),
+  );
+}

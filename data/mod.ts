@@ -1,0 +1,36 @@
+/**
+ * The data side: GSM8K from a jsonl or parquet file or the Hub, chat-template
+ * prompts, and seeded micro-batches.
+ * @module
+ */
+export {
+  GSM8K_HUB_ID,
+  type Gsm8kData,
+  type Gsm8kExample,
+  type Gsm8kSplit,
+  loadGsm8k,
+  type LoadGsm8kOptions,
+  parseGsm8kRecord,
+  type SkippedRecord,
+} from "./gsm8k.ts";
+export { datasetCacheDir, type DatasetFileOptions, resolveDatasetFile } from "./hub.ts";
+export { type JsonlLine, parseJsonl, readJsonl } from "./jsonl.ts";
+export { readParquetRows } from "./parquet.ts";
+export {
+  buildPrompt,
+  buildPrompts,
+  DEFAULT_INSTRUCTION,
+  type Prompt,
+  promptMessages,
+  type PromptOptions,
+  type PromptTokenizer,
+} from "./prompt.ts";
+export {
+  type BatchPosition,
+  epochOrder,
+  epochSeed,
+  type MicroBatch,
+  MicroBatcher,
+  type MicroBatcherOptions,
+  mulberry32,
+} from "./batches.ts";
