@@ -72,6 +72,7 @@ export {
 } from "./chat_template.ts";
 export { leftPad, type PaddedBatch } from "./padding.ts";
 export { CausalLM, loadModel, type LoadModelOptions, randomModel } from "./model.ts";
+export { saveModel } from "./save.ts";
 export {
   type AttentionBlock,
   Decoder,

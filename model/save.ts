@@ -1,0 +1,98 @@
+/**
+ * Writing a model back to a Hugging Face folder: the current weights (with
+ * any merged LoRA update) under the checkpoint's own names and expert layout,
+ * plus the config, generation config and tokenizer files copied from the
+ * folder it was loaded from. Used to keep a supervised warm-up as a new base.
+ * @module
+ */
+import { join } from "node:path";
+import { type Tensor, tidy } from "../ffi/mod.ts";
+import { isFile } from "./json.ts";
+import { LayerNorm, Linear, type LinearLayer, type Norm, RmsNorm } from "./layers.ts";
+import { LoraExperts } from "./lora_experts.ts";
+import { LoraLinear } from "./lora.ts";
+import type { CausalLM } from "./model.ts";
+import { type ExpertBank, StackedExperts } from "./moe.ts";
+import { expertSlots, linearSlots } from "./modules.ts";
+import { writeSafetensors } from "./safetensors_write.ts";
+
+const COPIED = [
+  "config.json",
+  "generation_config.json",
+  "tokenizer.json",
+  "tokenizer_config.json",
+  "chat_template.jinja",
+];
+
+function dense(l: LinearLayer, name: string): Linear {
+  const base = l instanceof LoraLinear ? l.base : l;
+  if (l instanceof LoraLinear && !l.merged) {
+    throw new Error(`saveModel: ${name} has an unmerged adapter; merge first`);
+  }
+  if (!(base instanceof Linear)) throw new Error(`saveModel: ${name} is not a full-precision layer`);
+  return base;
+}
+
+function stacked(b: ExpertBank, name: string): StackedExperts {
+  const base = b instanceof LoraExperts ? b.base : b;
+  if (b instanceof LoraExperts && !b.merged) {
+    throw new Error(`saveModel: ${name} has unmerged adapters; merge first`);
+  }
+  if (!(base instanceof StackedExperts)) throw new Error(`saveModel: ${name} is not full-precision experts`);
+  return base;
+}
+
+function norm(n: Norm, name: string, out: Record<string, Tensor>): void {
+  if (n instanceof RmsNorm) out[`${name}.weight`] = n.weight;
+  else if (n instanceof LayerNorm) {
+    Object.assign(out, { [`${name}.weight`]: n.weight, [`${name}.bias`]: n.bias });
+  } else throw new Error(`saveModel: unknown norm at ${name}`);
+}
+
+/** Writes model's weights and metadata files to dir (which may be new). */
+export async function saveModel(model: CausalLM, dir: string): Promise<void> {
+  const dec = model.decoder;
+  const owned: Tensor[] = []; // views made for the per-expert layout
+  const out: Record<string, Tensor> = { "model.embed_tokens.weight": dec.embed };
+  try {
+    for (const slot of linearSlots(dec)) {
+      if (slot.name === "lm_head" && model.config.tieWordEmbeddings) continue;
+      const l = dense(slot.get(), slot.name);
+      out[`${slot.name}.weight`] = l.weight;
+      if (l.bias) out[`${slot.name}.bias`] = l.bias;
+    }
+    for (const layer of dec.layers) {
+      norm(layer.inputNorm, `${layer.name}.input_layernorm`, out);
+      norm(layer.postNorm, `${layer.name}.post_attention_layernorm`, out);
+      if (layer.attn.qNorm) norm(layer.attn.qNorm, `${layer.name}.self_attn.q_norm`, out);
+      if (layer.attn.kNorm) norm(layer.attn.kNorm, `${layer.name}.self_attn.k_norm`, out);
+    }
+    norm(dec.finalNorm, "model.norm", out);
+    for (const slot of expertSlots(dec)) {
+      const b = stacked(slot.get(), slot.name), n = b.names;
+      if (n.layout === "fused") {
+        out[`${n.prefix}.gate_up_proj`] = b.gateUpWeight;
+        out[`${n.prefix}.down_proj`] = b.downWeight;
+        continue;
+      }
+      const i = b.gateUpWeight.size(1) / 2;
+      for (let e = 0; e < b.count; e++) {
+        const [g, u, d] = tidy(() => {
+          const gu = b.gateUpWeight.select(0, e);
+          return [gu.narrow(0, 0, i), gu.narrow(0, i, i), b.downWeight.select(0, e)];
+        });
+        owned.push(g, u, d);
+        out[`${n.prefix}.${e}.${n.gate}.weight`] = g;
+        out[`${n.prefix}.${e}.${n.up}.weight`] = u;
+        out[`${n.prefix}.${e}.${n.down}.weight`] = d;
+      }
+    }
+    await Deno.mkdir(dir, { recursive: true });
+    await writeSafetensors(join(dir, "model.safetensors"), out, { format: "pt" });
+  } finally {
+    for (const t of owned) t.dispose();
+  }
+  for (const f of COPIED) {
+    if (model.dir && await isFile(join(model.dir, f))) await Deno.copyFile(join(model.dir, f), join(dir, f));
+  }
+}
