@@ -32,3 +32,46 @@ export {
   rewardConfig,
   type RewardResult,
 } from "./reward.ts";
+export { advantages, groupBaseline, zeroSpreadFraction } from "./advantages.ts";
+export {
+  entropyBonus,
+  type KlEstimator,
+  klPenalty,
+  type KlResult,
+  maskedMean,
+  ppoClippedLoss,
+  type PpoLossResult,
+  routerAuxLoss,
+  valueLoss,
+} from "./losses.ts";
+export {
+  type Rollout,
+  rollout,
+  type RolloutCompletion,
+  type RolloutConfig,
+  type RolloutPrompt,
+  type RolloutTokenizer,
+  sequenceBatch,
+  specialIds,
+} from "./rollout.ts";
+export {
+  OBJECTIVE_PARTS,
+  type ObjectiveConfig,
+  type ObjectiveInputs,
+  type ObjectivePart,
+  type ObjectiveResult,
+  type PolicyOutputWithRouter,
+  ppoObjective,
+} from "./objective.ts";
+export {
+  DEFAULT_PPO_CONFIG,
+  type PpoConfig,
+  ppoConfig,
+  type PpoMetrics,
+  type PpoSample,
+  ppoStep,
+  type PpoStepOptions,
+  type PpoStepResult,
+  ppoUpdate,
+  type PpoUpdateOptions,
+} from "./ppo.ts";

@@ -38,6 +38,8 @@ export interface PolicyOutput {
   values: Tensor;
   /** 1.0 where the quantities above are defined (completion tokens), float32. */
   mask: Tensor;
+  /** Router logits [B·T, E] of each MoE layer (plain forward only; not with checkpointing). */
+  routerLogits?: Tensor[];
 }
 
 /** How to build a {@link Policy}. */
@@ -151,7 +153,10 @@ export class Policy {
 
   /** One forward pass with autograd (unless inside noGrad): the policy's outputs. */
   forward(batch: SequenceBatch): PolicyOutput {
-    return tidy(() => this.head(this.model.decoder.forward(this.#input(batch)).hidden, batch));
+    return tidy(() => {
+      const f = this.model.decoder.forward(this.#input(batch));
+      return { ...this.head(f.hidden, batch), routerLogits: f.routerLogits };
+    });
   }
 
   /** Log-probs of the completion tokens under the frozen base (adapters off), without autograd. */
