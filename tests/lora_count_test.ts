@@ -14,7 +14,10 @@ import { parseConfig } from "../model/config.ts";
 import { DEFAULT_LORA, loraParamCount } from "../model/lora_apply.ts";
 
 const shapes = (name: string) =>
-  parseConfig(JSON.parse(Deno.readTextFileSync(new URL(`../bench/shapes/${name}.json`, import.meta.url))), name);
+  parseConfig(
+    JSON.parse(Deno.readTextFileSync(new URL(`../bench/shapes/${name}.json`, import.meta.url))),
+    name,
+  );
 
 Deno.test("lora: trainable parameters of the real configs at r = 16", () => {
   const huihui = loraParamCount(shapes("huihui-moe-1b-a0.6b"), DEFAULT_LORA);
@@ -22,8 +25,12 @@ Deno.test("lora: trainable parameters of the real configs at r = 16", () => {
   const phi = loraParamCount(shapes("phi-tiny-moe"), DEFAULT_LORA);
   assert.deepEqual(phi, { linear: 32 * 344_064, experts: 32 * 2_441_216, total: 32 * (344_064 + 2_441_216) });
   // Share of the full models (1,280,200,704 and 3,755,220,288 parameters, model-notes §4).
-  console.log(`  Huihui-MoE-1B-A0.6B: ${huihui.total} trainable (${(100 * huihui.total / 1_280_200_704).toFixed(2)}%)`);
-  console.log(`  Phi-tiny-MoE:        ${phi.total} trainable (${(100 * phi.total / 3_755_220_288).toFixed(2)}%)`);
+  console.log(
+    `  Huihui-MoE-1B-A0.6B: ${huihui.total} trainable (${(100 * huihui.total / 1_280_200_704).toFixed(2)}%)`,
+  );
+  console.log(
+    `  Phi-tiny-MoE:        ${phi.total} trainable (${(100 * phi.total / 3_755_220_288).toFixed(2)}%)`,
+  );
   const attnOnly = loraParamCount(shapes("huihui-moe-1b-a0.6b"), { ...DEFAULT_LORA, targetExperts: false });
   assert.equal(attnOnly.total, 28 * 163_840);
 });

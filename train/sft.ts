@@ -1,0 +1,131 @@
+/**
+ * Supervised warm-up: maximise the log-likelihood of reference solutions
+ * (each followed by the end-of-turn token) through the policy's adapters.
+ * Also the greedy accuracy measure shared by the warm-up and RL runs.
+ * @module
+ */
+import { AdamW, clipGradNorm, type Tensor, tensor } from "../ffi/mod.ts";
+import { mulberry32 } from "../data/batches.ts";
+import type { Gsm8kExample } from "../data/gsm8k.ts";
+import { buildPrompts, type PromptOptions } from "../data/prompt.ts";
+import { generate } from "../model/generate.ts";
+import { leftPad } from "../model/padding.ts";
+import type { Tokenizer } from "../model/tokenizer.ts";
+import { answersMatch, extractAnswer } from "../rl/answer.ts";
+import type { Policy, PolicyOutput, SequenceBatch } from "../rl/policy.ts";
+
+/** Prompt and completion token ids as a left-padded batch on device. */
+export function sequenceBatch(
+  pairs: { prompt: number[]; completion: number[] }[],
+  padId: number,
+  device: Tensor["device"],
+): SequenceBatch {
+  const pad = leftPad(pairs.map((p) => [...p.prompt, ...p.completion]), padId);
+  const width = pad.inputIds[0]!.length;
+  const completion = pairs.map((
+    p,
+  ) => [...Array(width - p.completion.length).fill(0), ...Array(p.completion.length).fill(1)]);
+  const i64 = { dtype: "int64" as const, device };
+  return {
+    inputIds: tensor(pad.inputIds, i64),
+    attentionMask: tensor(pad.attentionMask, i64),
+    positionIds: tensor(pad.positionIds, i64),
+    completionMask: tensor(completion, i64),
+  };
+}
+
+/** −mean log-probability of the completion tokens. */
+export function nllLoss(out: PolicyOutput): Tensor {
+  return out.logprobs.mul(out.mask).sum().neg().div(out.mask.sum());
+}
+
+/** Options of {@link supervisedWarmup}. */
+export interface SftOptions {
+  /** Optimizer steps. */
+  steps: number;
+  /** Examples per step. */
+  batchSize: number;
+  /** AdamW learning rate. */
+  lr: number;
+  /** Order of examples. */
+  seed: number;
+  /** Prompt rendering (instruction, system). */
+  prompt?: PromptOptions;
+  /** Called after each step. */
+  onStep?: (step: number, loss: number) => void;
+}
+
+/** Token ids of each example's prompt and of its solution followed by the end-of-turn token. */
+export async function sftPairs(
+  tok: Tokenizer,
+  examples: readonly Gsm8kExample[],
+  prompt: PromptOptions = {},
+): Promise<{ prompt: number[]; completion: number[] }[]> {
+  const prompts = await buildPrompts(tok, examples.map((e) => e.question), prompt);
+  const end = tok.eosTokenId;
+  if (end === null) {
+    throw new Error("supervised warm-up: the tokenizer has no EOS token to end solutions with");
+  }
+  const sols = await tok.encodeBatch(examples.map((e) => e.solution), { addSpecialTokens: false });
+  return prompts.map((p, i) => ({ prompt: p.ids, completion: [...sols[i]!, end] }));
+}
+
+/** Trains the policy's adapters on reference solutions; returns the loss of every step. */
+export async function supervisedWarmup(
+  policy: Policy,
+  tok: Tokenizer,
+  examples: readonly Gsm8kExample[],
+  opts: SftOptions,
+): Promise<number[]> {
+  const pairs = await sftPairs(tok, examples, opts.prompt);
+  const pad = tok.padTokenId ?? 0, device = policy.model.decoder.embed.device;
+  using opt = new AdamW([{ params: policy.policyParameters(), lr: opts.lr, weightDecay: 0 }]);
+  const rand = mulberry32(opts.seed);
+  const losses: number[] = [];
+  policy.train(true);
+  try {
+    for (let step = 0; step < opts.steps; step++) {
+      const picked = Array.from({ length: opts.batchSize }, () => pairs[Math.floor(rand() * pairs.length)]!);
+      const batch = sequenceBatch(picked, pad, device);
+      try {
+        losses.push(policy.backward(batch, nllLoss));
+      } finally {
+        for (const t of Object.values(batch)) t.dispose();
+      }
+      clipGradNorm(policy.policyParameters(), 1.0);
+      opt.step();
+      opt.zeroGrad();
+      opts.onStep?.(step, losses[losses.length - 1]!);
+    }
+  } finally {
+    policy.train(false);
+  }
+  return losses;
+}
+
+/** Greedy accuracy (flexible extraction) on examples, in batches. */
+export async function greedyAccuracy(
+  policy: Policy,
+  tok: Tokenizer,
+  examples: readonly Gsm8kExample[],
+  opts: { maxNewTokens: number; batchSize?: number; prompt?: PromptOptions },
+): Promise<number> {
+  const prompts = await buildPrompts(tok, examples.map((e) => e.question), opts.prompt);
+  const eos = [...new Set([...tok.eosTokenIds, ...(tok.eosTokenId === null ? [] : [tok.eosTokenId])])];
+  const size = opts.batchSize ?? 32;
+  let correct = 0;
+  policy.train(false);
+  for (let i = 0; i < prompts.length; i += size) {
+    const chunk = prompts.slice(i, i + size);
+    const out = await generate(policy.model.decoder, chunk.map((p) => p.ids), {
+      maxNewTokens: opts.maxNewTokens,
+      eosTokenIds: eos,
+      padTokenId: tok.padTokenId ?? 0,
+      decode: (ids) => tok.decode(ids, { skipSpecialTokens: true }),
+    });
+    out.text!.forEach((t, j) => {
+      if (answersMatch(extractAnswer(t).value, examples[i + j]!.answer)) correct++;
+    });
+  }
+  return correct / examples.length;
+}
