@@ -1,0 +1,371 @@
+/**
+ * Greedy 0-shot GSM8K accuracy of a model, with or without a trained adapter:
+ *
+ * ```sh
+ * deno task evaluate --config configs/default.yaml [--adapter runs/<name>/checkpoint-N] [--limit N]
+ *                    [--split test] [--out DIR] [--set key.path=value ...]
+ * ```
+ *
+ * The model, dtype, device, 4-bit setting, prompt (instruction, system) and
+ * token cap come from the config (eval.maxNewTokens, else rollout's); the
+ * problems from eval.source and --split (default eval.split), all of them
+ * unless --limit. `--adapter` takes a PEFT adapter folder, a checkpoint
+ * folder (its `adapter/`), or a run folder (its newest checkpoint).
+ * Completions are scored as `deno task score` does (eval/score.ts, rl/answer.ts):
+ * strict (`#### n` only) and flexible (`####`, a final-answer phrase, `\boxed`,
+ * else the last number).
+ *
+ * Writes, each atomically, into --out (default `<run>/eval/<checkpoint or
+ * "base">-<split>/`): `predictions.jsonl`, one line per problem, and
+ * `summary.json`, also printed. Relative paths on the command line are taken
+ * from the folder the command was started in (`INIT_CWD` under `deno task`);
+ * paths inside the config from the project root. Exit status: 0, 1 on an
+ * error while running, 2 for bad arguments or a bad config.
+ *
+ * {@link evaluateExamples} is the same evaluation on an already loaded model,
+ * for the training loop (switch LoRA dropout off first: `policy.train(false)`).
+ * @module
+ */
+import { basename, dirname, join, resolve } from "node:path";
+import { parseArgs } from "node:util";
+import { type Gsm8kExample, type Gsm8kSplit, loadGsm8k } from "../data/gsm8k.ts";
+import { buildPrompts, type PromptOptions } from "../data/prompt.ts";
+import type { Decoder } from "../model/decoder.ts";
+import { type FinishReason, generate } from "../model/generate.ts";
+import { isFile } from "../model/json.ts";
+import { loadModel } from "../model/model.ts";
+import { quantizeModel } from "../model/nf4.ts";
+import { ADAPTER_CONFIG, loadPeftAdapter } from "../model/peft.ts";
+import { Tokenizer } from "../model/tokenizer.ts";
+import type { ExtractMethod } from "../rl/answer.ts";
+import { ADAPTER_DIR, latestCheckpoint } from "../train/checkpoint.ts";
+import { ConfigError, formatConfig, loadConfig, runDir, type TrainConfig } from "../train/config.ts";
+import { writeAtomic } from "../train/fs.ts";
+import { scoreRow } from "./score.ts";
+
+/** One problem's result (a line of predictions.jsonl). */
+export interface Prediction {
+  /** The problem's id (`<split>-<index>`). */
+  id: string;
+  /** The question. */
+  question: string;
+  /** The gold answer (canonical number string). */
+  answer_gold: string;
+  /** The model's completion (special tokens removed). */
+  completion: string;
+  /** Generated tokens, EOS included. */
+  completion_tokens: number;
+  /** Why generation stopped ("length": the token cap). */
+  finish_reason: FinishReason;
+  /** The `#### n` answer, or null. */
+  extracted_strict: string | null;
+  /** The flexible cascade's answer, or null. */
+  extracted_flexible: string | null;
+  /** Which extractor gave the flexible answer. */
+  method_flexible: ExtractMethod | null;
+  /** Strict answer equals gold. */
+  correct_strict: boolean;
+  /** Flexible answer equals gold. */
+  correct_flexible: boolean;
+}
+
+/** The totals of an evaluation. */
+export interface EvalTotals {
+  /** Problems evaluated. */
+  n: number;
+  /** Correct under strict extraction. */
+  correct_strict: number;
+  /** Correct under flexible extraction. */
+  correct_flexible: number;
+  /** correct_strict / n (0 when n is 0). */
+  accuracy_strict: number;
+  /** correct_flexible / n. */
+  accuracy_flexible: number;
+  /** Mean completion length in tokens. */
+  completion_tokens_mean: number;
+  /** Fraction of completions cut at the token cap. */
+  truncated_fraction: number;
+  /** Wall time of generation and scoring. */
+  seconds: number;
+  /** Generated tokens per second. */
+  tokens_per_second: number;
+}
+
+/** Options of {@link evaluateExamples}. */
+export interface EvaluateOptions {
+  /** Token cap per completion. */
+  maxNewTokens: number;
+  /** Prompts per generation batch. */
+  batchSize: number;
+  /** Prompt rendering (instruction, system). */
+  prompt?: PromptOptions;
+  /** Called after each batch with the problems done so far and the running totals. */
+  onBatch?: (done: number, totals: EvalTotals) => void;
+}
+
+/** What an evaluation needs of a tokenizer (model/tokenizer.ts's Tokenizer has it). */
+export type EvalTokenizer = Pick<
+  Tokenizer,
+  "eosTokenIds" | "eosTokenId" | "padTokenId" | "decode" | "applyChatTemplate" | "encode" | "encodeBatch"
+>;
+
+function totals(preds: readonly Prediction[], seconds: number): EvalTotals {
+  const n = preds.length;
+  const cs = preds.filter((p) => p.correct_strict).length,
+    cf = preds.filter((p) => p.correct_flexible).length;
+  const tokens = preds.reduce((s, p) => s + p.completion_tokens, 0);
+  return {
+    n,
+    correct_strict: cs,
+    correct_flexible: cf,
+    accuracy_strict: n ? cs / n : 0,
+    accuracy_flexible: n ? cf / n : 0,
+    completion_tokens_mean: n ? tokens / n : 0,
+    truncated_fraction: n ? preds.filter((p) => p.finish_reason === "length").length / n : 0,
+    seconds,
+    tokens_per_second: seconds > 0 ? tokens / seconds : 0,
+  };
+}
+
+/**
+ * Greedy completions of examples with decoder (its adapters, if any, as
+ * they are), scored strict and flexible.
+ */
+export async function evaluateExamples(
+  decoder: Decoder,
+  tok: EvalTokenizer,
+  examples: readonly Gsm8kExample[],
+  opts: EvaluateOptions,
+): Promise<{ predictions: Prediction[]; totals: EvalTotals }> {
+  const t0 = performance.now();
+  const prompts = await buildPrompts(tok, examples.map((e) => e.question), opts.prompt);
+  // The end-of-turn token ends an answer even when generation_config lists only the EOS (as train/sft.ts).
+  const eos = [...new Set([...tok.eosTokenIds, ...(tok.eosTokenId === null ? [] : [tok.eosTokenId])])];
+  const predictions: Prediction[] = [];
+  for (let i = 0; i < examples.length; i += opts.batchSize) {
+    const chunk = examples.slice(i, i + opts.batchSize);
+    const out = await generate(decoder, prompts.slice(i, i + opts.batchSize).map((p) => p.ids), {
+      maxNewTokens: opts.maxNewTokens,
+      eosTokenIds: eos,
+      padTokenId: tok.padTokenId ?? eos[0] ?? 0,
+      decode: (ids) => tok.decode(ids, { skipSpecialTokens: true }),
+    });
+    chunk.forEach((ex, j) => {
+      const r = scoreRow({ completion: out.text![j]!, answer: ex.answer }, i + j + 1);
+      if (!r.ok) throw new Error(`${ex.id}: cannot score: ${r.reason}`); // gold answers were parsed on load
+      const v = r.verdict;
+      predictions.push({
+        id: ex.id,
+        question: ex.question,
+        answer_gold: v.answer_gold,
+        completion: out.text![j]!,
+        completion_tokens: out.tokens[j]!.length,
+        finish_reason: out.finishReasons[j]!,
+        extracted_strict: v.extracted_strict,
+        extracted_flexible: v.extracted_flexible,
+        method_flexible: v.method_flexible,
+        correct_strict: v.correct_strict,
+        correct_flexible: v.correct_flexible,
+      });
+    });
+    opts.onBatch?.(predictions.length, totals(predictions, (performance.now() - t0) / 1000));
+  }
+  return { predictions, totals: totals(predictions, (performance.now() - t0) / 1000) };
+}
+
+/** summary.json. */
+export interface EvalSummary extends EvalTotals {
+  /** The config's run name. */
+  run: string;
+  /** The model id or folder. */
+  model: string;
+  /** The adapter folder, or null for the base model. */
+  adapter: string | null;
+  /** The problems' source and split. */
+  source: string;
+  /** The split. */
+  split: Gsm8kSplit;
+  /** --limit, or null for all. */
+  limit: number | null;
+  /** Malformed records skipped while loading. */
+  skipped_records: number;
+  /** Token cap. */
+  max_new_tokens: number;
+  /** Generation batch size. */
+  batch_size: number;
+  /** Device and dtype. */
+  device: string;
+  /** The weights' dtype (and "nf4" when quantised). */
+  dtype: string;
+  /** When the evaluation finished (ISO 8601). */
+  finished_at: string;
+}
+
+/** The PEFT folder an --adapter argument names (see the module doc). */
+export async function resolveAdapter(path: string): Promise<string> {
+  if (await isFile(join(path, ADAPTER_CONFIG))) return path;
+  if (await isFile(join(path, ADAPTER_DIR, ADAPTER_CONFIG))) return join(path, ADAPTER_DIR);
+  const latest = await latestCheckpoint(path);
+  if (latest) return join(latest, ADAPTER_DIR);
+  throw new Error(
+    `${path}: no ${ADAPTER_CONFIG} here, in ${ADAPTER_DIR}/, or in a checkpoint of this run folder`,
+  );
+}
+
+/** Options of {@link runEvaluation}. */
+export interface RunEvaluationOptions {
+  /** A PEFT adapter, checkpoint or run folder. */
+  adapter?: string;
+  /** Evaluate the first N problems only. */
+  limit?: number;
+  /** The split (default eval.split). */
+  split?: Gsm8kSplit;
+  /** The output folder (default `<run>/eval/<label>-<split>`). */
+  out?: string;
+  /** Progress lines (default console.log). */
+  log?: (line: string) => void;
+}
+
+/** Loads what the config names, evaluates, and writes predictions.jsonl and summary.json. */
+export async function runEvaluation(
+  cfg: TrainConfig,
+  opts: RunEvaluationOptions = {},
+): Promise<{ summary: EvalSummary; dir: string }> {
+  const log = opts.log ?? console.log;
+  const split = opts.split ?? cfg.eval.split;
+  const adapterDir = opts.adapter === undefined ? null : await resolveAdapter(opts.adapter);
+  const data = await loadGsm8k(cfg.eval.source, {
+    split,
+    limit: opts.limit,
+    onBadRecord: cfg.data.onBadRecord,
+    config: cfg.data.config,
+  });
+  for (const s of data.skipped) log(`skipped record at line ${s.line}: ${s.reason}`);
+  if (data.examples.length === 0) throw new Error(`${cfg.eval.source} (${split}): no problems to evaluate`);
+  const label = adapterDir === null
+    ? "base"
+    : basename(adapterDir) === ADAPTER_DIR
+    ? basename(dirname(adapterDir))
+    : basename(adapterDir);
+  const dir = opts.out ?? join(runDir(cfg), "eval", `${label}-${split}`);
+
+  log(
+    `loading ${cfg.model.id} (${cfg.model.dtype}, ${cfg.model.device}${
+      cfg.model.quantize4bit ? ", NF4" : ""
+    })`,
+  );
+  using model = await loadModel(cfg.model.id, { dtype: cfg.model.dtype, device: cfg.model.device });
+  if (cfg.model.quantize4bit) quantizeModel(model, { doubleQuant: cfg.model.doubleQuant });
+  const lora = adapterDir === null ? null : await loadPeftAdapter(adapterDir, model);
+  try {
+    if (lora) log(`adapter ${adapterDir}: ${lora.trainableCount().toLocaleString("en-US")} parameters`);
+    const tok = await Tokenizer.load(model.dir);
+    const maxNewTokens = cfg.eval.maxNewTokens ?? cfg.rollout.maxNewTokens;
+    const pct = (x: number): string => `${(100 * x).toFixed(1)}%`;
+    const { predictions, totals: t } = await evaluateExamples(model.decoder, tok, data.examples, {
+      maxNewTokens,
+      batchSize: cfg.eval.batchSize,
+      prompt: {
+        instruction: cfg.data.instruction,
+        ...(cfg.data.system === null ? {} : { system: cfg.data.system }),
+      },
+      onBatch: (done, r) =>
+        log(
+          `  ${done}/${data.examples.length}: strict ${pct(r.accuracy_strict)}, flexible ${
+            pct(r.accuracy_flexible)
+          }`,
+        ),
+    });
+    const summary: EvalSummary = {
+      run: cfg.name,
+      model: cfg.model.id,
+      adapter: adapterDir,
+      source: cfg.eval.source,
+      split,
+      limit: opts.limit ?? null,
+      skipped_records: data.skipped.length,
+      max_new_tokens: maxNewTokens,
+      batch_size: cfg.eval.batchSize,
+      device: cfg.model.device,
+      dtype: cfg.model.quantize4bit ? `nf4+${cfg.model.dtype}` : cfg.model.dtype,
+      ...t,
+      finished_at: new Date().toISOString(),
+    };
+    await Deno.mkdir(dir, { recursive: true });
+    await writeAtomic(
+      join(dir, "predictions.jsonl"),
+      predictions.map((p) => JSON.stringify(p) + "\n").join(""),
+    );
+    await writeAtomic(join(dir, "summary.json"), JSON.stringify(summary, null, 2) + "\n");
+    return { summary, dir };
+  } finally {
+    lora?.dispose();
+  }
+}
+
+const USAGE =
+  `usage: deno task evaluate --config configs/x.yaml [--adapter DIR] [--limit N] [--split test|train]
+                          [--out DIR] [--set key.path=value ...]`;
+
+/** The command line: returns the exit status. */
+export async function main(args: string[]): Promise<number> {
+  let parsed;
+  try {
+    parsed = parseArgs({
+      args,
+      options: {
+        config: { type: "string", short: "c" },
+        adapter: { type: "string" },
+        limit: { type: "string" },
+        split: { type: "string" },
+        out: { type: "string", short: "o" },
+        set: { type: "string", multiple: true },
+        help: { type: "boolean", short: "h" },
+      },
+      strict: true,
+    });
+  } catch (e) {
+    console.error(`evaluate: ${(e as Error).message}\n${USAGE}`);
+    return 2;
+  }
+  const v = parsed.values;
+  if (v.help) {
+    console.log(USAGE);
+    return 0;
+  }
+  const limit = v.limit === undefined ? undefined : Number(v.limit);
+  if (limit !== undefined && !(Number.isSafeInteger(limit) && limit > 0)) {
+    console.error(`evaluate: --limit must be a positive integer, got ${v.limit}\n${USAGE}`);
+    return 2;
+  }
+  if (v.split !== undefined && v.split !== "train" && v.split !== "test") {
+    console.error(`evaluate: --split must be "train" or "test", got ${v.split}\n${USAGE}`);
+    return 2;
+  }
+  const base = Deno.env.get("INIT_CWD") ?? Deno.cwd();
+  const at = (p: string | undefined): string | undefined => (p === undefined ? undefined : resolve(base, p));
+  let cfg: TrainConfig;
+  try {
+    cfg = await loadConfig(at(v.config), v.set ?? []);
+  } catch (e) {
+    console.error(`evaluate: ${(e as Error).message}`);
+    return e instanceof ConfigError ? 2 : 1;
+  }
+  console.log(`config${v.config ? ` ${v.config}` : " (defaults)"}:\n${formatConfig(cfg)}`);
+  try {
+    const { summary, dir } = await runEvaluation(cfg, {
+      adapter: at(v.adapter),
+      limit,
+      split: v.split as Gsm8kSplit | undefined,
+      out: at(v.out),
+    });
+    console.log(JSON.stringify(summary, null, 2));
+    console.log(`predictions and summary in ${dir}`);
+    return 0;
+  } catch (e) {
+    console.error(`evaluate: ${(e as Error).message}`);
+    return 1;
+  }
+}
+
+if (import.meta.main) Deno.exit(await main(Deno.args));

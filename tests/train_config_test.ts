@@ -1,0 +1,231 @@
+/**
+ * The training config: the defaults and the three shipped configs parse
+ * (default.yaml restates the defaults exactly); unknown keys, type mismatches
+ * and bad YAML are errors naming the file and the full key path; `--set`
+ * overrides; the resolved config round-trips through its YAML; the LR
+ * schedule; train/main.ts's command line.
+ */
+import assert from "node:assert/strict";
+import { join } from "node:path";
+import { DEFAULT_INSTRUCTION } from "../data/prompt.ts";
+import { DEFAULT_LORA } from "../model/lora_apply.ts";
+import { DEFAULT_REWARD_CONFIG } from "../rl/reward.ts";
+import {
+  applyOverrides,
+  ConfigError,
+  configKeys,
+  DEFAULTS,
+  formatConfig,
+  loadConfig,
+  parseSets,
+  parseYaml,
+  promptsPerUpdate,
+  runDir,
+  suggestKey,
+} from "../train/config.ts";
+import { lrFactor } from "../train/schedule.ts";
+
+const ROOT = join(import.meta.dirname!, "..");
+const CONFIGS = join(ROOT, "configs");
+
+/** The message of the ConfigError fn throws. */
+function configError(fn: () => unknown): string {
+  try {
+    fn();
+  } catch (e) {
+    assert.ok(e instanceof ConfigError, `expected a ConfigError, got ${e}`);
+    return e.message;
+  }
+  assert.fail("expected a ConfigError");
+}
+
+Deno.test("config: the defaults are valid and agree with the library's defaults", () => {
+  assert.deepEqual(applyOverrides(DEFAULTS, {}, "defaults"), structuredClone(DEFAULTS));
+  assert.deepEqual(DEFAULTS.lora.targetModules, DEFAULT_LORA.targetModules);
+  assert.equal(DEFAULTS.lora.r, DEFAULT_LORA.r);
+  assert.equal(DEFAULTS.lora.alpha, DEFAULT_LORA.alpha);
+  assert.equal(DEFAULTS.data.instruction, DEFAULT_INSTRUCTION);
+  for (
+    const k of [
+      "correct",
+      "wrong",
+      "markerBonus",
+      "overLengthPenalty",
+      "maxCompletionTokens",
+      "mode",
+    ] as const
+  ) {
+    assert.equal(DEFAULTS.reward[k], DEFAULT_REWARD_CONFIG[k], `reward.${k}`);
+  }
+  assert.ok(Object.isFrozen(DEFAULTS.train), "DEFAULTS is deeply frozen");
+  assert.ok(configKeys().includes("train.learningRate"));
+});
+
+Deno.test("config: configs/default.yaml is exactly the defaults: 4 × 32 = 128 prompts, 1200 updates", async () => {
+  const cfg = await loadConfig(join(CONFIGS, "default.yaml"));
+  assert.deepEqual(cfg, structuredClone(DEFAULTS));
+  assert.equal(cfg.model.id, "huihui-ai/Huihui-MoE-1B-A0.6B-SFT");
+  assert.equal(cfg.train.microBatch, 4);
+  assert.equal(cfg.train.gradAccum, 32);
+  assert.equal(promptsPerUpdate(cfg), 128);
+  assert.equal(cfg.train.updates, 1200);
+  assert.equal(cfg.train.learningRate, 1e-5);
+  assert.equal(cfg.train.valueLearningRate, 5e-5);
+  assert.equal(runDir(cfg), "runs/huihui-moe-gsm8k");
+});
+
+Deno.test("config: phi-tiny-moe.yaml and tiny.yaml parse", async () => {
+  const phi = await loadConfig(join(CONFIGS, "phi-tiny-moe.yaml"));
+  assert.equal(phi.model.id, "microsoft/Phi-tiny-MoE-instruct");
+  assert.equal(phi.model.quantize4bit, true);
+  assert.equal(phi.train.gradientCheckpointing, true);
+  assert.equal(promptsPerUpdate(phi), 128);
+  assert.equal(phi.train.learningRate, 1e-5, "unlisted keys keep their defaults");
+
+  const tiny = await loadConfig(join(CONFIGS, "tiny.yaml"));
+  assert.equal(tiny.model.id, "tests/fixtures/models/qwen3-moe-tiny");
+  assert.equal(tiny.model.device, "cpu");
+  assert.equal(tiny.model.dtype, "float32");
+  assert.deepEqual([tiny.train.microBatch, tiny.train.gradAccum, tiny.train.updates], [2, 2, 10]);
+  assert.deepEqual([tiny.rollout.k, tiny.rollout.maxNewTokens], [2, 16]);
+  for (const p of [tiny.model.id, tiny.data.source, tiny.eval.source]) {
+    assert.ok((await Deno.stat(join(ROOT, p))).isFile !== undefined, `${p} exists`);
+  }
+});
+
+Deno.test("config: unknown keys at any depth are named with the file, the full path and a suggestion", () => {
+  const msg = configError(() =>
+    applyOverrides(
+      DEFAULTS,
+      parseYaml("train:\n  lerning_rate: 1e-5\nlr: 3\nmaxNewTokens: 9\n", "x.yaml"),
+      "x.yaml",
+    )
+  );
+  assert.match(msg, /x\.yaml: unknown key train\.lerning_rate \(did you mean learningRate\?\)/);
+  assert.match(msg, /x\.yaml: unknown key lr \(did you mean train\.learningRate\?\)/);
+  assert.match(
+    msg,
+    /unknown key maxNewTokens \(did you mean rollout\.maxNewTokens or eval\.maxNewTokens\?\)/,
+  );
+  assert.match(msg, /^3 config errors/);
+  const deep = configError(() => applyOverrides(DEFAULTS, { lora: { targetExpert: true } }, "y.yaml"));
+  assert.equal(deep, "y.yaml: unknown key lora.targetExpert (did you mean targetExperts?)");
+  assert.equal(suggestKey("zzzzzz", ["r", "alpha"]), null);
+});
+
+Deno.test("config: type mismatches name the key, what was expected and what came", () => {
+  const cases: [unknown, RegExp][] = [
+    [{ train: { microBatch: "4" } }, /train\.microBatch: expected an integer ≥ 1, got "4" \(a string\)/],
+    [{ train: { microBatch: 2.5 } }, /train\.microBatch: expected an integer ≥ 1, got 2\.5 \(a number\)/],
+    [{ train: { learningRate: 0 } }, /train\.learningRate: expected a number > 0, got 0/],
+    [{ model: { device: "gpu" } }, /model\.device: expected "cuda", "cuda:N" or "cpu", got "gpu"/],
+    [{ ppo: { klEstimator: "k2" } }, /ppo\.klEstimator: expected one of "k1", "k3", got "k2"/],
+    [{ train: { betas: [0.9] } }, /train\.betas: expected two numbers in \[0, 1\)/],
+    [{ lora: 16 }, /lora is a section \(keys r, alpha, .*\), got 16 \(a number\)/],
+    [{ seed: null }, /seed: expected an integer in \[0, 2\^32\), got null/],
+    [{ train: { gradientCheckpointing: "yes" } }, /expected true or false, got "yes"/],
+    [{ lora: { targetModules: "(" } }, /lora\.targetModules: not a regular expression/],
+    [
+      { train: { gradientCheckpointing: true }, lora: { dropout: 0.1 } },
+      /gradientCheckpointing needs lora\.dropout 0/,
+    ],
+  ];
+  for (const [over, re] of cases) {
+    assert.match(configError(() => applyOverrides(DEFAULTS, over, "f.yaml")), re);
+  }
+  // Nullable keys take null; lists replace rather than merge.
+  const ok = applyOverrides(DEFAULTS, {
+    data: { limit: null, system: "Be brief." },
+    lora: { targetModules: ["q_proj"] },
+  }, "f");
+  assert.deepEqual(ok.lora.targetModules, ["q_proj"]);
+  assert.equal(ok.data.system, "Be brief.");
+  assert.equal(
+    applyOverrides(DEFAULTS, { lora: { targetModules: "all-linear" } }, "f").lora.targetModules,
+    "all-linear",
+  );
+});
+
+Deno.test("config: YAML details: scientific notation, empty file, bad YAML, duplicate keys, a list at the top", async () => {
+  assert.equal(
+    applyOverrides(DEFAULTS, parseYaml("train:\n  learningRate: 3e-6\n", "f"), "f").train.learningRate,
+    3e-6,
+  );
+  assert.deepEqual(applyOverrides(DEFAULTS, parseYaml("# nothing\n", "f"), "f"), structuredClone(DEFAULTS));
+  assert.match(configError(() => parseYaml("train: [1,\n", "bad.yaml")), /^bad\.yaml: invalid YAML/);
+  assert.match(configError(() => parseYaml("seed: 1\nseed: 2\n", "dup.yaml")), /^dup\.yaml: invalid YAML.*/);
+  assert.match(
+    configError(() => applyOverrides(DEFAULTS, [1, 2], "list.yaml")),
+    /list\.yaml: expected a mapping/,
+  );
+  const missing = join(await Deno.makeTempDir(), "nope.yaml");
+  await assert.rejects(
+    () => loadConfig(missing),
+    (e: Error) => e instanceof ConfigError && e.message.includes(missing),
+  );
+});
+
+Deno.test("config: --set overrides, parsed as YAML scalars", async () => {
+  assert.deepEqual(
+    parseSets(["train.learningRate=2e-5", "lora.targetModules=[q_proj, v_proj]", "data.system=null"]),
+    {
+      train: { learningRate: 2e-5 },
+      lora: { targetModules: ["q_proj", "v_proj"] },
+      data: { system: null },
+    },
+  );
+  assert.deepEqual(parseSets(["data.instruction=Answer: briefly", "name=my-run"]), {
+    data: { instruction: "Answer: briefly" },
+    name: "my-run",
+  });
+  assert.match(
+    configError(() => parseSets(["train.learningRate"])),
+    /--set train\.learningRate: expected key\.path=value/,
+  );
+  const cfg = await loadConfig(join(CONFIGS, "tiny.yaml"), ["train.updates=3", "model.device=cuda:1"]);
+  assert.equal(cfg.train.updates, 3);
+  assert.equal(cfg.model.device, "cuda:1");
+  assert.equal(cfg.rollout.k, 2, "the file's values stay");
+  await assert.rejects(
+    () => loadConfig(undefined, ["rollout.kk=3"]),
+    (e: Error) => e.message === "--set: unknown key rollout.kk (did you mean k?)",
+  );
+});
+
+Deno.test("config: the printed config is itself a config that gives the same settings", async () => {
+  const cfg = await loadConfig(join(CONFIGS, "phi-tiny-moe.yaml"), ["data.system=Be brief."]);
+  const again = applyOverrides(DEFAULTS, parseYaml(formatConfig(cfg), "printed"), "printed");
+  assert.deepEqual(again, cfg);
+});
+
+Deno.test("schedule: linear warm-up, then constant or cosine to the floor", () => {
+  const s = { updates: 100, warmupUpdates: 10, schedule: "constant" as const, minLrRatio: 0.1 };
+  assert.equal(lrFactor(0, s), 0.1);
+  assert.equal(lrFactor(9, s), 1);
+  assert.equal(lrFactor(50, s), 1);
+  const c = { ...s, schedule: "cosine" as const };
+  assert.equal(lrFactor(10, c), 1);
+  assert.ok(Math.abs(lrFactor(99, c) - 0.1) < 1e-12);
+  assert.ok(Math.abs(lrFactor(10 + 89 / 2, c) - 0.55) < 1e-12);
+  assert.equal(lrFactor(0, { ...s, warmupUpdates: 0 }), 1);
+});
+
+Deno.test("train/main.ts: prints the resolved config; a bad config exits 2 naming the key", async () => {
+  const run = async (...args: string[]): Promise<Deno.CommandOutput> =>
+    await new Deno.Command(Deno.execPath(), {
+      args: ["run", "-A", "train/main.ts", ...args],
+      cwd: ROOT,
+      env: { INIT_CWD: ROOT },
+    }).output();
+  const ok = await run("--config", "configs/tiny.yaml", "--set", "train.updates=7", "--print-config");
+  const out = new TextDecoder().decode(ok.stdout);
+  assert.equal(ok.code, 0, new TextDecoder().decode(ok.stderr));
+  assert.match(out, /updates: 7/);
+  assert.match(out, /id: tests\/fixtures\/models\/qwen3-moe-tiny/);
+  const bad = await run("--config", "configs/tiny.yaml", "--set", "train.lerning_rate=1");
+  assert.equal(bad.code, 2);
+  assert.match(
+    new TextDecoder().decode(bad.stderr),
+    /unknown key train\.lerning_rate \(did you mean learningRate\?\)/,
+  );
+});

@@ -1,0 +1,128 @@
+/**
+ * `deno task evaluate` as a subprocess on the tiny model (random weights, so
+ * accuracy is ~0: the structure is tested, not the accuracy): files written,
+ * counts consistent, an adapter resolved from a run folder, and exit statuses.
+ */
+import assert from "node:assert/strict";
+import { join } from "node:path";
+import { AdamW, manualSeed } from "../mod.ts";
+import { DEFAULT_LORA } from "../model/lora_apply.ts";
+import { loadModel } from "../model/model.ts";
+import { Policy } from "../rl/policy.ts";
+import { saveCheckpoint } from "../train/checkpoint.ts";
+
+const ROOT = join(import.meta.dirname!, "..");
+
+async function evaluate(...args: string[]): Promise<{ code: number; stdout: string; stderr: string }> {
+  const out = await new Deno.Command(Deno.execPath(), {
+    args: ["run", "-A", "eval/evaluate.ts", ...args],
+    cwd: ROOT,
+    env: { INIT_CWD: ROOT },
+  }).output();
+  const dec = new TextDecoder();
+  return { code: out.code, stdout: dec.decode(out.stdout), stderr: dec.decode(out.stderr) };
+}
+
+interface Summary {
+  n: number;
+  correct_strict: number;
+  correct_flexible: number;
+  accuracy_strict: number;
+  accuracy_flexible: number;
+  adapter: string | null;
+  split: string;
+  limit: number | null;
+  max_new_tokens: number;
+}
+
+async function readOutputs(dir: string): Promise<{ preds: Record<string, unknown>[]; summary: Summary }> {
+  const text = await Deno.readTextFile(join(dir, "predictions.jsonl"));
+  const preds = text.trim().split("\n").map((l) => JSON.parse(l));
+  const summary = JSON.parse(await Deno.readTextFile(join(dir, "summary.json")));
+  return { preds, summary };
+}
+
+Deno.test("evaluate: --limit 4 on the tiny model writes 4 predictions and a consistent summary", async () => {
+  const tmp = await Deno.makeTempDir({ prefix: "moerl-eval-" });
+  const r = await evaluate("--config", "configs/tiny.yaml", "--limit", "4", "--split", "test", "--out", tmp);
+  assert.equal(r.code, 0, r.stderr);
+  const { preds, summary } = await readOutputs(tmp);
+  assert.equal(preds.length, 4);
+  assert.deepEqual(preds.map((p) => p.id), ["test-0", "test-1", "test-2", "test-3"]);
+  for (const p of preds) {
+    for (const k of ["question", "answer_gold", "completion", "extracted_strict", "extracted_flexible"]) {
+      assert.ok(k in p, `prediction has ${k}`);
+    }
+    assert.ok((p.completion_tokens as number) >= 1 && (p.completion_tokens as number) <= 16);
+  }
+  assert.equal(preds[0]!.answer_gold, "72");
+  assert.equal(summary.n, 4);
+  assert.equal(summary.limit, 4);
+  assert.equal(summary.split, "test");
+  assert.equal(summary.max_new_tokens, 16);
+  assert.equal(summary.adapter, null);
+  assert.equal(summary.correct_strict, preds.filter((p) => p.correct_strict).length);
+  assert.equal(summary.correct_flexible, preds.filter((p) => p.correct_flexible).length);
+  assert.equal(summary.accuracy_strict, summary.correct_strict / 4);
+  assert.equal(summary.accuracy_flexible, summary.correct_flexible / 4);
+  assert.match(r.stdout, /"n": 4/);
+  const names = [];
+  for await (const e of Deno.readDir(tmp)) names.push(e.name);
+  assert.deepEqual(names.sort(), ["predictions.jsonl", "summary.json"], "no temporary files left");
+  await Deno.remove(tmp, { recursive: true });
+});
+
+Deno.test("evaluate: --adapter takes a run folder (its newest checkpoint); outputs go under the run", async () => {
+  const tmp = await Deno.makeTempDir({ prefix: "moerl-eval-" });
+  const run = join(tmp, "run");
+  {
+    manualSeed(0);
+    using model = await loadModel(join(ROOT, "tests/fixtures/models/qwen3-moe-tiny"));
+    const policy = new Policy(model, { lora: { ...DEFAULT_LORA, r: 4, alpha: 8 } });
+    using opt = new AdamW([{ params: policy.policyParameters(), lr: 1e-3 }, {
+      params: policy.valueParameters(),
+      lr: 1e-3,
+    }]);
+    await saveCheckpoint(run, {
+      policy,
+      optimizer: opt,
+      step: 3,
+      rng: { seed: 0, step: 3, batcherPosition: { epoch: 0, index: 6 } },
+    });
+    policy.dispose();
+  }
+  const r = await evaluate(
+    "--config",
+    "configs/tiny.yaml",
+    "--adapter",
+    run,
+    "--limit",
+    "2",
+    "--set",
+    `output.dir=${run}`,
+  );
+  assert.equal(r.code, 0, r.stderr);
+  const { preds, summary } = await readOutputs(join(run, "eval", "checkpoint-3-test"));
+  assert.equal(preds.length, 2);
+  assert.equal(summary.adapter, join(run, "checkpoint-3", "adapter"));
+  assert.match(r.stdout, /adapter .*checkpoint-3[\\/]adapter: [\d,]+ parameters/);
+  await Deno.remove(tmp, { recursive: true });
+});
+
+Deno.test("evaluate: bad arguments and configs exit 2, a missing data file 1", async () => {
+  const bad = await evaluate("--config", "configs/tiny.yaml", "--limit", "0");
+  assert.equal(bad.code, 2);
+  assert.match(bad.stderr, /--limit must be a positive integer/);
+  assert.equal((await evaluate("--config", "configs/tiny.yaml", "--bogus")).code, 2);
+  const cfg = await evaluate("--config", "configs/tiny.yaml", "--set", "eval.batchsize=3");
+  assert.equal(cfg.code, 2);
+  assert.match(cfg.stderr, /unknown key eval\.batchsize \(did you mean batchSize\?\)/);
+  const missing = await evaluate(
+    "--config",
+    "configs/tiny.yaml",
+    "--set",
+    "eval.source=tests/fixtures/gsm8k/none.jsonl",
+  );
+  assert.equal(missing.code, 1);
+  assert.match(missing.stderr, /none\.jsonl does not exist/);
+});
