@@ -1,12 +1,11 @@
 /**
- * `deno task train --config configs/x.yaml [--set key.path=value ...] [--print-config]`
+ * `deno task train --config configs/x.yaml [--set key.path=value ...] [--resume] [--print-config]`
  *
- * For now a skeleton: parses the arguments, loads and prints the resolved
- * config, and checks that the PPO step (rl/ppo.ts) is there; the update loop
- * is still to be wired. Relative paths on the command line are taken from
- * the folder the command was started in (`INIT_CWD` under `deno task`).
- * Exit status: 0 with --print-config, 2 for bad arguments or a bad config,
- * 1 otherwise (the loop is not written yet).
+ * Loads and prints the resolved config, then trains (train/loop.ts) into
+ * runs/<name>/, or continues the latest checkpoint there with --resume.
+ * Relative paths on the command line are taken from the folder the command
+ * was started in (`INIT_CWD` under `deno task`). Exit status: 0 done, 2 for
+ * bad arguments or a bad config, 1 for a failed run.
  * @module
  */
 import { resolve } from "node:path";
@@ -19,8 +18,10 @@ import {
   runDir,
   type TrainConfig,
 } from "./config.ts";
+import { train } from "./loop.ts";
 
-const USAGE = "usage: deno task train --config configs/x.yaml [--set key.path=value ...] [--print-config]";
+const USAGE =
+  "usage: deno task train --config configs/x.yaml [--set key.path=value ...] [--resume] [--print-config]";
 
 /** The command line: returns the exit status. */
 export async function main(args: string[]): Promise<number> {
@@ -32,6 +33,7 @@ export async function main(args: string[]): Promise<number> {
         config: { type: "string", short: "c" },
         set: { type: "string", multiple: true },
         "print-config": { type: "boolean" },
+        resume: { type: "boolean" },
         help: { type: "boolean", short: "h" },
       },
       strict: true,
@@ -63,26 +65,19 @@ export async function main(args: string[]): Promise<number> {
   );
   if (v["print-config"]) return 0;
 
-  const ppoUrl = new URL("../rl/ppo.ts", import.meta.url);
-  let hasPpo = true;
   try {
-    await Deno.stat(ppoUrl);
-  } catch {
-    hasPpo = false;
-  }
-  if (!hasPpo) {
-    console.error("train: training loop not wired yet: rl/ppo.ts (ppoStep) does not exist");
+    const result = await train(cfg, { resume: v.resume ?? false });
+    const last = result.records[result.records.length - 1];
+    console.log(
+      `done: ${result.dir} (${result.records.length} updates this run; last reward ${
+        last?.reward_mean ?? "-"
+      })`,
+    );
+    return 0;
+  } catch (e) {
+    console.error(`train: ${(e as Error).stack ?? (e as Error).message}`);
     return 1;
   }
-  const ppo = await import(ppoUrl.href) as Record<string, unknown>;
-  if (typeof ppo.ppoStep !== "function") {
-    console.error("train: rl/ppo.ts does not export ppoStep");
-    return 1;
-  }
-  console.error(
-    "train: rl/ppo.ts is in place, but this update loop (train/main.ts) is a skeleton still to be written",
-  );
-  return 1;
 }
 
 if (import.meta.main) Deno.exit(await main(Deno.args));

@@ -1,0 +1,185 @@
+/**
+ * The training loop: each update samples `gradAccum` micro-batches of
+ * prompts, runs a PPO step on each (rollout → reward → advantages → losses →
+ * backward, gradients accumulated), clips each parameter group's gradients,
+ * steps AdamW, and logs. Every update is seeded from (seed, update) and the
+ * data order from (seed, epoch), so a resumed run repeats an uninterrupted
+ * one.
+ * @module
+ */
+import { join } from "node:path";
+import { AdamW, clipGradNorm, Generator, manualSeed } from "../ffi/mod.ts";
+import { MicroBatcher } from "../data/batches.ts";
+import { loadGsm8k } from "../data/gsm8k.ts";
+import { buildPrompts } from "../data/prompt.ts";
+import { evaluateExamples } from "../eval/evaluate.ts";
+import { loadModel } from "../model/model.ts";
+import { quantizeModel } from "../model/nf4.ts";
+import { Tokenizer } from "../model/tokenizer.ts";
+import { Policy } from "../rl/policy.ts";
+import { ppoStep } from "../rl/ppo.ts";
+import type { RolloutPrompt } from "../rl/rollout.ts";
+import { latestCheckpoint, loadCheckpoint, saveCheckpoint, updateSeed } from "./checkpoint.ts";
+import { formatConfig, RUN_CONFIG_FILE, runDir, type TrainConfig } from "./config.ts";
+import { writeAtomic } from "./fs.ts";
+import { JsonlLog, METRICS_FILE, SAMPLES_FILE, type StepRecord } from "./metrics.ts";
+import { ProgressBar } from "./progress.ts";
+import { writeReport } from "./report.ts";
+import { lrFactor } from "./schedule.ts";
+
+/** What a finished (or resumed and finished) run returns. */
+export interface TrainResult {
+  /** The run folder. */
+  dir: string;
+  /** Every update's metrics record written by this process. */
+  records: StepRecord[];
+}
+
+function mean(records: Record<string, number>[], key: string): number {
+  const xs = records.map((r) => r[key]!).filter((x) => Number.isFinite(x));
+  return xs.length ? xs.reduce((a, b) => a + b, 0) / xs.length : Number.NaN;
+}
+
+/** Runs (or resumes) the training described by cfg. */
+export async function train(
+  cfg: TrainConfig,
+  opts: { resume?: boolean; quiet?: boolean } = {},
+): Promise<TrainResult> {
+  const dir = runDir(cfg);
+  await Deno.mkdir(dir, { recursive: true });
+  await writeAtomic(join(dir, RUN_CONFIG_FILE), formatConfig(cfg));
+
+  using model = await loadModel(cfg.model.id, { dtype: cfg.model.dtype, device: cfg.model.device });
+  if (cfg.model.quantize4bit) quantizeModel(model, { doubleQuant: cfg.model.doubleQuant });
+  const tok = await Tokenizer.load(model.dir);
+  manualSeed(cfg.seed); // adapter and value-head initialisation
+  const policy = new Policy(model, { lora: { ...cfg.lora }, checkpointing: cfg.train.gradientCheckpointing });
+  const t = cfg.train;
+  using opt = new AdamW([
+    {
+      params: policy.policyParameters(),
+      lr: t.learningRate,
+      weightDecay: t.weightDecay,
+      betas: t.betas,
+      eps: t.eps,
+    },
+    {
+      params: policy.valueParameters(),
+      lr: t.valueLearningRate,
+      weightDecay: t.valueWeightDecay,
+      betas: t.betas,
+      eps: t.eps,
+    },
+  ]);
+  try {
+    const promptOpts = { instruction: cfg.data.instruction, system: cfg.data.system ?? undefined };
+    const data = await loadGsm8k(cfg.data.source, {
+      split: cfg.data.split,
+      onBadRecord: cfg.data.onBadRecord,
+      limit: cfg.data.limit ?? undefined,
+      config: cfg.data.config,
+    });
+    for (const s of data.skipped) console.warn(`data: skipped line ${s.line}: ${s.reason}`);
+    const rendered = await buildPrompts(tok, data.examples.map((e) => e.question), promptOpts);
+    const items: RolloutPrompt[] = data.examples.map((e, i) => ({ ids: rendered[i]!.ids, answer: e.answer }));
+    const batcher = new MicroBatcher(items, { batchSize: t.microBatch, seed: cfg.seed });
+    const evalSet = cfg.eval.every > 0
+      ? (await loadGsm8k(cfg.eval.source, { split: cfg.eval.split, limit: cfg.eval.limit ?? undefined }))
+        .examples
+      : [];
+
+    let start = 0, pos = { epoch: 0, index: 0 };
+    if (opts.resume) {
+      const latest = await latestCheckpoint(dir);
+      if (latest) {
+        const state = await loadCheckpoint(latest, policy, opt);
+        start = state.step;
+        pos = state.rng.batcherPosition;
+        if (!opts.quiet) console.log(`resuming from ${latest} (update ${start})`);
+      }
+    }
+    const metrics =
+      (await JsonlLog.open(join(dir, METRICS_FILE), opts.resume ? { keepUpTo: start } : {})).log;
+    const samples =
+      (await JsonlLog.open(join(dir, SAMPLES_FILE), opts.resume ? { keepUpTo: start } : {})).log;
+    const bar = opts.quiet ? null : new ProgressBar(t.updates, { start });
+    const records: StepRecord[] = [];
+    const ppoCfg = { ...cfg.rollout, ...cfg.ppo, reward: { ...cfg.reward } };
+    try {
+      for (let u = start; u < t.updates; u++) {
+        const t0 = performance.now();
+        const seed = updateSeed(cfg.seed, u);
+        manualSeed(seed);
+        using gen = new Generator(seed, cfg.model.device);
+        const factor = lrFactor(u, t);
+        opt.groups[0]!.lr = t.learningRate * factor;
+        opt.groups[1]!.lr = t.valueLearningRate * factor;
+        const parts: Record<string, number>[] = [];
+        const logged: unknown[] = [];
+        for (let m = 0; m < t.gradAccum; m++) {
+          const batch = batcher.batch(pos);
+          pos = batch.next;
+          const r = await ppoStep(policy, tok, batch.items, ppoCfg, {
+            generator: gen,
+            lossScale: 1 / t.gradAccum,
+          });
+          parts.push(r.metrics as unknown as Record<string, number>);
+          logged.push(...r.samples.slice(0, cfg.logging.samplesToLog));
+        }
+        const gradNorm = clipGradNorm(policy.policyParameters(), t.maxGradNorm);
+        const valueGradNorm = clipGradNorm(policy.valueParameters(), t.maxGradNorm);
+        opt.step();
+        opt.zeroGrad();
+        const record: StepRecord = { step: u + 1 };
+        for (const key of Object.keys(parts[0]!)) record[key] = mean(parts, key);
+        Object.assign(record, {
+          lr: opt.groups[0]!.lr,
+          grad_norm: gradNorm,
+          value_grad_norm: valueGradNorm,
+          update_seconds: (performance.now() - t0) / 1000,
+        });
+        if (cfg.eval.every > 0 && ((u + 1) % cfg.eval.every === 0 || u + 1 === t.updates)) {
+          const ev = await evaluateExamples(model.decoder, tok, evalSet, {
+            maxNewTokens: cfg.eval.maxNewTokens ?? cfg.rollout.maxNewTokens,
+            batchSize: cfg.eval.batchSize,
+            prompt: promptOpts,
+          });
+          record.eval_accuracy_strict = ev.totals.accuracy_strict;
+          record.eval_accuracy_flexible = ev.totals.accuracy_flexible;
+        }
+        await metrics.append(record);
+        records.push(record);
+        if (cfg.logging.sampleEvery > 0 && (u + 1) % cfg.logging.sampleEvery === 0) {
+          await samples.append({ step: u + 1, samples: logged });
+        }
+        bar?.update(u + 1, {
+          reward: record.reward_mean as number,
+          acc: record.accuracy as number,
+          kl: record.kl as number,
+          "tok/s": record.tokens_per_second as number,
+        });
+        const last = u + 1 === t.updates;
+        if (last || (cfg.output.checkpointEvery > 0 && (u + 1) % cfg.output.checkpointEvery === 0)) {
+          await saveCheckpoint(dir, {
+            policy,
+            optimizer: opt,
+            step: u + 1,
+            rng: { seed: cfg.seed, step: u + 1, batcherPosition: pos },
+            metricsTail: records.slice(-5),
+            config: cfg,
+            baseModel: cfg.model.id,
+            keepLast: cfg.output.keepLast,
+          });
+          await writeReport(dir, cfg.name);
+        }
+      }
+    } finally {
+      bar?.done();
+      metrics.close();
+      samples.close();
+    }
+    return { dir, records };
+  } finally {
+    policy.dispose();
+  }
+}
