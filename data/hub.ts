@@ -8,7 +8,7 @@
  * @module
  */
 import { dirname, join } from "node:path";
-import { hubCacheDir, parseRepoId } from "../model/hub.ts";
+import { hubCacheDir, hubRequests, parseRepoId } from "../model/hub.ts";
 import { isFile } from "../model/json.ts";
 
 /** Options for {@link resolveDatasetFile}. */
@@ -102,20 +102,7 @@ async function download(
   repoDir: string,
   opts: DatasetFileOptions,
 ): Promise<string> {
-  const accessToken = opts.token ?? env("HF_TOKEN");
-  const hubUrl = opts.hubUrl ?? env("HF_ENDPOINT");
-  const common = { ...(accessToken ? { accessToken } : {}), ...(hubUrl ? { hubUrl } : {}) };
-  const step = async <T>(what: string, fn: () => Promise<T>): Promise<T> => {
-    try {
-      return await fn();
-    } catch (e) {
-      throw new Error(
-        `dataset ${repo}@${revision}: ${what} failed: ${(e as Error).message} ` +
-          `(private or gated repo? set HF_TOKEN; no network? set HF_HUB_OFFLINE=1 to use the cache at ${cacheDir})`,
-        { cause: e },
-      );
-    }
-  };
+  const { common, step } = hubRequests(`dataset ${repo}@${revision}`, cacheDir, opts);
   // Loaded only when downloading (see model/hub.ts).
   const { datasetInfo, downloadFileToCacheDir } = await import("@huggingface/hub");
   // Pin the revision first, so a later "main" that moves does not mix files of two commits.

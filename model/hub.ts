@@ -168,6 +168,41 @@ export async function resolveModel(idOrPath: string, opts: ResolveOptions = {}):
   return await download(ref.repo, revision, cacheDir, repoDir, opts);
 }
 
+/** What the Hub client needs for authenticated requests. */
+export interface HubAuth {
+  /** Access token, when one is given or in $HF_TOKEN. */
+  accessToken?: string;
+  /** Hub endpoint, when one is given or in $HF_ENDPOINT. */
+  hubUrl?: string;
+}
+
+/**
+ * The Hub client's common options (token, endpoint) and a wrapper that turns
+ * a failed request into an error naming what (e.g. `org/name@main`), the
+ * step, and the ways out (HF_TOKEN, HF_HUB_OFFLINE with the cache folder).
+ */
+export function hubRequests(
+  what: string,
+  cacheDir: string,
+  opts: { token?: string; hubUrl?: string },
+): { common: HubAuth; step: <T>(action: string, fn: () => Promise<T>) => Promise<T> } {
+  const accessToken = opts.token ?? env("HF_TOKEN");
+  const hubUrl = opts.hubUrl ?? env("HF_ENDPOINT");
+  const common = { ...(accessToken ? { accessToken } : {}), ...(hubUrl ? { hubUrl } : {}) };
+  const step = async <T>(action: string, fn: () => Promise<T>): Promise<T> => {
+    try {
+      return await fn();
+    } catch (e) {
+      throw new Error(
+        `${what}: ${action} failed: ${(e as Error).message} ` +
+          `(private or gated repo? set HF_TOKEN; no network? set HF_HUB_OFFLINE=1 to use the cache at ${cacheDir})`,
+        { cause: e },
+      );
+    }
+  };
+  return { common, step };
+}
+
 /** Downloads the model files of one revision into the cache; returns the snapshot folder. */
 async function download(
   repo: string,
@@ -176,20 +211,7 @@ async function download(
   repoDir: string,
   opts: ResolveOptions,
 ): Promise<string> {
-  const accessToken = opts.token ?? env("HF_TOKEN");
-  const hubUrl = opts.hubUrl ?? env("HF_ENDPOINT");
-  const common = { ...(accessToken ? { accessToken } : {}), ...(hubUrl ? { hubUrl } : {}) };
-  const step = async <T>(what: string, fn: () => Promise<T>): Promise<T> => {
-    try {
-      return await fn();
-    } catch (e) {
-      throw new Error(
-        `${repo}@${revision}: ${what} failed: ${(e as Error).message} ` +
-          `(private or gated repo? set HF_TOKEN; no network? set HF_HUB_OFFLINE=1 to use the cache at ${cacheDir})`,
-        { cause: e },
-      );
-    }
-  };
+  const { common, step } = hubRequests(`${repo}@${revision}`, cacheDir, opts);
   // Loaded only when downloading: importing moerl must not pull in the Hub client.
   const { downloadFileToCacheDir, listFiles, modelInfo } = await import("@huggingface/hub");
   // Pin the revision to a commit first, so every file comes from the same snapshot.

@@ -44,7 +44,9 @@ export {
   SUPPORTED_MODEL_TYPES,
 } from "./config.ts";
 export {
+  type HubAuth,
   hubCacheDir,
+  hubRequests,
   missingFiles,
   MODEL_FILES,
   parseRepoId,

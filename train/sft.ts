@@ -4,35 +4,15 @@
  * Also the greedy accuracy measure shared by the warm-up and RL runs.
  * @module
  */
-import { AdamW, clipGradNorm, type Tensor, tensor } from "../ffi/mod.ts";
+import { AdamW, clipGradNorm, type Tensor } from "../ffi/mod.ts";
 import { mulberry32 } from "../data/batches.ts";
 import type { Gsm8kExample } from "../data/gsm8k.ts";
 import { buildPrompts, type PromptOptions } from "../data/prompt.ts";
 import { generate } from "../model/generate.ts";
-import { leftPad } from "../model/padding.ts";
 import type { Tokenizer } from "../model/tokenizer.ts";
 import { answersMatch, extractAnswer } from "../rl/answer.ts";
-import type { Policy, PolicyOutput, SequenceBatch } from "../rl/policy.ts";
-
-/** Prompt and completion token ids as a left-padded batch on device. */
-export function sequenceBatch(
-  pairs: { prompt: number[]; completion: number[] }[],
-  padId: number,
-  device: Tensor["device"],
-): SequenceBatch {
-  const pad = leftPad(pairs.map((p) => [...p.prompt, ...p.completion]), padId);
-  const width = pad.inputIds[0]!.length;
-  const completion = pairs.map((
-    p,
-  ) => [...Array(width - p.completion.length).fill(0), ...Array(p.completion.length).fill(1)]);
-  const i64 = { dtype: "int64" as const, device };
-  return {
-    inputIds: tensor(pad.inputIds, i64),
-    attentionMask: tensor(pad.attentionMask, i64),
-    positionIds: tensor(pad.positionIds, i64),
-    completionMask: tensor(completion, i64),
-  };
-}
+import type { Policy, PolicyOutput } from "../rl/policy.ts";
+import { sequenceBatch } from "../rl/rollout.ts";
 
 /** −mean log-probability of the completion tokens. */
 export function nllLoss(out: PolicyOutput): Tensor {
@@ -86,7 +66,7 @@ export async function supervisedWarmup(
   try {
     for (let step = 0; step < opts.steps; step++) {
       const picked = Array.from({ length: opts.batchSize }, () => pairs[Math.floor(rand() * pairs.length)]!);
-      const batch = sequenceBatch(picked, pad, device);
+      const batch = sequenceBatch(picked.map((p) => p.prompt), picked.map((p) => p.completion), pad, device);
       try {
         losses.push(policy.backward(batch, nllLoss));
       } finally {
