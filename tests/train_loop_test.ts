@@ -30,7 +30,9 @@ Deno.test("train: a tiny run writes its folder, and --resume repeats the uninter
   try {
     const full = await train(await config(join(tmp, "full"), 4), { quiet: true });
     assert.equal(full.records.length, 4);
-    for (const f of ["config.yaml", "metrics.jsonl", "samples.jsonl", "report.html", "latest", "checkpoint-4"]) {
+    for (
+      const f of ["config.yaml", "metrics.jsonl", "samples.jsonl", "report.html", "latest", "checkpoint-4"]
+    ) {
       await Deno.stat(join(full.dir, f));
     }
     assert.ok(full.records.every((r) => Number.isFinite(r.reward_mean) && Number.isFinite(r.loss)));
