@@ -14,6 +14,12 @@ export interface ArithmeticOptions {
   maxOperand?: number;
   /** Operators (default ["+"]); "-" keeps results non-negative by ordering the operands. */
   ops?: ("+" | "-")[];
+  /**
+   * Fraction of solutions that end "The answer is n." instead of "#### n"
+   * (default 0), chosen per problem: a warm-up on such data leaves a format
+   * habit that strict (####) scoring punishes and RL can fix.
+   */
+  plainAnswerFraction?: number;
 }
 
 /** Every problem of the task, in a fixed order. */
@@ -25,10 +31,12 @@ export function arithmeticProblems(opts: ArithmeticOptions = {}): Gsm8kExample[]
       for (let b = 0; b <= max; b++) {
         const [x, y] = op === "-" && a < b ? [b, a] : [a, b];
         const value = op === "+" ? x + y : x - y;
+        const plain =
+          ((x * 31 + y * 17 + (op === "-" ? 7 : 0)) % 100) / 100 < (opts.plainAnswerFraction ?? 0);
         out.push({
           id: `${x}${op}${y}`,
           question: `What is ${x} ${op} ${y}?`,
-          solution: `${x} ${op} ${y} = ${value}\n#### ${value}`,
+          solution: `${x} ${op} ${y} = ${value}\n${plain ? `The answer is ${value}.` : `#### ${value}`}`,
           answer: String(value),
           answerValue: value,
         });

@@ -23,6 +23,10 @@ Deno.test("arithmetic: well-formed problems, disjoint seeded splits", () => {
   const held = new Set(a.heldOut.map((e) => e.id));
   assert.ok(a.train.every((e) => !held.has(e.id)));
   assert.notDeepEqual(arithmeticSplit(0.25, 2).heldOut, a.heldOut);
+  const mixed = arithmeticProblems({ plainAnswerFraction: 0.5 });
+  const plain = mixed.filter((e) => extractAnswer(e.solution, { mode: "strict" }).value === null);
+  assert.ok(plain.length > 30 && plain.length < 70, `about half the solutions lack ####: ${plain.length}`);
+  assert.ok(plain.every((e) => answersMatch(extractAnswer(e.solution).value, e.answer)));
 });
 
 Deno.test("sft: a short warm-up lowers the loss and lifts training accuracy", async () => {
