@@ -5,12 +5,12 @@
 import assert from "node:assert/strict";
 import { join } from "node:path";
 import { liveTensors } from "../mod.ts";
-import { loadConfig } from "../train/config.ts";
+import { loadConfig, type TrainConfig } from "../train/config.ts";
 import { train } from "../train/loop.ts";
 
 const ROOT = join(import.meta.dirname!, "..");
 
-async function config(dir: string, updates: number) {
+async function config(dir: string, updates: number): Promise<TrainConfig> {
   return await loadConfig(join(ROOT, "configs", "tiny.yaml"), [
     `output.dir=${dir}`,
     `train.updates=${updates}`,
