@@ -75,7 +75,9 @@ export async function main(args: string[]): Promise<number> {
     );
     return 0;
   } catch (e) {
-    console.error(`train: ${(e as Error).stack ?? (e as Error).message}`);
+    // The message names the problem; the stack is for debugging (MOERL_DEBUG=1).
+    const debug = Deno.env.get("MOERL_DEBUG") === "1";
+    console.error(`train: ${debug ? (e as Error).stack : (e as Error).message}`);
     return 1;
   }
 }
