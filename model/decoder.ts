@@ -110,9 +110,9 @@ export interface ForwardOutput {
 
 /** Per-forward state shared by the layers; dispose with `dispose(ctx)` from mod.ts. */
 export interface LayerContext {
-  /** RoPE cos [B, S, d]. */
+  /** RoPE cos [B, 1, S, d]. */
   cos: Tensor;
-  /** RoPE sin [B, S, d]. */
+  /** RoPE sin [B, 1, S, d]. */
   sin: Tensor;
   /** Additive attention mask [B, 1, S, past + S]. */
   mask: Tensor;
@@ -187,7 +187,15 @@ export class Decoder {
       const dtype = this.embed.dtype;
       const [cos, sin] = ropeCosSin(input.positionIds, this.dims.headDim, this.dims.ropeTheta, dtype);
       const mask = causalMask(input.attentionMask, past, s, dtype);
-      return { cos, sin, mask, queries: s, cache: input.cache, dispatch: input.dispatch };
+      // [B, 1, S, d]: broadcast over heads once here rather than in every layer.
+      return {
+        cos: cos.unsqueeze(1),
+        sin: sin.unsqueeze(1),
+        mask,
+        queries: s,
+        cache: input.cache,
+        dispatch: input.dispatch,
+      };
     });
   }
 

@@ -48,9 +48,10 @@ export class RmsNorm implements Norm {
   /** weight · to_input_dtype(x · rsqrt(mean(x²) + eps)). */
   forward(x: Tensor): Tensor {
     return tidy(() => {
-      const xf = x.to("float32");
+      const f32 = x.dtype === "float32"; // skip two no-op casts (two FFI calls) per norm
+      const xf = f32 ? x : x.to("float32");
       const normed = xf.mul(xf.square().mean(-1, true).add(this.eps).rsqrt());
-      return this.weight.mul(normed.to(x.dtype));
+      return this.weight.mul(f32 ? normed : normed.to(x.dtype));
     });
   }
 }
@@ -96,12 +97,12 @@ export function ropeCosSin(
   });
 }
 
-/** Applies rotary embeddings to x [B, heads, S, d] with cos/sin [B, S, d]. */
+/** Applies rotary embeddings to x [B, heads, S, d] with cos/sin broadcastable to it ([B, 1, S, d]). */
 export function applyRope(x: Tensor, cos: Tensor, sin: Tensor): Tensor {
   return tidy(() => {
     const half = x.size(-1) / 2;
     const rotated = cat([x.narrow(-1, half, half).neg(), x.narrow(-1, 0, half)], -1);
-    return x.mul(cos.unsqueeze(1)).add(rotated.mul(sin.unsqueeze(1)));
+    return x.mul(cos).add(rotated.mul(sin));
   });
 }
 
