@@ -57,7 +57,7 @@ export class AdamW {
       for (const p of g.params) {
         using grad = p.grad;
         if (grad === null) continue; // as PyTorch: no grad, no state, no step
-        const st = this.#state.get(p) ?? this.#init(p);
+        const st = this.initState(p);
         st.step++;
         const status = shim().mt_adamw_step(
           c(),
@@ -76,7 +76,13 @@ export class AdamW {
     }
   }
 
-  #init(p: Tensor): AdamState {
+  /**
+   * The state of p, allocated as zero moments at step 0 if it has none yet
+   * (as on p's first step). For restoring checkpoints: fill it, then set step.
+   */
+  initState(p: Tensor): AdamState {
+    const have = this.#state.get(p);
+    if (have) return have;
     const opts = { dtype: p.dtype, device: p.device };
     const st = { step: 0, expAvg: keep(zeros(p.shape, opts)), expAvgSq: keep(zeros(p.shape, opts)) };
     this.#state.set(p, st);

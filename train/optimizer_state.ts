@@ -7,7 +7,7 @@
  * groups' hyperparameters go in the header's metadata.
  * @module
  */
-import { type AdamW, isGradEnabled, setGradEnabled, type Tensor, tidy } from "../ffi/mod.ts";
+import type { AdamW, Tensor } from "../ffi/mod.ts";
 import { SafetensorsFile } from "../model/safetensors.ts";
 import { writeSafetensors } from "../model/safetensors_write.ts";
 import { applyEntries, checkEntries, type PreparedRestore, type RestoreEntry } from "./restore.ts";
@@ -131,25 +131,7 @@ function stateOf(optimizer: AdamW, p: Tensor): NonNullable<ReturnType<AdamW["sta
   return st;
 }
 
-/**
- * Makes AdamW allocate state for params (it has no setter): one step with
- * zero gradients and learning rate 0, which changes no parameter (the
- * update and the decay are both multiplied by lr) and leaves zero moments;
- * the caller then overwrites moments and step counts. Gradients are cleared.
- */
+/** Allocates AdamW state (zero moments, step 0) for params that have none. */
 function primeState(optimizer: AdamW, params: Tensor[]): void {
-  if (params.length === 0) return;
-  const lrs = optimizer.groups.map((g) => g.lr);
-  const grad = isGradEnabled();
-  optimizer.zeroGrad();
-  try {
-    setGradEnabled(true);
-    for (const p of params) tidy(() => p.mul(0).sum().backward());
-    for (const g of optimizer.groups) g.lr = 0;
-    optimizer.step();
-  } finally {
-    optimizer.groups.forEach((g, i) => (g.lr = lrs[i]!));
-    setGradEnabled(grad);
-    optimizer.zeroGrad();
-  }
+  for (const p of params) optimizer.initState(p);
 }
