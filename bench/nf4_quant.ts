@@ -12,7 +12,8 @@
 import { parseArgs } from "node:util";
 import { cuda, type Device, type DType, manualSeed, noGrad, randn, tidy } from "../mod.ts";
 import { Linear } from "../model/layers.ts";
-import { Nf4Linear, quantizeNf4 } from "../model/nf4.ts";
+import { Nf4Linear } from "../model/nf4.ts";
+import { quantizeNf4 } from "../model/nf4_codec.ts";
 
 const { values: a } = parseArgs({
   options: {

@@ -8,17 +8,9 @@ import { c, i64 } from "./handle.ts";
 import { shim } from "./lib.ts";
 import type { Generator } from "./runtime.ts";
 import { type Tensor, wrap } from "./tensor.ts";
+import type { TensorData } from "./dtype.ts";
 
-/** Typed arrays accepted as tensor data. */
-export type TensorData =
-  | Float32Array
-  | Float64Array
-  | Int32Array
-  | Int16Array
-  | Int8Array
-  | Uint8Array
-  | Uint16Array
-  | BigInt64Array;
+export type { TensorData } from "./dtype.ts";
 
 /** Nested arrays of numbers or booleans. */
 export type NestedArray = number | boolean | NestedArray[];

@@ -83,3 +83,14 @@ export function deviceCode(d: Device): number {
 export function deviceName(code: number): Device {
   return code < 0 ? "cpu" : `cuda:${code}`;
 }
+
+/** Typed arrays accepted as tensor data. */
+export type TensorData =
+  | Float32Array
+  | Float64Array
+  | Int32Array
+  | Int16Array
+  | Int8Array
+  | Uint8Array
+  | Uint16Array
+  | BigInt64Array;

@@ -13,6 +13,7 @@ import {
   dtypeName,
   ELEMENT_SIZE,
   type Shape,
+  type TensorData,
 } from "./dtype.ts";
 import { c, fail, Handle, i64, outPtr, pair } from "./handle.ts";
 import { check, shim } from "./lib.ts";
@@ -152,15 +153,7 @@ export class Tensor extends Handle {
 
   // ---- reading values ----------------------------------------------------------
   /** Copies the values to a typed array of the dtype (bf16/f16 as raw Uint16 bits, bool as Uint8). */
-  toTypedArray():
-    | Float32Array
-    | Float64Array
-    | Int32Array
-    | Int16Array
-    | Int8Array
-    | Uint8Array
-    | Uint16Array
-    | BigInt64Array {
+  toTypedArray(): TensorData {
     const d = this.dtype;
     const n = this.numel;
     const out = d === "float32"

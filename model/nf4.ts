@@ -23,21 +23,6 @@ import { expertSlots, linearSlots } from "./modules.ts";
 import { type ExpertBank, type ExpertNames, StackedExperts } from "./moe.ts";
 import { Nf4Tables, type Nf4Weight, quantizeNf4 } from "./nf4_codec.ts";
 
-export {
-  dequantizeNf4,
-  DQ_BLOCK,
-  DYNAMIC_MAP,
-  midpoints,
-  NF4_BLOCK,
-  NF4_CODE,
-  type Nf4DoubleQuant,
-  type Nf4Options,
-  type Nf4Parts,
-  Nf4Tables,
-  Nf4Weight,
-  quantizeNf4,
-} from "./nf4_codec.ts";
-
 /** Quantisation settings shared by the layers. */
 export interface Nf4LayerOptions {
   /** Double-quantise the absmax (bnb compress_statistics). */

@@ -25,18 +25,8 @@ import { type CausalLM, loadModel } from "../model/model.ts";
 import type { Decoder } from "../model/decoder.ts";
 import { expertSlots, linearSlots } from "../model/modules.ts";
 import { type ExpertBank, StackedExperts } from "../model/moe.ts";
-import {
-  DYNAMIC_MAP,
-  midpoints,
-  NF4_CODE,
-  nf4Bytes,
-  Nf4Experts,
-  Nf4Linear,
-  Nf4Tables,
-  Nf4Weight,
-  quantizeModel,
-  quantizeNf4,
-} from "../model/nf4.ts";
+import { nf4Bytes, Nf4Experts, Nf4Linear, quantizeModel } from "../model/nf4.ts";
+import { DYNAMIC_MAP, midpoints, NF4_CODE, Nf4Tables, Nf4Weight, quantizeNf4 } from "../model/nf4_codec.ts";
 import { SafetensorsFile } from "../model/safetensors.ts";
 import { writeSafetensors } from "../model/safetensors_write.ts";
 import { assertNoLeak, DEVICE, FLOAT, PYTHON, pythonHas } from "./util.ts";
