@@ -140,6 +140,7 @@ export function scoreText(text: string, input: string | null = null): ScoreResul
     "####": 0,
     final_answer: 0,
     boxed: 0,
+    answer_phrase: 0,
     last_number: 0,
     none: 0,
   };

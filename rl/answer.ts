@@ -8,11 +8,21 @@
  *   (spaces and `$` allowed), as lm-evaluation-harness' and verl's
  *   strict-match regex `#### (\-?[0-9\.\,]+)`.
  * - **flexible**: a cascade, first hit wins: `####` (anything but letters may
- *   stand between marker and number, e.g. `#### **$42**` or `####\n42`), a
- *   "final answer" phrase (`Final Answer:`, `The final answer is`,
- *   `The answer is`, `Answer:`; the first number on the first non-blank line
- *   after it), `\boxed{…}` (the last number inside), and finally the last
- *   number anywhere in the text.
+ *   stand between marker and number, e.g. `#### **$42**` or `####\n42`),
+ *   `Final Answer` (`Final Answer:`, `The final answer is`), `\boxed{…}` (the
+ *   last number inside), an answer phrase (`The answer is`, `Answer:`), and
+ *   finally the last number anywhere in the text.
+ *
+ * After `####` or a phrase, the answer is the *final value* of the answer
+ * line: the first line after the marker that has a letter or digit, cut at
+ * its first sentence end (`.`, `!` or `?` before a space or the end), gives
+ * the first number after its last `=`, else its first number. So
+ * `The answer is 12 + 3 = 15.` gives 15, and `The answer is 15. She has 3
+ * left.` gives 15.
+ *
+ * Only the design's three markers (`####`, `Final Answer`, `\boxed`) count
+ * as an explicit final-answer marker ({@link MARKER_METHODS}): an answer
+ * phrase or the last number is found, but earns no marker bonus.
  *
  * Several markers of a kind: the **last** one that yields a number is used.
  * lm-evaluation-harness' strict-match takes the first `####`; verl, whose
@@ -33,7 +43,16 @@
  */
 
 /** How an answer was found, in cascade order. */
-export type ExtractMethod = "####" | "final_answer" | "boxed" | "last_number";
+export type ExtractMethod = "####" | "final_answer" | "boxed" | "answer_phrase" | "last_number";
+
+/** Every extraction method, in cascade order. */
+export const EXTRACT_METHODS: readonly ExtractMethod[] = [
+  "####",
+  "final_answer",
+  "boxed",
+  "answer_phrase",
+  "last_number",
+];
 
 /** "strict": `#### <number>` only; "flexible": the whole cascade (see the module doc). */
 export type ExtractMode = "strict" | "flexible";
@@ -44,7 +63,7 @@ export interface Extraction {
   value: string | null;
   /** Which extractor found it, or null when none did. */
   method: ExtractMethod | null;
-  /** True when the value came from an explicit final-answer marker (`####`, a final-answer phrase, `\boxed`). */
+  /** True when the value came from an explicit final-answer marker (`####`, `Final Answer`, `\boxed`). */
   marker: boolean;
 }
 
@@ -231,7 +250,7 @@ export function answersMatch(pred: string | number | null, gold: string | number
 const NONE: Extraction = { value: null, method: null, marker: false };
 
 function found(value: Rational, method: ExtractMethod): Extraction {
-  return { value: canonical(value), method, marker: method !== "last_number" };
+  return { value: canonical(value), method, marker: MARKER_METHODS.includes(method) };
 }
 
 // Bounds that keep extraction linear in the text's length, even on degenerate completions that repeat a
@@ -240,27 +259,36 @@ const MAX_TRIES = 64;
 const MAX_SPAN = 400;
 
 /**
- * The first number of the first line after `from` that has any letter or digit
- * (lines of only markup such as `**`, `\[` or `$$` are passed over), within
- * MAX_SPAN characters; null when that line has no number, or, with
- * noLetterFirst, when a letter comes before it.
+ * The final value of the answer line after `from` (see the module doc): the
+ * first line that has any letter or digit (lines of only markup such as `**`,
+ * `\[` or `$$` are passed over), within MAX_SPAN characters, cut at its first
+ * sentence end; the first number after its last `=` (when one follows it),
+ * else its first number. Null when that line has no number, or, with
+ * noLetterFirst, when a letter comes before its first number.
  */
-function firstOnNextLine(text: string, from: number, noLetterFirst: boolean): Rational | null {
+function answerLineValue(text: string, from: number, noLetterFirst: boolean): Rational | null {
   let span = text.slice(from, from + MAX_SPAN);
   if (from + MAX_SPAN < text.length) {
     // do not read a number cut in two by the window
     const cut = Math.max(span.lastIndexOf(" "), span.lastIndexOf("\n"));
     if (cut > 0) span = span.slice(0, cut);
   }
-  for (const line of span.split("\n")) {
-    if (!/[\p{L}\p{N}]/u.test(line)) continue;
-    const first = numbers(line)[0];
+  for (const raw of span.split("\n")) {
+    if (!/[\p{L}\p{N}]/u.test(raw)) continue;
+    const end = SENTENCE_END_RE.exec(raw);
+    const line = end ? raw.slice(0, end.index) : raw;
+    const nums = numbers(line);
+    const first = nums[0];
     if (!first) return null;
     if (noLetterFirst && /\p{L}/u.test(line.slice(0, first.index))) return null;
-    return first.value;
+    const eq = line.lastIndexOf("=");
+    return (eq >= 0 ? nums.find((n) => n.index > eq) : undefined)?.value ?? first.value;
   }
   return null;
 }
+
+// A sentence ends at ".", "!" or "?" followed by white space or the end ("1.5" and "$1,234.50" go on).
+const SENTENCE_END_RE = /[.!?](?=\s|$)/u;
 
 /** Strict: the number right after the last `####` that is directly followed by one. */
 function strictHash(text: string): Rational | null {
@@ -275,15 +303,17 @@ function strictHash(text: string): Rational | null {
 function afterLastMarker(plain: string, re: RegExp, noLetterFirst: boolean): Rational | null {
   const ends = [...plain.matchAll(re)].map((m) => m.index + m[0].length);
   for (let i = ends.length - 1; i >= Math.max(0, ends.length - MAX_TRIES); i--) {
-    const v = firstOnNextLine(plain, ends[i]!, noLetterFirst);
+    const v = answerLineValue(plain, ends[i]!, noLetterFirst);
     if (v) return v;
   }
   return null;
 }
 
 const HASH_RE = /####/g;
-// "Final Answer", "final answer is", "The answer is", "answer was", "Answer:", "**Answer**:".
-const FINAL_RE = /\bfinal\s+answer\b|\banswer[*_\s]*(?:is\b|was\b|would\s+be\b|will\s+be\b|:|=)/giu;
+// "Final Answer", "The final answer is", "**Final Answer**:".
+const FINAL_RE = /\bfinal\s+answer\b/giu;
+// "The answer is", "answer was", "Answer:", "**Answer**:".
+const PHRASE_RE = /\banswer[*_\s]*(?:is\b|was\b|would\s+be\b|will\s+be\b|:|=)/giu;
 
 /**
  * Contents of every `\boxed{…}` / `\fbox{…}` with balanced braces, ordered by
@@ -350,6 +380,8 @@ export function extractAnswer(text: string, opts: ExtractOptions = {}): Extracti
   if (final) return found(final, "final_answer");
   const boxed = lastBoxed(text);
   if (boxed) return found(boxed, "boxed");
+  const phrase = afterLastMarker(plain, PHRASE_RE, false);
+  if (phrase) return found(phrase, "answer_phrase");
   const all = numbers(plain);
   const last = all[all.length - 1];
   return last ? found(last.value, "last_number") : NONE;

@@ -9,12 +9,15 @@
  *        − (overLength ? cfg.overLengthPenalty : 0)
  *
  * The bonus is paid whether or not the answer is right, like verl's
- * format_score: it rewards the format, correctness is paid separately.
+ * format_score: it rewards the format, correctness is paid separately. By
+ * default only the design's markers earn it: `####`, `Final Answer` and
+ * `\boxed` (rl/answer.ts MARKER_METHODS); "The answer is" does not.
  * @module
  */
 import type { FinishReason } from "../model/generate.ts";
 import {
   answersMatch,
+  EXTRACT_METHODS,
   extractAnswer,
   type Extraction,
   type ExtractMethod,
@@ -81,8 +84,6 @@ export interface RewardResult {
   extracted: Extraction;
 }
 
-const METHODS: readonly ExtractMethod[] = ["####", "final_answer", "boxed", "last_number"];
-
 /**
  * The defaults with overrides applied, checked.
  * @throws {Error} naming the field when a weight is not a finite number, maxCompletionTokens is not a
@@ -102,9 +103,9 @@ export function rewardConfig(overrides: Partial<RewardConfig> = {}): RewardConfi
   if (cfg.mode !== "strict" && cfg.mode !== "flexible") {
     throw new Error(`reward config: "mode" must be "strict" or "flexible", got ${JSON.stringify(cfg.mode)}`);
   }
-  if (!Array.isArray(cfg.markerMethods) || cfg.markerMethods.some((m) => !METHODS.includes(m))) {
+  if (!Array.isArray(cfg.markerMethods) || cfg.markerMethods.some((m) => !EXTRACT_METHODS.includes(m))) {
     throw new Error(
-      `reward config: "markerMethods" must list some of ${METHODS.join(", ")}, got ${
+      `reward config: "markerMethods" must list some of ${EXTRACT_METHODS.join(", ")}, got ${
         JSON.stringify(cfg.markerMethods)
       }`,
     );

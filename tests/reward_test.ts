@@ -7,6 +7,7 @@ import {
   answersMatch,
   extractAnswer,
   type ExtractMethod,
+  MARKER_METHODS,
   normalizeNumber,
   parseGold,
   plainText,
@@ -40,17 +41,23 @@ const CASES: Case[] = [
   ["#### **42**", "42", "####", null], // markup: flexible only
   ["####\n42", "42", "####", null],
   ["#### $\\boxed{42}$", "42", "####", null],
-  ["#### The answer is 42", "42", "final_answer", null], // letters first: not a #### answer
-  ["#### Step 1: add 2 and 3\nThe answer is \\boxed{5}", "5", "final_answer", null],
+  ["#### The answer is 42", "42", "answer_phrase", null], // letters first: not a #### answer
+  ["#### Step 1: add 2 and 3\nThe answer is \\boxed{5}", "5", "boxed", null],
+  ["#### 3 + 4 = 7", "7", "####", "3"], // the line's final value; strict reads the number right after
   ["#### 12\n#### Step 2: check", "12", "####", "12"], // a trailing heading does not hide the answer
   // final-answer phrases
   ["The final answer is 42.", "42", "final_answer", null],
   ["The final answer is $42.", "42", "final_answer", null],
   ["Final Answer: \\boxed{17}", "17", "final_answer", null],
   ["**Final Answer**\n\\[\n\\boxed{17}\n\\]", "17", "final_answer", null],
-  ["The answer is: 1,234", "1234", "final_answer", null],
-  ["Answer: -7 degrees", "-7", "final_answer", null],
-  ["**Answer:** 12 apples", "12", "final_answer", null],
+  ["The answer is: 1,234", "1234", "answer_phrase", null], // phrases: found, but no marker
+  ["Answer: -7 degrees", "-7", "answer_phrase", null],
+  ["**Answer:** 12 apples", "12", "answer_phrase", null],
+  ["So the answer is 12 + 3 = 15.", "15", "answer_phrase", null], // the final value of the line
+  ["The answer is 15. She has 3 left.", "15", "answer_phrase", null], // up to the sentence end
+  ["The answer is 5 (2 + 3).", "5", "answer_phrase", null],
+  ["Final Answer: 5 + 5 = 10", "10", "final_answer", null],
+  ["The final answer is $1,234.50.", "1234.5", "final_answer", null],
   ["The answer is 5. Hmm, no.\nFinal answer: 7", "7", "final_answer", null],
   ["Final Answer: The final answer is 42. I hope it is correct.", "42", "final_answer", null],
   // \boxed
@@ -81,7 +88,7 @@ Deno.test(`extractAnswer: ${CASES.length} cases, flexible and strict`, () => {
     const f = extractAnswer(text);
     assert.deepEqual(
       f,
-      { value, method, marker: method !== null && method !== "last_number" },
+      { value, method, marker: method !== null && MARKER_METHODS.includes(method) },
       `flexible ${JSON.stringify(text)}`,
     );
     const s = extractAnswer(text, { mode: "strict" });
@@ -210,6 +217,13 @@ Deno.test("reward: defaults are 1/0, +0.05 marker, -0.05 over length", () => {
   const noMarker = reward(eos("6 * 7 = 42"), 42);
   assert.equal(noMarker.reward, 1);
   assert.deepEqual([noMarker.correct, noMarker.marker], [true, false]);
+
+  // Only the design's markers earn the bonus: "Final Answer" does, "The answer is" does not.
+  assert.equal(reward(eos("Final Answer: 42"), 42).reward, 1.05);
+  assert.equal(reward(eos("The final answer is \\boxed{42}"), 42).reward, 1.05);
+  const phrase = reward(eos("So the answer is 40 + 2 = 42."), 42);
+  assert.deepEqual([phrase.reward, phrase.correct, phrase.marker], [1, true, false]);
+  assert.equal(reward(eos("Answer: 42"), 42).reward, 1);
 
   const wrong = reward(eos("#### 41"), "1,000");
   assert.equal(wrong.reward, 0.05, "the format bonus is paid on a wrong answer too");

@@ -88,6 +88,7 @@ Deno.test("score CLI: verdicts per line, totals printed and written, malformed l
     "####": 2,
     final_answer: 1,
     boxed: 1,
+    answer_phrase: 0,
     last_number: 1,
     none: 1,
   });
