@@ -106,7 +106,7 @@ export interface EvaluateOptions {
 /** What an evaluation needs of a tokenizer (model/tokenizer.ts's Tokenizer has it). */
 export type EvalTokenizer = Pick<
   Tokenizer,
-  "eosTokenIds" | "eosTokenId" | "padTokenId" | "decode" | "applyChatTemplate" | "encode" | "encodeBatch"
+  "stopTokenIds" | "padTokenId" | "decode" | "applyChatTemplate" | "encode" | "encodeBatch"
 >;
 
 function totals(preds: readonly Prediction[], seconds: number): EvalTotals {
@@ -139,8 +139,7 @@ export async function evaluateExamples(
 ): Promise<{ predictions: Prediction[]; totals: EvalTotals }> {
   const t0 = performance.now();
   const prompts = await buildPrompts(tok, examples.map((e) => e.question), opts.prompt);
-  // The end-of-turn token ends an answer even when generation_config lists only the EOS (as train/sft.ts).
-  const eos = [...new Set([...tok.eosTokenIds, ...(tok.eosTokenId === null ? [] : [tok.eosTokenId])])];
+  const eos = tok.stopTokenIds;
   const predictions: Prediction[] = [];
   for (let i = 0; i < examples.length; i += opts.batchSize) {
     const chunk = examples.slice(i, i + opts.batchSize);

@@ -78,8 +78,13 @@ export class Tokenizer {
   readonly addedTokens: readonly AddedTokenInfo[];
   /** Named special tokens from tokenizer_config (bos, eos, unk, sep, pad, cls, mask) that are set. */
   readonly specialTokens: Readonly<Partial<Record<SpecialTokenName, { token: string; id: number }>>>;
-  /** Ids that stop generation: generation_config's eos_token_id, else config.json's, else the EOS token's. */
+  /** generation_config's eos_token_id, else config.json's, else the EOS token's. */
   readonly eosTokenIds: readonly number[];
+  /**
+   * The special token the chat template writes after an assistant message (`<|im_end|>`, Phi-3's
+   * `<|end|>`), found by rendering a probe conversation; null without a template or when none follows.
+   */
+  readonly endOfTurnId: number | null;
   /** The chat template, if the tokenizer has one. */
   readonly chatTemplate: ChatTemplate | null;
   /** Whether decode tidies spaces before punctuation (tokenizer_config `clean_up_tokenization_spaces`). */
@@ -105,6 +110,37 @@ export class Tokenizer {
     this.chatTemplate = init.chatTemplate;
     this.cleanUpTokenizationSpaces = init.cleanUp;
     this.#special = new Set(init.addedTokens.filter((t) => t.special).map((t) => t.id));
+    this.endOfTurnId = this.#findEndOfTurn();
+  }
+
+  /**
+   * Ids that end a completion, for every generation moerl runs (rollouts,
+   * evaluation, the supervised warm-up's targets): {@link eosTokenIds}, the
+   * tokenizer's EOS and the chat template's end-of-turn token. Chat models'
+   * generation_config often lists only one of them; a completion that runs
+   * past the end of its turn is scored on text glued from two turns.
+   */
+  get stopTokenIds(): readonly number[] {
+    const extra = [this.eosTokenId, this.endOfTurnId].filter((id): id is number => id !== null);
+    return [...new Set([...this.eosTokenIds, ...extra])];
+  }
+
+  /** The special token right after an assistant message in the rendered template (see endOfTurnId). */
+  #findEndOfTurn(): number | null {
+    if (!this.chatTemplate) return null;
+    const probe = "moerl end-of-turn probe";
+    let text: string;
+    try {
+      text = this.applyChatTemplate([{ role: "user", content: "?" }, { role: "assistant", content: probe }]);
+    } catch {
+      return null; // a template that rejects this conversation: no end-of-turn known
+    }
+    const at = text.lastIndexOf(probe);
+    if (at < 0) return null;
+    const rest = text.slice(at + probe.length).trimStart();
+    const hits = this.addedTokens.filter((t) => t.special && t.content !== "" && rest.startsWith(t.content));
+    hits.sort((a, b) => b.content.length - a.content.length);
+    return hits[0]?.id ?? null;
   }
 
   /**

@@ -23,7 +23,7 @@ export interface RolloutConfig {
   topK: number;
   /** Reward weights and rules (overrides of rl/reward.ts's defaults). */
   reward: Partial<RewardConfig>;
-  /** Ids that end a completion (default: the tokenizer's `eosTokenIds`). */
+  /** Ids that end a completion (default: the tokenizer's `stopTokenIds`). */
   eosTokenIds?: readonly number[];
   /** Pad id for the batch (default: the tokenizer's pad token, else the first EOS id). */
   padTokenId?: number;
@@ -31,8 +31,8 @@ export interface RolloutConfig {
 
 /** What a rollout needs of a tokenizer: model/tokenizer.ts's `Tokenizer` has it. */
 export interface RolloutTokenizer {
-  /** Ids that stop generation. */
-  readonly eosTokenIds: readonly number[];
+  /** Ids that end a completion (model/tokenizer.ts `stopTokenIds`: EOS ids and the end-of-turn token). */
+  readonly stopTokenIds: readonly number[];
   /** The pad token's id, if any. */
   readonly padTokenId: number | null;
   /** Text of token ids. */
@@ -86,7 +86,7 @@ export function specialIds(
   cfg: Pick<RolloutConfig, "eosTokenIds" | "padTokenId">,
   tokenizer: RolloutTokenizer,
 ): { eos: number[]; pad: number } {
-  const eos = [...(cfg.eosTokenIds ?? tokenizer.eosTokenIds)];
+  const eos = [...(cfg.eosTokenIds ?? tokenizer.stopTokenIds)];
   const pad = cfg.padTokenId ?? tokenizer.padTokenId ?? eos[0];
   if (pad === undefined) throw new Error("rollout: no pad id (set padTokenId, or give EOS ids)");
   return { eos, pad };

@@ -142,6 +142,22 @@ Deno.test("tokenizer: EOS ids for generation: generation_config, then config.jso
   }
 });
 
+Deno.test("tokenizer: the stop set is the EOS ids, the EOS token and the template's end-of-turn", async () => {
+  const tiny = await Tokenizer.load(TINY_DIR);
+  const imEnd = tiny.tokenToId("<|im_end|>")!;
+  // generation_config names only id 2; the chat template ends a turn with <|im_end|>.
+  assert.deepEqual(tiny.eosTokenIds, [2]);
+  assert.equal(tiny.endOfTurnId, imEnd);
+  assert.deepEqual([...tiny.stopTokenIds].sort((a, b) => a - b), [2, imEnd].sort((a, b) => a - b));
+  // Phi-3 ends a turn with <|end|>, not with its EOS <|endoftext|>.
+  const phi = await Tokenizer.load(PHI3_DIR);
+  assert.equal(phi.endOfTurnId, phi.tokenToId("<|end|>"));
+  assert.ok(phi.stopTokenIds.includes(phi.tokenToId("<|end|>")!));
+  assert.ok(phi.stopTokenIds.includes(phi.eosTokenId!));
+  const qwen = await Tokenizer.load(QWEN3_DIR);
+  assert.equal(qwen.endOfTurnId, qwen.tokenToId("<|im_end|>"));
+});
+
 Deno.test("tokenizer: chat template semantics beyond the fixture", async (t) => {
   const qwen = await Tokenizer.load(QWEN3_DIR);
   const phi = await Tokenizer.load(PHI3_DIR);

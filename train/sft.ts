@@ -35,16 +35,18 @@ export interface SftOptions {
   onStep?: (step: number, loss: number) => void;
 }
 
-/** Token ids of each example's prompt and of its solution followed by the end-of-turn token. */
+/** Token ids of each example's prompt and of its solution followed by the end-of-turn token (else the EOS). */
 export async function sftPairs(
   tok: Tokenizer,
   examples: readonly Gsm8kExample[],
   prompt: PromptOptions = {},
 ): Promise<{ prompt: number[]; completion: number[] }[]> {
   const prompts = await buildPrompts(tok, examples.map((e) => e.question), prompt);
-  const end = tok.eosTokenId;
+  const end = tok.endOfTurnId ?? tok.eosTokenId;
   if (end === null) {
-    throw new Error("supervised warm-up: the tokenizer has no EOS token to end solutions with");
+    throw new Error(
+      "supervised warm-up: the tokenizer has no end-of-turn or EOS token to end solutions with",
+    );
   }
   const sols = await tok.encodeBatch(examples.map((e) => e.solution), { addSpecialTokens: false });
   return prompts.map((p, i) => ({ prompt: p.ids, completion: [...sols[i]!, end] }));
@@ -91,7 +93,7 @@ export async function greedyAccuracy(
   opts: { maxNewTokens: number; batchSize?: number; prompt?: PromptOptions },
 ): Promise<number> {
   const prompts = await buildPrompts(tok, examples.map((e) => e.question), opts.prompt);
-  const eos = [...new Set([...tok.eosTokenIds, ...(tok.eosTokenId === null ? [] : [tok.eosTokenId])])];
+  const eos = tok.stopTokenIds;
   const size = opts.batchSize ?? 32;
   let correct = 0;
   policy.train(false);
