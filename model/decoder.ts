@@ -46,8 +46,8 @@ export interface MoeMlp {
   router: LinearLayer;
   /** Module name of the router, e.g. "model.layers.0.mlp.gate". */
   routerName: string;
-  /** The family's routing rule applied to router logits computed by router. */
-  route(x: Tensor, router: LinearLayer): Routing;
+  /** The family's routing rule applied to router logits computed by router (replay: see ForwardInput). */
+  route(x: Tensor, router: LinearLayer, replay?: Tensor | null): Routing;
   /** The experts. */
   experts: ExpertBank;
 }
@@ -96,6 +96,11 @@ export interface ForwardInput {
   skipLogits?: boolean;
   /** MoE dispatch strategy (see {@link dispatch}). */
   dispatch?: "loop" | "dense";
+  /**
+   * Routing replay: per MoE layer (in layer order) the experts each token must use, [B·S, k] integer
+   * ids with −1 where the router chooses freely; gate weights still come from the current router.
+   */
+  replay?: readonly Tensor[] | null;
 }
 
 /** Outputs of one forward pass; the caller owns every tensor. */
@@ -106,6 +111,8 @@ export interface ForwardOutput {
   hidden: Tensor;
   /** Router logits [B·S, E] of each MoE layer, in layer order. */
   routerLogits: Tensor[];
+  /** The experts each token used [B·S, k] (int64) in each MoE layer, in layer order. */
+  experts: Tensor[];
 }
 
 /** Per-forward state shared by the layers; dispose with `dispose(ctx)` from mod.ts. */
@@ -122,6 +129,8 @@ export interface LayerContext {
   cache: KVCache | undefined;
   /** MoE dispatch strategy. */
   dispatch: "loop" | "dense" | undefined;
+  /** Routing replay per MoE layer (ForwardInput.replay), or null. */
+  replay: readonly Tensor[] | null;
 }
 
 /** A causal LM from its parts. Holds borrowed tensors; dispose via the loader's owner. */
@@ -136,6 +145,8 @@ export class Decoder {
   lmHead: LinearLayer;
   /** Head counts and RoPE settings. */
   readonly dims: DecoderDims;
+  /** For each layer, its index among the MoE layers (-1 for a dense layer). */
+  readonly moeIndex: readonly number[];
 
   /** Assembles a decoder from already-built parts. */
   constructor(
@@ -150,6 +161,13 @@ export class Decoder {
     this.finalNorm = finalNorm;
     this.lmHead = lmHead;
     this.dims = dims;
+    let n = 0;
+    this.moeIndex = layers.map((l) => (l.mlp.kind === "moe" ? n++ : -1));
+  }
+
+  /** Number of MoE layers. */
+  get moeLayers(): number {
+    return this.moeIndex.filter((i) => i >= 0).length;
   }
 
   /** Runs the model; with a cache, appends this step's keys and values to it. */
@@ -157,12 +175,15 @@ export class Decoder {
     return tidy(() => {
       const ctx = this.prepare(input);
       let h = embedding(this.embed, input.inputIds);
-      const routerLogits: Tensor[] = [];
+      const routerLogits: Tensor[] = [], experts: Tensor[] = [];
       for (let i = 0; i < this.layers.length; i++) {
         const out = this.layer(i, h, ctx);
         h.dispose(); // autograd keeps what backward needs; free our handle now
         h = out.h;
-        if (out.routerLogits) routerLogits.push(out.routerLogits);
+        if (out.routing) {
+          routerLogits.push(out.routing.logits);
+          experts.push(out.routing.experts);
+        }
       }
       input.cache?.advance(ctx.queries);
       const hidden = this.finalNorm.forward(h);
@@ -171,7 +192,7 @@ export class Decoder {
         const s = ctx.queries, keep = input.logitsToKeep ?? 0;
         logits = this.lmHead.forward(keep > 0 && keep < s ? hidden.narrow(1, s - keep, keep) : hidden);
       }
-      return { logits, hidden, routerLogits };
+      return { logits, hidden, routerLogits, experts };
     });
   }
 
@@ -181,6 +202,12 @@ export class Decoder {
    * the caller disposes the context.
    */
   prepare(input: ForwardInput): LayerContext {
+    const replay = input.replay ?? null;
+    if (replay && replay.length !== this.moeLayers) {
+      throw new RangeError(
+        `routing replay: ${replay.length} layers of experts for ${this.moeLayers} MoE layers`,
+      );
+    }
     return tidy(() => {
       const s = input.inputIds.size(1);
       const past = input.cache?.length ?? 0;
@@ -195,12 +222,13 @@ export class Decoder {
         queries: s,
         cache: input.cache,
         dispatch: input.dispatch,
+        replay,
       };
     });
   }
 
-  /** Layer i on hidden states h [B, S, H]: the new hidden states and the router logits (MoE layers). */
-  layer(i: number, h: Tensor, ctx: LayerContext): { h: Tensor; routerLogits: Tensor | null } {
+  /** Layer i on hidden states h [B, S, H]: the new hidden states and, in an MoE layer, its routing. */
+  layer(i: number, h: Tensor, ctx: LayerContext): { h: Tensor; routing: Routing | null } {
     const layer = this.layers[i]!;
     return tidy(() => {
       const [b, s] = h.shape as [number, number];
@@ -210,11 +238,11 @@ export class Decoder {
       if (layer.mlp.kind === "dense") {
         const { gate, up, down } = layer.mlp;
         const y = down.forward(gate.forward(x).silu().mul(up.forward(x)));
-        return { h: mid.add(y.reshape(mid.shape)), routerLogits: null };
+        return { h: mid.add(y.reshape(mid.shape)), routing: null };
       }
-      const r = layer.mlp.route(x, layer.mlp.router);
+      const r = layer.mlp.route(x, layer.mlp.router, ctx.replay?.[this.moeIndex[i]!]);
       const y = dispatch(x, r, layer.mlp.experts, ctx.dispatch);
-      return { h: mid.add(y.reshape(mid.shape)), routerLogits: r.logits };
+      return { h: mid.add(y.reshape(mid.shape)), routing: r };
     });
   }
 

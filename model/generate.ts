@@ -8,7 +8,20 @@
  * every `checkEvery` steps.
  * @module
  */
-import { type Generator, noGrad, type Tensor, tensor, tidy, tidyAsync, where, zeros } from "../ffi/mod.ts";
+import {
+  cuda,
+  type Device,
+  full,
+  type Generator,
+  keep,
+  noGrad,
+  type Tensor,
+  tensor,
+  tidy,
+  tidyAsync,
+  where,
+  zeros,
+} from "../ffi/mod.ts";
 import type { Decoder } from "./decoder.ts";
 import { KVCache } from "./kv_cache.ts";
 import { leftPad } from "./padding.ts";
@@ -29,7 +42,7 @@ export interface SamplingOptions {
 export interface GenerateOptions extends SamplingOptions {
   /** Upper bound on new tokens per row. */
   maxNewTokens: number;
-  /** A row stops after emitting any of these. */
+  /** A row stops after emitting any of these (e.g. a Tokenizer's `stopTokenIds`). */
   eosTokenIds?: readonly number[];
   /** Written after a row has stopped, and used to left-pad prompts (default 0). */
   padTokenId?: number;
@@ -43,23 +56,41 @@ export interface GenerateOptions extends SamplingOptions {
   checkEvery?: number;
   /** MoE dispatch for the forward passes (default "dense": no host sync in a decode step). */
   dispatch?: "loop" | "dense";
+  /**
+   * Continuations per prompt (default 1). Each prompt is prefilled once and its KV cache copied to its
+   * samples; the result has prompts × samplesPerPrompt rows, prompt-major.
+   */
+  samplesPerPrompt?: number;
+  /** Record which experts every token used in every MoE layer (GenerateResult.routing). */
+  recordRouting?: boolean;
 }
 
 /** Why a row stopped. */
 export type FinishReason = "eos" | "stop" | "length";
 
-/** What {@link generate} returns, per prompt. */
+/** What {@link generate} returns, per output row (prompt-major with samplesPerPrompt). */
 export interface GenerateResult {
   /** New tokens, up to and including the EOS token if one was emitted. */
   tokens: number[][];
-  /** log p(token) under the model's raw distribution (temperature 1, no filtering), per new token. */
+  /**
+   * log p(token) per new token under the distribution sampled from: the model's logits divided by the
+   * temperature when sampling (top-k / top-p truncation is not applied), the raw logits when greedy.
+   */
   logprobs: number[][];
   /** Decoded text, truncated before a matched stop string (only with decode). */
   text: string[] | null;
   /** Why each row stopped. */
   finishReasons: FinishReason[];
+  /** Width of the left-padded prompt block: row r's new token j sits at position promptWidth + j. */
+  promptWidth: number;
+  /**
+   * With recordRouting: the experts of every position, [moeLayers, rows, promptWidth + steps, k] int16,
+   * −1 where none was computed (a row's last token, which is never fed back). The caller frees it.
+   */
+  routing: Tensor | null;
+  /** Seconds spent in the prompt forward pass and in decode steps (device-synchronised). */
+  seconds: { prefill: number; decode: number };
 }
-
 /** Applies temperature, top-k and top-p to float32 scores [B, V] and draws one token per row. */
 export function sampleNext(scores: Tensor, opts: SamplingOptions, generator?: Generator): Tensor {
   return tidy(() => {
@@ -103,7 +134,16 @@ export async function generate(
   if (opts.stopStrings?.length && !opts.decode) {
     throw new TypeError("generate: stopStrings need a decode function");
   }
+  const samples = opts.samplesPerPrompt ?? 1;
+  if (!Number.isSafeInteger(samples) || samples < 1) {
+    throw new RangeError(`generate: samplesPerPrompt must be an integer >= 1, got ${samples}`);
+  }
   return await tidyAsync(() => run(decoder, prompts, opts));
+}
+
+/** Waits for the device's queued work, so that host clocks measure it. */
+function sync(device: Device): void {
+  if (device !== "cpu") cuda.synchronize(device);
 }
 
 async function run(
@@ -111,68 +151,125 @@ async function run(
   prompts: readonly number[][],
   opts: GenerateOptions,
 ): Promise<GenerateResult> {
+  const t0 = performance.now();
   const device = decoder.embed.device, dtype = decoder.embed.dtype;
   const pad = opts.padTokenId ?? 0;
   const checkEvery = Math.max(1, opts.checkEvery ?? 8);
-  const b = prompts.length, t = opts.maxNewTokens;
+  const samples = opts.samplesPerPrompt ?? 1;
+  const p = prompts.length, b = p * samples, t = opts.maxNewTokens;
   const padded = leftPad(prompts, pad);
   const s = padded.inputIds[0]!.length;
   const i64 = { dtype: "int64" as const, device };
+  const temperature = opts.doSample ? opts.temperature ?? 1 : 1;
+  const dispatchMode = opts.dispatch ?? "dense";
+  const kv = { dtype, device };
+  const { kvHeads, headDim } = decoder.dims, layers = decoder.layers.length;
 
-  using cache = new KVCache(decoder.layers.length, b, decoder.dims.kvHeads, s + t, decoder.dims.headDim, {
-    dtype,
-    device,
-  });
+  using cache = new KVCache(layers, b, kvHeads, s + t, headDim, kv);
+  // Row r of the output continues prompt rowPrompt[r].
+  const rowPrompt = tensor(Array.from({ length: b }, (_, r) => Math.floor(r / samples)), i64);
+  const expand = (x: Tensor): Tensor => (samples === 1 ? x.clone() : x.indexSelect(0, rowPrompt));
   const keyMask = zeros([b, s + t], i64);
-  keyMask.narrow(1, 0, s).copy_(tensor(padded.attentionMask, i64));
+  keyMask.narrow(1, 0, s).copy_(expand(tensor(padded.attentionMask, i64)));
   const tokens = zeros([b, t], i64).fill_(pad);
   const logprobs = zeros([b, t], { dtype: "float32", device });
   const eos = tensor(opts.eosTokenIds?.length ? [...opts.eosTokenIds] : [-1], i64);
   const padT = tensor([pad], i64);
+  // [moeLayers, rows, positions, k], allocated at the prefill once k is known.
+  let routing: Tensor | null = null;
+  const record = (experts: readonly Tensor[], at: number, width: number): void => {
+    if (!opts.recordRouting || experts.length === 0) return;
+    const k = experts[0]!.size(1);
+    routing ??= keep(full([experts.length, b, s + t, k], -1, { dtype: "int16", device }));
+    experts.forEach((e, l) => {
+      using slot = routing!.select(0, l).narrow(1, at, width);
+      using rows = e.reshape([-1, width, k]);
+      using picked = at === 0 ? expand(rows) : rows.clone();
+      slot.copy_(picked);
+    });
+  };
+
+  // Prefill: each prompt once, its cache (and routing) copied to its samples.
+  let scores = noGrad(() =>
+    tidy(() => {
+      using small = samples === 1 ? null : new KVCache(layers, p, kvHeads, s, headDim, kv);
+      const out = decoder.forward({
+        inputIds: tensor(padded.inputIds, i64),
+        positionIds: tensor(padded.positionIds, i64),
+        attentionMask: tensor(padded.attentionMask, i64),
+        cache: small ?? cache,
+        logitsToKeep: 1,
+        dispatch: dispatchMode,
+      });
+      if (small) cache.fillFrom(small, rowPrompt);
+      record(out.experts, 0, s);
+      return expand(out.logits!.select(1, 0).to("float32"));
+    })
+  );
+  let positions = expand(tensor(padded.positionIds, i64).narrow(1, s - 1, 1).add(1));
+  sync(device);
+  const t1 = performance.now();
 
   let finished = zeros([b], { dtype: "bool", device });
-  let positions = tensor(padded.positionIds, i64);
-  let input = tensor(padded.inputIds, i64);
   const stoppedByString = new Set<number>();
   let steps = 0;
   for (let step = 0; step < t; step++) {
     // One decode step, all on the device. Grad mode is switched off per step
     // (not across awaits) so concurrent code keeps its own mode.
+    const last = step + 1 === t;
     const state = noGrad(() =>
       tidy(() => {
-        const out = decoder.forward({
-          inputIds: input,
-          positionIds: positions,
-          attentionMask: keyMask.narrow(1, 0, cache.length + input.size(1)),
-          cache,
-          logitsToKeep: 1,
-          dispatch: opts.dispatch ?? "dense",
-        });
-        const scores = out.logits!.select(1, 0).to("float32");
         const chosen = opts.doSample ? sampleNext(scores, opts, opts.generator) : scores.argmax(-1);
         const next = where(finished, padT, chosen);
-        logprobs.narrow(1, step, 1).copy_(scores.logSoftmax(-1).gather(-1, next.unsqueeze(-1)));
+        const tempered = temperature === 1 ? scores : scores.div(temperature);
+        logprobs.narrow(1, step, 1).copy_(tempered.logSoftmax(-1).gather(-1, next.unsqueeze(-1)));
         tokens.narrow(1, step, 1).copy_(next.unsqueeze(-1));
         keyMask.narrow(1, s + step, 1).fill_(1);
         const done = finished.logicalOr(next.unsqueeze(-1).eq(eos).any(-1));
-        return { next: next.unsqueeze(-1), done, pos: positions.narrow(1, positions.size(1) - 1, 1).add(1) };
+        if (last) return { done, scores: null, pos: null };
+        const out = decoder.forward({
+          inputIds: next.unsqueeze(-1),
+          positionIds: positions,
+          attentionMask: keyMask.narrow(1, 0, cache.length + 1),
+          cache,
+          logitsToKeep: 1,
+          dispatch: dispatchMode,
+        });
+        record(out.experts, s + step, 1);
+        return { done, scores: out.logits!.select(1, 0).to("float32"), pos: positions.add(1) };
       })
     );
-    for (const old of [input, positions, finished]) old.dispose();
-    input = state.next, positions = state.pos, finished = state.done;
+    for (const old of [scores, positions, finished]) old.dispose();
+    finished = state.done;
     steps = step + 1;
-    if (steps % checkEvery === 0 || steps === t) {
+    if (state.scores) [scores, positions] = [state.scores, state.pos!];
+    if (steps % checkEvery === 0 || last) {
       if (opts.stopStrings?.length) await markStopStrings(tokens, steps, opts, stoppedByString, pad);
       if (stoppedByString.size) {
-        const host = tensor(prompts.map((_, i) => stoppedByString.has(i)), { dtype: "bool", device });
+        const host = tensor(Array.from({ length: b }, (_, i) => stoppedByString.has(i)), {
+          dtype: "bool",
+          device,
+        });
         const merged = finished.logicalOr(host);
         finished.dispose();
         finished = merged;
       }
-      if (finished.all().item() === 1) break;
+      if (last || finished.all().item() === 1) break;
     }
   }
-  return await collect(tokens, logprobs, steps, opts);
+  if (steps < t) [scores, positions].forEach((x) => x.dispose());
+  sync(device);
+  const t2 = performance.now();
+  const result = await collect(tokens, logprobs, steps, opts);
+  const kept = routing as Tensor | null;
+  const routed = kept === null ? null : kept.narrow(2, 0, s + steps);
+  kept?.dispose(); // the view holds the storage
+  return {
+    ...result,
+    promptWidth: s,
+    routing: routed,
+    seconds: { prefill: (t1 - t0) / 1000, decode: (t2 - t1) / 1000 },
+  };
 }
 
 /** Marks rows whose decoded text so far contains a stop string. */
@@ -196,12 +293,17 @@ async function collect(
   logprobs: Tensor,
   steps: number,
   opts: GenerateOptions,
-): Promise<GenerateResult> {
+): Promise<Pick<GenerateResult, "tokens" | "logprobs" | "text" | "finishReasons">> {
   const ids = tidy(() => tokens.narrow(1, 0, steps).tolist() as number[][]);
   const lps = tidy(() => logprobs.narrow(1, 0, steps).tolist() as number[][]);
   const eos = new Set(opts.eosTokenIds ?? []);
   const stops = opts.stopStrings ?? [];
-  const out: GenerateResult = { tokens: [], logprobs: [], text: opts.decode ? [] : null, finishReasons: [] };
+  const out: Pick<GenerateResult, "tokens" | "logprobs" | "text" | "finishReasons"> = {
+    tokens: [],
+    logprobs: [],
+    text: opts.decode ? [] : null,
+    finishReasons: [],
+  };
   for (const [i, row] of ids.entries()) {
     const end = row.findIndex((id) => eos.has(id));
     let n = end >= 0 ? end + 1 : row.length;

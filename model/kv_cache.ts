@@ -57,6 +57,26 @@ export class KVCache {
     this.length += s;
   }
 
+  /**
+   * Fills this cache's first src.length slots with rows of src: row i gets
+   * src's row `rows[i]` (an int64 index tensor [B]). Shares one prefill
+   * among several continuations of a prompt.
+   */
+  fillFrom(src: KVCache, rows: Tensor): void {
+    if (src.length > this.maxLength) {
+      throw new RangeError(`KVCache.fillFrom: ${src.length} slots exceed maxLength ${this.maxLength}`);
+    }
+    for (const [dst, from] of [[this.keys, src.keys], [this.values, src.values]] as const) {
+      dst.forEach((t, l) => {
+        using slot = t.narrow(2, 0, src.length);
+        using filled = from[l]!.narrow(2, 0, src.length);
+        using picked = filled.indexSelect(0, rows);
+        slot.copy_(picked);
+      });
+    }
+    this.length = src.length;
+  }
+
   /** Frees every buffer. */
   dispose(): void {
     for (const t of [...this.keys, ...this.values]) t.dispose();

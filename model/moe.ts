@@ -3,7 +3,7 @@
  * sparsemixer), expert banks, token dispatch, and the load-balancing loss.
  * @module
  */
-import { arange, cat, linear, type Tensor, tensor, tidy, zeros } from "../ffi/mod.ts";
+import { arange, cat, linear, type Tensor, tensor, tidy, where, zeros } from "../ffi/mod.ts";
 import type { LinearLayer } from "./layers.ts";
 
 /** Which experts each token uses, and with what weight. */
@@ -111,16 +111,43 @@ export function swiglu(gateUp: Tensor): Tensor {
 }
 
 /**
+ * The experts a router uses: `replay`'s where it holds an id (routing replay:
+ * "R3", arXiv 2510.11370), the router's own choice where it holds −1 or is absent.
+ */
+function chosen(own: Tensor, replay: Tensor | null | undefined): Tensor {
+  if (!replay) return own;
+  if (replay.ndim !== 2 || replay.size(0) !== own.size(0) || replay.size(1) !== own.size(1)) {
+    throw new RangeError(
+      `routing replay: expected experts [${own.shape.join(", ")}], got [${replay.shape.join(", ")}]`,
+    );
+  }
+  return tidy(() => {
+    const r = replay.to("int64");
+    return where(r.ge(0), r, own);
+  });
+}
+
+/**
  * Qwen3-MoE routing: softmax over all experts in float32, top-k, optional
  * renormalisation, weights cast to the activation dtype (model-notes §2.7).
+ * With `replay` ([T, k] expert ids, −1 = choose freely) those experts are
+ * used instead of the top-k, weighted by the current router's probabilities
+ * of them (renormalised over them when normTopK), so the router still learns.
  */
-export function softmaxTopK(x: Tensor, router: LinearLayer, k: number, normTopK: boolean): Routing {
+export function softmaxTopK(
+  x: Tensor,
+  router: LinearLayer,
+  k: number,
+  normTopK: boolean,
+  replay?: Tensor | null,
+): Routing {
   return tidy(() => {
     const logits = router.forward(x);
     const probs = logits.softmax(-1, "float32");
-    const { values, indices } = probs.topk(k, -1);
+    const experts = chosen(probs.topk(k, -1).indices, replay);
+    const values = probs.gather(-1, experts);
     const w = normTopK ? values.div(values.sum(-1, true)) : values;
-    return { experts: indices, weights: w.to(x.dtype), logits };
+    return { experts, weights: w.to(x.dtype), logits };
   });
 }
 
@@ -129,21 +156,33 @@ export function softmaxTopK(x: Tensor, router: LinearLayer, k: number, normTopK:
  * argmax of a softmax over the logits within a relative 2·eps band of the
  * slot's maximum; weights not renormalised. Deterministic: the train-mode
  * Gumbel sampling and jitter are deliberately not implemented.
+ *
+ * With `replay` ([T, 2], −1 = choose freely) each slot takes the replayed
+ * expert instead of the argmax, and its weight is the softmax over the
+ * scores within the band around that expert's score (the same rule, centred
+ * on the replayed expert instead of the maximum): identical to the plain
+ * rule when the replayed expert is the argmax.
  */
-export function sparsemixer(x: Tensor, router: LinearLayer, jitterEps: number): Routing {
+export function sparsemixer(
+  x: Tensor,
+  router: LinearLayer,
+  jitterEps: number,
+  replay?: Tensor | null,
+): Routing {
   return tidy(() => {
     const scores = router.forward(x);
     const neg = (t: Tensor, mask: Tensor): Tensor => t.maskedFill(mask, -Infinity);
-    const slot = (masked: Tensor): [Tensor, Tensor] => {
-      const { values: top, indices } = masked.max(-1, true);
+    const slot = (masked: Tensor, slotReplay: Tensor | null): [Tensor, Tensor] => {
+      const indices = chosen(masked.max(-1, true).indices, slotReplay);
+      const top = masked.gather(-1, indices);
       const factor = scores.abs().maximum(top);
       const outside = top.sub(scores).div(factor).gt(2 * jitterEps);
       const gate = neg(masked, outside).softmax(-1);
       return [gate.gather(-1, indices), indices];
     };
-    const [w1, i1] = slot(scores);
+    const [w1, i1] = slot(scores, replay ? replay.narrow(1, 0, 1) : null);
     const first = arange(0, scores.size(-1), 1, { device: scores.device }).eq(i1);
-    const [w2, i2] = slot(neg(scores, first));
+    const [w2, i2] = slot(neg(scores, first), replay ? replay.narrow(1, 1, 1) : null);
     return { experts: cat([i1, i2], -1), weights: cat([w1, w2], -1), logits: scores };
   });
 }

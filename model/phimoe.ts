@@ -61,7 +61,7 @@ export async function buildPhiMoe(cfg: PhiMoeConfig, w: WeightLoader): Promise<D
         kind: "moe",
         router,
         routerName: routerKey.replace(/\.weight$/, ""),
-        route: (x, r) => sparsemixer(x, r, jitter),
+        route: (x, r, replay) => sparsemixer(x, r, jitter, replay),
         experts: new StackedExperts(gateUp, down, {
           prefix: `${moe}.experts`,
           gate: "w1",

@@ -52,7 +52,7 @@ export async function buildQwen3Moe(cfg: Qwen3MoeConfig, w: WeightLoader): Promi
         kind: "moe",
         router,
         routerName: `${p}.mlp.gate`,
-        route: (x, r) => softmaxTopK(x, r, k, norm),
+        route: (x, r, replay) => softmaxTopK(x, r, k, norm, replay),
         experts: new StackedExperts(gateUp, down, {
           prefix: `${p}.mlp.experts`,
           gate: "gate_proj",

@@ -1,6 +1,7 @@
 /**
  * Generation beyond greedy parity (tests/model_parity_test.ts): the sampling processors against hand-computed allowed sets,
- * seeded reproducibility, EOS and stop strings, and no leaked tensors.
+ * seeded reproducibility, EOS and stop strings, a prefill shared by several samples of a prompt, the routing
+ * record against a full forward, log-probs at the sampling temperature, and no leaked tensors.
  */
 import assert from "node:assert/strict";
 import { join } from "node:path";
@@ -124,6 +125,100 @@ Deno.test("generate: the tiny model's generation", async (t) => {
     });
     assert.equal(out.text![0], await tok.decode(out.tokens[0]!));
     assert.ok(out.tokens[0]!.length >= 1 && out.tokens[0]!.length <= 16);
+  });
+
+  await t.step(
+    "samplesPerPrompt: one prefill per prompt gives what repeating the prompts gives",
+    async () => {
+      const repeated = PROMPTS.flatMap((p) => [p, p, p]);
+      const a = await generate(model.decoder, repeated, { maxNewTokens: 8 });
+      const b = await generate(model.decoder, PROMPTS, { maxNewTokens: 8, samplesPerPrompt: 3 });
+      assert.deepEqual(b.tokens, a.tokens, "greedy tokens, prompt-major");
+      b.logprobs.flat().forEach((x, i) => assert.ok(Math.abs(x - a.logprobs.flat()[i]!) < 1e-5));
+      // Sampling: the K samples of a prompt differ from each other.
+      using g = new Generator(5, DEVICE);
+      const s = await generate(model.decoder, [PROMPTS[0]!], {
+        maxNewTokens: 8,
+        samplesPerPrompt: 4,
+        doSample: true,
+        generator: g,
+      });
+      assert.equal(new Set(s.tokens.map((r) => r.join())).size, 4);
+      await assert.rejects(
+        () => generate(model.decoder, PROMPTS, { maxNewTokens: 2, samplesPerPrompt: 0 }),
+        /samples/,
+      );
+    },
+  );
+
+  await t.step(
+    "the routing record holds each token's experts, as a forward over the whole sequence",
+    async () => {
+      const out = await generate(model.decoder, PROMPTS, {
+        maxNewTokens: 6,
+        samplesPerPrompt: 2,
+        recordRouting: true,
+      });
+      const rec = out.routing!;
+      const s = out.promptWidth;
+      const moe = model.decoder.moeLayers;
+      assert.deepEqual(rec.shape, [moe, 6, s + 6, model.config.numExpertsPerTok]);
+      const record = rec.tolist() as number[][][][];
+      rec.dispose();
+      for (let r = 0; r < 6; r++) {
+        const prompt = PROMPTS[Math.floor(r / 2)]!, seq = [...prompt, ...out.tokens[r]!];
+        const full = tidy(() =>
+          model.decoder.forward({
+            inputIds: tensor([seq], { dtype: "int64", device: DEVICE }),
+            positionIds: tensor([seq.map((_, j) => j)], { dtype: "int64", device: DEVICE }),
+            attentionMask: tensor([seq.map(() => 1)], { dtype: "int64", device: DEVICE }),
+            skipLogits: true,
+            dispatch: "loop",
+          }).experts.map((e) => e.tolist() as number[][])
+        );
+        for (let l = 0; l < moe; l++) {
+          for (let j = 0; j < seq.length; j++) {
+            const at = s - prompt.length + j;
+            const got = record[l]![r]![at]!;
+            if (j === seq.length - 1) {
+              assert.ok(
+                got.every((e) => e === -1),
+                "the last token was never fed back",
+              );
+            } else {assert.deepEqual(
+                [...got].sort(),
+                [...full[l]![j]!].sort(),
+                `row ${r} layer ${l} token ${j}`,
+              );}
+          }
+        }
+      }
+    },
+  );
+
+  await t.step("log-probs are of the tempered distribution the tokens were sampled from", async () => {
+    const run = async (temperature: number): Promise<{ tokens: number[][]; logprobs: number[][] }> => {
+      using g = new Generator(9, DEVICE);
+      return await generate(model.decoder, PROMPTS, {
+        maxNewTokens: 6,
+        doSample: true,
+        temperature,
+        generator: g,
+      });
+    };
+    const hot = await run(1.7);
+    const row = [...PROMPTS[0]!, ...hot.tokens[0]!];
+    const want = tidy(() => {
+      const logits = model.decoder.forward({
+        inputIds: tensor([row], { dtype: "int64", device: DEVICE }),
+        positionIds: tensor([row.map((_, j) => j)], { dtype: "int64", device: DEVICE }),
+        attentionMask: tensor([row.map(() => 1)], { dtype: "int64", device: DEVICE }),
+      }).logits!.to("float32").div(1.7).logSoftmax(-1).tolist() as number[][][];
+      return hot.tokens[0]!.map((id, j) => logits[0]![PROMPTS[0]!.length - 1 + j]![id]!);
+    });
+    want.forEach((w, j) =>
+      assert.ok(Math.abs(hot.logprobs[0]![j]! - w) < 1e-4, `token ${j}: ${hot.logprobs[0]![j]} vs ${w}`)
+    );
   });
 
   await t.step("bad arguments are rejected", async () => {
