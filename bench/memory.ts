@@ -17,7 +17,7 @@ import { parseConfig } from "../model/config.ts";
 import { DEFAULT_LORA } from "../model/lora_apply.ts";
 import { randomModel } from "../model/model.ts";
 import { quantizeModel } from "../model/nf4.ts";
-import { Policy, sequenceValues } from "../rl/policy.ts";
+import { Policy } from "../rl/policy.ts";
 
 const { values: a } = parseArgs({
   options: {
@@ -83,7 +83,7 @@ async function runVariant(v: typeof VARIANTS[number]): Promise<Record<string, nu
     completionMask: tensor(ids.map((r) => r.map((_, j) => (j >= half ? 1 : 0))), i64),
   };
   const lossFn = (out: Parameters<Parameters<Policy["backward"]>[1]>[0]) =>
-    out.logprobs.mul(out.mask).sum().neg().div(out.mask.sum()).add(sequenceValues(out).square().mean());
+    out.logprobs.mul(out.mask).sum().neg().div(out.mask.sum());
   policy.backward(batch, lossFn); // warm-up: allocator pools, kernels
   [...policy.policyParameters(), ...policy.valueParameters()].forEach((p) => p.clearGrad());
   if (onGpu) {

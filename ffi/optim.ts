@@ -51,10 +51,15 @@ export class AdamW {
     }));
   }
 
-  /** Applies one update to every parameter that has a gradient. */
-  step(): void {
+  /**
+   * Applies one update to every parameter that has a gradient, or only to
+   * those of `only` (e.g. the critic's, stepped apart from the policy's).
+   */
+  step(only?: readonly Tensor[]): void {
+    const chosen = only ? new Set(only) : null;
     for (const g of this.groups) {
       for (const p of g.params) {
+        if (chosen && !chosen.has(p)) continue;
         using grad = p.grad;
         if (grad === null) continue; // as PyTorch: no grad, no state, no step
         const st = this.initState(p);
@@ -94,9 +99,10 @@ export class AdamW {
     return this.#state.get(p);
   }
 
-  /** Drops every parameter's gradient. */
-  zeroGrad(): void {
-    for (const g of this.groups) for (const p of g.params) p.clearGrad();
+  /** Drops every parameter's gradient, or only those of `only`. */
+  zeroGrad(only?: readonly Tensor[]): void {
+    if (only) only.forEach((p) => p.clearGrad());
+    else for (const g of this.groups) for (const p of g.params) p.clearGrad();
   }
 
   /** Frees the moment tensors. */

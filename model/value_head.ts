@@ -1,12 +1,12 @@
 /**
- * The critic: Linear(h→h) → Tanh → Linear(h→1) on the policy's final hidden
- * states, with its own parameters (and so its own optimizer group). It runs
+ * The critic: Linear(h→h) → Tanh → Linear(h→1) on a model's final hidden
+ * states (rl/policy.ts feeds it the frozen base's), with its own parameters (and so its own optimizer group). It runs
  * in float32 whatever the model's dtype, since its targets are small reward
  * differences.
  * @module
  */
 import { join } from "node:path";
-import { type Device, type DType, keep, linear, rand, type Tensor, tidy } from "../ffi/mod.ts";
+import { type Device, type DType, keep, linear, rand, type Tensor, tidy, zeros } from "../ffi/mod.ts";
 import { SafetensorsFile } from "./safetensors.ts";
 import { writeSafetensors } from "./safetensors_write.ts";
 
@@ -34,8 +34,10 @@ export class ValueHead {
   }
 
   /**
-   * A fresh head for hidden size h, initialised as torch.nn.Linear (uniform
-   * ±1/√fan_in for weights and biases). Seed with manualSeed() for reproducibility.
+   * A fresh head for hidden size h: the hidden layer initialised as
+   * torch.nn.Linear (uniform ±1/√fan_in), the output layer at zero, so a
+   * fresh critic predicts 0 everywhere and adds no noise to the advantages
+   * before it has learnt anything. Seed with manualSeed() for reproducibility.
    */
   static create(hidden: number, opts: { device?: Device; dtype?: DType } = {}): ValueHead {
     const o = { device: opts.device ?? "cpu", dtype: opts.dtype ?? "float32" } as const;
@@ -44,8 +46,8 @@ export class ValueHead {
     return new ValueHead(
       u([hidden, hidden], hidden),
       u([hidden], hidden),
-      u([1, hidden], hidden),
-      u([1], hidden),
+      zeros([1, hidden], o),
+      zeros([1], o),
     );
   }
 

@@ -1,17 +1,22 @@
 /**
- * Baselines and advantages for sequence-level rewards.
+ * Baselines and advantages for sequence-level rewards, computed on the host
+ * over a whole update (one rollout buffer) before any gradient is taken.
  *
  * - {@link groupBaseline}: each completion's reward minus the mean reward of
  *   the K completions of its prompt (GRPO's group baseline, without its
  *   division by the group std); the raw rewards when K = 1.
- * - {@link advantages}: the centred reward minus the critic's value (a
- *   constant: the value is detached), whitened over the batch.
- *
- * Advantages are one number per sequence [N]; the token losses
- * (rl/losses.ts) broadcast them to every completion token.
+ * - {@link tokenAdvantages}: one sequence's advantages per completion token,
+ *   from its centred reward and (optionally) the critic's values.
+ * - {@link updateAdvantages}: all of an update's advantages, normalised over
+ *   the update; groups whose rewards are all equal carry none.
  * @module
  */
-import { type Tensor, tidy, where } from "../ffi/mod.ts";
+
+/** How advantages are estimated (see {@link tokenAdvantages}). */
+export type AdvantageEstimator = "group" | "token_value" | "prompt_value";
+
+/** Every estimator, for config checks. */
+export const ADVANTAGE_ESTIMATORS: readonly AdvantageEstimator[] = ["group", "token_value", "prompt_value"];
 
 function checkGroups(rewards: readonly number[], k: number, what: string): void {
   if (!Number.isSafeInteger(k) || k < 1) throw new RangeError(`${what}: k must be an integer >= 1, got ${k}`);
@@ -47,57 +52,127 @@ export function groupBaseline(rewards: readonly number[], k: number): number[] {
 }
 
 /**
- * The fraction of prompt groups whose K rewards are all equal (within tol):
- * such a group's centred rewards are all 0, so it carries no policy-gradient
- * signal beyond the critic's. Every group counts when k = 1 (a single reward
- * has no spread). TRL logs the same as `frac_reward_zero_std`.
+ * For each completion, whether its group's K rewards are all equal (within
+ * tol): its centred reward is then 0 and it carries no policy-gradient
+ * signal. Never true when k = 1 (a single reward is its own signal).
+ * @throws {RangeError} as {@link groupBaseline}
+ */
+export function flatGroups(rewards: readonly number[], k: number, tol = 1e-9): boolean[] {
+  checkGroups(rewards, k, "flatGroups");
+  if (k === 1) return rewards.map(() => false);
+  const out: boolean[] = [];
+  for (let g = 0; g < rewards.length; g += k) {
+    const group = rewards.slice(g, g + k);
+    const flat = Math.max(...group) - Math.min(...group) <= tol;
+    for (let i = 0; i < k; i++) out.push(flat);
+  }
+  return out;
+}
+
+/**
+ * The fraction of prompt groups whose K rewards are all equal (within tol).
+ * Every group counts when k = 1 (a single reward has no spread). TRL logs
+ * the same as `frac_reward_zero_std`.
  * @throws {RangeError} as {@link groupBaseline}
  */
 export function zeroSpreadFraction(rewards: readonly number[], k: number, tol = 1e-9): number {
   checkGroups(rewards, k, "zeroSpreadFraction");
   const groups = rewards.length / k;
   if (groups === 0) return 0;
-  let flat = 0;
-  for (let g = 0; g < rewards.length; g += k) {
-    const group = rewards.slice(g, g + k);
-    if (Math.max(...group) - Math.min(...group) <= tol) flat++;
-  }
-  return flat / groups;
+  if (k === 1) return 1;
+  return flatGroups(rewards, k, tol).filter((f, i) => f && i % k === 0).length / groups;
 }
 
 /**
- * Advantages `whiten(centered − values.detach())`, one per sequence.
- *
- * Whitening: `(x − mean(x)) / (std(x) + eps)`, mean and unbiased std over the
- * N sequences of the batch (as TRL's `masked_whiten`), giving mean 0 and std
- * 1. When whitening is undefined or would only amplify rounding noise (N = 1,
- * or std ≤ minStd, e.g. every reward and value equal) the advantages are
- * only centred (`x − mean(x)`, so all 0 when N = 1). The test runs on the
- * device: no host synchronisation.
- *
- * The value is detached, so the advantages are constants: the policy loss
- * built from them sends no gradient into the critic.
- * @param centered the group-centred rewards [N] ({@link groupBaseline}), float
- * @param values the critic's value of each sequence [N] (e.g. rl/policy.ts `sequenceValues`)
- * @param eps added to the std before dividing
- * @param minStd at or below this std the advantages are only centred
- * @returns a new float32 tensor [N] without autograd history
- * @throws {RangeError} when the shapes are not both [N]
+ * One sequence's advantage for each of its n completion tokens, before
+ * normalisation. `target` is its centred reward (the raw reward when K = 1);
+ * `values[t]` the critic's V(s_t), the value of the state before token t.
+ * - "group": the centred reward on every token (no critic);
+ * - "prompt_value": target − V(s_0), the value of the prompt's last state, on every token;
+ * - "token_value": GAE(λ) with γ = 1 and the reward on the last token:
+ *   δ_t = V(s_t+1) − V(s_t), δ_(n−1) = target − V(s_(n−1)), A_t = Σ_l λ^l·δ_(t+l);
+ *   λ = 1 gives target − V(s_t), λ = 0 the one-step TD error.
+ * @throws {RangeError} when a critic estimator gets no values, or values of another length
  */
-export function advantages(centered: Tensor, values: Tensor, eps = 1e-8, minStd = 1e-6): Tensor {
-  const n = centered.shape;
-  if (n.length !== 1 || values.ndim !== 1 || values.size(0) !== n[0]) {
+export function tokenAdvantages(
+  target: number,
+  n: number,
+  values: readonly number[] | null,
+  estimator: AdvantageEstimator,
+  gaeLambda = 1,
+): number[] {
+  if (estimator === "group") return new Array<number>(n).fill(target);
+  if (!values || values.length !== n) {
     throw new RangeError(
-      `advantages: centered and values must both be [N], got [${n.join(", ")}] and [${
-        values.shape.join(", ")
-      }]`,
+      `tokenAdvantages: "${estimator}" needs ${n} values, got ${values?.length ?? "none"}`,
     );
   }
-  return tidy(() => {
-    const x = centered.detach().to("float32").sub(values.detach().to("float32"));
-    const centred = x.sub(x.mean());
-    if (n[0]! < 2) return centred;
-    const std = x.std();
-    return where(std.gt(minStd), centred.div(std.add(eps)), centred);
-  });
+  if (estimator === "prompt_value") return new Array<number>(n).fill(target - (values[0] ?? 0));
+  const out = new Array<number>(n);
+  let acc = 0;
+  for (let t = n - 1; t >= 0; t--) {
+    const next = t === n - 1 ? target : values[t + 1]!;
+    acc = next - values[t]! + gaeLambda * acc;
+    out[t] = acc;
+  }
+  return out;
+}
+
+/** What {@link updateAdvantages} returns. */
+export interface UpdateAdvantages {
+  /** The centred rewards, one per completion (the critic's targets). */
+  centered: number[];
+  /** Whether each completion takes part in the policy update (false: a group with all rewards equal). */
+  trained: boolean[];
+  /** Per completion, one advantage per completion token, normalised (all 0 where not trained). */
+  advantages: number[][];
+  /** Mean and std of the raw token advantages over the trained tokens, before normalisation. */
+  mean: number;
+  /** See mean. */
+  std: number;
+}
+
+/**
+ * An update's advantages: {@link groupBaseline}, then {@link tokenAdvantages}
+ * for each completion, then normalisation over the tokens of every trained
+ * completion of the update. Completions in a group whose rewards are all
+ * equal (K > 1) carry zero advantage and are marked untrained: they cost no
+ * backward pass.
+ *
+ * Normalisation: with a critic, whitening (subtract the mean, divide by the
+ * std: PPO's convention); with "group", division by the std alone (GRPO with
+ * the update's std, TRL's `scale_rewards="batch"`), since the group mean is
+ * the baseline already (with K = 1 the mean is subtracted too). Below a std of
+ * minStd only the centring applies.
+ * @param lengths completion tokens of each completion
+ * @param values per completion, V(s_t) for each completion token (null for "group")
+ * @throws {RangeError} as {@link groupBaseline} and {@link tokenAdvantages}, or for lengths of another count
+ */
+export function updateAdvantages(
+  rewards: readonly number[],
+  k: number,
+  lengths: readonly number[],
+  values: readonly (readonly number[])[] | null,
+  cfg: { estimator: AdvantageEstimator; gaeLambda: number },
+  minStd = 1e-6,
+): UpdateAdvantages {
+  if (lengths.length !== rewards.length) {
+    throw new RangeError(`updateAdvantages: ${lengths.length} lengths for ${rewards.length} rewards`);
+  }
+  const centered = groupBaseline(rewards, k);
+  const trained = flatGroups(rewards, k).map((f, i) => !f && lengths[i]! > 0);
+  const raw = centered.map((c, i) =>
+    trained[i] ? tokenAdvantages(c, lengths[i]!, values?.[i] ?? null, cfg.estimator, cfg.gaeLambda) : []
+  );
+  let n = 0, sum = 0, sq = 0;
+  for (const a of raw) for (const x of a) [n, sum, sq] = [n + 1, sum + x, sq + x * x];
+  const mean = n ? sum / n : 0;
+  const std = n > 1 ? Math.sqrt(Math.max(0, (sq - n * mean * mean) / (n - 1))) : 0;
+  // The group mean is the baseline already, unless K = 1 leaves the raw reward: then the update's mean is.
+  const shift = cfg.estimator === "group" && k > 1 ? 0 : mean;
+  const scale = std > minStd ? 1 / std : 1;
+  const advantages = raw.map((a, i) =>
+    trained[i] ? a.map((x) => (x - shift) * scale) : new Array<number>(lengths[i]!).fill(0)
+  );
+  return { centered, trained, advantages, mean, std };
 }

@@ -5,23 +5,26 @@
  * padding tokens, which therefore contribute nothing, not even NaNs.
  *
  * Aggregation ("token mean"): a per-token quantity x is reduced to
- * `Σ mask·x / Σ mask`, the sum over the valid tokens of the batch divided by
- * their number ({@link maskedMean}). This is verl's default `token-mean` and
- * TRL's `bnpo`; TRL's default `dapo` divides by the valid tokens of the whole
- * accumulated batch instead, which equals this when there is no gradient
- * accumulation. Each token weighs the same, so long completions are not
- * down-weighted as with GRPO's per-sequence mean (see rl-notes §3).
+ * `Σ mask·x / n`, with n the number of valid tokens: by default those of the
+ * given batch ({@link maskedMean}); pass `tokens` to divide by the valid
+ * tokens of a whole minibatch instead, so that micro-batches accumulate to
+ * the minibatch's token mean (TRL's `dapo` aggregation; verl's `token-mean`).
+ * Each token weighs the same, so long completions are not down-weighted as
+ * with GRPO's per-sequence mean (see rl/learn.ts).
  *
  * All functions allocate only inside `tidy`; the tensors they return are the
- * caller's. Metrics (clip fraction, approximate KL, ...) carry no autograd
+ * caller's. Metrics (clip fractions, approximate KL, ...) carry no autograd
  * history.
  * @module
  */
 import { type Tensor, tidy } from "../ffi/mod.ts";
 import { loadBalancingLoss } from "../model/moe.ts";
 
-/** Which KL estimator {@link klPenalty} uses (rl-notes §2). */
-export type KlEstimator = "k1" | "k3";
+/**
+ * KL estimators (Schulman's k1, k2, k3) of KL(π_θ ‖ π_ref) on sampled tokens.
+ * Only k2 and k3 belong in a loss: k1's expected gradient is zero.
+ */
+export type KlEstimator = "k1" | "k2" | "k3";
 
 function sameShape(what: string, ...ts: Tensor[]): void {
   const s = ts[0]!.shape.join(", ");
@@ -35,15 +38,38 @@ function sameShape(what: string, ...ts: Tensor[]): void {
 }
 
 /**
- * `Σ mask·x / max(Σ mask, 1)`: the mean of x over the tokens where mask is
- * nonzero (0 when there are none). Masked positions are zeroed with
- * masked_fill, so a NaN or ±inf there does not leak in. Returns a scalar.
+ * `Σ mask·x / n`: the mean of x over the tokens where mask is nonzero, n
+ * being their number (at least 1), or `tokens` when given (see the module
+ * doc). Masked positions are zeroed with masked_fill, so a NaN or ±inf there
+ * does not leak in. Returns a scalar.
  */
-export function maskedMean(x: Tensor, mask: Tensor): Tensor {
+export function maskedMean(x: Tensor, mask: Tensor, tokens?: number): Tensor {
+  if (tokens !== undefined && !(tokens > 0)) {
+    throw new RangeError(`maskedMean: tokens must be > 0, got ${tokens}`);
+  }
   return tidy(() => {
     const m = mask.to("float32");
-    return x.maskedFill(m.eq(0), 0).mul(m).sum().div(m.sum().clamp(1));
+    const sum = x.maskedFill(m.eq(0), 0).mul(m).sum();
+    return tokens === undefined ? sum.div(m.sum().clamp(1)) : sum.div(tokens);
   });
+}
+
+/** Options of {@link ppoClippedLoss}. */
+export interface ClipOptions {
+  /** ε: the ratio is clipped below at 1 − ε (default 0.2). */
+  clip?: number;
+  /** ε_high: the ratio is clipped above at 1 + ε_high (default: clip; DAPO's "clip higher" is 0.28). */
+  clipHigh?: number;
+  /**
+   * "token" (PPO): one ratio per token. "sequence" (GSPO): each sequence's
+   * length-normalised ratio exp(mean_t(log π − log π_old)), the same for all
+   * its tokens, with each token's gradient flowing through its own log-prob.
+   */
+  ratioLevel?: "token" | "sequence";
+  /** Per-token weights [B, T] multiplying the loss (detached): the rollout correction. */
+  weights?: Tensor | null;
+  /** Divide by this many tokens instead of the batch's (see the module doc). */
+  tokens?: number;
 }
 
 /** What {@link ppoClippedLoss} returns: scalars; only `loss` has autograd history. */
@@ -52,6 +78,8 @@ export interface PpoLossResult {
   loss: Tensor;
   /** Fraction of valid tokens where the clip is active (its gradient is cut off). */
   clipFraction: Tensor;
+  /** The part of clipFraction below 1 − ε (negative advantages). */
+  clipLowFraction: Tensor;
   /** Token-mean of `(r − 1) − log r`, an estimate of KL(old ‖ new) (Schulman's k3). */
   approxKl: Tensor;
   /** Token-mean of the ratio r. */
@@ -60,49 +88,67 @@ export interface PpoLossResult {
 
 /**
  * PPO's clipped surrogate loss:
- * `r = exp(logp − old)`, per token `−min(r·A, clip(r, 1−ε, 1+ε)·A)`, token-mean
- * over the mask. The clip is active (zero gradient) where r < 1−ε with A < 0
- * or r > 1+ε with A > 0.
+ * `r = exp(logp − old)`, per token `−w·min(r·A, clip(r, 1−ε, 1+ε_high)·A)`,
+ * token-mean over the mask (w: optional weights, 1 by default). The clip is
+ * active (zero gradient) where r < 1−ε with A < 0 or r > 1+ε_high with A > 0.
  *
- * With old = logprobs.detach() (one update per rollout, μ = 1) r = 1 and
- * the gradient is the vanilla policy gradient `−Σ mask·A·∇logp / Σ mask`.
+ * With old = logprobs.detach() (one optimizer step per rollout) r = 1 and the
+ * gradient is the vanilla policy gradient `−Σ mask·w·A·∇logp / n`.
  * @param logprobs log π_θ of the tokens [B, T], with autograd
  * @param oldLogprobs log π_old [B, T] (detached here)
  * @param advantages per sequence [B] (broadcast to its tokens) or per token [B, T] (detached here)
  * @param mask 1 on tokens that count [B, T]
- * @param clip ε (default 0.2)
- * @throws {RangeError} for mismatched shapes or a negative clip
+ * @throws {RangeError} for mismatched shapes, a negative clip or an unknown ratio level
  */
 export function ppoClippedLoss(
   logprobs: Tensor,
   oldLogprobs: Tensor,
   advantages: Tensor,
   mask: Tensor,
-  clip = 0.2,
+  opts: ClipOptions = {},
 ): PpoLossResult {
   sameShape("ppoClippedLoss", logprobs, oldLogprobs, mask);
+  if (opts.weights) sameShape("ppoClippedLoss weights", logprobs, opts.weights);
   const [b, t] = logprobs.shape;
   const a = advantages.shape;
   if (!((a.length === 1 && a[0] === b) || (a.length === 2 && a[0] === b && a[1] === t))) {
     throw new RangeError(`ppoClippedLoss: advantages must be [${b}] or [${b}, ${t}], got [${a.join(", ")}]`);
   }
-  if (!(clip >= 0)) throw new RangeError(`ppoClippedLoss: clip must be >= 0, got ${clip}`);
+  const low = opts.clip ?? 0.2, high = opts.clipHigh ?? low;
+  if (!(low >= 0 && high >= 0)) {
+    throw new RangeError(`ppoClippedLoss: clip must be >= 0, got ${low}, ${high}`);
+  }
+  const level = opts.ratioLevel ?? "token";
+  if (level !== "token" && level !== "sequence") {
+    throw new RangeError(
+      `ppoClippedLoss: ratioLevel must be "token" or "sequence", got ${JSON.stringify(level)}`,
+    );
+  }
   return tidy(() => {
     const valid = mask.ne(0);
-    const adv = (a.length === 1 ? advantages.unsqueeze(1) : advantages).detach().to("float32");
-    const logRatio = logprobs.sub(oldLogprobs.detach()).maskedFill(valid.logicalNot(), 0);
+    const adv = (a.length === 1 ? advantages.unsqueeze(1) : advantages).detach().to("float32").expand([
+      b!,
+      t!,
+    ]);
+    let logRatio = logprobs.sub(oldLogprobs.detach()).maskedFill(valid.logicalNot(), 0);
+    if (level === "sequence") {
+      const m = mask.to("float32");
+      const seq = logRatio.mul(m).sum(1, true).div(m.sum(1, true).clamp(1)).detach();
+      logRatio = seq.add(logprobs.sub(logprobs.detach())).maskedFill(valid.logicalNot(), 0);
+    }
     const ratio = logRatio.exp();
-    const unclipped = ratio.mul(adv);
-    const clipped = ratio.clamp(1 - clip, 1 + clip).mul(adv);
-    const loss = maskedMean(unclipped.minimum(clipped).neg(), mask);
+    const surrogate = ratio.mul(adv).minimum(ratio.clamp(1 - low, 1 + high).mul(adv)).neg();
+    const weighted = opts.weights ? surrogate.mul(opts.weights.detach()) : surrogate;
+    const loss = maskedMean(weighted, mask, opts.tokens);
     const r = ratio.detach(), lr = logRatio.detach();
-    const low = r.lt(1 - clip).logicalAnd(adv.lt(0).expand([b!, t!]));
-    const high = r.gt(1 + clip).logicalAnd(adv.gt(0).expand([b!, t!]));
+    const below = r.lt(1 - low).logicalAnd(adv.lt(0));
+    const above = r.gt(1 + high).logicalAnd(adv.gt(0));
     return {
       loss,
-      clipFraction: maskedMean(low.logicalOr(high).to("float32"), mask),
-      approxKl: maskedMean(r.sub(1).sub(lr), mask),
-      ratioMean: maskedMean(r, mask),
+      clipFraction: maskedMean(below.logicalOr(above).to("float32"), mask, opts.tokens),
+      clipLowFraction: maskedMean(below.to("float32"), mask, opts.tokens),
+      approxKl: maskedMean(r.sub(1).sub(lr), mask, opts.tokens),
+      ratioMean: maskedMean(r, mask, opts.tokens),
     };
   });
 }
@@ -116,13 +162,15 @@ export interface KlResult {
 }
 
 /**
- * A per-token estimate of KL(π_θ ‖ π_ref) on the sampled tokens, in the loss
- * (as TRL's GRPO: the gradient flows through logprobs; refLogprobs is
- * detached). With δ = ref − logp:
- * - "k1": `−δ = logp − ref`; unbiased but can be negative and noisy, and its
- *   gradient `∇logp` only lowers the likelihood of whatever was sampled;
- * - "k3" (default): `exp(δ) − δ − 1 ≥ 0`; unbiased, low variance; gradient
- *   `(1 − π_ref/π_θ)·∇logp` pulls toward the reference.
+ * A per-token estimate of KL(π_θ ‖ π_ref) on the sampled tokens, with
+ * δ = ref − logp (refLogprobs detached; the gradient flows through logprobs):
+ * - "k1": `−δ`; unbiased, but its expected gradient is zero: log it, do not
+ *   put it in a loss;
+ * - "k2": `½·δ²`; biased, but its gradient `−δ·∇logp` is, in expectation,
+ *   the gradient of the true KL;
+ * - "k3" (default): `exp(δ) − δ − 1 ≥ 0`; unbiased, low variance; δ is
+ *   clamped to ±20 and the value to at most 10 (verl's low_var_kl), so one
+ *   token the reference finds impossible cannot blow the loss up.
  * @throws {RangeError} for mismatched shapes or an unknown estimator
  */
 export function klPenalty(
@@ -130,15 +178,22 @@ export function klPenalty(
   refLogprobs: Tensor,
   mask: Tensor,
   estimator: KlEstimator = "k3",
+  tokens?: number,
 ): KlResult {
   sameShape("klPenalty", logprobs, refLogprobs, mask);
-  if (estimator !== "k1" && estimator !== "k3") {
-    throw new RangeError(`klPenalty: estimator must be "k1" or "k3", got ${JSON.stringify(estimator)}`);
+  if (estimator !== "k1" && estimator !== "k2" && estimator !== "k3") {
+    throw new RangeError(`klPenalty: estimator must be "k1", "k2" or "k3", got ${JSON.stringify(estimator)}`);
   }
   return tidy(() => {
     const delta = refLogprobs.detach().sub(logprobs).maskedFill(mask.eq(0), 0);
-    const perToken = estimator === "k1" ? delta.neg() : delta.exp().sub(delta).sub(1);
-    return { perToken, mean: maskedMean(perToken, mask) };
+    let perToken: Tensor;
+    if (estimator === "k1") perToken = delta.neg();
+    else if (estimator === "k2") perToken = delta.square().mul(0.5);
+    else {
+      const d = delta.clamp(-20, 20);
+      perToken = d.exp().sub(d).sub(1).clamp(-10, 10);
+    }
+    return { perToken, mean: maskedMean(perToken, mask, tokens) };
   });
 }
 
@@ -146,33 +201,38 @@ export function klPenalty(
  * The token-mean entropy of the policy over the mask (a scalar with autograd).
  * It is a bonus: the loss subtracts `entropyCoef · entropyBonus(...)`.
  */
-export function entropyBonus(entropy: Tensor, mask: Tensor): Tensor {
+export function entropyBonus(entropy: Tensor, mask: Tensor, tokens?: number): Tensor {
   sameShape("entropyBonus", entropy, mask);
-  return maskedMean(entropy, mask);
+  return maskedMean(entropy, mask, tokens);
 }
 
 /**
- * The critic's loss `mean(0.5·(v − target)²)` over the N sequences. The ½
- * (as TRL's PPO and verl) makes the gradient `v − target`. Targets are the
- * group-centred rewards, constants (detached here).
- * @param values the critic's value per sequence [N], with autograd
- * @param targets the regression targets [N]
- * @throws {RangeError} when the shapes are not both [N]
+ * The critic's loss `½·(v − target)²`, token-mean over the mask. The ½ (as
+ * TRL's PPO and verl) makes the gradient `v − target`. Targets are constants
+ * (detached here).
+ * @param values the critic's values [B, T], with autograd
+ * @param targets per sequence [B] (broadcast to its tokens) or per token [B, T]
+ * @param mask 1 on the tokens whose value is trained [B, T]
+ * @throws {RangeError} for mismatched shapes
  */
-export function valueLoss(values: Tensor, targets: Tensor): Tensor {
-  if (values.ndim !== 1) {
-    throw new RangeError(`valueLoss: values must be [N], got [${values.shape.join(", ")}]`);
+export function valueLoss(values: Tensor, targets: Tensor, mask: Tensor, tokens?: number): Tensor {
+  sameShape("valueLoss", values, mask);
+  const [b, t] = values.shape;
+  const ts = targets.shape;
+  if (!((ts.length === 1 && ts[0] === b) || (ts.length === 2 && ts[0] === b && ts[1] === t))) {
+    throw new RangeError(`valueLoss: targets must be [${b}] or [${b}, ${t}], got [${ts.join(", ")}]`);
   }
-  sameShape("valueLoss", values, targets);
-  return tidy(() => values.sub(targets.detach().to(values.dtype)).square().mean().mul(0.5));
+  return tidy(() => {
+    const target = (ts.length === 1 ? targets.unsqueeze(1) : targets).detach().to(values.dtype);
+    return maskedMean(values.sub(target).square().mul(0.5), mask, tokens);
+  });
 }
 
 /**
  * The router load-balancing loss (Switch/Mixtral auxiliary loss,
  * model/moe.ts `loadBalancingLoss`) over every MoE layer's router logits of
- * a forward pass, counting only tokens where attentionMask is 1. rl/ppo.ts
- * adds `routerAuxCoef` times it when the policy's forward returns router
- * logits (rl-notes §4.4: off in verl and OpenRLHF, 0.001 in TRL).
+ * a forward pass, counting only tokens where attentionMask is 1 (off by
+ * default in verl and OpenRLHF, 0.001 in TRL).
  * @param routerLogits one [B·S, E] tensor per MoE layer (decoder.forward's `routerLogits`)
  * @param k experts per token (config `numExpertsPerTok`)
  * @param attentionMask [B, S], 1 for real tokens

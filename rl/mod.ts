@@ -1,18 +1,20 @@
 /**
- * The RL side: the policy (LoRA-adapted model + value head), answer
- * extraction and rewards for GSM8K, and (as they land) advantages, losses
- * and the PPO step.
+ * The RL side: the policy (LoRA-adapted model + critic), answer extraction
+ * and rewards for GSM8K, the settings of an update, its collect and learn
+ * phases, and the advantage and loss functions they are built from.
  * @module
  */
 export {
+  type PassOptions,
   Policy,
   type PolicyOptions,
   type PolicyOutput,
+  type ReferenceOutput,
   type SequenceBatch,
-  sequenceValues,
 } from "./policy.ts";
 export {
   answersMatch,
+  EXTRACT_METHODS,
   extractAnswer,
   type Extraction,
   type ExtractMethod,
@@ -32,8 +34,27 @@ export {
   rewardConfig,
   type RewardResult,
 } from "./reward.ts";
-export { advantages, groupBaseline, zeroSpreadFraction } from "./advantages.ts";
 export {
+  DEFAULT_RL_CONFIG,
+  type MoeRoutingConfig,
+  type PpoConfig,
+  type RlConfig,
+  rlConfig,
+  type RlOverrides,
+  type RolloutConfig,
+} from "./config.ts";
+export {
+  ADVANTAGE_ESTIMATORS,
+  type AdvantageEstimator,
+  flatGroups,
+  groupBaseline,
+  tokenAdvantages,
+  type UpdateAdvantages,
+  updateAdvantages,
+  zeroSpreadFraction,
+} from "./advantages.ts";
+export {
+  type ClipOptions,
   entropyBonus,
   type KlEstimator,
   klPenalty,
@@ -45,33 +66,32 @@ export {
   valueLoss,
 } from "./losses.ts";
 export {
-  type Rollout,
-  rollout,
-  type RolloutCompletion,
-  type RolloutConfig,
+  collect,
+  type CollectMetrics,
+  type CollectOptions,
+  RolloutBuffer,
   type RolloutPrompt,
+  type RolloutSequence,
   type RolloutTokenizer,
+  type ScoreFn,
   sequenceBatch,
-  specialIds,
-} from "./rollout.ts";
+} from "./collect.ts";
 export {
   OBJECTIVE_PARTS,
   type ObjectiveConfig,
   type ObjectiveInputs,
   type ObjectivePart,
   type ObjectiveResult,
-  type PolicyOutputWithRouter,
   ppoObjective,
+  rolloutWeights,
 } from "./objective.ts";
+export { learn, type LearnMetrics, type LearnOptions, type StepOptimizer } from "./learn.ts";
 export {
-  DEFAULT_PPO_CONFIG,
-  type PpoConfig,
-  ppoConfig,
+  policyOptimizer,
+  type PolicyOptimizerOptions,
   type PpoMetrics,
   type PpoSample,
   ppoStep,
   type PpoStepOptions,
   type PpoStepResult,
-  ppoUpdate,
-  type PpoUpdateOptions,
 } from "./ppo.ts";

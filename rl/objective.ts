@@ -1,61 +1,50 @@
 /**
- * The PPO objective on one forward pass of the policy: the pieces of
- * rl/losses.ts and rl/advantages.ts put together as the design has them.
+ * The policy's PPO objective on one forward pass: the pieces of rl/losses.ts
+ * put together as the design has them.
  *
- * loss = policyLoss + klCoef·KL − entropyCoef·entropy + valueCoef·valueLoss
- *        (+ routerAuxCoef·routerAux)
+ * loss = policyLoss + klCoef·KL − entropyCoef·entropy (+ routerAuxCoef·routerAux)
  *
- * - advantages = whiten(centered − value.detach()), one per sequence;
- * - policyLoss = PPO-clipped surrogate, token-mean over completion tokens;
- * - KL = k1 or k3 to the reference (adapters off), token-mean, in the loss;
- * - valueLoss = ½·mean((value − centered)²), value = the critic at each
- *   sequence's first completion token (rl/policy.ts `sequenceValues`).
+ * - policyLoss: the PPO-clipped surrogate with the update's (constant)
+ *   advantages, weighted per token by the rollout correction
+ *   w = min(π_old / π_rollout, C) when C is set;
+ * - KL: k3 or k2 to the reference (adapters off), in the loss;
+ * - every term a token-mean over the trained tokens of the minibatch.
  *
- * The policy terms touch only the adapters (advantages are detached
- * constants), the value loss only the value head (it runs on detached hidden
- * states), so both are summed into one backward pass without interfering.
+ * The critic is not here: rl/learn.ts trains it on its own, on the frozen
+ * base's states, so the policy loss reaches only the adapters.
  * @module
  */
 import { stack, type Tensor, tidy } from "../ffi/mod.ts";
-import { advantages } from "./advantages.ts";
-import {
-  entropyBonus,
-  type KlEstimator,
-  klPenalty,
-  maskedMean,
-  ppoClippedLoss,
-  routerAuxLoss,
-  valueLoss,
-} from "./losses.ts";
-import { type PolicyOutput, sequenceValues } from "./policy.ts";
+import type { PpoConfig } from "./config.ts";
+import { entropyBonus, klPenalty, maskedMean, ppoClippedLoss, routerAuxLoss } from "./losses.ts";
+import type { PolicyOutput } from "./policy.ts";
 
-/** Coefficients of the objective. */
-export interface ObjectiveConfig {
-  /** PPO clip ε. */
-  clip: number;
-  /** Weight of the KL penalty (0: no reference pass is needed). */
-  klCoef: number;
-  /** KL estimator. */
-  klEstimator: KlEstimator;
-  /** Weight of the entropy bonus (subtracted). */
-  entropyCoef: number;
-  /** Weight of the value loss (only scales the critic's gradient: its parameters are separate). */
-  valueCoef: number;
-  /** Weight of the router load-balancing loss (0 = off; needs router logits from the forward). */
-  routerAuxCoef: number;
-}
+/** The settings the objective uses. */
+export type ObjectiveConfig = Pick<
+  PpoConfig,
+  | "clip"
+  | "clipHigh"
+  | "ratioLevel"
+  | "klCoef"
+  | "klEstimator"
+  | "entropyCoef"
+  | "rolloutCorrection"
+  | "routerAuxCoef"
+>;
 
 /** The constants the objective needs besides the policy's outputs. */
 export interface ObjectiveInputs {
-  /** Group-centred rewards [B] (rl/advantages.ts `groupBaseline`), the critic's targets. */
-  centered: Tensor;
-  /** Reference log-probs [B, T] (Policy.referenceLogprobs); required when klCoef > 0. */
-  refLogprobs?: Tensor | null;
+  /** Advantages per token [B, T] (rl/advantages.ts), constants. */
+  advantages: Tensor;
   /** Old log-probs [B, T] for the ratio (default: the outputs' own, detached: ratio 1). */
   oldLogprobs?: Tensor | null;
-  /** Log-probs from generation [B, T], zero off the completions: reported as the train/inference mismatch. */
+  /** Reference log-probs [B, T]; required when klCoef > 0, also gives kl_k1. */
+  refLogprobs?: Tensor | null;
+  /** Log-probs the rollout sampled with [B, T]; required when rolloutCorrection is set. */
   rolloutLogprobs?: Tensor | null;
-  /** Attention mask [B, T], for the router loss. */
+  /** Token-mean denominator: the trained tokens of the whole minibatch (default: this batch's). */
+  tokens?: number;
+  /** Attention mask [B, T] and experts per token, for the router loss. */
   attentionMask?: Tensor;
   /** Experts per token, for the router loss. */
   routerTopK?: number;
@@ -65,14 +54,14 @@ export interface ObjectiveInputs {
 export const OBJECTIVE_PARTS = [
   "policy_loss",
   "kl",
+  "kl_k1",
   "entropy",
-  "value_loss",
   "router_aux_loss",
   "clip_fraction",
+  "clip_low_fraction",
   "approx_kl",
   "ratio_mean",
-  "value_mean",
-  "logprob_mismatch",
+  "is_weight_mean",
 ] as const;
 
 /** One of {@link OBJECTIVE_PARTS}. */
@@ -82,69 +71,90 @@ export type ObjectivePart = (typeof OBJECTIVE_PARTS)[number];
 export interface ObjectiveResult {
   /** The total loss (with autograd). */
   loss: Tensor;
-  /** The advantages used [B] (constants). */
-  advantages: Tensor;
   /**
    * Detached scalars, one per {@link OBJECTIVE_PARTS} in that order ([parts]): read them with one
-   * `toArray()`. kl is NaN without reference log-probs, router_aux_loss NaN when off, logprob_mismatch
-   * NaN without rollout log-probs.
+   * `toArray()`. Token means use the same denominator as the loss. kl and kl_k1 are NaN without
+   * reference log-probs, router_aux_loss NaN when off, is_weight_mean 1 without a correction.
    */
   parts: Tensor;
 }
 
-/** Policy outputs that may also carry the router logits of the forward (one [B·T, E] per MoE layer). */
-export type PolicyOutputWithRouter = PolicyOutput & { routerLogits?: readonly Tensor[] };
+/**
+ * The rollout correction's per-token weight min(exp(old − rollout), cap): how
+ * much more likely the training path finds a token than the sampler did,
+ * truncated (TIS). Detached.
+ */
+export function rolloutWeights(
+  oldLogprobs: Tensor,
+  rolloutLogprobs: Tensor,
+  mask: Tensor,
+  cap: number,
+): Tensor {
+  return tidy(() =>
+    oldLogprobs.detach().sub(rolloutLogprobs).maskedFill(mask.eq(0), 0).clamp(-30, Math.log(cap)).exp().mul(
+      mask,
+    )
+  );
+}
 
 /**
- * The total PPO loss of one forward pass and its parts (see the module doc).
- * @throws {Error} when klCoef > 0 without refLogprobs, or routerAuxCoef > 0 when the outputs carry no
- *   router logits (rl/policy.ts's forward does not return them yet)
+ * The total objective of one forward pass and its parts (see the module doc).
+ * @throws {Error} when klCoef > 0 without refLogprobs, rolloutCorrection without rolloutLogprobs, or
+ *   routerAuxCoef > 0 when the outputs carry no router logits (as with gradient checkpointing)
  */
 export function ppoObjective(
-  out: PolicyOutputWithRouter,
+  out: PolicyOutput,
   inputs: ObjectiveInputs,
   cfg: ObjectiveConfig,
 ): ObjectiveResult {
   if (cfg.klCoef > 0 && !inputs.refLogprobs) throw new Error("ppoObjective: klCoef > 0 needs refLogprobs");
+  if (cfg.rolloutCorrection !== null && !inputs.rolloutLogprobs) {
+    throw new Error("ppoObjective: rolloutCorrection needs rolloutLogprobs");
+  }
   if (cfg.routerAuxCoef > 0 && !(out.routerLogits?.length && inputs.routerTopK)) {
     throw new Error(
       "ppoObjective: routerAuxCoef > 0 needs router logits in the policy's outputs and routerTopK " +
-        "(rl/policy.ts's forward does not return router logits)",
+        "(a checkpointed backward does not return them)",
     );
   }
   return tidy(() => {
+    const n = inputs.tokens;
     const nan = (): Tensor => out.mask.sum().mul(Number.NaN);
-    const values = sequenceValues(out);
-    const adv = advantages(inputs.centered, values);
     const old = inputs.oldLogprobs ?? out.logprobs.detach();
-    const pg = ppoClippedLoss(out.logprobs, old, adv, out.mask, cfg.clip);
-    const kl = inputs.refLogprobs
-      ? klPenalty(out.logprobs, inputs.refLogprobs, out.mask, cfg.klEstimator).mean
-      : null;
-    const entropy = entropyBonus(out.entropy, out.mask);
-    const vLoss = valueLoss(values, inputs.centered);
+    const weights = cfg.rolloutCorrection === null
+      ? null
+      : rolloutWeights(old, inputs.rolloutLogprobs!, out.mask, cfg.rolloutCorrection);
+    const pg = ppoClippedLoss(out.logprobs, old, inputs.advantages, out.mask, {
+      clip: cfg.clip,
+      clipHigh: cfg.clipHigh ?? cfg.clip,
+      ratioLevel: cfg.ratioLevel,
+      weights,
+      tokens: n,
+    });
+    const ref = inputs.refLogprobs;
+    const kl = ref ? klPenalty(out.logprobs, ref, out.mask, cfg.klEstimator, n).mean : null;
+    const entropy = entropyBonus(out.entropy, out.mask, n);
+    // The router loss is a per-forward mean: weighted by this batch's share of the minibatch's tokens.
+    const share = n === undefined ? 1 : out.mask.sum().item() / n;
     const aux = cfg.routerAuxCoef > 0
-      ? routerAuxLoss(out.routerLogits!, inputs.routerTopK!, inputs.attentionMask)
+      ? routerAuxLoss(out.routerLogits!, inputs.routerTopK!, inputs.attentionMask).mul(share)
       : null;
-    let loss = pg.loss.sub(entropy.mul(cfg.entropyCoef)).add(vLoss.mul(cfg.valueCoef));
+    let loss = pg.loss.sub(entropy.mul(cfg.entropyCoef));
     if (kl && cfg.klCoef > 0) loss = loss.add(kl.mul(cfg.klCoef));
     if (aux) loss = loss.add(aux.mul(cfg.routerAuxCoef));
-    const mismatch = inputs.rolloutLogprobs
-      ? maskedMean(out.logprobs.detach().sub(inputs.rolloutLogprobs).abs(), out.mask)
-      : nan();
     const parts: Record<ObjectivePart, Tensor> = {
       policy_loss: pg.loss,
       kl: kl ?? nan(),
+      kl_k1: ref ? klPenalty(out.logprobs, ref, out.mask, "k1", n).mean : nan(),
       entropy,
-      value_loss: vLoss,
       router_aux_loss: aux ?? nan(),
       clip_fraction: pg.clipFraction,
+      clip_low_fraction: pg.clipLowFraction,
       approx_kl: pg.approxKl,
       ratio_mean: pg.ratioMean,
-      value_mean: values.mean(),
-      logprob_mismatch: mismatch,
+      is_weight_mean: weights ? maskedMean(weights, out.mask, n) : maskedMean(out.mask, out.mask, n),
     };
     const stacked = stack(OBJECTIVE_PARTS.map((p) => parts[p].detach().to("float32").reshape([]))).detach();
-    return { loss, advantages: adv, parts: stacked };
+    return { loss, parts: stacked };
   });
 }

@@ -1,13 +1,21 @@
 /**
- * The policy for PPO: a causal LM with LoRA adapters and a value head. One
- * forward pass gives, for each completion token, its log-probability, the
- * entropy of the distribution it was drawn from and the critic's value; the
- * reference log-probabilities come from the same weights with the adapters
- * switched off (no second copy of the model).
+ * The policy for PPO: a causal LM with LoRA adapters, and a value head (the
+ * critic). One forward pass gives, for each completion token, its
+ * log-probability and the entropy of the distribution it was drawn from; the
+ * reference pass runs the same weights with the adapters switched off (no
+ * second copy of the model) and also yields the hidden states the critic
+ * reads.
  *
  * Alignment: every per-token tensor is [B, T] like the input ids; position t
  * describes token t given tokens < t (position 0 and non-completion tokens
- * are 0 and masked out).
+ * are 0 and masked out). "Completion states" are the final hidden states
+ * that predict completion tokens, [N, H] in row-major order of the mask: the
+ * state before each completion token, so a value read from it never sees the
+ * token it judges.
+ *
+ * The critic reads the frozen base model's states (from the reference pass),
+ * not the adapted policy's: its inputs do not drift as the policy trains, and
+ * with a KL penalty it costs no pass of its own.
  * @module
  */
 import { cat, embedding, noGrad, type Tensor, tensor, tidy, zeros } from "../ffi/mod.ts";
@@ -28,18 +36,32 @@ export interface SequenceBatch {
   completionMask: Tensor;
 }
 
+/** How a pass computes its distributions. */
+export interface PassOptions {
+  /** Logits are divided by this before the softmax: the sampling temperature (default 1). */
+  temperature?: number;
+  /** Routing replay: experts per MoE layer, [B·T, k] with −1 where the router chooses (model/decoder.ts). */
+  replay?: readonly Tensor[] | null;
+}
+
 /** Per-token outputs, each [B, T]; see the module doc for the alignment. */
 export interface PolicyOutput {
-  /** log π(token_t | tokens_<t), float32. */
+  /** log π(token_t | tokens_<t) under the tempered distribution, float32. */
   logprobs: Tensor;
-  /** Entropy of π(· | tokens_<t), float32. */
+  /** Entropy of the tempered π(· | tokens_<t), float32. */
   entropy: Tensor;
-  /** The critic's value of the state before token t (on detached hidden states), float32. */
-  values: Tensor;
   /** 1.0 where the quantities above are defined (completion tokens), float32. */
   mask: Tensor;
   /** Router logits [B·T, E] of each MoE layer (plain forward only; not with checkpointing). */
   routerLogits?: Tensor[];
+}
+
+/** What {@link Policy.reference} returns. */
+export interface ReferenceOutput {
+  /** Log-probs [B, T] of the completion tokens under the frozen base, or null when not asked for. */
+  logprobs: Tensor | null;
+  /** The base model's completion states [N, H] (detached), for the critic. */
+  states: Tensor;
 }
 
 /** How to build a {@link Policy}. */
@@ -52,23 +74,65 @@ export interface PolicyOptions {
   dispatch?: "loop" | "dense";
 }
 
-/** Statistics of log-probabilities under a distribution given as logits [N, V] (float32). */
-function tokenStats(logits: Tensor, targets: Tensor): { logprobs: Tensor; entropy: Tensor } {
+/** Statistics of the tempered distribution given by logits [N, V] (float32). */
+function tokenStats(
+  logits: Tensor,
+  targets: Tensor,
+  temperature: number,
+): { logprobs: Tensor; entropy: Tensor } {
   return tidy(() => {
-    const lse = logits.logsumexp(-1, true); // [N, 1]
-    const logp = logits.sub(lse);
+    const x = temperature === 1 ? logits : logits.div(temperature);
+    const logp = x.sub(x.logsumexp(-1, true));
     const picked = logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1);
     const entropy = logp.exp().mul(logp).sum(-1).neg();
     return { logprobs: picked, entropy };
   });
 }
 
-/**
- * One value per sequence [B]: the value at each row's first completion token,
- * i.e. of the prompt's final state (what a scalar reward is regressed on).
- */
-export function sequenceValues(out: PolicyOutput): Tensor {
-  return tidy(() => out.values.gather(1, out.mask.argmax(1, true)).squeeze(1));
+/** Where the completion tokens of a batch are, and how to lay [N] values out as [B, T]. */
+class CompletionLayout {
+  readonly mask: Tensor;
+  readonly #idx: Tensor;
+  readonly #b: number;
+  readonly #t: number;
+
+  constructor(batch: SequenceBatch) {
+    const [b, t] = batch.inputIds.shape as [number, number];
+    const predicted = tidy(() => batch.completionMask.narrow(1, 1, t - 1).to("float32")); // token t+1 predicted at t
+    const rows = predicted.reshape([-1]).toArray().flatMap((m, i) => (m > 0 ? [i] : []));
+    this.#idx = tensor(rows, { dtype: "int64", device: batch.inputIds.device });
+    this.mask = tidy(() =>
+      cat([zeros([b, 1], { dtype: "float32", device: predicted.device }), predicted], 1)
+    );
+    predicted.dispose();
+    [this.#b, this.#t] = [b, t];
+  }
+
+  /** The rows [N, H] of hidden [B, T, H] that predict completion tokens. */
+  states(hidden: Tensor): Tensor {
+    return tidy(() =>
+      hidden.narrow(1, 0, this.#t - 1).reshape([-1, hidden.size(-1)]).indexSelect(0, this.#idx)
+    );
+  }
+
+  /** The completion tokens [N]. */
+  targets(inputIds: Tensor): Tensor {
+    return tidy(() => inputIds.narrow(1, 1, this.#t - 1).reshape([-1]).indexSelect(0, this.#idx));
+  }
+
+  /** x [N] laid out as [B, T] (0 elsewhere), position t holding token t's value. */
+  spread(x: Tensor): Tensor {
+    return tidy(() => {
+      const f = { dtype: "float32" as const, device: x.device };
+      const full = zeros([this.#b * (this.#t - 1)], f).indexAdd(0, this.#idx, x.to("float32"));
+      return cat([zeros([this.#b, 1], f), full.reshape([this.#b, this.#t - 1])], 1);
+    });
+  }
+
+  dispose(): void {
+    this.#idx.dispose();
+    this.mask.dispose();
+  }
 }
 
 /** A LoRA-adapted causal LM with a value head. */
@@ -104,80 +168,95 @@ export class Policy {
     return this.valueHead.parameters();
   }
 
-  /** Dropout on (training) or off (rollouts, evaluation). */
+  /** Dropout on (training) or off (rollouts, evaluation, old and reference passes). */
   train(training: boolean): void {
     this.lora.state.training = training;
   }
 
-  #input(batch: SequenceBatch): ForwardInput {
+  #input(batch: SequenceBatch, opts: PassOptions): ForwardInput {
     return {
       inputIds: batch.inputIds,
       positionIds: batch.positionIds,
       attentionMask: batch.attentionMask,
       skipLogits: true,
       dispatch: this.opts.dispatch ?? "loop",
+      replay: opts.replay ?? null,
     };
   }
 
   /**
-   * Log-probs, entropy and values from final hidden states [B, T, H]. Only
-   * completion positions go through the LM head (saves a [B, T, V] tensor).
+   * Log-probs and entropy from final hidden states [B, T, H]. Only completion
+   * positions go through the LM head (saves a [B, T, V] tensor).
    */
-  head(hidden: Tensor, batch: SequenceBatch, withValues = true): PolicyOutput {
-    return tidy(() => {
-      const [b, t, h] = hidden.shape as [number, number, number];
-      const mask = batch.completionMask.narrow(1, 1, t - 1).to("float32"); // token t+1 predicted at t
-      const flatMask = mask.reshape([-1]).toArray();
-      const rows = flatMask.flatMap((m, i) => (m > 0 ? [i] : []));
-      const device = hidden.device;
-      const idx = tensor(rows, { dtype: "int64", device });
-      const states = hidden.narrow(1, 0, t - 1).reshape([-1, h]).indexSelect(0, idx); // [N, H]
-      const targets = batch.inputIds.narrow(1, 1, t - 1).reshape([-1]).indexSelect(0, idx);
-      const logits = this.model.decoder.lmHead.forward(states).to("float32");
-      const stats = tokenStats(logits, targets);
-      const spread = (x: Tensor): Tensor => {
-        const full = zeros([b * (t - 1)], { dtype: "float32", device }).indexAdd(0, idx, x);
-        return cat([zeros([b, 1], { dtype: "float32", device }), full.reshape([b, t - 1])], 1);
-      };
-      const values = withValues
-        ? spread(this.valueHead.forward(states.detach()))
-        : zeros([b, t], { dtype: "float32", device });
-      return {
-        logprobs: spread(stats.logprobs),
-        entropy: spread(stats.entropy),
-        values,
-        mask: cat([zeros([b, 1], { dtype: "float32", device }), mask], 1),
-      };
-    });
+  head(hidden: Tensor, batch: SequenceBatch, opts: PassOptions = {}): PolicyOutput {
+    const layout = new CompletionLayout(batch);
+    try {
+      return tidy(() => {
+        const logits = this.model.decoder.lmHead.forward(layout.states(hidden)).to("float32");
+        const stats = tokenStats(logits, layout.targets(batch.inputIds), opts.temperature ?? 1);
+        return {
+          logprobs: layout.spread(stats.logprobs),
+          entropy: layout.spread(stats.entropy),
+          mask: layout.mask.clone(),
+        };
+      });
+    } finally {
+      layout.dispose();
+    }
   }
 
   /** One forward pass with autograd (unless inside noGrad): the policy's outputs. */
-  forward(batch: SequenceBatch): PolicyOutput {
+  forward(batch: SequenceBatch, opts: PassOptions = {}): PolicyOutput {
     return tidy(() => {
-      const f = this.model.decoder.forward(this.#input(batch));
-      return { ...this.head(f.hidden, batch), routerLogits: f.routerLogits };
+      const f = this.model.decoder.forward(this.#input(batch, opts));
+      return { ...this.head(f.hidden, batch, opts), routerLogits: f.routerLogits };
     });
   }
 
-  /** Log-probs of the completion tokens under the frozen base (adapters off), without autograd. */
-  referenceLogprobs(batch: SequenceBatch): Tensor {
+  /**
+   * The frozen base (adapters off), without autograd: the completion tokens'
+   * log-probs (skipped with `logprobs: false`) and the completion states the
+   * critic reads.
+   */
+  reference(batch: SequenceBatch, opts: PassOptions & { logprobs?: boolean } = {}): ReferenceOutput {
     const prev = this.lora.state.enabled;
     this.lora.state.enabled = false;
     try {
       return noGrad(() =>
-        tidy(() => this.head(this.model.decoder.forward(this.#input(batch)).hidden, batch, false).logprobs)
+        tidy(() => {
+          const hidden = this.model.decoder.forward(this.#input(batch, opts)).hidden;
+          const layout = new CompletionLayout(batch);
+          try {
+            return {
+              logprobs: opts.logprobs === false ? null : this.head(hidden, batch, opts).logprobs,
+              states: layout.states(hidden),
+            };
+          } finally {
+            layout.dispose();
+          }
+        })
       );
     } finally {
       this.lora.state.enabled = prev;
     }
   }
 
+  /** The critic's values [B, T] (0 off the completions) of completion states [N, H], with autograd into the head. */
+  values(states: Tensor, batch: SequenceBatch): Tensor {
+    const layout = new CompletionLayout(batch);
+    try {
+      return tidy(() => layout.spread(this.valueHead.forward(states.detach())));
+    } finally {
+      layout.dispose();
+    }
+  }
+
   /**
-   * Computes loss = lossFn(outputs) and back-propagates it into the adapters
-   * and the value head, with or without gradient checkpointing. Returns the
-   * loss value; the outputs are freed.
+   * Computes loss = lossFn(outputs) and back-propagates it into the adapters,
+   * with or without gradient checkpointing. Returns the loss value; the
+   * outputs are freed.
    */
-  backward(batch: SequenceBatch, lossFn: (out: PolicyOutput) => Tensor): number {
+  backward(batch: SequenceBatch, lossFn: (out: PolicyOutput) => Tensor, opts: PassOptions = {}): number {
     if (this.checkpointing && this.opts.lora.dropout > 0 && this.lora.state.training) {
       throw new Error(
         "gradient checkpointing needs lora dropout 0 (the recomputed pass would draw new dropout masks)",
@@ -185,12 +264,12 @@ export class Policy {
     }
     if (!this.checkpointing) {
       return tidy(() => {
-        const loss = lossFn(this.forward(batch));
+        const loss = lossFn(this.forward(batch, opts));
         loss.backward();
         return loss.item();
       });
     }
-    return this.#checkpointedBackward(batch, lossFn);
+    return this.#checkpointedBackward(batch, lossFn, opts);
   }
 
   /**
@@ -199,9 +278,13 @@ export class Policy {
    * layer is recomputed with autograd and back-propagated in turn. Peak
    * activation memory is one layer's instead of all layers'.
    */
-  #checkpointedBackward(batch: SequenceBatch, lossFn: (out: PolicyOutput) => Tensor): number {
+  #checkpointedBackward(
+    batch: SequenceBatch,
+    lossFn: (out: PolicyOutput) => Tensor,
+    opts: PassOptions,
+  ): number {
     const decoder = this.model.decoder;
-    const input = this.#input(batch);
+    const input = this.#input(batch, opts);
     return tidy(() => {
       const ctx = decoder.prepare(input);
       const inputs: Tensor[] = [];
@@ -213,7 +296,7 @@ export class Policy {
       // Loss side: final norm, head, loss; its gradient w.r.t. the last hidden state.
       let grad = tidy(() => {
         const last = h.detach().setRequiresGrad(true);
-        const loss = lossFn(this.head(decoder.finalNorm.forward(last), batch));
+        const loss = lossFn(this.head(decoder.finalNorm.forward(last), batch, opts));
         loss.backward();
         return { g: last.grad!, loss: loss.item() };
       });

@@ -1,14 +1,22 @@
 /**
  * The RL losses and advantages on small hand-computed tensors: masking of
  * prompt and padding tokens (even when they hold NaN or huge values), PPO
- * clipping on both sides for positive and negative advantages, k1/k3 values
- * and gradients, the ratio-1 policy gradient, whitening, the group baseline,
- * and no leaked tensors.
+ * clipping on both sides for positive and negative advantages, asymmetric
+ * clipping, GSPO's sequence ratio, rollout-correction weights, minibatch
+ * token means, k1/k2/k3 values, clamps and gradients, the ratio-1 policy
+ * gradient, the token-level value loss, the group baseline, token advantages
+ * (GAE), normalisation over an update, and no leaked tensors.
  */
 import assert from "node:assert/strict";
-import { liveTensors, randn, type Tensor, tensor, tidy } from "../mod.ts";
+import { randn, type Tensor, tensor, tidy } from "../mod.ts";
 import { loadBalancingLoss } from "../model/moe.ts";
-import { advantages, groupBaseline, zeroSpreadFraction } from "../rl/advantages.ts";
+import {
+  flatGroups,
+  groupBaseline,
+  tokenAdvantages,
+  updateAdvantages,
+  zeroSpreadFraction,
+} from "../rl/advantages.ts";
 import {
   entropyBonus,
   klPenalty,
@@ -55,7 +63,7 @@ Deno.test("losses: PPO clipped loss by hand, all four clip cases, prompt and pad
   assertNoLeak(() =>
     tidy(() => {
       const lp = leaf(logp);
-      const out = ppoClippedLoss(lp, t(old), t(adv), t(mask), clip);
+      const out = ppoClippedLoss(lp, t(old), t(adv), t(mask), { clip });
       assertClose([out.loss.item()], [expectTok.reduce((a, b) => a + b) / 5], 1e-5, "loss = 2.4 / 5");
       assertClose([out.clipFraction.item()], [2 / 5], 1e-6, "clip fraction");
       assertClose([out.ratioMean.item()], [(1.5 + 0.5 + 0.5 + 1.5 + 1) / 5], 1e-5, "ratio mean");
@@ -83,13 +91,56 @@ Deno.test("losses: per-token advantages [B, T] and shape checks", () => {
   );
 });
 
+Deno.test("losses: asymmetric clip, GSPO sequence ratio, rollout weights and a minibatch's token count", () => {
+  assertNoLeak(() =>
+    tidy(() => {
+      const old = t([[0, 0, 0]]), mask = t([[0, 1, 1]]);
+      // r = 1.25 on both tokens, A = +1: clipped at 1.2 with ε_high = ε, not with ε_high = 0.3.
+      const lp = leaf([[0, Math.log(1.25), Math.log(1.25)]]);
+      const sym = ppoClippedLoss(lp, old, t([1]), mask, { clip: 0.2 });
+      assertClose([sym.loss.item(), sym.clipFraction.item()], [-1.2, 1], 1e-6);
+      const asym = ppoClippedLoss(lp, old, t([1]), mask, { clip: 0.2, clipHigh: 0.3 });
+      assertClose([asym.loss.item(), asym.clipFraction.item()], [-1.25, 0], 1e-6);
+      // r = 0.7, A = −1: clipped low at 0.8 either way; clipLowFraction counts it.
+      const down = ppoClippedLoss(leaf([[0, Math.log(0.7), Math.log(0.7)]]), old, t([-1]), mask, {
+        clip: 0.2,
+        clipHigh: 0.3,
+      });
+      assertClose([down.loss.item(), down.clipLowFraction.item()], [0.8, 1], 1e-6);
+
+      // GSPO: one ratio per sequence, exp(mean log-ratio) = exp((log 2 + 0)/2) = √2 on every token.
+      const seqLp = leaf([[0, Math.log(2), 0]]);
+      const seq = ppoClippedLoss(seqLp, old, t([1]), mask, { clip: 10, ratioLevel: "sequence" });
+      assertClose([seq.ratioMean.item(), seq.loss.item()], [Math.SQRT2, -Math.SQRT2], 1e-6);
+      seq.loss.backward();
+      assertClose(
+        gradOf(seqLp),
+        [0, -Math.SQRT2 / 2, -Math.SQRT2 / 2],
+        1e-6,
+        "s·∇logp_t per token, token mean",
+      );
+      assert.throws(
+        () => ppoClippedLoss(lp, old, t([1]), mask, { ratioLevel: "x" as "token" }),
+        /ratioLevel/,
+      );
+
+      // Weights multiply each token's loss; `tokens` replaces the batch's token count.
+      const w = ppoClippedLoss(lp.detach(), lp.detach(), t([1]), mask, {
+        weights: t([[0, 2, 0.5]]),
+        tokens: 5,
+      });
+      assertClose([w.loss.item()], [-(2 + 0.5) / 5], 1e-6);
+    })
+  );
+});
+
 Deno.test("losses: with old = logp.detach() the ratio is 1 and the gradient is the vanilla policy gradient", () => {
   assertNoLeak(() =>
     tidy(() => {
       const lp = randn([3, 5], f32).sub(2).setRequiresGrad(true);
       const adv = t([0.7, -1.3, 0.2]);
       const mask = t([[0, 0, 1, 1, 1], [0, 1, 1, 1, 1], [0, 0, 0, 1, 0]]);
-      const out = ppoClippedLoss(lp, lp.detach(), adv, mask, 0.2);
+      const out = ppoClippedLoss(lp, lp.detach(), adv, mask, { clip: 0.2 });
       assertClose([out.ratioMean.item(), out.clipFraction.item(), out.approxKl.item()], [1, 0, 0], 1e-6);
       out.loss.backward();
       const g = gradOf(lp);
@@ -103,7 +154,7 @@ Deno.test("losses: with old = logp.detach() the ratio is 1 and the gradient is t
   );
 });
 
-Deno.test("losses: KL k1 and k3 values, masking and gradients", () => {
+Deno.test("losses: KL k1, k2 and k3 values, masking, clamps and gradients", () => {
   // δ = ref − logp = [·, −0.5, 1]; column 0 is masked (ref −inf there).
   const logp = [[0, -1, -2]], ref = [[-Infinity, -1.5, -1]], mask = [[0, 1, 1]];
   const d = [-0.5, 1];
@@ -114,7 +165,13 @@ Deno.test("losses: KL k1 and k3 values, masking and gradients", () => {
       assertClose(k1.perToken.toArray(), [0, 0.5, -1], 1e-6, "k1 per token");
       assertClose([k1.mean.item()], [-0.25], 1e-6);
       k1.mean.backward();
-      assertClose(gradOf(lp1), [0, 0.5, 0.5], 1e-6, "k1 gradient: 1/n");
+      assertClose(gradOf(lp1), [0, 0.5, 0.5], 1e-6, "k1 gradient: 1/n whatever δ (zero in expectation)");
+
+      const lp2 = leaf(logp);
+      const k2 = klPenalty(lp2, t(ref), t(mask), "k2");
+      assertClose(k2.perToken.toArray(), [0, ...d.map((x) => x * x / 2)], 1e-6, "k2 per token: ½δ²");
+      k2.mean.backward();
+      assertClose(gradOf(lp2), [0, ...d.map((x) => -x / 2)], 1e-6, "k2 gradient: −δ/n");
 
       const lp3 = leaf(logp);
       const k3 = klPenalty(lp3, t(ref), t(mask), "k3");
@@ -124,16 +181,20 @@ Deno.test("losses: KL k1 and k3 values, masking and gradients", () => {
       k3.mean.backward();
       assertClose(gradOf(lp3), [0, ...d.map((x) => (1 - Math.exp(x)) / 2)], 1e-6, "k3 gradient: (1 − r)/n");
 
+      // A token the reference finds far likelier (δ = 30) is clamped to 10 instead of e^30.
+      const far = klPenalty(t([[-40]]), t([[-10]]), t([[1]]), "k3");
+      assertClose([far.mean.item()], [10], 1e-6, "k3 clamped at 10");
+
       const a = randn([4, 6], f32), b = randn([4, 6], f32);
       const ones = t(Array.from({ length: 4 }, () => Array(6).fill(1)));
       assert.ok(klPenalty(a, b, ones, "k3").perToken.amin().item() >= 0, "k3 ≥ 0");
       assert.equal(klPenalty(a, a, ones, "k3").mean.item(), 0);
-      assert.throws(() => klPenalty(a, b, ones, "k2" as "k1"), /estimator/);
+      assert.throws(() => klPenalty(a, b, ones, "k4" as "k1"), /estimator/);
     })
   );
 });
 
-Deno.test("losses: entropy bonus and value loss", () => {
+Deno.test("losses: entropy bonus and the token-level value loss", () => {
   assertNoLeak(() =>
     tidy(() => {
       const ent = leaf([[9, 1, 2], [9, 3, 9]]);
@@ -142,13 +203,14 @@ Deno.test("losses: entropy bonus and value loss", () => {
       e.backward();
       assertClose(gradOf(ent), [0, 1, 1, 0, 1, 0].map((m) => m / 3), 1e-6);
 
-      const v = leaf([1, -1, 0.5]), target = leaf([0, 1, 0.5]);
-      const l = valueLoss(v, target);
-      assertClose([l.item()], [0.5 * (1 + 4 + 0) / 3], 1e-6, "½·mean((v − t)²)");
+      // Values per token [2, 3], one target per sequence, the mask on completion tokens.
+      const v = leaf([[7, 1, -1], [7, 7, 0.5]]), target = leaf([0, 0.5]), m = t([[0, 1, 1], [0, 0, 1]]);
+      const l = valueLoss(v, target, m);
+      assertClose([l.item()], [0.5 * (1 + 1 + 0) / 3], 1e-6, "½·token-mean((v − target)²)");
       l.backward();
-      assertClose(gradOf(v), [1 / 3, -2 / 3, 0], 1e-6, "gradient (v − t)/N");
+      assertClose(gradOf(v), [0, 1 / 3, -1 / 3, 0, 0, 0], 1e-6, "gradient (v − target)/n on the mask");
       assert.equal(tidy(() => target.grad), null, "targets are constants");
-      assert.throws(() => valueLoss(t([[1]]), t([[1]])), /\[N\]/);
+      assert.throws(() => valueLoss(v, t([1, 2, 3]), m), /targets must be/);
     })
   );
 });
@@ -175,20 +237,48 @@ Deno.test("advantages: group baseline", () => {
   assert.equal(zeroSpreadFraction([1, 0], 1), 1, "K = 1: every group has zero spread");
 });
 
-Deno.test("advantages: centred − value, whitened; value detached; degenerate cases only centred", () => {
-  const live = liveTensors();
-  tidy(() => {
-    const values = leaf([0.5, 0, -0.5, 0]);
-    const a = advantages(t([1, 0, 0, -1]), values);
-    // x = [0.5, 0, 0.5, −1], mean 0, unbiased std √0.5
-    assertClose(a.toArray(), [0.5, 0, 0.5, -1].map((x) => x / Math.sqrt(0.5)), 1e-6);
-    assertClose([a.mean().item(), a.std().item()], [0, 1], 1e-6, "mean 0, std 1");
-    assert.ok(!a.requiresGrad, "no gradient into the critic");
-    assert.deepEqual(advantages(t([0.7]), t([0.2])).toArray(), [0], "N = 1: centred only");
-    assert.deepEqual(advantages(t([1, 1, 1]), t([0, 0, 0])).toArray(), [0, 0, 0], "std 0: centred only");
-    const tiny = advantages(t([1, 1 + 1e-7]), t([0, 0])).toArray();
-    assert.ok(tiny.every((x) => Math.abs(x) < 1e-6), `std ≤ minStd: not blown up (${tiny})`);
-    assert.throws(() => advantages(t([1, 2]), t([1, 2, 3])), /both be \[N\]/);
-  });
-  assert.equal(liveTensors(), live);
+Deno.test("advantages: flat groups, per-token estimates and GAE by hand", () => {
+  assert.deepEqual(flatGroups([1, 1, 0, 1, 0.5, 0.5], 2), [true, true, false, false, true, true]);
+  assert.deepEqual(flatGroups([1, 1], 1), [false, false], "K = 1: no group is flat");
+  assert.deepEqual(tokenAdvantages(0.5, 3, null, "group"), [0.5, 0.5, 0.5]);
+  assert.deepEqual(tokenAdvantages(0.5, 3, [0.25, 9, 9], "prompt_value"), [0.25, 0.25, 0.25]);
+  const v = [0.1, 0.4, 0.2];
+  assertClose(tokenAdvantages(1, 3, v, "token_value"), [0.9, 0.6, 0.8], 1e-12, "λ = 1: target − V(s_t)");
+  // λ = 0: δ_t = V(s_t+1) − V(s_t), last δ = target − V.
+  assertClose(tokenAdvantages(1, 3, v, "token_value", 0), [0.3, -0.2, 0.8], 1e-12, "λ = 0: TD errors");
+  // λ = 0.5: A_2 = 0.8, A_1 = −0.2 + 0.4 = 0.2, A_0 = 0.3 + 0.1 = 0.4.
+  assertClose(tokenAdvantages(1, 3, v, "token_value", 0.5), [0.4, 0.2, 0.8], 1e-12, "λ = 0.5");
+  assert.throws(() => tokenAdvantages(1, 3, [0, 0], "token_value"), /needs 3 values/);
+});
+
+Deno.test("advantages: over the update, flat groups carry none and normalisation is over the update", () => {
+  // Groups of 2: [1, 0] has signal, [1, 1] is flat. Lengths 2, 1, 3, 1.
+  const rewards = [1, 0, 1, 1], lengths = [2, 1, 3, 1];
+  const g = updateAdvantages(rewards, 2, lengths, null, { estimator: "group", gaeLambda: 1 });
+  assert.deepEqual(g.trained, [true, true, false, false]);
+  assert.deepEqual(g.centered, [0.5, -0.5, 0, 0]);
+  // Raw token advantages [0.5, 0.5, −0.5]: mean 1/6, sample std √(1/3); "group" divides without centring.
+  const std = Math.sqrt(1 / 3);
+  assertClose([g.std], [std], 1e-12);
+  assertClose(g.advantages.flat(), [0.5 / std, 0.5 / std, -0.5 / std, 0, 0, 0, 0], 1e-12);
+  assert.deepEqual(g.advantages.map((a) => a.length), lengths);
+
+  // With a critic: centred − V, then whitened over the trained tokens only.
+  const values = [[0.25, 0], [0.5], [9, 9, 9], [9]];
+  const c = updateAdvantages(rewards, 2, lengths, values, { estimator: "token_value", gaeLambda: 1 });
+  const raw = [0.25, 0.5, -1];
+  const m = (0.25 + 0.5 - 1) / 3, sd = Math.sqrt(raw.reduce((s, x) => s + (x - m) ** 2, 0) / 2);
+  assertClose(c.advantages.flat(), [...raw.map((x) => (x - m) / sd), 0, 0, 0, 0], 1e-12);
+
+  // K = 1: every completion trains, and the update's mean is the baseline.
+  const one = updateAdvantages([1, 0], 1, [1, 1], null, { estimator: "group", gaeLambda: 1 });
+  assert.deepEqual(one.trained, [true, true]);
+  assertClose(one.advantages.flat(), [0.5 / Math.SQRT1_2, -0.5 / Math.SQRT1_2], 1e-12);
+  // Everything flat: nothing trains, no division by a zero std.
+  const flat = updateAdvantages([1, 1], 2, [2, 2], null, { estimator: "group", gaeLambda: 1 });
+  assert.deepEqual([flat.trained, flat.advantages.flat()], [[false, false], [0, 0, 0, 0]]);
+  assert.throws(
+    () => updateAdvantages([1, 0], 2, [1], null, { estimator: "group", gaeLambda: 1 }),
+    /lengths/,
+  );
 });

@@ -1,7 +1,8 @@
 /**
  * The policy: LoRA adapters (placement, counts, on/off, merge), log-probs and
- * entropy against a direct computation from full logits, the reference
- * policy as the adapters-off model, the value head's gradient isolation,
+ * entropy against a direct computation from full logits (at temperature 1
+ * and 0.7), the reference policy as the adapters-off model and its states as
+ * the base model's, the value head's gradient isolation,
  * gradient checkpointing giving the same gradients, and no leaks over 100
  * training steps.
  */
@@ -11,7 +12,7 @@ import { AdamW, liveTensors, manualSeed, noGrad, randn, type Tensor, tensor, tid
 import { leftPad } from "../model/padding.ts";
 import { DEFAULT_LORA, type LoraConfig, loraParamCount } from "../model/lora_apply.ts";
 import { loadModel } from "../model/model.ts";
-import { Policy, type SequenceBatch, sequenceValues } from "../rl/policy.ts";
+import { Policy, type SequenceBatch } from "../rl/policy.ts";
 import { assertClose, DEVICE } from "./util.ts";
 
 const FIXTURES = join(import.meta.dirname!, "fixtures", "models");
@@ -71,49 +72,70 @@ Deno.test("policy: adapters, outputs and gradients", async (t) => {
     await t.step("fresh adapters do not change the model (B = 0)", () => {
       tidy(() => {
         const out = noGrad(() => policy.forward(b));
-        assertClose(out.logprobs.toArray(), policy.referenceLogprobs(b).toArray(), 1e-6);
+        assertClose(out.logprobs.toArray(), policy.reference(b).logprobs!.toArray(), 1e-6);
       });
     });
 
     perturb(policy);
-    await t.step("log-probs and entropy equal a direct computation from full logits", () => {
+    for (const temperature of [1, 0.7]) {
+      await t.step(`log-probs and entropy at temperature ${temperature} equal a direct computation`, () => {
+        tidy(() => {
+          const out = noGrad(() => policy.forward(b, { temperature }));
+          const logits = noGrad(() =>
+            model.decoder.forward({
+              inputIds: b.inputIds,
+              positionIds: b.positionIds,
+              attentionMask: b.attentionMask,
+            })
+              .logits!
+          );
+          const logp = logits.to("float32").div(temperature).logSoftmax(-1); // [B, T, V]
+          const ids = b.inputIds.tolist() as number[][], comp = b.completionMask.tolist() as number[][];
+          const lp = logp.tolist() as number[][][];
+          const ours = out.logprobs.tolist() as number[][], ent = out.entropy.tolist() as number[][];
+          for (let i = 0; i < ids.length; i++) {
+            for (let j = 1; j < ids[i]!.length; j++) {
+              const want = comp[i]![j] ? lp[i]![j - 1]![ids[i]![j]!]! : 0;
+              assert.ok(
+                Math.abs(ours[i]![j]! - want) < 1e-5,
+                `logprob [${i},${j}] ${ours[i]![j]} vs ${want}`,
+              );
+              const h = comp[i]![j] ? -lp[i]![j - 1]!.reduce((s, l) => s + Math.exp(l) * l, 0) : 0;
+              assert.ok(Math.abs(ent[i]![j]! - h) < 1e-4, `entropy [${i},${j}]`);
+            }
+          }
+          // completions never start at position 0 here, so the mask is the completion mask
+          assert.deepEqual(out.mask.toArray(), b.completionMask.to("float32").toArray());
+        });
+      });
+    }
+
+    await t.step("the reference policy is the adapters-off model and differs from the policy", () => {
       tidy(() => {
-        const out = noGrad(() => policy.forward(b));
-        const logits = noGrad(() =>
+        const r = policy.reference(b);
+        const pol = noGrad(() => policy.forward(b)).logprobs;
+        assert.ok(
+          pol.sub(r.logprobs!).abs().amax().item() > 1e-3,
+          "perturbed adapters must change log-probs",
+        );
+        policy.lora.state.enabled = false;
+        const off = noGrad(() => policy.forward(b)).logprobs;
+        const hidden = noGrad(() =>
           model.decoder.forward({
             inputIds: b.inputIds,
             positionIds: b.positionIds,
             attentionMask: b.attentionMask,
-          })
-            .logits!
+            skipLogits: true,
+          }).hidden
         );
-        const logp = logits.to("float32").logSoftmax(-1); // [B, T, V]
-        const ids = b.inputIds.tolist() as number[][], comp = b.completionMask.tolist() as number[][];
-        const lp = logp.tolist() as number[][][];
-        const ours = out.logprobs.tolist() as number[][], ent = out.entropy.tolist() as number[][];
-        for (let i = 0; i < ids.length; i++) {
-          for (let j = 1; j < ids[i]!.length; j++) {
-            const want = comp[i]![j] ? lp[i]![j - 1]![ids[i]![j]!]! : 0;
-            assert.ok(Math.abs(ours[i]![j]! - want) < 1e-5, `logprob [${i},${j}] ${ours[i]![j]} vs ${want}`);
-            const h = comp[i]![j] ? -lp[i]![j - 1]!.reduce((s, l) => s + Math.exp(l) * l, 0) : 0;
-            assert.ok(Math.abs(ent[i]![j]! - h) < 1e-4, `entropy [${i},${j}]`);
-          }
-        }
-        // completions never start at position 0 here, so the mask is the completion mask
-        assert.deepEqual(out.mask.toArray(), b.completionMask.to("float32").toArray());
-      });
-    });
-
-    await t.step("the reference policy is the adapters-off model and differs from the policy", () => {
-      tidy(() => {
-        const ref = policy.referenceLogprobs(b);
-        const pol = noGrad(() => policy.forward(b)).logprobs;
-        assert.ok(pol.sub(ref).abs().amax().item() > 1e-3, "perturbed adapters must change log-probs");
-        policy.lora.state.enabled = false;
-        const off = noGrad(() => policy.forward(b)).logprobs;
         policy.lora.state.enabled = true;
-        assertClose(ref.toArray(), off.toArray(), 1e-6);
-        assert.ok(policy.lora.state.enabled, "referenceLogprobs restores the adapters");
+        assertClose(r.logprobs!.toArray(), off.toArray(), 1e-6);
+        assert.ok(policy.lora.state.enabled, "reference restores the adapters");
+        // The critic's inputs: the base model's states right before each completion token, row by row.
+        const comp = b.completionMask.tolist() as number[][], h = hidden.tolist() as number[][][];
+        const want = comp.flatMap((row, i) => row.flatMap((m, j) => (m && j > 0 ? [h[i]![j - 1]!] : [])));
+        assertClose(r.states.toArray(), want.flat(), 1e-6);
+        assert.equal(policy.reference(b, { logprobs: false }).logprobs, null);
       });
     });
 
@@ -130,8 +152,12 @@ Deno.test("policy: adapters, outputs and gradients", async (t) => {
     });
 
     await t.step("the value loss reaches only the value head; the policy loss only the adapters", () => {
-      const vLoss = policy.backward(b, (out) => sequenceValues(out).square().mean());
-      assert.ok(Number.isFinite(vLoss));
+      tidy(() => {
+        const v = policy.values(policy.reference(b).states, b);
+        assert.deepEqual(v.shape, b.inputIds.shape);
+        assert.equal(v.abs().sum().item(), 0, "a fresh critic predicts 0 (its output layer starts at zero)");
+        v.sub(1).square().mul(b.completionMask).sum().backward();
+      });
       assert.ok(policy.valueParameters().every((p) => tidy(() => p.grad !== null)));
       assert.ok(
         policy.policyParameters().every((p) => tidy(() => p.grad === null)),
@@ -149,18 +175,18 @@ Deno.test("policy: adapters, outputs and gradients", async (t) => {
 
     await t.step("gradient checkpointing gives the same gradients", () => {
       const loss = (out: Parameters<Parameters<Policy["backward"]>[1]>[0]): Tensor =>
-        out.logprobs.mul(out.mask).sum().neg().add(sequenceValues(out).square().mean());
-      const l1 = policy.backward(b, loss);
-      const g1 = grads([...policy.policyParameters(), ...policy.valueParameters()]);
-      [...policy.policyParameters(), ...policy.valueParameters()].forEach((p) => p.clearGrad());
+        out.logprobs.mul(out.mask).sum().neg().add(out.entropy.mul(out.mask).sum().mul(0.1));
+      const l1 = policy.backward(b, loss, { temperature: 0.8 });
+      const g1 = grads(policy.policyParameters());
+      policy.policyParameters().forEach((p) => p.clearGrad());
       policy.checkpointing = true;
-      const l2 = policy.backward(b, loss);
+      const l2 = policy.backward(b, loss, { temperature: 0.8 });
       policy.checkpointing = false;
-      const g2 = grads([...policy.policyParameters(), ...policy.valueParameters()]);
+      const g2 = grads(policy.policyParameters());
       assert.ok(Math.abs(l1 - l2) < 1e-5, `loss ${l1} vs ${l2}`);
       assert.ok(g1.every((g) => g.length > 0), "every parameter got a gradient");
       g1.forEach((g, i) => assertClose(g2[i]!, g, 1e-4, `param ${i}`));
-      [...policy.policyParameters(), ...policy.valueParameters()].forEach((p) => p.clearGrad());
+      policy.policyParameters().forEach((p) => p.clearGrad());
     });
 
     await t.step("100 training steps leak no tensor", () => {
@@ -172,13 +198,8 @@ Deno.test("policy: adapters, outputs and gradients", async (t) => {
       const start = liveTensors();
       let first = 0, last = 0;
       for (let step = 0; step < 100; step++) {
-        const loss = policy.backward(
-          b,
-          (out) =>
-            out.logprobs.mul(out.mask).sum().neg().div(out.mask.sum()).add(
-              sequenceValues(out).square().mean(),
-            ),
-        );
+        const loss = policy.backward(b, (out) => out.logprobs.mul(out.mask).sum().neg().div(out.mask.sum()));
+        tidy(() => policy.values(policy.reference(b).states, b).square().mean().backward());
         if (step === 1) first = loss;
         last = loss;
         opt.step();

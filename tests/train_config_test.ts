@@ -9,6 +9,7 @@ import assert from "node:assert/strict";
 import { join } from "node:path";
 import { DEFAULT_INSTRUCTION } from "../data/prompt.ts";
 import { DEFAULT_LORA } from "../model/lora_apply.ts";
+import { DEFAULT_RL_CONFIG } from "../rl/config.ts";
 import { DEFAULT_REWARD_CONFIG } from "../rl/reward.ts";
 import {
   applyOverrides,
@@ -39,24 +40,17 @@ function configError(fn: () => unknown): string {
   assert.fail("expected a ConfigError");
 }
 
-Deno.test("config: the defaults are valid and agree with the library's defaults", () => {
+Deno.test("config: the defaults are valid and every section agrees with the library's defaults", () => {
   assert.deepEqual(applyOverrides(DEFAULTS, {}, "defaults"), structuredClone(DEFAULTS));
   assert.deepEqual(DEFAULTS.lora.targetModules, DEFAULT_LORA.targetModules);
   assert.equal(DEFAULTS.lora.r, DEFAULT_LORA.r);
   assert.equal(DEFAULTS.lora.alpha, DEFAULT_LORA.alpha);
   assert.equal(DEFAULTS.data.instruction, DEFAULT_INSTRUCTION);
-  for (
-    const k of [
-      "correct",
-      "wrong",
-      "markerBonus",
-      "overLengthPenalty",
-      "maxCompletionTokens",
-      "mode",
-    ] as const
-  ) {
-    assert.equal(DEFAULTS.reward[k], DEFAULT_REWARD_CONFIG[k], `reward.${k}`);
+  // The RL sections are the library's: a notebook's ppoStep runs what deno task train runs.
+  for (const section of ["rollout", "ppo", "reward", "moe"] as const) {
+    assert.deepEqual(DEFAULTS[section], structuredClone(DEFAULT_RL_CONFIG[section]), section);
   }
+  assert.deepEqual(DEFAULT_RL_CONFIG.reward, DEFAULT_REWARD_CONFIG);
   assert.ok(Object.isFrozen(DEFAULTS.train), "DEFAULTS is deeply frozen");
   assert.ok(configKeys().includes("train.learningRate"));
 });
@@ -119,7 +113,20 @@ Deno.test("config: type mismatches name the key, what was expected and what came
     [{ train: { microBatch: 2.5 } }, /train\.microBatch: expected an integer ≥ 1, got 2\.5 \(a number\)/],
     [{ train: { learningRate: 0 } }, /train\.learningRate: expected a number > 0, got 0/],
     [{ model: { device: "gpu" } }, /model\.device: expected "cuda", "cuda:N" or "cpu", got "gpu"/],
-    [{ ppo: { klEstimator: "k2" } }, /ppo\.klEstimator: expected one of "k1", "k3", got "k2"/],
+    [
+      { ppo: { klEstimator: "k1" } },
+      /ppo\.klEstimator: expected "k2" or "k3" \(k1's expected gradient is zero/,
+    ],
+    [
+      { rollout: { generationBatch: 2 } },
+      /rollout\.generationBatch must be null or an integer >= rollout\.k \(4\)/,
+    ],
+    [{ ppo: { epochs: 0 } }, /ppo\.epochs: expected an integer ≥ 1, got 0/],
+    [{ ppo: { minibatches: 0 } }, /ppo\.minibatches: expected an integer ≥ 1, got 0/],
+    [{ ppo: { minibatches: 3 } }, /ppo\.minibatches \(3\) must divide the update's 512 sequences/],
+    [{ ppo: { advantage: "gae" } }, /ppo\.advantage: expected one of "group", "token_value", "prompt_value"/],
+    [{ moe: { routingReplay: "R3" } }, /moe\.routingReplay: expected one of "off", "rollout", got "R3"/],
+    [{ reward: { markerMethods: ["####", "answer"] } }, /reward\.markerMethods: expected a list of/],
     [{ train: { betas: [0.9] } }, /train\.betas: expected two numbers in \[0, 1\)/],
     [{ lora: 16 }, /lora is a section \(keys r, alpha, .*\), got 16 \(a number\)/],
     [{ seed: null }, /seed: expected an integer in \[0, 2\^32\), got null/],

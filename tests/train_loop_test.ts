@@ -35,7 +35,8 @@ Deno.test("train: a tiny run writes its folder, and --resume repeats the uninter
     ) {
       await Deno.stat(join(full.dir, f));
     }
-    assert.ok(full.records.every((r) => Number.isFinite(r.reward_mean) && Number.isFinite(r.loss)));
+    // The random tiny model earns no reward, so no group has signal: the critic trains, the policy does not.
+    assert.ok(full.records.every((r) => Number.isFinite(r.reward_mean) && Number.isFinite(r.value_loss)));
     assert.ok(full.records.some((r) => "eval_accuracy_flexible" in r));
 
     const part = join(tmp, "part");

@@ -14,6 +14,13 @@
 import { stringify } from "yaml";
 import { DEFAULT_INSTRUCTION } from "../data/prompt.ts";
 import type { Device } from "../ffi/mod.ts";
+import {
+  DEFAULT_RL_CONFIG,
+  type MoeRoutingConfig,
+  type PpoConfig,
+  type RolloutConfig,
+} from "../rl/config.ts";
+import type { RewardConfig } from "../rl/reward.ts";
 import { applyOverrides, ConfigError, parseSets, parseYaml } from "./config_schema.ts";
 
 export {
@@ -73,9 +80,9 @@ export interface DataSettings {
 
 /** Batch sizes, length of the run, and the optimiser. */
 export interface TrainSettings {
-  /** Prompts per micro-batch (each sampled k times). */
+  /** Prompts per forward/backward pass of the learn phase (microBatch × rollout.k sequences). */
   microBatch: number;
-  /** Micro-batches whose gradients are summed into one update. */
+  /** Micro-batches per update: an update collects microBatch × gradAccum prompts. */
   gradAccum: number;
   /** Optimiser updates in the run. */
   updates: number;
@@ -101,52 +108,6 @@ export interface TrainSettings {
   minLrRatio: number;
   /** Recompute each layer in the backward pass (less memory, about a third more time). */
   gradientCheckpointing: boolean;
-}
-
-/** Sampling completions. */
-export interface RolloutSettings {
-  /** Completions sampled per prompt (the group for the baseline). */
-  k: number;
-  /** Token cap per completion. */
-  maxNewTokens: number;
-  /** Sampling temperature. */
-  temperature: number;
-  /** Nucleus sampling threshold (1: off). */
-  topP: number;
-  /** Keep the k most likely tokens (0: off). */
-  topK: number;
-}
-
-/** The PPO objective. */
-export interface PpoSettings {
-  /** Clip range ε of the probability ratio. */
-  clip: number;
-  /** Weight of the per-token KL penalty to the reference (adapters-off) policy; 0 skips the reference pass. */
-  klCoef: number;
-  /** KL estimator (rl-notes §2), δ = logπref − logπ: k1 = −δ, k3 = e^δ − 1 − δ. */
-  klEstimator: "k1" | "k3";
-  /** Weight of the entropy bonus. */
-  entropyCoef: number;
-  /** Weight of the value loss (only scales the critic's gradient: its parameters and optimiser group are its own). */
-  valueCoef: number;
-  /** Weight of the MoE load-balancing loss (0: routers' logits are not even gathered). */
-  routerAuxCoef: number;
-}
-
-/** The reward (rl/reward.ts RewardConfig, without markerMethods). */
-export interface RewardSettings {
-  /** Reward of a correct answer. */
-  correct: number;
-  /** Reward of a wrong or missing answer. */
-  wrong: number;
-  /** Added when the answer is given behind an explicit marker (`####`, "final answer", `\boxed`). */
-  markerBonus: number;
-  /** Subtracted when the completion hits the token cap (or maxCompletionTokens). */
-  overLengthPenalty: number;
-  /** A length limit below the cap for the penalty, or null. */
-  maxCompletionTokens: number | null;
-  /** Answer extraction for correctness and the bonus. */
-  mode: "strict" | "flexible";
 }
 
 /** Greedy evaluation on held-out problems. */
@@ -197,12 +158,14 @@ export interface TrainConfig {
   data: DataSettings;
   /** Batches, run length, optimiser. */
   train: TrainSettings;
-  /** Sampling. */
-  rollout: RolloutSettings;
-  /** The objective. */
-  ppo: PpoSettings;
-  /** The reward. */
-  reward: RewardSettings;
+  /** Sampling (rl/config.ts). */
+  rollout: RolloutConfig;
+  /** The objective and the learn phase (rl/config.ts). */
+  ppo: PpoConfig;
+  /** The reward (rl/reward.ts). */
+  reward: RewardConfig;
+  /** Mixture-of-experts handling (rl/config.ts). */
+  moe: MoeRoutingConfig;
   /** Evaluation. */
   eval: EvalSettings;
   /** Logging. */
@@ -264,16 +227,11 @@ export const DEFAULTS: DeepReadonly<TrainConfig> = deepFreeze<TrainConfig>({
     minLrRatio: 0.1,
     gradientCheckpointing: false,
   },
-  rollout: { k: 4, maxNewTokens: 256, temperature: 1.0, topP: 1.0, topK: 0 },
-  ppo: { clip: 0.2, klCoef: 0.04, klEstimator: "k3", entropyCoef: 0.001, valueCoef: 1, routerAuxCoef: 0 },
-  reward: {
-    correct: 1.0,
-    wrong: 0.0,
-    markerBonus: 0.05,
-    overLengthPenalty: 0.05,
-    maxCompletionTokens: null,
-    mode: "flexible",
-  },
+  // The RL sections are the library's (rl/config.ts): one set of defaults.
+  rollout: { ...DEFAULT_RL_CONFIG.rollout },
+  ppo: { ...DEFAULT_RL_CONFIG.ppo },
+  reward: { ...DEFAULT_RL_CONFIG.reward, markerMethods: [...DEFAULT_RL_CONFIG.reward.markerMethods] },
+  moe: { ...DEFAULT_RL_CONFIG.moe },
   eval: { every: 100, limit: 500, source: "openai/gsm8k", split: "test", batchSize: 64, maxNewTokens: null },
   logging: { sampleEvery: 10, samplesToLog: 4 },
   output: { dir: null, checkpointEvery: 50, keepLast: 3 },

@@ -5,6 +5,9 @@
  * @module
  */
 import { parse } from "yaml";
+import { ADVANTAGE_ESTIMATORS } from "../rl/advantages.ts";
+import { EXTRACT_METHODS } from "../rl/answer.ts";
+import { rlConfig } from "../rl/config.ts";
 import type { DeepReadonly, TrainConfig } from "./config.ts";
 
 // ---------------------------------------------------------------------------------------------
@@ -106,13 +109,23 @@ const SCHEMA: Schema<TrainConfig> = {
     temperature: num(0, Infinity, true),
     topP: num(0, 1, true),
     topK: int(0),
+    generationBatch: nullable(int(1)),
   },
   ppo: {
+    epochs: int(1),
+    minibatches: int(1),
     clip: num(0, Infinity, true),
+    clipHigh: nullable(num(0, Infinity, true)),
+    ratioLevel: oneOf("token", "sequence"),
     klCoef: num(0),
-    klEstimator: oneOf("k1", "k3"),
+    klEstimator: {
+      expected: '"k2" or "k3" (k1\'s expected gradient is zero: it is only logged, as kl_k1)',
+      ok: (v) => v === "k2" || v === "k3",
+    },
     entropyCoef: num(0),
-    valueCoef: num(0),
+    advantage: oneOf(...ADVANTAGE_ESTIMATORS),
+    gaeLambda: num(0, 1),
+    rolloutCorrection: nullable(num(1)),
     routerAuxCoef: num(0),
   },
   reward: {
@@ -122,7 +135,12 @@ const SCHEMA: Schema<TrainConfig> = {
     overLengthPenalty: anyNum,
     maxCompletionTokens: nullable(int(1)),
     mode: oneOf("strict", "flexible"),
+    markerMethods: {
+      expected: `a list of ${EXTRACT_METHODS.map((m) => JSON.stringify(m)).join(", ")}`,
+      ok: (v) => Array.isArray(v) && v.every((m) => EXTRACT_METHODS.includes(m)),
+    },
   },
+  moe: { routingReplay: oneOf("off", "rollout") },
   eval: {
     every: int(0),
     limit: nullable(int(1)),
@@ -283,6 +301,18 @@ function crossChecks(cfg: TrainConfig, where: string): string[] {
   if (cfg.train.gradientCheckpointing && cfg.lora.dropout > 0) {
     p.push(
       `${where}: train.gradientCheckpointing needs lora.dropout 0 (the recomputed pass would draw new masks)`,
+    );
+  }
+  try {
+    rlConfig({ rollout: cfg.rollout, ppo: cfg.ppo, reward: cfg.reward, moe: cfg.moe });
+  } catch (e) {
+    p.push(`${where}: ${(e as Error).message}`);
+  }
+  const sequences = cfg.train.microBatch * cfg.train.gradAccum * cfg.rollout.k;
+  if (sequences % cfg.ppo.minibatches !== 0) {
+    p.push(
+      `${where}: ppo.minibatches (${cfg.ppo.minibatches}) must divide the update's ${sequences} sequences ` +
+        "(train.microBatch × train.gradAccum × rollout.k)",
     );
   }
   const t = cfg.lora.targetModules;

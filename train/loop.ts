@@ -1,14 +1,14 @@
 /**
- * The training loop: each update samples `gradAccum` micro-batches of
- * prompts, runs a PPO step on each (rollout → reward → advantages → losses →
- * backward, gradients accumulated), clips each parameter group's gradients,
- * steps AdamW, and logs. Every update is seeded from (seed, update) and the
- * data order from (seed, epoch), so a resumed run repeats an uninterrupted
- * one.
+ * The training loop: each update takes microBatch × gradAccum prompts,
+ * collects rollout.k completions for each (rl/collect.ts: generation,
+ * rewards, routing records), learns from them (rl/learn.ts: reference and
+ * critic pass, advantages over the update, PPO steps), and logs. Every
+ * update is seeded from (seed, update) and the data order from (seed,
+ * epoch), so a resumed run repeats an uninterrupted one.
  * @module
  */
 import { join } from "node:path";
-import { AdamW, clipGradNorm, Generator, manualSeed } from "../ffi/mod.ts";
+import { Generator, manualSeed } from "../ffi/mod.ts";
 import { MicroBatcher } from "../data/batches.ts";
 import { loadGsm8k } from "../data/gsm8k.ts";
 import { buildPrompts } from "../data/prompt.ts";
@@ -16,9 +16,10 @@ import { evaluateExamples } from "../eval/evaluate.ts";
 import { loadModel } from "../model/model.ts";
 import { quantizeModel } from "../model/nf4.ts";
 import { Tokenizer } from "../model/tokenizer.ts";
+import { collect, type RolloutPrompt } from "../rl/collect.ts";
+import { learn } from "../rl/learn.ts";
 import { Policy } from "../rl/policy.ts";
-import { ppoStep } from "../rl/ppo.ts";
-import type { RolloutPrompt } from "../rl/rollout.ts";
+import { policyOptimizer } from "../rl/ppo.ts";
 import { latestCheckpoint, loadCheckpoint, saveCheckpoint, updateSeed } from "./checkpoint.ts";
 import { formatConfig, RUN_CONFIG_FILE, runDir, type TrainConfig } from "./config.ts";
 import { writeAtomic } from "./fs.ts";
@@ -33,11 +34,6 @@ export interface TrainResult {
   dir: string;
   /** Every update's metrics record written by this process. */
   records: StepRecord[];
-}
-
-function mean(records: Record<string, number>[], key: string): number {
-  const xs = records.map((r) => r[key]!).filter((x) => Number.isFinite(x));
-  return xs.length ? xs.reduce((a, b) => a + b, 0) / xs.length : Number.NaN;
 }
 
 /** Runs (or resumes) the training described by cfg. */
@@ -55,22 +51,14 @@ export async function train(
   manualSeed(cfg.seed); // adapter and value-head initialisation
   const policy = new Policy(model, { lora: { ...cfg.lora }, checkpointing: cfg.train.gradientCheckpointing });
   const t = cfg.train;
-  using opt = new AdamW([
-    {
-      params: policy.policyParameters(),
-      lr: t.learningRate,
-      weightDecay: t.weightDecay,
-      betas: t.betas,
-      eps: t.eps,
-    },
-    {
-      params: policy.valueParameters(),
-      lr: t.valueLearningRate,
-      weightDecay: t.valueWeightDecay,
-      betas: t.betas,
-      eps: t.eps,
-    },
-  ]);
+  using opt = policyOptimizer(policy, {
+    learningRate: t.learningRate,
+    valueLearningRate: t.valueLearningRate,
+    weightDecay: t.weightDecay,
+    valueWeightDecay: t.valueWeightDecay,
+    betas: [...t.betas] as [number, number],
+    eps: t.eps,
+  });
   try {
     const promptOpts = { instruction: cfg.data.instruction, system: cfg.data.system ?? undefined };
     const data = await loadGsm8k(cfg.data.source, {
@@ -104,7 +92,7 @@ export async function train(
       (await JsonlLog.open(join(dir, SAMPLES_FILE), opts.resume ? { keepUpTo: start } : {})).log;
     const bar = opts.quiet ? null : new ProgressBar(t.updates, { start });
     const records: StepRecord[] = [];
-    const ppoCfg = { ...cfg.rollout, ...cfg.ppo, reward: { ...cfg.reward } };
+    const rl = { rollout: cfg.rollout, ppo: cfg.ppo, reward: cfg.reward, moe: cfg.moe };
     try {
       for (let u = start; u < t.updates; u++) {
         const t0 = performance.now();
@@ -114,30 +102,31 @@ export async function train(
         const factor = lrFactor(u, t);
         opt.groups[0]!.lr = t.learningRate * factor;
         opt.groups[1]!.lr = t.valueLearningRate * factor;
-        const parts: Record<string, number>[] = [];
-        const logged: unknown[] = [];
+        const prompts: RolloutPrompt[] = [];
         for (let m = 0; m < t.gradAccum; m++) {
           const batch = batcher.batch(pos);
           pos = batch.next;
-          const r = await ppoStep(policy, tok, batch.items, ppoCfg, {
-            generator: gen,
-            lossScale: 1 / t.gradAccum,
-          });
-          parts.push(r.metrics as unknown as Record<string, number>);
-          logged.push(...r.samples.slice(0, cfg.logging.samplesToLog));
+          prompts.push(...batch.items);
         }
-        const gradNorm = clipGradNorm(policy.policyParameters(), t.maxGradNorm);
-        const valueGradNorm = clipGradNorm(policy.valueParameters(), t.maxGradNorm);
-        opt.step();
-        opt.zeroGrad();
-        const record: StepRecord = { step: u + 1 };
-        for (const key of Object.keys(parts[0]!)) record[key] = mean(parts, key);
-        Object.assign(record, {
-          lr: opt.groups[0]!.lr,
-          grad_norm: gradNorm,
-          value_grad_norm: valueGradNorm,
-          update_seconds: (performance.now() - t0) / 1000,
+        using buffer = await collect(policy, tok, prompts, rl, { generator: gen });
+        const learned = learn(policy, opt, buffer, rl, {
+          microBatch: t.microBatch * cfg.rollout.k,
+          maxGradNorm: t.maxGradNorm,
+          seed,
         });
+        const record: StepRecord = {
+          step: u + 1,
+          ...buffer.metrics,
+          ...learned,
+          lr: opt.groups[0]!.lr,
+          update_seconds: (performance.now() - t0) / 1000,
+        };
+        const logged = buffer.sequences.slice(0, cfg.logging.samplesToLog).map((s) => ({
+          prompt: buffer.promptTexts[s.prompt],
+          completion: s.text,
+          reward: s.reward.reward,
+          correct: s.reward.correct,
+        }));
         if (cfg.eval.every > 0 && ((u + 1) % cfg.eval.every === 0 || u + 1 === t.updates)) {
           const ev = await evaluateExamples(model.decoder, tok, evalSet, {
             maxNewTokens: cfg.eval.maxNewTokens ?? cfg.rollout.maxNewTokens,

@@ -12,7 +12,7 @@ import { generate } from "../model/generate.ts";
 import type { Tokenizer } from "../model/tokenizer.ts";
 import { answersMatch, extractAnswer } from "../rl/answer.ts";
 import type { Policy, PolicyOutput } from "../rl/policy.ts";
-import { sequenceBatch } from "../rl/rollout.ts";
+import { sequenceBatch } from "../rl/collect.ts";
 
 /** −mean log-probability of the completion tokens. */
 export function nllLoss(out: PolicyOutput): Tensor {
