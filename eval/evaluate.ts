@@ -42,6 +42,7 @@ import { ADAPTER_DIR, latestCheckpoint } from "../train/checkpoint.ts";
 import { ConfigError, formatConfig, loadConfig, runDir, type TrainConfig } from "../train/config.ts";
 import { writeAtomic } from "../train/fs.ts";
 import { scoreRow } from "./score.ts";
+import { useAvailableCores } from "../ffi/mod.ts";
 
 /** One problem's result (a line of predictions.jsonl). */
 export interface Prediction {
@@ -352,6 +353,7 @@ export async function main(args: string[]): Promise<number> {
   }
   console.log(`config${v.config ? ` ${v.config}` : " (defaults)"}:\n${formatConfig(cfg)}`);
   try {
+    console.log(`libtorch: ${useAvailableCores()} CPU threads (OMP_NUM_THREADS to change)`);
     const { summary, dir } = await runEvaluation(cfg, {
       adapter: at(v.adapter),
       limit,

@@ -41,6 +41,9 @@ export {
   isGradEnabled,
   manualSeed,
   noGrad,
+  numThreads,
   setGradEnabled,
+  setNumThreads,
+  useAvailableCores,
 } from "./runtime.ts";
 export { type AdamState, AdamW, clipGradNorm, type ParamGroup } from "./optim.ts";

@@ -10,6 +10,31 @@ export function manualSeed(seed: number | bigint): void {
   check(shim().mt_manual_seed(ctx(), BigInt(seed)), "manual_seed", () => []);
 }
 
+/** libtorch's intra-op thread count (CPU kernels). */
+export function numThreads(): number {
+  return shim().mt_get_num_threads();
+}
+
+/** Sets libtorch's intra-op thread count. */
+export function setNumThreads(n: number): void {
+  if (!Number.isSafeInteger(n) || n < 1) {
+    throw new RangeError(`setNumThreads: expected an integer >= 1, got ${n}`);
+  }
+  check(shim().mt_set_num_threads(ctx(), n), "set_num_threads", () => []);
+}
+
+/**
+ * Gives libtorch the CPU cores a user has, as PyTorch does: OMP_NUM_THREADS
+ * when set, else every logical CPU this process may run on (Debian's
+ * libtorch alone would take the physical cores, 1 on a 2-vCPU machine).
+ * Returns the count in force.
+ */
+export function useAvailableCores(): number {
+  const env = Number(Deno.env.get("OMP_NUM_THREADS") ?? "");
+  setNumThreads(Number.isSafeInteger(env) && env >= 1 ? env : navigator.hardwareConcurrency);
+  return numThreads();
+}
+
 /** A seeded random generator of its own, for reproducible sampling. */
 export class Generator {
   #ptr: Deno.PointerObject | null;

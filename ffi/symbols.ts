@@ -25,6 +25,8 @@ export const symbols = {
   mt_live_count: { parameters: [], result: I64 },
 
   mt_manual_seed: { parameters: [C, "u64"], result: I32 },
+  mt_set_num_threads: { parameters: [C, I32], result: I32 },
+  mt_get_num_threads: { parameters: [], result: I32 },
   mt_cuda_available: { parameters: [], result: I32 },
   mt_cuda_device_count: { parameters: [], result: I32 },
   mt_cuda_synchronize: { parameters: [C, I32], result: I32 },

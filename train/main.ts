@@ -19,6 +19,7 @@ import {
   type TrainConfig,
 } from "./config.ts";
 import { train } from "./loop.ts";
+import { torchVersion, useAvailableCores } from "../ffi/mod.ts";
 
 const USAGE =
   "usage: deno task train --config configs/x.yaml [--set key.path=value ...] [--resume] [--print-config]";
@@ -66,6 +67,12 @@ export async function main(args: string[]): Promise<number> {
   if (v["print-config"]) return 0;
 
   try {
+    const threads = useAvailableCores();
+    console.log(
+      `# libtorch ${torchVersion()}: ${threads} CPU thread${
+        threads === 1 ? "" : "s"
+      } (OMP_NUM_THREADS to change)`,
+    );
     const result = await train(cfg, { resume: v.resume ?? false });
     const last = result.records[result.records.length - 1];
     console.log(

@@ -108,13 +108,17 @@ const char* mt_ctx_message(mt_ctx* ctx) { return ctx->message.c_str(); }
 void mt_ctx_set_grad(mt_ctx* ctx, int32_t enabled) { ctx->grad_enabled = enabled != 0; }
 int32_t mt_ctx_grad(mt_ctx* ctx) { return ctx->grad_enabled ? 1 : 0; }
 const char* mt_torch_version(void) { return TORCH_VERSION; }
-int32_t mt_abi_version(void) { return 1; }
+int32_t mt_abi_version(void) { return 2; }
 int64_t mt_live_count(void) { return live_count.load(std::memory_order_relaxed); }
 
 // ---- runtime -------------------------------------------------------------------
 int32_t mt_manual_seed(mt_ctx* ctx, uint64_t seed) {
   return STATUS_OP(ctx, torch::manual_seed(seed));
 }
+int32_t mt_set_num_threads(mt_ctx* ctx, int32_t n) {
+  return STATUS_OP(ctx, at::set_num_threads(n));
+}
+int32_t mt_get_num_threads(void) { return at::get_num_threads(); }
 int32_t mt_cuda_available(void) { return torch::cuda::is_available() ? 1 : 0; }
 int32_t mt_cuda_device_count(void) { return static_cast<int32_t>(torch::cuda::device_count()); }
 

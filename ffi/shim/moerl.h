@@ -44,6 +44,9 @@ int64_t mt_live_count(void);
 
 /* ---- runtime: seeding, CUDA ------------------------------------------------ */
 int32_t mt_manual_seed(mt_ctx* ctx, uint64_t seed);
+/* libtorch's intra-op thread count (at::set_num_threads / at::get_num_threads). */
+int32_t mt_set_num_threads(mt_ctx* ctx, int32_t n);
+int32_t mt_get_num_threads(void);
 int32_t mt_cuda_available(void);
 int32_t mt_cuda_device_count(void);
 int32_t mt_cuda_synchronize(mt_ctx* ctx, int32_t device);

@@ -1,0 +1,21 @@
+/**
+ * Process-wide settings: libtorch's CPU thread count is ours to set, and by
+ * default moerl uses every CPU a user has (or OMP_NUM_THREADS).
+ */
+import assert from "node:assert/strict";
+import { numThreads, setNumThreads, useAvailableCores } from "../mod.ts";
+
+Deno.test("runtime: the CPU thread count round-trips; by default every available CPU", () => {
+  const before = numThreads();
+  try {
+    setNumThreads(1);
+    assert.equal(numThreads(), 1);
+    setNumThreads(2);
+    assert.equal(numThreads(), 2);
+    assert.throws(() => setNumThreads(0), /setNumThreads: expected an integer >= 1, got 0/);
+    const omp = Deno.env.get("OMP_NUM_THREADS");
+    assert.equal(useAvailableCores(), omp ? Number(omp) : navigator.hardwareConcurrency);
+  } finally {
+    setNumThreads(before);
+  }
+});
