@@ -116,12 +116,17 @@ export function attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | null, 
     const [b, nH, s, d] = q.shape as [number, number, number, number];
     const [, nKV, t] = k.shape as [number, number, number];
     const rep = nH / nKV;
-    const expandKv = (x: Tensor): Tensor =>
-      rep === 1 ? x : x.unsqueeze(2).expand([b, nKV, rep, t, d]).reshape([b, nH, t, d]);
-    let scores = q.matmul(expandKv(k).transpose(-1, -2)).mul(scale);
-    if (mask) scores = scores.add(mask);
+    // GQA without copying keys and values: the rep query heads that share a KV head are folded into that
+    // head's query rows ([B, nKV, rep·S, d]), and the mask is repeated for them instead.
+    const qg = q.reshape([b, nKV, rep * s, d]);
+    let scores = qg.matmul(k.transpose(-1, -2)).mul(scale); // [B, nKV, rep·S, T]
+    if (mask) {
+      scores = rep === 1 || s === 1
+        ? scores.add(mask)
+        : scores.add(mask.unsqueeze(2).expand([b, 1, rep, s, t]).reshape([b, 1, rep * s, t]));
+    }
     const probs = scores.softmax(-1, "float32").to(q.dtype);
-    return probs.matmul(expandKv(v)).transpose(1, 2).reshape([b, s, nH * d]);
+    return probs.matmul(v).reshape([b, nH, s, d]).transpose(1, 2).reshape([b, s, nH * d]);
   });
 }
 
