@@ -143,7 +143,8 @@ export interface UpdateAdvantages {
  * std: PPO's convention); with "group", division by the std alone (GRPO with
  * the update's std, TRL's `scale_rewards="batch"`), since the group mean is
  * the baseline already (with K = 1 the mean is subtracted too). Below a std of
- * minStd only the centring applies.
+ * minStd only the centring applies. With `normalize: false` the raw
+ * advantages are kept (Dr. GRPO).
  * @param lengths completion tokens of each completion
  * @param values per completion, V(s_t) for each completion token (null for "group")
  * @throws {RangeError} as {@link groupBaseline} and {@link tokenAdvantages}, or for lengths of another count
@@ -153,7 +154,7 @@ export function updateAdvantages(
   k: number,
   lengths: readonly number[],
   values: readonly (readonly number[])[] | null,
-  cfg: { estimator: AdvantageEstimator; gaeLambda: number },
+  cfg: { estimator: AdvantageEstimator; gaeLambda: number; normalize?: boolean },
   minStd = 1e-6,
 ): UpdateAdvantages {
   if (lengths.length !== rewards.length) {
@@ -169,8 +170,9 @@ export function updateAdvantages(
   const mean = n ? sum / n : 0;
   const std = n > 1 ? Math.sqrt(Math.max(0, (sq - n * mean * mean) / (n - 1))) : 0;
   // The group mean is the baseline already, unless K = 1 leaves the raw reward: then the update's mean is.
-  const shift = cfg.estimator === "group" && k > 1 ? 0 : mean;
-  const scale = std > minStd ? 1 / std : 1;
+  const normalize = cfg.normalize ?? true;
+  const shift = !normalize || (cfg.estimator === "group" && k > 1) ? 0 : mean;
+  const scale = normalize && std > minStd ? 1 / std : 1;
   const advantages = raw.map((a, i) =>
     trained[i] ? a.map((x) => (x - shift) * scale) : new Array<number>(lengths[i]!).fill(0)
   );

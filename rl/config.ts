@@ -51,6 +51,8 @@ export interface PpoConfig {
   advantage: AdvantageEstimator;
   /** GAE's λ for "token_value" (1: centred reward − V(s_t)). */
   gaeLambda: number;
+  /** Normalise the advantages over the update (false: Dr. GRPO's unscaled advantages). */
+  normalizeAdvantages: boolean;
   /** Cap C of the per-token importance weight min(π_old / π_rollout, C) (null: no correction). */
   rolloutCorrection: number | null;
   /** Weight of the MoE load-balancing loss (0: off). */
@@ -99,6 +101,7 @@ export const DEFAULT_RL_CONFIG: Readonly<RlConfig> = Object.freeze({
     entropyCoef: 0.001,
     advantage: "token_value" as const,
     gaeLambda: 1,
+    normalizeAdvantages: true,
     rolloutCorrection: 2,
     routerAuxCoef: 0,
   }),
@@ -162,6 +165,9 @@ export function rlConfig(overrides: RlOverrides = {}): RlConfig {
     bad("ppo.advantage", p.advantage, `one of ${ADVANTAGE_ESTIMATORS.map((e) => `"${e}"`).join(", ")}`);
   }
   if (!(isNum(p.gaeLambda, 0) && p.gaeLambda <= 1)) bad("ppo.gaeLambda", p.gaeLambda, "in [0, 1]");
+  if (typeof p.normalizeAdvantages !== "boolean") {
+    bad("ppo.normalizeAdvantages", p.normalizeAdvantages, "true or false");
+  }
   if (p.rolloutCorrection !== null && !isNum(p.rolloutCorrection, 1)) {
     bad("ppo.rolloutCorrection", p.rolloutCorrection, "null or a number >= 1");
   }

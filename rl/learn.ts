@@ -4,9 +4,10 @@
  * 1. **Reference and critic pass** (adapters off, no autograd through the
  *    model): the reference log-probs of the trained sequences (for the KL
  *    penalty) and the base model's states, on which the critic computes
- *    V(s_t) for every completion token; the critic is trained on them
- *    (½·(V − centred reward)², its own optimizer step) and its values,
- *    taken before that step, go into the advantages.
+ *    V(s_t) for every completion token. The pass runs in micro-batches of
+ *    whole prompt groups, and the critic takes one optimizer step on each
+ *    (½·(V − centred reward)²): the values a group's advantages use come
+ *    from a critic that has not yet seen that group's rewards.
  * 2. **Advantages** over the whole update (rl/advantages.ts): group
  *    baseline per prompt, minus the critic's values, normalised over the
  *    update. Groups whose rewards are all equal carry none and are skipped
@@ -57,13 +58,13 @@ export interface LearnOptions {
 export type LearnMetrics = Record<ObjectivePart, number> & {
   /** The policy's total loss (the objective of rl/objective.ts), mean over its optimizer steps. */
   loss: number;
-  /** The critic's loss before its step. */
+  /** The critic's loss, mean over its steps (each before its update). */
   value_loss: number;
   /** The mean of its values over all completion tokens. */
   value_mean: number;
   /** The policy's gradient norm before clipping, mean over its steps. */
   grad_norm: number;
-  /** The critic's gradient norm before clipping. */
+  /** The critic's gradient norm before clipping, mean over its steps. */
   value_grad_norm: number;
   /** Std of the raw token advantages over the trained tokens, before normalisation. */
   advantage_std: number;
@@ -92,6 +93,20 @@ function chunks(ids: readonly number[], lengths: readonly number[], size: number
   const sorted = [...ids].sort((a, b) => lengths[b]! - lengths[a]! || a - b);
   const out: number[][] = [];
   for (let i = 0; i < sorted.length; i += size) out.push(sorted.slice(i, i + size));
+  return out;
+}
+
+/**
+ * Whole prompt groups (K consecutive sequences) in chunks of at most size
+ * sequences (at least one group), longest groups first.
+ */
+function groupChunks(n: number, k: number, lengths: readonly number[], size: number): number[][] {
+  const groups = Array.from({ length: n / k }, (_, g) => Array.from({ length: k }, (_, j) => g * k + j));
+  const longest = (g: number[]): number => Math.max(...g.map((i) => lengths[i]!));
+  groups.sort((a, b) => longest(b) - longest(a) || a[0]! - b[0]!);
+  const per = Math.max(1, Math.floor(size / k));
+  const out: number[][] = [];
+  for (let i = 0; i < groups.length; i += per) out.push(groups.slice(i, i + per).flat());
   return out;
 }
 
@@ -125,8 +140,8 @@ class Mismatch {
 }
 
 /**
- * Learns from a buffer (see the module doc): steps the critic once and the
- * policy `epochs × minibatches` times through `optimizer`, which must hold
+ * Learns from a buffer (see the module doc): steps the critic once per
+ * micro-batch of groups and the policy `epochs × minibatches` times through `optimizer`, which must hold
  * `policy.policyParameters()` and `policy.valueParameters()` (their own
  * groups, for their own learning rates). Leaves no gradients behind.
  * @param cfg overrides of rl/config.ts's defaults (the `ppo` and `moe` sections are used)
@@ -182,40 +197,43 @@ export function learn(
   const t0 = performance.now();
   policy.train(false);
   try {
-    // 1. Reference log-probs (trained sequences) and the critic (all sequences).
+    // 1. Reference log-probs (trained sequences) and the critic (all sequences, whole groups per step).
     const ref: number[][] = [], values: number[][] = [];
-    let valueLossSum = 0, valueGradNorm = NaN;
+    let valueLossSum = 0, valueGradNormSum = 0, valueSteps = 0;
+    const centered = groupBaseline(rewards, k);
+    const passes = critic
+      ? groupChunks(n, k, lengths, micro)
+      : chunks(all.filter((i) => signal[i]), lengths, micro);
     if (critic || c.klCoef > 0) {
-      const centered = groupBaseline(rewards, k);
-      const criticTokens = c.advantage === "prompt_value" ? n : lengths.reduce((a, b) => a + b, 0);
-      const groups = [all.filter((i) => signal[i]), critic ? all.filter((i) => !signal[i]) : []];
-      for (const [g, ids] of groups.entries()) {
-        for (const chunk of chunks(ids, lengths, micro)) {
-          tidy(() => {
-            const { batch, replay } = open(chunk);
-            const wantRef = c.klCoef > 0 && g === 0;
-            const r = policy.reference(batch, { temperature, replay, logprobs: wantRef });
-            const tails = chunk.map((i) => lengths[i]!);
-            if (wantRef) rowTails(r.logprobs!, tails).forEach((row, j) => (ref[chunk[j]!] = row));
-            if (!critic) return;
-            const v = policy.values(r.states, batch);
-            const width = batch.inputIds.size(1);
-            const mask = c.advantage === "prompt_value"
-              ? buffer.perToken(chunk, width, (i) => [1, ...new Array<number>(lengths[i]! - 1).fill(0)])
-              : batch.completionMask.to("float32");
-            const target = tensor(chunk.map((i) => centered[i]!), { dtype: "float32", device: v.device });
-            const loss = valueLoss(v, target, mask, criticTokens);
-            loss.backward();
-            valueLossSum += loss.item();
-            rowTails(v.detach(), tails).forEach((row, j) => (values[chunk[j]!] = row));
-          });
-        }
-      }
-      if (critic) {
+      for (const chunk of passes) {
+        tidy(() => {
+          const { batch, replay } = open(chunk);
+          const wantRef = c.klCoef > 0 && chunk.some((i) => signal[i]);
+          const r = policy.reference(batch, { temperature, replay, logprobs: wantRef });
+          const tails = chunk.map((i) => lengths[i]!);
+          if (wantRef) rowTails(r.logprobs!, tails).forEach((row, j) => (ref[chunk[j]!] = row));
+          if (!critic) return;
+          // Values before this step's update: the critic has seen other prompts' groups, never this one.
+          const v = policy.values(r.states, batch);
+          rowTails(v.detach(), tails).forEach((row, j) => (values[chunk[j]!] = row));
+          const mask = c.advantage === "prompt_value"
+            ? buffer.perToken(
+              chunk,
+              batch.inputIds.size(1),
+              (i) => [1, ...new Array<number>(lengths[i]! - 1).fill(0)],
+            )
+            : batch.completionMask.to("float32");
+          const target = tensor(chunk.map((i) => centered[i]!), { dtype: "float32", device: v.device });
+          const loss = valueLoss(v, target, mask);
+          loss.backward();
+          valueLossSum += loss.item();
+        });
+        if (!critic) continue;
         const params = policy.valueParameters();
-        valueGradNorm = clip(params);
+        valueGradNormSum += clip(params);
         optimizer.step(params);
         optimizer.zeroGrad(params);
+        valueSteps++;
       }
     }
     const t1 = performance.now();
@@ -224,6 +242,7 @@ export function learn(
     const adv = updateAdvantages(rewards, k, lengths, critic ? values : null, {
       estimator: c.advantage,
       gaeLambda: c.gaeLambda,
+      normalize: c.normalizeAdvantages,
     });
     const trainedIds = all.filter((i) => adv.trained[i]);
 
@@ -304,10 +323,10 @@ export function learn(
     return {
       ...parts,
       loss: stepCount ? lossSum / stepCount : NaN,
-      value_loss: critic ? valueLossSum : NaN,
+      value_loss: valueSteps ? valueLossSum / valueSteps : NaN,
       value_mean: critic && allValues.length ? allValues.reduce((a, b) => a + b, 0) / allValues.length : NaN,
       grad_norm: stepCount ? gradNormSum / stepCount : NaN,
-      value_grad_norm: valueGradNorm,
+      value_grad_norm: valueSteps ? valueGradNormSum / valueSteps : NaN,
       advantage_std: adv.std,
       frac_zero_std_groups: zeroSpreadFraction(rewards, k),
       trained_fraction: trainedIds.length / n,

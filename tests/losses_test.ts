@@ -262,6 +262,17 @@ Deno.test("advantages: over the update, flat groups carry none and normalisation
   assertClose([g.std], [std], 1e-12);
   assertClose(g.advantages.flat(), [0.5 / std, 0.5 / std, -0.5 / std, 0, 0, 0, 0], 1e-12);
   assert.deepEqual(g.advantages.map((a) => a.length), lengths);
+  const unscaled = updateAdvantages(rewards, 2, lengths, null, {
+    estimator: "group",
+    gaeLambda: 1,
+    normalize: false,
+  });
+  assertClose(
+    unscaled.advantages.flat(),
+    [0.5, 0.5, -0.5, 0, 0, 0, 0],
+    1e-12,
+    "normalize: false keeps them raw",
+  );
 
   // With a critic: centred − V, then whitened over the trained tokens only.
   const values = [[0.25, 0], [0.5], [9, 9, 9], [9]];

@@ -186,13 +186,9 @@ Deno.test("rl: collect, learn and ppoStep on the tiny model", async (t) => {
         const moved = after.map((a, i) => a.some((x, j) => x !== before[i]![j]));
         const nLora = policy.policyParameters().length;
         assert.ok(moved.slice(0, nLora).every(Boolean), "every adapter moved");
-        // The critic's output layer starts at zero, so its first step moves only that layer's weights
-        // (its bias sees centred targets, which sum to about zero).
-        assert.deepEqual(
-          moved.slice(nLora, nLora + 3),
-          [false, false, true],
-          "the critic's output weights moved",
-        );
+        // Two critic steps (one per prompt group): the first moves the output layer, which starts at zero,
+        // and the second the hidden layer too.
+        assert.ok(moved.slice(nLora).every(Boolean), "every critic tensor moved");
         assert.ok(
           [...policy.policyParameters(), ...policy.valueParameters()].every((p) =>
             tidy(() => p.grad === null)
@@ -242,14 +238,14 @@ Deno.test("rl: collect, learn and ppoStep on the tiny model", async (t) => {
         learn(policy, rec, buf, CFG, { microBatch, maxGradNorm: 0 });
         return rec.steps;
       };
+      // The critic steps once per micro-batch of prompt groups; the policy once per minibatch.
       const whole = grads(4), single = grads(1);
-      assert.equal(whole.length, 2, "a critic step and a policy step");
-      whole.forEach((step, s) =>
-        step.forEach((gr, i) => {
-          assert.ok(gr.length > 0);
-          assertClose(single[s]![i]!, gr, 1e-5, `step ${s} param ${i}`);
-        })
-      );
+      assert.deepEqual([whole.length, single.length], [2, 3], "critic steps, then one policy step");
+      const policyGrad = (steps: number[][][]): number[][] => steps.at(-1)!;
+      policyGrad(whole).forEach((gr, i) => {
+        assert.ok(gr.length > 0 && gr.some((x) => x !== 0));
+        assertClose(policyGrad(single)[i]!, gr, 1e-5, `param ${i}`);
+      });
     });
 
     await t.step("learn: routing replay on a model without MoE layers is an error", async () => {

@@ -125,6 +125,7 @@ const SCHEMA: Schema<TrainConfig> = {
     entropyCoef: num(0),
     advantage: oneOf(...ADVANTAGE_ESTIMATORS),
     gaeLambda: num(0, 1),
+    normalizeAdvantages: bool,
     rolloutCorrection: nullable(num(1)),
     routerAuxCoef: num(0),
   },
