@@ -1,0 +1,262 @@
+/**
+ * `deno task bench:rl`: seconds per RL update, by phase, for moerl's
+ * collect → learn update, side by side with TRL's `GRPOTrainer`
+ * (transformers `generate` + PEFT LoRA, no vLLM) on the same checkpoint,
+ * prompts, K, token cap, temperature and KL coefficient, in one run; prints
+ * both and their ratio.
+ *
+ *   deno task bench:rl [--pairs 3] [--updates 5]
+ *   deno task bench:rl --device cuda --dtype bfloat16 --shapes bench/shapes/huihui-moe-1b-a0.6b.json \
+ *     [--prompts 128 --k 4 --new 256 --micro 32]
+ *
+ * bench/rl.py builds a random Qwen3-MoE (the bench:generate shapes by
+ * default, or --shapes) and a word-level tokenizer into a temp folder; both
+ * sides load that folder. The reward is the parity of the sum of a
+ * completion's token ids (the same function on both sides: random weights
+ * earn no GSM8K reward, and a reward with spread makes both sides run their
+ * backward passes). Each side: one warm-up update, then --updates timed
+ * ones; the sides alternate, never run at once. LoRA (r 16, α 32) on
+ * q/k/v/o; an update is --prompts prompts × --k completions of exactly up to
+ * --new tokens, learnt in --micro micro-batches (TRL: gradient accumulation
+ * steps; moerl: forward/backward passes). moerl runs its defaults (token
+ * critic, routing replay, rollout correction) and, for comparison, the group
+ * baseline without a critic.
+ *
+ * Threads: as bench:generate, OMP_NUM_THREADS is set to the logical CPU
+ * count unless already set, for both processes.
+ *
+ * Env: MOERL_BENCH_PYTHON (default python3) needs torch, transformers, peft
+ * and trl (scripts/requirements-fixtures.txt plus trl).
+ */
+import { parseArgs } from "node:util";
+import {
+  cuda,
+  type Device,
+  type DType,
+  Generator,
+  manualSeed,
+  torchVersion,
+  useAvailableCores,
+} from "../mod.ts";
+import { loadModel } from "../model/model.ts";
+import { Tokenizer } from "../model/tokenizer.ts";
+import { collect, type RolloutPrompt } from "../rl/collect.ts";
+import type { RlOverrides } from "../rl/config.ts";
+import { learn } from "../rl/learn.ts";
+import { Policy } from "../rl/policy.ts";
+import { policyOptimizer } from "../rl/ppo.ts";
+import type { RewardResult } from "../rl/reward.ts";
+import { runPythonJson } from "./python.ts";
+
+const { values: a } = parseArgs({
+  options: {
+    pairs: { type: "string", default: "3" },
+    updates: { type: "string", default: "5" },
+    prompts: { type: "string", default: "8" },
+    k: { type: "string", default: "4" },
+    new: { type: "string", default: "64" },
+    micro: { type: "string", default: "4" },
+    device: { type: "string", default: "cpu" },
+    dtype: { type: "string", default: "float32" },
+    shapes: { type: "string" },
+    "skip-trl": { type: "boolean", default: false },
+  },
+});
+if (!Deno.env.get("OMP_NUM_THREADS")) Deno.env.set("OMP_NUM_THREADS", String(navigator.hardwareConcurrency));
+const PYTHON = Deno.env.get("MOERL_BENCH_PYTHON") ?? "python3";
+const device = a.device as Device, dtype = a.dtype as DType, onGpu = device !== "cpu";
+const nPrompts = Number(a.prompts), k = Number(a.k), newTokens = Number(a.new), micro = Number(a.micro);
+const updates = Number(a.updates), pairs = Number(a.pairs);
+const PAD = 0, EOS = 1;
+
+// The bench:generate model unless --shapes names a real model's (random weights either way).
+const model: Record<string, unknown> = a.shapes
+  ? Object.fromEntries(
+    Object.entries(JSON.parse(await Deno.readTextFile(a.shapes))).filter(([key]) =>
+      !["_comment", "model_type", "torch_dtype", "bos_token_id", "eos_token_id"].includes(key)
+    ),
+  )
+  : {
+    vocab_size: 2048,
+    hidden_size: 256,
+    num_hidden_layers: 4,
+    num_attention_heads: 8,
+    num_key_value_heads: 4,
+    head_dim: 32,
+    num_experts: 8,
+    num_experts_per_tok: 2,
+    moe_intermediate_size: 256,
+    norm_topk_prob: true,
+    max_position_embeddings: 4096,
+  };
+const vocab = model.vocab_size as number;
+/** Prompts of random ids (never PAD or EOS), lengths 16 to 30. */
+const promptIds = Array.from(
+  { length: nPrompts },
+  (_, i) => Array.from({ length: 16 + (i * 2) % 16 }, (_, j) => 2 + (i * 7919 + j * 104729) % (vocab - 2)),
+);
+const dir = await Deno.makeTempDir({ prefix: "moerl_bench_rl_" });
+const common = {
+  dir,
+  seed: 1234,
+  padTokenId: PAD,
+  eosTokenId: EOS,
+  initStd: 0.1,
+  dtype,
+  device,
+  model,
+  prompts: promptIds,
+  k,
+  newTokens,
+  microBatches: micro,
+  updates,
+  klCoef: 0.04,
+  learningRate: 1e-5,
+  lora: { r: 16, alpha: 32, targetModules: ["q_proj", "k_proj", "v_proj", "o_proj"] },
+};
+
+/** The parity reward, as bench/rl.py's. */
+function parity(c: { tokens: readonly number[] }): RewardResult {
+  const r = c.tokens.reduce((s, t) => s + t, 0) % 2;
+  return {
+    reward: r,
+    correct: r === 1,
+    marker: false,
+    overLength: false,
+    extracted: { value: null, method: null, marker: false },
+  };
+}
+
+interface Phases {
+  [phase: string]: number;
+}
+
+/** One moerl run: a warm-up update and `updates` timed ones; mean seconds per phase. */
+async function moerl(
+  advantage: "token_value" | "group",
+): Promise<{ phases: Phases; peak: number | null; tokS: number }> {
+  manualSeed(1234);
+  using m = await loadModel(dir, { dtype, device });
+  const tok = await Tokenizer.load(dir);
+  const policy = new Policy(m, {
+    lora: { r: 16, alpha: 32, dropout: 0, targetModules: common.lora.targetModules, targetExperts: false },
+  });
+  using opt = policyOptimizer(policy, { learningRate: 1e-5 });
+  const cfg: RlOverrides = {
+    rollout: { k, maxNewTokens: newTokens },
+    ppo: { klCoef: common.klCoef, entropyCoef: 0, advantage },
+  };
+  const prompts: RolloutPrompt[] = promptIds.map((ids) => ({ ids, answer: 0 }));
+  const sums: Phases = {};
+  let tokens = 0, decodeSeconds = 0;
+  if (onGpu) cuda.resetPeakMemoryStats(device);
+  try {
+    for (let u = 0; u <= updates; u++) {
+      const t0 = performance.now();
+      using g = new Generator(100 + u, device);
+      using buf = await collect(policy, tok, prompts, cfg, {
+        generator: g,
+        score: parity,
+        stopTokenIds: [EOS],
+      });
+      const l = learn(policy, opt, buf, cfg, { microBatch: (nPrompts * k) / micro, seed: u });
+      if (onGpu) cuda.synchronize(device);
+      const total = (performance.now() - t0) / 1000;
+      if (u === 0) continue; // warm-up
+      const mm = buf.metrics;
+      const phases: Phases = {
+        prefill: mm.prefill_seconds,
+        decode: mm.decode_seconds,
+        scoring: mm.scoring_seconds,
+        "reference+critic": l.reference_seconds,
+        old: l.old_seconds,
+        learn: l.learn_seconds,
+        total,
+      };
+      for (const [p, s] of Object.entries(phases)) sums[p] = (sums[p] ?? 0) + s / updates;
+      tokens += mm.tokens_generated;
+      decodeSeconds += mm.prefill_seconds + mm.decode_seconds;
+    }
+    return {
+      phases: sums,
+      peak: onGpu ? cuda.memoryStats(device).peakAllocated : null,
+      tokS: tokens / decodeSeconds,
+    };
+  } finally {
+    policy.dispose();
+  }
+}
+
+interface TrlRun {
+  torch: string;
+  transformers: string;
+  trl: string;
+  threads: number;
+  experts: string | null;
+  seconds: number[];
+  peak_bytes: number | null;
+}
+
+const fail = (msg: string): never => {
+  throw new Error(
+    `${msg}\nIt needs a Python with torch, transformers, peft and trl:\n` +
+      "  python3 -m venv ../moerl-venv && ../moerl-venv/bin/pip install -r scripts/requirements-fixtures.txt trl\n" +
+      "  MOERL_BENCH_PYTHON=../moerl-venv/bin/python deno task bench:rl",
+  );
+};
+let status = 0;
+try {
+  const built = await runPythonJson<{ built: string }>(PYTHON, "rl.py", { ...common, mode: "build" });
+  if (typeof built === "string") fail(built);
+  const threads = useAvailableCores();
+  const mean = (xs: number[]): number => xs.reduce((s, x) => s + x, 0) / xs.length;
+  const fmt = (s: number): string => s.toFixed(2).padStart(7);
+  console.log(
+    `bench:rl — ${nPrompts} prompts × K ${k} × ≤ ${newTokens} tokens per update, ${micro} micro-batches, ` +
+      `LoRA r16 q/k/v/o, KL ${common.klCoef}; ${updates} timed updates after a warm-up, ${pairs} pair(s); ` +
+      `${a.shapes ?? "bench:generate shapes"}; ${dtype} on ${device}`,
+  );
+  console.log(`moerl: libtorch ${torchVersion()}, ${threads} threads`);
+  const ratios: number[] = [];
+  for (let p = 0; p < pairs; p++) {
+    let trlMean = NaN;
+    if (!a["skip-trl"]) {
+      const trl = await runPythonJson<TrlRun>(PYTHON, "rl.py", { ...common, mode: "run" });
+      if (typeof trl === "string") fail(trl);
+      const t = trl as TrlRun;
+      trlMean = mean(t.seconds);
+      if (p === 0) {
+        console.log(
+          `TRL ${t.trl}: torch ${t.torch}, transformers ${t.transformers}, ${t.threads} threads, experts ${t.experts}`,
+        );
+      }
+      const peak = t.peak_bytes === null ? "" : `, peak ${(t.peak_bytes / 2 ** 30).toFixed(2)} GiB`;
+      console.log(
+        `pair ${p + 1}: TRL GRPOTrainer ${fmt(trlMean)} s/update (${
+          t.seconds.map((s) => s.toFixed(2)).join(", ")
+        })${peak}`,
+      );
+    }
+    for (const advantage of ["token_value", "group"] as const) {
+      const r = await moerl(advantage);
+      const line = Object.entries(r.phases).map(([ph, s]) => `${ph} ${s.toFixed(2)}`).join(", ");
+      const peak = r.peak === null ? "" : `, peak ${(r.peak / 2 ** 30).toFixed(2)} GiB`;
+      const ratio = r.phases.total! / trlMean;
+      if (advantage === "token_value") ratios.push(ratio);
+      console.log(
+        `pair ${p + 1}: moerl (${advantage.padEnd(11)}) ${fmt(r.phases.total!)} s/update = ${
+          Number.isFinite(ratio) ? ratio.toFixed(2) : "-"
+        } × TRL  [${line}; generation ${r.tokS.toFixed(0)} tok/s${peak}]`,
+      );
+    }
+  }
+  if (ratios.every(Number.isFinite)) {
+    console.log(`moerl (defaults) / TRL seconds per update: ${ratios.map((r) => r.toFixed(2)).join(", ")}`);
+  }
+} catch (e) {
+  console.error(`bench:rl: ${(e as Error).message}`);
+  status = 1;
+} finally {
+  await Deno.remove(dir, { recursive: true });
+}
+Deno.exit(status);
