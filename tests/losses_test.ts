@@ -25,6 +25,7 @@ import {
   routerAuxLoss,
   valueLoss,
 } from "../rl/losses.ts";
+import { rolloutWeights } from "../rl/objective.ts";
 import { assertClose, assertNoLeak, DEVICE } from "./util.ts";
 
 const f32 = { dtype: "float32" as const, device: DEVICE };
@@ -130,6 +131,15 @@ Deno.test("losses: asymmetric clip, GSPO sequence ratio, rollout weights and a m
         tokens: 5,
       });
       assertClose([w.loss.item()], [-(2 + 0.5) / 5], 1e-6);
+    })
+  );
+});
+
+Deno.test("losses: the rollout correction's weight is min(π_old / π_rollout, C), 0 off the mask", () => {
+  assertNoLeak(() =>
+    tidy(() => {
+      const old = t([[0, -1, -1, -2]]), rollout = t([[9, -2, -0.5, -2]]), mask = t([[0, 1, 1, 1]]);
+      assertClose(rolloutWeights(old, rollout, mask, 2).toArray(), [0, 2, Math.exp(-0.5), 1], 1e-6);
     })
   );
 });
@@ -280,6 +290,15 @@ Deno.test("advantages: over the update, flat groups carry none and normalisation
   const raw = [0.25, 0.5, -1];
   const m = (0.25 + 0.5 - 1) / 3, sd = Math.sqrt(raw.reduce((s, x) => s + (x - m) ** 2, 0) / 2);
   assertClose(c.advantages.flat(), [...raw.map((x) => (x - m) / sd), 0, 0, 0, 0], 1e-12);
+
+  // Normalised over the update, a group whose rewards differ only by the 0.05 marker bonus gets small
+  // advantages beside groups with real signal (whitening over one such group alone would make them ±1).
+  const marker = updateAdvantages([1.05, 0, 0, 1, 0.05, 0], 2, [1, 1, 1, 1, 1, 1], null, {
+    estimator: "group",
+    gaeLambda: 1,
+  });
+  assert.ok(marker.advantages.slice(4).flat().every((a) => Math.abs(a) < 0.1), `${marker.advantages}`);
+  assert.ok(marker.advantages.slice(0, 4).flat().every((a) => Math.abs(a) > 0.8));
 
   // K = 1: every completion trains, and the update's mean is the baseline.
   const one = updateAdvantages([1, 0], 1, [1, 1], null, { estimator: "group", gaeLambda: 1 });

@@ -248,6 +248,44 @@ Deno.test("rl: collect, learn and ppoStep on the tiny model", async (t) => {
       });
     });
 
+    await t.step(
+      "learn at the rollout's temperature: the training pass scores what the sampler drew",
+      async () => {
+        const hot: RlOverrides = { ...CFG, rollout: { ...CFG.rollout, temperature: 0.6 } };
+        using g = new Generator(8, DEVICE);
+        using buf = await collect(policy, tok, prompts, hot, { generator: g, score: scripted((i) => i % 2) });
+        const m = learn(policy, new GradientRecorder(), buf, hot);
+        assert.ok(m.mismatch_mean < 1e-4, `log-probs at T = 0.6 on both sides: |Δ| ${m.mismatch_mean}`);
+        // Scored at temperature 1 instead, the same tokens would look off-policy.
+        const cold = tidy(() => {
+          const { batch } = buf.batch([0]);
+          const lp = noGrad(() => policy.forward(batch)).logprobs.toArray();
+          return lp.slice(lp.length - buf.sequences[0]!.tokens.length);
+        });
+        const gap = cold.reduce((s, x, j) => s + Math.abs(x - buf.sequences[0]!.logprobs[j]!), 0) /
+          cold.length;
+        assert.ok(gap > 100 * m.mismatch_mean, `temperature 1 differs: ${gap}`);
+      },
+    );
+
+    await t.step(
+      "learn with K = 1: the prompt-level critic is the baseline, every completion trains",
+      async () => {
+        const one: RlOverrides = {
+          ...CFG,
+          rollout: { ...CFG.rollout, k: 1 },
+          ppo: { ...CFG.ppo, advantage: "prompt_value" },
+        };
+        using g = new Generator(9, DEVICE);
+        using buf = await collect(policy, tok, prompts, one, { generator: g, score: scripted((i) => i % 2) });
+        const rec = new GradientRecorder();
+        const m = learn(policy, rec, buf, one);
+        assert.deepEqual([m.trained_fraction, m.frac_zero_std_groups, m.optimizer_steps], [1, 1, 1]);
+        assert.ok(Number.isFinite(m.value_loss) && m.value_loss > 0);
+        assert.equal(rec.steps.length, 2, "a critic step, then the policy's");
+      },
+    );
+
     await t.step("learn: routing replay on a model without MoE layers is an error", async () => {
       using g = new Generator(6, DEVICE);
       using buf = await collect(policy, tok, prompts, CFG, { generator: g });
