@@ -5,7 +5,8 @@
  * - The tensor layer ({@link Tensor}, scopes, autograd, AdamW, CUDA): `ffi/mod.ts`.
  * - Models (Qwen3-MoE, PhiMoE), checkpoints, tokenizers, generation, LoRA,
  *   4-bit weights and the value head: `model/mod.ts`.
- * - The policy and the RL pieces (answer extraction, rewards): `rl/mod.ts`.
+ * - The policy, rewards, and the RL update (collect → learn, ppoStep) with
+ *   its settings, advantages and losses: `rl/mod.ts`.
  * - GSM8K loading, prompts and seeded micro-batches: `data/mod.ts`.
  *
  * @example
