@@ -17,7 +17,7 @@ import time
 try:
     import torch
     import transformers
-    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+    from random_model import random_qwen3_moe
 except ImportError as e:  # the TS side turns this into an install hint
     print(json.dumps({"error": f"cannot import torch/transformers: {e}"}))
     sys.exit(2)
@@ -26,17 +26,10 @@ cfg = json.loads(sys.argv[1])
 PAD = cfg["padTokenId"]
 
 # No EOS anywhere (config and generation config), so every row makes exactly newTokens tokens.
-config = Qwen3MoeConfig(**cfg["model"], pad_token_id=PAD, bos_token_id=None, eos_token_id=None)
-torch.manual_seed(cfg["seed"])
-model = Qwen3MoeForCausalLM(config)
+model = random_qwen3_moe(cfg["model"], cfg["seed"], cfg["initStd"], [PAD],
+                         pad_token_id=PAD, bos_token_id=None, eos_token_id=None)
 with torch.no_grad():
-    # HF's init (std 0.02) gives near-flat logits and routing, where argmax ties flip on
-    # rounding; larger weights make both decisive, so the token comparison means something.
-    for name, p in model.named_parameters():
-        if not name.endswith("norm.weight"):
-            p.normal_(0.0, cfg["initStd"])
     model.model.embed_tokens.weight[PAD].zero_()  # pad logit exactly 0: greedy never picks it
-    model.lm_head.weight[PAD].zero_()
 model.eval()
 model.generation_config.eos_token_id = None
 model.save_pretrained(cfg["dir"])

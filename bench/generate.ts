@@ -25,22 +25,11 @@ import { generate } from "../model/generate.ts";
 import { loadModel } from "../model/model.ts";
 import { torchVersion } from "../mod.ts";
 import { runPythonJson } from "./python.ts";
+import { readShapes, SMALL_SHAPES } from "./shapes.ts";
 
 const CFG = {
   seed: 1234,
-  model: {
-    vocab_size: 2048,
-    hidden_size: 256,
-    num_hidden_layers: 4,
-    num_attention_heads: 8,
-    num_key_value_heads: 4,
-    head_dim: 32,
-    num_experts: 8,
-    num_experts_per_tok: 2,
-    moe_intermediate_size: 256,
-    norm_topk_prob: true,
-    max_position_embeddings: 256,
-  },
+  model: await readShapes(SMALL_SHAPES),
   initStd: 0.1, // weights ~ N(0, initStd): decisive logits and routing (see generate.py)
   padTokenId: 0,
   batch: 8,
@@ -67,7 +56,7 @@ function makePrompts(): number[][] {
   const [lo, hi] = CFG.promptLen as [number, number];
   return Array.from({ length: CFG.batch }, (_, i) => {
     const len = lo + Math.round((i * (hi - lo)) / (CFG.batch - 1));
-    return Array.from({ length: len }, () => 1 + Math.floor(rand() * (CFG.model.vocab_size - 1)));
+    return Array.from({ length: len }, () => 1 + Math.floor(rand() * ((CFG.model.vocab_size as number) - 1)));
   });
 }
 

@@ -19,7 +19,8 @@ import time
 try:
     import torch
     import transformers
-    from transformers import PreTrainedTokenizerFast, Qwen3MoeConfig, Qwen3MoeForCausalLM, TrainerCallback
+    from transformers import PreTrainedTokenizerFast, Qwen3MoeForCausalLM, TrainerCallback
+    from random_model import random_qwen3_moe
 except ImportError as e:  # the TS side turns this into an install hint
     print(json.dumps({"error": f"cannot import torch/transformers: {e}"}))
     sys.exit(2)
@@ -37,15 +38,9 @@ def build():
     tok.decoder = decoders.WordPiece(prefix="##", cleanup=False)  # joins tokens with spaces
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token=f"t{PAD}", eos_token=f"t{EOS}")
     fast.save_pretrained(cfg["dir"])
-    config = Qwen3MoeConfig(**cfg["model"], pad_token_id=PAD, bos_token_id=None, eos_token_id=EOS)
-    torch.manual_seed(cfg["seed"])
-    model = Qwen3MoeForCausalLM(config)
-    with torch.no_grad():
-        # Decisive logits and routing, as bench/generate.py; the EOS logit is exactly 0, so a row rarely stops.
-        for name, p in model.named_parameters():
-            if not name.endswith("norm.weight"):
-                p.normal_(0.0, cfg["initStd"])
-        model.lm_head.weight[EOS].zero_()
+    # A row rarely stops: the EOS logit is exactly 0 against large others.
+    model = random_qwen3_moe(cfg["model"], cfg["seed"], cfg["initStd"], [EOS],
+                             pad_token_id=PAD, bos_token_id=None, eos_token_id=EOS)
     model.generation_config.eos_token_id = EOS
     model.generation_config.pad_token_id = PAD
     model.to(getattr(torch, cfg["dtype"])).save_pretrained(cfg["dir"])

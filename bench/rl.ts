@@ -47,6 +47,7 @@ import { Policy } from "../rl/policy.ts";
 import { policyOptimizer } from "../rl/ppo.ts";
 import type { RewardResult } from "../rl/reward.ts";
 import { runPythonJson } from "./python.ts";
+import { readShapes, SMALL_SHAPES } from "./shapes.ts";
 
 const { values: a } = parseArgs({
   options: {
@@ -70,25 +71,7 @@ const updates = Number(a.updates), pairs = Number(a.pairs);
 const PAD = 0, EOS = 1;
 
 // The bench:generate model unless --shapes names a real model's (random weights either way).
-const model: Record<string, unknown> = a.shapes
-  ? Object.fromEntries(
-    Object.entries(JSON.parse(await Deno.readTextFile(a.shapes))).filter(([key]) =>
-      !["_comment", "model_type", "torch_dtype", "bos_token_id", "eos_token_id"].includes(key)
-    ),
-  )
-  : {
-    vocab_size: 2048,
-    hidden_size: 256,
-    num_hidden_layers: 4,
-    num_attention_heads: 8,
-    num_key_value_heads: 4,
-    head_dim: 32,
-    num_experts: 8,
-    num_experts_per_tok: 2,
-    moe_intermediate_size: 256,
-    norm_topk_prob: true,
-    max_position_embeddings: 4096,
-  };
+const model = await readShapes(a.shapes ?? SMALL_SHAPES);
 const vocab = model.vocab_size as number;
 /** Prompts of random ids (never PAD or EOS), lengths 16 to 30. */
 const promptIds = Array.from(

@@ -14,12 +14,40 @@ import { Linear } from "../model/layers.ts";
 import { loadModel } from "../model/model.ts";
 import { softmaxTopK, sparsemixer } from "../model/moe.ts";
 import { DEFAULT_LORA } from "../model/lora_apply.ts";
-import { collect } from "../rl/collect.ts";
+import { collect, type RolloutTokenizer, type ScoreFn } from "../rl/collect.ts";
+import type { Decoder } from "../model/decoder.ts";
 import { Policy } from "../rl/policy.ts";
 import { assertClose, DEVICE } from "./util.ts";
 
 const FIXTURES = join(import.meta.dirname!, "fixtures", "models");
 const f32 = { dtype: "float32" as const, device: DEVICE };
+
+/** A tokenizer for prompts of bare ids: stops at id 0, pads with 0, decodes ids as text. */
+const IDS: RolloutTokenizer = {
+  stopTokenIds: [0],
+  padTokenId: 0,
+  decode: (ids) => Promise.resolve(ids.join(" ")),
+};
+
+/** Scores every completion 0: these tests look at routes, not rewards. */
+const zero: ScoreFn = () => ({
+  reward: 0,
+  correct: false,
+  marker: false,
+  overLength: false,
+  extracted: { value: null, method: null, marker: false },
+});
+
+/** Adds N(0, scale²) noise to every router's weights. */
+function perturbRouters(decoder: Decoder, scale: number): void {
+  noGrad(() =>
+    decoder.layers.forEach((l) => {
+      if (l.mlp.kind !== "moe") return;
+      const w = (l.mlp.router as Linear).weight;
+      tidy(() => w.copy_(w.add(randn(w.shape, { dtype: w.dtype, device: w.device }).mul(scale))));
+    })
+  );
+}
 const i64 = { dtype: "int64" as const, device: DEVICE };
 
 Deno.test("routing replay: the routers use the replayed experts, weighted by the current router", () => {
@@ -83,38 +111,20 @@ for (const name of ["qwen3-moe-tiny", "phimoe-tiny"]) {
     using model = await loadModel(join(FIXTURES, name), { device: DEVICE });
     const policy = new Policy(model, { lora: { ...DEFAULT_LORA, r: 2, alpha: 4 } });
     try {
-      const tok = {
-        stopTokenIds: [0],
-        padTokenId: 0,
-        decode: (ids: readonly number[]) => Promise.resolve(ids.join(" ")),
-      };
       using g = new Generator(3, DEVICE);
       using buf = await collect(
         policy,
-        tok,
+        IDS,
         [{ ids: [5, 6, 7, 8], answer: 1 }, { ids: [9, 10], answer: 2 }],
         {
           rollout: { k: 3, maxNewTokens: 8 },
         },
         {
           generator: g,
-          score: () => ({
-            reward: 0,
-            correct: false,
-            marker: false,
-            overLength: false,
-            extracted: { value: null, method: null, marker: false },
-          }),
+          score: zero,
         },
       );
-      // Move every router far enough that its own choices change.
-      noGrad(() =>
-        model.decoder.layers.forEach((l) => {
-          if (l.mlp.kind !== "moe") return;
-          const w = (l.mlp.router as Linear).weight;
-          tidy(() => w.copy_(w.add(randn(w.shape, { dtype: w.dtype, device: w.device }).mul(2))));
-        })
-      );
+      perturbRouters(model.decoder, 2); // far enough that their own choices change
       tidy(() => {
         const ids = Array.from({ length: buf.size }, (_, i) => i);
         const { batch, replay } = buf.batch(ids);
@@ -146,25 +156,14 @@ Deno.test("routing replay (phimoe-tiny): the rollout/training mismatch is no lar
   using model = await loadModel(join(FIXTURES, "phimoe-tiny"), { device: DEVICE });
   const policy = new Policy(model, { lora: { ...DEFAULT_LORA, r: 2, alpha: 4 } });
   try {
-    const tok = {
-      stopTokenIds: [0],
-      padTokenId: 0,
-      decode: (ids: readonly number[]) => Promise.resolve(ids.join(" ")),
-    };
     const prompts = Array.from({ length: 16 }, (_, i) => ({
       ids: Array.from({ length: 6 + i }, (_, j) => 1 + ((i * 37 + j * 11) % 200)),
       answer: 0,
     }));
     using g = new Generator(5, DEVICE);
-    using buf = await collect(policy, tok, prompts, { rollout: { k: 4, maxNewTokens: 32 } }, {
+    using buf = await collect(policy, IDS, prompts, { rollout: { k: 4, maxNewTokens: 32 } }, {
       generator: g,
-      score: () => ({
-        reward: 0,
-        correct: false,
-        marker: false,
-        overLength: false,
-        extracted: { value: null, method: null, marker: false },
-      }),
+      score: zero,
     });
     const ids = Array.from({ length: buf.size }, (_, i) => i);
     const gap = (withReplay: boolean): { mean: number; flips: number } =>
@@ -189,13 +188,7 @@ Deno.test("routing replay (phimoe-tiny): the rollout/training mismatch is no lar
     assert.equal(same[1]!.mean, same[0]!.mean);
     // A GPU's sampler and trainer compute router logits slightly differently and flip near-tie routes; a
     // small perturbation of every router stands in for that difference here.
-    noGrad(() =>
-      model.decoder.layers.forEach((l) => {
-        if (l.mlp.kind !== "moe") return;
-        const w = (l.mlp.router as Linear).weight;
-        tidy(() => w.copy_(w.add(randn(w.shape, { dtype: w.dtype, device: w.device }).mul(0.0003))));
-      })
-    );
+    perturbRouters(model.decoder, 0.0003);
     const without = gap(false), withReplay = gap(true);
     console.log(
       `  mean |Δ log p| rollout vs training after a 0.0003 router perturbation: ${
