@@ -140,7 +140,7 @@ function defaultLabel(file: string): string {
  *   record, naming the file and its line (row) number
  * @example
  * ```ts ignore
- * const { examples, skipped } = await loadGsm8k("../shared/data/gsm8k/train.jsonl");
+ * const { examples, skipped } = await loadGsm8k("gsm8k/train.jsonl");
  * const test = await loadGsm8k("openai/gsm8k", { split: "test" }); // HF cache, else download
  * ```
  */

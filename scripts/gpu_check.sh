@@ -16,9 +16,6 @@ export DENO_NO_UPDATE_CHECK=1
 if ! command -v deno >/dev/null 2>&1; then
   xz -dc .gpu/deno.xz >/tmp/deno && chmod +x /tmp/deno && export PATH=/tmp:$PATH
 fi
-# Tests read the Phi-3 tokenizer from ../shared (beside the checkout), which
-# does not travel to a device machine; a copy can ride along in .gpu/shared.
-if [ ! -e ../shared ] && [ -d .gpu/shared ]; then ln -s "$PWD/.gpu/shared" ../shared; fi
 if [ -f .gpu/deno_dir.tar.xz ]; then
   tar xJf .gpu/deno_dir.tar.xz -C /tmp && export DENO_DIR=/tmp/deno_dir
 fi

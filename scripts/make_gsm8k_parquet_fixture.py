@@ -8,17 +8,19 @@
   bad.parquet         4 rows: a good one, a null "answer", an answer without "####", an empty question
   no-answer.parquet   2 rows with columns "question" and "solution" (no "answer" column)
 
-The records come from the GSM8K release (MIT licence, github.com/openai/grade-school-math), here
-../shared/data/gsm8k/train.jsonl beside the repository.
+The records come from the GSM8K release (MIT licence, github.com/openai/grade-school-math; the license
+is in tests/fixtures/gsm8k/LICENSE): its train.jsonl, named by --source or by $MOERL_GSM8K_DIR (the folder
+holding train.jsonl and test.jsonl).
 
 Usage (needs pyarrow, e.g. `/work/venv-fx/bin/pip install pyarrow`):
-  /work/venv-fx/bin/python scripts/make_gsm8k_parquet_fixture.py [--source PATH/train.jsonl]
+  /work/venv-fx/bin/python scripts/make_gsm8k_parquet_fixture.py --source PATH/train.jsonl
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 from pathlib import Path
 
 import pyarrow as pa
@@ -31,7 +33,9 @@ N = 20
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--source", type=Path, default=ROOT.parent / "shared" / "data" / "gsm8k" / "train.jsonl")
+    release = os.environ.get("MOERL_GSM8K_DIR")
+    ap.add_argument("--source", type=Path, default=Path(release) / "train.jsonl" if release else None,
+                    required=release is None, help="GSM8K's train.jsonl (default: $MOERL_GSM8K_DIR/train.jsonl)")
     args = ap.parse_args()
 
     lines = args.source.read_text(encoding="utf-8").splitlines()[:N]

