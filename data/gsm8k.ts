@@ -11,7 +11,7 @@
  * @module
  */
 import { basename, extname } from "node:path";
-import { parseGold } from "../rl/answer.ts";
+import { parseGold } from "./answer.ts";
 import { isFile, isJsonObject } from "../model/json.ts";
 import { parseRepoId } from "../model/hub.ts";
 import { type DatasetFileOptions, resolveDatasetFile } from "./hub.ts";
@@ -32,7 +32,7 @@ export interface Gsm8kExample {
   question: string;
   /** The record's "answer" field verbatim: the reasoning, with `<<…>>` calculator notes, and `#### n`. */
   solution: string;
-  /** The gold number as a canonical string (rl/answer.ts `normalizeNumber`: "1,000" → "1000"). */
+  /** The gold number as a canonical string (data/answer.ts `normalizeNumber`: "1,000" → "1000"). */
   answer: string;
   /** The gold number's value. */
   answerValue: number;

@@ -1,6 +1,7 @@
 /**
- * The data side: GSM8K from a jsonl or parquet file or the Hub, chat-template
- * prompts, and seeded micro-batches.
+ * The data side: GSM8K from a jsonl or parquet file or the Hub, its answer
+ * format (extracting and comparing final answers), chat-template prompts, and
+ * seeded micro-batches.
  * @module
  */
 export {
@@ -13,6 +14,19 @@ export {
   parseGsm8kRecord,
   type SkippedRecord,
 } from "./gsm8k.ts";
+export {
+  answersMatch,
+  EXTRACT_METHODS,
+  extractAnswer,
+  type Extraction,
+  type ExtractMethod,
+  type ExtractMode,
+  type ExtractOptions,
+  MARKER_METHODS,
+  normalizeNumber,
+  parseGold,
+  plainText,
+} from "./answer.ts";
 export { datasetCacheDir, type DatasetFileOptions, resolveDatasetFile } from "./hub.ts";
 export { type JsonlLine, parseJsonl, readJsonl } from "./jsonl.ts";
 export { readParquetRows } from "./parquet.ts";

@@ -11,7 +11,7 @@ export type { ChatMessage } from "../model/chat_template.ts";
 /**
  * The default instruction, appended to the question: reason step by step, then
  * give the answer on its own last line as `#### <number>`, the GSM8K
- * solutions' own format, which strict scoring (rl/answer.ts) reads and the
+ * solutions' own format, which strict scoring (data/answer.ts) reads and the
  * reward's marker bonus pays for. (verl's prompt asks for the same marker.)
  */
 export const DEFAULT_INSTRUCTION =

@@ -11,7 +11,7 @@
  * problems from eval.source and --split (default eval.split), all of them
  * unless --limit. `--adapter` takes a PEFT adapter folder, a checkpoint
  * folder (its `adapter/`), or a run folder (its newest checkpoint).
- * Completions are scored as `deno task score` does (eval/score.ts, rl/answer.ts):
+ * Completions are scored as `deno task score` does (eval/score.ts, data/answer.ts):
  * strict (`#### n` only) and flexible (`####`, a final-answer phrase, `\boxed`,
  * else the last number).
  *
@@ -37,7 +37,7 @@ import { loadModel } from "../model/model.ts";
 import { quantizeModel } from "../model/nf4.ts";
 import { ADAPTER_CONFIG, loadPeftAdapter } from "../model/peft.ts";
 import { Tokenizer } from "../model/tokenizer.ts";
-import type { ExtractMethod } from "../rl/answer.ts";
+import type { ExtractMethod } from "../data/answer.ts";
 import { ADAPTER_DIR, latestCheckpoint } from "../train/checkpoint.ts";
 import { ConfigError, formatConfig, loadConfig, runDir, type TrainConfig } from "../train/config.ts";
 import { writeAtomic } from "../train/fs.ts";

@@ -1,7 +1,7 @@
 /**
  * `deno task score <file.jsonl> [--out FILE] [--summary FILE]`: scores
  * completions produced elsewhere with the same answer extraction as the
- * reward (rl/answer.ts), strict and flexible.
+ * reward (data/answer.ts), strict and flexible.
  *
  * Input: one JSON object a line with `completion` (the model's text) and
  * `answer` (the gold answer: a number, a number string, or a GSM8K solution
@@ -22,7 +22,7 @@
  */
 import { basename, dirname, join, resolve } from "node:path";
 import { parseArgs } from "node:util";
-import { answersMatch, extractAnswer, type ExtractMethod, parseGold } from "../rl/answer.ts";
+import { answersMatch, extractAnswer, type ExtractMethod, parseGold } from "../data/answer.ts";
 import { isJsonObject } from "../model/json.ts";
 import { parseJsonl } from "../data/jsonl.ts";
 

@@ -1,6 +1,5 @@
 /**
- * The RL side: the policy (LoRA-adapted model + critic), answer extraction
- * and rewards for GSM8K, the settings of an update, its collect and learn
+ * The RL side: the policy (LoRA-adapted model + critic), rewards for GSM8K, the settings of an update, its collect and learn
  * phases, and the advantage and loss functions they are built from.
  * @module
  */
@@ -12,19 +11,6 @@ export {
   type ReferenceOutput,
   type SequenceBatch,
 } from "./policy.ts";
-export {
-  answersMatch,
-  EXTRACT_METHODS,
-  extractAnswer,
-  type Extraction,
-  type ExtractMethod,
-  type ExtractMode,
-  type ExtractOptions,
-  MARKER_METHODS,
-  normalizeNumber,
-  parseGold,
-  plainText,
-} from "./answer.ts";
 export {
   type Completion,
   DEFAULT_REWARD_CONFIG,

@@ -11,7 +11,7 @@
  * The bonus is paid whether or not the answer is right, like verl's
  * format_score: it rewards the format, correctness is paid separately. By
  * default only the design's markers earn it: `####`, `Final Answer` and
- * `\boxed` (rl/answer.ts MARKER_METHODS); "The answer is" does not.
+ * `\boxed` (data/answer.ts MARKER_METHODS); "The answer is" does not.
  * @module
  */
 import type { FinishReason } from "../model/generate.ts";
@@ -24,7 +24,7 @@ import {
   type ExtractMode,
   MARKER_METHODS,
   parseGold,
-} from "./answer.ts";
+} from "../data/answer.ts";
 
 export type { FinishReason } from "../model/generate.ts";
 

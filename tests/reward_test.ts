@@ -11,7 +11,7 @@ import {
   normalizeNumber,
   parseGold,
   plainText,
-} from "../rl/answer.ts";
+} from "../data/answer.ts";
 import { type Completion, DEFAULT_REWARD_CONFIG, isOverLength, reward, rewardConfig } from "../rl/reward.ts";
 
 /** [text, flexible value, flexible method, strict value] */

@@ -6,7 +6,7 @@
 import assert from "node:assert/strict";
 import { join } from "node:path";
 import { fileURLToPath } from "node:url";
-import { extractAnswer } from "../rl/answer.ts";
+import { extractAnswer } from "../data/answer.ts";
 import { type RowVerdict, type ScoreSummary, scoreText, writeFileAtomic } from "../eval/score.ts";
 
 const SCRIPT = fileURLToPath(new URL("../eval/score.ts", import.meta.url));

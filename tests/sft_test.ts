@@ -9,7 +9,7 @@ import { liveTensors, manualSeed } from "../mod.ts";
 import { arithmeticProblems, arithmeticSplit } from "../data/arithmetic.ts";
 import { loadModel } from "../model/model.ts";
 import { Tokenizer } from "../model/tokenizer.ts";
-import { answersMatch, extractAnswer } from "../rl/answer.ts";
+import { answersMatch, extractAnswer } from "../data/answer.ts";
 import { Policy } from "../rl/policy.ts";
 import { greedyAccuracy, supervisedWarmup } from "../train/sft.ts";
 

@@ -6,7 +6,7 @@
  */
 import { parse } from "yaml";
 import { ADVANTAGE_ESTIMATORS } from "../rl/advantages.ts";
-import { EXTRACT_METHODS } from "../rl/answer.ts";
+import { EXTRACT_METHODS } from "../data/answer.ts";
 import { rlConfig } from "../rl/config.ts";
 import type { DeepReadonly, TrainConfig } from "./config.ts";
 

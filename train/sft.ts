@@ -10,7 +10,7 @@ import type { Gsm8kExample } from "../data/gsm8k.ts";
 import { buildPrompts, type PromptOptions } from "../data/prompt.ts";
 import { generate } from "../model/generate.ts";
 import type { Tokenizer } from "../model/tokenizer.ts";
-import { answersMatch, extractAnswer } from "../rl/answer.ts";
+import { answersMatch, extractAnswer } from "../data/answer.ts";
 import type { Policy, PolicyOutput } from "../rl/policy.ts";
 import { sequenceBatch } from "../rl/collect.ts";
 
