@@ -40,7 +40,7 @@ import { Tokenizer } from "../model/tokenizer.ts";
 import type { ExtractMethod } from "../data/answer.ts";
 import { ADAPTER_DIR, latestCheckpoint } from "../train/checkpoint.ts";
 import { ConfigError, formatConfig, loadConfig, runDir, type TrainConfig } from "../train/config.ts";
-import { writeAtomic } from "../train/fs.ts";
+import { writeAtomic } from "../model/atomic_write.ts";
 import { scoreRow } from "./score.ts";
 import { useAvailableCores } from "../ffi/mod.ts";
 

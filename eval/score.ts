@@ -21,6 +21,7 @@
  * @module
  */
 import { basename, dirname, join, resolve } from "node:path";
+import { writeAtomic } from "../model/atomic_write.ts";
 import { parseArgs } from "node:util";
 import { answersMatch, extractAnswer, type ExtractMethod, parseGold } from "../data/answer.ts";
 import { isJsonObject } from "../model/json.ts";
@@ -165,21 +166,6 @@ export function scoreText(text: string, input: string | null = null): ScoreResul
   };
 }
 
-/**
- * Writes a file so that readers see the old content or the new, never a
- * part: a temporary file in the same folder, then a rename over the target.
- */
-export async function writeFileAtomic(path: string, text: string): Promise<void> {
-  const tmp = join(dirname(path), `.${basename(path)}.${Deno.pid}.${crypto.randomUUID().slice(0, 8)}.tmp`);
-  try {
-    await Deno.writeTextFile(tmp, text);
-    await Deno.rename(tmp, path);
-  } catch (e) {
-    await Deno.remove(tmp).catch(() => {});
-    throw new Error(`cannot write ${path}: ${(e as Error).message}`, { cause: e });
-  }
-}
-
 /** `<input>` with its `.jsonl` extension (if any) replaced by suffix. */
 function beside(input: string, suffix: string): string {
   return input.replace(/\.jsonl$/i, "") + suffix;
@@ -214,8 +200,8 @@ export async function scoreFile(
     throw new Error(`cannot read ${input}: ${(e as Error).message}`, { cause: e });
   }
   const result = scoreText(text, input);
-  await writeFileAtomic(out, result.verdicts.map((v) => JSON.stringify(v) + "\n").join(""));
-  await writeFileAtomic(summaryPath, JSON.stringify(result.summary, null, 2) + "\n");
+  await writeAtomic(out, result.verdicts.map((v) => JSON.stringify(v) + "\n").join(""));
+  await writeAtomic(summaryPath, JSON.stringify(result.summary, null, 2) + "\n");
   return { ...result, out, summaryPath };
 }
 

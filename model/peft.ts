@@ -20,6 +20,7 @@ import { isFile } from "./json.ts";
 import type { LoraExperts } from "./lora_experts.ts";
 import { type LoraConfig, LoraModel } from "./lora_apply.ts";
 import type { CausalLM } from "./model.ts";
+import { writeAtomic } from "./atomic_write.ts";
 import { SafetensorsFile } from "./safetensors.ts";
 import { writeSafetensors } from "./safetensors_write.ts";
 
@@ -102,9 +103,7 @@ export async function savePeftAdapter(
   } finally {
     for (const t of Object.values(tensors)) t.dispose();
   }
-  const tmp = join(dir, `.${ADAPTER_CONFIG}.tmp`);
-  await Deno.writeTextFile(tmp, JSON.stringify(config, null, 2) + "\n");
-  await Deno.rename(tmp, join(dir, ADAPTER_CONFIG));
+  await writeAtomic(join(dir, ADAPTER_CONFIG), JSON.stringify(config, null, 2) + "\n");
 }
 
 function writeExperts(

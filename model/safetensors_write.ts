@@ -7,8 +7,8 @@
  * rename, so a crash never leaves a half-written checkpoint under the name.
  * @module
  */
-import { basename, dirname, join } from "node:path";
 import { Tensor } from "../ffi/tensor.ts";
+import { writeAll, writeAtomic } from "./atomic_write.ts";
 import { ELEMENT_SIZE } from "../ffi/dtype.ts";
 import {
   FROM_SAFETENSORS,
@@ -128,40 +128,21 @@ export async function writeSafetensors(
   const ordered = layoutOrder(entries);
   const header = headerBytes(ordered, metadata === undefined ? undefined : { ...metadata });
 
-  const tmp = join(dirname(path), `.${basename(path)}.${crypto.randomUUID()}.tmp`);
-  let file: Deno.FsFile;
   try {
-    file = await Deno.open(tmp, { write: true, createNew: true });
-  } catch (e) {
-    throw new SafetensorsError(`${path}: cannot create ${tmp}: ${(e as Error).message}`, { cause: e });
-  }
-  try {
-    await writeAll(file, header);
-    for (const e of ordered) {
-      const data = e.tensor.toTypedArray(); // contiguous CPU copy of this one tensor
-      const bytes = new Uint8Array(data.buffer, data.byteOffset, data.byteLength);
-      const expected = e.shape.reduce((a, b) => a * b, 1) * ELEMENT_SIZE[e.tensor.dtype];
-      if (bytes.byteLength !== expected) {
-        throw new SafetensorsError(
-          `${path}: tensor "${e.name}" gave ${bytes.byteLength} bytes, expected ${expected}`,
-        );
+    await writeAtomic(path, async (file) => {
+      await writeAll(file, header);
+      for (const e of ordered) {
+        const data = e.tensor.toTypedArray(); // contiguous CPU copy of this one tensor
+        const bytes = new Uint8Array(data.buffer, data.byteOffset, data.byteLength);
+        const expected = e.shape.reduce((a, b) => a * b, 1) * ELEMENT_SIZE[e.tensor.dtype];
+        if (bytes.byteLength !== expected) {
+          throw new SafetensorsError(`${path}: tensor "${e.name}" gave ${bytes.byteLength} bytes, expected ${expected}`);
+        }
+        await writeAll(file, bytes);
       }
-      await writeAll(file, bytes);
-    }
-    await file.syncData(); // the rename must not publish data still in flight
-    file.close();
-    await Deno.rename(tmp, path);
+    });
   } catch (e) {
-    try {
-      file.close();
-    } catch { /* already closed */ }
-    await Deno.remove(tmp).catch(() => undefined);
     if (e instanceof SafetensorsError) throw e;
-    throw new SafetensorsError(`${path}: write failed: ${(e as Error).message}`, { cause: e });
+    throw new SafetensorsError((e as Error).message, { cause: e });
   }
-}
-
-async function writeAll(file: Deno.FsFile, bytes: Uint8Array): Promise<void> {
-  let done = 0;
-  while (done < bytes.length) done += await file.write(bytes.subarray(done));
 }

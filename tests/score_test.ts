@@ -7,7 +7,7 @@ import assert from "node:assert/strict";
 import { join } from "node:path";
 import { fileURLToPath } from "node:url";
 import { extractAnswer } from "../data/answer.ts";
-import { type RowVerdict, type ScoreSummary, scoreText, writeFileAtomic } from "../eval/score.ts";
+import { type RowVerdict, type ScoreSummary, scoreText } from "../eval/score.ts";
 
 const SCRIPT = fileURLToPath(new URL("../eval/score.ts", import.meta.url));
 const CONFIG = fileURLToPath(new URL("../deno.json", import.meta.url));
@@ -157,21 +157,5 @@ Deno.test("scoreText in process: the same totals as the CLI", () => {
     0,
     0,
     0,
-  ]);
-});
-
-Deno.test("writeFileAtomic: a failed write leaves the old file and no temporary", async () => {
-  const dir = await Deno.makeTempDir({ dir: TMP });
-  const path = join(dir, "f.json");
-  await writeFileAtomic(path, "one");
-  await writeFileAtomic(path, "two");
-  assert.equal(await Deno.readTextFile(path), "two");
-  // a folder where the file should go: the rename fails, the temporary is removed
-  const blocked = join(dir, "blocked");
-  await Deno.mkdir(join(blocked, "inner"), { recursive: true });
-  await assert.rejects(writeFileAtomic(blocked, "x"), /cannot write .*blocked/);
-  assert.deepEqual((await Array.fromAsync(Deno.readDir(dir))).map((e) => e.name).sort(), [
-    "blocked",
-    "f.json",
   ]);
 });

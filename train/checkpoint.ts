@@ -33,7 +33,7 @@ import { isDirectory, isFile } from "../model/json.ts";
 import type { LoraModel } from "../model/lora_apply.ts";
 import { ADAPTER_CONFIG, ADAPTER_WEIGHTS, savePeftAdapter } from "../model/peft.ts";
 import { VALUE_HEAD_FILE, type ValueHead } from "../model/value_head.ts";
-import { exists, writeAtomic } from "./fs.ts";
+import { exists, writeAtomic } from "../model/atomic_write.ts";
 import { prepareOptimizerRestore, saveOptimizerState } from "./optimizer_state.ts";
 import { prepareAdapterCopy, type PreparedRestore, prepareValueHeadCopy } from "./restore.ts";
 

@@ -22,7 +22,7 @@ import { Policy } from "../rl/policy.ts";
 import { policyOptimizer } from "../rl/ppo.ts";
 import { latestCheckpoint, loadCheckpoint, saveCheckpoint, updateSeed } from "./checkpoint.ts";
 import { formatConfig, RUN_CONFIG_FILE, runDir, type TrainConfig } from "./config.ts";
-import { writeAtomic } from "./fs.ts";
+import { writeAtomic } from "../model/atomic_write.ts";
 import { JsonlLog, METRICS_FILE, SAMPLES_FILE, type StepRecord } from "./metrics.ts";
 import { ProgressBar } from "./progress.ts";
 import { writeReport } from "./report.ts";

@@ -14,7 +14,7 @@
  * Non-finite numbers are written as null (JSON has no NaN).
  * @module
  */
-import { writeAtomic } from "./fs.ts";
+import { writeAtomic } from "../model/atomic_write.ts";
 
 /** One record: its step and anything JSON can hold. */
 export interface StepRecord {

@@ -11,7 +11,7 @@
  */
 import { join } from "node:path";
 import { RUN_CONFIG_FILE } from "./config.ts";
-import { writeAtomic } from "./fs.ts";
+import { writeAtomic } from "../model/atomic_write.ts";
 import { METRICS_FILE, readRecords, SAMPLES_FILE, type StepRecord } from "./metrics.ts";
 import { formatValue } from "./progress.ts";
 
