@@ -29,9 +29,12 @@ export async function writeAtomic(
   try {
     file = await Deno.open(tmp, { write: true, createNew: true });
   } catch (e) {
-    throw new Error(`cannot write ${path}: cannot create a temporary file beside it: ${(e as Error).message}`, {
-      cause: e,
-    });
+    throw new Error(
+      `cannot write ${path}: cannot create a temporary file beside it: ${(e as Error).message}`,
+      {
+        cause: e,
+      },
+    );
   }
   let stage = "write";
   try {

@@ -136,7 +136,9 @@ export async function writeSafetensors(
         const bytes = new Uint8Array(data.buffer, data.byteOffset, data.byteLength);
         const expected = e.shape.reduce((a, b) => a * b, 1) * ELEMENT_SIZE[e.tensor.dtype];
         if (bytes.byteLength !== expected) {
-          throw new SafetensorsError(`${path}: tensor "${e.name}" gave ${bytes.byteLength} bytes, expected ${expected}`);
+          throw new SafetensorsError(
+            `${path}: tensor "${e.name}" gave ${bytes.byteLength} bytes, expected ${expected}`,
+          );
         }
         await writeAll(file, bytes);
       }
