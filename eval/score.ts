@@ -20,7 +20,7 @@
  * could be scored or a file cannot be read or written, 2 for bad arguments.
  * @module
  */
-import { basename, dirname, join, resolve } from "node:path";
+import { resolve } from "node:path";
 import { writeAtomic } from "../model/atomic_write.ts";
 import { parseArgs } from "node:util";
 import { answersMatch, extractAnswer, type ExtractMethod, parseGold } from "../data/answer.ts";
