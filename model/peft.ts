@@ -14,14 +14,14 @@
  * @module
  */
 import { join } from "node:path";
-import { noGrad, type Tensor, tidy } from "../ffi/mod.ts";
+import { type Tensor, tidy } from "../ffi/mod.ts";
 import type { MoeConfig } from "./config.ts";
 import { isFile } from "./json.ts";
-import type { LoraExperts } from "./lora_experts.ts";
 import { type LoraConfig, LoraModel } from "./lora_apply.ts";
 import type { CausalLM } from "./model.ts";
 import { writeAtomic } from "./atomic_write.ts";
 import { SafetensorsFile } from "./safetensors.ts";
+import { applyEntries, checkEntries, likeTensor, type RestoreEntry, wholeEntry } from "./safetensors_copy.ts";
 import { writeSafetensors } from "./safetensors_write.ts";
 
 /** PEFT's file names. */
@@ -36,18 +36,98 @@ function v5Name(name: string, cfg: MoeConfig): string {
   return name.replace(".block_sparse_moe.", ".mlp.").replace(/\.mlp\.gate$/, ".mlp.router");
 }
 
-/** PEFT's [r·E, in] / [out, r·E] from our [E, r, in] / [E, out, r]. */
-function toPeft(A: Tensor, B: Tensor): [Tensor, Tensor] {
-  const [e, r, inp] = A.shape as [number, number, number];
-  const out = B.size(1);
-  return tidy(() => [A.detach().reshape([e * r, inp]), B.detach().permute([1, 2, 0]).reshape([out, r * e])]);
+/** One adapter tensor under PEFT's key and layout: how to read it out and copy it back in. */
+export interface AdapterEntry extends RestoreEntry {
+  /** Our tensor in PEFT's layout (a new tensor, detached). */
+  read(): Tensor;
+  /** What adapter_config.json lists it under: a target module (leaf name) or a target parameter. */
+  target: { kind: "module" | "parameter"; name: string };
 }
 
-/** Ours from PEFT's (the inverse of {@link toPeft}). */
-function fromPeft(A: Tensor, B: Tensor, experts: number): [Tensor, Tensor] {
-  const [re, inp] = A.shape as [number, number];
-  const r = re / experts;
-  return [A.reshape([experts, r, inp]), B.reshape([B.size(0), r, experts]).permute([2, 0, 1])];
+/**
+ * Every tensor of lora's adapters under PEFT's key names and layouts: the
+ * one walk of the adapter layout, used to save, load and restore.
+ * - Linears as they are, named as transformers v5 names the module (their
+ *   4.x name accepted when loading). Dense MLP projections are listed as
+ *   target parameters (PEFT rewrites gate/up/down_proj target modules into
+ *   expert targets on v5 MoE models).
+ * - Fused experts: A [r·E, in] (rows expert-major) and B [out, r·E]
+ *   (column j·E + e for expert e, rank j); the gate/up adapter is nested as
+ *   `experts.base_layer`.
+ * - Split experts (PEFT on transformers 4.x): one module per expert.
+ */
+export function adapterEntries(lora: LoraModel, cfg: MoeConfig): AdapterEntry[] {
+  const out: AdapterEntry[] = [];
+  const key = (mod: string, ab: "A" | "B"): string => `${PREFIX}${mod}.lora_${ab}.weight`;
+  const whole = (k: string, legacy: string, dst: Tensor, target: AdapterEntry["target"]): AdapterEntry => ({
+    ...wholeEntry(k, dst),
+    ...(legacy === k ? {} : { legacyKey: legacy }),
+    read: () => dst.detach(),
+    target,
+  });
+  for (const [name, l] of lora.linears) {
+    const leaf = name.slice(name.lastIndexOf(".") + 1);
+    const target = /\.mlp\.(gate|up|down)_proj$/.test(name)
+      ? { kind: "parameter" as const, name: `mlp.${leaf}.weight` }
+      : { kind: "module" as const, name: leaf };
+    for (const ab of ["A", "B"] as const) {
+      out.push(whole(key(v5Name(name, cfg), ab), key(name, ab), ab === "A" ? l.A : l.B, target));
+    }
+  }
+  for (const [name, ex] of lora.experts) {
+    if (ex.form === "fused") {
+      const mod = v5Name(name, cfg);
+      const pairs: [string, { A: Tensor; B: Tensor }, string][] = [
+        [`${mod}.base_layer`, ex.gateUpAdapters[0]!, "mlp.experts.gate_up_proj"],
+        [mod, ex.downAdapter, "mlp.experts.down_proj"],
+      ];
+      for (const [m, ad, param] of pairs) {
+        const [e, r, inp] = ad.A.shape as [number, number, number];
+        const size = ad.B.size(1);
+        const target = { kind: "parameter" as const, name: param };
+        out.push({
+          key: key(m, "A"),
+          shape: [e * r, inp],
+          like: likeTensor(ad.A),
+          read: () => tidy(() => ad.A.detach().reshape([e * r, inp])),
+          assign: (src) => void ad.A.copy_(src.reshape([e, r, inp])),
+          target,
+        });
+        out.push({
+          key: key(m, "B"),
+          shape: [size, r * e],
+          like: likeTensor(ad.B),
+          read: () => tidy(() => ad.B.detach().permute([1, 2, 0]).reshape([size, r * e])),
+          assign: (src) => void ad.B.copy_(src.reshape([size, r, e]).permute([2, 0, 1])),
+          target,
+        });
+      }
+      continue;
+    }
+    const n = ex.names;
+    const parts: [string, { A: Tensor; B: Tensor }][] = [
+      [n.gate, ex.gateUpAdapters[0]!],
+      [n.up, ex.gateUpAdapters[1]!],
+      [n.down, ex.downAdapter],
+    ];
+    for (const [leaf, ad] of parts) {
+      const target = { kind: "module" as const, name: leaf };
+      for (let e = 0; e < ex.count; e++) {
+        for (const ab of ["A", "B"] as const) {
+          const t = ab === "A" ? ad.A : ad.B;
+          out.push({
+            key: key(`${name}.${e}.${leaf}`, ab),
+            shape: t.shape.slice(1),
+            like: likeTensor(t),
+            read: () => tidy(() => t.detach().select(0, e)),
+            assign: (src) => void t.select(0, e).copy_(src),
+            target,
+          });
+        }
+      }
+    }
+  }
+  return out;
 }
 
 /** Writes lora's adapters in PEFT's format to dir (files written atomically). */
@@ -58,23 +138,9 @@ export async function savePeftAdapter(
   baseModel = "",
 ): Promise<void> {
   await Deno.mkdir(dir, { recursive: true });
-  const tensors: Record<string, Tensor> = {};
-  const targetModules = new Set<string>(), targetParameters = new Set<string>();
-  {
-    for (const [name, l] of lora.linears) {
-      const leaf = name.slice(name.lastIndexOf(".") + 1);
-      const dense = /\.mlp\.(gate|up|down)_proj$/.test(name);
-      // PEFT rewrites gate/up/down_proj in target_modules into expert targets on v5 MoE models;
-      // as parameters they keep plain nn.Linear LoRA semantics and key names.
-      if (dense) targetParameters.add(`mlp.${leaf}.weight`);
-      else targetModules.add(leaf);
-      tensors[`${PREFIX}${v5Name(name, cfg)}.lora_A.weight`] = l.A.detach();
-      tensors[`${PREFIX}${v5Name(name, cfg)}.lora_B.weight`] = l.B.detach();
-    }
-    for (const [name, ex] of lora.experts) {
-      writeExperts(ex, name, cfg, tensors, targetModules, targetParameters);
-    }
-  }
+  const entries = adapterEntries(lora, cfg);
+  const targets = (kind: "module" | "parameter"): string[] =>
+    [...new Set(entries.filter((e) => e.target.kind === kind).map((e) => e.target.name))].sort();
   const config = {
     peft_type: "LORA",
     task_type: "CAUSAL_LM",
@@ -82,8 +148,8 @@ export async function savePeftAdapter(
     r: lora.config.r,
     lora_alpha: lora.config.alpha,
     lora_dropout: lora.config.dropout,
-    target_modules: [...targetModules].sort(),
-    target_parameters: targetParameters.size ? [...targetParameters].sort() : null,
+    target_modules: targets("module"),
+    target_parameters: targets("parameter").length ? targets("parameter") : null,
     bias: "none",
     fan_in_fan_out: false,
     use_rslora: false,
@@ -98,48 +164,13 @@ export async function savePeftAdapter(
     layers_pattern: null,
     revision: null,
   };
+  const tensors = Object.fromEntries(entries.map((e) => [e.key, e.read()]));
   try {
     await writeSafetensors(join(dir, ADAPTER_WEIGHTS), tensors, { format: "pt" });
   } finally {
     for (const t of Object.values(tensors)) t.dispose();
   }
   await writeAtomic(join(dir, ADAPTER_CONFIG), JSON.stringify(config, null, 2) + "\n");
-}
-
-function writeExperts(
-  ex: LoraExperts,
-  name: string,
-  cfg: MoeConfig,
-  out: Record<string, Tensor>,
-  targetModules: Set<string>,
-  targetParameters: Set<string>,
-): void {
-  const n = ex.names;
-  if (ex.form === "fused") {
-    const mod = `${PREFIX}${v5Name(name, cfg)}`;
-    const [gA, gB] = toPeft(ex.gateUpAdapters[0]!.A, ex.gateUpAdapters[0]!.B);
-    const [dA, dB] = toPeft(ex.downAdapter.A, ex.downAdapter.B);
-    Object.assign(out, {
-      [`${mod}.base_layer.lora_A.weight`]: gA,
-      [`${mod}.base_layer.lora_B.weight`]: gB,
-      [`${mod}.lora_A.weight`]: dA,
-      [`${mod}.lora_B.weight`]: dB,
-    });
-    targetParameters.add("mlp.experts.gate_up_proj").add("mlp.experts.down_proj");
-    return;
-  }
-  const parts: [string, { A: Tensor; B: Tensor }][] = [
-    [n.gate, ex.gateUpAdapters[0]!],
-    [n.up, ex.gateUpAdapters[1]!],
-    [n.down, ex.downAdapter],
-  ];
-  for (const [leaf, ad] of parts) {
-    targetModules.add(leaf);
-    for (let e = 0; e < ex.count; e++) {
-      out[`${PREFIX}${name}.${e}.${leaf}.lora_A.weight`] = tidy(() => ad.A.detach().select(0, e));
-      out[`${PREFIX}${name}.${e}.${leaf}.lora_B.weight`] = tidy(() => ad.B.detach().select(0, e));
-    }
-  }
 }
 
 /**
@@ -167,13 +198,15 @@ export async function loadPeftAdapter(dir: string, model: CausalLM): Promise<Lor
       r: Number(pc.r),
       alpha: Number(pc.lora_alpha),
       dropout: Number(pc.lora_dropout ?? 0),
-      targetModules: plan.linears.map((l) => l.name),
-      targetExperts: plan.experts.length > 0,
+      targetModules: plan.linears,
+      targetExperts: plan.experts,
       expertForm: plan.split ? "split" : "fused",
     };
     const lora = new LoraModel(model.decoder, model.config, config);
     try {
-      await copyWeights(f, plan, lora, model.config, wPath);
+      const entries = adapterEntries(lora, model.config);
+      checkEntries(f, entries);
+      await applyEntries(f, entries);
     } catch (e) {
       lora.dispose();
       throw e;
@@ -184,120 +217,53 @@ export async function loadPeftAdapter(dir: string, model: CausalLM): Promise<Lor
   }
 }
 
+/** Which of the model's modules a file's keys adapt. */
 interface LoadPlan {
-  linears: { name: string; key: string }[];
-  experts: string[];
+  /** Our names of the adapted linear layers. */
+  linears: string[];
+  /** Whether any expert bank is adapted. */
+  experts: boolean;
+  /** Experts in the per-expert (4.x) form. */
   split: boolean;
 }
 
 /** Maps every key to one of the model's modules, or throws naming the key. */
 function planLoad(keys: string[], model: CausalLM, file: string): LoadPlan {
   const cfg = model.config, dec = model.decoder;
-  const linearByV5 = new Map<string, string>();
-  const expertByV5 = new Map<string, string>();
+  const linears = new Map<string, string>(), experts = new Set<string>();
+  const both = (ours: string, add: (name: string) => void): void => [ours, v5Name(ours, cfg)].forEach(add);
   for (const l of dec.layers) {
     for (const k of ["q", "k", "v", "o"]) {
-      linearByV5.set(`${l.name}.self_attn.${k}_proj`, `${l.name}.self_attn.${k}_proj`);
+      linears.set(`${l.name}.self_attn.${k}_proj`, `${l.name}.self_attn.${k}_proj`);
     }
     if (l.mlp.kind === "dense") {
       for (const k of ["gate", "up", "down"]) {
-        linearByV5.set(`${l.name}.mlp.${k}_proj`, `${l.name}.${l.mlpName}.${k}_proj`);
+        const ours = `${l.name}.${l.mlpName}.${k}_proj`;
+        both(ours, (n) => linears.set(n, ours));
+        linears.set(`${l.name}.mlp.${k}_proj`, ours);
       }
     } else {
-      linearByV5.set(v5Name(l.mlp.routerName, cfg), l.mlp.routerName);
-      linearByV5.set(l.mlp.routerName, l.mlp.routerName);
-      expertByV5.set(v5Name(l.mlp.experts.names.prefix, cfg), l.mlp.experts.names.prefix);
-      expertByV5.set(l.mlp.experts.names.prefix, l.mlp.experts.names.prefix);
+      const router = l.mlp.routerName, prefix = l.mlp.experts.names.prefix;
+      both(router, (n) => linears.set(n, router));
+      both(prefix, (n) => experts.add(n));
     }
   }
-  const plan: LoadPlan = { linears: [], experts: [], split: false };
-  const seen = new Set<string>();
+  const plan: LoadPlan = { linears: [], experts: false, split: false };
   for (const key of keys) {
     const m = /^base_model\.model\.(.+)\.lora_([AB])\.weight$/.exec(key);
     if (!m) throw new Error(`${file}: unexpected key "${key}" (not a LoRA A/B weight)`);
     const mod = m[1]!;
     const split = /^(.+)\.(\d+)\.[^.]+$/.exec(mod);
-    const fusedMod = mod.replace(/\.base_layer$/, "");
-    if (linearByV5.has(mod)) {
-      const name = linearByV5.get(mod)!;
-      if (!seen.has(name)) plan.linears.push({ name, key: `${PREFIX}${mod}` });
-      seen.add(name);
-    } else if (expertByV5.has(fusedMod)) {
-      const name = expertByV5.get(fusedMod)!;
-      if (!seen.has(name)) plan.experts.push(name);
-      seen.add(name);
-    } else if (split && expertByV5.has(split[1]!)) {
-      const name = expertByV5.get(split[1]!)!;
-      if (!seen.has(name)) plan.experts.push(name);
-      seen.add(name);
-      plan.split = true;
+    if (linears.has(mod)) {
+      const name = linears.get(mod)!;
+      if (!plan.linears.includes(name)) plan.linears.push(name);
+    } else if (experts.has(mod.replace(/\.base_layer$/, ""))) {
+      plan.experts = true;
+    } else if (split && experts.has(split[1]!)) {
+      plan.experts = plan.split = true;
     } else {
       throw new Error(`${file}: key "${key}" matches no module of this ${cfg.modelType} model`);
     }
   }
   return plan;
-}
-
-async function copyWeights(
-  f: SafetensorsFile,
-  plan: LoadPlan,
-  lora: LoraModel,
-  cfg: MoeConfig,
-  file: string,
-): Promise<void> {
-  const device = lora.parameters()[0]!.device, dtype = lora.parameters()[0]!.dtype;
-  const read = async (key: string): Promise<Tensor> => {
-    if (!f.has(key)) throw new Error(`${file}: missing tensor "${key}"`);
-    return await f.load(key, { device, dtype });
-  };
-  const put = (dst: Tensor, src: Tensor, key: string): void => {
-    const [a, b] = [dst.shape, src.shape];
-    if (a.length !== b.length || a.some((s, i) => s !== b[i])) {
-      throw new Error(`${file}: "${key}" has shape [${b.join(", ")}], the adapter needs [${a.join(", ")}]`);
-    }
-    noGrad(() => dst.copy_(src));
-  };
-  for (const { name, key } of plan.linears) {
-    const l = lora.linears.get(name)!;
-    using A = await read(`${key}.lora_A.weight`);
-    using B = await read(`${key}.lora_B.weight`);
-    put(l.A, A, `${key}.lora_A.weight`);
-    put(l.B, B, `${key}.lora_B.weight`);
-  }
-  for (const name of plan.experts) {
-    const ex = lora.experts.get(name)!;
-    if (ex.form === "fused") {
-      const mod = `${PREFIX}${v5Name(name, cfg)}`;
-      const pairs: [string, { A: Tensor; B: Tensor }][] = [[`${mod}.base_layer`, ex.gateUpAdapters[0]!], [
-        mod,
-        ex.downAdapter,
-      ]];
-      for (const [k, ad] of pairs) {
-        using A = await read(`${k}.lora_A.weight`);
-        using B = await read(`${k}.lora_B.weight`);
-        tidy(() => {
-          const [a, b] = fromPeft(A, B, ex.count);
-          put(ad.A, a, `${k}.lora_A.weight`);
-          put(ad.B, b, `${k}.lora_B.weight`);
-        });
-      }
-      continue;
-    }
-    const n = ex.names;
-    const parts: [string, { A: Tensor; B: Tensor }][] = [[n.gate, ex.gateUpAdapters[0]!], [
-      n.up,
-      ex.gateUpAdapters[1]!,
-    ], [n.down, ex.downAdapter]];
-    for (const [leaf, ad] of parts) {
-      for (let e = 0; e < ex.count; e++) {
-        const k = `${PREFIX}${name}.${e}.${leaf}`;
-        using A = await read(`${k}.lora_A.weight`);
-        using B = await read(`${k}.lora_B.weight`);
-        tidy(() => {
-          put(ad.A.select(0, e), A, `${k}.lora_A.weight`);
-          put(ad.B.select(0, e), B, `${k}.lora_B.weight`);
-        });
-      }
-    }
-  }
 }

@@ -10,7 +10,8 @@
 import type { AdamW, Tensor } from "../ffi/mod.ts";
 import { SafetensorsFile } from "../model/safetensors.ts";
 import { writeSafetensors } from "../model/safetensors_write.ts";
-import { applyEntries, checkEntries, type PreparedRestore, type RestoreEntry } from "./restore.ts";
+import { applyEntries, checkEntries, type RestoreEntry } from "../model/safetensors_copy.ts";
+import type { PreparedRestore } from "./restore.ts";
 
 /** The metadata format tag. */
 export const OPTIMIZER_FORMAT = "moerl-adamw/1";
