@@ -2,7 +2,7 @@
  * Final answers of GSM8K-style completions: finding the number a completion
  * commits to, and comparing numbers exactly.
  *
- * Two extraction modes (the conventions of docs/rl-notes.md §5):
+ * Two extraction modes (the conventions of lm-evaluation-harness and verl, docs/rl-update.md "Reward"):
  *
  * - **strict**: only `#### <number>`, the number right after the marker
  *   (spaces and `$` allowed), as lm-evaluation-harness' and verl's
@@ -13,7 +13,7 @@
  *   last number inside), an answer phrase (`The answer is`, `Answer:`), and
  *   finally the last number anywhere in the text.
  *
- * After `####` or a phrase, the answer is the *final value* of the answer
+ * After `####`, `Final Answer` or an answer phrase, the answer is the *final value* of the answer
  * line: the first line after the marker that has a letter or digit, cut at
  * its first sentence end (`.`, `!` or `?` before a space or the end), gives
  * the first number after its last `=`, else its first number. So
@@ -385,4 +385,35 @@ export function extractAnswer(text: string, opts: ExtractOptions = {}): Extracti
   const all = numbers(plain);
   const last = all[all.length - 1];
   return last ? found(last.value, "last_number") : NONE;
+}
+
+/** How a completion's answer compares with a gold one, under both extraction modes. */
+export interface AnswerVerdict {
+  /** The `#### n` answer, or null. */
+  extracted_strict: string | null;
+  /** The flexible cascade's answer, or null. */
+  extracted_flexible: string | null;
+  /** Which extractor gave the flexible answer. */
+  method_flexible: ExtractMethod | null;
+  /** Strict answer equals gold. */
+  correct_strict: boolean;
+  /** Flexible answer equals gold. */
+  correct_flexible: boolean;
+}
+
+/**
+ * A completion judged against a gold answer (a canonical number string, e.g.
+ * from {@link parseGold}), strict and flexible: what `deno task score`,
+ * `deno task evaluate` and the training loop's evaluations report.
+ */
+export function judgeAnswer(completion: string, gold: string): AnswerVerdict {
+  const strict = extractAnswer(completion, { mode: "strict" });
+  const flexible = extractAnswer(completion, { mode: "flexible" });
+  return {
+    extracted_strict: strict.value,
+    extracted_flexible: flexible.value,
+    method_flexible: flexible.method,
+    correct_strict: answersMatch(strict.value, gold),
+    correct_flexible: answersMatch(flexible.value, gold),
+  };
 }

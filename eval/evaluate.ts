@@ -22,156 +22,22 @@
  * paths inside the config from the project root. Exit status: 0, 1 on an
  * error while running, 2 for bad arguments or a bad config.
  *
- * {@link evaluateExamples} is the same evaluation on an already loaded model,
- * for the training loop (switch LoRA dropout off first: `policy.train(false)`).
+ * The evaluation itself is rl/evaluate.ts's `evaluateExamples`, which the
+ * training loop runs too.
  * @module
  */
 import { basename, dirname, join, resolve } from "node:path";
 import { parseArgs } from "node:util";
-import { type Gsm8kExample, type Gsm8kSplit, loadGsm8k } from "../data/gsm8k.ts";
-import { buildPrompts, type PromptOptions } from "../data/prompt.ts";
-import type { Decoder } from "../model/decoder.ts";
-import { type FinishReason, generate } from "../model/generate.ts";
+import { useAvailableCores } from "../ffi/mod.ts";
+import { type Gsm8kSplit, loadGsm8k } from "../data/gsm8k.ts";
+import { writeAtomic } from "../model/atomic_write.ts";
 import { isFile } from "../model/json.ts";
-import { loadModel } from "../model/model.ts";
-import { quantizeModel } from "../model/nf4.ts";
 import { ADAPTER_CONFIG, loadPeftAdapter } from "../model/peft.ts";
 import { Tokenizer } from "../model/tokenizer.ts";
-import type { ExtractMethod } from "../data/answer.ts";
+import { type EvalTotals, evaluateExamples } from "../rl/evaluate.ts";
 import { ADAPTER_DIR, latestCheckpoint } from "../train/checkpoint.ts";
 import { ConfigError, formatConfig, loadConfig, runDir, type TrainConfig } from "../train/config.ts";
-import { writeAtomic } from "../model/atomic_write.ts";
-import { scoreRow } from "./score.ts";
-import { useAvailableCores } from "../ffi/mod.ts";
-
-/** One problem's result (a line of predictions.jsonl). */
-export interface Prediction {
-  /** The problem's id (`<split>-<index>`). */
-  id: string;
-  /** The question. */
-  question: string;
-  /** The gold answer (canonical number string). */
-  answer_gold: string;
-  /** The model's completion (special tokens removed). */
-  completion: string;
-  /** Generated tokens, EOS included. */
-  completion_tokens: number;
-  /** Why generation stopped ("length": the token cap). */
-  finish_reason: FinishReason;
-  /** The `#### n` answer, or null. */
-  extracted_strict: string | null;
-  /** The flexible cascade's answer, or null. */
-  extracted_flexible: string | null;
-  /** Which extractor gave the flexible answer. */
-  method_flexible: ExtractMethod | null;
-  /** Strict answer equals gold. */
-  correct_strict: boolean;
-  /** Flexible answer equals gold. */
-  correct_flexible: boolean;
-}
-
-/** The totals of an evaluation. */
-export interface EvalTotals {
-  /** Problems evaluated. */
-  n: number;
-  /** Correct under strict extraction. */
-  correct_strict: number;
-  /** Correct under flexible extraction. */
-  correct_flexible: number;
-  /** correct_strict / n (0 when n is 0). */
-  accuracy_strict: number;
-  /** correct_flexible / n. */
-  accuracy_flexible: number;
-  /** Mean completion length in tokens. */
-  completion_tokens_mean: number;
-  /** Fraction of completions cut at the token cap. */
-  truncated_fraction: number;
-  /** Wall time of generation and scoring. */
-  seconds: number;
-  /** Generated tokens per second. */
-  tokens_per_second: number;
-}
-
-/** Options of {@link evaluateExamples}. */
-export interface EvaluateOptions {
-  /** Token cap per completion. */
-  maxNewTokens: number;
-  /** Prompts per generation batch. */
-  batchSize: number;
-  /** Prompt rendering (instruction, system). */
-  prompt?: PromptOptions;
-  /** Called after each batch with the problems done so far and the running totals. */
-  onBatch?: (done: number, totals: EvalTotals) => void;
-}
-
-/** What an evaluation needs of a tokenizer (model/tokenizer.ts's Tokenizer has it). */
-export type EvalTokenizer = Pick<
-  Tokenizer,
-  "stopTokenIds" | "padTokenId" | "decode" | "applyChatTemplate" | "encode" | "encodeBatch"
->;
-
-function totals(preds: readonly Prediction[], seconds: number): EvalTotals {
-  const n = preds.length;
-  const cs = preds.filter((p) => p.correct_strict).length,
-    cf = preds.filter((p) => p.correct_flexible).length;
-  const tokens = preds.reduce((s, p) => s + p.completion_tokens, 0);
-  return {
-    n,
-    correct_strict: cs,
-    correct_flexible: cf,
-    accuracy_strict: n ? cs / n : 0,
-    accuracy_flexible: n ? cf / n : 0,
-    completion_tokens_mean: n ? tokens / n : 0,
-    truncated_fraction: n ? preds.filter((p) => p.finish_reason === "length").length / n : 0,
-    seconds,
-    tokens_per_second: seconds > 0 ? tokens / seconds : 0,
-  };
-}
-
-/**
- * Greedy completions of examples with decoder (its adapters, if any, as
- * they are), scored strict and flexible.
- */
-export async function evaluateExamples(
-  decoder: Decoder,
-  tok: EvalTokenizer,
-  examples: readonly Gsm8kExample[],
-  opts: EvaluateOptions,
-): Promise<{ predictions: Prediction[]; totals: EvalTotals }> {
-  const t0 = performance.now();
-  const prompts = await buildPrompts(tok, examples.map((e) => e.question), opts.prompt);
-  const eos = tok.stopTokenIds;
-  const predictions: Prediction[] = [];
-  for (let i = 0; i < examples.length; i += opts.batchSize) {
-    const chunk = examples.slice(i, i + opts.batchSize);
-    const out = await generate(decoder, prompts.slice(i, i + opts.batchSize).map((p) => p.ids), {
-      maxNewTokens: opts.maxNewTokens,
-      eosTokenIds: eos,
-      padTokenId: tok.padTokenId ?? eos[0] ?? 0,
-      decode: (ids) => tok.decode(ids, { skipSpecialTokens: true }),
-    });
-    chunk.forEach((ex, j) => {
-      const r = scoreRow({ completion: out.text![j]!, answer: ex.answer }, i + j + 1);
-      if (!r.ok) throw new Error(`${ex.id}: cannot score: ${r.reason}`); // gold answers were parsed on load
-      const v = r.verdict;
-      predictions.push({
-        id: ex.id,
-        question: ex.question,
-        answer_gold: v.answer_gold,
-        completion: out.text![j]!,
-        completion_tokens: out.tokens[j]!.length,
-        finish_reason: out.finishReasons[j]!,
-        extracted_strict: v.extracted_strict,
-        extracted_flexible: v.extracted_flexible,
-        method_flexible: v.method_flexible,
-        correct_strict: v.correct_strict,
-        correct_flexible: v.correct_flexible,
-      });
-    });
-    opts.onBatch?.(predictions.length, totals(predictions, (performance.now() - t0) / 1000));
-  }
-  return { predictions, totals: totals(predictions, (performance.now() - t0) / 1000) };
-}
+import { loadConfiguredModel } from "../train/model.ts";
 
 /** summary.json. */
 export interface EvalSummary extends EvalTotals {
@@ -254,8 +120,7 @@ export async function runEvaluation(
       cfg.model.quantize4bit ? ", NF4" : ""
     })`,
   );
-  using model = await loadModel(cfg.model.id, { dtype: cfg.model.dtype, device: cfg.model.device });
-  if (cfg.model.quantize4bit) quantizeModel(model, { doubleQuant: cfg.model.doubleQuant });
+  using model = await loadConfiguredModel(cfg.model);
   const lora = adapterDir === null ? null : await loadPeftAdapter(adapterDir, model);
   try {
     if (lora) log(`adapter ${adapterDir}: ${lora.trainableCount().toLocaleString("en-US")} parameters`);

@@ -23,7 +23,7 @@
 import { resolve } from "node:path";
 import { writeAtomic } from "../model/atomic_write.ts";
 import { parseArgs } from "node:util";
-import { answersMatch, extractAnswer, type ExtractMethod, parseGold } from "../data/answer.ts";
+import { type ExtractMethod, judgeAnswer, parseGold } from "../data/answer.ts";
 import { isJsonObject } from "../model/json.ts";
 import { parseJsonl } from "../data/jsonl.ts";
 
@@ -110,19 +110,13 @@ export function scoreRow(
   if (gold === null) {
     return { ok: false, reason: `"answer" ${JSON.stringify(answer).slice(0, 60)} is not a number` };
   }
-  const strict = extractAnswer(completion, { mode: "strict" });
-  const flexible = extractAnswer(completion, { mode: "flexible" });
   return {
     ok: true,
     verdict: {
       line,
       ...(typeof id === "string" || typeof id === "number" ? { id } : {}),
       answer_gold: gold,
-      extracted_strict: strict.value,
-      extracted_flexible: flexible.value,
-      method_flexible: flexible.method,
-      correct_strict: answersMatch(strict.value, gold),
-      correct_flexible: answersMatch(flexible.value, gold),
+      ...judgeAnswer(completion, gold),
     },
   };
 }

@@ -78,6 +78,8 @@ export interface DecoderDims {
   headDim: number;
   /** RoPE base. */
   ropeTheta: number;
+  /** The config's sliding attention window, or null: longer sequences are refused (not implemented). */
+  slidingWindow?: number | null;
 }
 
 /** Inputs of one forward pass. */
@@ -206,6 +208,14 @@ export class Decoder {
     if (replay && replay.length !== this.moeLayers) {
       throw new RangeError(
         `routing replay: ${replay.length} layers of experts for ${this.moeLayers} MoE layers`,
+      );
+    }
+    const window = this.dims.slidingWindow;
+    const total = (input.cache?.length ?? 0) + input.inputIds.size(1);
+    if (window && total > window) {
+      throw new RangeError(
+        `forward: ${total} positions exceed the model's sliding_window ${window}; windowed attention is not ` +
+          "implemented, so longer sequences would attend too far",
       );
     }
     return tidy(() => {

@@ -1,6 +1,6 @@
 /**
  * Building blocks shared by the decoder families, written to match the
- * Hugging Face transformers numerics (model-notes §1, §2.4, §7).
+ * Hugging Face transformers numerics (docs/numerics.md).
  * @module
  */
 import { arange, cat, full, layerNorm, linear, type Tensor, tidy } from "../ffi/mod.ts";

@@ -89,6 +89,13 @@ async function build(
   dir: string,
   opts: WeightOptions,
 ): Promise<CausalLM> {
+  if (config.ropeType !== "default") {
+    // Scaled RoPE (yarn, longrope, ...) is parsed but not computed: refuse rather than give wrong logits.
+    throw new Error(
+      `${config.source}: RoPE scaling "${config.ropeType}" is not implemented (moerl computes plain RoPE with ` +
+        "rope_theta); this model's logits would be wrong",
+    );
+  }
   const weights = new WeightLoader(src, { dtype: opts.dtype, device: opts.device });
   try {
     const decoder = config.modelType === "qwen3_moe"

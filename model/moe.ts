@@ -129,7 +129,7 @@ function chosen(own: Tensor, replay: Tensor | null | undefined): Tensor {
 
 /**
  * Qwen3-MoE routing: softmax over all experts in float32, top-k, optional
- * renormalisation, weights cast to the activation dtype (model-notes §2.7).
+ * renormalisation, weights cast to the activation dtype (transformers' Qwen3MoeSparseMoeBlock; docs/numerics.md "Routing").
  * With `replay` ([T, k] expert ids, −1 = choose freely) those experts are
  * used instead of the top-k, weighted by the current router's probabilities
  * of them (renormalised over them when normTopK), so the router still learns.
@@ -152,7 +152,7 @@ export function softmaxTopK(
 }
 
 /**
- * PhiMoE's sparsemixer in eval mode (model-notes §3.6): two slots, each the
+ * PhiMoE's sparsemixer in eval mode (transformers' PhiMoE `sparsemixer`; docs/numerics.md "Routing"): two slots, each the
  * argmax of a softmax over the logits within a relative 2·eps band of the
  * slot's maximum; weights not renormalised. Deterministic: the train-mode
  * Gumbel sampling and jitter are deliberately not implemented.

@@ -165,9 +165,8 @@ export interface QuantEntry {
 }
 
 /**
- * What {@link quantizeModel} did, and the owner of the NF4 weights it made:
- * dispose it (before or after the model) to free them; CausalLM.dispose()
- * does not know about them.
+ * What {@link quantizeModel} did, and the owner of the NF4 weights it made.
+ * A CausalLM adopts the report and frees it with itself.
  */
 export class QuantReport {
   /** Quantised parts, in model order. */

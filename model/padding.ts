@@ -1,6 +1,6 @@
 /**
  * Left-padding a batch of token id lists for generation, as HF does
- * (model-notes §6.5): pads on the left, an attention mask of 1 for real
+ * (transformers' generate): pads on the left, an attention mask of 1 for real
  * tokens, and position ids `cumsum(mask) - 1` with pads set to 1, so every
  * row's real tokens start at position 0. Plain arrays: turn them into
  * tensors where they are used.

@@ -1,7 +1,7 @@
 /**
  * PhiMoE (`phimoe`, and Microsoft's SlimMoE remote code): LayerNorms with
  * bias, attention and LM-head biases, sparsemixer top-2 routing in eval mode
- * (model-notes §3). Reads the 4.x/SlimMoE key names (`block_sparse_moe`,
+ * (transformers' modeling_phimoe; docs/numerics.md). Reads the 4.x/SlimMoE key names (`block_sparse_moe`,
  * `gate`, per-expert w1/w2/w3) and v5's (`mlp`, `router`, fused experts).
  * @module
  */
@@ -82,5 +82,6 @@ export async function buildPhiMoe(cfg: PhiMoeConfig, w: WeightLoader): Promise<D
     kvHeads: nKV,
     headDim: d,
     ropeTheta: cfg.ropeTheta,
+    slidingWindow: cfg.slidingWindow,
   });
 }

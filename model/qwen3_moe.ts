@@ -1,7 +1,7 @@
 /**
  * Qwen3-MoE (`qwen3_moe`): RMSNorms, q/k norms before RoPE, softmax top-k
  * routing with optional renormalisation, optional dense layers, optional tied
- * embeddings (model-notes §2).
+ * embeddings (transformers' modeling_qwen3_moe; docs/numerics.md).
  * @module
  */
 import { isMoeLayer, type Qwen3MoeConfig } from "./config.ts";
@@ -87,5 +87,6 @@ export async function buildQwen3Moe(cfg: Qwen3MoeConfig, w: WeightLoader): Promi
     kvHeads: nKV,
     headDim: d,
     ropeTheta: cfg.ropeTheta,
+    slidingWindow: cfg.slidingWindow,
   });
 }

@@ -1,7 +1,7 @@
 /**
  * The collect phase of an update: K sampled completions for every prompt,
  * generated in large batches (each prompt prefilled once, its KV cache
- * shared by its K samples), scored, and kept in a {@link RolloutBuffer} with
+ * copied to its K samples), scored, and kept in a {@link RolloutBuffer} with
  * what the learn phase needs: each token's log-probability under the
  * sampling distribution and, for MoE models, the experts every token used in
  * every layer (for routing replay).

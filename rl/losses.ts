@@ -10,7 +10,7 @@
  * tokens of a whole minibatch instead, so that micro-batches accumulate to
  * the minibatch's token mean (TRL's `dapo` aggregation; verl's `token-mean`).
  * Each token weighs the same, so long completions are not down-weighted as
- * with GRPO's per-sequence mean (see rl/learn.ts).
+ * with GRPO's per-sequence mean (docs/rl-update.md).
  *
  * All functions allocate only inside `tidy`; the tensors they return are the
  * caller's. Metrics (clip fractions, approximate KL, ...) carry no autograd

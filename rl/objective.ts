@@ -8,7 +8,8 @@
  *   advantages, weighted per token by the rollout correction
  *   w = min(π_old / π_rollout, C) when C is set;
  * - KL: k3 or k2 to the reference (adapters off), in the loss;
- * - every term a token-mean over the trained tokens of the minibatch.
+ * - every term a token-mean over the trained tokens of the minibatch (the
+ *   router loss, a per-forward mean, weighted by the batch's share of them).
  *
  * The critic is not here: rl/learn.ts trains it on its own, on the frozen
  * base's states, so the policy loss reaches only the adapters.

@@ -230,7 +230,7 @@ def safetensors_keys(model_dir: Path) -> dict[str, list[int]]:
 
 
 def unfuse_qwen3_experts(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """v5 fused experts -> legacy per-expert keys (model-notes §2.3).
+    """v5 fused experts -> legacy per-expert keys (transformers v5 conversion).
 
     gate_up_proj [E, 2I, H]: rows [0, I) are gate_proj, rows [I, 2I) are up_proj.
     down_proj [E, H, I]: expert e's down_proj.weight.
@@ -253,7 +253,7 @@ def unfuse_qwen3_experts(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]
 
 
 def phimoe_legacy_keys(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """v5 phimoe names -> SlimMoE / HF-4.x names (model-notes §3.3).
+    """v5 phimoe names -> SlimMoE / HF-4.x names (SlimMoE remote code).
 
     mlp.router.weight            -> block_sparse_moe.gate.weight
     mlp.experts.gate_up_proj[e]  -> block_sparse_moe.experts.e.w1 (rows [0, I)), .w3 (rows [I, 2I))
@@ -459,12 +459,12 @@ def prompt_batch():
 
 
 def positions(attention_mask: torch.Tensor) -> torch.Tensor:
-    """HF 4.x generate rule (model-notes §6.5): cumsum(mask) - 1, pads set to 1."""
+    """HF 4.x generate rule (transformers generate): cumsum(mask) - 1, pads set to 1."""
     return (attention_mask.cumsum(-1) - 1).masked_fill(attention_mask == 0, 1)
 
 
 def qwen3_routing(logits: torch.Tensor, top_k: int, norm: bool):
-    """model-notes §2.7: fp32 softmax over all experts, top-k, optional renormalisation."""
+    """Qwen3-MoE routing: fp32 softmax over all experts, top-k, optional renormalisation."""
     p = torch.softmax(logits, -1, dtype=torch.float32)
     w, idx = torch.topk(p, top_k, -1)
     if norm:
@@ -473,7 +473,7 @@ def qwen3_routing(logits: torch.Tensor, top_k: int, norm: bool):
 
 
 def sparsemixer_eval(scores: torch.Tensor, eps: float):
-    """model-notes §3.6, eval mode, written independently of HF."""
+    """PhiMoE sparsemixer, eval mode, written independently of HF."""
     m1, i1 = scores.max(-1, keepdim=True)
     factor = scores.abs().clamp(min=m1)
     mask1 = ((m1 - scores) / factor) > 2 * eps
@@ -487,7 +487,7 @@ def sparsemixer_eval(scores: torch.Tensor, eps: float):
 
 
 def aux_loss_by_formula(router_logits: list[torch.Tensor], num_experts: int, top_k: int, mask: torch.Tensor):
-    """model-notes §2.8 with an attention mask, written independently of HF."""
+    """The Switch/Mixtral load-balancing loss with an attention mask, written independently of HF."""
     g = torch.cat(router_logits, 0)  # [L*N*S, E]
     p = torch.softmax(g, -1)
     sel = torch.topk(p, top_k, -1).indices
@@ -574,7 +574,7 @@ def record_parity(name: str, model_dir: Path, in_memory_model, kind: str) -> tup
         routing_i.append(hf_i.long())
     checks["router_logits"] = "raw gate logits x @ gate.weight^T (OutputRecorder index 0), pre-softmax"
     checks["routing"] = (
-        "HF eval routing == independent re-implementation of model-notes "
+        "HF eval routing == independent re-implementation of the routing rules "
         + ("§2.7 (softmax, top-k, renorm if norm_topk_prob)" if kind == "qwen3" else "§3.6 (sparsemixer, not renormalised)")
     )
     real = attention_mask.reshape(-1).bool()
@@ -748,7 +748,7 @@ def record_parity(name: str, model_dir: Path, in_memory_model, kind: str) -> tup
         "versions": versions(),
         "dtype": "float32",
         "attn_implementation": "eager",
-        "experts_implementation": "eager (v5 default on CPU is grouped_mm; eager is the per-expert loop of model-notes §2.7)",
+        "experts_implementation": "eager (v5 default on CPU is grouped_mm; eager is the per-expert loop)",
         "mode": "eval (model.eval(); no jitter, deterministic routing)",
         "prompts": [p.tolist() for p in prompts],
         "prompt_lengths": PROMPT_LENGTHS,

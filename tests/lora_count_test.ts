@@ -24,7 +24,7 @@ Deno.test("lora: trainable parameters of the real configs at r = 16", () => {
   assert.deepEqual(huihui, { linear: 28 * 163_840, experts: 28 * 540_672, total: 28 * (163_840 + 540_672) });
   const phi = loraParamCount(shapes("phi-tiny-moe"), DEFAULT_LORA);
   assert.deepEqual(phi, { linear: 32 * 344_064, experts: 32 * 2_441_216, total: 32 * (344_064 + 2_441_216) });
-  // Share of the full models (1,280,200,704 and 3,755,220,288 parameters, model-notes §4).
+  // Share of the full models (1,280,200,704 and 3,755,220,288 parameters, from the models' configs).
   console.log(
     `  Huihui-MoE-1B-A0.6B: ${huihui.total} trainable (${(100 * huihui.total / 1_280_200_704).toFixed(2)}%)`,
   );

@@ -293,7 +293,7 @@ Deno.test("config: loadConfig file errors", async () => {
   }
 });
 
-Deno.test("config: isMoeLayer follows model-notes §2.2", () => {
+Deno.test("config: isMoeLayer follows transformers' decoder_sparse_step and mlp_only_layers", () => {
   const every2 = qwen({ decoder_sparse_step: 2 });
   assert.deepEqual([0, 1, 2, 3].map((i) => isMoeLayer(every2, i)), [false, true, false, true]);
   const forced = qwen({ mlp_only_layers: [0, 3] });
@@ -359,4 +359,26 @@ print(json.dumps(out))
       await Deno.remove(dir, { recursive: true });
     }
   },
+});
+
+Deno.test("model: a config with scaled RoPE is refused, not run with plain RoPE", async () => {
+  const { parseConfig } = await import("../model/config.ts");
+  const { randomModel } = await import("../model/model.ts");
+  const raw = JSON.parse(
+    await Deno.readTextFile(new URL("./fixtures/models/qwen3-moe-tiny/config.json", import.meta.url)),
+  );
+  const cfg = parseConfig({ ...raw, rope_scaling: { rope_type: "yarn", factor: 4 } }, "tiny/config.json");
+  await assert.rejects(() => randomModel(cfg), /tiny\/config\.json: RoPE scaling "yarn" is not implemented/);
+});
+
+Deno.test("model: a sequence longer than the sliding window is refused, not attended in full", async () => {
+  const { loadModel } = await import("../model/model.ts");
+  const { zeros } = await import("../mod.ts");
+  using model = await loadModel(new URL("./fixtures/models/phimoe-tiny/", import.meta.url).pathname);
+  assert.equal(model.config.slidingWindow, 2047);
+  using ids = zeros([1, 2048], { dtype: "int64" });
+  assert.throws(
+    () => model.decoder.forward({ inputIds: ids, positionIds: ids, attentionMask: ids }),
+    /2048 positions exceed the model's sliding_window 2047/,
+  );
 });

@@ -51,7 +51,7 @@ function blockAbsmax(v: ArrayLike<number>, bs: number): number[] {
 }
 
 Deno.test("nf4: code book and dynamic map", async () => {
-  // rl-notes §8's NF4 codes.
+  // bitsandbytes' NF4 codes (create_normal_map(offset=0.9677083, use_extra_value=True)).
   const notes = [
     -1.0,
     -0.6961928,

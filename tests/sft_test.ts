@@ -11,7 +11,8 @@ import { loadModel } from "../model/model.ts";
 import { Tokenizer } from "../model/tokenizer.ts";
 import { answersMatch, extractAnswer } from "../data/answer.ts";
 import { Policy } from "../rl/policy.ts";
-import { greedyAccuracy, supervisedWarmup } from "../train/sft.ts";
+import { supervisedWarmup } from "../train/sft.ts";
+import { evaluateExamples } from "../rl/evaluate.ts";
 
 Deno.test("arithmetic: well-formed problems, disjoint seeded splits", () => {
   const all = arithmeticProblems({ ops: ["+", "-"] });
@@ -41,7 +42,10 @@ Deno.test("sft: a short warm-up lowers the loss and lifts training accuracy", as
     });
     const { train } = arithmeticSplit(0.25, 1);
     const prompt = { instruction: "" };
-    const before = await greedyAccuracy(policy, tok, train, { maxNewTokens: 10, prompt });
+    const accuracy = async (): Promise<number> =>
+      (await evaluateExamples(model.decoder, tok, train, { maxNewTokens: 10, batchSize: 32, prompt })).totals
+        .accuracy_flexible;
+    const before = await accuracy();
     const losses = await supervisedWarmup(policy, tok, train, {
       steps: 120,
       batchSize: 16,
@@ -49,7 +53,7 @@ Deno.test("sft: a short warm-up lowers the loss and lifts training accuracy", as
       seed: 1,
       prompt,
     });
-    const after = await greedyAccuracy(policy, tok, train, { maxNewTokens: 10, prompt });
+    const after = await accuracy();
     const mean = (xs: number[]): number => xs.reduce((a, b) => a + b, 0) / xs.length;
     assert.ok(
       mean(losses.slice(-10)) < 0.5 * mean(losses.slice(0, 10)),

@@ -12,11 +12,9 @@ import { Generator, manualSeed } from "../ffi/mod.ts";
 import { MicroBatcher } from "../data/batches.ts";
 import { loadGsm8k } from "../data/gsm8k.ts";
 import { buildPrompts } from "../data/prompt.ts";
-import { evaluateExamples } from "../eval/evaluate.ts";
-import { loadModel } from "../model/model.ts";
-import { quantizeModel } from "../model/nf4.ts";
 import { Tokenizer } from "../model/tokenizer.ts";
 import { collect, type RolloutPrompt } from "../rl/collect.ts";
+import { evaluateExamples } from "../rl/evaluate.ts";
 import { learn } from "../rl/learn.ts";
 import { Policy } from "../rl/policy.ts";
 import { policyOptimizer } from "../rl/ppo.ts";
@@ -26,6 +24,7 @@ import { writeAtomic } from "../model/atomic_write.ts";
 import { JsonlLog, METRICS_FILE, SAMPLES_FILE, type StepRecord } from "./metrics.ts";
 import { ProgressBar } from "./progress.ts";
 import { writeReport } from "./report.ts";
+import { loadConfiguredModel } from "./model.ts";
 import { lrFactor } from "./schedule.ts";
 
 /** What a finished (or resumed and finished) run returns. */
@@ -45,8 +44,7 @@ export async function train(
   await Deno.mkdir(dir, { recursive: true });
   await writeAtomic(join(dir, RUN_CONFIG_FILE), formatConfig(cfg));
 
-  using model = await loadModel(cfg.model.id, { dtype: cfg.model.dtype, device: cfg.model.device });
-  if (cfg.model.quantize4bit) quantizeModel(model, { doubleQuant: cfg.model.doubleQuant });
+  using model = await loadConfiguredModel(cfg.model);
   const tok = await Tokenizer.load(model.dir);
   manualSeed(cfg.seed); // adapter and value-head initialisation
   const policy = new Policy(model, { lora: { ...cfg.lora }, checkpointing: cfg.train.gradientCheckpointing });

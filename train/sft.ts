@@ -1,16 +1,13 @@
 /**
  * Supervised warm-up: maximise the log-likelihood of reference solutions
  * (each followed by the end-of-turn token) through the policy's adapters.
- * Also the greedy accuracy measure shared by the warm-up and RL runs.
  * @module
  */
 import { AdamW, clipGradNorm, type Tensor } from "../ffi/mod.ts";
 import { mulberry32 } from "../data/batches.ts";
 import type { Gsm8kExample } from "../data/gsm8k.ts";
 import { buildPrompts, type PromptOptions } from "../data/prompt.ts";
-import { generate } from "../model/generate.ts";
 import type { Tokenizer } from "../model/tokenizer.ts";
-import { answersMatch, extractAnswer } from "../data/answer.ts";
 import type { Policy, PolicyOutput } from "../rl/policy.ts";
 import { sequenceBatch } from "../rl/collect.ts";
 
@@ -85,33 +82,6 @@ export async function supervisedWarmup(
   return losses;
 }
 
-/** Greedy accuracy (flexible extraction) on examples, in batches. */
-export async function greedyAccuracy(
-  policy: Policy,
-  tok: Tokenizer,
-  examples: readonly Gsm8kExample[],
-  opts: { maxNewTokens: number; batchSize?: number; prompt?: PromptOptions },
-): Promise<number> {
-  const prompts = await buildPrompts(tok, examples.map((e) => e.question), opts.prompt);
-  const eos = tok.stopTokenIds;
-  const size = opts.batchSize ?? 32;
-  let correct = 0;
-  policy.train(false);
-  for (let i = 0; i < prompts.length; i += size) {
-    const chunk = prompts.slice(i, i + size);
-    const out = await generate(policy.model.decoder, chunk.map((p) => p.ids), {
-      maxNewTokens: opts.maxNewTokens,
-      eosTokenIds: eos,
-      padTokenId: tok.padTokenId ?? 0,
-      decode: (ids) => tok.decode(ids, { skipSpecialTokens: true }),
-    });
-    out.text!.forEach((t, j) => {
-      if (answersMatch(extractAnswer(t).value, examples[i + j]!.answer)) correct++;
-    });
-  }
-  return correct / examples.length;
-}
-
 /**
  * `deno task sft --model DIR --out DIR [--data FILE.jsonl | --task arithmetic] [--steps N] [--lr X]
  * [--batch N] [--seed N]`: a supervised warm-up whose result (adapters merged
@@ -143,6 +113,7 @@ async function main(args: string[]): Promise<number> {
   const { saveModel } = await import("../model/save.ts");
   const { Tokenizer: Tok } = await import("../model/tokenizer.ts");
   const { Policy: P } = await import("../rl/policy.ts");
+  const { evaluateExamples } = await import("../rl/evaluate.ts");
   const { manualSeed } = await import("../ffi/mod.ts");
   const examples = v.task === "arithmetic"
     ? (await import("../data/arithmetic.ts")).arithmeticSplit(0.25, Number(v.seed)).train
@@ -164,7 +135,10 @@ async function main(args: string[]): Promise<number> {
       if ((s + 1) % 50 === 0) console.log(`step ${s + 1}: loss ${l.toFixed(4)}`);
     },
   });
-  const acc = await greedyAccuracy(policy, tok, examples, { maxNewTokens: 32, prompt });
+  policy.train(false);
+  const acc =
+    (await evaluateExamples(model.decoder, tok, examples, { maxNewTokens: 32, batchSize: 32, prompt }))
+      .totals.accuracy_flexible;
   policy.lora.merge();
   await saveModel(model, v.out);
   policy.dispose();
