@@ -36,7 +36,13 @@ import { ADAPTER_CONFIG, loadPeftAdapter } from "../model/peft.ts";
 import { Tokenizer } from "../model/tokenizer.ts";
 import { type EvalTotals, evaluateExamples } from "../rl/evaluate.ts";
 import { ADAPTER_DIR, latestCheckpoint } from "../train/checkpoint.ts";
-import { ConfigError, formatConfig, loadConfig, runDir, type TrainConfig } from "../train/config.ts";
+import {
+  formatConfig,
+  loadTrainConfig,
+  runDir,
+  type TrainConfig,
+  TrainConfigError,
+} from "../train/config.ts";
 import { loadConfiguredModel } from "../train/model.ts";
 
 /** summary.json. */
@@ -211,10 +217,10 @@ export async function main(args: string[]): Promise<number> {
   const at = (p: string | undefined): string | undefined => (p === undefined ? undefined : resolve(base, p));
   let cfg: TrainConfig;
   try {
-    cfg = await loadConfig(at(v.config), v.set ?? []);
+    cfg = await loadTrainConfig(at(v.config), v.set ?? []);
   } catch (e) {
     console.error(`evaluate: ${(e as Error).message}`);
-    return e instanceof ConfigError ? 2 : 1;
+    return e instanceof TrainConfigError ? 2 : 1;
   }
   console.log(`config${v.config ? ` ${v.config}` : " (defaults)"}:\n${formatConfig(cfg)}`);
   try {

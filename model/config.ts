@@ -12,10 +12,10 @@
  */
 import { join } from "node:path";
 import type { DType } from "../ffi/dtype.ts";
-import { ConfigError, ConfigReader } from "./config_reader.ts";
+import { ConfigReader, ModelConfigError } from "./config_reader.ts";
 import { isDirectory, type JsonObject, readJsonObject } from "./json.ts";
 
-export { ConfigError } from "./config_reader.ts";
+export { ModelConfigError } from "./config_reader.ts";
 
 /** The model types this library runs. */
 export type ModelType = "qwen3_moe" | "phimoe";
@@ -320,7 +320,7 @@ function phiMoe(r: ConfigReader): PhiMoeConfig {
  * Parses a config.json object.
  * @param raw the parsed JSON
  * @param source the file it came from, for messages
- * @throws {ConfigError} for an unsupported model_type (naming it and the supported ones), or a
+ * @throws {ModelConfigError} for an unsupported model_type (naming it and the supported ones), or a
  *   required key missing or any key of the wrong type (naming the key and the file)
  */
 export function parseConfig(raw: unknown, source = "config.json"): MoeConfig {
@@ -328,16 +328,16 @@ export function parseConfig(raw: unknown, source = "config.json"): MoeConfig {
   const type = r.str("model_type");
   if (type === "qwen3_moe") return qwen3Moe(r);
   if (type === "phimoe") return phiMoe(r);
-  throw new ConfigError(
+  throw new ModelConfigError(
     `${source}: model_type "${type}" is not supported (supported: ${SUPPORTED_MODEL_TYPES.join(", ")})`,
   );
 }
 
 /**
  * Reads and parses config.json from a model folder (or a path to the file itself).
- * @throws {Error} when the file is missing or not JSON; {@link ConfigError} as {@link parseConfig}
+ * @throws {Error} when the file is missing or not JSON; {@link ModelConfigError} as {@link parseConfig}
  */
-export async function loadConfig(pathOrDir: string): Promise<MoeConfig> {
+export async function loadModelConfig(pathOrDir: string): Promise<MoeConfig> {
   const path = (await isDirectory(pathOrDir)) ? join(pathOrDir, "config.json") : pathOrDir;
   return parseConfig(await readJsonObject(path, "model config"), path);
 }

@@ -7,11 +7,11 @@
 import { isJsonObject, type JsonObject } from "./json.ts";
 
 /** A bad or missing config key; the message names the key and the file. */
-export class ConfigError extends Error {
-  /** Makes a ConfigError (name "ConfigError"). */
+export class ModelConfigError extends Error {
+  /** Makes a ModelConfigError (name "ModelConfigError"). */
   constructor(message: string, options?: ErrorOptions) {
     super(message, options);
-    this.name = "ConfigError";
+    this.name = "ModelConfigError";
   }
 }
 
@@ -24,7 +24,7 @@ export class ConfigReader {
 
   /** Wraps a parsed object; throws if it is not an object. */
   constructor(raw: unknown, source: string) {
-    if (!isJsonObject(raw)) throw new ConfigError(`${source}: must be a JSON object`);
+    if (!isJsonObject(raw)) throw new ModelConfigError(`${source}: must be a JSON object`);
     this.raw = raw;
     this.source = source;
   }
@@ -35,13 +35,15 @@ export class ConfigReader {
   }
 
   /** An error naming the key and the file. */
-  error(key: string, problem: string): ConfigError {
-    return new ConfigError(`${this.source}: "${key}" ${problem}`);
+  error(key: string, problem: string): ModelConfigError {
+    return new ModelConfigError(`${this.source}: "${key}" ${problem}`);
   }
 
   #get(key: string, fallback: unknown): unknown {
     if (this.has(key)) return this.raw[key];
-    if (fallback === undefined) throw new ConfigError(`${this.source}: required key "${key}" is missing`);
+    if (fallback === undefined) {
+      throw new ModelConfigError(`${this.source}: required key "${key}" is missing`);
+    }
     return fallback;
   }
 

@@ -11,6 +11,7 @@ import { type ExpertLoraForm, LoraExperts } from "./lora_experts.ts";
 import { LoraLinear, type LoraOptions, LoraState } from "./lora.ts";
 import type { ExpertBank } from "./moe.ts";
 import { expertSlots, type LinearSlot, linearSlots } from "./modules.ts";
+import { bool, type Checks, checkSection, int, num, throwProblems } from "./settings.ts";
 
 /** Which modules get adapters, and the adapter hyperparameters. */
 export interface LoraConfig extends LoraOptions {
@@ -27,13 +28,32 @@ export interface LoraConfig extends LoraOptions {
   expertForm?: ExpertLoraForm;
 }
 
-/** The defaults of the design: rank 16, α 32, no dropout, attention and experts. */
-export const DEFAULT_LORA: LoraConfig = {
+/** The defaults of the design: rank 16, α 32, no dropout, attention, dense MLPs and every expert. */
+export const DEFAULT_LORA: Readonly<Required<LoraConfig>> = Object.freeze({
   r: 16,
   alpha: 32,
   dropout: 0,
   targetModules: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
   targetExperts: true,
+  expertForm: "fused" as const,
+});
+
+/** The check of every LoRA setting (model/settings.ts), shared with deno task train's `lora` section. */
+export const LORA_CHECKS: Checks<LoraConfig> = {
+  r: int(1),
+  alpha: num(0, Infinity, true),
+  dropout: { expected: "a number in [0, 1)", ok: (v) => typeof v === "number" && v >= 0 && v < 1 },
+  targetModules: {
+    expected: 'a non-empty list of module names, or one string (a regular expression or "all-linear")',
+    ok: (v) =>
+      (typeof v === "string" && v !== "") ||
+      (Array.isArray(v) && v.length > 0 && v.every((s) => typeof s === "string" && s !== "")),
+  },
+  targetExperts: bool,
+  expertForm: {
+    expected: '"fused" or "split"',
+    ok: (v) => v === undefined || v === "fused" || v === "split",
+  },
 };
 
 /** Whether a linear slot is targeted (routers and the LM head only when named). */
@@ -89,12 +109,7 @@ export class LoraModel {
 
   /** Adds adapters to decoder's matching modules; sizes come from cfg. */
   constructor(decoder: Decoder, cfg: MoeConfig, config: LoraConfig) {
-    if (!(Number.isInteger(config.r) && config.r > 0)) {
-      throw new RangeError(`LoRA rank must be a positive integer, got ${config.r}`);
-    }
-    if (!(config.dropout >= 0 && config.dropout < 1)) {
-      throw new RangeError(`LoRA dropout must be in [0, 1), got ${config.dropout}`);
-    }
+    throwProblems(checkSection("lora", config, LORA_CHECKS));
     this.state = new LoraState();
     this.config = config;
     const like = decoder.embed;

@@ -6,9 +6,9 @@
  *
  * @example
  * ```ts ignore
- * import { Checkpoint, loadConfig, resolveModel, Tokenizer } from "./model/mod.ts";
+ * import { Checkpoint, loadModelConfig, resolveModel, Tokenizer } from "./model/mod.ts";
  * const dir = await resolveModel("org/name");          // HF_HUB_OFFLINE=1: cache only
- * const cfg = await loadConfig(dir);
+ * const cfg = await loadModelConfig(dir);
  * using ckpt = await Checkpoint.open(dir);
  * const embed = await ckpt.load("model.embed_tokens.weight", { device: "cuda" });
  * const tok = await Tokenizer.load(dir);
@@ -33,9 +33,9 @@ export { headerBytes, type HeaderEntry, layoutOrder, writeSafetensors } from "./
 export { Checkpoint, type CheckpointTensorInfo, INDEX_FILE, readIndex, SINGLE_FILE } from "./checkpoint.ts";
 export {
   type CommonConfig,
-  ConfigError,
   isMoeLayer,
-  loadConfig,
+  loadModelConfig,
+  ModelConfigError,
   type ModelType,
   type MoeConfig,
   parseConfig,

@@ -5,7 +5,7 @@
  */
 import { join } from "node:path";
 import { Checkpoint } from "./checkpoint.ts";
-import { loadConfig, type MoeConfig } from "./config.ts";
+import { loadModelConfig, type MoeConfig } from "./config.ts";
 import type { Decoder } from "./decoder.ts";
 import { resolveModel, type ResolveOptions } from "./hub.ts";
 import { buildPhiMoe } from "./phimoe.ts";
@@ -70,7 +70,7 @@ export class CausalLM {
  */
 export async function loadModel(idOrPath: string, opts: LoadModelOptions = {}): Promise<CausalLM> {
   const dir = await resolveModel(idOrPath, opts.hub);
-  const config = await loadConfig(join(dir, "config.json"));
+  const config = await loadModelConfig(join(dir, "config.json"));
   using ckpt = await Checkpoint.open(dir);
   return await build(config, new CheckpointSource(ckpt), dir, opts);
 }

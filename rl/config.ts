@@ -8,7 +8,17 @@
  */
 import { ADVANTAGE_ESTIMATORS, type AdvantageEstimator } from "./advantages.ts";
 import type { KlEstimator } from "./losses.ts";
-import { DEFAULT_REWARD_CONFIG, type RewardConfig, rewardConfig } from "./reward.ts";
+import {
+  bool,
+  type Checks,
+  checkSection,
+  int,
+  nullable,
+  num,
+  oneOf,
+  throwProblems,
+} from "../model/settings.ts";
+import { DEFAULT_REWARD_CONFIG, REWARD_CHECKS, type RewardConfig } from "./reward.ts";
 
 /** How completions are sampled (the `rollout` section). */
 export interface RolloutConfig {
@@ -109,71 +119,64 @@ export const DEFAULT_RL_CONFIG: Readonly<RlConfig> = Object.freeze({
   moe: Object.freeze({ routingReplay: "rollout" as const }),
 });
 
-const isInt = (v: unknown, min: number): boolean => Number.isSafeInteger(v) && (v as number) >= min;
-const isNum = (v: unknown, min: number): boolean => typeof v === "number" && Number.isFinite(v) && v >= min;
+/** The check of every `rollout` setting (model/settings.ts), shared with deno task train's config. */
+export const ROLLOUT_CHECKS: Checks<RolloutConfig> = {
+  k: int(1),
+  maxNewTokens: int(1),
+  temperature: num(0, Infinity, true),
+  topP: num(0, 1, true),
+  topK: int(0),
+  generationBatch: nullable(int(1)),
+};
+
+/** The check of every `ppo` setting. */
+export const PPO_CHECKS: Checks<PpoConfig> = {
+  epochs: int(1),
+  minibatches: int(1),
+  clip: num(0, Infinity, true),
+  clipHigh: nullable(num(0, Infinity, true)),
+  ratioLevel: oneOf("token", "sequence"),
+  klCoef: num(0),
+  klEstimator: {
+    expected: '"k2" or "k3" (k1\'s expected gradient is zero: it is only logged, as kl_k1)',
+    ok: (v) => v === "k2" || v === "k3",
+  },
+  entropyCoef: num(0),
+  advantage: oneOf(...ADVANTAGE_ESTIMATORS),
+  gaeLambda: num(0, 1),
+  normalizeAdvantages: bool,
+  rolloutCorrection: nullable(num(1)),
+  routerAuxCoef: num(0),
+};
+
+/** The check of every `moe` setting. */
+export const MOE_CHECKS: Checks<MoeRoutingConfig> = { routingReplay: oneOf("off", "rollout") };
 
 /**
  * The defaults with overrides applied, every key checked.
- * @throws {RangeError} naming the section and key of the first bad value
+ * @throws {RangeError} naming the section and key of every bad value
  */
 export function rlConfig(overrides: RlOverrides = {}): RlConfig {
   const d = DEFAULT_RL_CONFIG;
   const cfg: RlConfig = {
     rollout: { ...d.rollout, ...overrides.rollout },
     ppo: { ...d.ppo, ...overrides.ppo },
-    reward: rewardConfig({ ...d.reward, ...overrides.reward }),
+    reward: { ...d.reward, ...overrides.reward },
     moe: { ...d.moe, ...overrides.moe },
   };
-  const bad = (key: string, v: unknown, want: string): never => {
-    throw new RangeError(`${key} must be ${want}, got ${JSON.stringify(v)}`);
-  };
-  const r = cfg.rollout, p = cfg.ppo;
-  if (!isInt(r.k, 1)) bad("rollout.k", r.k, "an integer >= 1");
-  if (!isInt(r.maxNewTokens, 1)) bad("rollout.maxNewTokens", r.maxNewTokens, "an integer >= 1");
-  if (!(isNum(r.temperature, 0) && r.temperature > 0)) {
-    bad("rollout.temperature", r.temperature, "a number > 0");
-  }
-  if (!(isNum(r.topP, 0) && r.topP > 0 && r.topP <= 1)) bad("rollout.topP", r.topP, "in (0, 1]");
-  if (!isInt(r.topK, 0)) bad("rollout.topK", r.topK, "an integer >= 0");
-  if (r.generationBatch !== null && !isInt(r.generationBatch, r.k)) {
-    bad(
-      "rollout.generationBatch",
-      r.generationBatch,
-      `null or an integer >= rollout.k (${r.k}): a prompt's K samples are generated together`,
+  const problems = [
+    ...checkSection("rollout", cfg.rollout, ROLLOUT_CHECKS),
+    ...checkSection("ppo", cfg.ppo, PPO_CHECKS),
+    ...checkSection("reward", cfg.reward, REWARD_CHECKS),
+    ...checkSection("moe", cfg.moe, MOE_CHECKS),
+  ];
+  const g = cfg.rollout.generationBatch;
+  if (problems.length === 0 && g !== null && g < cfg.rollout.k) {
+    problems.push(
+      `rollout.generationBatch: ${g} is smaller than rollout.k (${cfg.rollout.k}): a prompt's K samples are ` +
+        "generated together",
     );
   }
-  if (!isInt(p.epochs, 1)) bad("ppo.epochs", p.epochs, "an integer >= 1");
-  if (!isInt(p.minibatches, 1)) bad("ppo.minibatches", p.minibatches, "an integer >= 1");
-  if (!(isNum(p.clip, 0) && p.clip > 0)) bad("ppo.clip", p.clip, "a number > 0");
-  if (p.clipHigh !== null && !(isNum(p.clipHigh, 0) && p.clipHigh > 0)) {
-    bad("ppo.clipHigh", p.clipHigh, "null or a number > 0");
-  }
-  if (p.ratioLevel !== "token" && p.ratioLevel !== "sequence") {
-    bad("ppo.ratioLevel", p.ratioLevel, '"token" or "sequence"');
-  }
-  if (!isNum(p.klCoef, 0)) bad("ppo.klCoef", p.klCoef, "a number >= 0");
-  if ((p.klEstimator as string) === "k1") {
-    bad(
-      "ppo.klEstimator",
-      p.klEstimator,
-      '"k2" or "k3" (k1\'s expected gradient is zero; it is logged as kl_k1)',
-    );
-  }
-  if (p.klEstimator !== "k2" && p.klEstimator !== "k3") bad("ppo.klEstimator", p.klEstimator, '"k2" or "k3"');
-  if (!isNum(p.entropyCoef, 0)) bad("ppo.entropyCoef", p.entropyCoef, "a number >= 0");
-  if (!ADVANTAGE_ESTIMATORS.includes(p.advantage)) {
-    bad("ppo.advantage", p.advantage, `one of ${ADVANTAGE_ESTIMATORS.map((e) => `"${e}"`).join(", ")}`);
-  }
-  if (!(isNum(p.gaeLambda, 0) && p.gaeLambda <= 1)) bad("ppo.gaeLambda", p.gaeLambda, "in [0, 1]");
-  if (typeof p.normalizeAdvantages !== "boolean") {
-    bad("ppo.normalizeAdvantages", p.normalizeAdvantages, "true or false");
-  }
-  if (p.rolloutCorrection !== null && !isNum(p.rolloutCorrection, 1)) {
-    bad("ppo.rolloutCorrection", p.rolloutCorrection, "null or a number >= 1");
-  }
-  if (!isNum(p.routerAuxCoef, 0)) bad("ppo.routerAuxCoef", p.routerAuxCoef, "a number >= 0");
-  if (cfg.moe.routingReplay !== "off" && cfg.moe.routingReplay !== "rollout") {
-    bad("moe.routingReplay", cfg.moe.routingReplay, '"off" or "rollout"');
-  }
+  throwProblems(problems);
   return cfg;
 }

@@ -16,6 +16,16 @@
  */
 import type { FinishReason } from "../model/generate.ts";
 import {
+  anyNum,
+  type Checks,
+  checkSection,
+  int,
+  listOf,
+  nullable,
+  oneOf,
+  throwProblems,
+} from "../model/settings.ts";
+import {
   answersMatch,
   EXTRACT_METHODS,
   extractAnswer,
@@ -84,32 +94,24 @@ export interface RewardResult {
   extracted: Extraction;
 }
 
+/** The check of every reward setting (model/settings.ts), shared with deno task train's `reward` section. */
+export const REWARD_CHECKS: Checks<RewardConfig> = {
+  correct: anyNum,
+  wrong: anyNum,
+  markerBonus: anyNum,
+  overLengthPenalty: anyNum,
+  maxCompletionTokens: nullable(int(1)),
+  mode: oneOf("strict", "flexible"),
+  markerMethods: listOf(EXTRACT_METHODS),
+};
+
 /**
  * The defaults with overrides applied, checked.
- * @throws {Error} naming the field when a weight is not a finite number, maxCompletionTokens is not a
- *   positive integer or null, mode is unknown, or markerMethods names an unknown method
+ * @throws {RangeError} naming every bad key ("reward.<key>: expected …, got …")
  */
 export function rewardConfig(overrides: Partial<RewardConfig> = {}): RewardConfig {
   const cfg: RewardConfig = { ...DEFAULT_REWARD_CONFIG, ...overrides };
-  for (const k of ["correct", "wrong", "markerBonus", "overLengthPenalty"] as const) {
-    if (typeof cfg[k] !== "number" || !Number.isFinite(cfg[k])) {
-      throw new Error(`reward config: "${k}" must be a finite number, got ${JSON.stringify(cfg[k])}`);
-    }
-  }
-  const max = cfg.maxCompletionTokens;
-  if (max !== null && !(Number.isSafeInteger(max) && max > 0)) {
-    throw new Error(`reward config: "maxCompletionTokens" must be a positive integer or null, got ${max}`);
-  }
-  if (cfg.mode !== "strict" && cfg.mode !== "flexible") {
-    throw new Error(`reward config: "mode" must be "strict" or "flexible", got ${JSON.stringify(cfg.mode)}`);
-  }
-  if (!Array.isArray(cfg.markerMethods) || cfg.markerMethods.some((m) => !EXTRACT_METHODS.includes(m))) {
-    throw new Error(
-      `reward config: "markerMethods" must list some of ${EXTRACT_METHODS.join(", ")}, got ${
-        JSON.stringify(cfg.markerMethods)
-      }`,
-    );
-  }
+  throwProblems(checkSection("reward", cfg, REWARD_CHECKS));
   return cfg;
 }
 

@@ -36,7 +36,7 @@ import { evaluateExamples } from "../rl/evaluate.ts";
 import type { RlOverrides } from "../rl/config.ts";
 import { learn, type StepOptimizer } from "../rl/learn.ts";
 import { Policy } from "../rl/policy.ts";
-import { loadConfig } from "../train/config.ts";
+import { loadTrainConfig } from "../train/config.ts";
 import { train, type TrainResult } from "../train/loop.ts";
 import { supervisedWarmup } from "../train/sft.ts";
 
@@ -93,7 +93,7 @@ function warmedUp(): Promise<{ tmp: string; base: string; strict: number; flexib
 /** RL through deno task train's loop from the warmed-up model; held-out strict accuracy every 5 updates. */
 async function rl(name: string, sets: string[]): Promise<{ curve: number[]; run: TrainResult }> {
   const w = await warmedUp();
-  const cfg = await loadConfig(join(ROOT, "configs", "tiny.yaml"), [
+  const cfg = await loadTrainConfig(join(ROOT, "configs", "tiny.yaml"), [
     `model.id=${w.base}`,
     `data.source=${join(w.tmp, "train.jsonl")}`,
     `data.instruction=""`,

@@ -7,9 +7,9 @@
 import assert from "node:assert/strict";
 import { join } from "node:path";
 import {
-  ConfigError,
   isMoeLayer,
-  loadConfig,
+  loadModelConfig,
+  ModelConfigError,
   type MoeConfig,
   parseConfig,
   type PhiMoeConfig,
@@ -54,7 +54,7 @@ function phi(extra: Record<string, unknown> = {}): PhiMoeConfig {
 }
 function fails(raw: Record<string, unknown>, re: RegExp): void {
   assert.throws(() => parseConfig(raw, "test/config.json"), (e: unknown) => {
-    assert.ok(e instanceof ConfigError, `expected ConfigError, got ${e}`);
+    assert.ok(e instanceof ModelConfigError, `expected ModelConfigError, got ${e}`);
     assert.match(e.message, /^test\/config\.json: /);
     assert.match(e.message, re);
     return true;
@@ -63,7 +63,7 @@ function fails(raw: Record<string, unknown>, re: RegExp): void {
 
 Deno.test("config: fixture checkpoints", async (t) => {
   await t.step("qwen3-moe-tiny (v4 keys: num_experts, rope_theta, torch_dtype)", async () => {
-    const c = await loadConfig(join(MODELS, "qwen3-moe-tiny")) as Qwen3MoeConfig;
+    const c = await loadModelConfig(join(MODELS, "qwen3-moe-tiny")) as Qwen3MoeConfig;
     assert.equal(c.modelType, "qwen3_moe");
     assert.equal(c.source, join(MODELS, "qwen3-moe-tiny", "config.json"));
     assert.deepEqual(
@@ -88,7 +88,7 @@ Deno.test("config: fixture checkpoints", async (t) => {
     assert.deepEqual([0, 1, 2].map((i) => isMoeLayer(c, i)), [true, false, true]);
   });
   await t.step("qwen3-moe-fused (v5 keys: num_local_experts, rope_parameters, dtype)", async () => {
-    const c = await loadConfig(join(MODELS, "qwen3-moe-fused", "config.json")) as Qwen3MoeConfig;
+    const c = await loadModelConfig(join(MODELS, "qwen3-moe-fused", "config.json")) as Qwen3MoeConfig;
     assert.deepEqual([c.numExperts, c.numExpertsPerTok, c.headDim, c.ropeTheta, c.dtype], [
       3,
       1,
@@ -105,7 +105,7 @@ Deno.test("config: fixture checkpoints", async (t) => {
     assert.deepEqual([0, 1].map((i) => isMoeLayer(c, i)), [true, true]);
   });
   await t.step("phimoe-tiny", async () => {
-    const c = await loadConfig(join(MODELS, "phimoe-tiny")) as PhiMoeConfig;
+    const c = await loadModelConfig(join(MODELS, "phimoe-tiny")) as PhiMoeConfig;
     assert.equal(c.modelType, "phimoe");
     assert.deepEqual([c.headDim, c.numExperts, c.numExpertsPerTok, c.intermediateSize], [32, 4, 2, 32]);
     assert.deepEqual([c.attentionBias, c.lmHeadBias, c.slidingWindow, c.rmsNormEps], [
@@ -277,15 +277,18 @@ Deno.test("config: errors name the key and the file", () => {
   assert.throws(() => parseConfig([1, 2], "x.json"), /x\.json: must be a JSON object/);
 });
 
-Deno.test("config: loadConfig file errors", async () => {
+Deno.test("config: loadModelConfig file errors", async () => {
   const dir = await Deno.makeTempDir({ prefix: "moerl_cfg_" });
   try {
-    await assert.rejects(() => loadConfig(dir), new RegExp(`cannot read ${join(dir, "config.json")}`));
+    await assert.rejects(() => loadModelConfig(dir), new RegExp(`cannot read ${join(dir, "config.json")}`));
     await Deno.writeTextFile(join(dir, "config.json"), "{ nope");
-    await assert.rejects(() => loadConfig(dir), new RegExp(`${join(dir, "config.json")} is not valid JSON`));
+    await assert.rejects(
+      () => loadModelConfig(dir),
+      new RegExp(`${join(dir, "config.json")} is not valid JSON`),
+    );
     await Deno.writeTextFile(join(dir, "config.json"), JSON.stringify({ ...QWEN_MIN, vocab_size: null }));
     await assert.rejects(
-      () => loadConfig(dir),
+      () => loadModelConfig(dir),
       new RegExp(`${join(dir, "config.json")}: "vocab_size" must be an integer`),
     );
   } finally {

@@ -70,15 +70,15 @@ Deno.test("rl config: every bad value names its section and key", () => {
   const bad: [RlOverrides, RegExp][] = [
     [
       { rollout: { k: 4, generationBatch: 3 } },
-      /rollout\.generationBatch must be null or an integer >= rollout\.k \(4\)/,
+      /rollout\.generationBatch: 3 is smaller than rollout\.k \(4\)/,
     ],
-    [{ ppo: { epochs: 0 } }, /ppo\.epochs must be an integer >= 1/],
-    [{ ppo: { minibatches: 0 } }, /ppo\.minibatches must be an integer >= 1/],
-    [{ ppo: { klEstimator: "k1" as "k2" } }, /ppo\.klEstimator .*k1's expected gradient is zero/],
-    [{ ppo: { clipHigh: -1 } }, /ppo\.clipHigh/],
-    [{ ppo: { rolloutCorrection: 0.5 } }, /ppo\.rolloutCorrection must be null or a number >= 1/],
-    [{ ppo: { gaeLambda: 2 } }, /ppo\.gaeLambda must be in \[0, 1\]/],
-    [{ moe: { routingReplay: "on" as "off" } }, /moe\.routingReplay/],
+    [{ ppo: { epochs: 0 } }, /ppo\.epochs: expected an integer ≥ 1, got 0/],
+    [{ ppo: { minibatches: 0 } }, /ppo\.minibatches: expected an integer ≥ 1, got 0/],
+    [{ ppo: { klEstimator: "k1" as "k2" } }, /ppo\.klEstimator: .*k1's expected gradient is zero/],
+    [{ ppo: { clipHigh: -1 } }, /ppo\.clipHigh: expected a number > 0, or null/],
+    [{ ppo: { rolloutCorrection: 0.5 } }, /ppo\.rolloutCorrection: expected a number ≥ 1, or null, got 0\.5/],
+    [{ ppo: { gaeLambda: 2 } }, /ppo\.gaeLambda: expected a number in \[0, 1\], got 2/],
+    [{ moe: { routingReplay: "on" as "off" } }, /moe\.routingReplay: expected one of "off", "rollout"/],
     [{ rollout: { temperature: 0 } }, /rollout\.temperature/],
   ];
   for (const [over, re] of bad) assert.throws(() => rlConfig(over), re);

@@ -276,11 +276,27 @@ Deno.test("isOverLength: truncation, or more content tokens than maxCompletionTo
 });
 
 Deno.test("rewardConfig: bad fields are named", () => {
-  assert.throws(() => rewardConfig({ correct: NaN }), /"correct" must be a finite number/);
-  assert.throws(() => rewardConfig({ markerBonus: "0.1" as unknown as number }), /"markerBonus"/);
-  assert.throws(() => rewardConfig({ maxCompletionTokens: 0 }), /"maxCompletionTokens" must be a positive/);
-  assert.throws(() => rewardConfig({ maxCompletionTokens: 1.5 }), /"maxCompletionTokens"/);
-  assert.throws(() => rewardConfig({ mode: "lenient" as "strict" }), /"mode"/);
-  assert.throws(() => rewardConfig({ markerMethods: ["###"] as unknown as ["####"] }), /"markerMethods"/);
-  assert.throws(() => reward(eos("#### 1"), 1, { wrong: Infinity }), /"wrong"/);
+  assert.throws(() => rewardConfig({ correct: NaN }), /reward\.correct: expected a number, got null/);
+  assert.throws(
+    () => rewardConfig({ markerBonus: "0.1" as unknown as number }),
+    /reward\.markerBonus: expected a number/,
+  );
+  assert.throws(
+    () => rewardConfig({ maxCompletionTokens: 0 }),
+    /reward\.maxCompletionTokens: expected an integer ≥ 1, or null, got 0/,
+  );
+  assert.throws(() => rewardConfig({ maxCompletionTokens: 1.5 }), /reward\.maxCompletionTokens/);
+  assert.throws(
+    () => rewardConfig({ mode: "lenient" as "strict" }),
+    /reward\.mode: expected one of "strict", "flexible"/,
+  );
+  assert.throws(
+    () => rewardConfig({ markerMethods: ["###"] as unknown as ["####"] }),
+    /reward\.markerMethods/,
+  );
+  assert.throws(() => reward(eos("#### 1"), 1, { wrong: Infinity }), /reward\.wrong/);
+  assert.throws(
+    () => rewardConfig({ correct: NaN, wrong: "x" as unknown as number }),
+    /^RangeError: 2 problems/,
+  );
 });

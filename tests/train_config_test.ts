@@ -13,31 +13,31 @@ import { DEFAULT_RL_CONFIG } from "../rl/config.ts";
 import { DEFAULT_REWARD_CONFIG } from "../rl/reward.ts";
 import {
   applyOverrides,
-  ConfigError,
   configKeys,
   DEFAULTS,
   formatConfig,
-  loadConfig,
+  loadTrainConfig,
   parseSets,
   parseYaml,
   promptsPerUpdate,
   runDir,
   suggestKey,
+  TrainConfigError,
 } from "../train/config.ts";
 import { lrFactor } from "../train/schedule.ts";
 
 const ROOT = join(import.meta.dirname!, "..");
 const CONFIGS = join(ROOT, "configs");
 
-/** The message of the ConfigError fn throws. */
+/** The message of the TrainConfigError fn throws. */
 function configError(fn: () => unknown): string {
   try {
     fn();
   } catch (e) {
-    assert.ok(e instanceof ConfigError, `expected a ConfigError, got ${e}`);
+    assert.ok(e instanceof TrainConfigError, `expected a TrainConfigError, got ${e}`);
     return e.message;
   }
-  assert.fail("expected a ConfigError");
+  assert.fail("expected a TrainConfigError");
 }
 
 Deno.test("config: the defaults are valid and every section agrees with the library's defaults", () => {
@@ -56,7 +56,7 @@ Deno.test("config: the defaults are valid and every section agrees with the libr
 });
 
 Deno.test("config: configs/default.yaml is exactly the defaults: 4 × 32 = 128 prompts, 1200 updates", async () => {
-  const cfg = await loadConfig(join(CONFIGS, "default.yaml"));
+  const cfg = await loadTrainConfig(join(CONFIGS, "default.yaml"));
   assert.deepEqual(cfg, structuredClone(DEFAULTS));
   assert.equal(cfg.model.id, "huihui-ai/Huihui-MoE-1B-A0.6B-SFT");
   assert.equal(cfg.train.microBatch, 4);
@@ -69,14 +69,14 @@ Deno.test("config: configs/default.yaml is exactly the defaults: 4 × 32 = 128 p
 });
 
 Deno.test("config: phi-tiny-moe.yaml and tiny.yaml parse", async () => {
-  const phi = await loadConfig(join(CONFIGS, "phi-tiny-moe.yaml"));
+  const phi = await loadTrainConfig(join(CONFIGS, "phi-tiny-moe.yaml"));
   assert.equal(phi.model.id, "microsoft/Phi-tiny-MoE-instruct");
   assert.equal(phi.model.quantize4bit, true);
   assert.equal(phi.train.gradientCheckpointing, true);
   assert.equal(promptsPerUpdate(phi), 128);
   assert.equal(phi.train.learningRate, 1e-5, "unlisted keys keep their defaults");
 
-  const tiny = await loadConfig(join(CONFIGS, "tiny.yaml"));
+  const tiny = await loadTrainConfig(join(CONFIGS, "tiny.yaml"));
   assert.equal(tiny.model.id, "tests/fixtures/models/qwen3-moe-tiny");
   assert.equal(tiny.model.device, "cpu");
   assert.equal(tiny.model.dtype, "float32");
@@ -119,7 +119,7 @@ Deno.test("config: type mismatches name the key, what was expected and what came
     ],
     [
       { rollout: { generationBatch: 2 } },
-      /rollout\.generationBatch must be null or an integer >= rollout\.k \(4\)/,
+      /f\.yaml: rollout\.generationBatch: 2 is smaller than rollout\.k \(4\)/,
     ],
     [{ ppo: { epochs: 0 } }, /ppo\.epochs: expected an integer ≥ 1, got 0/],
     [{ ppo: { minibatches: 0 } }, /ppo\.minibatches: expected an integer ≥ 1, got 0/],
@@ -167,8 +167,8 @@ Deno.test("config: YAML details: scientific notation, empty file, bad YAML, dupl
   );
   const missing = join(await Deno.makeTempDir(), "nope.yaml");
   await assert.rejects(
-    () => loadConfig(missing),
-    (e: Error) => e instanceof ConfigError && e.message.includes(missing),
+    () => loadTrainConfig(missing),
+    (e: Error) => e instanceof TrainConfigError && e.message.includes(missing),
   );
 });
 
@@ -189,18 +189,18 @@ Deno.test("config: --set overrides, parsed as YAML scalars", async () => {
     configError(() => parseSets(["train.learningRate"])),
     /--set train\.learningRate: expected key\.path=value/,
   );
-  const cfg = await loadConfig(join(CONFIGS, "tiny.yaml"), ["train.updates=3", "model.device=cuda:1"]);
+  const cfg = await loadTrainConfig(join(CONFIGS, "tiny.yaml"), ["train.updates=3", "model.device=cuda:1"]);
   assert.equal(cfg.train.updates, 3);
   assert.equal(cfg.model.device, "cuda:1");
   assert.equal(cfg.rollout.k, 2, "the file's values stay");
   await assert.rejects(
-    () => loadConfig(undefined, ["rollout.kk=3"]),
+    () => loadTrainConfig(undefined, ["rollout.kk=3"]),
     (e: Error) => e.message === "--set: unknown key rollout.kk (did you mean k?)",
   );
 });
 
 Deno.test("config: the printed config is itself a config that gives the same settings", async () => {
-  const cfg = await loadConfig(join(CONFIGS, "phi-tiny-moe.yaml"), ["data.system=Be brief."]);
+  const cfg = await loadTrainConfig(join(CONFIGS, "phi-tiny-moe.yaml"), ["data.system=Be brief."]);
   const again = applyOverrides(DEFAULTS, parseYaml(formatConfig(cfg), "printed"), "printed");
   assert.deepEqual(again, cfg);
 });

@@ -5,13 +5,13 @@
 import assert from "node:assert/strict";
 import { join } from "node:path";
 import { liveTensors } from "../mod.ts";
-import { loadConfig, type TrainConfig } from "../train/config.ts";
+import { loadTrainConfig, type TrainConfig } from "../train/config.ts";
 import { train } from "../train/loop.ts";
 
 const ROOT = join(import.meta.dirname!, "..");
 
 async function config(dir: string, updates: number): Promise<TrainConfig> {
-  return await loadConfig(join(ROOT, "configs", "tiny.yaml"), [
+  return await loadTrainConfig(join(ROOT, "configs", "tiny.yaml"), [
     `output.dir=${dir}`,
     `train.updates=${updates}`,
     "output.checkpointEvery=2",

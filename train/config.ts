@@ -21,16 +21,13 @@ import {
   type RolloutConfig,
 } from "../rl/config.ts";
 import type { RewardConfig } from "../rl/reward.ts";
-import { applyOverrides, ConfigError, parseSets, parseYaml } from "./config_schema.ts";
+import { DEFAULT_LORA, LORA_CHECKS, type LoraConfig } from "../model/lora_apply.ts";
+import { bool, type Check, int, nullable, num, oneOf, str, text } from "../model/settings.ts";
+import { MOE_CHECKS, PPO_CHECKS, rlConfig, ROLLOUT_CHECKS } from "../rl/config.ts";
+import { REWARD_CHECKS } from "../rl/reward.ts";
+import { parseSets, parseYaml, type Schema, SettingsSchema, TrainConfigError } from "./config_schema.ts";
 
-export {
-  applyOverrides,
-  ConfigError,
-  configKeys,
-  parseSets,
-  parseYaml,
-  suggestKey,
-} from "./config_schema.ts";
+export { parseSets, parseYaml, TrainConfigError } from "./config_schema.ts";
 
 /** The model and how it is held in memory. */
 export interface ModelSettings {
@@ -44,20 +41,6 @@ export interface ModelSettings {
   quantize4bit: boolean;
   /** With quantize4bit: also quantise the NF4 scales (bnb's double quantisation, QLoRA's setting). */
   doubleQuant: boolean;
-}
-
-/** LoRA adapters (model/lora_apply.ts's LoraConfig). */
-export interface LoraSettings {
-  /** Rank. */
-  r: number;
-  /** Scale numerator: the update is (alpha / r)·B·A. */
-  alpha: number;
-  /** Dropout on the adapter input (must be 0 with gradient checkpointing). */
-  dropout: number;
-  /** PEFT's target_modules: module-name suffixes, one regular expression, or "all-linear". */
-  targetModules: string[] | string;
-  /** Adapters on every expert's gate, up and down projections too. */
-  targetExperts: boolean;
 }
 
 /** The training problems. */
@@ -152,8 +135,8 @@ export interface TrainConfig {
   seed: number;
   /** The model. */
   model: ModelSettings;
-  /** The adapters. */
-  lora: LoraSettings;
+  /** The adapters (model/lora_apply.ts). */
+  lora: Required<LoraConfig>;
   /** The training problems. */
   data: DataSettings;
   /** Batches, run length, optimiser. */
@@ -195,13 +178,7 @@ export const DEFAULTS: DeepReadonly<TrainConfig> = deepFreeze<TrainConfig>({
     quantize4bit: false,
     doubleQuant: true,
   },
-  lora: {
-    r: 16,
-    alpha: 32,
-    dropout: 0,
-    targetModules: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-    targetExperts: true,
-  },
+  lora: { ...DEFAULT_LORA, targetModules: [...DEFAULT_LORA.targetModules] },
   data: {
     source: "openai/gsm8k",
     split: "train",
@@ -237,24 +214,170 @@ export const DEFAULTS: DeepReadonly<TrainConfig> = deepFreeze<TrainConfig>({
   output: { dir: null, checkpointEvery: 50, keepLast: 3 },
 });
 
+const isInt = (v: unknown): v is number => typeof v === "number" && Number.isSafeInteger(v);
+const device: Check = {
+  expected: '"cuda", "cuda:N" or "cpu"',
+  ok: (v) => typeof v === "string" && /^(cpu|cuda(:\d+)?)$/.test(v),
+};
+
+/** Every key's check: the library's for its sections (LoRA, rollout, ppo, reward, moe), the job's for the rest. */
+const SCHEMA: Schema<TrainConfig> = {
+  name: {
+    expected: 'a folder name (letters, digits, ".", "_", "-")',
+    ok: (v) => typeof v === "string" && /^[A-Za-z0-9_][A-Za-z0-9._-]*$/.test(v),
+  },
+  seed: { expected: "an integer in [0, 2^32)", ok: (v) => isInt(v) && v >= 0 && v < 2 ** 32 },
+  model: {
+    id: str,
+    dtype: oneOf("bfloat16", "float16", "float32"),
+    device,
+    quantize4bit: bool,
+    doubleQuant: bool,
+  },
+  lora: LORA_CHECKS as Schema<TrainConfig["lora"]>,
+  data: {
+    source: str,
+    split: oneOf("train", "test"),
+    config: str,
+    onBadRecord: oneOf("skip", "error"),
+    instruction: text,
+    system: nullable(text),
+    limit: nullable(int(1)),
+  },
+  train: {
+    microBatch: int(1),
+    gradAccum: int(1),
+    updates: int(1),
+    learningRate: num(0, Infinity, true),
+    valueLearningRate: num(0),
+    betas: {
+      expected: "two numbers in [0, 1), as [0.9, 0.999]",
+      ok: (v) => Array.isArray(v) && v.length === 2 && v.every((b) => num(0, 1).ok(b) && b < 1),
+    },
+    eps: num(0, Infinity, true),
+    weightDecay: num(0),
+    valueWeightDecay: num(0),
+    maxGradNorm: num(0),
+    warmupUpdates: int(0),
+    schedule: oneOf("constant", "cosine"),
+    minLrRatio: num(0, 1),
+    gradientCheckpointing: bool,
+  },
+  rollout: ROLLOUT_CHECKS,
+  ppo: PPO_CHECKS,
+  reward: REWARD_CHECKS as Schema<TrainConfig["reward"]>,
+  moe: MOE_CHECKS,
+  eval: {
+    every: int(0),
+    limit: nullable(int(1)),
+    source: str,
+    split: oneOf("train", "test"),
+    batchSize: int(1),
+    maxNewTokens: nullable(int(1)),
+  },
+  logging: { sampleEvery: int(0), samplesToLog: int(0) },
+  output: { dir: nullable(str), checkpointEvery: int(0), keepLast: nullable(int(1)) },
+};
+
+/** Other trainers' names (TRL, PEFT, nanoGPT), folded, for suggestions. */
+const ALIASES: Readonly<Record<string, string>> = {
+  lr: "train.learningRate",
+  learningrate: "train.learningRate",
+  maxsteps: "train.updates",
+  gradientaccumulationsteps: "train.gradAccum",
+  perdevicetrainbatchsize: "train.microBatch",
+  batchsize: "train.microBatch",
+  warmupsteps: "train.warmupUpdates",
+  lrschedulertype: "train.schedule",
+  maxgradnorm: "train.maxGradNorm",
+  weightdecay: "train.weightDecay",
+  numgenerations: "rollout.k",
+  maxcompletionlength: "rollout.maxNewTokens",
+  numiterations: "ppo.epochs",
+  beta: "ppo.klCoef",
+  klcoef: "ppo.klCoef",
+  epsilon: "ppo.clip",
+  epsilonhigh: "ppo.clipHigh",
+  cliprange: "ppo.clip",
+  importancesamplinglevel: "ppo.ratioLevel",
+  loraalpha: "lora.alpha",
+  lorar: "lora.r",
+  loradropout: "lora.dropout",
+  modelnameorpath: "model.id",
+};
+
+/** Checks that involve several keys. */
+function crossChecks(cfg: TrainConfig): string[] {
+  const p: string[] = [];
+  if (cfg.train.gradientCheckpointing && cfg.lora.dropout > 0) {
+    p.push("train.gradientCheckpointing needs lora.dropout 0 (the recomputed pass would draw new masks)");
+  }
+  try {
+    rlConfig({ rollout: cfg.rollout, ppo: cfg.ppo, reward: cfg.reward, moe: cfg.moe });
+  } catch (e) {
+    p.push((e as Error).message);
+  }
+  const sequences = cfg.train.microBatch * cfg.train.gradAccum * cfg.rollout.k;
+  if (sequences % cfg.ppo.minibatches !== 0) {
+    p.push(
+      `ppo.minibatches (${cfg.ppo.minibatches}) must divide the update's ${sequences} sequences ` +
+        "(train.microBatch × train.gradAccum × rollout.k)",
+    );
+  }
+  const t = cfg.lora.targetModules;
+  if (typeof t === "string" && t !== "all-linear") {
+    try {
+      new RegExp(t);
+    } catch (e) {
+      p.push(`lora.targetModules: not a regular expression: ${(e as Error).message}`);
+    }
+  }
+  return p;
+}
+
+const SETTINGS = new SettingsSchema<TrainConfig>(SCHEMA, ALIASES, crossChecks);
+
 /**
- * The config: {@link DEFAULTS}, then the YAML file at path (if any), then the
- * `--set` overrides (if any).
- * @throws {ConfigError} for an unreadable file, invalid YAML, unknown keys or type mismatches
+ * Applies one layer of overrides (a parsed YAML document) to a config.
+ * @param where names the source in errors (a file path, "--set")
+ * @throws {TrainConfigError} listing every unknown key, bad value and inconsistency
+ */
+export function applyOverrides(
+  base: DeepReadonly<TrainConfig>,
+  overrides: unknown,
+  where: string,
+): TrainConfig {
+  return SETTINGS.apply(base as TrainConfig, overrides, where);
+}
+
+/** The closest known key for a misspelt one among siblings, else in other sections, else another tool's name. */
+export function suggestKey(key: string, siblings: readonly string[]): string | null {
+  return SETTINGS.suggest(key, siblings);
+}
+
+/** Every leaf key path of the config ("train.learningRate", …). */
+export function configKeys(): string[] {
+  return SETTINGS.keys();
+}
+
+/**
+ * The training config: {@link DEFAULTS}, then the YAML file at path (if any),
+ * then the `--set` overrides (if any).
+ * @throws {TrainConfigError} for an unreadable file, invalid YAML, unknown keys or bad values
  * @example
  * ```ts ignore
- * const cfg = await loadConfig("configs/tiny.yaml", ["train.updates=3"]);
+ * const cfg = await loadTrainConfig("configs/tiny.yaml", ["train.updates=3"]);
  * console.log(formatConfig(cfg));
  * ```
  */
-export async function loadConfig(path?: string, sets: readonly string[] = []): Promise<TrainConfig> {
+export async function loadTrainConfig(path?: string, sets: readonly string[] = []): Promise<TrainConfig> {
   let cfg = structuredClone(DEFAULTS) as TrainConfig;
   if (path !== undefined) {
     let text: string;
     try {
       text = await Deno.readTextFile(path);
     } catch (e) {
-      throw new ConfigError([`${path}: cannot read the config: ${(e as Error).message}`]);
+      throw new TrainConfigError([`${path}: cannot read the config: ${(e as Error).message}`]);
     }
     cfg = applyOverrides(cfg, parseYaml(text, path), path);
   }

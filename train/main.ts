@@ -11,12 +11,12 @@
 import { resolve } from "node:path";
 import { parseArgs } from "node:util";
 import {
-  ConfigError,
   formatConfig,
-  loadConfig,
+  loadTrainConfig,
   promptsPerUpdate,
   runDir,
   type TrainConfig,
+  TrainConfigError,
 } from "./config.ts";
 import { train } from "./loop.ts";
 import { torchVersion, useAvailableCores } from "../ffi/mod.ts";
@@ -51,10 +51,10 @@ export async function main(args: string[]): Promise<number> {
   const base = Deno.env.get("INIT_CWD") ?? Deno.cwd();
   let cfg: TrainConfig;
   try {
-    cfg = await loadConfig(v.config === undefined ? undefined : resolve(base, v.config), v.set ?? []);
+    cfg = await loadTrainConfig(v.config === undefined ? undefined : resolve(base, v.config), v.set ?? []);
   } catch (e) {
     console.error(`train: ${(e as Error).message}`);
-    return e instanceof ConfigError ? 2 : 1;
+    return e instanceof TrainConfigError ? 2 : 1;
   }
   console.log(`# resolved config${v.config ? ` (${v.config} over the defaults)` : " (defaults)"}`);
   console.log(formatConfig(cfg));
