@@ -1,23 +1,89 @@
 /**
- * moerl: PPO-style RL fine-tuning of Mixture-of-Experts language models, in
- * Deno, on libtorch through a thin C shim.
+ * moerl: PPO-style RL fine-tuning of Mixture-of-Experts language models on
+ * GSM8K, in Deno, on libtorch through a thin C shim.
  *
- * - The tensor layer ({@link Tensor}, scopes, autograd, AdamW, CUDA): `ffi/mod.ts`.
- * - Models (Qwen3-MoE, PhiMoE), checkpoints, tokenizers, generation, LoRA,
- *   4-bit weights and the value head: `model/mod.ts`.
- * - The policy, rewards, and the RL update (collect → learn, ppoStep) with
- *   its settings, advantages and losses: `rl/mod.ts`.
- * - GSM8K loading, prompts and seeded micro-batches: `data/mod.ts`.
+ * This module holds the names a user starts from; the rest is in the
+ * subpath modules: `@moerl/moerl/ffi` (tensors, scopes, autograd, AdamW,
+ * CUDA), `/model` (checkpoints, configs, tokenizers, generation, LoRA, NF4,
+ * PEFT adapters), `/data` (GSM8K, answers, prompts, batches), `/rl` (policy,
+ * rewards, collect, learn, advantages, losses), `/train` (the training job)
+ * and `/eval` (evaluation and scoring).
  *
  * @example
  * ```ts ignore
- * import { generate, loadModel, Policy, DEFAULT_LORA } from "jsr:@moerl/moerl";
+ * import { DEFAULT_LORA, loadModel, Policy, policyOptimizer, ppoStep, Tokenizer } from "jsr:@moerl/moerl";
  * using model = await loadModel("huihui-ai/Huihui-MoE-1B-A0.6B-SFT", { dtype: "bfloat16", device: "cuda" });
+ * const tok = await Tokenizer.load(model.dir);
  * const policy = new Policy(model, { lora: DEFAULT_LORA });
+ * using opt = policyOptimizer(policy);
+ * const { metrics } = await ppoStep(policy, opt, tok, prompts, { rollout: { k: 4 } });
  * ```
  * @module
  */
-export * from "./ffi/mod.ts";
-export * from "./model/mod.ts";
-export * from "./rl/mod.ts";
-export * from "./data/mod.ts";
+
+// Tensors and native memory.
+export {
+  AdamW,
+  cuda,
+  type Device,
+  dispose,
+  type DType,
+  Generator,
+  keep,
+  liveTensors,
+  manualSeed,
+  nativeLiveCount,
+  noGrad,
+  Tensor,
+  tensor,
+  tidy,
+  tidyAsync,
+  TorchError,
+  useAvailableCores,
+} from "./ffi/mod.ts";
+
+// Models.
+export {
+  type CausalLM,
+  DEFAULT_LORA,
+  generate,
+  type GenerateOptions,
+  loadModel,
+  loadPeftAdapter,
+  type LoraConfig,
+  quantizeModel,
+  savePeftAdapter,
+  Tokenizer,
+} from "./model/mod.ts";
+
+// The task.
+export { buildPrompts, extractAnswer, type Gsm8kExample, judgeAnswer, loadGsm8k } from "./data/mod.ts";
+
+// The RL update and its pieces.
+export {
+  collect,
+  DEFAULT_RL_CONFIG,
+  entropyBonus,
+  evaluateExamples,
+  groupBaseline,
+  klPenalty,
+  learn,
+  type LearnMetrics,
+  Policy,
+  policyOptimizer,
+  ppoClippedLoss,
+  type PpoMetrics,
+  ppoStep,
+  reward,
+  type RlConfig,
+  rlConfig,
+  type RlOverrides,
+  RolloutBuffer,
+  type RolloutPrompt,
+  updateAdvantages,
+  valueLoss,
+} from "./rl/mod.ts";
+
+// The training job and evaluation.
+export { loadTrainConfig, train, type TrainConfig } from "./train/mod.ts";
+export { runEvaluation } from "./eval/mod.ts";

@@ -23,7 +23,7 @@
  * Env: MOERL_BENCH_PYTHON picks the python (default /usr/bin/python3, Debian's,
  * which has python3-torch 1.13).
  */
-import { arange, randn, setLeakCheck, type Tensor, tidy, torchVersion } from "../mod.ts";
+import { arange, randn, setLeakCheck, type Tensor, tidy, torchVersion } from "../ffi/mod.ts";
 import { ctx, shim } from "../ffi/lib.ts";
 import { runPythonJson } from "./python.ts";
 

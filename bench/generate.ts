@@ -23,7 +23,7 @@
  */
 import { generate } from "../model/generate.ts";
 import { loadModel } from "../model/model.ts";
-import { torchVersion } from "../mod.ts";
+import { torchVersion } from "../ffi/mod.ts";
 import { runPythonJson } from "./python.ts";
 import { readShapes, SMALL_SHAPES } from "./shapes.ts";
 

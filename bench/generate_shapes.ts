@@ -10,7 +10,7 @@
  * with no EOS every row decodes all --new tokens.
  */
 import { parseArgs } from "node:util";
-import { cuda, type Device, type DType, manualSeed } from "../mod.ts";
+import { cuda, type Device, type DType, manualSeed } from "../ffi/mod.ts";
 import { parseConfig } from "../model/config.ts";
 import { generate } from "../model/generate.ts";
 import { randomModel } from "../model/model.ts";

@@ -12,7 +12,7 @@
  * before it, so variants cannot inherit each other's high-water mark.
  */
 import { parseArgs } from "node:util";
-import { cuda, type Device, type DType, manualSeed, tensor } from "../mod.ts";
+import { cuda, type Device, type DType, manualSeed, tensor } from "../ffi/mod.ts";
 import { parseConfig } from "../model/config.ts";
 import { DEFAULT_LORA } from "../model/lora_apply.ts";
 import { randomModel } from "../model/model.ts";

@@ -10,7 +10,7 @@
  * versus NF4 (dequantised on the fly), mean of --iters after a warm-up.
  */
 import { parseArgs } from "node:util";
-import { cuda, type Device, type DType, manualSeed, noGrad, randn, tidy } from "../mod.ts";
+import { cuda, type Device, type DType, manualSeed, noGrad, randn, tidy } from "../ffi/mod.ts";
 import { Linear } from "../model/layers.ts";
 import { Nf4Linear } from "../model/nf4.ts";
 import { quantizeNf4 } from "../model/nf4_codec.ts";

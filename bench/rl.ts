@@ -37,7 +37,7 @@ import {
   manualSeed,
   torchVersion,
   useAvailableCores,
-} from "../mod.ts";
+} from "../ffi/mod.ts";
 import { loadModel } from "../model/model.ts";
 import { Tokenizer } from "../model/tokenizer.ts";
 import { collect, type RolloutPrompt } from "../rl/collect.ts";

@@ -16,12 +16,14 @@ export {
 } from "./gsm8k.ts";
 export {
   answersMatch,
+  type AnswerVerdict,
   EXTRACT_METHODS,
   extractAnswer,
   type Extraction,
   type ExtractMethod,
   type ExtractMode,
   type ExtractOptions,
+  judgeAnswer,
   MARKER_METHODS,
   normalizeNumber,
   parseGold,

@@ -1,6 +1,7 @@
 /**
- * The RL side: the policy (LoRA-adapted model + critic), rewards for GSM8K, the settings of an update, its collect and learn
- * phases, and the advantage and loss functions they are built from.
+ * The RL side: the policy (LoRA-adapted model + critic), rewards for GSM8K,
+ * the settings of an update, its collect and learn phases, the advantage and
+ * loss functions they are built from, and greedy GSM8K evaluation.
  * @module
  */
 export {
@@ -81,3 +82,10 @@ export {
   type PpoStepOptions,
   type PpoStepResult,
 } from "./ppo.ts";
+export {
+  type EvalTokenizer,
+  type EvalTotals,
+  evaluateExamples,
+  type EvaluateOptions,
+  type Prediction,
+} from "./evaluate.ts";

@@ -19,7 +19,7 @@ import {
   tensor,
   tidy,
   TorchError,
-} from "../mod.ts";
+} from "../ffi/mod.ts";
 import { assertClose, assertNoLeak, DEVICE, FLOAT, TOL } from "./util.ts";
 
 const F64 = { dtype: "float64", device: DEVICE } as const;

@@ -4,7 +4,7 @@
  * and the CPU-side contract (a clear error when CUDA is asked for) is tested.
  */
 import assert from "node:assert/strict";
-import { cuda, Generator, rand, TorchError, zeros } from "../mod.ts";
+import { cuda, Generator, rand, TorchError, zeros } from "../ffi/mod.ts";
 
 const hasCuda = cuda.isAvailable();
 

@@ -22,7 +22,7 @@ import {
   tidy,
   TorchError,
   zeros,
-} from "../mod.ts";
+} from "../ffi/mod.ts";
 import { assertClose, assertNoLeak, DEVICE, FLOAT } from "./util.ts";
 
 const FL = { dtype: FLOAT, device: DEVICE } as const;

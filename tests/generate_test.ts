@@ -5,7 +5,7 @@
  */
 import assert from "node:assert/strict";
 import { join } from "node:path";
-import { Generator, liveTensors, tensor, tidy } from "../mod.ts";
+import { Generator, liveTensors, tensor, tidy } from "../ffi/mod.ts";
 import { generate, sampleNext } from "../model/generate.ts";
 import { loadModel } from "../model/model.ts";
 import { Tokenizer } from "../model/tokenizer.ts";

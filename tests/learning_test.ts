@@ -24,7 +24,7 @@
  */
 import assert from "node:assert/strict";
 import { join } from "node:path";
-import { AdamW, Generator, manualSeed, type Tensor, tidy } from "../mod.ts";
+import { AdamW, Generator, manualSeed, type Tensor, tidy } from "../ffi/mod.ts";
 import { arithmeticProblems, arithmeticSplit } from "../data/arithmetic.ts";
 import type { Gsm8kExample } from "../data/gsm8k.ts";
 import { buildPrompts } from "../data/prompt.ts";

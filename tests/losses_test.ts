@@ -8,7 +8,7 @@
  * (GAE), normalisation over an update, and no leaked tensors.
  */
 import assert from "node:assert/strict";
-import { randn, type Tensor, tensor, tidy } from "../mod.ts";
+import { randn, type Tensor, tensor, tidy } from "../ffi/mod.ts";
 import { loadBalancingLoss } from "../model/moe.ts";
 import {
   flatGroups,

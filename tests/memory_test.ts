@@ -17,7 +17,7 @@ import {
   type Tensor,
   tensor,
   tidy,
-} from "../mod.ts";
+} from "../ffi/mod.ts";
 import { DEVICE, FLOAT } from "./util.ts";
 
 const FL = { dtype: FLOAT, device: DEVICE } as const;

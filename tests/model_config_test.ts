@@ -376,7 +376,7 @@ Deno.test("model: a config with scaled RoPE is refused, not run with plain RoPE"
 
 Deno.test("model: a sequence longer than the sliding window is refused, not attended in full", async () => {
   const { loadModel } = await import("../model/model.ts");
-  const { zeros } = await import("../mod.ts");
+  const { zeros } = await import("../ffi/mod.ts");
   using model = await loadModel(new URL("./fixtures/models/phimoe-tiny/", import.meta.url).pathname);
   assert.equal(model.config.slidingWindow, 2047);
   using ids = zeros([1, 2048], { dtype: "int64" });

@@ -11,7 +11,7 @@
  */
 import assert from "node:assert/strict";
 import { join } from "node:path";
-import { liveTensors, noGrad, type Tensor, tidy } from "../mod.ts";
+import { liveTensors, noGrad, type Tensor, tidy } from "../ffi/mod.ts";
 import { generate } from "../model/generate.ts";
 import { loadModel } from "../model/model.ts";
 import { loadBalancingLoss } from "../model/moe.ts";

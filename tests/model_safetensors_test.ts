@@ -8,7 +8,7 @@
  */
 import assert from "node:assert/strict";
 import { join } from "node:path";
-import { fromTypedArray, liveTensors, type Tensor, tensor } from "../mod.ts";
+import { fromTypedArray, liveTensors, type Tensor, tensor } from "../ffi/mod.ts";
 import {
   Checkpoint,
   headerBytes,

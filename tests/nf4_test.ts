@@ -18,7 +18,7 @@ import {
   randn,
   type Tensor,
   tidy,
-} from "../mod.ts";
+} from "../ffi/mod.ts";
 import { Linear } from "../model/layers.ts";
 import { LoraModel } from "../model/lora_apply.ts";
 import { type CausalLM, loadModel } from "../model/model.ts";

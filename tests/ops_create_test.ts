@@ -16,7 +16,7 @@ import {
   tensor,
   TorchError,
   zeros,
-} from "../mod.ts";
+} from "../ffi/mod.ts";
 import { DEVICE, FLOAT } from "./util.ts";
 import { BOOL, DEVICE_NAME, expectExact, F, ft, I64, ids, meanOf, step, varOf } from "./ops_helpers.ts";
 

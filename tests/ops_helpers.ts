@@ -5,7 +5,7 @@
  * the op under test.
  */
 import assert from "node:assert/strict";
-import { type DType, type NestedArray, type Tensor, tensor, tidy } from "../mod.ts";
+import { type DType, type NestedArray, type Tensor, tensor, tidy } from "../ffi/mod.ts";
 import { assertClose, assertNoLeak, DEVICE, FLOAT, TOL } from "./util.ts";
 
 /** Options for float inputs under test. */

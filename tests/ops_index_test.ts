@@ -3,7 +3,7 @@
  * Runs on MOERL_TEST_DEVICE with float dtype MOERL_TEST_DTYPE (tests/util.ts).
  */
 import assert from "node:assert/strict";
-import { arange, cat, embedding, stack, where, zeros } from "../mod.ts";
+import { arange, cat, embedding, stack, where, zeros } from "../ffi/mod.ts";
 import { FLOAT } from "./util.ts";
 import { bt, expectExact, F, ft, I64, ids, numel, step, strides, unravel } from "./ops_helpers.ts";
 

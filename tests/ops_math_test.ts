@@ -4,7 +4,7 @@
  * MOERL_TEST_DTYPE (tests/util.ts).
  */
 import assert from "node:assert/strict";
-import type { Tensor } from "../mod.ts";
+import type { Tensor } from "../ffi/mod.ts";
 import { FLOAT } from "./util.ts";
 import {
   bt,

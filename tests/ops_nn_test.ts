@@ -5,7 +5,7 @@
  * (tests/util.ts).
  */
 import assert from "node:assert/strict";
-import { Generator, layerNorm, linear } from "../mod.ts";
+import { Generator, layerNorm, linear } from "../ffi/mod.ts";
 import { DEVICE } from "./util.ts";
 import { expectClose, expectExact, ft, matmulRef, meanOf, step, sumOf } from "./ops_helpers.ts";
 

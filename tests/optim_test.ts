@@ -6,7 +6,15 @@
  * compare to 1e-10, which only float64 can hold. clipGradNorm uses FLOAT.
  */
 import assert from "node:assert/strict";
-import { AdamW, clipGradNorm, fromTypedArray, type ParamGroup, type Tensor, tensor, tidy } from "../mod.ts";
+import {
+  AdamW,
+  clipGradNorm,
+  fromTypedArray,
+  type ParamGroup,
+  type Tensor,
+  tensor,
+  tidy,
+} from "../ffi/mod.ts";
 import { assertClose, assertNoLeak, DEVICE, FLOAT, TOL } from "./util.ts";
 
 const F64 = { dtype: "float64", device: DEVICE } as const;

@@ -7,7 +7,7 @@
  */
 import assert from "node:assert/strict";
 import { join } from "node:path";
-import { liveTensors, noGrad, type Tensor, tidy } from "../mod.ts";
+import { liveTensors, noGrad, type Tensor, tidy } from "../ffi/mod.ts";
 import { loadModel } from "../model/model.ts";
 import { loadPeftAdapter, savePeftAdapter } from "../model/peft.ts";
 import { SafetensorsFile } from "../model/safetensors.ts";

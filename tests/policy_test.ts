@@ -8,7 +8,7 @@
  */
 import assert from "node:assert/strict";
 import { join } from "node:path";
-import { AdamW, liveTensors, manualSeed, noGrad, randn, type Tensor, tensor, tidy } from "../mod.ts";
+import { AdamW, liveTensors, manualSeed, noGrad, randn, type Tensor, tensor, tidy } from "../ffi/mod.ts";
 import { leftPad } from "../model/padding.ts";
 import { DEFAULT_LORA, type LoraConfig, loraParamCount } from "../model/lora_apply.ts";
 import { loadModel } from "../model/model.ts";

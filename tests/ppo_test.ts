@@ -19,7 +19,7 @@ import {
   type Tensor,
   tensor,
   tidy,
-} from "../mod.ts";
+} from "../ffi/mod.ts";
 import { buildPrompt } from "../data/prompt.ts";
 import { DEFAULT_LORA } from "../model/lora_apply.ts";
 import { loadModel } from "../model/model.ts";

@@ -9,7 +9,7 @@
  */
 import assert from "node:assert/strict";
 import { join } from "node:path";
-import { Generator, manualSeed, noGrad, randn, tensor, tidy } from "../mod.ts";
+import { Generator, manualSeed, noGrad, randn, tensor, tidy } from "../ffi/mod.ts";
 import { Linear } from "../model/layers.ts";
 import { loadModel } from "../model/model.ts";
 import { softmaxTopK, sparsemixer } from "../model/moe.ts";

@@ -3,7 +3,7 @@
  * default moerl uses every CPU a user has (or OMP_NUM_THREADS).
  */
 import assert from "node:assert/strict";
-import { numThreads, setNumThreads, useAvailableCores } from "../mod.ts";
+import { numThreads, setNumThreads, useAvailableCores } from "../ffi/mod.ts";
 
 Deno.test("runtime: the CPU thread count round-trips; by default every available CPU", () => {
   const before = numThreads();

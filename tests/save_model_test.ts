@@ -1,7 +1,7 @@
 /** saveModel writes a folder that loads back to the same model, with merged adapters baked in. */
 import assert from "node:assert/strict";
 import { join } from "node:path";
-import { liveTensors, noGrad, randn, type Tensor, tensor, tidy } from "../mod.ts";
+import { liveTensors, noGrad, randn, type Tensor, tensor, tidy } from "../ffi/mod.ts";
 import { LoraModel } from "../model/lora_apply.ts";
 import { type CausalLM, loadModel } from "../model/model.ts";
 import { saveModel } from "../model/save.ts";

@@ -15,7 +15,7 @@ import {
   type Tensor,
   tidy,
   tidyAsync,
-} from "../mod.ts";
+} from "../ffi/mod.ts";
 import { assertNoLeak } from "./util.ts";
 import { ft } from "./ops_helpers.ts";
 

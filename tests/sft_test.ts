@@ -5,7 +5,7 @@
  */
 import assert from "node:assert/strict";
 import { join } from "node:path";
-import { liveTensors, manualSeed } from "../mod.ts";
+import { liveTensors, manualSeed } from "../ffi/mod.ts";
 import { arithmeticProblems, arithmeticSplit } from "../data/arithmetic.ts";
 import { loadModel } from "../model/model.ts";
 import { Tokenizer } from "../model/tokenizer.ts";

@@ -7,7 +7,7 @@
  */
 import assert from "node:assert/strict";
 import { join } from "node:path";
-import { AdamW, liveTensors, manualSeed, noGrad, randn, type Tensor, tidy } from "../mod.ts";
+import { AdamW, liveTensors, manualSeed, noGrad, randn, type Tensor, tidy } from "../ffi/mod.ts";
 import { DEFAULT_LORA, type LoraConfig, LoraModel } from "../model/lora_apply.ts";
 import { type CausalLM, loadModel } from "../model/model.ts";
 import { savePeftAdapter } from "../model/peft.ts";

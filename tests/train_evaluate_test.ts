@@ -5,7 +5,7 @@
  */
 import assert from "node:assert/strict";
 import { join } from "node:path";
-import { AdamW, manualSeed } from "../mod.ts";
+import { AdamW, manualSeed } from "../ffi/mod.ts";
 import { DEFAULT_LORA } from "../model/lora_apply.ts";
 import { loadModel } from "../model/model.ts";
 import { Policy } from "../rl/policy.ts";

@@ -4,7 +4,7 @@
  * so the same suite checks CUDA and bf16 on a GPU machine.
  */
 import assert from "node:assert/strict";
-import { type Device, type DType, liveTensors, nativeLiveCount } from "../mod.ts";
+import { type Device, type DType, liveTensors, nativeLiveCount } from "../ffi/mod.ts";
 
 /** Device the suite runs on. */
 export const DEVICE: Device = (Deno.env.get("MOERL_TEST_DEVICE") ?? "cpu") as Device;

@@ -1,0 +1,45 @@
+/**
+ * The training job behind `deno task train` and `deno task sft`: its config
+ * (typed defaults, YAML overrides checked key by key), the update loop,
+ * checkpoints with exact resume, metrics logs, the HTML report, and the
+ * supervised warm-up.
+ * @module
+ */
+export {
+  applyOverrides,
+  configKeys,
+  type DataSettings,
+  type DeepReadonly,
+  DEFAULTS,
+  type EvalSettings,
+  formatConfig,
+  loadTrainConfig,
+  type LoggingSettings,
+  type ModelSettings,
+  type OutputSettings,
+  parseSets,
+  parseYaml,
+  promptsPerUpdate,
+  runDir,
+  suggestKey,
+  type TrainConfig,
+  TrainConfigError,
+  type TrainSettings,
+} from "./config.ts";
+export { train, type TrainResult } from "./loop.ts";
+export { loadConfiguredModel } from "./model.ts";
+export {
+  type CheckpointInput,
+  type CheckpointPolicy,
+  latestCheckpoint,
+  listCheckpoints,
+  loadCheckpoint,
+  readTrainerState,
+  type RngState,
+  saveCheckpoint,
+  type TrainerState,
+} from "./checkpoint.ts";
+export { JsonlLog, METRICS_FILE, readRecords, SAMPLES_FILE, type StepRecord } from "./metrics.ts";
+export { writeReport } from "./report.ts";
+export { lrFactor, type ScheduleSettings } from "./schedule.ts";
+export { nllLoss, type SftOptions, supervisedWarmup } from "./sft.ts";
