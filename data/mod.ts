@@ -1,7 +1,7 @@
 /**
  * The data side: GSM8K from a jsonl or parquet file or the Hub, its answer
- * format (extracting and comparing final answers), chat-template prompts, and
- * seeded micro-batches.
+ * format (extracting and comparing final answers), chat-template prompts,
+ * seeded micro-batches, and a small arithmetic task in GSM8K's format.
  * @module
  */
 export {
@@ -50,3 +50,4 @@ export {
   type MicroBatcherOptions,
   mulberry32,
 } from "./batches.ts";
+export { type ArithmeticOptions, arithmeticProblems, arithmeticSplit } from "./arithmetic.ts";
