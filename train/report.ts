@@ -53,6 +53,16 @@ export const REPORT_CHARTS: readonly ChartSpec[] = [
   { id: "entropy", title: "Entropy (per token)", series: [{ label: "entropy", keys: ["entropy"] }] },
   { id: "value_loss", title: "Value loss", series: [{ label: "value loss", keys: ["value_loss"] }] },
   {
+    id: "clip_fraction",
+    title: "PPO clip fraction",
+    series: [{ label: "clipped tokens", keys: ["clip_fraction"] }],
+  },
+  {
+    id: "mismatch",
+    title: "Sampler / trainer mismatch (mean |Δ log p|)",
+    series: [{ label: "mean", keys: ["mismatch_mean"] }, { label: "max", keys: ["mismatch_max"] }],
+  },
+  {
     id: "tokens_per_second",
     title: "Generation speed (tokens/s)",
     series: [{ label: "tokens/s", keys: ["tokens_per_second", "tokens_per_s"] }],
