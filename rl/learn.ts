@@ -29,9 +29,15 @@
  */
 import { clipGradNorm, dispose, noGrad, type Tensor, tensor, tidy } from "../ffi/mod.ts";
 import { mulberry32 } from "../data/batches.ts";
-import { flatGroups, groupBaseline, updateAdvantages, zeroSpreadFraction } from "./advantages.ts";
+import {
+  flatGroups,
+  groupBaseline,
+  type UpdateAdvantages,
+  updateAdvantages,
+  zeroSpreadFraction,
+} from "./advantages.ts";
 import type { RolloutBuffer } from "./collect.ts";
-import { rlConfig, type RlOverrides } from "./config.ts";
+import { type PpoConfig, rlConfig, type RlOverrides } from "./config.ts";
 import { valueLoss } from "./losses.ts";
 import { OBJECTIVE_PARTS, type ObjectivePart, ppoObjective } from "./objective.ts";
 import type { Policy, SequenceBatch } from "./policy.ts";
@@ -139,11 +145,180 @@ class Mismatch {
   }
 }
 
+/** What the phases of one learn call share. */
+interface Run {
+  policy: Policy;
+  optimizer: StepOptimizer;
+  buffer: RolloutBuffer;
+  ppo: PpoConfig;
+  micro: number;
+  lengths: number[];
+  temperature: number;
+  /** A batch of the chosen sequences and, with routing replay, their experts. */
+  open(ids: readonly number[]): { batch: SequenceBatch; replay: Tensor[] | null };
+  /** Clips a group's gradient to maxGradNorm (when set) and returns its norm before. */
+  clip(params: Tensor[]): number;
+}
+
+/** Each row's log-probs of the chosen sequences' completion tokens, on the host. */
+function tails(run: Run, lp: Tensor, ids: readonly number[]): number[][] {
+  return rowTails(lp, ids.map((i) => run.lengths[i]!));
+}
+
+/** What the reference pass gives: per sequence, reference log-probs and the critic's values. */
+interface ReferenceResult {
+  ref: number[][];
+  values: number[][];
+  valueLoss: number;
+  valueGradNorm: number;
+}
+
+/**
+ * Phase 1: reference log-probs of the sequences with signal (for the KL) and,
+ * with a critic, its values of every sequence, one critic step per micro-batch
+ * of whole prompt groups (each group's values read before the step that sees it).
+ */
+function referencePass(run: Run, signal: readonly boolean[]): ReferenceResult {
+  const { buffer, ppo: c, policy } = run;
+  const critic = c.advantage !== "group";
+  const ref: number[][] = [], values: number[][] = [];
+  let lossSum = 0, normSum = 0, steps = 0;
+  if (!critic && c.klCoef === 0) return { ref, values, valueLoss: NaN, valueGradNorm: NaN };
+  const centered = groupBaseline(buffer.rewards, buffer.k);
+  const passes = critic
+    ? groupChunks(buffer.size, buffer.k, run.lengths, run.micro)
+    : chunks(signal.flatMap((s, i) => (s ? [i] : [])), run.lengths, run.micro);
+  for (const chunk of passes) {
+    tidy(() => {
+      const { batch, replay } = run.open(chunk);
+      const wantRef = c.klCoef > 0 && chunk.some((i) => signal[i]);
+      const r = policy.reference(batch, { temperature: run.temperature, replay, logprobs: wantRef });
+      if (wantRef) tails(run, r.logprobs!, chunk).forEach((row, j) => (ref[chunk[j]!] = row));
+      if (!critic) return;
+      const v = policy.values(r.states, batch);
+      tails(run, v.detach(), chunk).forEach((row, j) => (values[chunk[j]!] = row));
+      const mask = c.advantage === "prompt_value"
+        ? buffer.perToken(
+          chunk,
+          batch.inputIds.size(1),
+          (i) => [1, ...new Array<number>(run.lengths[i]! - 1).fill(0)],
+        )
+        : batch.completionMask.to("float32");
+      const target = tensor(chunk.map((i) => centered[i]!), { dtype: "float32", device: v.device });
+      const loss = valueLoss(v, target, mask);
+      loss.backward();
+      lossSum += loss.item();
+    });
+    if (!critic) continue;
+    const params = policy.valueParameters();
+    normSum += run.clip(params);
+    run.optimizer.step(params);
+    run.optimizer.zeroGrad(params);
+    steps++;
+  }
+  return {
+    ref,
+    values,
+    valueLoss: steps ? lossSum / steps : NaN,
+    valueGradNorm: steps ? normSum / steps : NaN,
+  };
+}
+
+/** Phase 3: log π_old of the trained sequences from a no-grad training-path pass. */
+function oldPass(run: Run, trained: readonly number[], mismatch: Mismatch): number[][] {
+  const old: number[][] = [];
+  for (const chunk of chunks(trained, run.lengths, run.micro)) {
+    tidy(() => {
+      const { batch, replay } = run.open(chunk);
+      const lp = noGrad(() => run.policy.forward(batch, { temperature: run.temperature, replay }).logprobs);
+      tails(run, lp, chunk).forEach((row, j) => {
+        old[chunk[j]!] = row;
+        mismatch.add(row, run.buffer.sequences[chunk[j]!]!.logprobs);
+      });
+    });
+  }
+  return old;
+}
+
+/**
+ * Phase 4: `epochs` passes over the sequences, dealt (seeded) into
+ * `minibatches` optimizer steps each; within a step, micro-batches of the
+ * trained sequences accumulate the token-mean objective over the step's tokens.
+ */
+function policySteps(
+  run: Run,
+  adv: UpdateAdvantages,
+  ref: readonly number[][],
+  old: readonly number[][] | null,
+  mismatch: Mismatch,
+  seed: number,
+): { parts: Record<ObjectivePart, number>; steps: number; loss: number; gradNorm: number } {
+  const { buffer, ppo: c, policy } = run;
+  const n = buffer.size, seqs = buffer.sequences;
+  const sums = new Array<number>(OBJECTIVE_PARTS.length).fill(0);
+  let steps = 0, normSum = 0, lossSum = 0;
+  const rand = mulberry32(seed);
+  const params = policy.policyParameters();
+  policy.train(true);
+  for (let epoch = 0; epoch < c.epochs; epoch++) {
+    const order = seqs.map((_, i) => i);
+    for (let i = order.length - 1; i > 0; i--) {
+      const j = Math.floor(rand() * (i + 1));
+      [order[i], order[j]] = [order[j]!, order[i]!];
+    }
+    const size = n / c.minibatches;
+    for (let m = 0; m < c.minibatches; m++) {
+      const ids = order.slice(m * size, (m + 1) * size).filter((i) => adv.trained[i]);
+      if (ids.length === 0) continue;
+      const tokens = ids.reduce((s, i) => s + run.lengths[i]!, 0);
+      for (const chunk of chunks(ids, run.lengths, run.micro)) {
+        tidy(() => {
+          const { batch, replay } = run.open(chunk);
+          const per = (f: (i: number) => readonly number[]): Tensor =>
+            buffer.perToken(chunk, batch.inputIds.size(1), f);
+          const inputs = {
+            advantages: per((i) => adv.advantages[i]!),
+            oldLogprobs: old ? per((i) => old[i]!) : null,
+            refLogprobs: c.klCoef > 0 ? per((i) => ref[i]!) : null,
+            rolloutLogprobs: per((i) => seqs[i]!.logprobs),
+            tokens,
+            attentionMask: batch.attentionMask,
+            routerTopK: policy.model.config.numExpertsPerTok,
+          };
+          lossSum += policy.backward(batch, (out) => {
+            const r = ppoObjective(out, inputs, c);
+            r.parts.toArray().forEach((x, p) => (sums[p] = sums[p]! + x));
+            // With one step the training pass is π_old: measure the sampler's mismatch on it.
+            if (!old) {
+              tails(run, out.logprobs.detach(), chunk).forEach((row, j) =>
+                mismatch.add(row, seqs[chunk[j]!]!.logprobs)
+              );
+            }
+            return r.loss;
+          }, { temperature: run.temperature, replay });
+        });
+      }
+      normSum += run.clip(params);
+      run.optimizer.step(params);
+      run.optimizer.zeroGrad(params);
+      steps++;
+    }
+  }
+  const parts = Object.fromEntries(OBJECTIVE_PARTS.map((p, i) => [p, steps ? sums[i]! / steps : NaN]));
+  return {
+    parts: parts as Record<ObjectivePart, number>,
+    steps,
+    loss: steps ? lossSum / steps : NaN,
+    gradNorm: steps ? normSum / steps : NaN,
+  };
+}
+
 /**
  * Learns from a buffer (see the module doc): steps the critic once per
- * micro-batch of groups and the policy `epochs × minibatches` times through `optimizer`, which must hold
- * `policy.policyParameters()` and `policy.valueParameters()` (their own
- * groups, for their own learning rates). Leaves no gradients behind.
+ * micro-batch of groups and the policy `epochs × minibatches` times through
+ * `optimizer`, which must hold `policy.policyParameters()` and
+ * `policy.valueParameters()` (their own groups, for their own learning
+ * rates). Leaves no gradients behind.
  * @param cfg overrides of rl/config.ts's defaults (the `ppo` and `moe` sections are used)
  * @throws {RangeError} for a bad config, a minibatch count that does not divide the buffer's sequences,
  *   or a bad micro-batch size; {@link Error} for routing replay on a model without MoE layers
@@ -178,162 +353,56 @@ export function learn(
     );
   }
   const maxNorm = opts.maxGradNorm ?? 1;
-  const seqs = buffer.sequences, rewards = buffer.rewards;
-  const lengths = seqs.map((s) => s.tokens.length);
-  const temperature = buffer.temperature;
-  const critic = c.advantage !== "group";
-  const wasTraining = policy.lora.state.training;
-  const open = (ids: readonly number[]): { batch: SequenceBatch; replay: Tensor[] | null } => {
-    const { batch, replay } = buffer.batch(ids);
-    if (replayOn) return { batch, replay };
-    if (replay) dispose(replay);
-    return { batch, replay: null };
+  const run: Run = {
+    policy,
+    optimizer,
+    buffer,
+    ppo: c,
+    micro,
+    lengths: buffer.sequences.map((s) => s.tokens.length),
+    temperature: buffer.temperature,
+    open(ids): { batch: SequenceBatch; replay: Tensor[] | null } {
+      const { batch, replay } = buffer.batch(ids);
+      if (replayOn) return { batch, replay };
+      if (replay) dispose(replay);
+      return { batch, replay: null };
+    },
+    clip: (params) => clipGradNorm(params, maxNorm > 0 ? maxNorm : Number.MAX_VALUE),
   };
-  const clip = (params: Tensor[]): number =>
-    maxNorm > 0 ? clipGradNorm(params, maxNorm) : clipGradNorm(params, Number.MAX_VALUE);
-
-  const all = seqs.map((_, i) => i);
-  const signal = flatGroups(rewards, k).map((f, i) => !f && lengths[i]! > 0);
+  const rewards = buffer.rewards;
+  const signal = flatGroups(rewards, k).map((f, i) => !f && run.lengths[i]! > 0);
+  const wasTraining = policy.lora.state.training;
   const t0 = performance.now();
   policy.train(false);
   try {
-    // 1. Reference log-probs (trained sequences) and the critic (all sequences, whole groups per step).
-    const ref: number[][] = [], values: number[][] = [];
-    let valueLossSum = 0, valueGradNormSum = 0, valueSteps = 0;
-    const centered = groupBaseline(rewards, k);
-    const passes = critic
-      ? groupChunks(n, k, lengths, micro)
-      : chunks(all.filter((i) => signal[i]), lengths, micro);
-    if (critic || c.klCoef > 0) {
-      for (const chunk of passes) {
-        tidy(() => {
-          const { batch, replay } = open(chunk);
-          const wantRef = c.klCoef > 0 && chunk.some((i) => signal[i]);
-          const r = policy.reference(batch, { temperature, replay, logprobs: wantRef });
-          const tails = chunk.map((i) => lengths[i]!);
-          if (wantRef) rowTails(r.logprobs!, tails).forEach((row, j) => (ref[chunk[j]!] = row));
-          if (!critic) return;
-          // Values before this step's update: the critic has seen other prompts' groups, never this one.
-          const v = policy.values(r.states, batch);
-          rowTails(v.detach(), tails).forEach((row, j) => (values[chunk[j]!] = row));
-          const mask = c.advantage === "prompt_value"
-            ? buffer.perToken(
-              chunk,
-              batch.inputIds.size(1),
-              (i) => [1, ...new Array<number>(lengths[i]! - 1).fill(0)],
-            )
-            : batch.completionMask.to("float32");
-          const target = tensor(chunk.map((i) => centered[i]!), { dtype: "float32", device: v.device });
-          const loss = valueLoss(v, target, mask);
-          loss.backward();
-          valueLossSum += loss.item();
-        });
-        if (!critic) continue;
-        const params = policy.valueParameters();
-        valueGradNormSum += clip(params);
-        optimizer.step(params);
-        optimizer.zeroGrad(params);
-        valueSteps++;
-      }
-    }
+    const first = referencePass(run, signal);
     const t1 = performance.now();
-
-    // 2. Advantages over the update.
-    const adv = updateAdvantages(rewards, k, lengths, critic ? values : null, {
+    const adv = updateAdvantages(rewards, k, run.lengths, c.advantage === "group" ? null : first.values, {
       estimator: c.advantage,
       gaeLambda: c.gaeLambda,
       normalize: c.normalizeAdvantages,
     });
-    const trainedIds = all.filter((i) => adv.trained[i]);
-
-    // 3. Old log-probs, when the policy moves between its steps.
+    const trained = adv.trained.flatMap((t, i) => (t ? [i] : []));
     const mismatch = new Mismatch(Math.log(c.rolloutCorrection ?? 2));
-    const steps = c.epochs * c.minibatches;
-    const old: number[][] = [];
-    if (steps > 1) {
-      for (const chunk of chunks(trainedIds, lengths, micro)) {
-        tidy(() => {
-          const { batch, replay } = open(chunk);
-          const lp = noGrad(() => policy.forward(batch, { temperature, replay }).logprobs);
-          rowTails(lp, chunk.map((i) => lengths[i]!)).forEach((row, j) => {
-            old[chunk[j]!] = row;
-            mismatch.add(row, seqs[chunk[j]!]!.logprobs);
-          });
-        });
-      }
-    }
+    const old = c.epochs * c.minibatches > 1 ? oldPass(run, trained, mismatch) : null;
     const t2 = performance.now();
-
-    // 4. Policy steps: epochs × minibatches.
-    const sums = new Array<number>(OBJECTIVE_PARTS.length).fill(0);
-    let stepCount = 0, gradNormSum = 0, lossSum = 0;
-    const rand = mulberry32(opts.seed ?? 0);
-    const params = policy.policyParameters();
-    policy.train(true);
-    for (let epoch = 0; epoch < c.epochs; epoch++) {
-      const order = [...all];
-      for (let i = order.length - 1; i > 0; i--) {
-        const j = Math.floor(rand() * (i + 1));
-        [order[i], order[j]] = [order[j]!, order[i]!];
-      }
-      const size = n / c.minibatches;
-      for (let m = 0; m < c.minibatches; m++) {
-        const ids = order.slice(m * size, (m + 1) * size).filter((i) => adv.trained[i]);
-        if (ids.length === 0) continue;
-        const tokens = ids.reduce((s, i) => s + lengths[i]!, 0);
-        for (const chunk of chunks(ids, lengths, micro)) {
-          tidy(() => {
-            const { batch, replay } = open(chunk);
-            const width = batch.inputIds.size(1);
-            const per = (f: (i: number) => readonly number[]): Tensor => buffer.perToken(chunk, width, f);
-            const inputs = {
-              advantages: per((i) => adv.advantages[i]!),
-              oldLogprobs: steps > 1 ? per((i) => old[i]!) : null,
-              refLogprobs: c.klCoef > 0 ? per((i) => ref[i]!) : null,
-              rolloutLogprobs: per((i) => seqs[i]!.logprobs),
-              tokens,
-              attentionMask: batch.attentionMask,
-              routerTopK: policy.model.config.numExpertsPerTok,
-            };
-            lossSum += policy.backward(batch, (out) => {
-              const r = ppoObjective(out, inputs, c);
-              r.parts.toArray().forEach((x, p) => (sums[p] = sums[p]! + x));
-              if (steps === 1) {
-                rowTails(out.logprobs.detach(), chunk.map((i) => lengths[i]!)).forEach((row, j) =>
-                  mismatch.add(row, seqs[chunk[j]!]!.logprobs)
-                );
-              }
-              return r.loss;
-            }, { temperature, replay });
-          });
-        }
-        gradNormSum += clip(params);
-        optimizer.step(params);
-        optimizer.zeroGrad(params);
-        stepCount++;
-      }
-    }
+    const steps = policySteps(run, adv, first.ref, old, mismatch, opts.seed ?? 0);
     const t3 = performance.now();
-
-    const mm = mismatch.stats;
-    const allValues = values.flat();
-    const parts = Object.fromEntries(
-      OBJECTIVE_PARTS.map((p, i) => [p, stepCount ? sums[i]! / stepCount : NaN]),
-    ) as Record<ObjectivePart, number>;
+    const values = first.values.flat(), mm = mismatch.stats;
     return {
-      ...parts,
-      loss: stepCount ? lossSum / stepCount : NaN,
-      value_loss: valueSteps ? valueLossSum / valueSteps : NaN,
-      value_mean: critic && allValues.length ? allValues.reduce((a, b) => a + b, 0) / allValues.length : NaN,
-      grad_norm: stepCount ? gradNormSum / stepCount : NaN,
-      value_grad_norm: valueSteps ? valueGradNormSum / valueSteps : NaN,
+      ...steps.parts,
+      loss: steps.loss,
+      value_loss: first.valueLoss,
+      value_mean: values.length ? values.reduce((a, b) => a + b, 0) / values.length : NaN,
+      grad_norm: steps.gradNorm,
+      value_grad_norm: first.valueGradNorm,
       advantage_std: adv.std,
       frac_zero_std_groups: zeroSpreadFraction(rewards, k),
-      trained_fraction: trainedIds.length / n,
+      trained_fraction: trained.length / n,
       mismatch_mean: mm.mean,
       mismatch_max: mm.max,
       mismatch_frac: mm.frac,
-      optimizer_steps: stepCount,
+      optimizer_steps: steps.steps,
       reference_seconds: (t1 - t0) / 1000,
       old_seconds: (t2 - t1) / 1000,
       learn_seconds: (t3 - t2) / 1000,
