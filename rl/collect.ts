@@ -67,6 +67,18 @@ export interface RolloutSequence {
   reward: RewardResult;
 }
 
+/** One completion, for logging. */
+export interface Sample {
+  /** The prompt's text. */
+  prompt: string;
+  /** The completion's text. */
+  completion: string;
+  /** Its reward. */
+  reward: number;
+  /** Whether its answer was right. */
+  correct: boolean;
+}
+
 /** Numbers of a collect phase. */
 export interface CollectMetrics {
   /** Mean of the rewards. */
@@ -151,6 +163,16 @@ export class RolloutBuffer {
   /** Number of completions. */
   get size(): number {
     return this.sequences.length;
+  }
+
+  /** The first n completions (all by default) as {prompt, completion, reward, correct}, for logs. */
+  samples(n = this.size): Sample[] {
+    return this.sequences.slice(0, n).map((s) => ({
+      prompt: this.promptTexts[s.prompt]!,
+      completion: s.text,
+      reward: s.reward.reward,
+      correct: s.reward.correct,
+    }));
   }
 
   /** The rewards, one per completion. */
@@ -324,6 +346,7 @@ export async function collect(
       routing = tidy(() => cat([full([layers, 1, k], -1, { dtype: "int16", device }), ...routingParts], 1));
     }
     const rewards = sequences.map((s) => s.reward.reward);
+    const rewardMean = mean(rewards);
     const generated = sequences.reduce((n, s) => n + s.tokens.length, 0);
     const rate = (f: (s: RolloutSequence) => boolean): number => mean(sequences.map((s) => (f(s) ? 1 : 0)));
     const total = (performance.now() - t0) / 1000;
@@ -338,8 +361,8 @@ export async function collect(
       routingStart,
       device,
       metrics: {
-        reward_mean: mean(rewards),
-        reward_std: Math.sqrt(mean(rewards.map((r) => (r - mean(rewards)) ** 2))),
+        reward_mean: rewardMean,
+        reward_std: Math.sqrt(mean(rewards.map((r) => (r - rewardMean) ** 2))),
         accuracy: rate((s) => s.reward.correct),
         marker_rate: rate((s) => s.reward.marker),
         overlong_rate: rate((s) => s.reward.overLength),

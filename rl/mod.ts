@@ -60,6 +60,7 @@ export {
   type RolloutPrompt,
   type RolloutSequence,
   type RolloutTokenizer,
+  type Sample,
   type ScoreFn,
   sequenceBatch,
 } from "./collect.ts";
@@ -77,7 +78,6 @@ export {
   policyOptimizer,
   type PolicyOptimizerOptions,
   type PpoMetrics,
-  type PpoSample,
   ppoStep,
   type PpoStepOptions,
   type PpoStepResult,

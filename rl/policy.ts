@@ -191,18 +191,23 @@ export class Policy {
   head(hidden: Tensor, batch: SequenceBatch, opts: PassOptions = {}): PolicyOutput {
     const layout = new CompletionLayout(batch);
     try {
-      return tidy(() => {
-        const logits = this.model.decoder.lmHead.forward(layout.states(hidden)).to("float32");
-        const stats = tokenStats(logits, layout.targets(batch.inputIds), opts.temperature ?? 1);
-        return {
-          logprobs: layout.spread(stats.logprobs),
-          entropy: layout.spread(stats.entropy),
-          mask: layout.mask.clone(),
-        };
-      });
+      return tidy(() => this.#stats(layout.states(hidden), layout, batch, opts));
     } finally {
       layout.dispose();
     }
+  }
+
+  /** Log-probs and entropy [B, T] from completion states [N, H] laid out by layout. */
+  #stats(states: Tensor, layout: CompletionLayout, batch: SequenceBatch, opts: PassOptions): PolicyOutput {
+    return tidy(() => {
+      const logits = this.model.decoder.lmHead.forward(states).to("float32");
+      const stats = tokenStats(logits, layout.targets(batch.inputIds), opts.temperature ?? 1);
+      return {
+        logprobs: layout.spread(stats.logprobs),
+        entropy: layout.spread(stats.entropy),
+        mask: layout.mask.clone(),
+      };
+    });
   }
 
   /** One forward pass with autograd (unless inside noGrad): the policy's outputs. */
@@ -227,10 +232,11 @@ export class Policy {
           const hidden = this.model.decoder.forward(this.#input(batch, opts)).hidden;
           const layout = new CompletionLayout(batch);
           try {
-            return {
-              logprobs: opts.logprobs === false ? null : this.head(hidden, batch, opts).logprobs,
-              states: layout.states(hidden),
-            };
+            const states = layout.states(hidden);
+            const logprobs = opts.logprobs === false
+              ? null
+              : this.#stats(states, layout, batch, opts).logprobs;
+            return { logprobs, states };
           } finally {
             layout.dispose();
           }

@@ -12,6 +12,7 @@ import {
   type CollectOptions,
   type RolloutPrompt,
   type RolloutTokenizer,
+  type Sample,
 } from "./collect.ts";
 import type { RlOverrides } from "./config.ts";
 import { learn, type LearnMetrics, type LearnOptions } from "./learn.ts";
@@ -23,24 +24,12 @@ export interface PpoStepOptions extends CollectOptions, LearnOptions {}
 /** The numbers of one update: the collect phase's and the learn phase's. */
 export type PpoMetrics = CollectMetrics & LearnMetrics;
 
-/** One completion, for logging. */
-export interface PpoSample {
-  /** The prompt's text. */
-  prompt: string;
-  /** The completion's text. */
-  completion: string;
-  /** Its reward. */
-  reward: number;
-  /** Whether its answer was right. */
-  correct: boolean;
-}
-
 /** What {@link ppoStep} returns. */
 export interface PpoStepResult {
   /** The update's metrics. */
   metrics: PpoMetrics;
   /** Every completion, prompt-major. */
-  samples: PpoSample[];
+  samples: Sample[];
 }
 
 /**
@@ -59,12 +48,7 @@ export async function ppoStep(
 ): Promise<PpoStepResult> {
   using buffer = await collect(policy, tokenizer, prompts, cfg, opts);
   const metrics = { ...buffer.metrics, ...learn(policy, optimizer, buffer, cfg, opts) };
-  const samples = buffer.sequences.map((s) => ({
-    prompt: buffer.promptTexts[s.prompt]!,
-    completion: s.text,
-    reward: s.reward.reward,
-    correct: s.reward.correct,
-  }));
+  const samples = buffer.samples();
   return { metrics, samples };
 }
 

@@ -119,12 +119,7 @@ export async function train(
           lr: opt.groups[0]!.lr,
           update_seconds: (performance.now() - t0) / 1000,
         };
-        const logged = buffer.sequences.slice(0, cfg.logging.samplesToLog).map((s) => ({
-          prompt: buffer.promptTexts[s.prompt],
-          completion: s.text,
-          reward: s.reward.reward,
-          correct: s.reward.correct,
-        }));
+        const logged = buffer.samples(cfg.logging.samplesToLog);
         if (cfg.eval.every > 0 && ((u + 1) % cfg.eval.every === 0 || u + 1 === t.updates)) {
           const ev = await evaluateExamples(model.decoder, tok, evalSet, {
             maxNewTokens: cfg.eval.maxNewTokens ?? cfg.rollout.maxNewTokens,
