@@ -179,6 +179,38 @@ function cudaIncludes(t: Torch): string[] {
   return [];
 }
 
+// The c10d backends the shim's dist.cpp can use, with the flags that enable
+// them. Gloo's c10d header includes gloo's own headers, which libtorch does
+// not always ship (Debian puts them in libgloo-dev); NCCL's needs nccl.h and
+// a CUDA build.
+function distFlags(t: Torch, cudaInc: string[]): { flags: string[]; backends: string[]; missing: string[] } {
+  const c10d = join(t.includeDir, "torch/csrc/distributed/c10d");
+  const flags: string[] = [], backends: string[] = [], missing: string[] = [];
+  const glooDirs = [t.includeDir, "/usr/include", "/usr/local/include"];
+  const gloo = glooDirs.find((d) => exists(join(d, "gloo/algorithm.h")));
+  if (!exists(join(c10d, "ProcessGroupGloo.hpp"))) {
+    missing.push(`gloo: no ${join(c10d, "ProcessGroupGloo.hpp")}`);
+  } else if (!gloo) {
+    missing.push("gloo: gloo's headers not found (Debian/Ubuntu: apt-get install libgloo-dev)");
+  } else {
+    flags.push("-DUSE_C10D_GLOO", "-DMOERL_WITH_GLOO", `-I${gloo}`);
+    backends.push("gloo");
+  }
+  const ncclDirs = [...cudaInc, "/usr/include", "/usr/local/cuda/include"];
+  if (t.torchDir) ncclDirs.push(join(dirname(t.torchDir), "nvidia/nccl/include"));
+  const nccl = ncclDirs.find((d) => exists(join(d, "nccl.h")));
+  if (!cudaInc.length) missing.push("nccl: no CUDA libtorch with CUDA headers");
+  else if (!exists(join(c10d, "ProcessGroupNCCL.hpp"))) {
+    missing.push(`nccl: no ${join(c10d, "ProcessGroupNCCL.hpp")}`);
+  } else if (!nccl) {
+    missing.push("nccl: nccl.h not found (pip install nvidia-nccl-cu12, or the NCCL dev package)");
+  } else {
+    flags.push("-DUSE_C10D_NCCL", "-DMOERL_WITH_NCCL", `-I${nccl}`);
+    backends.push("nccl");
+  }
+  return { flags, backends, missing };
+}
+
 // ---------------------------------------------------------------------------
 const torch = await discover();
 if (!torch) {
@@ -195,9 +227,10 @@ const cudaInc = cudaIncludes(torch);
 // though the shim calls nothing in them directly: loading them is what
 // registers the CUDA kernels (tch-rs#177).
 const cudaLibs = ["libtorch_cuda.so", "libc10_cuda.so"].every((so) => exists(join(torch.libDir, so)));
+const dist = distFlags(torch, cudaInc);
 
 if (PRINT) {
-  console.log(JSON.stringify({ ...torch, cudaLibs, cudaIncludes: cudaInc, tried }, null, 2));
+  console.log(JSON.stringify({ ...torch, cudaLibs, cudaIncludes: cudaInc, dist, tried }, null, 2));
   Deno.exit(0);
 }
 
@@ -212,6 +245,7 @@ const cxx = (Deno.env.get("CXX") || "g++").split(/\s+/).filter(Boolean); // allo
 // -D_GLIBCXX_USE_CXX11_ABI must match libtorch's std::string ABI.
 const flags = ["-std=c++17", "-O2", "-fPIC", "-shared", `-D_GLIBCXX_USE_CXX11_ABI=${torch.cxx11Abi}`];
 if (cudaInc.length) flags.push("-DMOERL_WITH_CUDA", ...cudaInc.map((d) => `-I${d}`));
+flags.push(...dist.flags);
 flags.push(`-I${torch.includeDir}`, `-I${join(torch.includeDir, "torch/csrc/api/include")}`);
 // The rpath lets the lib find libtorch at load without LD_LIBRARY_PATH.
 const libs = [`-L${torch.libDir}`, `-Wl,-rpath,${torch.libDir}`];
@@ -233,8 +267,10 @@ if (exists(lib) && !FORCE) {
 } else {
   console.log(
     `building ${rel} against libtorch ${torch.torchVersion} (${torch.source}: ${torch.libDir}, ` +
-      `cxx11 abi ${torch.cxx11Abi}, cuda ${cudaInc.length ? "on" : "off"})`,
+      `cxx11 abi ${torch.cxx11Abi}, cuda ${cudaInc.length ? "on" : "off"}, ` +
+      `c10d backends: ${dist.backends.join(", ") || "none"})`,
   );
+  for (const m of dist.missing) console.log(`  without ${m}`);
   // Compile to a temp name and rename: an interrupted build leaves no half lib.
   const tmp = join(OUT, `.libmoerl-${key}.${Deno.pid}.tmp.so`);
   const cmd = [...cxx, ...flags, ...cpps, "-o", tmp, ...libs]; // libs after sources, for --as-needed
@@ -251,7 +287,17 @@ if (exists(lib) && !FORCE) {
 
 // Written every time (also when up to date): it may point at another build.
 const { torchVersion, source, libDir, includeDir, cxx11Abi } = torch;
-const current = { lib, key, torchVersion, source, libDir, includeDir, cxx11Abi, cuda: cudaInc.length > 0 };
+const current = {
+  lib,
+  key,
+  torchVersion,
+  source,
+  libDir,
+  includeDir,
+  cxx11Abi,
+  cuda: cudaInc.length > 0,
+  distBackends: dist.backends,
+};
 const tmpJson = join(OUT, `.current.${Deno.pid}.tmp.json`);
 Deno.writeTextFileSync(tmpJson, JSON.stringify(current, null, 2) + "\n");
 Deno.renameSync(tmpJson, join(OUT, "current.json"));

@@ -47,3 +47,10 @@ export {
   useAvailableCores,
 } from "./runtime.ts";
 export { type AdamState, AdamW, clipGradNorm, type ParamGroup } from "./optim.ts";
+export {
+  type DistBackend,
+  distBackends,
+  ProcessGroup,
+  type ProcessGroupOptions,
+  type ReduceOp,
+} from "./dist.ts";

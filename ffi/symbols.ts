@@ -12,6 +12,7 @@ const I64 = "i64" as const;
 const I32 = "i32" as const;
 const F64 = "f64" as const;
 const BUF = "buffer" as const;
+const G = "pointer" as const; // mt_group
 
 /** Signature of every exported shim function. */
 export const symbols = {
@@ -99,6 +100,7 @@ export const symbols = {
   mt_backward: { parameters: [C, T, T, I32], result: I32 },
   mt_grad: { parameters: [C, T, BUF], result: I32 }, // mt_tensor* out
   mt_clear_grad: { parameters: [C, T], result: I32 },
+  mt_set_grad: { parameters: [C, T, T], result: I32 },
   mt_detach: { parameters: [C, T], result: T },
 
   mt_adamw_step: {
@@ -106,6 +108,15 @@ export const symbols = {
     result: I32,
   },
   mt_clip_grad_norm: { parameters: [C, BUF, I32, F64, BUF], result: I32 }, // handles, double*
+
+  // data parallel (dist.cpp); "pointer" results/params named G are mt_group, strings are C strings
+  mt_dist_backends: { parameters: [], result: I32 },
+  mt_dist_init: { parameters: [C, BUF, BUF, I32, I32, I32, I64, I32, BUF, BUF], result: G },
+  mt_dist_free: { parameters: [G], result: "void" },
+  mt_dist_allreduce: { parameters: [C, G, BUF, I32, I32], result: I32 },
+  mt_dist_broadcast: { parameters: [C, G, BUF, I32, I32], result: I32 },
+  mt_dist_allgather: { parameters: [C, G, T], result: T },
+  mt_dist_barrier: { parameters: [C, G], result: I32 },
 } as const satisfies Deno.ForeignLibraryInterface;
 
 /** The loaded shim: `Deno.dlopen` over {@link symbols}. */

@@ -637,6 +637,10 @@ export class Tensor extends Handle {
   clearGrad(): void {
     check(shim().mt_clear_grad(c(), this.ptr), "clear_grad", () => [this.shape]);
   }
+  /** Sets the accumulated gradient to a copy of grad (its shape, dtype and device must match). */
+  setGrad(grad: Tensor): void {
+    check(shim().mt_set_grad(c(), this.ptr, grad.ptr), "set_grad", () => [this.shape, grad.shape]);
+  }
   /** The same data, cut from the autograd graph. */
   detach(): Tensor {
     return wrap("detach", shim().mt_detach(c(), this.ptr), this);

@@ -72,6 +72,16 @@ if [ "$SYSTEM_TORCH" = 1 ] && command -v dpkg >/dev/null 2>&1 &&
   ! dpkg -s libopenblas0-openmp >/dev/null 2>&1 && ! dpkg -s libopenblas0-pthread >/dev/null 2>&1; then
   PKGS+=(libopenblas0-openmp)
 fi
+# Data-parallel training on CPUs uses c10d's Gloo backend, whose header needs
+# gloo's own headers: Debian ships them apart from libtorch-dev.
+if [ "$SYSTEM_TORCH" = 1 ] && [ ! -f /usr/include/gloo/algorithm.h ]; then
+  if can_apt; then
+    PKGS+=(libgloo-dev)
+  else
+    say "note: without libgloo-dev the shim has no Gloo backend (multi-process CPU training);" \
+      "install it with: sudo apt-get install libgloo-dev, then run this again"
+  fi
+fi
 # Debian's python torch is only needed by the FFI benchmark (bench/).
 if [ "${MOERL_BENCH_DEPS:-0}" = 1 ] && ! /usr/bin/python3 -c 'import torch' >/dev/null 2>&1; then
   PKGS+=(python3-torch)

@@ -1,103 +1,19 @@
 // moerl shim: the C ABI of moerl.h over libtorch. Model logic lives in
 // TypeScript; this file only translates handles, codes and errors.
-#include "moerl.h"
+#include "internal.h"
 
-#include <torch/torch.h>
-
-#include <atomic>
 #include <cmath>
 #include <cstring>
-#include <string>
-#include <vector>
 
 #ifdef MOERL_WITH_CUDA
 #include <c10/cuda/CUDACachingAllocator.h>
 #include <c10/cuda/CUDAFunctions.h>
 #endif
 
-struct mt_ctx {
-  bool grad_enabled = true;
-  std::string message;
-};
+std::atomic<int64_t> live_count{0};
 
-static std::atomic<int64_t> live_count{0};
-
-namespace {
-
+using namespace mt;
 using torch::Tensor;
-
-Tensor& T(mt_tensor t) {
-  if (t == nullptr) throw std::invalid_argument("null tensor handle");
-  return *static_cast<Tensor*>(t);
-}
-
-mt_tensor wrap(Tensor t) {
-  live_count.fetch_add(1, std::memory_order_relaxed);
-  return new Tensor(std::move(t));
-}
-
-c10::optional<Tensor> opt(mt_tensor t) {
-  if (t == nullptr) return c10::nullopt;
-  return T(t);
-}
-
-torch::Device device_of(int32_t d) {
-  if (d < 0) return torch::Device(torch::kCPU);
-  // libtorch's own message here lists every registered backend; say it plainly.
-  if (!torch::cuda::is_available()) throw std::runtime_error("CUDA is not available");
-  if (d >= static_cast<int32_t>(torch::cuda::device_count()))
-    throw std::out_of_range("cuda:" + std::to_string(d) + " does not exist (" +
-                            std::to_string(torch::cuda::device_count()) + " CUDA devices)");
-  return torch::Device(torch::kCUDA, static_cast<c10::DeviceIndex>(d));
-}
-
-torch::ScalarType dtype_of(int32_t code) {
-  switch (code) {
-    case 0: case 1: case 2: case 3: case 4: case 5: case 6: case 7: case 11: case 15:
-      return static_cast<torch::ScalarType>(code);
-    default:
-      throw std::invalid_argument("unsupported dtype code " + std::to_string(code));
-  }
-}
-
-std::vector<int64_t> ints(const int64_t* p, int32_t n) {
-  if (n < 0) throw std::invalid_argument("negative list length");
-  return std::vector<int64_t>(p, p + n);
-}
-
-std::vector<Tensor> tensors(const mt_tensor* ts, int32_t n) {
-  std::vector<Tensor> out;
-  out.reserve(n);
-  for (int32_t i = 0; i < n; i++) out.push_back(T(ts[i]));
-  return out;
-}
-
-c10::optional<torch::Generator> gen_of(mt_generator g) {
-  if (g == nullptr) return c10::nullopt;
-  return *static_cast<torch::Generator*>(g);
-}
-
-// Runs body with the context's grad mode; turns any C++ exception into a
-// message on the context. c10::Error carries a backtrace we do not want.
-template <typename F>
-auto guarded(mt_ctx* ctx, F body, decltype(body()) on_error) -> decltype(body()) {
-  try {
-    torch::AutoGradMode grad(ctx->grad_enabled);
-    return body();
-  } catch (const c10::Error& e) {
-    ctx->message = e.what_without_backtrace();
-  } catch (const std::exception& e) {
-    ctx->message = e.what();
-  } catch (...) {
-    ctx->message = "unknown C++ exception";
-  }
-  return on_error;
-}
-
-#define TENSOR_OP(ctx, expr) guarded(ctx, [&]() -> mt_tensor { return wrap(expr); }, nullptr)
-#define STATUS_OP(ctx, stmts) guarded(ctx, [&]() -> int32_t { stmts; return 0; }, -1)
-
-}  // namespace
 
 extern "C" {
 
@@ -108,7 +24,7 @@ const char* mt_ctx_message(mt_ctx* ctx) { return ctx->message.c_str(); }
 void mt_ctx_set_grad(mt_ctx* ctx, int32_t enabled) { ctx->grad_enabled = enabled != 0; }
 int32_t mt_ctx_grad(mt_ctx* ctx) { return ctx->grad_enabled ? 1 : 0; }
 const char* mt_torch_version(void) { return TORCH_VERSION; }
-int32_t mt_abi_version(void) { return 2; }
+int32_t mt_abi_version(void) { return 3; }
 int64_t mt_live_count(void) { return live_count.load(std::memory_order_relaxed); }
 
 // ---- runtime -------------------------------------------------------------------
@@ -559,6 +475,16 @@ int32_t mt_grad(mt_ctx* ctx, mt_tensor t, mt_tensor* out) {
 }
 int32_t mt_clear_grad(mt_ctx* ctx, mt_tensor t) {
   return STATUS_OP(ctx, T(t).mutable_grad().reset());
+}
+int32_t mt_set_grad(mt_ctx* ctx, mt_tensor t, mt_tensor grad) {
+  return STATUS_OP(ctx, {
+    torch::NoGradGuard ng;
+    Tensor& p = T(t);
+    const Tensor& g = T(grad);
+    if (g.sizes() != p.sizes() || g.scalar_type() != p.scalar_type() || g.device() != p.device())
+      throw std::invalid_argument("set_grad: the gradient must match the tensor's shape, dtype and device");
+    p.mutable_grad() = g.detach().clone();
+  });
 }
 mt_tensor mt_detach(mt_ctx* ctx, mt_tensor t) { return TENSOR_OP(ctx, T(t).detach()); }
 

@@ -179,6 +179,8 @@ int32_t mt_backward(mt_ctx* ctx, mt_tensor t, mt_tensor grad, int32_t retain_gra
 int32_t mt_grad(mt_ctx* ctx, mt_tensor t, mt_tensor* out);
 /* Drops the gradient (PyTorch's zero_grad(set_to_none=True)). */
 int32_t mt_clear_grad(mt_ctx* ctx, mt_tensor t);
+/* Sets t's gradient to a copy of grad (same shape, dtype and device as t). */
+int32_t mt_set_grad(mt_ctx* ctx, mt_tensor t, mt_tensor grad);
 mt_tensor mt_detach(mt_ctx* ctx, mt_tensor t);
 
 /* ---- optimizer kernels (the optimizer logic lives in TS) -------------------------------- */
@@ -192,6 +194,31 @@ int32_t mt_adamw_step(mt_ctx* ctx, mt_tensor param, mt_tensor exp_avg,
  * gets the norm before clipping. */
 int32_t mt_clip_grad_norm(mt_ctx* ctx, const mt_tensor* params, int32_t n,
                           double max_norm, double* total_norm);
+
+/* ---- data parallel: c10d process groups (dist.cpp) --------------------------------------
+ * A group is an opaque handle over PyTorch's c10d: a TCPStore rendezvous and a
+ * Gloo (CPU tensors) or NCCL (CUDA tensors) process group. Every collective
+ * waits for its result up to the group's timeout, and a peer that died or
+ * timed out is a failure with a message, never a hang. */
+typedef void* mt_group;
+/* Backends this build has: bit 0 Gloo, bit 1 NCCL. */
+int32_t mt_dist_backends(void);
+/* Joins a group of world ranks. backend: "gloo" or "nccl". server: 1 hosts the
+ * TCPStore at host:port (rank 0 by convention), 0 connects to one (e.g.
+ * torchrun's agent store). prefix namespaces the group's keys in the store.
+ * device_host: the address Gloo binds to ("" lets Gloo pick from the hostname,
+ * or $GLOO_SOCKET_IFNAME's interface). */
+mt_group mt_dist_init(mt_ctx* ctx, const char* backend, const char* host, int32_t port,
+                      int32_t world, int32_t rank, int64_t timeout_ms, int32_t server,
+                      const char* prefix, const char* device_host);
+void mt_dist_free(mt_group g);
+/* op: 0 sum, 1 average, 2 max, 3 min; each tensor reduced on its own, in place. */
+int32_t mt_dist_allreduce(mt_ctx* ctx, mt_group g, const mt_tensor* ts, int32_t n, int32_t op);
+/* Every tensor takes root's values, in place. */
+int32_t mt_dist_broadcast(mt_ctx* ctx, mt_group g, const mt_tensor* ts, int32_t n, int32_t root);
+/* [world, ...shape]: every rank's t, in rank order (t has the same shape everywhere). */
+mt_tensor mt_dist_allgather(mt_ctx* ctx, mt_group g, mt_tensor t);
+int32_t mt_dist_barrier(mt_ctx* ctx, mt_group g);
 
 #ifdef __cplusplus
 }

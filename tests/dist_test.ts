@@ -1,0 +1,120 @@
+/**
+ * The c10d process group (ffi/dist.ts) across real processes on loopback
+ * with Gloo: every collective's result, and that a rank that dies or never
+ * comes makes the others fail with a message within the timeout, not hang.
+ */
+import assert from "node:assert/strict";
+import { distBackends, ProcessGroup } from "../ffi/mod.ts";
+
+const WORKER = new URL("./dist_worker.ts", import.meta.url).pathname;
+const hasGloo = distBackends().includes("gloo");
+
+/** A free TCP port on loopback (the OS picks; we release it for the store to take). */
+function freePort(): number {
+  const l = Deno.listen({ hostname: "127.0.0.1", port: 0 });
+  const port = (l.addr as Deno.NetAddr).port;
+  l.close();
+  return port;
+}
+
+/** Launches ranks (all of a world of `world` by default) of the worker; their JSON lines by rank. */
+async function launch(
+  scenario: string,
+  world: number,
+  opts: { ranks?: number[]; timeoutMs?: number } = {},
+): Promise<{ code: number; json: Record<string, unknown> | null; stderr: string }[]> {
+  const port = freePort();
+  const ranks = opts.ranks ?? Array.from({ length: world }, (_, r) => r);
+  const procs = ranks.map((rank) =>
+    new Deno.Command(Deno.execPath(), {
+      args: ["run", "-A", WORKER, scenario],
+      env: {
+        RANK: String(rank),
+        WORLD_SIZE: String(world),
+        MASTER_ADDR: "127.0.0.1",
+        MASTER_PORT: String(port),
+        MOERL_DIST_TIMEOUT_MS: String(opts.timeoutMs ?? 20000),
+        OMP_NUM_THREADS: "1",
+      },
+      stdout: "piped",
+      stderr: "piped",
+    }).output()
+  );
+  const dec = new TextDecoder();
+  return (await Promise.all(procs)).map((r) => {
+    const line = dec.decode(r.stdout).trim().split("\n").pop() ?? "";
+    let json: Record<string, unknown> | null = null;
+    try {
+      json = JSON.parse(line);
+    } catch { /* reported below */ }
+    return { code: r.code, json, stderr: dec.decode(r.stderr) };
+  });
+}
+
+Deno.test({
+  name: "dist: all-reduce, broadcast, all-gather and barrier across 3 processes (Gloo)",
+  ignore: !hasGloo,
+  async fn(): Promise<void> {
+    const runs = await launch("collectives", 3);
+    for (const [r, run] of runs.entries()) {
+      assert.equal(run.code, 0, `rank ${r}: ${run.stderr}`);
+      const j = run.json!;
+      assert.equal(j.error, undefined, `rank ${r}: ${j.error}`);
+      assert.deepEqual(j.sum, [6, -15]);
+      assert.deepEqual(j.ints, [9, 21]);
+      assert.deepEqual(j.avg, [2, -5]);
+      assert.deepEqual(j.max, [3, -2.5]);
+      assert.deepEqual(j.min, [1, -7.5]);
+      assert.deepEqual(j.broadcast, [[2, 2.5]]);
+      assert.deepEqual(j.gathered, [[0, 0], [1, 1], [2, 4]]);
+    }
+  },
+});
+
+Deno.test({
+  name: "dist: a rank that dies makes the others' next collective throw, naming it, within the timeout",
+  ignore: !hasGloo,
+  async fn(): Promise<void> {
+    const timeoutMs = 8000;
+    const [first, dead] = await launch("peer-dies", 2, { timeoutMs });
+    assert.equal(dead!.code, 3);
+    assert.equal(first!.code, 0, first!.stderr);
+    const j = first!.json!;
+    assert.match(String(j.error), /all_reduce.*all-reduce failed on rank 0 of 2: .*a peer may have exited/s);
+    assert.ok((j.seconds as number) < timeoutMs / 1000 + 2, `took ${j.seconds} s`);
+  },
+});
+
+Deno.test({
+  name: "dist: a rank that never joins makes rendezvous fail after the timeout",
+  ignore: !hasGloo,
+  async fn(): Promise<void> {
+    const timeoutMs = 2000;
+    const [only] = await launch("collectives", 2, { ranks: [0], timeoutMs });
+    const j = only!.json!;
+    assert.match(String(j.error), /process group \(gloo, rank 0 of 2, 127\.0\.0\.1:\d+\)/);
+    assert.ok(
+      (j.seconds as number) >= timeoutMs / 1000 * 0.9,
+      `failed after ${j.seconds} s, before the timeout`,
+    );
+    assert.ok((j.seconds as number) < timeoutMs / 1000 + 5, `took ${j.seconds} s`);
+  },
+});
+
+Deno.test("dist: bad arguments and a backend not built in are clear errors", () => {
+  const base = {
+    backend: "gloo" as const,
+    host: "127.0.0.1",
+    port: freePort(),
+    worldSize: 2,
+    timeoutMs: 1000,
+  };
+  assert.throws(() => ProcessGroup.init({ ...base, rank: 2 }), /rank 2 is outside a world of 2/);
+  assert.throws(() => ProcessGroup.init({ ...base, rank: 0, port: 70000 }), /port 70000 out of range/);
+  if (!distBackends().includes("nccl")) {
+    assert.throws(
+      () => ProcessGroup.init({ ...base, backend: "nccl", rank: 0 }),
+      /built without the NCCL backend: it needs a CUDA libtorch/,
+    );
+  }
+});

@@ -1,0 +1,60 @@
+/**
+ * One rank of tests/dist_test.ts's process groups: joins the group named by
+ * the torchrun variables (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT), runs
+ * the scenario named by its first argument and prints one JSON line.
+ */
+import { ProcessGroup, tensor } from "../ffi/mod.ts";
+
+const env = (k: string): string => Deno.env.get(k) ?? "";
+const rank = Number(env("RANK")), world = Number(env("WORLD_SIZE"));
+const scenario = Deno.args[0];
+const timeoutMs = Number(env("MOERL_DIST_TIMEOUT_MS") || 10000);
+const out: Record<string, unknown> = { rank };
+const t0 = performance.now();
+try {
+  using g = ProcessGroup.init({
+    backend: "gloo",
+    host: env("MASTER_ADDR"),
+    port: Number(env("MASTER_PORT")),
+    worldSize: world,
+    rank,
+    timeoutMs,
+  });
+  if (scenario === "collectives") {
+    const f = tensor([rank + 1, -(rank + 1) * 2.5], { dtype: "float32" });
+    const i = tensor([rank * 3, 7], { dtype: "int64" });
+    const sum = f.clone(), avg = f.clone(), max = f.clone(), min = f.clone();
+    g.allReduce([sum, i]);
+    g.allReduce([avg], "avg");
+    g.allReduce([max], "max");
+    g.allReduce([min], "min");
+    const b = tensor([[rank, rank + 0.5]], { dtype: "float32" });
+    g.broadcast([b], world - 1);
+    const gathered = g.allGather(tensor([rank, rank * rank], { dtype: "float64" }));
+    g.barrier();
+    Object.assign(out, {
+      sum: sum.tolist(),
+      ints: i.tolist(),
+      avg: avg.tolist(),
+      max: max.tolist(),
+      min: min.tolist(),
+      broadcast: b.tolist(),
+      gathered: gathered.tolist(),
+    });
+  } else if (scenario === "peer-dies") {
+    g.barrier();
+    if (rank === world - 1) Deno.exit(3); // dies without leaving the group
+    const at = performance.now();
+    try {
+      g.allReduce([tensor([1], { dtype: "float32" })]);
+      out.error = null;
+    } catch (e) {
+      Object.assign(out, { error: (e as Error).message, seconds: (performance.now() - at) / 1000 });
+    }
+  } else {
+    throw new Error(`unknown scenario ${scenario}`);
+  }
+} catch (e) {
+  Object.assign(out, { error: (e as Error).message, seconds: (performance.now() - t0) / 1000 });
+}
+console.log(JSON.stringify(out));
