@@ -26,12 +26,14 @@ export function setNumThreads(n: number): void {
 /**
  * Gives libtorch the CPU cores a user has, as PyTorch does: OMP_NUM_THREADS
  * when set, else every logical CPU this process may run on (Debian's
- * libtorch alone would take the physical cores, 1 on a 2-vCPU machine).
- * Returns the count in force.
+ * libtorch alone would take the physical cores, 1 on a 2-vCPU machine),
+ * split evenly among `processes` processes sharing the machine (at least one
+ * each). Returns the count in force.
  */
-export function useAvailableCores(): number {
+export function useAvailableCores(processes = 1): number {
   const env = Number(Deno.env.get("OMP_NUM_THREADS") ?? "");
-  setNumThreads(Number.isSafeInteger(env) && env >= 1 ? env : navigator.hardwareConcurrency);
+  const share = Math.max(1, Math.floor(navigator.hardwareConcurrency / Math.max(1, processes)));
+  setNumThreads(Number.isSafeInteger(env) && env >= 1 ? env : share);
   return numThreads();
 }
 

@@ -154,7 +154,13 @@ export function updateAdvantages(
   k: number,
   lengths: readonly number[],
   values: readonly (readonly number[])[] | null,
-  cfg: { estimator: AdvantageEstimator; gaeLambda: number; normalize?: boolean },
+  cfg: {
+    estimator: AdvantageEstimator;
+    gaeLambda: number;
+    normalize?: boolean;
+    /** Sums [count, sum, sum of squares] over data-parallel ranks (rl/replicas.ts), so that all normalise alike. */
+    reduce?: (stats: number[]) => number[];
+  },
   minStd = 1e-6,
 ): UpdateAdvantages {
   if (lengths.length !== rewards.length) {
@@ -167,6 +173,7 @@ export function updateAdvantages(
   );
   let n = 0, sum = 0, sq = 0;
   for (const a of raw) for (const x of a) [n, sum, sq] = [n + 1, sum + x, sq + x * x];
+  if (cfg.reduce) [n, sum, sq] = cfg.reduce([n, sum, sq]) as [number, number, number];
   const mean = n ? sum / n : 0;
   const std = n > 1 ? Math.sqrt(Math.max(0, (sq - n * mean * mean) / (n - 1))) : 0;
   // The group mean is the baseline already, unless K = 1 leaves the raw reward: then the update's mean is.

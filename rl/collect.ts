@@ -7,7 +7,8 @@
  * every layer (for routing replay).
  * @module
  */
-import { cat, type Device, dispose, full, type Generator, type Tensor, tensor, tidy } from "../ffi/mod.ts";
+import { cat, type Device, dispose, full, Generator, type Tensor, tensor, tidy } from "../ffi/mod.ts";
+import { epochSeed } from "../data/batches.ts";
 import { type FinishReason, generate } from "../model/generate.ts";
 import { leftPad } from "../model/padding.ts";
 import type { Policy, SequenceBatch } from "./policy.ts";
@@ -41,6 +42,15 @@ export type ScoreFn = (completion: Completion, prompt: RolloutPrompt) => RewardR
 export interface CollectOptions {
   /** Random source for sampling (seed it for reproducible rollouts). */
   generator?: Generator;
+  /**
+   * Instead of a generator: each generation batch samples from its own generator, seeded from
+   * (seed, the update-wide index of the batch's first prompt). A batch's samples then depend only
+   * on its own prompts, so the prompts of an update can be split over data-parallel ranks (in
+   * whole generation batches) and still draw what one process drawing them all would.
+   */
+  seed?: number;
+  /** The update-wide index of prompts[0] (default 0): a data-parallel rank's offset, for `seed`. */
+  firstPrompt?: number;
   /** Scores completions instead of the GSM8K reward of the config's `reward` section. */
   score?: ScoreFn;
   /** Record each token's experts for routing replay (default true; ignored for a model without MoE layers). */
@@ -277,6 +287,9 @@ export async function collect(
 ): Promise<RolloutBuffer> {
   if (prompts.length === 0) throw new RangeError("collect: no prompts");
   const { rollout: c, reward: rewardCfg } = rlConfig(cfg);
+  if (opts.generator && opts.seed !== undefined) {
+    throw new RangeError("collect: give a generator or a seed, not both");
+  }
   const score: ScoreFn = opts.score ?? ((completion, p) => reward(completion, p.answer, rewardCfg));
   const stop = [...(opts.stopTokenIds ?? tokenizer.stopTokenIds)];
   const pad = opts.padTokenId ?? tokenizer.padTokenId ?? stop[0];
@@ -295,6 +308,9 @@ export async function collect(
   try {
     for (let first = 0; first < prompts.length; first += perBatch) {
       const chunk = prompts.slice(first, first + perBatch);
+      using own = opts.seed === undefined
+        ? null
+        : new Generator(epochSeed(opts.seed, (opts.firstPrompt ?? 0) + first), device);
       const gen = await generate(decoder, chunk.map((p) => [...p.ids]), {
         maxNewTokens: c.maxNewTokens,
         eosTokenIds: stop,
@@ -303,7 +319,7 @@ export async function collect(
         temperature: c.temperature,
         topP: c.topP,
         topK: c.topK,
-        generator: opts.generator,
+        generator: own ?? opts.generator,
         samplesPerPrompt: c.k,
         recordRouting: record,
         decode: (ids) => tokenizer.decode(ids, { skipSpecialTokens: true }),

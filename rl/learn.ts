@@ -25,6 +25,15 @@
  * step, on the training pass's own): mean and max |Δ log p| and the fraction
  * of tokens whose ratio π_old / π_rollout lies beyond [1/C, C]
  * (C = ppo.rolloutCorrection, else 2).
+ *
+ * **Data parallel** (`opts.replicas`): each rank holds whole prompt groups
+ * (an equal number of sequences) and the update is the one a single process
+ * holding all of them would make: ranks share every sequence's length and
+ * reward, so that the critic's micro-batches (whole groups, W × microBatch
+ * sequences, longest first), the minibatches and the token counts of the
+ * loss means are the global ones; gradients are summed over the ranks before
+ * clipping and each optimizer step, and the advantage normalisation and the
+ * metrics are reduced. Every rank then takes the same steps.
  * @module
  */
 import { clipGradNorm, dispose, noGrad, type Tensor, tensor, tidy } from "../ffi/mod.ts";
@@ -41,6 +50,7 @@ import { type PpoConfig, rlConfig, type RlOverrides } from "./config.ts";
 import { valueLoss } from "./losses.ts";
 import { OBJECTIVE_PARTS, type ObjectivePart, ppoObjective } from "./objective.ts";
 import type { Policy, SequenceBatch } from "./policy.ts";
+import { Replicas } from "./replicas.ts";
 
 /** What {@link learn} needs of an optimizer: ffi/optim.ts's AdamW (e.g. rl/ppo.ts `policyOptimizer`). */
 export interface StepOptimizer {
@@ -58,6 +68,8 @@ export interface LearnOptions {
   maxGradNorm?: number;
   /** Seeds how sequences are dealt into minibatches (default 0). */
   seed?: number;
+  /** The ranks of a data-parallel update (default: a single process); see the module doc. */
+  replicas?: Replicas;
 }
 
 /** The numbers of a learn phase (NaN where a quantity does not apply, e.g. kl without a KL penalty). */
@@ -137,12 +149,34 @@ class Mismatch {
       if (d > this.bound) this.#beyond++;
     });
   }
-  get stats(): { mean: number; max: number; frac: number } {
-    const n = this.#n;
-    return n
-      ? { mean: this.#sum / n, max: this.#max, frac: this.#beyond / n }
-      : { mean: NaN, max: NaN, frac: NaN };
+  /** Mean, max and fraction beyond the bound, over every rank's tokens. */
+  stats(dp: Replicas): { mean: number; max: number; frac: number } {
+    const [sum, n, beyond] = dp.sum([this.#sum, this.#n, this.#beyond]) as [number, number, number];
+    const max = dp.max([this.#max])[0]!;
+    return n ? { mean: sum / n, max, frac: beyond / n } : { mean: NaN, max: NaN, frac: NaN };
   }
+}
+
+/**
+ * The update across the ranks: every sequence's length and reward, in global
+ * order (rank-major), and which of them this rank holds.
+ */
+interface GlobalView {
+  lengths: number[];
+  rewards: number[];
+  /** Global index of this rank's first sequence. */
+  offset: number;
+}
+
+/** Shares lengths and rewards over the ranks (each must hold the same number of whole groups). */
+function globalView(dp: Replicas, lengths: readonly number[], rewards: readonly number[]): GlobalView {
+  if (dp.size === 1) return { lengths: [...lengths], rewards: [...rewards], offset: 0 };
+  const rows = dp.gather([...lengths, ...rewards]);
+  return {
+    lengths: rows.flatMap((r) => r.slice(0, lengths.length)),
+    rewards: rows.flatMap((r) => r.slice(lengths.length)),
+    offset: dp.rank * lengths.length,
+  };
 }
 
 /** What the phases of one learn call share. */
@@ -152,8 +186,13 @@ interface Run {
   buffer: RolloutBuffer;
   ppo: PpoConfig;
   micro: number;
+  /** This rank's sequences' completion lengths. */
   lengths: number[];
   temperature: number;
+  dp: Replicas;
+  all: GlobalView;
+  /** This rank's indices of the global indices it holds, in order. */
+  local(ids: readonly number[]): number[];
   /** A batch of the chosen sequences and, with routing replay, their experts. */
   open(ids: readonly number[]): { batch: SequenceBatch; replay: Tensor[] | null };
   /** Clips a group's gradient to maxGradNorm (when set) and returns its norm before. */
@@ -179,43 +218,55 @@ interface ReferenceResult {
  * of whole prompt groups (each group's values read before the step that sees it).
  */
 function referencePass(run: Run, signal: readonly boolean[]): ReferenceResult {
-  const { buffer, ppo: c, policy } = run;
+  const { buffer, ppo: c, policy, dp, all } = run;
   const critic = c.advantage !== "group";
   const ref: number[][] = [], values: number[][] = [];
   let lossSum = 0, normSum = 0, steps = 0;
   if (!critic && c.klCoef === 0) return { ref, values, valueLoss: NaN, valueGradNorm: NaN };
   const centered = groupBaseline(buffer.rewards, buffer.k);
+  // The critic steps once per global micro-batch of whole groups; each rank computes its share of it.
   const passes = critic
-    ? groupChunks(buffer.size, buffer.k, run.lengths, run.micro)
-    : chunks(signal.flatMap((s, i) => (s ? [i] : [])), run.lengths, run.micro);
-  for (const chunk of passes) {
-    tidy(() => {
-      const { batch, replay } = run.open(chunk);
-      const wantRef = c.klCoef > 0 && chunk.some((i) => signal[i]);
-      const r = policy.reference(batch, { temperature: run.temperature, replay, logprobs: wantRef });
-      if (wantRef) tails(run, r.logprobs!, chunk).forEach((row, j) => (ref[chunk[j]!] = row));
-      if (!critic) return;
-      const v = policy.values(r.states, batch);
-      tails(run, v.detach(), chunk).forEach((row, j) => (values[chunk[j]!] = row));
-      const mask = c.advantage === "prompt_value"
-        ? buffer.perToken(
-          chunk,
-          batch.inputIds.size(1),
-          (i) => [1, ...new Array<number>(run.lengths[i]! - 1).fill(0)],
-        )
-        : batch.completionMask.to("float32");
-      const target = tensor(chunk.map((i) => centered[i]!), { dtype: "float32", device: v.device });
-      const loss = valueLoss(v, target, mask);
-      loss.backward();
-      lossSum += loss.item();
-    });
+    ? groupChunks(all.lengths.length, buffer.k, all.lengths, run.micro * dp.size).map((g) => ({
+      chunk: run.local(g),
+      tokens: c.advantage === "prompt_value" ? g.length : g.reduce((s, i) => s + all.lengths[i]!, 0),
+    }))
+    : chunks(signal.flatMap((s, i) => (s ? [i] : [])), run.lengths, run.micro).map((chunk) => ({
+      chunk,
+      tokens: 0,
+    }));
+  for (const { chunk, tokens } of passes) {
+    if (chunk.length) {
+      tidy(() => {
+        const { batch, replay } = run.open(chunk);
+        const wantRef = c.klCoef > 0 && chunk.some((i) => signal[i]);
+        const r = policy.reference(batch, { temperature: run.temperature, replay, logprobs: wantRef });
+        if (wantRef) tails(run, r.logprobs!, chunk).forEach((row, j) => (ref[chunk[j]!] = row));
+        if (!critic) return;
+        const v = policy.values(r.states, batch);
+        tails(run, v.detach(), chunk).forEach((row, j) => (values[chunk[j]!] = row));
+        const mask = c.advantage === "prompt_value"
+          ? buffer.perToken(
+            chunk,
+            batch.inputIds.size(1),
+            (i) => [1, ...new Array<number>(run.lengths[i]! - 1).fill(0)],
+          )
+          : batch.completionMask.to("float32");
+        const target = tensor(chunk.map((i) => centered[i]!), { dtype: "float32", device: v.device });
+        // This rank's share of the mean over the global micro-batch's tokens.
+        const loss = valueLoss(v, target, mask, tokens);
+        loss.backward();
+        lossSum += loss.item();
+      });
+    }
     if (!critic) continue;
     const params = policy.valueParameters();
+    dp.sumGradients(params);
     normSum += run.clip(params);
     run.optimizer.step(params);
     run.optimizer.zeroGrad(params);
     steps++;
   }
+  lossSum = dp.sum([lossSum])[0]!;
   return {
     ref,
     values,
@@ -247,30 +298,31 @@ function oldPass(run: Run, trained: readonly number[], mismatch: Mismatch): numb
  */
 function policySteps(
   run: Run,
-  adv: UpdateAdvantages,
+  adv: UpdateAdvantages & { trainedAll: boolean[] },
   ref: readonly number[][],
   old: readonly number[][] | null,
   mismatch: Mismatch,
   seed: number,
 ): { parts: Record<ObjectivePart, number>; steps: number; loss: number; gradNorm: number } {
-  const { buffer, ppo: c, policy } = run;
-  const n = buffer.size, seqs = buffer.sequences;
+  const { buffer, ppo: c, policy, dp, all } = run;
+  const n = all.lengths.length, seqs = buffer.sequences;
   const sums = new Array<number>(OBJECTIVE_PARTS.length).fill(0);
   let steps = 0, normSum = 0, lossSum = 0;
   const rand = mulberry32(seed);
   const params = policy.policyParameters();
   policy.train(true);
   for (let epoch = 0; epoch < c.epochs; epoch++) {
-    const order = seqs.map((_, i) => i);
+    const order = all.lengths.map((_, i) => i);
     for (let i = order.length - 1; i > 0; i--) {
       const j = Math.floor(rand() * (i + 1));
       [order[i], order[j]] = [order[j]!, order[i]!];
     }
     const size = n / c.minibatches;
     for (let m = 0; m < c.minibatches; m++) {
-      const ids = order.slice(m * size, (m + 1) * size).filter((i) => adv.trained[i]);
-      if (ids.length === 0) continue;
-      const tokens = ids.reduce((s, i) => s + run.lengths[i]!, 0);
+      const global = order.slice(m * size, (m + 1) * size).filter((i) => adv.trainedAll[i]);
+      if (global.length === 0) continue;
+      const tokens = global.reduce((s, i) => s + all.lengths[i]!, 0);
+      const ids = run.local(global);
       for (const chunk of chunks(ids, run.lengths, run.micro)) {
         tidy(() => {
           const { batch, replay } = run.open(chunk);
@@ -298,17 +350,20 @@ function policySteps(
           }, { temperature: run.temperature, replay });
         });
       }
+      dp.sumGradients(params);
       normSum += run.clip(params);
       run.optimizer.step(params);
       run.optimizer.zeroGrad(params);
       steps++;
     }
   }
-  const parts = Object.fromEntries(OBJECTIVE_PARTS.map((p, i) => [p, steps ? sums[i]! / steps : NaN]));
+  // Each rank summed its share of every token mean: the totals are the global means.
+  const [loss, ...totals] = dp.sum([lossSum, ...sums]) as [number, ...number[]];
+  const parts = Object.fromEntries(OBJECTIVE_PARTS.map((p, i) => [p, steps ? totals[i]! / steps : NaN]));
   return {
     parts: parts as Record<ObjectivePart, number>,
     steps,
-    loss: steps ? lossSum / steps : NaN,
+    loss: steps ? loss / steps : NaN,
     gradNorm: steps ? normSum / steps : NaN,
   };
 }
@@ -331,7 +386,11 @@ export function learn(
   opts: LearnOptions = {},
 ): LearnMetrics {
   const { ppo: c, moe } = rlConfig(cfg);
-  const n = buffer.size, k = buffer.k;
+  const dp = opts.replicas ?? Replicas.single();
+  const k = buffer.k;
+  const lengths = buffer.sequences.map((s) => s.tokens.length);
+  const all = globalView(dp, lengths, buffer.rewards);
+  const n = all.lengths.length;
   if (n % c.minibatches !== 0) {
     throw new RangeError(
       `ppo.minibatches (${c.minibatches}) must divide the update's ${n} sequences (prompts × rollout.k)`,
@@ -359,8 +418,12 @@ export function learn(
     buffer,
     ppo: c,
     micro,
-    lengths: buffer.sequences.map((s) => s.tokens.length),
+    lengths,
     temperature: buffer.temperature,
+    dp,
+    all,
+    local: (ids) =>
+      ids.flatMap((g) => (g >= all.offset && g < all.offset + buffer.size ? [g - all.offset] : [])),
     open(ids): { batch: SequenceBatch; replay: Tensor[] | null } {
       const { batch, replay } = buffer.batch(ids);
       if (replayOn) return { batch, replay };
@@ -381,24 +444,27 @@ export function learn(
       estimator: c.advantage,
       gaeLambda: c.gaeLambda,
       normalize: c.normalizeAdvantages,
+      reduce: (stats) => dp.sum(stats),
     });
+    const trainedAll = flatGroups(all.rewards, k).map((f, i) => !f && all.lengths[i]! > 0);
     const trained = adv.trained.flatMap((t, i) => (t ? [i] : []));
     const mismatch = new Mismatch(Math.log(c.rolloutCorrection ?? 2));
     const old = c.epochs * c.minibatches > 1 ? oldPass(run, trained, mismatch) : null;
     const t2 = performance.now();
-    const steps = policySteps(run, adv, first.ref, old, mismatch, opts.seed ?? 0);
+    const steps = policySteps(run, { ...adv, trainedAll }, first.ref, old, mismatch, opts.seed ?? 0);
     const t3 = performance.now();
-    const values = first.values.flat(), mm = mismatch.stats;
+    const values = first.values.flat(), mm = mismatch.stats(dp);
+    const [valueSum, valueCount] = dp.sum([values.reduce((a, b) => a + b, 0), values.length]);
     return {
       ...steps.parts,
       loss: steps.loss,
       value_loss: first.valueLoss,
-      value_mean: values.length ? values.reduce((a, b) => a + b, 0) / values.length : NaN,
+      value_mean: valueCount ? valueSum! / valueCount : NaN,
       grad_norm: steps.gradNorm,
       value_grad_norm: first.valueGradNorm,
       advantage_std: adv.std,
-      frac_zero_std_groups: zeroSpreadFraction(rewards, k),
-      trained_fraction: trained.length / n,
+      frac_zero_std_groups: zeroSpreadFraction(all.rewards, k),
+      trained_fraction: trainedAll.filter(Boolean).length / n,
       mismatch_mean: mm.mean,
       mismatch_max: mm.max,
       mismatch_frac: mm.frac,

@@ -89,3 +89,4 @@ export {
   type EvaluateOptions,
   type Prediction,
 } from "./evaluate.ts";
+export { Replicas } from "./replicas.ts";

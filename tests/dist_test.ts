@@ -5,17 +5,10 @@
  */
 import assert from "node:assert/strict";
 import { distBackends, ProcessGroup } from "../ffi/mod.ts";
+import { freePort } from "../train/launch.ts";
 
 const WORKER = new URL("./dist_worker.ts", import.meta.url).pathname;
 const hasGloo = distBackends().includes("gloo");
-
-/** A free TCP port on loopback (the OS picks; we release it for the store to take). */
-function freePort(): number {
-  const l = Deno.listen({ hostname: "127.0.0.1", port: 0 });
-  const port = (l.addr as Deno.NetAddr).port;
-  l.close();
-  return port;
-}
 
 /** Launches ranks (all of a world of `world` by default) of the worker; their JSON lines by rank. */
 async function launch(

@@ -75,6 +75,8 @@ export interface TrainerState {
   baseModel: string;
   /** The resolved training config, to compare on resume (null if not given). */
   config: unknown;
+  /** Processes of the data-parallel run that wrote it (absent in older checkpoints: 1). */
+  worldSize?: number;
   /** When it was written (ISO 8601). */
   savedAt: string;
 }
@@ -107,6 +109,8 @@ export interface CheckpointInput {
   baseModel?: string;
   /** Keep only the newest N checkpoints (default: all). */
   keepLast?: number | null;
+  /** Processes of the data-parallel run (default 1). */
+  worldSize?: number;
 }
 
 /**
@@ -171,6 +175,7 @@ export async function saveCheckpoint(runDir: string, input: CheckpointInput): Pr
     metricsTail: input.metricsTail ?? [],
     baseModel: input.baseModel ?? "",
     config: input.config ?? null,
+    worldSize: input.worldSize ?? 1,
     savedAt: new Date().toISOString(),
   };
   try {

@@ -5,10 +5,17 @@
  * critic pass, advantages over the update, PPO steps), and logs. Every
  * update is seeded from (seed, update) and the data order from (seed,
  * epoch), so a resumed run repeats an uninterrupted one.
+ *
+ * Data parallel (`opts.replicas`, train/launch.ts): every rank draws the
+ * same prompts and takes its contiguous share (whole prompt groups), each
+ * generation batch seeded by its update-wide position; learn() reduces what
+ * must be global. The update is the one a single process would make from the
+ * same prompts with `rollout.generationBatch` set to a rank's share. Rank 0
+ * alone writes the run folder; evaluation is split over the ranks.
  * @module
  */
 import { join } from "node:path";
-import { Generator, manualSeed } from "../ffi/mod.ts";
+import { type Device, manualSeed } from "../ffi/mod.ts";
 import { MicroBatcher } from "../data/batches.ts";
 import { loadGsm8k } from "../data/gsm8k.ts";
 import { buildPrompts } from "../data/prompt.ts";
@@ -18,6 +25,8 @@ import { evaluateExamples } from "../rl/evaluate.ts";
 import { learn } from "../rl/learn.ts";
 import { Policy } from "../rl/policy.ts";
 import { policyOptimizer } from "../rl/ppo.ts";
+import { Replicas } from "../rl/replicas.ts";
+import { collectMetricsOverRanks, evalTotalsOverRanks } from "./rank_metrics.ts";
 import { latestCheckpoint, loadCheckpoint, saveCheckpoint, updateSeed } from "./checkpoint.ts";
 import { formatConfig, RUN_CONFIG_FILE, runDir, type TrainConfig } from "./config.ts";
 import { writeAtomic } from "../model/atomic_write.ts";
@@ -35,20 +44,45 @@ export interface TrainResult {
   records: StepRecord[];
 }
 
-/** Runs (or resumes) the training described by cfg. */
-export async function train(
-  cfg: TrainConfig,
-  opts: { resume?: boolean; quiet?: boolean } = {},
-): Promise<TrainResult> {
-  const dir = runDir(cfg);
-  await Deno.mkdir(dir, { recursive: true });
-  await writeAtomic(join(dir, RUN_CONFIG_FILE), formatConfig(cfg));
+/** Options of {@link train}. */
+export interface TrainOptions {
+  /** Continue from the run folder's latest checkpoint. */
+  resume?: boolean;
+  /** No progress bar or messages. */
+  quiet?: boolean;
+  /** The ranks of a data-parallel run (train/launch.ts `joinReplicas`; default: one process). */
+  replicas?: Replicas;
+  /** This rank's device, when it differs from the config's (e.g. `cuda:LOCAL_RANK`). */
+  device?: Device;
+}
 
-  using model = await loadConfiguredModel(cfg.model);
+/** Runs (or resumes) the training described by cfg. */
+export async function train(cfg: TrainConfig, opts: TrainOptions = {}): Promise<TrainResult> {
+  const dp = opts.replicas ?? Replicas.single();
+  const lead = dp.rank === 0; // writes the run folder
+  const quiet = opts.quiet || !lead;
+  const t = cfg.train;
+  const perUpdate = t.microBatch * t.gradAccum;
+  if (perUpdate % dp.size !== 0) {
+    throw new RangeError(
+      `train.microBatch × train.gradAccum = ${perUpdate} prompts per update do not split over ${dp.size} ranks`,
+    );
+  }
+  const share = perUpdate / dp.size, first = dp.rank * share;
+  const dir = runDir(cfg);
+  if (lead) {
+    await Deno.mkdir(dir, { recursive: true });
+    await writeAtomic(join(dir, RUN_CONFIG_FILE), formatConfig(cfg));
+  }
+
+  using model = await loadConfiguredModel({ ...cfg.model, device: opts.device ?? cfg.model.device });
   const tok = await Tokenizer.load(model.dir);
   manualSeed(cfg.seed); // adapter and value-head initialisation
   const policy = new Policy(model, { lora: { ...cfg.lora }, checkpointing: cfg.train.gradientCheckpointing });
-  const t = cfg.train;
+  const trainable = (): ReturnType<Policy["policyParameters"]> => [
+    ...policy.policyParameters(),
+    ...policy.valueParameters(),
+  ];
   using opt = policyOptimizer(policy, {
     learningRate: t.learningRate,
     valueLearningRate: t.valueLearningRate,
@@ -79,16 +113,27 @@ export async function train(
       const latest = await latestCheckpoint(dir);
       if (latest) {
         const state = await loadCheckpoint(latest, policy, opt);
+        const saved = state.worldSize ?? 1;
+        if (saved !== dp.size) {
+          throw new Error(
+            `${latest}: written by a run of ${saved} process${
+              saved === 1 ? "" : "es"
+            }, resumed with ${dp.size}: ` +
+              `resume with the same number of processes (--nproc ${saved} or WORLD_SIZE=${saved})`,
+          );
+        }
         start = state.step;
         pos = state.rng.batcherPosition;
-        if (!opts.quiet) console.log(`resuming from ${latest} (update ${start})`);
+        if (!quiet) console.log(`resuming from ${latest} (update ${start})`);
       }
     }
-    const metrics =
-      (await JsonlLog.open(join(dir, METRICS_FILE), opts.resume ? { keepUpTo: start } : {})).log;
-    const samples =
-      (await JsonlLog.open(join(dir, SAMPLES_FILE), opts.resume ? { keepUpTo: start } : {})).log;
-    const bar = opts.quiet ? null : new ProgressBar(t.updates, { start });
+    // Every rank starts from rank 0's weights (the same seed makes them equal already; this makes sure).
+    dp.broadcastFromFirst(trainable());
+    const open = async (file: string): Promise<JsonlLog | null> =>
+      lead ? (await JsonlLog.open(join(dir, file), opts.resume ? { keepUpTo: start } : {})).log : null;
+    const metrics = await open(METRICS_FILE);
+    const samples = await open(SAMPLES_FILE);
+    const bar = quiet ? null : new ProgressBar(t.updates, { start });
     const records: StepRecord[] = [];
     const rl = { rollout: cfg.rollout, ppo: cfg.ppo, reward: cfg.reward, moe: cfg.moe };
     try {
@@ -96,7 +141,6 @@ export async function train(
         const t0 = performance.now();
         const seed = updateSeed(cfg.seed, u);
         manualSeed(seed);
-        using gen = new Generator(seed, cfg.model.device);
         const factor = lrFactor(u, t);
         opt.groups[0]!.lr = t.learningRate * factor;
         opt.groups[1]!.lr = t.valueLearningRate * factor;
@@ -106,33 +150,37 @@ export async function train(
           pos = batch.next;
           prompts.push(...batch.items);
         }
-        using buffer = await collect(policy, tok, prompts, rl, { generator: gen });
+        const mine = prompts.slice(first, first + share);
+        using buffer = await collect(policy, tok, mine, rl, { seed, firstPrompt: first });
         const learned = learn(policy, opt, buffer, rl, {
           microBatch: t.microBatch * cfg.rollout.k,
           maxGradNorm: t.maxGradNorm,
           seed,
+          replicas: dp,
         });
         const record: StepRecord = {
           step: u + 1,
-          ...buffer.metrics,
+          ...collectMetricsOverRanks(buffer.metrics, buffer.size, dp),
           ...learned,
           lr: opt.groups[0]!.lr,
           update_seconds: (performance.now() - t0) / 1000,
         };
         const logged = buffer.samples(cfg.logging.samplesToLog);
         if (cfg.eval.every > 0 && ((u + 1) % cfg.eval.every === 0 || u + 1 === t.updates)) {
-          const ev = await evaluateExamples(model.decoder, tok, evalSet, {
+          const part = evalSet.filter((_, i) => i % dp.size === dp.rank);
+          const ev = await evaluateExamples(model.decoder, tok, part, {
             maxNewTokens: cfg.eval.maxNewTokens ?? cfg.rollout.maxNewTokens,
             batchSize: cfg.eval.batchSize,
             prompt: promptOpts,
           });
-          record.eval_accuracy_strict = ev.totals.accuracy_strict;
-          record.eval_accuracy_flexible = ev.totals.accuracy_flexible;
+          const totals = evalTotalsOverRanks(ev.totals, dp);
+          record.eval_accuracy_strict = totals.accuracy_strict;
+          record.eval_accuracy_flexible = totals.accuracy_flexible;
         }
-        await metrics.append(record);
+        await metrics?.append(record);
         records.push(record);
         if (cfg.logging.sampleEvery > 0 && (u + 1) % cfg.logging.sampleEvery === 0) {
-          await samples.append({ step: u + 1, samples: logged });
+          await samples?.append({ step: u + 1, samples: logged });
         }
         bar?.update(u + 1, {
           reward: record.reward_mean as number,
@@ -141,7 +189,8 @@ export async function train(
           "tok/s": record.tokens_per_second as number,
         });
         const last = u + 1 === t.updates;
-        if (last || (cfg.output.checkpointEvery > 0 && (u + 1) % cfg.output.checkpointEvery === 0)) {
+        const due = last || (cfg.output.checkpointEvery > 0 && (u + 1) % cfg.output.checkpointEvery === 0);
+        if (lead && due) {
           await saveCheckpoint(dir, {
             policy,
             optimizer: opt,
@@ -151,14 +200,15 @@ export async function train(
             config: cfg,
             baseModel: cfg.model.id,
             keepLast: cfg.output.keepLast,
+            worldSize: dp.size,
           });
           await writeReport(dir, cfg.name);
         }
       }
     } finally {
       bar?.done();
-      metrics.close();
-      samples.close();
+      metrics?.close();
+      samples?.close();
     }
     return { dir, records };
   } finally {

@@ -1,8 +1,11 @@
 /**
- * `deno task train --config configs/x.yaml [--set key.path=value ...] [--resume] [--print-config]`
+ * `deno task train --config configs/x.yaml [--set key.path=value ...] [--resume] [--print-config] [--nproc N]`
  *
  * Loads and prints the resolved config, then trains (train/loop.ts) into
  * runs/<name>/, or continues the latest checkpoint there with --resume.
+ * Data parallel: `--nproc N` starts N local ranks of this command; under
+ * torchrun (or any launcher that sets RANK, WORLD_SIZE, MASTER_ADDR,
+ * MASTER_PORT) this process is one rank (train/launch.ts).
  * Relative paths on the command line are taken from the folder the command
  * was started in (`INIT_CWD` under `deno task`). Exit status: 0 done, 2 for
  * bad arguments or a bad config, 1 for a failed run.
@@ -19,10 +22,28 @@ import {
   TrainConfigError,
 } from "./config.ts";
 import { train } from "./loop.ts";
+import {
+  distTimeoutSeconds,
+  joinReplicas,
+  type LaunchEnv,
+  launchEnv,
+  rankDevice,
+  spawnLocal,
+} from "./launch.ts";
 import { torchVersion, useAvailableCores } from "../ffi/mod.ts";
 
-const USAGE =
-  "usage: deno task train --config configs/x.yaml [--set key.path=value ...] [--resume] [--print-config]";
+const USAGE = "usage: deno task train --config configs/x.yaml [--set key.path=value ...] [--resume] " +
+  "[--print-config] [--nproc N]";
+
+/** args without `--nproc N` / `--nproc=N` (the children get the rest). */
+function withoutNproc(args: readonly string[]): string[] {
+  const out: string[] = [];
+  for (let i = 0; i < args.length; i++) {
+    if (args[i] === "--nproc") i++;
+    else if (!args[i]!.startsWith("--nproc=")) out.push(args[i]!);
+  }
+  return out;
+}
 
 /** The command line: returns the exit status. */
 export async function main(args: string[]): Promise<number> {
@@ -35,6 +56,7 @@ export async function main(args: string[]): Promise<number> {
         set: { type: "string", multiple: true },
         "print-config": { type: "boolean" },
         resume: { type: "boolean" },
+        nproc: { type: "string" },
         help: { type: "boolean", short: "h" },
       },
       strict: true,
@@ -48,6 +70,29 @@ export async function main(args: string[]): Promise<number> {
     console.log(USAGE);
     return 0;
   }
+  let env: LaunchEnv | null;
+  try {
+    env = launchEnv();
+  } catch (e) {
+    console.error(`train: ${(e as Error).message}`);
+    return 2;
+  }
+  if (v.nproc !== undefined && !v["print-config"]) {
+    const n = Number(v.nproc);
+    if (env) {
+      console.error(
+        "train: --nproc starts the ranks itself; under a launcher (WORLD_SIZE is set) leave it out",
+      );
+      return 2;
+    }
+    if (!Number.isSafeInteger(n) || n < 1) {
+      console.error(`train: --nproc: expected an integer >= 1, got "${v.nproc}"\n${USAGE}`);
+      return 2;
+    }
+    const main = new URL(import.meta.url).pathname;
+    return await spawnLocal(n, ["run", "-A", "--v8-flags=--expose-gc", main, ...withoutNproc(args)]);
+  }
+  const lead = (env?.rank ?? 0) === 0;
   const base = Deno.env.get("INIT_CWD") ?? Deno.cwd();
   let cfg: TrainConfig;
   try {
@@ -56,9 +101,10 @@ export async function main(args: string[]): Promise<number> {
     console.error(`train: ${(e as Error).message}`);
     return e instanceof TrainConfigError ? 2 : 1;
   }
-  console.log(`# resolved config${v.config ? ` (${v.config} over the defaults)` : " (defaults)"}`);
-  console.log(formatConfig(cfg));
-  console.log(
+  const say = lead ? console.log : () => {};
+  say(`# resolved config${v.config ? ` (${v.config} over the defaults)` : " (defaults)"}`);
+  say(formatConfig(cfg));
+  say(
     `# ${
       promptsPerUpdate(cfg)
     } prompts × ${cfg.rollout.k} completions per update, ${cfg.train.updates} updates; ` +
@@ -67,15 +113,18 @@ export async function main(args: string[]): Promise<number> {
   if (v["print-config"]) return 0;
 
   try {
-    const threads = useAvailableCores();
-    console.log(
+    const threads = useAvailableCores(env?.localWorldSize ?? 1);
+    say(
       `# libtorch ${torchVersion()}: ${threads} CPU thread${
         threads === 1 ? "" : "s"
-      } (OMP_NUM_THREADS to change)`,
+      } per process (OMP_NUM_THREADS to change)`,
     );
-    const result = await train(cfg, { resume: v.resume ?? false });
+    const device = rankDevice(cfg.model.device, env);
+    using replicas = joinReplicas(env, device, distTimeoutSeconds());
+    if (env) say(`# data parallel: ${env.worldSize} processes (${replicas.group!.backend})`);
+    const result = await train(cfg, { resume: v.resume ?? false, replicas, device });
     const last = result.records[result.records.length - 1];
-    console.log(
+    say(
       `done: ${result.dir} (${result.records.length} updates this run; last reward ${
         last?.reward_mean ?? "-"
       })`,

@@ -1,8 +1,8 @@
 /**
  * The training job behind `deno task train` and `deno task sft`: its config
  * (typed defaults, YAML overrides checked key by key), the update loop,
- * checkpoints with exact resume, metrics logs, the HTML report, and the
- * supervised warm-up.
+ * checkpoints with exact resume, metrics logs, the HTML report, the
+ * supervised warm-up, and data-parallel launch (torchrun's contract, `--nproc`).
  * @module
  */
 export {
@@ -26,7 +26,18 @@ export {
   TrainConfigError,
   type TrainSettings,
 } from "./config.ts";
-export { train, type TrainResult } from "./loop.ts";
+export { train, type TrainOptions, type TrainResult } from "./loop.ts";
+export {
+  distTimeoutSeconds,
+  freePort,
+  joinReplicas,
+  type LaunchEnv,
+  launchEnv,
+  rankDevice,
+  spawnLocal,
+  type SpawnOptions,
+} from "./launch.ts";
+export { collectMetricsOverRanks, evalTotalsOverRanks } from "./rank_metrics.ts";
 export { loadConfiguredModel } from "./model.ts";
 export {
   type CheckpointInput,

@@ -1,0 +1,206 @@
+/**
+ * Launching a data-parallel run the way PyTorch jobs are launched.
+ *
+ * - **torchrun's environment contract** ({@link launchEnv}): `RANK`,
+ *   `LOCAL_RANK`, `WORLD_SIZE`, `LOCAL_WORLD_SIZE`, `MASTER_ADDR`,
+ *   `MASTER_PORT`. Under torchrun (`TORCHELASTIC_USE_AGENT_STORE=True`) the
+ *   ranks join the agent's TCPStore as clients, under the attempt's prefix,
+ *   as torch.distributed does; otherwise rank 0 hosts the store.
+ * - **`--nproc N`** ({@link spawnLocal}): N local processes of the same
+ *   command with those variables set, for users without torchrun.
+ *
+ * Each rank takes one GPU by `LOCAL_RANK` (NCCL) or, on the CPU, a share of
+ * the cores (Gloo).
+ * @module
+ */
+import { type Device, ProcessGroup } from "../ffi/mod.ts";
+import { Replicas } from "../rl/replicas.ts";
+
+/** The torchrun variables of this process. */
+export interface LaunchEnv {
+  /** RANK: this process among all. */
+  rank: number;
+  /** LOCAL_RANK: this process among those on its machine (its GPU index). */
+  localRank: number;
+  /** WORLD_SIZE. */
+  worldSize: number;
+  /** LOCAL_WORLD_SIZE: processes on this machine. */
+  localWorldSize: number;
+  /** MASTER_ADDR: the TCPStore's host. */
+  masterAddr: string;
+  /** MASTER_PORT. */
+  masterPort: number;
+  /** Whether torchrun's agent hosts the store (TORCHELASTIC_USE_AGENT_STORE=True). */
+  agentStore: boolean;
+  /** TORCHELASTIC_RESTART_COUNT: torchrun's attempt, which prefixes the store's keys. */
+  restartCount: number;
+}
+
+/** Seconds a collective or the rendezvous may wait (MOERL_DIST_TIMEOUT_S, default 600). */
+export function distTimeoutSeconds(env: Record<string, string | undefined> = Deno.env.toObject()): number {
+  const raw = env.MOERL_DIST_TIMEOUT_S;
+  if (raw === undefined || raw === "") return 600;
+  const s = Number(raw);
+  if (!(s > 0)) throw new RangeError(`MOERL_DIST_TIMEOUT_S: expected seconds > 0, got "${raw}"`);
+  return s;
+}
+
+/**
+ * The torchrun variables, or null when WORLD_SIZE is unset (a single
+ * process). A variable that is missing or malformed is an error naming it.
+ */
+export function launchEnv(env: Record<string, string | undefined> = Deno.env.toObject()): LaunchEnv | null {
+  if (env.WORLD_SIZE === undefined) return null;
+  const int = (name: string, min: number, fallback?: number): number => {
+    const raw = env[name];
+    if (raw === undefined && fallback !== undefined) return fallback;
+    const v = Number(raw);
+    if (raw === undefined || raw === "" || !Number.isSafeInteger(v) || v < min) {
+      throw new RangeError(
+        `${name}: expected an integer >= ${min}, got ${raw === undefined ? "nothing" : `"${raw}"`}`,
+      );
+    }
+    return v;
+  };
+  const worldSize = int("WORLD_SIZE", 1);
+  const rank = int("RANK", 0);
+  if (rank >= worldSize) throw new RangeError(`RANK ${rank} is not below WORLD_SIZE ${worldSize}`);
+  const localWorldSize = int("LOCAL_WORLD_SIZE", 1, worldSize);
+  const localRank = int("LOCAL_RANK", 0, rank % localWorldSize);
+  if (localRank >= localWorldSize) {
+    throw new RangeError(`LOCAL_RANK ${localRank} is not below LOCAL_WORLD_SIZE ${localWorldSize}`);
+  }
+  const masterAddr = env.MASTER_ADDR;
+  if (!masterAddr) throw new RangeError("MASTER_ADDR: not set (the host of rank 0's store)");
+  const masterPort = int("MASTER_PORT", 1);
+  if (masterPort > 65535) throw new RangeError(`MASTER_PORT: ${masterPort} is not a port`);
+  return {
+    rank,
+    localRank,
+    worldSize,
+    localWorldSize,
+    masterAddr,
+    masterPort,
+    agentStore: env.TORCHELASTIC_USE_AGENT_STORE === "True",
+    restartCount: int("TORCHELASTIC_RESTART_COUNT", 0, 0),
+  };
+}
+
+/** The device a rank uses: its own GPU (`cuda:LOCAL_RANK`) when the config says "cuda", else as given. */
+export function rankDevice(device: Device, env: LaunchEnv | null): Device {
+  return env && device === "cuda" ? `cuda:${env.localRank}` : device;
+}
+
+/**
+ * Joins the run's process group: NCCL when the rank trains on a GPU, Gloo on
+ * the CPU. A single process (env null) gets {@link Replicas.single}.
+ */
+export function joinReplicas(env: LaunchEnv | null, device: Device, timeoutSeconds: number): Replicas {
+  if (!env) return Replicas.single();
+  const onGpu = device.startsWith("cuda");
+  const group = ProcessGroup.init({
+    backend: onGpu ? "nccl" : "gloo",
+    host: env.masterAddr,
+    port: env.masterPort,
+    worldSize: env.worldSize,
+    rank: env.rank,
+    timeoutMs: timeoutSeconds * 1000,
+    server: env.agentStore ? false : env.rank === 0,
+    prefix: env.agentStore ? `/worker/attempt_${env.restartCount}/moerl/` : "moerl/",
+  });
+  return new Replicas(group, onGpu ? device : "cpu");
+}
+
+/** A free TCP port on this machine (the OS picks one; it is released for the store to take). */
+export function freePort(hostname = "127.0.0.1"): number {
+  const listener = Deno.listen({ hostname, port: 0 });
+  const port = (listener.addr as Deno.NetAddr).port;
+  listener.close();
+  return port;
+}
+
+/** Options of {@link spawnLocal}. */
+export interface SpawnOptions {
+  /** The program (default: this Deno). */
+  program?: string;
+  /** Seconds the other ranks get to stop on their own after one fails, before they are killed (default 30). */
+  graceSeconds?: number;
+  /** Where lines of rank r > 0 go, prefixed with "[rank r]" (default: this process's stdout/stderr). */
+  quietRanks?: boolean;
+}
+
+/**
+ * Runs nproc local copies of `program args` with the torchrun variables set
+ * (MASTER_ADDR 127.0.0.1, a free port), rank 0's output as is and the
+ * others' prefixed with their rank. When a rank fails, the others get
+ * graceSeconds to stop (they fail at their next collective), then are
+ * killed. Returns the first failing rank's exit code, or 0.
+ */
+export async function spawnLocal(
+  nproc: number,
+  args: readonly string[],
+  opts: SpawnOptions = {},
+): Promise<number> {
+  if (!Number.isSafeInteger(nproc) || nproc < 1) {
+    throw new RangeError(`--nproc: expected an integer >= 1, got ${nproc}`);
+  }
+  const port = freePort();
+  const children = Array.from(
+    { length: nproc },
+    (_, rank) =>
+      new Deno.Command(opts.program ?? Deno.execPath(), {
+        args: [...args],
+        env: {
+          RANK: String(rank),
+          LOCAL_RANK: String(rank),
+          WORLD_SIZE: String(nproc),
+          LOCAL_WORLD_SIZE: String(nproc),
+          MASTER_ADDR: "127.0.0.1",
+          MASTER_PORT: String(port),
+        },
+        stdin: "null",
+        stdout: rank === 0 ? "inherit" : "piped",
+        stderr: rank === 0 ? "inherit" : "piped",
+      }).spawn(),
+  );
+  const pumps = children.flatMap((child, rank) =>
+    rank === 0 ? [] : [
+      prefixLines(child.stdout, `[rank ${rank}] `, (s) => opts.quietRanks || Deno.stdout.writeSync(s)),
+      prefixLines(child.stderr, `[rank ${rank}] `, (s) => Deno.stderr.writeSync(s)),
+    ]
+  );
+  let failed: { rank: number; code: number } | null = null;
+  let timer: ReturnType<typeof setTimeout> | undefined;
+  await Promise.all(children.map(async (child, rank) => {
+    const { code } = await child.status;
+    if (code !== 0 && !failed) {
+      failed = { rank, code };
+      console.error(`launch: rank ${rank} exited with code ${code}; stopping the others`);
+      timer = setTimeout(() => {
+        for (const c of children) {
+          try {
+            c.kill("SIGTERM");
+          } catch { /* already gone */ }
+        }
+      }, (opts.graceSeconds ?? 30) * 1000);
+    }
+  }));
+  clearTimeout(timer);
+  await Promise.all(pumps);
+  return (failed as { rank: number; code: number } | null)?.code ?? 0;
+}
+
+async function prefixLines(
+  stream: ReadableStream<Uint8Array>,
+  prefix: string,
+  write: (bytes: Uint8Array) => unknown,
+): Promise<void> {
+  const enc = new TextEncoder();
+  let rest = "";
+  for await (const chunk of stream.pipeThrough(new TextDecoderStream())) {
+    const lines = (rest + chunk).split("\n");
+    rest = lines.pop()!;
+    for (const line of lines) write(enc.encode(`${prefix}${line}\n`));
+  }
+  if (rest) write(enc.encode(`${prefix}${rest}\n`));
+}
