@@ -106,6 +106,9 @@ export const symbols = {
     result: I32,
   },
   mt_clip_grad_norm: { parameters: [C, BUF, I32, F64, BUF], result: I32 }, // handles, double*
+
+  mt_nf4_linear: { parameters: [C, T, BUF, BUF, I32, T, I64], result: T }, // mt_tensor parts[7], int64_t* shape
+  mt_token_stats: { parameters: [C, T, T, T, T, F64, I64, BUF], result: I32 }, // mt_tensor out[2]
 } as const satisfies Deno.ForeignLibraryInterface;
 
 /** The loaded shim: `Deno.dlopen` over {@link symbols}. */
