@@ -47,7 +47,11 @@ export async function train(
   using model = await loadConfiguredModel(cfg.model);
   const tok = await Tokenizer.load(model.dir);
   manualSeed(cfg.seed); // adapter and value-head initialisation
-  const policy = new Policy(model, { lora: { ...cfg.lora }, checkpointing: cfg.train.gradientCheckpointing });
+  const policy = new Policy(model, {
+    lora: { ...cfg.lora },
+    checkpointing: cfg.train.gradientCheckpointing,
+    headChunk: cfg.train.headChunk,
+  });
   const t = cfg.train;
   using opt = policyOptimizer(policy, {
     learningRate: t.learningRate,
