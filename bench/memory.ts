@@ -1,10 +1,14 @@
 /**
  * Peak memory of one LoRA training step (forward + backward through the
- * policy, PPO-shaped loss) on a small random-weight MoE, with and without a
- * 4-bit base and gradient checkpointing.
+ * policy, PPO-shaped loss) on a small random-weight MoE: full precision or a
+ * 4-bit base (whose backward keeps the dequantised weights, as before, or
+ * decodes them again), the LM head's log-softmax over all tokens at once or
+ * in chunks, with and without gradient checkpointing. Every ratio is to a
+ * variant measured in the same run.
  *
  *   deno task bench:memory                      # CPU: peak resident memory, each variant in its own process
  *   deno task bench:memory --device cuda        # GPU: the CUDA allocator's peak
+ *   deno task bench:memory --head-chunk 64      # tokens per LM-head chunk in the chunked variants
  *
  * On the CPU each variant runs in a fresh child process (with glibc told to
  * return large freed blocks to the OS, so RSS follows live memory) and
@@ -16,7 +20,7 @@ import { cuda, type Device, type DType, manualSeed, tensor } from "../ffi/mod.ts
 import { parseConfig } from "../model/config.ts";
 import { DEFAULT_LORA } from "../model/lora_apply.ts";
 import { randomModel } from "../model/model.ts";
-import { quantizeModel } from "../model/nf4.ts";
+import { type Nf4Backward, quantizeModel } from "../model/nf4.ts";
 import { Policy } from "../rl/policy.ts";
 
 const { values: a } = parseArgs({
@@ -26,16 +30,43 @@ const { values: a } = parseArgs({
     shapes: { type: "string" },
     batch: { type: "string", default: "4" },
     seq: { type: "string", default: "256" },
+    // The default policy chunk (512) would cover this bench's 512 completion tokens in one piece.
+    "head-chunk": { type: "string", default: "128" },
     variant: { type: "string" }, // internal: run one variant and print JSON
   },
 });
 const device = a.device as Device, dtype = a.dtype as DType;
 const onGpu = device.startsWith("cuda");
-const VARIANTS = [
-  { name: "full-precision base", nf4: false, checkpointing: false },
-  { name: "full-precision base + checkpointing", nf4: false, checkpointing: true },
-  { name: "4-bit base", nf4: true, checkpointing: false },
-  { name: "4-bit base + checkpointing", nf4: true, checkpointing: true },
+const headChunk = Number(a["head-chunk"]);
+interface Variant {
+  name: string;
+  /** null: full precision. */
+  nf4: Nf4Backward | null;
+  checkpointing: boolean;
+  /** LM-head chunk in tokens (0: all at once, the path before chunking). */
+  headChunk: number;
+}
+const variant = (
+  name: string,
+  nf4: Nf4Backward | null,
+  checkpointing: boolean,
+  chunked: boolean,
+): Variant => ({
+  name,
+  nf4,
+  checkpointing,
+  headChunk: chunked ? headChunk : 0,
+});
+// The first four are the variants as they ran before re-dequantising and chunking (the baselines).
+const VARIANTS: Variant[] = [
+  variant("full precision", null, false, false),
+  variant("full precision + ckpt", null, true, false),
+  variant("4-bit, keep dequantised", "keep", false, false),
+  variant("4-bit, keep dequantised + ckpt", "keep", true, false),
+  variant("4-bit, re-dequantising", "redequantize", false, false),
+  variant("full precision, chunked head", null, false, true),
+  variant("4-bit, re-dequantising, chunked head", "redequantize", false, true),
+  variant("4-bit, re-deq., chunked head + ckpt", "redequantize", true, true),
 ];
 
 /** A small MoE (Qwen3-MoE layout) unless --shapes names a bench/shapes file. */
@@ -64,12 +95,13 @@ function rssKiB(field: "VmRSS" | "VmHWM"): number {
 }
 
 /** Runs one variant in this process: build, quantise, one warm-up and one measured step. */
-async function runVariant(v: typeof VARIANTS[number]): Promise<Record<string, number>> {
+async function runVariant(v: Variant): Promise<Record<string, number>> {
   manualSeed(0);
   using model = await randomModel(config(), { dtype, device });
   let weightBytes = 0;
-  if (v.nf4) weightBytes = quantizeModel(model).bytesAfter;
-  const policy = new Policy(model, { lora: { ...DEFAULT_LORA }, checkpointing: v.checkpointing });
+  if (v.nf4) weightBytes = quantizeModel(model, { backward: v.nf4 }).bytesAfter;
+  const opts = { lora: { ...DEFAULT_LORA }, checkpointing: v.checkpointing, headChunk: v.headChunk };
+  const policy = new Policy(model, opts);
   const b = Number(a.batch), t = Number(a.seq), half = Math.floor(t / 2);
   const ids = Array.from(
     { length: b },
@@ -110,11 +142,16 @@ const cfg = config();
 console.log(
   `model: ${cfg.modelType}, ${cfg.numHiddenLayers} layers, hidden ${cfg.hiddenSize}, ${cfg.numExperts} experts ` +
     `top-${cfg.numExpertsPerTok}, vocab ${cfg.vocabSize}; ${dtype} on ${device}; batch ${a.batch} × ${a.seq} tokens ` +
-    `(half completion); LoRA r=${DEFAULT_LORA.r} on attention + experts`,
+    `(half completion); LoRA r=${DEFAULT_LORA.r} on attention + experts; chunked head: ${headChunk} tokens`,
 );
-console.log("variant                               step peak above resident   total peak    step s");
+console.log(
+  `${"variant".padEnd(38)} ${"step peak".padStart(12)} ${"× first".padStart(8)} ${
+    "total peak".padStart(12)
+  } ` +
+    `${"step s".padStart(7)}`,
+);
 const mib = (x: number): string => `${(x / 2 ** 20).toFixed(1)} MiB`;
-const results: Record<string, number>[] = [];
+const results = new Map<string, Record<string, number>>();
 for (const [i, v] of VARIANTS.entries()) {
   let r: Record<string, number>;
   if (onGpu) {
@@ -129,12 +166,31 @@ for (const [i, v] of VARIANTS.entries()) {
     if (!out.success) throw new Error(`variant "${v.name}" failed`);
     r = JSON.parse(new TextDecoder().decode(out.stdout).trim().split("\n").pop()!);
   }
-  results.push(r);
+  results.set(v.name, r);
+  const rel = r.stepPeak! / results.get(VARIANTS[0]!.name)!.stepPeak!;
   console.log(
-    `${v.name.padEnd(36)} ${mib(r.stepPeak!).padStart(14)} ${mib(r.peak!).padStart(22)} ${
-      r.seconds!.toFixed(2).padStart(9)
-    }`,
+    `${v.name.padEnd(38)} ${mib(r.stepPeak!).padStart(12)} ${rel.toFixed(2).padStart(7)}× ` +
+      `${mib(r.peak!).padStart(12)} ${r.seconds!.toFixed(2).padStart(7)}`,
   );
 }
-const [full, ckpt] = [results[0]!, results[1]!];
-console.log(`checkpointing: step peak ${(ckpt.stepPeak! / full.stepPeak!).toFixed(2)}× of without`);
+/** Step peak of variant a over that of b, both from this run. */
+const ratio = (a: string, b: string): string =>
+  `${(results.get(a)!.stepPeak! / results.get(b)!.stepPeak!).toFixed(2)}×`;
+console.log(
+  `checkpointing:                step peak ${ratio("full precision + ckpt", "full precision")} of without`,
+);
+console.log(
+  `4-bit, re-dequantising:       step peak ${
+    ratio("4-bit, re-dequantising", "4-bit, keep dequantised")
+  } of keeping the dequantised weights`,
+);
+console.log(
+  `chunked head (full precision): step peak ${
+    ratio("full precision, chunked head", "full precision")
+  } of the unchunked head`,
+);
+console.log(
+  `both (4-bit):                 step peak ${
+    ratio("4-bit, re-dequantising, chunked head", "4-bit, keep dequantised")
+  } of the 4-bit step before`,
+);

@@ -29,6 +29,7 @@ export {
   zeros,
 } from "./create.ts";
 export { cat, embedding, layerNorm, linear, stack, where } from "./functional.ts";
+export { nf4Linear, type Nf4LinearParts, type TokenStats, tokenStats } from "./fused.ts";
 export { type Device, type DType, isFloating, type Shape } from "./dtype.ts";
 export { dispose, keep, tidy, tidyAsync, TRACKED, type Tracked } from "./scope.ts";
 export { Handle, liveTensors, setLeakCheck } from "./handle.ts";

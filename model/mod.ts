@@ -137,6 +137,7 @@ export {
 } from "./lora_apply.ts";
 export { VALUE_HEAD_FILE, ValueHead } from "./value_head.ts";
 export {
+  type Nf4Backward,
   nf4Bytes,
   Nf4Experts,
   type Nf4LayerOptions,

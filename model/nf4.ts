@@ -23,12 +23,29 @@ import { expertSlots, linearSlots } from "./modules.ts";
 import { type ExpertBank, type ExpertNames, StackedExperts } from "./moe.ts";
 import { Nf4Tables, type Nf4Weight, quantizeNf4 } from "./nf4_codec.ts";
 
+/**
+ * Where a 4-bit layer's backward pass gets its weight. "redequantize" (the
+ * default, as bitsandbytes' 4-bit matmul): decode it again, so autograd keeps
+ * only the 4-bit parts. "keep": autograd keeps the forward pass's
+ * full-precision copy until backward (one decode fewer, one dense weight per
+ * layer call held through the step).
+ */
+export type Nf4Backward = "redequantize" | "keep";
+
 /** Quantisation settings shared by the layers. */
 export interface Nf4LayerOptions {
   /** Double-quantise the absmax (bnb compress_statistics). */
   doubleQuant?: boolean;
   /** Shared tables on the weight's device. */
   tables?: Nf4Tables;
+  /** How the backward pass gets the weight (default "redequantize"). */
+  backward?: Nf4Backward;
+}
+
+function checkBackward(b: unknown): Nf4Backward {
+  if (b === undefined) return "redequantize";
+  if (b === "redequantize" || b === "keep") return b;
+  throw new RangeError(`NF4 backward must be "redequantize" or "keep", got ${JSON.stringify(b)}`);
 }
 
 /** A linear layer over an NF4 weight [out, in]; the bias (if any) stays in full precision. */
@@ -37,20 +54,25 @@ export class Nf4Linear implements LinearLayer {
   readonly weight: Nf4Weight;
   /** Bias [out] (borrowed), or null. */
   readonly bias: Tensor | null;
+  /** How the backward pass gets the weight. */
+  readonly backward: Nf4Backward;
   /** Takes ownership of weight; the caller keeps the bias. */
-  constructor(weight: Nf4Weight, bias: Tensor | null = null) {
+  constructor(weight: Nf4Weight, bias: Tensor | null = null, backward: Nf4Backward = "redequantize") {
     if (weight.shape.length !== 2 || weight.batchDims !== 0) {
       throw new RangeError(`Nf4Linear: weight must be [out, in], got [${weight.shape.join(", ")}]`);
     }
+    this.backward = checkBackward(backward);
     this.weight = weight;
     this.bias = bias;
   }
   /** Quantises a dense layer's weight (the original is not freed; the bias is shared). */
   static fromLinear(layer: Linear, opts: Nf4LayerOptions = {}): Nf4Linear {
-    return new Nf4Linear(quantizeNf4(layer.weight, opts), layer.bias);
+    const backward = checkBackward(opts.backward);
+    return new Nf4Linear(quantizeNf4(layer.weight, opts), layer.bias, backward);
   }
   /** y = x·dequant(W)ᵀ + b, W dequantised to x's dtype. */
   forward(x: Tensor): Tensor {
+    if (this.backward === "redequantize") return this.weight.linear(x, this.bias);
     return tidy(() => linear(x, this.weight.dequantize(x.dtype), this.bias));
   }
   /** Frees the 4-bit weight (not the borrowed bias). */
@@ -75,8 +97,16 @@ export class Nf4Experts implements ExpertBank {
   readonly downWeight: Nf4Weight;
   /** Names and stored layout (a copy of the source bank's). */
   readonly names: ExpertNames;
+  /** How the backward pass gets the weights. */
+  readonly backward: Nf4Backward;
   /** Takes ownership of both weights (batchDims 1). */
-  constructor(gateUp: Nf4Weight, down: Nf4Weight, names: ExpertNames) {
+  constructor(
+    gateUp: Nf4Weight,
+    down: Nf4Weight,
+    names: ExpertNames,
+    backward: Nf4Backward = "redequantize",
+  ) {
+    this.backward = checkBackward(backward);
     for (const w of [gateUp, down]) {
       if (w.shape.length !== 3 || w.batchDims !== 1) {
         throw new RangeError(
@@ -90,9 +120,11 @@ export class Nf4Experts implements ExpertBank {
   }
   /** Quantises stacked experts (the originals are not freed). */
   static fromStacked(src: StackedExperts, opts: Nf4LayerOptions = {}): Nf4Experts {
+    const backward = checkBackward(opts.backward);
     const gateUp = quantizeNf4(src.gateUpWeight, { ...opts, batchDims: 1 });
     try {
-      return new Nf4Experts(gateUp, quantizeNf4(src.downWeight, { ...opts, batchDims: 1 }), src.names);
+      const down = quantizeNf4(src.downWeight, { ...opts, batchDims: 1 });
+      return new Nf4Experts(gateUp, down, src.names, backward);
     } catch (e) {
       gateUp.dispose();
       throw e;
@@ -104,19 +136,27 @@ export class Nf4Experts implements ExpertBank {
   }
   /** x W_gu[e]ᵀ, dequantising expert e only. */
   gateUp(e: number, x: Tensor): Tensor {
-    return tidy(() => linear(x, this.gateUpWeight.dequantize(x.dtype, e)));
+    return this.#one(this.gateUpWeight, e, x);
   }
   /** h W_d[e]ᵀ, dequantising expert e only. */
   down(e: number, h: Tensor): Tensor {
-    return tidy(() => linear(h, this.downWeight.dequantize(h.dtype, e)));
+    return this.#one(this.downWeight, e, h);
   }
   /** Batched over experts. */
   gateUpAll(x: Tensor): Tensor {
-    return tidy(() => x.bmm(this.gateUpWeight.dequantize(x.dtype).transpose(1, 2)));
+    return this.#all(this.gateUpWeight, x);
   }
   /** Batched over experts. */
   downAll(h: Tensor): Tensor {
-    return tidy(() => h.bmm(this.downWeight.dequantize(h.dtype).transpose(1, 2)));
+    return this.#all(this.downWeight, h);
+  }
+  #one(w: Nf4Weight, e: number, x: Tensor): Tensor {
+    if (this.backward === "redequantize") return w.linear(x, null, e);
+    return tidy(() => linear(x, w.dequantize(x.dtype, e)));
+  }
+  #all(w: Nf4Weight, x: Tensor): Tensor {
+    if (this.backward === "redequantize") return w.linear(x);
+    return tidy(() => x.bmm(w.dequantize(x.dtype).transpose(1, 2)));
   }
   /** Bytes held by both weights. */
   bytes(): number {
@@ -148,6 +188,8 @@ export interface QuantizeModelOptions {
   skip?: (name: string, role: Nf4Role) => boolean;
   /** Dispose the replaced full-precision weights right away (default true). */
   disposeOriginals?: boolean;
+  /** How the layers' backward passes get their weights (default "redequantize"; see {@link Nf4Backward}). */
+  backward?: Nf4Backward;
 }
 
 /** One quantised part. */
@@ -250,6 +292,7 @@ export function quantizeModel(
   const owner = "adopt" in model ? model : null;
   const skip = opts.skip ?? ((name: string) => name === "lm_head");
   const doubleQuant = opts.doubleQuant ?? false;
+  const backward = checkBackward(opts.backward);
   const lin = linearSlots(decoder).map((s) => ({ ...s, skip: skip(s.name, s.role) }));
   const exp = expertSlots(decoder).map((s) => ({ ...s, skip: skip(s.name, "experts") }));
   for (const s of lin) {
@@ -305,7 +348,7 @@ export function quantizeModel(
       const l = s.get();
       if (s.skip) skipped.push(s.name);
       if (s.skip || !(l instanceof Linear)) continue;
-      const q = Nf4Linear.fromLinear(l, { doubleQuant, tables: tablesFor(l.weight.device) });
+      const q = Nf4Linear.fromLinear(l, { doubleQuant, backward, tables: tablesFor(l.weight.device) });
       owned.push(q);
       s.set(q);
       const e = { name: s.name, role: s.role, params: l.weight.numel, bytesBefore: bytesOf(l.weight) };
@@ -316,7 +359,11 @@ export function quantizeModel(
       const b = s.get();
       if (s.skip) skipped.push(s.name);
       if (s.skip || !(b instanceof StackedExperts)) continue;
-      const q = Nf4Experts.fromStacked(b, { doubleQuant, tables: tablesFor(b.gateUpWeight.device) });
+      const q = Nf4Experts.fromStacked(b, {
+        doubleQuant,
+        backward,
+        tables: tablesFor(b.gateUpWeight.device),
+      });
       owned.push(q);
       s.set(q);
       const params = b.gateUpWeight.numel + b.downWeight.numel;

@@ -17,6 +17,7 @@ import {
   fromTypedArray,
   isFloating,
   keep,
+  nf4Linear,
   type Tensor,
   tidy,
   zeros,
@@ -262,6 +263,30 @@ export class Nf4Weight {
         }
       }
       return out.reshape(shape);
+    });
+  }
+  /**
+   * x·Wᵀ (+ bias) for matrix `row` (W [out, in]), or for every matrix at once
+   * (x [E, N, in] times a stacked W [E, out, in]), through the shim's fused
+   * NF4 linear: W is decoded in x's dtype as {@link dequantize} does, in the
+   * forward pass and again in the backward pass, so autograd never keeps a
+   * full-precision copy (the layer's memory stays 4-bit while training).
+   */
+  linear(x: Tensor, bias: Tensor | null = null, row?: number): Tensor {
+    if (this.#disposed) throw new Error("Nf4Weight: used after dispose()");
+    return tidy(() => {
+      const pick = (t: Tensor): Tensor => (row === undefined ? t : t.narrow(0, row, 1));
+      const dq = this.dq &&
+        { codes: pick(this.dq.codes), absmax: pick(this.dq.absmax), offset: pick(this.dq.offset) };
+      return nf4Linear(x, {
+        packed: pick(this.packed),
+        absmax: this.absmax && pick(this.absmax),
+        dq,
+        pairs: this.#tables.pairs,
+        dynamic: this.#tables.dynamic,
+        shape: row === undefined ? this.shape : this.shape.slice(this.batchDims),
+        chunk: this.packed.device === "cpu" ? DEQUANT_CHUNK.cpu : DEQUANT_CHUNK.gpu,
+      }, bias);
     });
   }
   /** Rows r0..r0+r, blocks b0..b0+cnt of the weight, [r, len], in dtype; absmax [r, nb] of those rows. */

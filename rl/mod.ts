@@ -5,6 +5,7 @@
  * @module
  */
 export {
+  DEFAULT_HEAD_CHUNK,
   type PassOptions,
   Policy,
   type PolicyOptions,

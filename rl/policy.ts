@@ -18,7 +18,17 @@
  * with a KL penalty it costs no pass of its own.
  * @module
  */
-import { cat, embedding, noGrad, type Tensor, tensor, tidy, zeros } from "../ffi/mod.ts";
+import {
+  cat,
+  embedding,
+  noGrad,
+  type Tensor,
+  tensor,
+  tidy,
+  tokenStats as fusedStats,
+  zeros,
+} from "../ffi/mod.ts";
+import { Linear } from "../model/layers.ts";
 import type { CausalLM } from "../model/model.ts";
 import { type LoraConfig, LoraModel } from "../model/lora_apply.ts";
 import { ValueHead } from "../model/value_head.ts";
@@ -72,6 +82,27 @@ export interface PolicyOptions {
   checkpointing?: boolean;
   /** MoE dispatch in training forwards (default "loop": exact, no wasted expert FLOPs). */
   dispatch?: "loop" | "dense";
+  /**
+   * Tokens per chunk of the LM head's log-softmax and entropy (default
+   * {@link DEFAULT_HEAD_CHUNK}). Each chunk's logits are made, reduced to
+   * two numbers per token and dropped; backward makes them again, so no
+   * [tokens, vocab] float32 tensor is ever whole. 0: all tokens at once with
+   * plain autograd ops, which keep ≈ 3 such tensors until backward. A head
+   * that is not a plain {@link Linear} (adapted or 4-bit) always takes the
+   * plain path.
+   */
+  headChunk?: number;
+}
+
+/** Default {@link PolicyOptions.headChunk}: 512 tokens × a 152k vocabulary is 311 MB of float32 per temporary. */
+export const DEFAULT_HEAD_CHUNK = 512;
+
+function checkHeadChunk(v: unknown): number {
+  if (v === undefined) return DEFAULT_HEAD_CHUNK;
+  if (typeof v === "number" && Number.isInteger(v) && v >= 0) return v;
+  throw new RangeError(
+    `Policy: headChunk must be a whole number of tokens ≥ 1, or 0 for the unchunked head; got ${v}`,
+  );
 }
 
 /** Statistics of the tempered distribution given by logits [N, V] (float32). */
@@ -147,11 +178,14 @@ export class Policy {
   readonly opts: PolicyOptions;
   /** Recompute layers in backward (see {@link PolicyOptions.checkpointing}); may be switched between steps. */
   checkpointing: boolean;
+  /** Tokens per LM-head chunk (see {@link PolicyOptions.headChunk}). */
+  readonly headChunk: number;
 
   /** Adds adapters and a fresh value head to model. */
   constructor(model: CausalLM, opts: PolicyOptions, valueHead?: ValueHead) {
     this.model = model;
     this.checkpointing = opts.checkpointing ?? false;
+    this.headChunk = checkHeadChunk(opts.headChunk);
     this.opts = opts;
     this.lora = new LoraModel(model.decoder, model.config, opts.lora);
     const embed = model.decoder.embed;
@@ -200,8 +234,11 @@ export class Policy {
   /** Log-probs and entropy [B, T] from completion states [N, H] laid out by layout. */
   #stats(states: Tensor, layout: CompletionLayout, batch: SequenceBatch, opts: PassOptions): PolicyOutput {
     return tidy(() => {
-      const logits = this.model.decoder.lmHead.forward(states).to("float32");
-      const stats = tokenStats(logits, layout.targets(batch.inputIds), opts.temperature ?? 1);
+      const head = this.model.decoder.lmHead, targets = layout.targets(batch.inputIds);
+      const temperature = opts.temperature ?? 1;
+      const stats = this.headChunk > 0 && head instanceof Linear
+        ? fusedStats(states, head.weight, head.bias, targets, temperature, this.headChunk)
+        : tokenStats(head.forward(states).to("float32"), targets, temperature);
       return {
         logprobs: layout.spread(stats.logprobs),
         entropy: layout.spread(stats.entropy),

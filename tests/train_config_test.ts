@@ -131,6 +131,7 @@ Deno.test("config: type mismatches name the key, what was expected and what came
     [{ lora: 16 }, /lora is a section \(keys r, alpha, .*\), got 16 \(a number\)/],
     [{ seed: null }, /seed: expected an integer in \[0, 2\^32\), got null/],
     [{ train: { gradientCheckpointing: "yes" } }, /expected true or false, got "yes"/],
+    [{ train: { headChunk: 0.5 } }, /train\.headChunk: expected an integer ≥ 0, got 0\.5/],
     [{ lora: { targetModules: "(" } }, /lora\.targetModules: not a regular expression/],
     [
       { train: { gradientCheckpointing: true }, lora: { dropout: 0.1 } },

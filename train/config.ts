@@ -24,6 +24,7 @@ import type { RewardConfig } from "../rl/reward.ts";
 import { DEFAULT_LORA, LORA_CHECKS, type LoraConfig } from "../model/lora_apply.ts";
 import { bool, type Check, int, nullable, num, oneOf, str, text } from "../model/settings.ts";
 import { MOE_CHECKS, PPO_CHECKS, rlConfig, ROLLOUT_CHECKS } from "../rl/config.ts";
+import { DEFAULT_HEAD_CHUNK } from "../rl/policy.ts";
 import { REWARD_CHECKS } from "../rl/reward.ts";
 import { parseSets, parseYaml, type Schema, SettingsSchema, TrainConfigError } from "./config_schema.ts";
 
@@ -91,6 +92,8 @@ export interface TrainSettings {
   minLrRatio: number;
   /** Recompute each layer in the backward pass (less memory, about a third more time). */
   gradientCheckpointing: boolean;
+  /** Tokens per chunk of the LM head's log-softmax and entropy (0: all at once; see PolicyOptions.headChunk). */
+  headChunk: number;
 }
 
 /** Greedy evaluation on held-out problems. */
@@ -203,6 +206,7 @@ export const DEFAULTS: DeepReadonly<TrainConfig> = deepFreeze<TrainConfig>({
     schedule: "constant",
     minLrRatio: 0.1,
     gradientCheckpointing: false,
+    headChunk: DEFAULT_HEAD_CHUNK,
   },
   // The RL sections are the library's (rl/config.ts): one set of defaults.
   rollout: { ...DEFAULT_RL_CONFIG.rollout },
@@ -262,6 +266,7 @@ const SCHEMA: Schema<TrainConfig> = {
     schedule: oneOf("constant", "cosine"),
     minLrRatio: num(0, 1),
     gradientCheckpointing: bool,
+    headChunk: int(0),
   },
   rollout: ROLLOUT_CHECKS,
   ppo: PPO_CHECKS,

@@ -78,7 +78,11 @@ export async function train(cfg: TrainConfig, opts: TrainOptions = {}): Promise<
   using model = await loadConfiguredModel({ ...cfg.model, device: opts.device ?? cfg.model.device });
   const tok = await Tokenizer.load(model.dir);
   manualSeed(cfg.seed); // adapter and value-head initialisation
-  const policy = new Policy(model, { lora: { ...cfg.lora }, checkpointing: cfg.train.gradientCheckpointing });
+  const policy = new Policy(model, {
+    lora: { ...cfg.lora },
+    checkpointing: cfg.train.gradientCheckpointing,
+    headChunk: cfg.train.headChunk,
+  });
   const trainable = (): ReturnType<Policy["policyParameters"]> => [
     ...policy.policyParameters(),
     ...policy.valueParameters(),

@@ -1,6 +1,7 @@
 // moerl shim: the C ABI of moerl.h over libtorch. Model logic lives in
 // TypeScript; this file only translates handles, codes and errors.
 #include "internal.h"
+#include "fused.h"
 
 #include <cmath>
 #include <cstring>
@@ -24,7 +25,7 @@ const char* mt_ctx_message(mt_ctx* ctx) { return ctx->message.c_str(); }
 void mt_ctx_set_grad(mt_ctx* ctx, int32_t enabled) { ctx->grad_enabled = enabled != 0; }
 int32_t mt_ctx_grad(mt_ctx* ctx) { return ctx->grad_enabled ? 1 : 0; }
 const char* mt_torch_version(void) { return TORCH_VERSION; }
-int32_t mt_abi_version(void) { return 3; }
+int32_t mt_abi_version(void) { return 4; }
 int64_t mt_live_count(void) { return live_count.load(std::memory_order_relaxed); }
 
 // ---- runtime -------------------------------------------------------------------
@@ -532,6 +533,25 @@ int32_t mt_clip_grad_norm(mt_ctx* ctx, const mt_tensor* params, int32_t n, doubl
     double coef = max_norm / (total + 1e-6);
     if (coef < 1.0)
       for (auto& g : grads) g.mul_(coef);
+  });
+}
+
+// ---- fused ops (fused.cpp) -----------------------------------------------------------------------
+mt_tensor mt_nf4_linear(mt_ctx* ctx, mt_tensor x, const mt_tensor* parts, const int64_t* shape,
+                        int32_t ndim, mt_tensor bias, int64_t chunk) {
+  return TENSOR_OP(ctx, ([&] {
+    auto part = [&](int i) { return parts[i] ? T(parts[i]) : Tensor(); };
+    moerl::Nf4Parts w{part(0), part(1), part(2), part(3), part(4), part(5), part(6), ints(shape, ndim), chunk};
+    return moerl::nf4_linear(T(x), w, opt(bias));
+  })());
+}
+
+int32_t mt_token_stats(mt_ctx* ctx, mt_tensor x, mt_tensor w, mt_tensor bias, mt_tensor targets,
+                       double temperature, int64_t chunk, mt_tensor* out) {
+  return STATUS_OP(ctx, {
+    auto r = moerl::token_stats(T(x), T(w), opt(bias), T(targets), temperature, chunk);
+    out[0] = wrap(r[0]);
+    out[1] = wrap(r[1]);
   });
 }
 

@@ -195,6 +195,25 @@ int32_t mt_adamw_step(mt_ctx* ctx, mt_tensor param, mt_tensor exp_avg,
 int32_t mt_clip_grad_norm(mt_ctx* ctx, const mt_tensor* params, int32_t n,
                           double max_norm, double* total_norm);
 
+/* ---- fused ops: custom autograd functions that recompute in backward ------------ */
+/* y = x W^T + b for a 4-bit NF4 weight W [out, in], or x.bmm(W^T) for stacked
+ * W [E, out, in] and x [E, N, in]. parts[7], borrowed: packed uint8 [r, ceil(n/2)],
+ * absmax float32 [r, ceil(n/64)] or NULL, then the double-quantised codes,
+ * absmax and offset (NULL when absmax is given), the pair table float32
+ * [256, 2] and the dynamic map float32 [256, 1] (model/nf4_codec.ts's layout).
+ * W is decoded in x's dtype, in pieces of at most chunk values (a multiple of
+ * 64), in forward and again in backward: autograd keeps only the 4-bit parts.
+ * W gets no gradient; bias may be NULL (2-D W only). */
+mt_tensor mt_nf4_linear(mt_ctx* ctx, mt_tensor x, const mt_tensor* parts,
+                        const int64_t* shape, int32_t ndim, mt_tensor bias, int64_t chunk);
+/* For states x [N, H] and an LM head w [V, H] (bias [V] or NULL): out[0] =
+ * log softmax((x w^T + b) / temperature) at targets (int64 [N]), out[1] = the
+ * entropy, float32 [N] each, computed chunk rows at a time. Backward
+ * recomputes each chunk's logits, so no [N, V] tensor outlives a chunk. */
+int32_t mt_token_stats(mt_ctx* ctx, mt_tensor x, mt_tensor w, mt_tensor bias,
+                       mt_tensor targets, double temperature, int64_t chunk,
+                       mt_tensor* out);
+
 /* ---- data parallel: c10d process groups (dist.cpp) --------------------------------------
  * A group is an opaque handle over PyTorch's c10d: a TCPStore rendezvous and a
  * Gloo (CPU tensors) or NCCL (CUDA tensors) process group. Every collective
