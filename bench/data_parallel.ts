@@ -81,7 +81,14 @@ async function worker(out: string): Promise<void> {
   const shapes = await readShapes(a.shapes ?? SMALL_SHAPES);
   const vocab = shapes.vocab_size as number;
   manualSeed(1234);
-  using model = await randomModel(parseConfig(shapes, a.shapes ?? SMALL_SHAPES), {
+  // Shape files hold the sizes; the family (Qwen3-MoE unless they say) and RoPE defaults fill in the rest.
+  const config = {
+    model_type: "qwen3_moe",
+    rope_theta: 10000,
+    intermediate_size: shapes.moe_intermediate_size,
+    ...shapes,
+  };
+  using model = await randomModel(parseConfig(config, a.shapes ?? SMALL_SHAPES), {
     dtype: a.dtype as DType,
     device,
   });

@@ -4,6 +4,7 @@
 //   deno task build            build if sources/libtorch/flags changed
 //   deno task build --force    rebuild anyway
 //   deno task build --print    print where libtorch was found, build nothing
+//   GLOO_INCLUDE=/path          where gloo's headers are, when not in the system's include dirs
 //
 // libtorch is looked for in this order (like tch-rs's torch-sys/build.rs):
 //   1. $LIBTORCH: a dir with include/ and lib/ (official zip or a torch
@@ -71,7 +72,9 @@ function layoutProblem(inc: string, lib: string): string | null {
 
 // TORCH_VERSION from torch/version.h (its location moved between releases).
 function headerVersion(inc: string): string {
-  for (const h of ["torch/csrc/api/include/torch/version.h", "torch/version.h"]) {
+  for (
+    const h of ["torch/csrc/api/include/torch/version.h", "torch/version.h", "torch/headeronly/version.h"]
+  ) {
     try {
       const m = Deno.readTextFileSync(join(inc, h)).match(/#define\s+TORCH_VERSION\s*\\?\s*"([^"]+)"/);
       if (m?.[1]) return m[1];
@@ -171,6 +174,12 @@ function cudaIncludes(t: Torch): string[] {
   if (t.torchDir) { // pip's nvidia-* wheels sit next to torch in site-packages
     const nv = join(dirname(t.torchDir), "nvidia");
     sets.push([join(nv, "cuda_runtime/include"), join(nv, "cuda_nvcc/include")]);
+    // CUDA 13 wheels put the runtime in nvidia/cu13; crt/ then comes with nvcc's wheel or triton's copy.
+    const cu13 = join(nv, "cu13/include");
+    sets.push([cu13, join(nv, "cuda_nvcc/include")], [
+      cu13,
+      join(dirname(t.torchDir), "triton/backends/nvidia/include"),
+    ]);
   }
   for (const dirs of sets) {
     const has = (f: string) => dirs.some((d) => exists(join(d, f)));
@@ -186,7 +195,8 @@ function cudaIncludes(t: Torch): string[] {
 function distFlags(t: Torch, cudaInc: string[]): { flags: string[]; backends: string[]; missing: string[] } {
   const c10d = join(t.includeDir, "torch/csrc/distributed/c10d");
   const flags: string[] = [], backends: string[] = [], missing: string[] = [];
-  const glooDirs = [t.includeDir, "/usr/include", "/usr/local/include"];
+  const env = Deno.env.get("GLOO_INCLUDE"); // a folder holding gloo/ (e.g. unpacked from libgloo-dev)
+  const glooDirs = [...(env ? [env] : []), t.includeDir, "/usr/include", "/usr/local/include"];
   const gloo = glooDirs.find((d) => exists(join(d, "gloo/algorithm.h")));
   if (!exists(join(c10d, "ProcessGroupGloo.hpp"))) {
     missing.push(`gloo: no ${join(c10d, "ProcessGroupGloo.hpp")}`);
@@ -243,7 +253,15 @@ if (cpps.length === 0) fail(`no C++ sources in ${SHIM}`);
 
 const cxx = (Deno.env.get("CXX") || "g++").split(/\s+/).filter(Boolean); // allows "ccache g++"
 // -D_GLIBCXX_USE_CXX11_ABI must match libtorch's std::string ABI.
-const flags = ["-std=c++17", "-O2", "-fPIC", "-shared", `-D_GLIBCXX_USE_CXX11_ABI=${torch.cxx11Abi}`];
+// The C++ standard libtorch's headers ask for: recent 2.x releases refuse anything before C++20.
+function cxxStandard(t: Torch): string {
+  try {
+    const all = Deno.readTextFileSync(join(t.includeDir, "torch/csrc/api/include/torch/all.h"));
+    if (all.includes("C++20 or later")) return "-std=c++20";
+  } catch { /* an older layout: C++17 */ }
+  return "-std=c++17";
+}
+const flags = [cxxStandard(torch), "-O2", "-fPIC", "-shared", `-D_GLIBCXX_USE_CXX11_ABI=${torch.cxx11Abi}`];
 if (cudaInc.length) flags.push("-DMOERL_WITH_CUDA", ...cudaInc.map((d) => `-I${d}`));
 flags.push(...dist.flags);
 flags.push(`-I${torch.includeDir}`, `-I${join(torch.includeDir, "torch/csrc/api/include")}`);

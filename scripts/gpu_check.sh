@@ -3,10 +3,11 @@
 # (no network needed): builds the shim against that libtorch with CUDA, runs
 # the whole test suite on the CPU (float32) and on CUDA (float32 and
 # bfloat16), and measures generation with random weights at real model
-# shapes. Logs go to $OUT (default /tmp/moerl-gpu); a summary is printed last.
+# shapes, training memory, and the data-parallel overhead with NCCL. Logs go to $OUT (default /tmp/moerl-gpu); a summary is printed last.
 #
 # Offline machines: put a Deno binary at .gpu/deno.xz and a prefilled Deno
-# cache (DENO_DIR with the npm packages) at .gpu/deno_dir.tar.xz.
+# cache (DENO_DIR with the npm packages) at .gpu/deno_dir.tar.xz, and for the
+# Gloo backend gloo's headers: tar cJf .gpu/gloo-include.tar.xz -C /usr/include gloo
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/moerl-gpu}
@@ -15,6 +16,10 @@ export DENO_NO_UPDATE_CHECK=1
 
 if ! command -v deno >/dev/null 2>&1; then
   xz -dc .gpu/deno.xz >/tmp/deno && chmod +x /tmp/deno && export PATH=/tmp:$PATH
+fi
+# pip's torch ships no gloo headers: the Gloo backend (multi-process tests) builds with Debian's, carried along.
+if [ ! -f /usr/include/gloo/algorithm.h ] && [ -f .gpu/gloo-include.tar.xz ]; then
+  mkdir -p /tmp/gloo-include && tar xJf .gpu/gloo-include.tar.xz -C /tmp/gloo-include && export GLOO_INCLUDE=/tmp/gloo-include
 fi
 if [ -f .gpu/deno_dir.tar.xz ]; then
   tar xJf .gpu/deno_dir.tar.xz -C /tmp && export DENO_DIR=/tmp/deno_dir
@@ -57,11 +62,15 @@ step mem-huihui deno run -A bench/memory.ts --shapes bench/shapes/huihui-moe-1b-
 step mem-phi-tiny deno run -A bench/memory.ts --shapes bench/shapes/phi-tiny-moe.json \
   --device cuda --dtype bfloat16 --batch 8 --seq 512
 
+# Data parallel on one device: what the NCCL group and its gradient sums cost per update at Huihui shapes.
+step dp-nccl-huihui deno run -A bench/data_parallel.ts --device cuda --dtype bfloat16 \
+  --shapes bench/shapes/huihui-moe-1b-a0.6b.json --procs 1 --prompts 32 --k 4 --new 128 --micro 8
+
 echo "==== failures (first 60 lines of each failing suite)"
 for f in "$OUT"/test-*.log; do
   grep -q "FAILED" "$f" && { echo "--- $f"; sed 's/\x1b\[[0-9;]*m//g' "$f" | grep "=> " | sort -u | head -40; }
 done
 echo "==== generation and training memory"
-cat "$OUT"/gen-*.log "$OUT"/mem-*.log | grep -v "^\s*at "
+cat "$OUT"/gen-*.log "$OUT"/mem-*.log "$OUT"/dp-*.log | grep -v "^\s*at "
 echo "==== summary"
 cat "$OUT/summary.txt"

@@ -90,7 +90,7 @@ export async function main(args: string[]): Promise<number> {
       return 2;
     }
     const main = new URL(import.meta.url).pathname;
-    return await spawnLocal(n, ["run", "-A", "--v8-flags=--expose-gc", main, ...withoutNproc(args)]);
+    return await spawnLocal(n, ["run", "-A", main, ...withoutNproc(args)]);
   }
   const lead = (env?.rank ?? 0) === 0;
   const base = Deno.env.get("INIT_CWD") ?? Deno.cwd();

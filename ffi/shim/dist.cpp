@@ -80,6 +80,19 @@ c10d::ReduceOp reduce_op(int32_t op) {
   }
 }
 
+// libtorch 2.x's TCPStore serves with a libuv loop by default, from a libuv
+// linked into libtorch_cpu whose uv_* symbols are exported. Deno exports uv_*
+// functions of its own (for Node-API addons), and the dynamic linker binds
+// libtorch's calls to the executable's: the store's server thread then
+// crashes. The classic socket server avoids libuv; the field does not exist
+// before 2.2, hence the overload.
+template <typename O>
+auto without_libuv(O& o, int) -> decltype(o.useLibUV = false, void()) {
+  o.useLibUV = false;
+}
+template <typename O>
+void without_libuv(O&, long) {}
+
 #ifdef MOERL_WITH_GLOO
 std::vector<std::shared_ptr<::gloo::transport::Device>> gloo_devices(const std::string& host) {
   std::vector<std::shared_ptr<::gloo::transport::Device>> out;
@@ -151,6 +164,7 @@ mt_group mt_dist_init(mt_ctx* ctx, const char* backend, const char* host, int32_
     opts.numWorkers = static_cast<std::size_t>(world);
     opts.waitWorkers = true;  // clients count themselves in; the server waits for all
     opts.timeout = g->timeout;
+    without_libuv(opts, 0);
     auto tcp = c10::make_intrusive<c10d::TCPStore>(std::string(host), opts);
     g->store = c10::make_intrusive<c10d::PrefixStore>(std::string(prefix), tcp);
 #ifdef MOERL_WITH_GLOO
