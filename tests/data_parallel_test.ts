@@ -73,10 +73,14 @@ Deno.test({
     try {
       // 4 prompts per update either way: 1 process × micro-batches of 4, or 2 ranks × micro-batches of 2.
       const one = join(tmp, "one"), two = join(tmp, "two");
-      const single = await trainCli(settings(one, 3, ["train.microBatch=4", "train.gradAccum=1"]));
+      // The last update is evaluated too, on 3 problems (2 on rank 0, 1 on rank 1).
+      const evaluate = ["eval.every=3", "eval.limit=3", "eval.batchSize=2", "eval.maxNewTokens=8"];
+      const single = await trainCli(
+        settings(one, 3, ["train.microBatch=4", "train.gradAccum=1", ...evaluate]),
+      );
       assert.equal(single.code, 0, text(single.stderr));
       const dp = await trainCli([
-        ...settings(two, 3, ["train.microBatch=2", "train.gradAccum=2"]),
+        ...settings(two, 3, ["train.microBatch=2", "train.gradAccum=2", ...evaluate]),
         "--nproc",
         "2",
       ]);
@@ -106,16 +110,16 @@ Deno.test({
       assert.equal(m2.length, 3, "rank 0 alone writes the metrics, once per update");
       assert.ok(m2.some((r) => (r.trained_fraction as number) > 0), "some group had signal");
       for (const [i, r] of m2.entries()) {
-        for (
-          const key of [
-            "reward_mean",
-            "accuracy",
-            "trained_fraction",
-            "tokens_generated",
-            "value_loss",
-            "loss",
-          ]
-        ) {
+        const keys = [
+          "reward_mean",
+          "accuracy",
+          "trained_fraction",
+          "tokens_generated",
+          "value_loss",
+          "loss",
+        ];
+        if (i === 2) keys.push("eval_accuracy_strict", "eval_accuracy_flexible");
+        for (const key of keys) {
           const [x, y] = [m1[i]![key] as number, r[key] as number];
           assert.ok(
             Math.abs(x - y) <= 1e-5 * Math.max(1, Math.abs(x)),
