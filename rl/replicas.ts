@@ -88,11 +88,13 @@ export class Replicas {
   /**
    * Sums the parameters' gradients over the ranks, in place, as one flat
    * buffer per dtype (one collective each). A parameter without a gradient
-   * counts as zeros and has one afterwards, so every rank steps every
-   * parameter alike.
+   * on this rank counts as zeros; one that has none on any rank (an expert
+   * no token reached) keeps none, so that the optimizer skips it as a single
+   * process would.
    */
   sumGradients(params: readonly Tensor[]): void {
     if (!this.group || params.length === 0) return;
+    const anywhere = this.max(tidy(() => params.map((p) => (p.grad === null ? 0 : 1))));
     noGrad(() => {
       const byType = new Map<DType, Tensor[]>();
       for (const p of params) byType.set(p.dtype, [...(byType.get(p.dtype) ?? []), p]);
@@ -103,7 +105,7 @@ export class Replicas {
           let offset = 0;
           for (const p of group) {
             const n = p.numel;
-            p.setGrad(flat.narrow(0, offset, n).reshape(p.shape));
+            if (anywhere[params.indexOf(p)]) p.setGrad(flat.narrow(0, offset, n).reshape(p.shape));
             offset += n;
           }
         });

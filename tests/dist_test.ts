@@ -65,6 +65,25 @@ Deno.test({
 });
 
 Deno.test({
+  name: "dist: Replicas sums gradients in flat buffers; a parameter no rank has a gradient for keeps none",
+  ignore: !hasGloo,
+  async fn(): Promise<void> {
+    const runs = await launch("gradients", 2);
+    for (const [r, run] of runs.entries()) {
+      assert.equal(run.code, 0, `rank ${r}: ${run.stderr}`);
+      const j = run.json!;
+      assert.equal(j.error, undefined, `rank ${r}: ${j.error}`);
+      assert.deepEqual(j.a, [1, 1, 1], "rank 0's gradient, zeros from rank 1");
+      assert.equal(j.b, null);
+      assert.deepEqual(j.c, [6, 12, 18], "2c + 4c");
+      assert.deepEqual(j.d, [[30, 30]]);
+      assert.deepEqual(j.gathered, [[0, 10], [1, 11]]);
+      assert.deepEqual(j.summed, [2]);
+    }
+  },
+});
+
+Deno.test({
   name: "dist: a rank that dies makes the others' next collective throw, naming it, within the timeout",
   ignore: !hasGloo,
   async fn(): Promise<void> {

@@ -4,6 +4,7 @@
  * the scenario named by its first argument and prints one JSON line.
  */
 import { ProcessGroup, tensor } from "../ffi/mod.ts";
+import { Replicas } from "../rl/replicas.ts";
 
 const env = (k: string): string => Deno.env.get(k) ?? "";
 const rank = Number(env("RANK")), world = Number(env("WORLD_SIZE"));
@@ -40,6 +41,24 @@ try {
       min: min.tolist(),
       broadcast: b.tolist(),
       gathered: gathered.tolist(),
+    });
+  } else if (scenario === "gradients") {
+    // a: a gradient on rank 0 only; b: on no rank; c: on every rank; d: float64, on every rank.
+    const [a, b, c] = [0, 1, 2].map(() => tensor([1, 2, 3], { dtype: "float32" }).setRequiresGrad());
+    const d = tensor([[1, 2]], { dtype: "float64" }).setRequiresGrad();
+    const loss = (rank === 0 ? a.sum().mul(rank + 1) : tensor(0)).add(c.mul(c).sum().mul(rank + 1)).add(
+      d.sum().mul(10 * (rank + 1)).to("float32"),
+    );
+    loss.backward();
+    const replicas = new Replicas(g);
+    replicas.sumGradients([a, b, c, d]);
+    Object.assign(out, {
+      a: a.grad?.tolist() ?? null,
+      b: b.grad?.tolist() ?? null,
+      c: c.grad?.tolist() ?? null,
+      d: d.grad?.tolist() ?? null,
+      gathered: replicas.gather([rank, 10 + rank]),
+      summed: replicas.sum([rank + 0.5]),
     });
   } else if (scenario === "peer-dies") {
     g.barrier();
