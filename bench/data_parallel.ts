@@ -28,7 +28,7 @@ import type { RlOverrides } from "../rl/config.ts";
 import { learn } from "../rl/learn.ts";
 import { Policy } from "../rl/policy.ts";
 import { policyOptimizer } from "../rl/ppo.ts";
-import type { RewardResult } from "../rl/reward.ts";
+import { parityReward } from "./parity_reward.ts";
 import { distTimeoutSeconds, joinReplicas, launchEnv, rankDevice, spawnLocal } from "../train/launch.ts";
 import { readShapes, SMALL_SHAPES } from "./shapes.ts";
 
@@ -59,18 +59,6 @@ interface Result {
   reduceCalls: number;
   reduceMs: number;
   gradBytes: number;
-}
-
-/** The parity reward, as bench:rl's. */
-function parity(c: { tokens: readonly number[] }): RewardResult {
-  const r = c.tokens.reduce((s, t) => s + t, 0) % 2;
-  return {
-    reward: r,
-    correct: r === 1,
-    marker: false,
-    overLength: false,
-    extracted: { value: null, method: null, marker: false },
-  };
 }
 
 async function worker(out: string): Promise<void> {
@@ -126,7 +114,7 @@ async function worker(out: string): Promise<void> {
     using buf = await collect(policy, tok, mine, cfg, {
       seed: 100 + u,
       firstPrompt: replicas.rank * share,
-      score: parity,
+      score: parityReward,
     });
     const m = learn(policy, opt, buf, cfg, { microBatch: Number(a.micro) * k, seed: u, replicas });
     const seconds = (performance.now() - t0) / 1000;

@@ -45,7 +45,7 @@ import type { RlOverrides } from "../rl/config.ts";
 import { learn } from "../rl/learn.ts";
 import { Policy } from "../rl/policy.ts";
 import { policyOptimizer } from "../rl/ppo.ts";
-import type { RewardResult } from "../rl/reward.ts";
+import { parityReward } from "./parity_reward.ts";
 import { runPythonJson } from "./python.ts";
 import { readShapes, SMALL_SHAPES } from "./shapes.ts";
 
@@ -98,18 +98,6 @@ const common = {
   lora: { r: 16, alpha: 32, targetModules: ["q_proj", "k_proj", "v_proj", "o_proj"] },
 };
 
-/** The parity reward, as bench/rl.py's. */
-function parity(c: { tokens: readonly number[] }): RewardResult {
-  const r = c.tokens.reduce((s, t) => s + t, 0) % 2;
-  return {
-    reward: r,
-    correct: r === 1,
-    marker: false,
-    overLength: false,
-    extracted: { value: null, method: null, marker: false },
-  };
-}
-
 interface Phases {
   [phase: string]: number;
 }
@@ -139,7 +127,7 @@ async function moerl(
       using g = new Generator(100 + u, device);
       using buf = await collect(policy, tok, prompts, cfg, {
         generator: g,
-        score: parity,
+        score: parityReward,
         stopTokenIds: [EOS],
       });
       const l = learn(policy, opt, buf, cfg, { microBatch: (nPrompts * k) / micro, seed: u });

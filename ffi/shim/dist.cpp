@@ -71,6 +71,23 @@ void wait(Group& g, const c10::intrusive_ptr<c10d::Work>& work, const char* what
   }
 }
 
+// Issues one collective per tensor (c10d reads a list as one tensor per
+// device), then waits for all; returns the one-tensor lists it used.
+template <typename Issue>
+std::vector<std::vector<Tensor>> per_tensor(Group& grp, const mt_tensor* ts, int32_t n, const char* what,
+                                            Issue issue) {
+  torch::NoGradGuard ng;
+  std::vector<std::vector<Tensor>> lists;
+  lists.reserve(n);
+  std::vector<c10::intrusive_ptr<c10d::Work>> works;
+  for (int32_t i = 0; i < n; i++) {
+    lists.push_back({T(ts[i])});
+    works.push_back(on_backend(grp, [&](auto& pg) { return issue(pg, lists.back()); }));
+  }
+  for (auto& w : works) wait(grp, w, what);
+  return lists;
+}
+
 c10d::ReduceOp reduce_op(int32_t op) {
   switch (op) {
     case 0: case 1: return c10d::ReduceOp::SUM;  // average = sum / size (Gloo has no AVG)
@@ -192,19 +209,12 @@ void mt_dist_free(mt_group g) { delete static_cast<Group*>(g); }
 int32_t mt_dist_allreduce(mt_ctx* ctx, mt_group g, const mt_tensor* ts, int32_t n, int32_t op) {
   return STATUS_OP(ctx, {
     Group& grp = G(g);
-    torch::NoGradGuard ng;
     c10d::AllreduceOptions o;
     o.reduceOp = reduce_op(op);
     o.timeout = grp.timeout;
-    // One collective per tensor: c10d treats a list as one tensor per device.
-    std::vector<c10::intrusive_ptr<c10d::Work>> works;
-    std::vector<std::vector<Tensor>> lists;
-    lists.reserve(n);
-    for (int32_t i = 0; i < n; i++) {
-      lists.push_back({T(ts[i])});
-      works.push_back(on_backend(grp, [&](auto& pg) { return pg.allreduce(lists.back(), o); }));
-    }
-    for (auto& w : works) wait(grp, w, "all-reduce");
+    auto lists = per_tensor(grp, ts, n, "all-reduce", [&](auto& pg, std::vector<Tensor>& l) {
+      return pg.allreduce(l, o);
+    });
     if (op == 1)
       for (auto& l : lists) l[0].div_(grp.size);
   });
@@ -213,19 +223,12 @@ int32_t mt_dist_allreduce(mt_ctx* ctx, mt_group g, const mt_tensor* ts, int32_t 
 int32_t mt_dist_broadcast(mt_ctx* ctx, mt_group g, const mt_tensor* ts, int32_t n, int32_t root) {
   return STATUS_OP(ctx, {
     Group& grp = G(g);
-    if (root < 0 || root >= grp.size) throw std::invalid_argument("broadcast root " + std::to_string(root) + " is outside the world");
-    torch::NoGradGuard ng;
+    if (root < 0 || root >= grp.size)
+      throw std::invalid_argument("broadcast root " + std::to_string(root) + " is outside the world");
     c10d::BroadcastOptions o;
     o.rootRank = root;
     o.timeout = grp.timeout;
-    std::vector<c10::intrusive_ptr<c10d::Work>> works;
-    std::vector<std::vector<Tensor>> lists;
-    lists.reserve(n);
-    for (int32_t i = 0; i < n; i++) {
-      lists.push_back({T(ts[i])});
-      works.push_back(on_backend(grp, [&](auto& pg) { return pg.broadcast(lists.back(), o); }));
-    }
-    for (auto& w : works) wait(grp, w, "broadcast");
+    per_tensor(grp, ts, n, "broadcast", [&](auto& pg, std::vector<Tensor>& l) { return pg.broadcast(l, o); });
   });
 }
 
