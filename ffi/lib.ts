@@ -6,7 +6,7 @@
 import { type ShimLibrary, symbols } from "./symbols.ts";
 
 /** The ABI version this TypeScript expects from the shim (mt_abi_version). */
-const ABI_VERSION = 4;
+const ABI_VERSION = 5;
 
 /** An error raised by libtorch (or by the shim's argument checks). */
 export class TorchError extends Error {
@@ -68,17 +68,18 @@ function load(): Loaded {
     try {
       const lib = Deno.dlopen(path, symbols);
       const abi = lib.symbols.mt_abi_version();
-      if (abi !== ABI_VERSION) {
-        lib.close();
-        tried.push(`${path} (${from}): ABI ${abi}, expected ${ABI_VERSION}; rebuild`);
-        continue;
+      if (abi === ABI_VERSION) {
+        const ctx = lib.symbols.mt_ctx_new();
+        if (ctx === null) throw new Error("mt_ctx_new returned null");
+        return { lib, ctx, path };
       }
-      const ctx = lib.symbols.mt_ctx_new();
-      if (ctx === null) throw new Error("mt_ctx_new returned null");
-      return { lib, ctx, path };
+      lib.close();
+      tried.push(`${path} (${from}): ABI ${abi}, expected ${ABI_VERSION}; rebuild`);
     } catch (e) {
       tried.push(`${path} (${from}): ${(e as Error).message}`);
     }
+    // A library named by $MOERL_LIB is the one asked for: falling back to another build would hide the mistake.
+    if (from === "$MOERL_LIB") break;
   }
   throw new Error(
     "moerl: cannot load the libtorch shim.\n" +
