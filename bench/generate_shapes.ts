@@ -5,15 +5,17 @@
  *   deno run -A bench/generate_shapes.ts --shapes bench/shapes/huihui-moe-1b-a0.6b.json \
  *     --device cuda --dtype bfloat16 --batch 32 --prompt 64 --new 128
  *
- * Prints prefill time, decode tokens/s for each MoE dispatch mode, and peak
+ * Prints prefill time, decode tokens/s for each MoE dispatch mode ("grouped"
+ * where libtorch has grouped GEMM), and peak
  * CUDA memory. Random weights make the text meaningless but not the cost:
  * with no EOS every row decodes all --new tokens.
  */
 import { parseArgs } from "node:util";
-import { cuda, type Device, type DType, manualSeed } from "../ffi/mod.ts";
+import { cuda, type Device, type DType, groupedMmAvailable, manualSeed } from "../ffi/mod.ts";
 import { parseConfig } from "../model/config.ts";
 import { generate } from "../model/generate.ts";
 import { randomModel } from "../model/model.ts";
+import type { MoeDispatch } from "../model/moe.ts";
 
 const { values: a } = parseArgs({
   options: {
@@ -53,7 +55,7 @@ const prompts = Array.from(
   (_, i) => Array.from({ length: promptLen }, (_, j) => (i * 7919 + j * 104729) % 30000 + 100),
 );
 
-async function timeGenerate(dispatch: "loop" | "dense", maxNew: number): Promise<number> {
+async function timeGenerate(dispatch: MoeDispatch, maxNew: number): Promise<number> {
   sync();
   const start = performance.now();
   const out = await generate(model.decoder, prompts, {
@@ -68,7 +70,8 @@ async function timeGenerate(dispatch: "loop" | "dense", maxNew: number): Promise
 }
 
 const rows: string[] = [];
-for (const dispatch of ["dense", "loop"] as const) {
+const modes: MoeDispatch[] = ["dense", "loop", ...(groupedMmAvailable() ? ["grouped" as const] : [])];
+for (const dispatch of modes) {
   await timeGenerate(dispatch, 4); // warm-up: allocator, kernels, cuBLAS handles
   if (onGpu) cuda.resetPeakMemoryStats(device);
   const prefill = Math.min(await timeGenerate(dispatch, 1), await timeGenerate(dispatch, 1)); // prefill + 1 step

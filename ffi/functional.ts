@@ -53,3 +53,17 @@ export function layerNorm(
   const inputs = [x, ...(weight ? [weight] : []), ...(bias ? [bias] : [])];
   return wrap("layer_norm", p, ...inputs);
 }
+
+/** Whether this libtorch has the grouped matrix product ({@link groupedMm}; libtorch 2.8 and later). */
+export function groupedMmAvailable(): boolean {
+  return shim().mt_grouped_mm_available() === 1;
+}
+
+/**
+ * Grouped matrix product: rows `offs[g−1] .. offs[g]` of a [N, K] times b[g] [K, M], for each group g.
+ * a's rows are sorted by group; offs is int32 [G], the cumulative row ends. Differentiable.
+ * @throws {TorchError} where libtorch lacks it ({@link groupedMmAvailable}) or for mismatched shapes
+ */
+export function groupedMm(a: Tensor, b: Tensor, offs: Tensor): Tensor {
+  return wrap("grouped_mm", shim().mt_grouped_mm(c(), a.ptr, b.ptr, offs.ptr), a, b, offs);
+}

@@ -28,9 +28,18 @@ export {
   type TensorData,
   zeros,
 } from "./create.ts";
-export { cat, embedding, layerNorm, linear, stack, where } from "./functional.ts";
+export {
+  cat,
+  embedding,
+  groupedMm,
+  groupedMmAvailable,
+  layerNorm,
+  linear,
+  stack,
+  where,
+} from "./functional.ts";
 export { nf4Linear, type Nf4LinearParts, type TokenStats, tokenStats } from "./fused.ts";
-export { type Device, type DType, isFloating, type Shape } from "./dtype.ts";
+export { type Device, type DType, ELEMENT_SIZE, isFloating, type Shape } from "./dtype.ts";
 export { dispose, keep, tidy, tidyAsync, TRACKED, type Tracked } from "./scope.ts";
 export { Handle, liveTensors, setLeakCheck } from "./handle.ts";
 export { libraryPath, nativeLiveCount, TorchError, torchVersion } from "./lib.ts";

@@ -120,6 +120,9 @@ export const symbols = {
   mt_dist_broadcast: { parameters: [C, G, BUF, I32, I32], result: I32 },
   mt_dist_allgather: { parameters: [C, G, T], result: T },
   mt_dist_barrier: { parameters: [C, G], result: I32 },
+
+  mt_grouped_mm_available: { parameters: [], result: I32 },
+  mt_grouped_mm: { parameters: [C, T, T, T], result: T },
 } as const satisfies Deno.ForeignLibraryInterface;
 
 /** The loaded shim: `Deno.dlopen` over {@link symbols}. */

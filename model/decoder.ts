@@ -8,7 +8,7 @@
 import { embedding, type Tensor, tidy } from "../ffi/mod.ts";
 import type { KVCache } from "./kv_cache.ts";
 import { applyRope, attention, causalMask, type LinearLayer, type Norm, ropeCosSin } from "./layers.ts";
-import { dispatch, type ExpertBank, type Routing } from "./moe.ts";
+import { dispatch, type ExpertBank, type MoeDispatch, type Routing } from "./moe.ts";
 
 /** Attention projections of one layer. */
 export interface AttentionBlock {
@@ -97,7 +97,7 @@ export interface ForwardInput {
   /** Skip the LM head entirely (value heads need only hidden states). */
   skipLogits?: boolean;
   /** MoE dispatch strategy (see {@link dispatch}). */
-  dispatch?: "loop" | "dense";
+  dispatch?: MoeDispatch;
   /**
    * Routing replay: per MoE layer (in layer order) the experts each token must use, [B·S, k] integer
    * ids with −1 where the router chooses freely; gate weights still come from the current router.
@@ -130,7 +130,7 @@ export interface LayerContext {
   /** The KV cache, if any. */
   cache: KVCache | undefined;
   /** MoE dispatch strategy. */
-  dispatch: "loop" | "dense" | undefined;
+  dispatch: MoeDispatch | undefined;
   /** Routing replay per MoE layer (ForwardInput.replay), or null. */
   replay: readonly Tensor[] | null;
 }

@@ -24,6 +24,8 @@ import {
 } from "../ffi/mod.ts";
 import type { Decoder } from "./decoder.ts";
 import { KVCache } from "./kv_cache.ts";
+import type { MoeDispatch } from "./moe.ts";
+import { decodeDispatch } from "./dispatch_choice.ts";
 import { leftPad } from "./padding.ts";
 
 /** How the next token is chosen. Greedy unless doSample. */
@@ -54,8 +56,16 @@ export interface GenerateOptions extends SamplingOptions {
   decode?: (ids: number[]) => string | Promise<string>;
   /** Read stop conditions back from the device every this many steps (default 8). */
   checkEvery?: number;
-  /** MoE dispatch for the forward passes (default "dense": no host sync in a decode step). */
-  dispatch?: "loop" | "dense";
+  /**
+   * MoE dispatch for the forward passes (default: in the prompt pass "grouped" where the experts allow it,
+   * else "dense"; in decode steps "dense", which never waits on the host).
+   */
+  dispatch?: MoeDispatch;
+  /**
+   * MoE dispatch of the decode steps, over `dispatch`; "measured": the fastest mode at this batch's size,
+   * timed once on the model's own layer (model/dispatch_choice.ts).
+   */
+  decodeDispatch?: MoeDispatch | "measured";
   /**
    * Continuations per prompt (default 1). Each prompt is prefilled once and its KV cache copied to its
    * samples; the result has prompts × samplesPerPrompt rows, prompt-major.
@@ -161,7 +171,11 @@ async function run(
   const s = padded.inputIds[0]!.length;
   const i64 = { dtype: "int64" as const, device };
   const temperature = opts.doSample ? opts.temperature ?? 1 : 1;
-  const dispatchMode = opts.dispatch ?? "dense";
+  const decodeOpt = opts.decodeDispatch ?? opts.dispatch ?? "dense";
+  const dispatchMode = decodeOpt === "measured" ? decodeDispatch(decoder, b) : decodeOpt;
+  // The prompt pass is one large forward: grouped GEMM where the experts allow it does only the routed work.
+  const groupable = decoder.layers.some((l) => l.mlp.kind === "moe" && l.mlp.experts.groupable === true);
+  const prefillMode = opts.dispatch ?? (groupable ? "grouped" : "dense");
   const kv = { dtype, device };
   const { kvHeads, headDim } = decoder.dims, layers = decoder.layers.length;
 
@@ -199,7 +213,7 @@ async function run(
         attentionMask: tensor(padded.attentionMask, i64),
         cache: small ?? cache,
         logitsToKeep: 1,
-        dispatch: dispatchMode,
+        dispatch: prefillMode,
       });
       if (small) cache.fillFrom(small, rowPrompt);
       record(out.experts, 0, s);

@@ -6,9 +6,9 @@
  * ("split"); the down projection carries one (see {@link ExpertLoraForm}).
  * @module
  */
-import { cat, keep, noGrad, rand, type Tensor, tidy, zeros } from "../ffi/mod.ts";
+import { cat, groupedMm, keep, noGrad, rand, type Tensor, tidy, zeros } from "../ffi/mod.ts";
 import { dropout, type LoraOptions, type LoraState } from "./lora.ts";
-import { type ExpertBank, type ExpertNames, StackedExperts } from "./moe.ts";
+import { type ExpertBank, type ExpertNames, groupedMmFits, StackedExperts } from "./moe.ts";
 
 /**
  * "fused": one rank-r adapter over the whole gate/up projection, as PEFT's
@@ -130,6 +130,30 @@ export class LoraExperts implements ExpertBank {
       const y = this.base.gateUpAll(x);
       if (!this.#active()) return y;
       return y.add(cat(this.gateUpAdapters.map((ad) => this.#delta(ad, x, null)), -1));
+    });
+  }
+  /** Where the frozen bank has grouped products and the rank suits them. */
+  get groupable(): boolean {
+    return this.base.groupable === true && groupedMmFits([this.opts.r], this.downAdapter.A.dtype);
+  }
+
+  #deltaGrouped(ad: ExpertAdapter, x: Tensor, offs: Tensor): Tensor {
+    const xd = dropout(x, this.opts.dropout, this.state.training);
+    return groupedMm(groupedMm(xd, ad.A.transpose(1, 2), offs), ad.B.transpose(1, 2), offs).mul(this.scale);
+  }
+  /** Grouped over the experts' rows: base plus the adapters' updates. */
+  gateUpGrouped(x: Tensor, offs: Tensor): Tensor {
+    return tidy(() => {
+      const y = this.base.gateUpGrouped!(x, offs);
+      if (!this.#active()) return y;
+      return y.add(cat(this.gateUpAdapters.map((ad) => this.#deltaGrouped(ad, x, offs)), -1));
+    });
+  }
+  /** Grouped over the experts' rows: base plus the adapter's update. */
+  downGrouped(h: Tensor, offs: Tensor): Tensor {
+    return tidy(() => {
+      const y = this.base.downGrouped!(h, offs);
+      return this.#active() ? y.add(this.#deltaGrouped(this.downAdapter, h, offs)) : y;
     });
   }
   /** Batched over experts. */

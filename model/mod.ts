@@ -115,12 +115,10 @@ export {
   expertForwardAll,
   type ExpertNames,
   loadBalancingLoss,
-  type Routing,
-  softmaxTopK,
-  sparsemixer,
-  StackedExperts,
-  swiglu,
+  type MoeDispatch,
 } from "./moe.ts";
+export { decodeDispatch, type DispatchMeasurement, measureDispatch } from "./dispatch_choice.ts";
+export { type Routing, softmaxTopK, sparsemixer, StackedExperts, swiglu } from "./moe.ts";
 export { buildQwen3Moe } from "./qwen3_moe.ts";
 export { buildPhiMoe } from "./phimoe.ts";
 export { dropout, LoraLinear, type LoraOptions, LoraState } from "./lora.ts";

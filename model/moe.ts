@@ -3,7 +3,21 @@
  * sparsemixer), expert banks, token dispatch, and the load-balancing loss.
  * @module
  */
-import { arange, cat, linear, type Tensor, tensor, tidy, where, zeros } from "../ffi/mod.ts";
+import {
+  arange,
+  cat,
+  type DType,
+  ELEMENT_SIZE,
+  groupedMm,
+  groupedMmAvailable,
+  linear,
+  ones,
+  type Tensor,
+  tensor,
+  tidy,
+  where,
+  zeros,
+} from "../ffi/mod.ts";
 import type { LinearLayer } from "./layers.ts";
 
 /** Which experts each token uses, and with what weight. */
@@ -48,7 +62,28 @@ export interface ExpertBank {
   gateUpAll(x: Tensor): Tensor;
   /** Every expert's down projection of h [E, T, I]: [E, T, H]. */
   downAll(h: Tensor): Tensor;
+  /** Whether {@link gateUpGrouped} and {@link downGrouped} work (this libtorch has grouped GEMM). */
+  readonly groupable?: boolean;
+  /** Gate/up of x [N, H] whose rows are sorted by expert, offs int32 [E] the cumulative row ends: [N, 2I]. */
+  gateUpGrouped?(x: Tensor, offs: Tensor): Tensor;
+  /** Down of h [N, I], rows sorted by expert as in {@link gateUpGrouped}: [N, H]. */
+  downGrouped?(h: Tensor, offs: Tensor): Tensor;
 }
+
+/**
+ * Whether grouped GEMM takes operands with these inner widths: libtorch's
+ * kernels want every row stride a multiple of 16 bytes (e.g. a LoRA rank of
+ * 16, not 2, in float32).
+ */
+export function groupedMmFits(widths: readonly number[], dtype: DType): boolean {
+  return widths.every((w) => (w * ELEMENT_SIZE[dtype]) % 16 === 0);
+}
+
+/**
+ * How an MoE layer sends tokens to experts (see {@link dispatch}): "loop",
+ * "dense" or "grouped".
+ */
+export type MoeDispatch = "loop" | "dense" | "grouped";
 
 /** Expert e on tokens x [n, H] → [n, H]. */
 export function expertForward(bank: ExpertBank, e: number, x: Tensor): Tensor {
@@ -99,6 +134,19 @@ export class StackedExperts implements ExpertBank {
   /** Batched over experts. */
   downAll(h: Tensor): Tensor {
     return tidy(() => h.bmm(this.downWeight.transpose(1, 2)));
+  }
+  /** Where libtorch has grouped GEMM and the widths suit it ({@link groupedMmFits}). */
+  get groupable(): boolean {
+    const [, , h] = this.gateUpWeight.shape, i = this.downWeight.size(2);
+    return groupedMmAvailable() && groupedMmFits([h!, i], this.gateUpWeight.dtype);
+  }
+  /** One grouped product over the experts' rows. */
+  gateUpGrouped(x: Tensor, offs: Tensor): Tensor {
+    return tidy(() => groupedMm(x, this.gateUpWeight.transpose(1, 2), offs));
+  }
+  /** One grouped product over the experts' rows. */
+  downGrouped(h: Tensor, offs: Tensor): Tensor {
+    return tidy(() => groupedMm(h, this.downWeight.transpose(1, 2), offs));
   }
 }
 
@@ -193,14 +241,40 @@ export function sparsemixer(
  * transformers does (one host sync to read the routing). "dense" runs every
  * expert on every token and masks, with static shapes and no sync: cheaper
  * when experts are few or all are hit anyway (small E/k, large batches).
+ * "grouped" sorts the token–expert pairs by expert on the device and runs
+ * each projection as one grouped GEMM: only the chosen experts' work, no
+ * sync; it needs a bank that is {@link ExpertBank.groupable} and falls back
+ * to "loop" otherwise. By default: "grouped" where possible, else "loop".
  */
-export function dispatch(
-  x: Tensor,
-  routing: Routing,
-  bank: ExpertBank,
-  mode: "loop" | "dense" = "loop",
-): Tensor {
-  return tidy(() => (mode === "dense" ? dispatchDense(x, routing, bank) : dispatchLoop(x, routing, bank)));
+export function dispatch(x: Tensor, routing: Routing, bank: ExpertBank, mode?: MoeDispatch): Tensor {
+  const grouped = bank.groupable === true;
+  const m = mode === "grouped" && !grouped ? "loop" : mode ?? (grouped ? "grouped" : "loop");
+  return tidy(() =>
+    m === "dense"
+      ? dispatchDense(x, routing, bank)
+      : m === "grouped"
+      ? dispatchGrouped(x, routing, bank)
+      : dispatchLoop(x, routing, bank)
+  );
+}
+
+function dispatchGrouped(x: Tensor, routing: Routing, bank: ExpertBank): Tensor {
+  const k = routing.experts.size(-1), device = x.device;
+  const experts = routing.experts.reshape([-1]);
+  const { indices: slots } = experts.sort(0); // token–expert pairs by expert
+  const tokens = slots.div(k).floor().to("int64");
+  const counts = zeros([bank.count], { dtype: "int64", device }).indexAdd(
+    0,
+    experts,
+    ones(experts.shape, {
+      dtype: "int64",
+      device,
+    }),
+  );
+  const offs = counts.cumsum(0).to("int32");
+  const h = swiglu(bank.gateUpGrouped!(x.indexSelect(0, tokens), offs));
+  const y = bank.downGrouped!(h, offs).mul(routing.weights.reshape([-1]).indexSelect(0, slots).unsqueeze(-1));
+  return zeros(x.shape, { dtype: x.dtype, device }).indexAdd(0, tokens, y);
 }
 
 function dispatchLoop(x: Tensor, routing: Routing, bank: ExpertBank): Tensor {

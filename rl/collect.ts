@@ -322,6 +322,7 @@ export async function collect(
         generator: own ?? opts.generator,
         samplesPerPrompt: c.k,
         recordRouting: record,
+        decodeDispatch: c.decodeDispatch,
         decode: (ids) => tokenizer.decode(ids, { skipSpecialTokens: true }),
       });
       prefill += gen.seconds.prefill;

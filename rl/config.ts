@@ -37,6 +37,11 @@ export interface RolloutConfig {
    * prompt groups; smaller batches need less memory for the KV cache.
    */
   generationBatch: number | null;
+  /**
+   * MoE dispatch of the decode steps (model/moe.ts): "dense" (the default), "loop", "grouped", or "measured":
+   * the fastest of them at each generation batch's size, timed once (model/dispatch_choice.ts).
+   */
+  decodeDispatch: "dense" | "loop" | "grouped" | "measured";
 }
 
 /** The objective and the learn phase (the `ppo` section). */
@@ -99,6 +104,7 @@ export const DEFAULT_RL_CONFIG: Readonly<RlConfig> = Object.freeze({
     topP: 1,
     topK: 0,
     generationBatch: null,
+    decodeDispatch: "dense",
   }),
   ppo: Object.freeze({
     epochs: 1,
@@ -127,6 +133,7 @@ export const ROLLOUT_CHECKS: Checks<RolloutConfig> = {
   topP: num(0, 1, true),
   topK: int(0),
   generationBatch: nullable(int(1)),
+  decodeDispatch: oneOf("dense", "loop", "grouped", "measured"),
 };
 
 /** The check of every `ppo` setting. */

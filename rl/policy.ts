@@ -33,6 +33,7 @@ import type { CausalLM } from "../model/model.ts";
 import { type LoraConfig, LoraModel } from "../model/lora_apply.ts";
 import { ValueHead } from "../model/value_head.ts";
 import type { ForwardInput } from "../model/decoder.ts";
+import type { MoeDispatch } from "../model/moe.ts";
 
 /** Prompt + completion sequences, left-padded, as tensors on the model's device. */
 export interface SequenceBatch {
@@ -80,8 +81,11 @@ export interface PolicyOptions {
   lora: LoraConfig;
   /** Recompute each layer in the backward pass instead of keeping its activations. */
   checkpointing?: boolean;
-  /** MoE dispatch in training forwards (default "loop": exact, no wasted expert FLOPs). */
-  dispatch?: "loop" | "dense";
+  /**
+   * MoE dispatch in training forwards (default: "grouped" where libtorch has grouped GEMM, else "loop";
+   * both do only the routed experts' work).
+   */
+  dispatch?: MoeDispatch;
   /**
    * Tokens per chunk of the LM head's log-softmax and entropy (default
    * {@link DEFAULT_HEAD_CHUNK}). Each chunk's logits are made, reduced to
@@ -213,7 +217,7 @@ export class Policy {
       positionIds: batch.positionIds,
       attentionMask: batch.attentionMask,
       skipLogits: true,
-      dispatch: this.opts.dispatch ?? "loop",
+      dispatch: this.opts.dispatch,
       replay: opts.replay ?? null,
     };
   }

@@ -2,7 +2,8 @@
  * Parity with Hugging Face transformers on the tiny checkpoints and records
  * that scripts/make_fixtures.py wrote (tests/fixtures/parity/*): logits,
  * final hidden states and the load-balancing loss of a left-padded batch,
- * and greedy generation (tokens and log-probs), for both MoE dispatch modes.
+ * and greedy generation (tokens and log-probs), for every MoE dispatch mode ("grouped" is "loop" where
+ * libtorch has no grouped GEMM).
  *
  * In float32 the bar is the issue's: logits within 1e-4 max abs, identical
  * greedy tokens. With MOERL_TEST_DTYPE=bfloat16 (e.g. on CUDA) our error against
@@ -60,7 +61,7 @@ for (const name of MODELS) {
       using aux = await read("aux_loss");
       using logitsHalf = await read("logits_bf16");
 
-      for (const dispatch of ["loop", "dense"] as const) {
+      for (const dispatch of ["loop", "dense", "grouped"] as const) {
         await t.step(`forward, ${dispatch} dispatch: logits, hidden states, aux loss`, () => {
           noGrad(() =>
             tidy(() => {

@@ -239,6 +239,13 @@ int32_t mt_dist_broadcast(mt_ctx* ctx, mt_group g, const mt_tensor* ts, int32_t 
 mt_tensor mt_dist_allgather(mt_ctx* ctx, mt_group g, mt_tensor t);
 int32_t mt_dist_barrier(mt_ctx* ctx, mt_group g);
 
+/* ---- grouped GEMM (grouped.cpp) ----------------------------------------------------------
+ * out[rows of group g] = a[rows of group g] @ b[g]: a [N, K] with its rows
+ * sorted by group, b [G, K, M], offs int32 [G] the cumulative row ends. Only
+ * where libtorch has at::_grouped_mm (2.8 and later); autograd flows. */
+int32_t mt_grouped_mm_available(void);
+mt_tensor mt_grouped_mm(mt_ctx* ctx, mt_tensor a, mt_tensor b, mt_tensor offs);
+
 #ifdef __cplusplus
 }
 #endif

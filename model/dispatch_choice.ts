@@ -1,0 +1,65 @@
+/**
+ * Choosing the MoE dispatch of decode steps by measurement. Which mode is
+ * fastest depends on the batch (tokens per step), the expert count and
+ * top-k, the device and the libtorch: "dense" does E/k times the work but
+ * never waits on the host, "loop" does only the routed work but reads the
+ * routing back every layer, "grouped" needs grouped GEMM. So rather than
+ * guess, time each mode on the model's own first MoE layer at the batch's
+ * size, and remember the winner per (decoder, rows).
+ * @module
+ */
+import { cuda, noGrad, randn, tidy } from "../ffi/mod.ts";
+import type { Decoder } from "./decoder.ts";
+import { dispatch, type MoeDispatch } from "./moe.ts";
+
+const chosen = new WeakMap<Decoder, Map<number, MoeDispatch>>();
+
+/** What {@link measureDecodeDispatch} timed: seconds per call of each mode it tried, and the fastest. */
+export interface DispatchMeasurement {
+  /** The fastest mode. */
+  best: MoeDispatch;
+  /** Median seconds per MoE-layer call, per mode tried. */
+  seconds: Partial<Record<MoeDispatch, number>>;
+}
+
+/**
+ * Times one MoE layer's dispatch (router included) on `rows` random tokens
+ * for every mode the experts support, `reps` times after a warm-up, and
+ * returns the fastest; a model without MoE layers gets "dense" (unused).
+ */
+export function measureDispatch(decoder: Decoder, rows: number, reps = 5): DispatchMeasurement {
+  const layer = decoder.layers.find((l) => l.mlp.kind === "moe");
+  if (!layer || layer.mlp.kind !== "moe") return { best: "dense", seconds: {} };
+  const mlp = layer.mlp, device = decoder.embed.device;
+  const modes: MoeDispatch[] = ["dense", "loop", ...(mlp.experts.groupable ? ["grouped" as const] : [])];
+  const sync = (): void => device.startsWith("cuda") ? cuda.synchronize(device) : undefined;
+  const seconds: Partial<Record<MoeDispatch, number>> = {};
+  noGrad(() =>
+    tidy(() => {
+      const x = randn([rows, decoder.embed.size(1)], { device }).to(decoder.embed.dtype);
+      for (const mode of modes) {
+        const once = (): number => {
+          sync();
+          const t0 = performance.now();
+          tidy(() => dispatch(x, mlp.route(x, mlp.router), mlp.experts, mode));
+          sync();
+          return (performance.now() - t0) / 1000;
+        };
+        once(); // warm-up: kernels, allocator
+        const times = Array.from({ length: reps }, once).sort((a, b) => a - b);
+        seconds[mode] = times[Math.floor(reps / 2)]!;
+      }
+    })
+  );
+  const best = modes.reduce((a, b) => (seconds[b]! < seconds[a]! ? b : a));
+  return { best, seconds };
+}
+
+/** The measured decode dispatch for `rows` tokens per step, measured once per decoder and size. */
+export function decodeDispatch(decoder: Decoder, rows: number): MoeDispatch {
+  let sizes = chosen.get(decoder);
+  if (!sizes) chosen.set(decoder, sizes = new Map());
+  let mode = sizes.get(rows);
+  if (!mode) sizes.set(rows, mode = measureDispatch(decoder, rows).best);
+  return mode;
+}
