@@ -94,7 +94,14 @@ export {
   sampleNext,
   type SamplingOptions,
 } from "./generate.ts";
-export { KVCache } from "./kv_cache.ts";
+export { KVCache, type KVStore, StaticKVView } from "./kv_cache.ts";
+export {
+  DecodeBuffers,
+  type DecodeMode,
+  DecodeSession,
+  type DecodeSessionOptions,
+  type DecodeStats,
+} from "./decode_static.ts";
 export { type ExpertSlot, expertSlots, type LinearSlot, linearSlots } from "./modules.ts";
 export {
   applyRope,
