@@ -7,6 +7,7 @@
  * @module
  */
 import { ADVANTAGE_ESTIMATORS, type AdvantageEstimator } from "./advantages.ts";
+import type { DecodeMode } from "../model/decode_static.ts";
 import type { KlEstimator } from "./losses.ts";
 import {
   bool,
@@ -37,6 +38,11 @@ export interface RolloutConfig {
    * prompt groups; smaller batches need less memory for the KV cache.
    */
   generationBatch: number | null;
+  /**
+   * How decode steps run (model/generate.ts `decodeMode`): "eager" (per-step shapes), "static" (static
+   * buffers) or "graph" (static buffers replayed as CUDA graphs; eager steps where graphs are unavailable).
+   */
+  decode: DecodeMode;
 }
 
 /** The objective and the learn phase (the `ppo` section). */
@@ -99,6 +105,7 @@ export const DEFAULT_RL_CONFIG: Readonly<RlConfig> = Object.freeze({
     topP: 1,
     topK: 0,
     generationBatch: null,
+    decode: "eager" as const,
   }),
   ppo: Object.freeze({
     epochs: 1,
@@ -127,6 +134,7 @@ export const ROLLOUT_CHECKS: Checks<RolloutConfig> = {
   topP: num(0, 1, true),
   topK: int(0),
   generationBatch: nullable(int(1)),
+  decode: oneOf("eager", "static", "graph"),
 };
 
 /** The check of every `ppo` setting. */
