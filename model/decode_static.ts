@@ -23,6 +23,7 @@ import {
   ones,
   stack,
   type Tensor,
+  TorchError,
   zeros,
 } from "../ffi/mod.ts";
 import type { Decoder } from "./decoder.ts";
@@ -49,6 +50,8 @@ export interface DecodeStats {
   replays: number;
   /** Buffer sets allocated. */
   allocations: number;
+  /** Captures that failed (with a warning); those windows run eagerly. */
+  fallbacks: number;
 }
 
 /**
@@ -68,7 +71,7 @@ export class DecodeSession {
   /** Window granularity in cache slots. */
   readonly kvBucket: number;
   /** Counters. */
-  readonly stats: DecodeStats = { warmups: 0, captures: 0, replays: 0, allocations: 0 };
+  readonly stats: DecodeStats = { warmups: 0, captures: 0, replays: 0, allocations: 0, fallbacks: 0 };
   readonly #sets: DecodeBuffers[] = [];
   #pool: GraphPool | null | undefined;
 
@@ -210,12 +213,32 @@ export class DecodeBuffers {
       s.stats.warmups++;
       return;
     }
-    if (!g.captured) {
-      g.capture(fn);
-      s.stats.captures++;
-    }
+    if (!g.captured) g = this.#capture(g, key, fn);
     g.replay();
     s.stats.replays++;
+  }
+
+  /**
+   * Captures fn. A capture that fails (an op that syncs or allocates outside the pool, say) says why and
+   * leaves that window to eager steps, rather than failing a long generation: nothing ran, so the step is
+   * simply run the eager way.
+   */
+  #capture(g: CudaGraph, key: string, fn: () => void): CudaGraph {
+    const stats = this.#session.stats;
+    try {
+      g.capture(fn);
+      stats.captures++;
+      return g;
+    } catch (e) {
+      if (!(e instanceof TorchError)) throw e;
+      console.warn(`moerl: decode step ${key} not captured, it runs eagerly: ${e.message}`);
+      g.dispose();
+      const eager = new CudaGraph(g.device, { eager: true });
+      eager.capture(fn);
+      this.#graphs.set(key, eager);
+      stats.fallbacks++;
+      return eager;
+    }
   }
 
   /** One decode step over the first width slots, every index read from the device. */

@@ -8,7 +8,15 @@
  */
 import assert from "node:assert/strict";
 import { join } from "node:path";
-import { cuda, cudaGraphsSupported, Generator, liveTensors, nativeLiveCount, zeros } from "../ffi/mod.ts";
+import {
+  cuda,
+  cudaGraphsSupported,
+  Generator,
+  liveGraphs,
+  liveTensors,
+  nativeLiveCount,
+  zeros,
+} from "../ffi/mod.ts";
 import { DecodeSession } from "../model/decode_static.ts";
 import { generate, type GenerateOptions, type GenerateResult } from "../model/generate.ts";
 import { KVCache, StaticKVView } from "../model/kv_cache.ts";
@@ -54,7 +62,7 @@ function routingOf(r: GenerateResult): number[][][][] | null {
 for (const name of ["qwen3-moe-tiny", "phimoe-tiny"]) {
   Deno.test(`decode static: ${name}: the same greedy tokens, log-probs and routing as eager`, async (t) => {
     using model = await loadModel(join(FIXTURES, name), { dtype: FLOAT, device: DEVICE });
-    const js = liveTensors(), native = nativeLiveCount();
+    const js = liveTensors(), native = nativeLiveCount(), graphs = liveGraphs();
     const run = (o: Partial<GenerateOptions>): Promise<GenerateResult> =>
       generate(model.decoder, PROMPTS, { maxNewTokens: 24, samplesPerPrompt: 2, recordRouting: true, ...o });
 
@@ -70,7 +78,13 @@ for (const name of ["qwen3-moe-tiny", "phimoe-tiny"]) {
         if (EXACT) assert.deepEqual(routing, eagerRouting, `${decodeMode}: routing`);
         // 23 steps write slots 7..29: windows 8 (1 step: warm-up only, never captured), 16 (8), 24 (8), 32 (6).
         const st = session.stats;
-        assert.deepEqual([st.warmups, st.captures, st.replays, st.allocations], [4, 3, 19, 1]);
+        assert.deepEqual([st.warmups, st.captures, st.replays, st.allocations, st.fallbacks], [
+          4,
+          3,
+          19,
+          1,
+          0,
+        ]);
       }
     });
 
@@ -119,6 +133,7 @@ for (const name of ["qwen3-moe-tiny", "phimoe-tiny"]) {
 
     assert.equal(liveTensors(), js, "no tensor left behind");
     assert.equal(nativeLiveCount(), native, "no native handle left behind");
+    assert.equal(liveGraphs(), graphs, "no CUDA graph left behind");
   });
 }
 
