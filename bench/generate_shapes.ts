@@ -5,24 +5,34 @@
  *   deno run -A bench/generate_shapes.ts --shapes bench/shapes/huihui-moe-1b-a0.6b.json \
  *     --device cuda --dtype bfloat16 --batch 32 --prompt 64 --new 128
  *
- * Prints prefill time, decode tokens/s for each MoE dispatch mode ("grouped"
- * where libtorch has grouped GEMM), and peak
- * CUDA memory. Random weights make the text meaningless but not the cost:
- * with no EOS every row decodes all --new tokens.
+ * Prints prefill time, decode tokens/s for each MoE dispatch mode and decode
+ * mode, and peak CUDA memory. Random weights make the text meaningless but not
+ * the cost: with no EOS every row decodes all --new tokens.
+ *
+ * Decode modes (model/generate.ts `decodeMode`), compared in one run:
+ *
+ *   deno run -A bench/generate_shapes.ts --device cuda --dtype bfloat16 --dispatch dense \
+ *     --decode eager,static,graph --batch 16,64,256 --prompt 128 --new 128
+ *
+ * "static" and "graph" keep one DecodeSession per row of the table, so the
+ * graphs are captured in the warm-up run (its time is the "first s" column)
+ * and the timed runs replay them. On a CPU "graph" runs eagerly (= static).
  */
 import { parseArgs } from "node:util";
-import { cuda, type Device, type DType, groupedMmAvailable, manualSeed } from "../ffi/mod.ts";
+import { cuda, type Device, type DType, manualSeed } from "../ffi/mod.ts";
 import { parseConfig } from "../model/config.ts";
+import { type DecodeMode, DecodeSession } from "../model/decode_static.ts";
 import { generate } from "../model/generate.ts";
 import { randomModel } from "../model/model.ts";
-import type { MoeDispatch } from "../model/moe.ts";
 
 const { values: a } = parseArgs({
   options: {
     shapes: { type: "string", default: "bench/shapes/huihui-moe-1b-a0.6b.json" },
     device: { type: "string", default: "cpu" },
     dtype: { type: "string", default: "float32" },
-    batch: { type: "string", default: "8" },
+    batch: { type: "string", default: "8" }, // a comma list runs each size
+    dispatch: { type: "string", default: "dense,loop" },
+    decode: { type: "string", default: "eager" }, // eager,static,graph
     prompt: { type: "string", default: "32" },
     new: { type: "string", default: "32" },
     layers: { type: "string" }, // override num_hidden_layers for a quick CPU try
@@ -32,7 +42,11 @@ const raw = JSON.parse(await Deno.readTextFile(a.shapes!));
 if (a.layers) raw.num_hidden_layers = Number(a.layers);
 const config = parseConfig(raw, a.shapes);
 const device = a.device as Device, dtype = a.dtype as DType;
-const batch = Number(a.batch), promptLen = Number(a.prompt), newTokens = Number(a.new);
+const batches = a.batch!.split(",").map(Number), promptLen = Number(a.prompt), newTokens = Number(a.new);
+const dispatches = a.dispatch!.split(",") as ("loop" | "dense")[];
+const decodes = a.decode!.split(",") as DecodeMode[];
+if (decodes.some((d) => !["eager", "static", "graph"].includes(d))) throw new Error(`--decode ${a.decode}`);
+if (dispatches.some((d) => d !== "loop" && d !== "dense")) throw new Error(`--dispatch ${a.dispatch}`);
 const onGpu = device.startsWith("cuda");
 const sync = (): void => onGpu ? cuda.synchronize(device) : undefined;
 
@@ -50,19 +64,29 @@ if (onGpu) console.log(`weights: ${(cuda.memoryStats(device).allocated / 2 ** 30
 
 // Prompts: random ids of the full prompt length (uniform length keeps the
 // numbers comparable across runs; padding is exercised by the tests).
-const prompts = Array.from(
-  { length: batch },
-  (_, i) => Array.from({ length: promptLen }, (_, j) => (i * 7919 + j * 104729) % 30000 + 100),
-);
+const promptsOf = (batch: number): number[][] =>
+  Array.from(
+    { length: batch },
+    (_, i) => Array.from({ length: promptLen }, (_, j) => (i * 7919 + j * 104729) % 30000 + 100),
+  );
 
-async function timeGenerate(dispatch: MoeDispatch, maxNew: number): Promise<number> {
+interface Setting {
+  prompts: number[][];
+  dispatch: "loop" | "dense";
+  decodeMode: DecodeMode;
+  session: DecodeSession | null;
+}
+
+async function timeGenerate(x: Setting, maxNew: number): Promise<number> {
   sync();
   const start = performance.now();
-  const out = await generate(model.decoder, prompts, {
+  const out = await generate(model.decoder, x.prompts, {
     maxNewTokens: maxNew,
     eosTokenIds: [],
-    dispatch,
+    dispatch: x.dispatch,
     checkEvery: 16,
+    decodeMode: x.decodeMode,
+    session: x.session ?? undefined,
   });
   sync();
   if (out.tokens.some((r) => r.length !== maxNew)) throw new Error("a row stopped early");
@@ -70,21 +94,38 @@ async function timeGenerate(dispatch: MoeDispatch, maxNew: number): Promise<numb
 }
 
 const rows: string[] = [];
-const modes: MoeDispatch[] = ["dense", "loop", ...(groupedMmAvailable() ? ["grouped" as const] : [])];
-for (const dispatch of modes) {
-  await timeGenerate(dispatch, 4); // warm-up: allocator, kernels, cuBLAS handles
-  if (onGpu) cuda.resetPeakMemoryStats(device);
-  const prefill = Math.min(await timeGenerate(dispatch, 1), await timeGenerate(dispatch, 1)); // prefill + 1 step
-  const full = await timeGenerate(dispatch, newTokens);
-  const decodeRate = (batch * (newTokens - 1)) / (full - prefill);
-  const peak = onGpu ? `${(cuda.memoryStats(device).peakAllocated / 2 ** 30).toFixed(2)} GiB` : "-";
-  rows.push(
-    `${dispatch.padEnd(8)} ${prefill.toFixed(3).padStart(9)} ${full.toFixed(2).padStart(8)} ` +
-      `${(batch * newTokens / full).toFixed(1).padStart(12)} ${decodeRate.toFixed(1).padStart(12)} ${
-        peak.padStart(10)
-      }`,
-  );
+for (const batch of batches) {
+  for (const dispatch of dispatches) {
+    for (const decodeMode of decodes) {
+      if (decodeMode === "graph" && dispatch === "loop" && onGpu) continue; // loop syncs: not capturable
+      using session = decodeMode === "eager"
+        ? null
+        : new DecodeSession(model.decoder, { graphs: decodeMode === "graph" });
+      const x: Setting = { prompts: promptsOf(batch), dispatch, decodeMode, session };
+      // Warm-up at the full length: allocator, kernels, cuBLAS handles, and every graph's capture.
+      const first = await timeGenerate(x, newTokens);
+      if (onGpu) cuda.resetPeakMemoryStats(device);
+      const prefill = Math.min(await timeGenerate(x, 1), await timeGenerate(x, 1)); // prefill + 1 step
+      const full = await timeGenerate(x, newTokens);
+      const decodeRate = (batch * (newTokens - 1)) / (full - prefill);
+      const peak = onGpu ? `${(cuda.memoryStats(device).peakAllocated / 2 ** 30).toFixed(2)} GiB` : "-";
+      const graphs = session ? String(session.stats.captures) : "-";
+      rows.push(
+        `${String(batch).padStart(5)}  ${dispatch.padEnd(8)} ${decodeMode.padEnd(7)} ${
+          first.toFixed(2).padStart(7)
+        } ` +
+          `${prefill.toFixed(3).padStart(9)} ${full.toFixed(2).padStart(8)} ` +
+          `${(batch * newTokens / full).toFixed(1).padStart(13)} ${decodeRate.toFixed(1).padStart(12)} ` +
+          `${graphs.padStart(6)} ${peak.padStart(10)}`,
+      );
+      console.log(rows.at(-1));
+    }
+  }
 }
-console.log(`batch ${batch}, prompt ${promptLen}, ${newTokens} new tokens (greedy, no EOS)`);
-console.log("dispatch  prefill s   total s   overall tok/s  decode tok/s  peak mem");
+console.log(
+  `prompt ${promptLen}, ${newTokens} new tokens (greedy, no EOS); first = warm-up run incl. captures`,
+);
+console.log(
+  "batch  dispatch decode    first s  prefill s  total s  overall tok/s  decode tok/s graphs  peak mem",
+);
 for (const r of rows) console.log(r);

@@ -58,6 +58,14 @@ export {
 } from "./runtime.ts";
 export { type AdamState, AdamW, clipGradNorm, type ParamGroup } from "./optim.ts";
 export {
+  CudaGraph,
+  type CudaGraphOptions,
+  cudaGraphsSupported,
+  type GraphPool,
+  graphPool,
+  liveGraphs,
+} from "./graph.ts";
+export {
   type DistBackend,
   distBackends,
   ProcessGroup,

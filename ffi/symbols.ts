@@ -13,6 +13,7 @@ const I32 = "i32" as const;
 const F64 = "f64" as const;
 const BUF = "buffer" as const;
 const G = "pointer" as const; // mt_group
+const GR = "pointer" as const; // mt_graph
 
 /** Signature of every exported shim function. */
 export const symbols = {
@@ -123,6 +124,16 @@ export const symbols = {
 
   mt_grouped_mm_available: { parameters: [], result: I32 },
   mt_grouped_mm: { parameters: [C, T, T, T], result: T },
+  // CUDA graphs (graph.cpp); "pointer" params/results named GR are mt_graph
+  mt_graph_supported: { parameters: [], result: I32 },
+  mt_graph_live_count: { parameters: [], result: I64 },
+  mt_graph_pool_handle: { parameters: [C, BUF], result: I32 }, // int64_t out[2]
+  mt_graph_new: { parameters: [C, I32], result: GR },
+  mt_graph_begin: { parameters: [C, GR, I32, BUF], result: I32 }, // const int64_t pool[2] or NULL
+  mt_graph_end: { parameters: [C, GR], result: I32 },
+  mt_graph_replay: { parameters: [C, GR], result: I32 },
+  mt_graph_reset: { parameters: [C, GR], result: I32 },
+  mt_graph_free: { parameters: [GR], result: "void" },
 } as const satisfies Deno.ForeignLibraryInterface;
 
 /** The loaded shim: `Deno.dlopen` over {@link symbols}. */

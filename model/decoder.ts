@@ -6,7 +6,7 @@
  * @module
  */
 import { embedding, type Tensor, tidy } from "../ffi/mod.ts";
-import type { KVCache } from "./kv_cache.ts";
+import type { KVStore } from "./kv_cache.ts";
 import { applyRope, attention, causalMask, type LinearLayer, type Norm, ropeCosSin } from "./layers.ts";
 import { dispatch, type ExpertBank, type MoeDispatch, type Routing } from "./moe.ts";
 
@@ -90,8 +90,8 @@ export interface ForwardInput {
   positionIds: Tensor;
   /** Which key slots hold real tokens [B, past + S] (1/0 or bool). */
   attentionMask: Tensor;
-  /** Cache to read past keys from and write new ones to. */
-  cache?: KVCache;
+  /** Cache to read past keys from and write new ones to (a KVCache, or a StaticKVView of one). */
+  cache?: KVStore;
   /** Compute logits for only the last n positions (0 = all). */
   logitsToKeep?: number;
   /** Skip the LM head entirely (value heads need only hidden states). */
@@ -128,7 +128,7 @@ export interface LayerContext {
   /** S: new positions in this pass. */
   queries: number;
   /** The KV cache, if any. */
-  cache: KVCache | undefined;
+  cache: KVStore | undefined;
   /** MoE dispatch strategy. */
   dispatch: MoeDispatch | undefined;
   /** Routing replay per MoE layer (ForwardInput.replay), or null. */

@@ -12,7 +12,7 @@ import { cuda, noGrad, randn, tidy } from "../ffi/mod.ts";
 import type { Decoder } from "./decoder.ts";
 import { dispatch, type MoeDispatch } from "./moe.ts";
 
-const chosen = new WeakMap<Decoder, Map<number, MoeDispatch>>();
+const chosen = new WeakMap<Decoder, Map<string, MoeDispatch>>();
 
 /** What {@link measureDecodeDispatch} timed: seconds per call of each mode it tried, and the fastest. */
 export interface DispatchMeasurement {
@@ -22,16 +22,33 @@ export interface DispatchMeasurement {
   seconds: Partial<Record<MoeDispatch, number>>;
 }
 
+/** Options of {@link measureDispatch}. */
+export interface MeasureOptions {
+  /** Timed calls per mode, after a warm-up (default 5; the median counts). */
+  reps?: number;
+  /** Only modes that never wait on the host (not "loop"), e.g. for steps captured as CUDA graphs. */
+  syncFree?: boolean;
+}
+
 /**
  * Times one MoE layer's dispatch (router included) on `rows` random tokens
- * for every mode the experts support, `reps` times after a warm-up, and
- * returns the fastest; a model without MoE layers gets "dense" (unused).
+ * for every mode the experts support, and returns the fastest; a model
+ * without MoE layers gets "dense" (unused).
  */
-export function measureDispatch(decoder: Decoder, rows: number, reps = 5): DispatchMeasurement {
+export function measureDispatch(
+  decoder: Decoder,
+  rows: number,
+  opts: MeasureOptions = {},
+): DispatchMeasurement {
+  const reps = opts.reps ?? 5;
   const layer = decoder.layers.find((l) => l.mlp.kind === "moe");
   if (!layer || layer.mlp.kind !== "moe") return { best: "dense", seconds: {} };
   const mlp = layer.mlp, device = decoder.embed.device;
-  const modes: MoeDispatch[] = ["dense", "loop", ...(mlp.experts.groupable ? ["grouped" as const] : [])];
+  const modes: MoeDispatch[] = [
+    "dense",
+    ...(opts.syncFree ? [] : ["loop" as const]),
+    ...(mlp.experts.groupable ? ["grouped" as const] : []),
+  ];
   const sync = (): void => device.startsWith("cuda") ? cuda.synchronize(device) : undefined;
   const seconds: Partial<Record<MoeDispatch, number>> = {};
   noGrad(() =>
@@ -55,11 +72,16 @@ export function measureDispatch(decoder: Decoder, rows: number, reps = 5): Dispa
   return { best, seconds };
 }
 
-/** The measured decode dispatch for `rows` tokens per step, measured once per decoder and size. */
-export function decodeDispatch(decoder: Decoder, rows: number): MoeDispatch {
+/** The measured decode dispatch for `rows` tokens per step, measured once per decoder, size and options. */
+export function decodeDispatch(
+  decoder: Decoder,
+  rows: number,
+  opts: { syncFree?: boolean } = {},
+): MoeDispatch {
   let sizes = chosen.get(decoder);
   if (!sizes) chosen.set(decoder, sizes = new Map());
-  let mode = sizes.get(rows);
-  if (!mode) sizes.set(rows, mode = measureDispatch(decoder, rows).best);
+  const key = `${rows}${opts.syncFree ? ":sync-free" : ""}`;
+  let mode = sizes.get(key);
+  if (!mode) sizes.set(key, mode = measureDispatch(decoder, rows, opts).best);
   return mode;
 }

@@ -5,10 +5,12 @@
  *
  * A decode step runs no host synchronisation: the next token, finished flags
  * and the key mask stay on the device, and stop conditions are read back only
- * every `checkEvery` steps.
+ * every `checkEvery` steps. `decodeMode: "static"` runs the steps on static
+ * buffers and `"graph"` also replays them as CUDA graphs (model/decode_static.ts).
  * @module
  */
 import {
+  arange,
   cuda,
   type Device,
   full,
@@ -23,6 +25,7 @@ import {
   zeros,
 } from "../ffi/mod.ts";
 import type { Decoder } from "./decoder.ts";
+import { type DecodeBuffers, type DecodeMode, DecodeSession } from "./decode_static.ts";
 import { KVCache } from "./kv_cache.ts";
 import type { MoeDispatch } from "./moe.ts";
 import { decodeDispatch } from "./dispatch_choice.ts";
@@ -73,6 +76,13 @@ export interface GenerateOptions extends SamplingOptions {
   samplesPerPrompt?: number;
   /** Record which experts every token used in every MoE layer (GenerateResult.routing). */
   recordRouting?: boolean;
+  /**
+   * How decode steps run (default "eager"): "static" on static buffers, "graph" on static buffers replayed
+   * as CUDA graphs (eagerly where graphs are unavailable, e.g. on a CPU). Same tokens and log-probs.
+   */
+  decodeMode?: DecodeMode;
+  /** For decodeMode "static" / "graph": buffers and graphs kept across calls (default: made for this call). */
+  session?: DecodeSession;
 }
 
 /** Why a row stopped. */
@@ -172,21 +182,33 @@ async function run(
   const i64 = { dtype: "int64" as const, device };
   const temperature = opts.doSample ? opts.temperature ?? 1 : 1;
   const decodeOpt = opts.decodeDispatch ?? opts.dispatch ?? "dense";
-  const dispatchMode = decodeOpt === "measured" ? decodeDispatch(decoder, b) : decodeOpt;
+  // Captured steps must not wait on the host: "measured" then leaves "loop" out.
+  const dispatchMode = decodeOpt === "measured"
+    ? decodeDispatch(decoder, b, { syncFree: opts.decodeMode === "graph" })
+    : decodeOpt;
   // The prompt pass is one large forward: grouped GEMM where the experts allow it does only the routed work.
   const groupable = decoder.layers.some((l) => l.mlp.kind === "moe" && l.mlp.experts.groupable === true);
   const prefillMode = opts.dispatch ?? (groupable ? "grouped" : "dense");
   const kv = { dtype, device };
   const { kvHeads, headDim } = decoder.dims, layers = decoder.layers.length;
 
-  using cache = new KVCache(layers, b, kvHeads, s + t, headDim, kv);
-  // Row r of the output continues prompt rowPrompt[r].
-  const rowPrompt = tensor(Array.from({ length: b }, (_, r) => Math.floor(r / samples)), i64);
-  const expand = (x: Tensor): Tensor => (samples === 1 ? x.clone() : x.indexSelect(0, rowPrompt));
-  const keyMask = zeros([b, s + t], i64);
+  // Static buffers (with padding rows past b when the session's bucket is larger), or a cache for this call.
+  const window = decoder.dims.slidingWindow;
+  const mode = opts.decodeMode ?? "eager";
+  const staticMode = mode !== "eager" && !(window && s + t > window); // too long: eager, which refuses it
+  using own = staticMode && !opts.session ? new DecodeSession(decoder, { graphs: mode === "graph" }) : null;
+  const bufs: DecodeBuffers | null = staticMode ? (opts.session ?? own)!.acquire(b, s + t) : null;
+  const rows = bufs?.rows ?? b;
+  using fresh = bufs ? null : new KVCache(layers, b, kvHeads, s + t, headDim, kv);
+  const cache = bufs?.cache ?? fresh!;
+  cache.length = 0;
+  // Row r of the output continues prompt rowPrompt[r] (padding rows repeat prompt 0).
+  const rowPrompt = tensor(Array.from({ length: rows }, (_, r) => r < b ? Math.floor(r / samples) : 0), i64);
+  const expand = (x: Tensor): Tensor => (rows === p ? x.clone() : x.indexSelect(0, rowPrompt));
+  const keyMask = bufs?.keyMask.fill_(0) ?? zeros([b, s + t], i64);
   keyMask.narrow(1, 0, s).copy_(expand(tensor(padded.attentionMask, i64)));
-  const tokens = zeros([b, t], i64).fill_(pad);
-  const logprobs = zeros([b, t], { dtype: "float32", device });
+  const tokens = zeros([rows, t], i64).fill_(pad);
+  const logprobs = zeros([rows, t], { dtype: "float32", device });
   const eos = tensor(opts.eosTokenIds?.length ? [...opts.eosTokenIds] : [-1], i64);
   const padT = tensor([pad], i64);
   // [moeLayers, rows, positions, k], allocated at the prefill once k is known.
@@ -194,7 +216,8 @@ async function run(
   const record = (experts: readonly Tensor[], at: number, width: number): void => {
     if (!opts.recordRouting || experts.length === 0) return;
     const k = experts[0]!.size(1);
-    routing ??= keep(full([experts.length, b, s + t, k], -1, { dtype: "int16", device }));
+    routing ??= bufs?.routing(experts.length, k) ??
+      keep(full([experts.length, b, s + t, k], -1, { dtype: "int16", device }));
     experts.forEach((e, l) => {
       using slot = routing!.select(0, l).narrow(1, at, width);
       using rows = e.reshape([-1, width, k]);
@@ -206,7 +229,7 @@ async function run(
   // Prefill: each prompt once, its cache (and routing) copied to its samples.
   let scores = noGrad(() =>
     tidy(() => {
-      using small = samples === 1 ? null : new KVCache(layers, p, kvHeads, s, headDim, kv);
+      using small = rows === p ? null : new KVCache(layers, p, kvHeads, s, headDim, kv);
       const out = decoder.forward({
         inputIds: tensor(padded.inputIds, i64),
         positionIds: tensor(padded.positionIds, i64),
@@ -221,10 +244,16 @@ async function run(
     })
   );
   let positions = expand(tensor(padded.positionIds, i64).narrow(1, s - 1, 1).add(1));
+  if (bufs) {
+    bufs.begin(scores, positions, s);
+    [scores, positions].forEach((x) => x.dispose());
+    [scores, positions] = [bufs.scores, bufs.positions]; // the session's: never disposed here
+  }
   sync(device);
   const t1 = performance.now();
 
-  let finished = zeros([b], { dtype: "bool", device });
+  // Padding rows are finished from the start: they emit pad and never stop the loop.
+  let finished = rows === b ? zeros([rows], { dtype: "bool", device }) : arange(0, rows, 1, i64).ge(b);
   const stoppedByString = new Set<number>();
   let steps = 0;
   for (let step = 0; step < t; step++) {
@@ -238,9 +267,13 @@ async function run(
         const tempered = temperature === 1 ? scores : scores.div(temperature);
         logprobs.narrow(1, step, 1).copy_(tempered.logSoftmax(-1).gather(-1, next.unsqueeze(-1)));
         tokens.narrow(1, step, 1).copy_(next.unsqueeze(-1));
-        keyMask.narrow(1, s + step, 1).fill_(1);
         const done = finished.logicalOr(next.unsqueeze(-1).eq(eos).any(-1));
         if (last) return { done, scores: null, pos: null };
+        if (bufs) { // the key mask, cache slot, positions and routing advance inside the step
+          bufs.step(next, s + step, routing !== null, dispatchMode);
+          return { done, scores: null, pos: null };
+        }
+        keyMask.narrow(1, s + step, 1).fill_(1);
         const out = decoder.forward({
           inputIds: next.unsqueeze(-1),
           positionIds: positions,
@@ -253,14 +286,15 @@ async function run(
         return { done, scores: out.logits!.select(1, 0).to("float32"), pos: positions.add(1) };
       })
     );
-    for (const old of [scores, positions, finished]) old.dispose();
+    if (!bufs) [scores, positions].forEach((x) => x.dispose());
+    finished.dispose();
     finished = state.done;
     steps = step + 1;
     if (state.scores) [scores, positions] = [state.scores, state.pos!];
     if (steps % checkEvery === 0 || last) {
       if (opts.stopStrings?.length) await markStopStrings(tokens, steps, opts, stoppedByString, pad);
       if (stoppedByString.size) {
-        const host = tensor(Array.from({ length: b }, (_, i) => stoppedByString.has(i)), {
+        const host = tensor(Array.from({ length: rows }, (_, i) => stoppedByString.has(i)), {
           dtype: "bool",
           device,
         });
@@ -271,13 +305,18 @@ async function run(
       if (last || finished.all().item() === 1) break;
     }
   }
-  if (steps < t) [scores, positions].forEach((x) => x.dispose());
+  if (steps < t && !bufs) [scores, positions].forEach((x) => x.dispose());
   sync(device);
   const t2 = performance.now();
-  const result = await collect(tokens, logprobs, steps, opts);
+  const real = (x: Tensor): Tensor => (rows === b ? x : x.narrow(0, 0, b));
+  const result = await collect(real(tokens), real(logprobs), steps, opts);
   const kept = routing as Tensor | null;
-  const routed = kept === null ? null : kept.narrow(2, 0, s + steps);
-  kept?.dispose(); // the view holds the storage
+  let routed: Tensor | null = null;
+  if (kept && bufs) routed = tidy(() => kept.narrow(1, 0, b).narrow(2, 0, s + steps).clone());
+  else if (kept) {
+    routed = kept.narrow(2, 0, s + steps);
+    kept.dispose(); // the view holds the storage
+  }
   return {
     ...result,
     promptWidth: s,

@@ -2,12 +2,25 @@
  * A preallocated key/value cache: one [B, nKV, maxLength, headDim] buffer per
  * layer, written in place at the current length. No per-step concatenation,
  * so a decode step's memory traffic and allocations stay constant.
+ *
+ * {@link StaticKVView} writes the same buffers at a slot held in a device
+ * tensor instead, for decode steps recorded once and replayed (CUDA graphs).
  * @module
  */
 import { type Device, type DType, keep, type Tensor, zeros } from "../ffi/mod.ts";
 
+/** What a forward pass needs of a cache (model/decoder.ts). */
+export interface KVStore {
+  /** Key slots before this pass's first token: its queries sit at slots length.. of the attention mask. */
+  readonly length: number;
+  /** Stores layer's new k and v [B, nKV, S, d] and returns the keys and values to attend over. */
+  update(layer: number, k: Tensor, v: Tensor): [Tensor, Tensor];
+  /** Called once per forward pass, after every layer has written its S new slots. */
+  advance(s: number): void;
+}
+
 /** Keys and values of every layer for a batch being generated. */
-export class KVCache {
+export class KVCache implements KVStore {
   /** Per layer [B, nKV, maxLength, headDim]. */
   readonly keys: Tensor[];
   /** Per layer [B, nKV, maxLength, headDim]. */
@@ -86,4 +99,49 @@ export class KVCache {
   [Symbol.dispose](): void {
     this.dispose();
   }
+}
+
+/**
+ * One-token decode steps over a {@link KVCache} with nothing host-side baked
+ * in: each layer writes its new key and value at the slot held in `slot` (an
+ * int64 [1] tensor on the cache's device, advanced by the caller on the
+ * device), and attends over the first `width` slots. The caller's attention
+ * mask hides the slots after the current one (still zero, or left over from an
+ * earlier batch), so the pass needs no causal offset: {@link length} puts the
+ * query at the window's last slot, from where every earlier slot is visible.
+ */
+export class StaticKVView implements KVStore {
+  /** The cache written to. */
+  readonly cache: KVCache;
+  /** The slot this step writes, int64 [1] on the device (borrowed). */
+  readonly slot: Tensor;
+  /** Slots attended over: the step's slot must be below it. */
+  readonly width: number;
+
+  /** A view writing at slot and attending over the first width slots of cache. */
+  constructor(cache: KVCache, slot: Tensor, width: number) {
+    if (!(width >= 1 && width <= cache.maxLength)) {
+      throw new RangeError(`StaticKVView: width ${width} outside 1..${cache.maxLength}`);
+    }
+    this.cache = cache;
+    this.slot = slot;
+    this.width = width;
+  }
+
+  /** width − 1: the query is placed at the window's last slot (the mask does the rest). */
+  get length(): number {
+    return this.width - 1;
+  }
+
+  /** Writes k and v [B, nKV, 1, d] at the device slot; returns the window's keys and values. */
+  update(layer: number, k: Tensor, v: Tensor): [Tensor, Tensor] {
+    if (k.size(2) !== 1) throw new RangeError(`StaticKVView: one token per step, got ${k.size(2)}`);
+    const kc = this.cache.keys[layer]!, vc = this.cache.values[layer]!;
+    kc.indexCopy_(2, this.slot, k);
+    vc.indexCopy_(2, this.slot, v);
+    return [kc.narrow(2, 0, this.width), vc.narrow(2, 0, this.width)];
+  }
+
+  /** Nothing: the slot tensor is advanced on the device by the caller. */
+  advance(_s: number): void {}
 }

@@ -94,7 +94,14 @@ export {
   sampleNext,
   type SamplingOptions,
 } from "./generate.ts";
-export { KVCache } from "./kv_cache.ts";
+export { KVCache, type KVStore, StaticKVView } from "./kv_cache.ts";
+export {
+  DecodeBuffers,
+  type DecodeMode,
+  DecodeSession,
+  type DecodeSessionOptions,
+  type DecodeStats,
+} from "./decode_static.ts";
 export { type ExpertSlot, expertSlots, type LinearSlot, linearSlots } from "./modules.ts";
 export {
   applyRope,
@@ -117,7 +124,12 @@ export {
   loadBalancingLoss,
   type MoeDispatch,
 } from "./moe.ts";
-export { decodeDispatch, type DispatchMeasurement, measureDispatch } from "./dispatch_choice.ts";
+export {
+  decodeDispatch,
+  type DispatchMeasurement,
+  measureDispatch,
+  type MeasureOptions,
+} from "./dispatch_choice.ts";
 export { type Routing, softmaxTopK, sparsemixer, StackedExperts, swiglu } from "./moe.ts";
 export { buildQwen3Moe } from "./qwen3_moe.ts";
 export { buildPhiMoe } from "./phimoe.ts";

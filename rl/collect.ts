@@ -9,6 +9,7 @@
  */
 import { cat, type Device, dispose, full, Generator, type Tensor, tensor, tidy } from "../ffi/mod.ts";
 import { epochSeed } from "../data/batches.ts";
+import { DecodeSession } from "../model/decode_static.ts";
 import { type FinishReason, generate } from "../model/generate.ts";
 import { leftPad } from "../model/padding.ts";
 import type { Policy, SequenceBatch } from "./policy.ts";
@@ -304,6 +305,8 @@ export async function collect(
   let routedRows = 1; // row 0 is the −1 sentinel
   let prefill = 0, decode = 0;
   const t0 = performance.now();
+  // One session for the update's generation batches: its buffers and graphs serve every batch.
+  using session = c.decode === "eager" ? null : new DecodeSession(decoder, { graphs: c.decode === "graph" });
   policy.train(false);
   try {
     for (let first = 0; first < prompts.length; first += perBatch) {
@@ -323,6 +326,8 @@ export async function collect(
         samplesPerPrompt: c.k,
         recordRouting: record,
         decodeDispatch: c.decodeDispatch,
+        decodeMode: c.decode,
+        session: session ?? undefined,
         decode: (ids) => tokenizer.decode(ids, { skipSpecialTokens: true }),
       });
       prefill += gen.seconds.prefill;

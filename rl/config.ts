@@ -7,6 +7,7 @@
  * @module
  */
 import { ADVANTAGE_ESTIMATORS, type AdvantageEstimator } from "./advantages.ts";
+import type { DecodeMode } from "../model/decode_static.ts";
 import type { KlEstimator } from "./losses.ts";
 import {
   bool,
@@ -42,6 +43,11 @@ export interface RolloutConfig {
    * the fastest of them at each generation batch's size, timed once (model/dispatch_choice.ts).
    */
   decodeDispatch: "dense" | "loop" | "grouped" | "measured";
+  /**
+   * How decode steps run (model/generate.ts `decodeMode`): "eager" (per-step shapes), "static" (static
+   * buffers) or "graph" (static buffers replayed as CUDA graphs; eager steps where graphs are unavailable).
+   */
+  decode: DecodeMode;
 }
 
 /** The objective and the learn phase (the `ppo` section). */
@@ -105,6 +111,7 @@ export const DEFAULT_RL_CONFIG: Readonly<RlConfig> = Object.freeze({
     topK: 0,
     generationBatch: null,
     decodeDispatch: "dense",
+    decode: "eager" as const,
   }),
   ppo: Object.freeze({
     epochs: 1,
@@ -134,6 +141,7 @@ export const ROLLOUT_CHECKS: Checks<RolloutConfig> = {
   topK: int(0),
   generationBatch: nullable(int(1)),
   decodeDispatch: oneOf("dense", "loop", "grouped", "measured"),
+  decode: oneOf("eager", "static", "graph"),
 };
 
 /** The check of every `ppo` setting. */

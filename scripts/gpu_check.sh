@@ -3,7 +3,8 @@
 # (no network needed): builds the shim against that libtorch with CUDA, runs
 # the whole test suite on the CPU (float32) and on CUDA (float32 and
 # bfloat16), and measures generation with random weights at real model
-# shapes, training memory, and the data-parallel overhead with NCCL. Logs go to $OUT (default /tmp/moerl-gpu); a summary is printed last.
+# shapes (eager decode steps against static buffers and CUDA graphs),
+# training memory, and the data-parallel overhead with NCCL. Logs go to $OUT (default /tmp/moerl-gpu); a summary is printed last.
 #
 # Offline machines: put a Deno binary at .gpu/deno.xz and a prefilled Deno
 # cache (DENO_DIR with the npm packages) at .gpu/deno_dir.tar.xz, and for the
@@ -55,6 +56,9 @@ grep -h "max |Δlogits|\|greedy tokens equal" "$OUT/test-cuda-bf16.log" | sed 's
 if [ "${MOERL_GPU_TESTS_ONLY:-0}" = 1 ]; then cat "$OUT/summary.txt"; exit 0; fi
 step gen-huihui deno run -A bench/generate_shapes.ts --shapes bench/shapes/huihui-moe-1b-a0.6b.json \
   --device cuda --dtype bfloat16 --batch 64 --prompt 128 --new 128
+# Decode steps at Huihui shapes: eager against static buffers and CUDA graphs, each batch in one run.
+step gen-huihui-decode deno run -A bench/generate_shapes.ts --shapes bench/shapes/huihui-moe-1b-a0.6b.json \
+  --device cuda --dtype bfloat16 --dispatch dense --decode eager,static,graph --batch 16,64,256 --prompt 128 --new 128
 step gen-phi-tiny deno run -A bench/generate_shapes.ts --shapes bench/shapes/phi-tiny-moe.json \
   --device cuda --dtype bfloat16 --batch 64 --prompt 128 --new 64
 step mem-huihui deno run -A bench/memory.ts --shapes bench/shapes/huihui-moe-1b-a0.6b.json \

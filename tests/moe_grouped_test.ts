@@ -116,6 +116,11 @@ Deno.test("moe dispatch: measured per batch size on the model's own layer, then 
   assert.deepEqual(tried, groupedMmAvailable() ? ["dense", "grouped", "loop"] : ["dense", "loop"]);
   assert.ok(Object.values(m.seconds).every((s) => s! > 0));
   assert.ok(tried.includes(m.best));
+  const free = measureDispatch(model.decoder, 6, { syncFree: true, reps: 1 });
+  assert.ok(
+    !("loop" in free.seconds) && free.best !== "loop",
+    "steps that must not wait on the host skip loop",
+  );
   const mode = decodeDispatch(model.decoder, 6);
   assert.equal(decodeDispatch(model.decoder, 6), mode, "measured once per size, then remembered");
   const prompts = [[1, 5, 9], [4, 4, 7, 8]];

@@ -245,6 +245,42 @@ int32_t mt_dist_barrier(mt_ctx* ctx, mt_group g);
  * where libtorch has at::_grouped_mm (2.8 and later); autograd flows. */
 int32_t mt_grouped_mm_available(void);
 mt_tensor mt_grouped_mm(mt_ctx* ctx, mt_tensor a, mt_tensor b, mt_tensor offs);
+/* ---- CUDA graphs (graph.cpp) -------------------------------------------------------------
+ * A graph is an opaque handle over at::cuda::CUDAGraph. The caller issues the
+ * ops to record between mt_graph_begin(capture = 1) and mt_graph_end, on
+ * tensors that outlive the graph (static inputs and outputs); temporaries
+ * allocated in between come from the capture's memory pool. mt_graph_replay
+ * then reruns the recording on the current stream with one call. Recorded
+ * ops must not synchronise with the host (no item, no copy to the CPU, no
+ * tensor made from host data) or draw random numbers from a generator other
+ * than the device's default one. A shim built without CUDA headers fails
+ * every call below that needs a graph with "CUDA graphs need a CUDA build". */
+typedef void* mt_graph;
+/* 1 when the shim was compiled with CUDA graph support, else 0. */
+int32_t mt_graph_supported(void);
+/* Graph handles created and not yet freed. */
+int64_t mt_graph_live_count(void);
+/* A new memory pool id, out[2]: graphs captured with the same id share one
+ * pool (safe when they are replayed one at a time, in any order, and keep no
+ * output in the pool). */
+int32_t mt_graph_pool_handle(mt_ctx* ctx, int64_t* out);
+/* A graph for CUDA device `device`, with a side stream of its own. Free with mt_graph_free. */
+mt_graph mt_graph_new(mt_ctx* ctx, int32_t device);
+/* Waits for the current stream, then makes the graph's side stream current.
+ * capture 0: the ops that follow just run there (warm-up); capture 1: they are
+ * also recorded, allocating from pool (int64_t[2] from mt_graph_pool_handle,
+ * or NULL for a pool of the graph's own). */
+int32_t mt_graph_begin(mt_ctx* ctx, mt_graph g, int32_t capture, const int64_t* pool);
+/* Ends mt_graph_begin: finishes and instantiates a capture, waits for the side
+ * stream and restores the caller's stream, also when the capture failed (the
+ * graph is then reset and the error says why). */
+int32_t mt_graph_end(mt_ctx* ctx, mt_graph g);
+/* Runs the captured work on the current stream. */
+int32_t mt_graph_replay(mt_ctx* ctx, mt_graph g);
+/* Drops the recording (and the graph's hold on its pool); the graph can capture again. */
+int32_t mt_graph_reset(mt_ctx* ctx, mt_graph g);
+/* Ends a capture left open, resets and frees. NULL does nothing. */
+void mt_graph_free(mt_graph g);
 
 #ifdef __cplusplus
 }
