@@ -21,9 +21,11 @@
 import { parseArgs } from "node:util";
 import { cuda, type Device, type DType, manualSeed } from "../ffi/mod.ts";
 import { parseConfig } from "../model/config.ts";
+import { BANDWIDTH_FORMULA, boundTokensPerSecond, decodeStepBytes } from "./bandwidth.ts";
 import { type DecodeMode, DecodeSession } from "../model/decode_static.ts";
 import { generate } from "../model/generate.ts";
 import { randomModel } from "../model/model.ts";
+import type { MoeDispatch } from "../model/moe.ts";
 
 const { values: a } = parseArgs({
   options: {
@@ -31,11 +33,12 @@ const { values: a } = parseArgs({
     device: { type: "string", default: "cpu" },
     dtype: { type: "string", default: "float32" },
     batch: { type: "string", default: "8" }, // a comma list runs each size
-    dispatch: { type: "string", default: "dense,loop" },
+    dispatch: { type: "string", default: "dense,loop" }, // and grouped, where libtorch has it
     decode: { type: "string", default: "eager" }, // eager,static,graph
     prompt: { type: "string", default: "32" },
     new: { type: "string", default: "32" },
     layers: { type: "string" }, // override num_hidden_layers for a quick CPU try
+    bandwidth: { type: "string" }, // GB/s of the device's memory, for the bound (default 4800, an H200, on CUDA)
   },
 });
 const raw = JSON.parse(await Deno.readTextFile(a.shapes!));
@@ -43,11 +46,15 @@ if (a.layers) raw.num_hidden_layers = Number(a.layers);
 const config = parseConfig(raw, a.shapes);
 const device = a.device as Device, dtype = a.dtype as DType;
 const batches = a.batch!.split(",").map(Number), promptLen = Number(a.prompt), newTokens = Number(a.new);
-const dispatches = a.dispatch!.split(",") as ("loop" | "dense")[];
+const dispatches = a.dispatch!.split(",") as MoeDispatch[];
 const decodes = a.decode!.split(",") as DecodeMode[];
 if (decodes.some((d) => !["eager", "static", "graph"].includes(d))) throw new Error(`--decode ${a.decode}`);
-if (dispatches.some((d) => d !== "loop" && d !== "dense")) throw new Error(`--dispatch ${a.dispatch}`);
+if (dispatches.some((d) => !["loop", "dense", "grouped"].includes(d))) {
+  throw new Error(`--dispatch ${a.dispatch}`);
+}
 const onGpu = device.startsWith("cuda");
+const bandwidth = a.bandwidth ? Number(a.bandwidth) : onGpu ? 4800 : null;
+const elementBytes = dtype === "float32" ? 4 : 2;
 const sync = (): void => onGpu ? cuda.synchronize(device) : undefined;
 
 manualSeed(0);
@@ -72,7 +79,7 @@ const promptsOf = (batch: number): number[][] =>
 
 interface Setting {
   prompts: number[][];
-  dispatch: "loop" | "dense";
+  dispatch: MoeDispatch;
   decodeMode: DecodeMode;
   session: DecodeSession | null;
 }
@@ -110,13 +117,20 @@ for (const batch of batches) {
       const decodeRate = (batch * (newTokens - 1)) / (full - prefill);
       const peak = onGpu ? `${(cuda.memoryStats(device).peakAllocated / 2 ** 30).toFixed(2)} GiB` : "-";
       const graphs = session ? String(session.stats.captures) : "-";
+      // The bound at the mean context of the decode steps.
+      const bytes = decodeStepBytes(config, batch, promptLen + newTokens / 2, elementBytes);
+      const bound = bandwidth === null ? null : boundTokensPerSecond(bytes, batch, bandwidth);
+      const mbu = bound === null ? "-" : `${(100 * decodeRate / bound).toFixed(1)}%`;
       rows.push(
         `${String(batch).padStart(5)}  ${dispatch.padEnd(8)} ${decodeMode.padEnd(7)} ${
           first.toFixed(2).padStart(7)
         } ` +
           `${prefill.toFixed(3).padStart(9)} ${full.toFixed(2).padStart(8)} ` +
           `${(batch * newTokens / full).toFixed(1).padStart(13)} ${decodeRate.toFixed(1).padStart(12)} ` +
-          `${graphs.padStart(6)} ${peak.padStart(10)}`,
+          `${graphs.padStart(6)} ${peak.padStart(10)} ${
+            (bound === null ? "-" : bound.toFixed(0)).padStart(11)
+          } ` +
+          `${mbu.padStart(6)}`,
       );
       console.log(rows.at(-1));
     }
@@ -126,6 +140,11 @@ console.log(
   `prompt ${promptLen}, ${newTokens} new tokens (greedy, no EOS); first = warm-up run incl. captures`,
 );
 console.log(
-  "batch  dispatch decode    first s  prefill s  total s  overall tok/s  decode tok/s graphs  peak mem",
+  "batch  dispatch decode    first s  prefill s  total s  overall tok/s  decode tok/s graphs  peak mem " +
+    "bound tok/s    MBU",
+);
+console.log(
+  `bound: ${BANDWIDTH_FORMULA}, at BW = ${bandwidth ?? "(give --bandwidth)"} GB/s, b = ${elementBytes}, ` +
+    `ctx = prompt + new/2 = ${promptLen + newTokens / 2}`,
 );
 for (const r of rows) console.log(r);
