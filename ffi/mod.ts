@@ -29,6 +29,15 @@ export {
   zeros,
 } from "./create.ts";
 export { cat, embedding, layerNorm, linear, stack, where } from "./functional.ts";
+export {
+  sdpa,
+  sdpaAvailable,
+  type SdpaBackend,
+  sdpaBackend,
+  type SdpaOptions,
+  type SdpaSupport,
+  sdpaSupport,
+} from "./attention.ts";
 export { nf4Linear, type Nf4LinearParts, type TokenStats, tokenStats } from "./fused.ts";
 export { type Device, type DType, isFloating, type Shape } from "./dtype.ts";
 export { dispose, keep, tidy, tidyAsync, TRACKED, type Tracked } from "./scope.ts";

@@ -120,6 +120,11 @@ export const symbols = {
   mt_dist_broadcast: { parameters: [C, G, BUF, I32, I32], result: I32 },
   mt_dist_allgather: { parameters: [C, G, T], result: T },
   mt_dist_barrier: { parameters: [C, G], result: I32 },
+
+  // fused attention (attention.cpp)
+  mt_sdpa_available: { parameters: [], result: I32 },
+  mt_sdpa: { parameters: [C, T, T, T, T, F64, I32], result: T },
+  mt_sdpa_backend: { parameters: [C, T, T, T, T, F64, I32, BUF], result: I32 }, // int32_t* out
 } as const satisfies Deno.ForeignLibraryInterface;
 
 /** The loaded shim: `Deno.dlopen` over {@link symbols}. */
