@@ -22,8 +22,17 @@ import {
   torchVersion,
 } from "../ffi/mod.ts";
 import { generate } from "../model/generate.ts";
-import { attention, causalMask, eagerAttention, type Linear, resolveAttention } from "../model/layers.ts";
+import {
+  attention,
+  type AttentionImpl,
+  causalMask,
+  eagerAttention,
+  type Linear,
+  resolveAttention,
+} from "../model/layers.ts";
 import { loadModel } from "../model/model.ts";
+import { DEFAULTS } from "../train/config.ts";
+import { loadConfiguredModel } from "../train/model.ts";
 import { leftPad } from "../model/padding.ts";
 import { assertNoLeak, DEVICE, FLOAT } from "./util.ts";
 
@@ -60,6 +69,24 @@ Deno.test("sdpa: support follows the libtorch version", () => {
   assert.equal(s.nativeGqa, major > 2 || (major === 2 && minor >= 5));
   assert.equal(resolveAttention("auto"), HAS_SDPA ? "sdpa" : "eager");
   assert.equal(resolveAttention("eager"), "eager");
+});
+
+Deno.test("attention setting: loadModel and the training config pass it to the decoder, and check it", async () => {
+  const dir = join(MODELS, "qwen3-moe-tiny");
+  {
+    using m = await loadConfiguredModel({
+      ...DEFAULTS.model,
+      id: dir,
+      dtype: "float32",
+      device: DEVICE,
+      attention: "eager",
+    });
+    assert.equal(m.decoder.attention, "eager");
+  }
+  await assert.rejects(
+    loadModel(dir, { attention: "flash" as AttentionImpl }),
+    /attention: expected one of "auto", "sdpa", "eager", got "flash"/,
+  );
 });
 
 Deno.test({
