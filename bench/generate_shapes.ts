@@ -8,11 +8,18 @@
  * Prints prefill time, decode tokens/s for each MoE dispatch mode, and peak
  * CUDA memory. Random weights make the text meaningless but not the cost:
  * with no EOS every row decodes all --new tokens.
+ *
+ * --attention auto|sdpa|eager picks the attention path (default auto).
+ * --attention compare instead times eager against libtorch's fused SDPA in
+ * one run (dense dispatch, --runs rounds alternating the two, medians):
+ * prefill, decode tokens/s and a training pass (forward and backward over
+ * prompt + new tokens), and prints the sdpa / eager ratios.
  */
 import { parseArgs } from "node:util";
-import { cuda, type Device, type DType, manualSeed } from "../ffi/mod.ts";
+import { cuda, type Device, type DType, manualSeed, tensor, tidy } from "../ffi/mod.ts";
 import { parseConfig } from "../model/config.ts";
 import { generate } from "../model/generate.ts";
+import { ATTENTION_CHECK, type AttentionImpl, type Linear, resolveAttention } from "../model/layers.ts";
 import { randomModel } from "../model/model.ts";
 
 const { values: a } = parseArgs({
@@ -24,19 +31,30 @@ const { values: a } = parseArgs({
     prompt: { type: "string", default: "32" },
     new: { type: "string", default: "32" },
     layers: { type: "string" }, // override num_hidden_layers for a quick CPU try
+    attention: { type: "string", default: "auto" }, // auto | sdpa | eager | compare
+    runs: { type: "string", default: "3" }, // rounds of --attention compare
   },
 });
 const raw = JSON.parse(await Deno.readTextFile(a.shapes!));
 if (a.layers) raw.num_hidden_layers = Number(a.layers);
+raw.model_type ??= "qwen3_moe"; // bench-small.json, the small model of bench:generate, leaves it to the bench
 const config = parseConfig(raw, a.shapes);
 const device = a.device as Device, dtype = a.dtype as DType;
 const batch = Number(a.batch), promptLen = Number(a.prompt), newTokens = Number(a.new);
 const onGpu = device.startsWith("cuda");
 const sync = (): void => onGpu ? cuda.synchronize(device) : undefined;
 
+const compare = a.attention === "compare";
+if (!compare && !ATTENTION_CHECK.ok(a.attention)) {
+  throw new Error(`--attention: expected ${ATTENTION_CHECK.expected} or "compare", got ${a.attention}`);
+}
 manualSeed(0);
 const t0 = performance.now();
-using model = await randomModel(config, { dtype, device });
+using model = await randomModel(config, {
+  dtype,
+  device,
+  attention: compare ? "auto" : a.attention as AttentionImpl,
+});
 sync();
 console.log(
   `${a.shapes}: ${config.modelType}, ${config.numHiddenLayers} layers, hidden ${config.hiddenSize}, ` +
@@ -50,7 +68,11 @@ if (onGpu) console.log(`weights: ${(cuda.memoryStats(device).allocated / 2 ** 30
 // numbers comparable across runs; padding is exercised by the tests).
 const prompts = Array.from(
   { length: batch },
-  (_, i) => Array.from({ length: promptLen }, (_, j) => (i * 7919 + j * 104729) % 30000 + 100),
+  (_, i) =>
+    Array.from(
+      { length: promptLen },
+      (_, j) => (i * 7919 + j * 104729) % (Math.min(config.vocabSize, 30100) - 100) + 100,
+    ),
 );
 
 async function timeGenerate(dispatch: "loop" | "dense", maxNew: number): Promise<number> {
@@ -67,21 +89,100 @@ async function timeGenerate(dispatch: "loop" | "dense", maxNew: number): Promise
   return (performance.now() - start) / 1000;
 }
 
-const rows: string[] = [];
-for (const dispatch of ["dense", "loop"] as const) {
-  await timeGenerate(dispatch, 4); // warm-up: allocator, kernels, cuBLAS handles
-  if (onGpu) cuda.resetPeakMemoryStats(device);
-  const prefill = Math.min(await timeGenerate(dispatch, 1), await timeGenerate(dispatch, 1)); // prefill + 1 step
-  const full = await timeGenerate(dispatch, newTokens);
-  const decodeRate = (batch * (newTokens - 1)) / (full - prefill);
-  const peak = onGpu ? `${(cuda.memoryStats(device).peakAllocated / 2 ** 30).toFixed(2)} GiB` : "-";
-  rows.push(
-    `${dispatch.padEnd(8)} ${prefill.toFixed(3).padStart(9)} ${full.toFixed(2).padStart(8)} ` +
-      `${(batch * newTokens / full).toFixed(1).padStart(12)} ${decodeRate.toFixed(1).padStart(12)} ${
-        peak.padStart(10)
-      }`,
-  );
+/** Seconds of one training pass: forward over prompt + new tokens and backward into every q projection. */
+function timeTrainPass(): number {
+  const len = promptLen + newTokens;
+  const ids = prompts.map((p) => Array.from({ length: len }, (_, j) => p[j % promptLen]!));
+  const params = model.decoder.layers.map((l) => (l.attn.q as Linear).weight);
+  sync();
+  const start = performance.now();
+  tidy(() => {
+    params.forEach((p) => p.setRequiresGrad(true));
+    try {
+      const opts = { dtype: "int64" as const, device };
+      const out = model.decoder.forward({
+        inputIds: tensor(ids, opts),
+        positionIds: tensor(ids.map((r) => r.map((_, j) => j)), opts),
+        attentionMask: tensor(ids.map((r) => r.map(() => 1)), opts),
+        skipLogits: true, // the LM head's cost is the same on both paths
+        dispatch: "dense",
+      });
+      out.hidden.square().mean().backward();
+    } finally {
+      params.forEach((p) => {
+        p.clearGrad();
+        p.setRequiresGrad(false);
+      });
+    }
+  });
+  sync();
+  return (performance.now() - start) / 1000;
 }
-console.log(`batch ${batch}, prompt ${promptLen}, ${newTokens} new tokens (greedy, no EOS)`);
-console.log("dispatch  prefill s   total s   overall tok/s  decode tok/s  peak mem");
-for (const r of rows) console.log(r);
+
+const median = (xs: number[]): number => [...xs].sort((x, y) => x - y)[Math.floor(xs.length / 2)]!;
+
+if (compare) {
+  // Same model, same prompts, the two paths alternating round by round so drift in the machine's speed
+  // falls on both.
+  const impls = ["eager", "sdpa"] as const;
+  resolveAttention("sdpa"); // fails clearly on a libtorch without SDPA
+  const m = new Map(
+    impls.map((i) => [i, { prefill: [] as number[], decode: [] as number[], train: [] as number[] }]),
+  );
+  for (const impl of impls) {
+    model.decoder.attention = impl;
+    await timeGenerate("dense", 2); // warm-up
+    timeTrainPass();
+  }
+  for (let r = 0; r < Number(a.runs); r++) {
+    for (const impl of impls) {
+      model.decoder.attention = impl;
+      const prefill = await timeGenerate("dense", 1), full = await timeGenerate("dense", newTokens);
+      const e = m.get(impl)!;
+      e.prefill.push(prefill);
+      e.decode.push((batch * (newTokens - 1)) / (full - prefill));
+      e.train.push(timeTrainPass());
+    }
+  }
+  console.log(
+    `batch ${batch}, prompt ${promptLen}, ${newTokens} new tokens (greedy, no EOS, dense dispatch)`,
+  );
+  console.log("attention  prefill s  decode tok/s  train pass s   (medians of " + a.runs + " rounds)");
+  const med = (i: "eager" | "sdpa") => {
+    const e = m.get(i)!;
+    return { prefill: median(e.prefill), decode: median(e.decode), train: median(e.train) };
+  };
+  for (const impl of impls) {
+    const x = med(impl);
+    console.log(
+      `${impl.padEnd(9)} ${x.prefill.toFixed(3).padStart(10)} ${x.decode.toFixed(1).padStart(13)} ${
+        x.train.toFixed(3).padStart(13)
+      }`,
+    );
+  }
+  const [e, f] = [med("eager"), med("sdpa")];
+  console.log(
+    `sdpa / eager: prefill time ×${(f.prefill / e.prefill).toFixed(2)}, decode tok/s ×${
+      (f.decode / e.decode).toFixed(2)
+    }, train pass time ×${(f.train / e.train).toFixed(2)}`,
+  );
+} else {
+  const rows: string[] = [];
+  for (const dispatch of ["dense", "loop"] as const) {
+    await timeGenerate(dispatch, 4); // warm-up: allocator, kernels, cuBLAS handles
+    if (onGpu) cuda.resetPeakMemoryStats(device);
+    const prefill = Math.min(await timeGenerate(dispatch, 1), await timeGenerate(dispatch, 1)); // prefill + 1 step
+    const full = await timeGenerate(dispatch, newTokens);
+    const decodeRate = (batch * (newTokens - 1)) / (full - prefill);
+    const peak = onGpu ? `${(cuda.memoryStats(device).peakAllocated / 2 ** 30).toFixed(2)} GiB` : "-";
+    rows.push(
+      `${dispatch.padEnd(8)} ${prefill.toFixed(3).padStart(9)} ${full.toFixed(2).padStart(8)} ` +
+        `${(batch * newTokens / full).toFixed(1).padStart(12)} ${decodeRate.toFixed(1).padStart(12)} ${
+          peak.padStart(10)
+        }`,
+    );
+  }
+  console.log(`batch ${batch}, prompt ${promptLen}, ${newTokens} new tokens (greedy, no EOS)`);
+  console.log("dispatch  prefill s   total s   overall tok/s  decode tok/s  peak mem");
+  for (const r of rows) console.log(r);
+}
