@@ -165,6 +165,7 @@ Deno.test({
       tidy(() => {
         // A cache buffer [B, nKV, slots, d] read through narrow views, as KVCache.update returns them.
         const kc = randn([2, nKV, slots, d], opts), vc = randn([2, nKV, slots, d], opts);
+        let worst = 0;
         for (let step = 0; step < 3; step++) {
           const t = past + step + 1;
           const k = kc.narrow(2, 0, t), v = vc.narrow(2, 0, t);
@@ -172,12 +173,15 @@ Deno.test({
           const mask = causalMask(keyValid(t, pads), t - 1, 1, FLOAT);
           const err = maxDiff(attention(q, k, v, mask, 0.3, "sdpa"), eagerAttention(q, k, v, mask, 0.3));
           assert.ok(err <= TOL, `step ${step}: max |sdpa − eager| ${err}`);
+          worst = Math.max(worst, err);
         }
         // Two new tokens at once (a chunk after the prompt): S = 2 queries over T = 8 keys.
         const q2 = randn([2, nH, 2, d], opts), k = kc.narrow(2, 0, 8), v = vc.narrow(2, 0, 8);
         const mask = causalMask(keyValid(8, pads), 6, 2, FLOAT);
         const err = maxDiff(attention(q2, k, v, mask, 0.3, "sdpa"), eagerAttention(q2, k, v, mask, 0.3));
         assert.ok(err <= TOL, `two-token step: max |sdpa − eager| ${err}`);
+        worst = Math.max(worst, err);
+        if (DEVICE === "cpu") console.log(`  decode: max |Δ| ${worst.toExponential(2)}`);
       });
     });
   },
