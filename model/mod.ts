@@ -99,7 +99,6 @@ export { type ExpertSlot, expertSlots, type LinearSlot, linearSlots } from "./mo
 export {
   applyRope,
   attention,
-  ATTENTION_CHECK,
   ATTENTION_IMPLS,
   type AttentionImpl,
   causalMask,
