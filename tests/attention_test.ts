@@ -146,9 +146,9 @@ Deno.test({
           assert.ok(maxDiff(causal, full) <= TOL, "causal flag = causal mask");
           const backend = sdpaBackend(q, k, v, mask, { scale: 0.25 });
           assert.notEqual(backend, "none");
-          if (DEVICE === "cpu") {
-            console.log(`  ${nH}/${nKV} heads: max |Δ| ${err.toExponential(2)} (${backend})`);
-          }
+          console.log(
+            `  ${nH}/${nKV} heads, ${FLOAT} on ${DEVICE}: max |Δ| ${err.toExponential(2)} (${backend})`,
+          );
         });
       }
     });
