@@ -42,8 +42,8 @@ SdpaArgs prepare(mt_tensor q, mt_tensor k, mt_tensor v, mt_tensor mask) {
                                 std::to_string(a.v.size(1)) + " key/value heads)");
   if (a.mask && a.mask->scalar_type() == torch::kBool) {
     // libtorch turns a boolean mask into -inf, and a row that sees no key
-    // then gives NaN (before 2.5) or zeros. The dtype's most negative finite
-    // value instead makes such a row (a left-padding query) average every
+    // then gives NaN (older releases) or zeros (2.15). The most negative finite
+    // value of the dtype instead makes such a row (a left-padding query) average every
     // value, as the eager path's additive mask does, and never NaN.
     double lowest = 0;
     AT_DISPATCH_FLOATING_TYPES_AND2(torch::kHalf, torch::kBFloat16, a.q.scalar_type(), "sdpa_mask", [&] {
