@@ -24,6 +24,7 @@ import { parseConfig } from "../model/config.ts";
 import { BANDWIDTH_FORMULA, boundTokensPerSecond, decodeStepBytes } from "./bandwidth.ts";
 import { type DecodeMode, DecodeSession } from "../model/decode_static.ts";
 import { generate } from "../model/generate.ts";
+import { ATTENTION_CHECK, type AttentionImpl } from "../model/layers.ts";
 import { randomModel } from "../model/model.ts";
 import type { MoeDispatch } from "../model/moe.ts";
 
@@ -38,11 +39,13 @@ const { values: a } = parseArgs({
     prompt: { type: "string", default: "32" },
     new: { type: "string", default: "32" },
     layers: { type: "string" }, // override num_hidden_layers for a quick CPU try
+    attention: { type: "string", default: "auto" }, // auto | sdpa | eager (bench/attention.ts compares them)
     bandwidth: { type: "string" }, // GB/s of the device's memory, for the bound (default 4800, an H200, on CUDA)
   },
 });
 const raw = JSON.parse(await Deno.readTextFile(a.shapes!));
 if (a.layers) raw.num_hidden_layers = Number(a.layers);
+raw.model_type ??= "qwen3_moe"; // bench-small.json, the small model of bench:generate, leaves it to the bench
 const config = parseConfig(raw, a.shapes);
 const device = a.device as Device, dtype = a.dtype as DType;
 const batches = a.batch!.split(",").map(Number), promptLen = Number(a.prompt), newTokens = Number(a.new);
@@ -59,7 +62,8 @@ const sync = (): void => onGpu ? cuda.synchronize(device) : undefined;
 
 manualSeed(0);
 const t0 = performance.now();
-using model = await randomModel(config, { dtype, device });
+if (!ATTENTION_CHECK.ok(a.attention)) throw new Error(`--attention: expected ${ATTENTION_CHECK.expected}`);
+using model = await randomModel(config, { dtype, device, attention: a.attention as AttentionImpl });
 sync();
 console.log(
   `${a.shapes}: ${config.modelType}, ${config.numHiddenLayers} layers, hidden ${config.hiddenSize}, ` +

@@ -38,6 +38,15 @@ export {
   stack,
   where,
 } from "./functional.ts";
+export {
+  sdpa,
+  sdpaAvailable,
+  type SdpaBackend,
+  sdpaBackend,
+  type SdpaOptions,
+  type SdpaSupport,
+  sdpaSupport,
+} from "./attention.ts";
 export { nf4Linear, type Nf4LinearParts, type TokenStats, tokenStats } from "./fused.ts";
 export { type Device, type DType, ELEMENT_SIZE, isFloating, type Shape } from "./dtype.ts";
 export { dispose, keep, tidy, tidyAsync, TRACKED, type Tracked } from "./scope.ts";

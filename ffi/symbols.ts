@@ -134,6 +134,10 @@ export const symbols = {
   mt_graph_replay: { parameters: [C, GR], result: I32 },
   mt_graph_reset: { parameters: [C, GR], result: I32 },
   mt_graph_free: { parameters: [GR], result: "void" },
+  // fused attention (attention.cpp)
+  mt_sdpa_available: { parameters: [], result: I32 },
+  mt_sdpa: { parameters: [C, T, T, T, T, F64, I32], result: T },
+  mt_sdpa_backend: { parameters: [C, T, T, T, T, F64, I32, BUF], result: I32 }, // int32_t* out
 } as const satisfies Deno.ForeignLibraryInterface;
 
 /** The loaded shim: `Deno.dlopen` over {@link symbols}. */

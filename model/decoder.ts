@@ -7,7 +7,15 @@
  */
 import { embedding, type Tensor, tidy } from "../ffi/mod.ts";
 import type { KVStore } from "./kv_cache.ts";
-import { applyRope, attention, causalMask, type LinearLayer, type Norm, ropeCosSin } from "./layers.ts";
+import {
+  applyRope,
+  attention,
+  type AttentionImpl,
+  causalMask,
+  type LinearLayer,
+  type Norm,
+  ropeCosSin,
+} from "./layers.ts";
 import { dispatch, type ExpertBank, type MoeDispatch, type Routing } from "./moe.ts";
 
 /** Attention projections of one layer. */
@@ -149,6 +157,11 @@ export class Decoder {
   readonly dims: DecoderDims;
   /** For each layer, its index among the MoE layers (-1 for a dense layer). */
   readonly moeIndex: readonly number[];
+  /**
+   * How attention is computed in every pass (prefill, decode, training): "auto" uses libtorch's fused
+   * SDPA where the build has it, else the eager ops; "sdpa" and "eager" force one (see docs/numerics.md).
+   */
+  attention: AttentionImpl = "auto";
 
   /** Assembles a decoder from already-built parts. */
   constructor(
@@ -268,7 +281,7 @@ export class Decoder {
       let k = applyRope(split(blk.k.forward(x), kvHeads, blk.kNorm), ctx.cos, ctx.sin);
       let v = split(blk.v.forward(x), kvHeads);
       if (ctx.cache) [k, v] = ctx.cache.update(layer, k, v);
-      return blk.o.forward(attention(q, k, v, ctx.mask, 1 / Math.sqrt(headDim)));
+      return blk.o.forward(attention(q, k, v, ctx.mask, 1 / Math.sqrt(headDim), this.attention));
     });
   }
 }

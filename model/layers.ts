@@ -3,7 +3,19 @@
  * Hugging Face transformers numerics (docs/numerics.md).
  * @module
  */
-import { arange, cat, full, layerNorm, linear, type Tensor, tidy } from "../ffi/mod.ts";
+import {
+  arange,
+  cat,
+  full,
+  layerNorm,
+  linear,
+  sdpa,
+  sdpaAvailable,
+  type Tensor,
+  tidy,
+  torchVersion,
+} from "../ffi/mod.ts";
+import { type Check, oneOf } from "./settings.ts";
 
 /** A linear layer y = x Wᵀ + b; LoRA and 4-bit layers implement the same shape. */
 export interface LinearLayer {
@@ -106,12 +118,60 @@ export function applyRope(x: Tensor, cos: Tensor, sin: Tensor): Tensor {
   });
 }
 
+/** How attention is computed: "sdpa" (libtorch's fused kernels), "eager" (plain ops), "auto" (SDPA where available). */
+export type AttentionImpl = "auto" | "sdpa" | "eager";
+
+/** The {@link AttentionImpl} values, for settings checks. */
+export const ATTENTION_IMPLS: readonly AttentionImpl[] = ["auto", "sdpa", "eager"];
+
+/** The settings check of an {@link AttentionImpl} (train config `model.attention`, `loadModel`'s option). */
+export const ATTENTION_CHECK: Check = oneOf(...ATTENTION_IMPLS);
+
+let hasSdpa: boolean | undefined; // one library per process: ask it once
+
+/**
+ * The path an {@link AttentionImpl} takes with the loaded libtorch: "auto" is
+ * "sdpa" when libtorch has it (≥ 2.1), else "eager".
+ * @throws {Error} for "sdpa" when this libtorch has no SDPA
+ */
+export function resolveAttention(impl: AttentionImpl): "sdpa" | "eager" {
+  if (impl === "eager") return "eager";
+  hasSdpa ??= sdpaAvailable();
+  if (hasSdpa) return "sdpa";
+  if (impl === "auto") return "eager";
+  throw new Error(
+    `attention "sdpa": scaled_dot_product_attention is not available in libtorch ${torchVersion()} ` +
+      '(it needs 2.1 or later); use "auto" or "eager"',
+  );
+}
+
+/**
+ * Grouped-query attention: q [B, nH, S, d], k and v [B, nKV, T, d], additive
+ * mask [B, 1, S, T] (or null). Returns [B, S, nH·d]. `impl` picks libtorch's
+ * fused SDPA or the eager ops ({@link eagerAttention}); both give a query row
+ * that sees no key (a left pad) the mean of the values, never NaN.
+ */
+export function attention(
+  q: Tensor,
+  k: Tensor,
+  v: Tensor,
+  mask: Tensor | null,
+  scale: number,
+  impl: AttentionImpl = "auto",
+): Tensor {
+  if (resolveAttention(impl) === "eager") return eagerAttention(q, k, v, mask, scale);
+  return tidy(() => {
+    const [b, nH, s, d] = q.shape as [number, number, number, number];
+    return sdpa(q, k, v, mask, { scale }).transpose(1, 2).reshape([b, s, nH * d]);
+  });
+}
+
 /**
  * Eager grouped-query attention: q [B, nH, S, d], k and v [B, nKV, T, d],
  * additive mask [B, 1, S, T] (or null). Softmax in float32, cast back before
  * × V, as transformers' eager path. Returns [B, S, nH·d].
  */
-export function attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | null, scale: number): Tensor {
+export function eagerAttention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | null, scale: number): Tensor {
   return tidy(() => {
     const [b, nH, s, d] = q.shape as [number, number, number, number];
     const [, nKV, t] = k.shape as [number, number, number];

@@ -73,7 +73,7 @@ export {
   selectChatTemplate,
 } from "./chat_template.ts";
 export { leftPad, type PaddedBatch } from "./padding.ts";
-export { CausalLM, loadModel, type LoadModelOptions, randomModel } from "./model.ts";
+export { CausalLM, loadModel, type LoadModelOptions, type ModelOptions, randomModel } from "./model.ts";
 export { saveModel } from "./save.ts";
 export {
   type AttentionBlock,
@@ -106,12 +106,16 @@ export { type ExpertSlot, expertSlots, type LinearSlot, linearSlots } from "./mo
 export {
   applyRope,
   attention,
+  ATTENTION_IMPLS,
+  type AttentionImpl,
   causalMask,
   dtypeMin,
+  eagerAttention,
   LayerNorm,
   Linear,
   type LinearLayer,
   type Norm,
+  resolveAttention,
   RmsNorm,
   ropeCosSin,
 } from "./layers.ts";

@@ -7,6 +7,8 @@ import { join } from "node:path";
 import { Checkpoint } from "./checkpoint.ts";
 import { loadModelConfig, type MoeConfig } from "./config.ts";
 import type { Decoder } from "./decoder.ts";
+import { ATTENTION_CHECK, type AttentionImpl, resolveAttention } from "./layers.ts";
+import { describe } from "./settings.ts";
 import { resolveModel, type ResolveOptions } from "./hub.ts";
 import { buildPhiMoe } from "./phimoe.ts";
 import { buildQwen3Moe } from "./qwen3_moe.ts";
@@ -18,8 +20,14 @@ import {
   type WeightOptions,
 } from "./weights.ts";
 
+/** Options for {@link loadModel} and {@link randomModel}. */
+export interface ModelOptions extends WeightOptions {
+  /** How attention is computed (default "auto": libtorch's fused SDPA where available); see {@link Decoder.attention}. */
+  attention?: AttentionImpl;
+}
+
 /** Options for {@link loadModel}. */
-export interface LoadModelOptions extends WeightOptions {
+export interface LoadModelOptions extends ModelOptions {
   /** Hub resolution options (revision, token, cache dir). */
   hub?: ResolveOptions;
 }
@@ -79,7 +87,7 @@ export async function loadModel(idOrPath: string, opts: LoadModelOptions = {}): 
  * A model of config's shapes with random weights (no checkpoint): for
  * measuring speed and memory at real model sizes. Seed with manualSeed().
  */
-export async function randomModel(config: MoeConfig, opts: WeightOptions = {}): Promise<CausalLM> {
+export async function randomModel(config: MoeConfig, opts: ModelOptions = {}): Promise<CausalLM> {
   return await build(config, new RandomSource(), "", opts);
 }
 
@@ -87,7 +95,7 @@ async function build(
   config: MoeConfig,
   src: TensorSource,
   dir: string,
-  opts: WeightOptions,
+  opts: ModelOptions,
 ): Promise<CausalLM> {
   if (config.ropeType !== "default") {
     // Scaled RoPE (yarn, longrope, ...) is parsed but not computed: refuse rather than give wrong logits.
@@ -96,11 +104,17 @@ async function build(
         "rope_theta); this model's logits would be wrong",
     );
   }
+  const impl = opts.attention ?? "auto";
+  if (!ATTENTION_CHECK.ok(impl)) {
+    throw new RangeError(`attention: expected ${ATTENTION_CHECK.expected}, got ${describe(impl)}`);
+  }
+  resolveAttention(impl); // "sdpa" on a libtorch without it fails here, before any weight is read
   const weights = new WeightLoader(src, { dtype: opts.dtype, device: opts.device });
   try {
     const decoder = config.modelType === "qwen3_moe"
       ? await buildQwen3Moe(config, weights)
       : await buildPhiMoe(config, weights);
+    decoder.attention = impl;
     return new CausalLM(config, decoder, dir, weights);
   } catch (e) {
     weights.dispose();

@@ -3,8 +3,9 @@
 # (no network needed): builds the shim against that libtorch with CUDA, runs
 # the whole test suite on the CPU (float32) and on CUDA (float32 and
 # bfloat16), and measures generation with random weights at real model
-# shapes (eager decode steps against static buffers and CUDA graphs),
-# training memory, and the data-parallel overhead with NCCL. Logs go to $OUT (default /tmp/moerl-gpu); a summary is printed last.
+# shapes (eager decode steps against static buffers and CUDA graphs), fused
+# against eager attention, training memory, and the data-parallel overhead
+# with NCCL. Logs go to $OUT (default /tmp/moerl-gpu); a summary is printed last.
 #
 # Offline machines: put a Deno binary at .gpu/deno.xz and a prefilled Deno
 # cache (DENO_DIR with the npm packages) at .gpu/deno_dir.tar.xz, and for the
@@ -66,6 +67,12 @@ step mem-huihui deno run -A bench/memory.ts --shapes bench/shapes/huihui-moe-1b-
 step mem-phi-tiny deno run -A bench/memory.ts --shapes bench/shapes/phi-tiny-moe.json \
   --device cuda --dtype bfloat16 --batch 8 --seq 512
 
+# Fused attention against eager at Huihui shapes (prefill, decode, a training pass), and what binds to
+# Deno's exported symbols once the CUDA driver is loaded (the device-crash investigation).
+step attn-huihui deno run -A bench/attention.ts --shapes bench/shapes/huihui-moe-1b-a0.6b.json \
+  --device cuda --dtype bfloat16 --batch 16 --prompt 512 --new 64
+step native-bindings env MOERL_TEST_DEVICE=cuda scripts/native_bindings.sh
+
 # Data parallel on one device: what the NCCL group and its gradient sums cost per update at Huihui shapes.
 step dp-nccl-huihui deno run -A bench/data_parallel.ts --device cuda --dtype bfloat16 \
   --shapes bench/shapes/huihui-moe-1b-a0.6b.json --procs 1 --prompts 32 --k 4 --new 128 --micro 8
@@ -75,6 +82,6 @@ for f in "$OUT"/test-*.log; do
   grep -q "FAILED" "$f" && { echo "--- $f"; sed 's/\x1b\[[0-9;]*m//g' "$f" | grep "=> " | sort -u | head -40; }
 done
 echo "==== generation and training memory"
-cat "$OUT"/gen-*.log "$OUT"/mem-*.log "$OUT"/dp-*.log | grep -v "^\s*at "
+cat "$OUT"/gen-*.log "$OUT"/attn-*.log "$OUT"/mem-*.log "$OUT"/dp-*.log "$OUT"/native-*.log | grep -v "^\s*at "
 echo "==== summary"
 cat "$OUT/summary.txt"

@@ -12,7 +12,8 @@
  */
 import assert from "node:assert/strict";
 import { join } from "node:path";
-import { liveTensors, noGrad, type Tensor, tidy } from "../ffi/mod.ts";
+import { liveTensors, noGrad, type Tensor, tidy, torchVersion } from "../ffi/mod.ts";
+import { resolveAttention } from "../model/layers.ts";
 import { generate } from "../model/generate.ts";
 import { loadModel } from "../model/model.ts";
 import { loadBalancingLoss } from "../model/moe.ts";
@@ -52,6 +53,9 @@ for (const name of MODELS) {
     const live = liveTensors();
     {
       using model = await loadModel(join(FIXTURES, "models", name), { dtype: FLOAT, device: DEVICE });
+      console.log(
+        `  ${name}: ${resolveAttention(model.decoder.attention)} attention (libtorch ${torchVersion()})`,
+      );
       const { meta, read } = await fixture(name);
       using ids = await read("input_ids");
       using mask = await read("attention_mask");

@@ -114,6 +114,10 @@ Deno.test("config: type mismatches name the key, what was expected and what came
     [{ train: { learningRate: 0 } }, /train\.learningRate: expected a number > 0, got 0/],
     [{ model: { device: "gpu" } }, /model\.device: expected "cuda", "cuda:N" or "cpu", got "gpu"/],
     [
+      { model: { attention: "flash" } },
+      /model\.attention: expected one of "auto", "sdpa", "eager", got "flash"/,
+    ],
+    [
       { ppo: { klEstimator: "k1" } },
       /ppo\.klEstimator: expected "k2" or "k3" \(k1's expected gradient is zero/,
     ],
@@ -190,8 +194,13 @@ Deno.test("config: --set overrides, parsed as YAML scalars", async () => {
     configError(() => parseSets(["train.learningRate"])),
     /--set train\.learningRate: expected key\.path=value/,
   );
-  const cfg = await loadTrainConfig(join(CONFIGS, "tiny.yaml"), ["train.updates=3", "model.device=cuda:1"]);
+  const cfg = await loadTrainConfig(join(CONFIGS, "tiny.yaml"), [
+    "train.updates=3",
+    "model.device=cuda:1",
+    "model.attention=eager",
+  ]);
   assert.equal(cfg.train.updates, 3);
+  assert.equal(cfg.model.attention, "eager");
   assert.equal(cfg.model.device, "cuda:1");
   assert.equal(cfg.rollout.k, 2, "the file's values stay");
   await assert.rejects(

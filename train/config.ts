@@ -21,6 +21,7 @@ import {
   type RolloutConfig,
 } from "../rl/config.ts";
 import type { RewardConfig } from "../rl/reward.ts";
+import { ATTENTION_CHECK, type AttentionImpl } from "../model/layers.ts";
 import { DEFAULT_LORA, LORA_CHECKS, type LoraConfig } from "../model/lora_apply.ts";
 import { bool, type Check, int, nullable, num, oneOf, str, text } from "../model/settings.ts";
 import { MOE_CHECKS, PPO_CHECKS, rlConfig, ROLLOUT_CHECKS } from "../rl/config.ts";
@@ -42,6 +43,8 @@ export interface ModelSettings {
   quantize4bit: boolean;
   /** With quantize4bit: also quantise the NF4 scales (bnb's double quantisation, QLoRA's setting). */
   doubleQuant: boolean;
+  /** "auto": libtorch's fused attention (SDPA) where the build has it, else eager; "sdpa" or "eager" to force. */
+  attention: AttentionImpl;
 }
 
 /** The training problems. */
@@ -180,6 +183,7 @@ export const DEFAULTS: DeepReadonly<TrainConfig> = deepFreeze<TrainConfig>({
     device: "cuda",
     quantize4bit: false,
     doubleQuant: true,
+    attention: "auto",
   },
   lora: { ...DEFAULT_LORA, targetModules: [...DEFAULT_LORA.targetModules] },
   data: {
@@ -237,6 +241,7 @@ const SCHEMA: Schema<TrainConfig> = {
     device,
     quantize4bit: bool,
     doubleQuant: bool,
+    attention: ATTENTION_CHECK,
   },
   lora: LORA_CHECKS as Schema<TrainConfig["lora"]>,
   data: {

@@ -7,9 +7,12 @@ import { type CausalLM, loadModel } from "../model/model.ts";
 import { quantizeModel } from "../model/nf4.ts";
 import type { DeepReadonly, ModelSettings } from "./config.ts";
 
-/** Loads cfg.id (Hub id or folder) in cfg.dtype on cfg.device, and quantises its base to NF4 when asked. */
+/**
+ * Loads cfg.id (Hub id or folder) in cfg.dtype on cfg.device with cfg.attention, and quantises its base to
+ * NF4 when asked.
+ */
 export async function loadConfiguredModel(cfg: DeepReadonly<ModelSettings>): Promise<CausalLM> {
-  const model = await loadModel(cfg.id, { dtype: cfg.dtype, device: cfg.device });
+  const model = await loadModel(cfg.id, { dtype: cfg.dtype, device: cfg.device, attention: cfg.attention });
   try {
     if (cfg.quantize4bit) quantizeModel(model, { doubleQuant: cfg.doubleQuant });
   } catch (e) {

@@ -282,6 +282,27 @@ int32_t mt_graph_reset(mt_ctx* ctx, mt_graph g);
 /* Ends a capture left open, resets and frees. NULL does nothing. */
 void mt_graph_free(mt_graph g);
 
+/* ---- fused attention (attention.cpp) -------------------------------------------------------
+ * libtorch's scaled_dot_product_attention: it picks the flash, memory-efficient,
+ * cuDNN or math back end for the inputs. Older libtorch builds compile without
+ * it and say so (mt_sdpa_available 0, mt_sdpa fails). */
+/* Bit 0: mt_sdpa works in this build (libtorch >= 2.1); bit 1: key/value heads
+ * are shared through enable_gqa (>= 2.5) rather than repeated. */
+int32_t mt_sdpa_available(void);
+/* softmax(q k^T * scale + mask) v for q [B, nH, S, d], k and v [B, nKV, T, d]
+ * (nKV divides nH: query head h reads key/value head h / (nH / nKV)); returns
+ * [B, nH, S, d]. mask may be NULL, additive (q's dtype) or bool (true: attend),
+ * broadcastable to [B, nH, S, T]; a bool mask becomes an additive one with the
+ * dtype's most negative finite value, so a row that sees no key averages every
+ * value, as an additive mask, instead of NaN. is_causal != 0 adds a causal
+ * mask aligned at the top left (meant for S == T, without mask). No dropout. */
+mt_tensor mt_sdpa(mt_ctx* ctx, mt_tensor q, mt_tensor k, mt_tensor v, mt_tensor mask, double scale,
+                  int32_t is_causal);
+/* *out = the back end libtorch would pick for these arguments: 0 math, 1 flash,
+ * 2 memory-efficient, 3 cuDNN, 4 overrideable, -1 none. */
+int32_t mt_sdpa_backend(mt_ctx* ctx, mt_tensor q, mt_tensor k, mt_tensor v, mt_tensor mask, double scale,
+                        int32_t is_causal, int32_t* out);
+
 #ifdef __cplusplus
 }
 #endif
