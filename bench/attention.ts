@@ -13,6 +13,7 @@
 import { parseArgs } from "node:util";
 import { cuda, type Device, type DType, manualSeed, tensor, tidy } from "../ffi/mod.ts";
 import { parseConfig } from "../model/config.ts";
+import { modelLine } from "./shapes.ts";
 import { generate } from "../model/generate.ts";
 import { type Linear, resolveAttention } from "../model/layers.ts";
 import { randomModel } from "../model/model.ts";
@@ -46,13 +47,7 @@ using model = await randomModel(config, {
   attention: "auto",
 });
 sync();
-console.log(
-  `${a.shapes}: ${config.modelType}, ${config.numHiddenLayers} layers, hidden ${config.hiddenSize}, ` +
-    `${config.numExperts} experts top-${config.numExpertsPerTok}; ${dtype} on ${device}; built in ${
-      ((performance.now() - t0) / 1000).toFixed(1)
-    } s`,
-);
-if (onGpu) console.log(`weights: ${(cuda.memoryStats(device).allocated / 2 ** 30).toFixed(2)} GiB allocated`);
+console.log(modelLine(a.shapes!, config, dtype, device, (performance.now() - t0) / 1000));
 
 // Prompts: random ids of the full prompt length (uniform length keeps the
 // numbers comparable across runs; padding is exercised by the tests).

@@ -21,6 +21,7 @@
 import { parseArgs } from "node:util";
 import { cuda, type Device, type DType, manualSeed } from "../ffi/mod.ts";
 import { parseConfig } from "../model/config.ts";
+import { modelLine } from "./shapes.ts";
 import { BANDWIDTH_FORMULA, boundTokensPerSecond, decodeStepBytes } from "./bandwidth.ts";
 import { type DecodeMode, DecodeSession } from "../model/decode_static.ts";
 import { generate } from "../model/generate.ts";
@@ -65,13 +66,7 @@ const t0 = performance.now();
 if (!ATTENTION_CHECK.ok(a.attention)) throw new Error(`--attention: expected ${ATTENTION_CHECK.expected}`);
 using model = await randomModel(config, { dtype, device, attention: a.attention as AttentionImpl });
 sync();
-console.log(
-  `${a.shapes}: ${config.modelType}, ${config.numHiddenLayers} layers, hidden ${config.hiddenSize}, ` +
-    `${config.numExperts} experts top-${config.numExpertsPerTok}; ${dtype} on ${device}; built in ${
-      ((performance.now() - t0) / 1000).toFixed(1)
-    } s`,
-);
-if (onGpu) console.log(`weights: ${(cuda.memoryStats(device).allocated / 2 ** 30).toFixed(2)} GiB allocated`);
+console.log(modelLine(a.shapes!, config, dtype, device, (performance.now() - t0) / 1000));
 
 // Prompts: random ids of the full prompt length (uniform length keeps the
 // numbers comparable across runs; padding is exercised by the tests).
