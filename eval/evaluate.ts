@@ -3,7 +3,7 @@
  *
  * ```sh
  * deno task evaluate --config configs/default.yaml [--adapter runs/<name>/checkpoint-N] [--limit N]
- *                    [--split test] [--out DIR] [--set key.path=value ...]
+ *                    [--split test] [--out DIR] [--set key.path=value ...] [--nproc N]
  * ```
  *
  * The model, dtype, device, 4-bit setting, prompt (instruction, system) and
@@ -23,18 +23,30 @@
  * error while running, 2 for bad arguments or a bad config.
  *
  * The evaluation itself is rl/evaluate.ts's `evaluateExamples`, which the
- * training loop runs too.
+ * training loop runs too. Data parallel as `deno task train` (train/launch.ts:
+ * `--nproc N`, or one rank per process under torchrun): rank r takes every
+ * W-th problem from r, and rank 0 gathers the predictions and writes.
  * @module
  */
 import { basename, dirname, join, resolve } from "node:path";
 import { parseArgs } from "node:util";
-import { useAvailableCores } from "../ffi/mod.ts";
+import { type Device, useAvailableCores } from "../ffi/mod.ts";
 import { type Gsm8kSplit, loadGsm8k } from "../data/gsm8k.ts";
 import { writeAtomic } from "../model/atomic_write.ts";
 import { isFile } from "../model/json.ts";
 import { ADAPTER_CONFIG, loadPeftAdapter } from "../model/peft.ts";
 import { Tokenizer } from "../model/tokenizer.ts";
-import { type EvalTotals, evaluateExamples } from "../rl/evaluate.ts";
+import { type EvalTotals, evaluateExamples, type Prediction } from "../rl/evaluate.ts";
+import { Replicas } from "../rl/replicas.ts";
+import {
+  distTimeoutSeconds,
+  joinReplicas,
+  launchEnv,
+  rankDevice,
+  spawnLocal,
+  withoutNproc,
+} from "../train/launch.ts";
+import { evalTotalsOverRanks } from "../train/rank_metrics.ts";
 import { ADAPTER_DIR, latestCheckpoint } from "../train/checkpoint.ts";
 import {
   formatConfig,
@@ -96,6 +108,10 @@ export interface RunEvaluationOptions {
   out?: string;
   /** Progress lines (default console.log). */
   log?: (line: string) => void;
+  /** The ranks of a data-parallel evaluation (default: one process). */
+  replicas?: Replicas;
+  /** This rank's device, when it differs from the config's (e.g. `cuda:LOCAL_RANK`). */
+  device?: Device;
 }
 
 /** Loads what the config names, evaluates, and writes predictions.jsonl and summary.json. */
@@ -103,7 +119,8 @@ export async function runEvaluation(
   cfg: TrainConfig,
   opts: RunEvaluationOptions = {},
 ): Promise<{ summary: EvalSummary; dir: string }> {
-  const log = opts.log ?? console.log;
+  const dp = opts.replicas ?? Replicas.single();
+  const log = dp.rank === 0 ? opts.log ?? console.log : () => {};
   const split = opts.split ?? cfg.eval.split;
   const adapterDir = opts.adapter === undefined ? null : await resolveAdapter(opts.adapter);
   const data = await loadGsm8k(cfg.eval.source, {
@@ -126,14 +143,15 @@ export async function runEvaluation(
       cfg.model.quantize4bit ? ", NF4" : ""
     })`,
   );
-  using model = await loadConfiguredModel(cfg.model);
+  using model = await loadConfiguredModel({ ...cfg.model, device: opts.device ?? cfg.model.device });
   const lora = adapterDir === null ? null : await loadPeftAdapter(adapterDir, model);
   try {
     if (lora) log(`adapter ${adapterDir}: ${lora.trainableCount().toLocaleString("en-US")} parameters`);
     const tok = await Tokenizer.load(model.dir);
     const maxNewTokens = cfg.eval.maxNewTokens ?? cfg.rollout.maxNewTokens;
     const pct = (x: number): string => `${(100 * x).toFixed(1)}%`;
-    const { predictions, totals: t } = await evaluateExamples(model.decoder, tok, data.examples, {
+    const mine = data.examples.flatMap((_, i) => (i % dp.size === dp.rank ? [i] : []));
+    const own = await evaluateExamples(model.decoder, tok, mine.map((i) => data.examples[i]!), {
       maxNewTokens,
       batchSize: cfg.eval.batchSize,
       prompt: {
@@ -142,11 +160,15 @@ export async function runEvaluation(
       },
       onBatch: (done, r) =>
         log(
-          `  ${done}/${data.examples.length}: strict ${pct(r.accuracy_strict)}, flexible ${
-            pct(r.accuracy_flexible)
-          }`,
+          `  ${done}/${mine.length}${dp.size > 1 ? " (rank 0's share)" : ""}: strict ${
+            pct(r.accuracy_strict)
+          }, flexible ${pct(r.accuracy_flexible)}`,
         ),
     });
+    const t = evalTotalsOverRanks(own.totals, dp);
+    // Every rank's predictions, back in the problems' order.
+    const shares = dp.gatherText(JSON.stringify(own.predictions)).map((s) => JSON.parse(s) as Prediction[]);
+    const predictions = data.examples.map((_, i) => shares[i % dp.size]![Math.floor(i / dp.size)]!);
     const summary: EvalSummary = {
       run: cfg.name,
       model: cfg.model.id,
@@ -162,6 +184,7 @@ export async function runEvaluation(
       ...t,
       finished_at: new Date().toISOString(),
     };
+    if (dp.rank !== 0) return { summary, dir };
     await Deno.mkdir(dir, { recursive: true });
     await writeAtomic(
       join(dir, "predictions.jsonl"),
@@ -176,7 +199,7 @@ export async function runEvaluation(
 
 const USAGE =
   `usage: deno task evaluate --config configs/x.yaml [--adapter DIR] [--limit N] [--split test|train]
-                          [--out DIR] [--set key.path=value ...]`;
+                          [--out DIR] [--set key.path=value ...] [--nproc N]`;
 
 /** The command line: returns the exit status. */
 export async function main(args: string[]): Promise<number> {
@@ -191,6 +214,7 @@ export async function main(args: string[]): Promise<number> {
         split: { type: "string" },
         out: { type: "string", short: "o" },
         set: { type: "string", multiple: true },
+        nproc: { type: "string" },
         help: { type: "boolean", short: "h" },
       },
       strict: true,
@@ -213,6 +237,24 @@ export async function main(args: string[]): Promise<number> {
     console.error(`evaluate: --split must be "train" or "test", got ${v.split}\n${USAGE}`);
     return 2;
   }
+  let env;
+  try {
+    env = launchEnv();
+  } catch (e) {
+    console.error(`evaluate: ${(e as Error).message}`);
+    return 2;
+  }
+  if (v.nproc !== undefined) {
+    const n = Number(v.nproc);
+    if (env || !Number.isSafeInteger(n) || n < 1) {
+      console.error(
+        `evaluate: --nproc: expected an integer >= 1 and no launcher (WORLD_SIZE unset), got "${v.nproc}"`,
+      );
+      return 2;
+    }
+    return await spawnLocal(n, ["run", "-A", new URL(import.meta.url).pathname, ...withoutNproc(args)]);
+  }
+  const say = (env?.rank ?? 0) === 0 ? console.log : () => {};
   const base = Deno.env.get("INIT_CWD") ?? Deno.cwd();
   const at = (p: string | undefined): string | undefined => (p === undefined ? undefined : resolve(base, p));
   let cfg: TrainConfig;
@@ -222,17 +264,25 @@ export async function main(args: string[]): Promise<number> {
     console.error(`evaluate: ${(e as Error).message}`);
     return e instanceof TrainConfigError ? 2 : 1;
   }
-  console.log(`config${v.config ? ` ${v.config}` : " (defaults)"}:\n${formatConfig(cfg)}`);
+  say(`config${v.config ? ` ${v.config}` : " (defaults)"}:\n${formatConfig(cfg)}`);
   try {
-    console.log(`libtorch: ${useAvailableCores()} CPU threads (OMP_NUM_THREADS to change)`);
+    say(
+      `libtorch: ${
+        useAvailableCores(env?.localWorldSize ?? 1)
+      } CPU threads per process (OMP_NUM_THREADS to change)`,
+    );
+    const device = rankDevice(cfg.model.device, env);
+    using replicas = joinReplicas(env, device, distTimeoutSeconds());
     const { summary, dir } = await runEvaluation(cfg, {
       adapter: at(v.adapter),
       limit,
       split: v.split as Gsm8kSplit | undefined,
       out: at(v.out),
+      replicas,
+      device,
     });
-    console.log(JSON.stringify(summary, null, 2));
-    console.log(`predictions and summary in ${dir}`);
+    say(JSON.stringify(summary, null, 2));
+    say(`predictions and summary in ${dir}`);
     return 0;
   } catch (e) {
     console.error(`evaluate: ${(e as Error).message}`);

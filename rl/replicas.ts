@@ -10,6 +10,7 @@ import {
   cat,
   type Device,
   type DType,
+  fromTypedArray,
   noGrad,
   type ProcessGroup,
   type Tensor,
@@ -83,6 +84,23 @@ export class Replicas {
       const t = this.group!.allGather(tensor([...xs], { dtype: "float64", device: this.device }));
       return t.tolist() as number[][];
     });
+  }
+
+  /** Every rank's text, in rank order (UTF-8 bytes through the group, padded to the longest). */
+  gatherText(text: string): string[] {
+    if (!this.group) return [text];
+    const bytes = new TextEncoder().encode(text);
+    const lengths = this.gather([bytes.length]).map((r) => r[0]!);
+    const longest = Math.max(...lengths);
+    if (longest === 0) return lengths.map(() => "");
+    const padded = new Uint8Array(longest);
+    padded.set(bytes);
+    const all = tidy(() => {
+      const t = fromTypedArray(padded, [longest], { dtype: "uint8", device: "cpu" }).to(this.device);
+      return this.group!.allGather(t).to("cpu").toTypedArray() as Uint8Array;
+    });
+    const dec = new TextDecoder();
+    return lengths.map((n, r) => dec.decode(all.subarray(r * longest, r * longest + n)));
   }
 
   /**

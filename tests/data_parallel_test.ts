@@ -200,3 +200,55 @@ Deno.test({
     }
   },
 });
+
+Deno.test({
+  name: "data parallel: `deno task evaluate --nproc 2` writes what one process writes",
+  ignore: !hasGloo,
+  async fn(): Promise<void> {
+    const tmp = await Deno.makeTempDir({ prefix: "moerl_dp_eval_" });
+    try {
+      // Batches of one problem: each problem is decoded alone on either side, so greedy tokens match exactly.
+      const args = (out: string): string[] => [
+        "run",
+        "-A",
+        join(ROOT, "eval", "evaluate.ts"),
+        "--config",
+        join(ROOT, "configs", "tiny.yaml"),
+        "--limit",
+        "5",
+        "--out",
+        out,
+        ...["eval.batchSize=1", "eval.maxNewTokens=8"].flatMap((x) => ["--set", x]),
+      ];
+      const run = async (a: string[]): Promise<Deno.CommandOutput> =>
+        await new Deno.Command(Deno.execPath(), { args: a, env: ENV, stdout: "piped", stderr: "piped" })
+          .output();
+      const [one, two] = [join(tmp, "one"), join(tmp, "two")];
+      const single = await run(args(one));
+      assert.equal(single.code, 0, text(single.stderr));
+      const dp = await run([...args(two), "--nproc", "2"]);
+      assert.equal(dp.code, 0, text(dp.stderr));
+      assert.equal(
+        await Deno.readTextFile(join(two, "predictions.jsonl")),
+        await Deno.readTextFile(join(one, "predictions.jsonl")),
+      );
+      const [s1, s2] = await Promise.all(
+        [one, two].map(async (d) => JSON.parse(await Deno.readTextFile(join(d, "summary.json")))),
+      );
+      for (
+        const key of [
+          "n",
+          "correct_strict",
+          "correct_flexible",
+          "completion_tokens_mean",
+          "truncated_fraction",
+        ]
+      ) {
+        assert.equal(s2[key], s1[key], key);
+      }
+      assert.equal(s2.n, 5);
+    } finally {
+      await Deno.remove(tmp, { recursive: true });
+    }
+  },
+});

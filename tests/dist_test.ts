@@ -65,7 +65,8 @@ Deno.test({
 });
 
 Deno.test({
-  name: "dist: Replicas sums gradients in flat buffers; a parameter no rank has a gradient for keeps none",
+  name:
+    "dist: Replicas sums gradients in flat buffers (a parameter no rank has a gradient for keeps none), gathers numbers and texts",
   ignore: !hasGloo,
   async fn(): Promise<void> {
     const runs = await launch("gradients", 2);
@@ -79,6 +80,7 @@ Deno.test({
       assert.deepEqual(j.d, [[30, 30]]);
       assert.deepEqual(j.gathered, [[0, 10], [1, 11]]);
       assert.deepEqual(j.summed, [2]);
+      assert.deepEqual(j.texts, ["héllo, wörld", ""], "texts of different lengths, UTF-8");
     }
   },
 });

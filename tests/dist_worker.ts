@@ -59,6 +59,7 @@ try {
       d: d.grad?.tolist() ?? null,
       gathered: replicas.gather([rank, 10 + rank]),
       summed: replicas.sum([rank + 0.5]),
+      texts: replicas.gatherText(rank === 0 ? "héllo, wörld" : ""),
     });
   } else if (scenario === "peer-dies") {
     g.barrier();

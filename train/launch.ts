@@ -111,6 +111,16 @@ export function joinReplicas(env: LaunchEnv | null, device: Device, timeoutSecon
   return new Replicas(group, onGpu ? device : "cpu");
 }
 
+/** The arguments without `--nproc N` / `--nproc=N`: what each local rank of a `--nproc` launch gets. */
+export function withoutNproc(args: readonly string[]): string[] {
+  const out: string[] = [];
+  for (let i = 0; i < args.length; i++) {
+    if (args[i] === "--nproc") i++;
+    else if (!args[i]!.startsWith("--nproc=")) out.push(args[i]!);
+  }
+  return out;
+}
+
 /** A free TCP port on this machine (the OS picks one; it is released for the store to take). */
 export function freePort(hostname = "127.0.0.1"): number {
   const listener = Deno.listen({ hostname, port: 0 });

@@ -29,21 +29,12 @@ import {
   launchEnv,
   rankDevice,
   spawnLocal,
+  withoutNproc,
 } from "./launch.ts";
 import { torchVersion, useAvailableCores } from "../ffi/mod.ts";
 
 const USAGE = "usage: deno task train --config configs/x.yaml [--set key.path=value ...] [--resume] " +
   "[--print-config] [--nproc N]";
-
-/** args without `--nproc N` / `--nproc=N` (the children get the rest). */
-function withoutNproc(args: readonly string[]): string[] {
-  const out: string[] = [];
-  for (let i = 0; i < args.length; i++) {
-    if (args[i] === "--nproc") i++;
-    else if (!args[i]!.startsWith("--nproc=")) out.push(args[i]!);
-  }
-  return out;
-}
 
 /** The command line: returns the exit status. */
 export async function main(args: string[]): Promise<number> {

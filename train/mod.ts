@@ -36,6 +36,7 @@ export {
   rankDevice,
   spawnLocal,
   type SpawnOptions,
+  withoutNproc,
 } from "./launch.ts";
 export { collectMetricsOverRanks, evalTotalsOverRanks } from "./rank_metrics.ts";
 export { loadConfiguredModel } from "./model.ts";
