@@ -115,7 +115,11 @@ export class Replicas {
     const anywhere = this.max(tidy(() => params.map((p) => (p.grad === null ? 0 : 1))));
     noGrad(() => {
       const byType = new Map<DType, Tensor[]>();
-      for (const p of params) byType.set(p.dtype, [...(byType.get(p.dtype) ?? []), p]);
+      const has = new Map(params.map((p, i) => [p, anywhere[i] === 1]));
+      for (const p of params) {
+        if (!byType.has(p.dtype)) byType.set(p.dtype, []);
+        byType.get(p.dtype)!.push(p);
+      }
       for (const group of byType.values()) {
         tidy(() => {
           const flat = cat(group.map((p) => (p.grad ?? p.detach().mul(0)).reshape([-1])));
@@ -123,7 +127,7 @@ export class Replicas {
           let offset = 0;
           for (const p of group) {
             const n = p.numel;
-            if (anywhere[params.indexOf(p)]) p.setGrad(flat.narrow(0, offset, n).reshape(p.shape));
+            if (has.get(p)) p.setGrad(flat.narrow(0, offset, n).reshape(p.shape));
             offset += n;
           }
         });
