@@ -23,8 +23,8 @@ import {
   TorchError,
 } from "../ffi/mod.ts";
 import { DEFAULT_LORA } from "../model/lora_apply.ts";
-import { leftPad } from "../model/padding.ts";
 import { loadModel } from "../model/model.ts";
+import { sequenceBatch } from "../rl/collect.ts";
 import { DEFAULT_HEAD_CHUNK, Policy, type PolicyOutput, type SequenceBatch } from "../rl/policy.ts";
 import { assertClose, assertNoLeak, DEVICE } from "./util.ts";
 
@@ -95,16 +95,7 @@ Deno.test("lm head: chunked log-probs, entropy and gradients equal the full-logi
 function batch(): SequenceBatch {
   const prompts = [[5, 6, 7, 8], [9, 10], [11, 12, 13]];
   const completions = [[20, 21, 22], [23, 24, 25, 26], [27]];
-  const pad = leftPad(prompts.map((p, i) => [...p, ...completions[i]!]), 0);
-  const width = pad.inputIds[0]!.length;
-  const comp = completions.map((c) => [...Array(width - c.length).fill(0), ...Array(c.length).fill(1)]);
-  const i64 = { dtype: "int64" as const, device: DEVICE };
-  return {
-    inputIds: tensor(pad.inputIds, i64),
-    attentionMask: tensor(pad.attentionMask, i64),
-    positionIds: tensor(pad.positionIds, i64),
-    completionMask: tensor(comp, i64),
-  };
+  return sequenceBatch(prompts, completions, 0, DEVICE);
 }
 
 Deno.test("lm head: Policy outputs and LoRA gradients do not depend on headChunk", async () => {
