@@ -27,6 +27,7 @@ import {
   parseJsonl,
 } from "../data/mod.ts";
 import { Tokenizer } from "../model/mod.ts";
+import { withEnv } from "./util.ts";
 
 const FIXTURES = fileURLToPath(new URL("./fixtures/gsm8k/", import.meta.url));
 const HEAD_JSONL = join(FIXTURES, "train-head.jsonl");
@@ -193,19 +194,6 @@ async function fakeCache(files: Record<string, string>): Promise<string> {
     await Deno.symlink(blob, link);
   }
   return cache;
-}
-
-async function withEnv<T>(vars: Record<string, string | undefined>, fn: () => Promise<T>): Promise<T> {
-  const old = Object.fromEntries(Object.keys(vars).map((k) => [k, Deno.env.get(k)]));
-  const set = (v: Record<string, string | undefined>) => {
-    for (const [k, x] of Object.entries(v)) x === undefined ? Deno.env.delete(k) : Deno.env.set(k, x);
-  };
-  set(vars);
-  try {
-    return await fn();
-  } finally {
-    set(old);
-  }
 }
 
 Deno.test("loadGsm8k: openai/gsm8k from the HF cache, offline and without a request", async () => {

@@ -8,6 +8,7 @@
 import assert from "node:assert/strict";
 import { join, resolve } from "node:path";
 import { hubCacheDir, missingFiles, parseRepoId, repoCacheDir, resolveModel } from "../model/mod.ts";
+import { withEnv } from "./util.ts";
 
 const MODELS = new URL("./fixtures/models/", import.meta.url).pathname;
 const COMMIT = "0123456789abcdef0123456789abcdef01234567";
@@ -39,19 +40,6 @@ async function fakeCache(
     await Deno.symlink(blob, join(snap, f));
   }
   return { cache, snap };
-}
-
-async function withEnv<T>(vars: Record<string, string | undefined>, fn: () => Promise<T>): Promise<T> {
-  const old = Object.fromEntries(Object.keys(vars).map((k) => [k, Deno.env.get(k)]));
-  const set = (v: Record<string, string | undefined>) => {
-    for (const [k, x] of Object.entries(v)) x === undefined ? Deno.env.delete(k) : Deno.env.set(k, x);
-  };
-  set(vars);
-  try {
-    return await fn();
-  } finally {
-    set(old);
-  }
 }
 
 Deno.test("hub: cache folder from the environment, as huggingface_hub picks it", () => {

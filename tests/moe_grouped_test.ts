@@ -13,15 +13,8 @@ import { LoraState } from "../model/lora.ts";
 import { LoraExperts } from "../model/lora_experts.ts";
 import { loadModel } from "../model/model.ts";
 import { dispatch, type ExpertBank, type Routing, StackedExperts } from "../model/moe.ts";
-import { assertClose, assertNoLeak, DEVICE } from "./util.ts";
+import { assertClose, assertNoLeak, DEVICE, FUSED_EXPERT_NAMES } from "./util.ts";
 
-const NAMES = {
-  prefix: "m.experts",
-  gate: "gate_proj",
-  up: "up_proj",
-  down: "down_proj",
-  layout: "fused" as const,
-};
 const o = { dtype: "float32" as const, device: DEVICE };
 const E = 6, H = 16, I = 8, T = 11, K = 2;
 
@@ -59,7 +52,7 @@ Deno.test({
   fn(): void {
     assertNoLeak(() => {
       const { gu, dn, x, routing } = tidy(setup);
-      const plain = new StackedExperts(gu, dn, NAMES);
+      const plain = new StackedExperts(gu, dn, FUSED_EXPERT_NAMES);
       assert.equal(plain.groupable, true);
       const a = run(plain, x, routing, "loop", []), b = run(plain, x, routing, "grouped", []);
       a.forEach((v, i) => assertClose(b[i]!, v, 1e-5, i === 0 ? "output" : "∂x"));
@@ -85,11 +78,11 @@ Deno.test({
 Deno.test('moe grouped: without grouped products, "grouped" is the loop dispatch', () => {
   assertNoLeak(() => {
     const { gu, dn, x, routing } = tidy(setup);
-    const plain = new StackedExperts(gu, dn, NAMES);
+    const plain = new StackedExperts(gu, dn, FUSED_EXPERT_NAMES);
     // A bank as a 4-bit one is: no grouped products.
     const bank: ExpertBank = {
       count: E,
-      names: NAMES,
+      names: FUSED_EXPERT_NAMES,
       gateUp: (e, v) => plain.gateUp(e, v),
       down: (e, v) => plain.down(e, v),
       gateUpAll: (v) => plain.gateUpAll(v),

@@ -25,17 +25,10 @@ import { loadModel } from "../model/model.ts";
 import { type Nf4Backward, Nf4Experts, Nf4Linear, quantizeModel } from "../model/nf4.ts";
 import { Nf4Tables, type Nf4Weight, quantizeNf4 } from "../model/nf4_codec.ts";
 import { StackedExperts } from "../model/moe.ts";
-import { assertClose, assertNoLeak, DEVICE, FLOAT } from "./util.ts";
+import { assertClose, assertNoLeak, DEVICE, FLOAT, FUSED_EXPERT_NAMES } from "./util.ts";
 
 const f32 = (t: Tensor): Float32Array => tidy(() => t.to("float32").toTypedArray() as Float32Array);
 const grad = (t: Tensor): number[] => tidy(() => Array.from(f32(t.grad!)));
-const NAMES = {
-  prefix: "m.experts",
-  gate: "gate_proj",
-  up: "up_proj",
-  down: "down_proj",
-  layout: "fused" as const,
-};
 
 /** nf4Linear's parts for q, with tables of its own and a chosen piece size. */
 function parts(q: Nf4Weight, tables: Nf4Tables, chunk: number): Nf4LinearParts {
@@ -126,7 +119,10 @@ Deno.test("nf4 backward: input gradients equal the keep-the-weight path (linear 
     using dn = tidy(() => randn([4, 64, 24], o).mul(0.1).to(FLOAT));
     using xt = tidy(() => randn([5, 64], o).to(FLOAT));
     const [reE, keepE] = gradsBoth((backward) => {
-      using bank = Nf4Experts.fromStacked(new StackedExperts(gu, dn, NAMES), { doubleQuant: true, backward });
+      using bank = Nf4Experts.fromStacked(new StackedExperts(gu, dn, FUSED_EXPERT_NAMES), {
+        doubleQuant: true,
+        backward,
+      });
       const x = xt.detach().setRequiresGrad(), y = xt.detach().setRequiresGrad();
       // Per expert (the loop dispatch) and batched over an expanded input (the dense dispatch).
       let loss = x.mul(0).sum();

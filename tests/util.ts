@@ -5,6 +5,7 @@
  */
 import assert from "node:assert/strict";
 import { type Device, type DType, liveTensors, nativeLiveCount } from "../ffi/mod.ts";
+import type { ExpertNames } from "../model/moe.ts";
 
 /** Device the suite runs on. */
 export const DEVICE: Device = (Deno.env.get("MOERL_TEST_DEVICE") ?? "cpu") as Device;
@@ -76,3 +77,26 @@ export function pythonHas(...modules: string[]): boolean {
     return false;
   }
 }
+
+/** Runs fn with the environment variables set (undefined: unset), then puts the old values back. */
+export async function withEnv<T>(vars: Record<string, string | undefined>, fn: () => Promise<T>): Promise<T> {
+  const old = Object.fromEntries(Object.keys(vars).map((k) => [k, Deno.env.get(k)]));
+  const set = (v: Record<string, string | undefined>): void => {
+    for (const [k, x] of Object.entries(v)) x === undefined ? Deno.env.delete(k) : Deno.env.set(k, x);
+  };
+  set(vars);
+  try {
+    return await fn();
+  } finally {
+    set(old);
+  }
+}
+
+/** Checkpoint names of a stacked expert bank in the fused layout (transformers v5's). */
+export const FUSED_EXPERT_NAMES: ExpertNames = {
+  prefix: "m.experts",
+  gate: "gate_proj",
+  up: "up_proj",
+  down: "down_proj",
+  layout: "fused",
+};
