@@ -29,7 +29,7 @@
  * @module
  */
 import { basename, dirname, join, resolve } from "node:path";
-import { parseArgs } from "node:util";
+import { parseCommandLine } from "../train/cli.ts";
 import { type Device, useAvailableCores } from "../ffi/mod.ts";
 import { type Gsm8kSplit, loadGsm8k } from "../data/gsm8k.ts";
 import { writeAtomic } from "../model/atomic_write.ts";
@@ -203,31 +203,17 @@ const USAGE =
 
 /** The command line: returns the exit status. */
 export async function main(args: string[]): Promise<number> {
-  let parsed;
-  try {
-    parsed = parseArgs({
-      args,
-      options: {
-        config: { type: "string", short: "c" },
-        adapter: { type: "string" },
-        limit: { type: "string" },
-        split: { type: "string" },
-        out: { type: "string", short: "o" },
-        set: { type: "string", multiple: true },
-        nproc: { type: "string" },
-        help: { type: "boolean", short: "h" },
-      },
-      strict: true,
-    });
-  } catch (e) {
-    console.error(`evaluate: ${(e as Error).message}\n${USAGE}`);
-    return 2;
-  }
+  const parsed = parseCommandLine("evaluate", USAGE, args, {
+    config: { type: "string", short: "c" },
+    adapter: { type: "string" },
+    limit: { type: "string" },
+    split: { type: "string" },
+    out: { type: "string", short: "o" },
+    set: { type: "string", multiple: true },
+    nproc: { type: "string" },
+  });
+  if (typeof parsed === "number") return parsed;
   const v = parsed.values;
-  if (v.help) {
-    console.log(USAGE);
-    return 0;
-  }
   const limit = v.limit === undefined ? undefined : Number(v.limit);
   if (limit !== undefined && !(Number.isSafeInteger(limit) && limit > 0)) {
     console.error(`evaluate: --limit must be a positive integer, got ${v.limit}\n${USAGE}`);

@@ -22,7 +22,7 @@
  */
 import { resolve } from "node:path";
 import { writeAtomic } from "../model/atomic_write.ts";
-import { parseArgs } from "node:util";
+import { parseCommandLine } from "../train/cli.ts";
 import { type ExtractMethod, judgeAnswer, parseGold } from "../data/answer.ts";
 import { isJsonObject } from "../model/json.ts";
 import { parseJsonl } from "../data/jsonl.ts";
@@ -207,26 +207,11 @@ const pct = (x: number): string => `${(100 * x).toFixed(2)}%`;
 
 /** The command line: returns the exit status (0 ok, 1 nothing scored or an I/O error, 2 bad arguments). */
 export async function main(args: string[]): Promise<number> {
-  let parsed;
-  try {
-    parsed = parseArgs({
-      args,
-      options: {
-        out: { type: "string", short: "o" },
-        summary: { type: "string", short: "s" },
-        help: { type: "boolean", short: "h" },
-      },
-      allowPositionals: true,
-      strict: true,
-    });
-  } catch (e) {
-    console.error(`score: ${(e as Error).message}\n${USAGE}`);
-    return 2;
-  }
-  if (parsed.values.help) {
-    console.log(USAGE);
-    return 0;
-  }
+  const parsed = parseCommandLine("score", USAGE, args, {
+    out: { type: "string", short: "o" },
+    summary: { type: "string", short: "s" },
+  }, true);
+  if (typeof parsed === "number") return parsed;
   if (parsed.positionals.length !== 1) {
     console.error(`score: expected one input file, got ${parsed.positionals.length}\n${USAGE}`);
     return 2;

@@ -12,7 +12,6 @@
  * @module
  */
 import { resolve } from "node:path";
-import { parseArgs } from "node:util";
 import {
   formatConfig,
   loadTrainConfig,
@@ -21,6 +20,7 @@ import {
   type TrainConfig,
   TrainConfigError,
 } from "./config.ts";
+import { parseCommandLine } from "./cli.ts";
 import { train } from "./loop.ts";
 import {
   distTimeoutSeconds,
@@ -38,29 +38,15 @@ const USAGE = "usage: deno task train --config configs/x.yaml [--set key.path=va
 
 /** The command line: returns the exit status. */
 export async function main(args: string[]): Promise<number> {
-  let parsed;
-  try {
-    parsed = parseArgs({
-      args,
-      options: {
-        config: { type: "string", short: "c" },
-        set: { type: "string", multiple: true },
-        "print-config": { type: "boolean" },
-        resume: { type: "boolean" },
-        nproc: { type: "string" },
-        help: { type: "boolean", short: "h" },
-      },
-      strict: true,
-    });
-  } catch (e) {
-    console.error(`train: ${(e as Error).message}\n${USAGE}`);
-    return 2;
-  }
+  const parsed = parseCommandLine("train", USAGE, args, {
+    config: { type: "string", short: "c" },
+    set: { type: "string", multiple: true },
+    "print-config": { type: "boolean" },
+    resume: { type: "boolean" },
+    nproc: { type: "string" },
+  });
+  if (typeof parsed === "number") return parsed;
   const v = parsed.values;
-  if (v.help) {
-    console.log(USAGE);
-    return 0;
-  }
   let env: LaunchEnv | null;
   try {
     env = launchEnv();
