@@ -7,7 +7,8 @@
  *
  *   deno task bench:rl [--pairs 3] [--updates 5]
  *   deno task bench:rl --device cuda --dtype bfloat16 --shapes bench/shapes/huihui-moe-1b-a0.6b.json \
- *     [--prompts 128 --k 4 --new 256 --micro 32]
+ *     [--prompts 128 --k 4 --new 256 --micro 32] [--decode graph] [--decode-dispatch dense] [--lora default]
+ *     [--variants token_value]
  *
  * bench/rl.py builds a random Qwen3-MoE (the bench:generate shapes by
  * default, or --shapes) and a word-level tokenizer into a temp folder; both
@@ -20,7 +21,12 @@
  * --new tokens, learnt in --micro micro-batches (TRL: gradient accumulation
  * steps; moerl: forward/backward passes). moerl runs its defaults (token
  * critic, routing replay, rollout correction) and, for comparison, the group
- * baseline without a critic.
+ * baseline without a critic (--variants picks either or both). --decode and
+ * --decode-dispatch set moerl's rollout.decode and rollout.decodeDispatch
+ * (the config's defaults otherwise); --lora default puts moerl's adapters
+ * where the default config does (every linear layer and every expert; TRL
+ * keeps q/k/v/o, so that line is moerl's default update, not a like-for-like
+ * ratio).
  *
  * Threads: as bench:generate, OMP_NUM_THREADS is set to the logical CPU
  * count unless already set, for both processes.
@@ -41,7 +47,9 @@ import {
 import { loadModel } from "../model/model.ts";
 import { Tokenizer } from "../model/tokenizer.ts";
 import { collect, type RolloutPrompt } from "../rl/collect.ts";
-import type { RlOverrides } from "../rl/config.ts";
+import { rlConfig, type RlOverrides, type RolloutConfig } from "../rl/config.ts";
+import type { DecodeMode } from "../model/decode_static.ts";
+import { DEFAULT_LORA } from "../model/lora_apply.ts";
 import { learn } from "../rl/learn.ts";
 import { Policy } from "../rl/policy.ts";
 import { policyOptimizer } from "../rl/ppo.ts";
@@ -61,6 +69,10 @@ const { values: a } = parseArgs({
     dtype: { type: "string", default: "float32" },
     shapes: { type: "string" },
     "skip-trl": { type: "boolean", default: false },
+    decode: { type: "string" },
+    "decode-dispatch": { type: "string" },
+    lora: { type: "string", default: "qkvo" },
+    variants: { type: "string", default: "token_value,group" },
   },
 });
 if (!Deno.env.get("OMP_NUM_THREADS")) Deno.env.set("OMP_NUM_THREADS", String(navigator.hardwareConcurrency));
@@ -69,6 +81,23 @@ const device = a.device as Device, dtype = a.dtype as DType, onGpu = device !== 
 const nPrompts = Number(a.prompts), k = Number(a.k), newTokens = Number(a.new), micro = Number(a.micro);
 const updates = Number(a.updates), pairs = Number(a.pairs);
 const PAD = 0, EOS = 1;
+if (a.lora !== "qkvo" && a.lora !== "default") throw new RangeError(`--lora: qkvo or default, got ${a.lora}`);
+const variants = a.variants.split(",").map((v) => v.trim());
+for (const v of variants) {
+  if (v !== "token_value" && v !== "group") {
+    throw new RangeError(`--variants: token_value and/or group, got ${v}`);
+  }
+}
+// Checked by rlConfig with the rest of the update's settings (a bad value is a RangeError naming the key).
+const rollout: RlOverrides["rollout"] = {
+  k,
+  maxNewTokens: newTokens,
+  ...(a.decode ? { decode: a.decode as DecodeMode } : {}),
+  ...(a["decode-dispatch"]
+    ? { decodeDispatch: a["decode-dispatch"] as RolloutConfig["decodeDispatch"] }
+    : {}),
+};
+rlConfig({ rollout });
 
 // The bench:generate model unless --shapes names a real model's (random weights either way).
 const model = await readShapes(a.shapes ?? SMALL_SHAPES);
@@ -109,12 +138,13 @@ async function moerl(
   manualSeed(1234);
   using m = await loadModel(dir, { dtype, device });
   const tok = await Tokenizer.load(dir);
-  const policy = new Policy(m, {
-    lora: { r: 16, alpha: 32, dropout: 0, targetModules: common.lora.targetModules, targetExperts: false },
-  });
+  const lora = a.lora === "default"
+    ? { ...DEFAULT_LORA, targetModules: [...DEFAULT_LORA.targetModules] }
+    : { r: 16, alpha: 32, dropout: 0, targetModules: common.lora.targetModules, targetExperts: false };
+  const policy = new Policy(m, { lora });
   using opt = policyOptimizer(policy, { learningRate: 1e-5 });
   const cfg: RlOverrides = {
-    rollout: { k, maxNewTokens: newTokens },
+    rollout,
     ppo: { klCoef: common.klCoef, entropyCoef: 0, advantage },
   };
   const prompts: RolloutPrompt[] = promptIds.map((ids) => ({ ids, answer: 0 }));
@@ -184,7 +214,10 @@ try {
   const fmt = (s: number): string => s.toFixed(2).padStart(7);
   console.log(
     `bench:rl — ${nPrompts} prompts × K ${k} × ≤ ${newTokens} tokens per update, ${micro} micro-batches, ` +
-      `LoRA r16 q/k/v/o, KL ${common.klCoef}; ${updates} timed updates after a warm-up, ${pairs} pair(s); ` +
+      `LoRA r16 q/k/v/o${a.lora === "default" ? " (moerl: the default config's targets)" : ""}, ` +
+      `KL ${common.klCoef}; decode ${
+        rlConfig({ rollout }).rollout.decode
+      }; ${updates} timed updates after a warm-up, ${pairs} pair(s); ` +
       `${a.shapes ?? "bench:generate shapes"}; ${dtype} on ${device}`,
   );
   console.log(`moerl: libtorch ${torchVersion()}, ${threads} threads`);
@@ -208,12 +241,12 @@ try {
         })${peak}`,
       );
     }
-    for (const advantage of ["token_value", "group"] as const) {
+    for (const advantage of variants as ("token_value" | "group")[]) {
       const r = await moerl(advantage);
       const line = Object.entries(r.phases).map(([ph, s]) => `${ph} ${s.toFixed(2)}`).join(", ");
       const peak = r.peak === null ? "" : `, peak ${(r.peak / 2 ** 30).toFixed(2)} GiB`;
       const ratio = r.phases.total! / trlMean;
-      if (advantage === "token_value") ratios.push(ratio);
+      if (advantage === variants[0]) ratios.push(ratio);
       console.log(
         `pair ${p + 1}: moerl (${advantage.padEnd(11)}) ${fmt(r.phases.total!)} s/update = ${
           Number.isFinite(ratio) ? ratio.toFixed(2) : "-"
@@ -222,7 +255,9 @@ try {
     }
   }
   if (ratios.every(Number.isFinite)) {
-    console.log(`moerl (defaults) / TRL seconds per update: ${ratios.map((r) => r.toFixed(2)).join(", ")}`);
+    console.log(
+      `moerl (${variants[0]}) / TRL seconds per update: ${ratios.map((r) => r.toFixed(2)).join(", ")}`,
+    );
   }
 } catch (e) {
   console.error(`bench:rl: ${(e as Error).message}`);
