@@ -97,7 +97,8 @@ function rssKiB(field: "VmRSS" | "VmHWM"): number {
 /** Runs one variant in this process: build, quantise, one warm-up and one measured step. */
 async function runVariant(v: Variant): Promise<Record<string, number>> {
   manualSeed(0);
-  using model = await randomModel(config(), { dtype, device });
+  const shapes = config();
+  using model = await randomModel(shapes, { dtype, device });
   let weightBytes = 0;
   if (v.nf4) weightBytes = quantizeModel(model, { backward: v.nf4 }).bytesAfter;
   const opts = { lora: { ...DEFAULT_LORA }, checkpointing: v.checkpointing, headChunk: v.headChunk };
@@ -105,7 +106,7 @@ async function runVariant(v: Variant): Promise<Record<string, number>> {
   const b = Number(a.batch), t = Number(a.seq), half = Math.floor(t / 2);
   const ids = Array.from(
     { length: b },
-    (_, i) => Array.from({ length: t }, (_, j) => (i * 131 + j * 31) % 8000 + 10),
+    (_, i) => Array.from({ length: t }, (_, j) => (i * 131 + j * 31) % (shapes.vocabSize - 10) + 10),
   );
   const i64 = { dtype: "int64" as const, device };
   const batch = {
