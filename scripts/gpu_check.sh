@@ -1,87 +1,134 @@
 #!/usr/bin/env bash
-# The GPU check, run once on a machine with a CUDA GPU and a Python torch 2.x
-# (no network needed): builds the shim against that libtorch with CUDA, runs
-# the whole test suite on the CPU (float32) and on CUDA (float32 and
-# bfloat16), and measures generation with random weights at real model
-# shapes (eager decode steps against static buffers and CUDA graphs), fused
-# against eager attention, training memory, and the data-parallel overhead
-# with NCCL. Logs go to $OUT (default /tmp/moerl-gpu); a summary is printed last.
+# The GPU check: one run on a machine with a CUDA GPU and a Python torch 2.x, no network needed. It builds
+# the shim against that libtorch with CUDA, then runs, most valuable first, each within the time left:
+# the CUDA test suite (float32), decode tokens/s at Huihui shapes (eager, static buffers, CUDA graphs;
+# batches 16 to 512, with MBU), one default-sized RL update against TRL's GRPOTrainer, training memory at
+# Phi-tiny shapes (4-bit base), the NCCL group's cost per update, the Gloo 2-process tests, fused against
+# eager attention, the bfloat16 and CPU suites, and the native-binding report. A summary is printed last.
 #
-# Offline machines: put a Deno binary at .gpu/deno.xz and a prefilled Deno
-# cache (DENO_DIR with the npm packages) at .gpu/deno_dir.tar.xz, and for the
-# Gloo backend gloo's headers: tar cJf .gpu/gloo-include.tar.xz -C /usr/include gloo
+#   scripts/gpu_pack.sh                        # here, with network: fills .gpu/ (carry it)
+#   OUT=/tmp/moerl-gpu scripts/gpu_check.sh    # there; logs in $OUT
+#
+# Env: MOERL_GPU_BUDGET_S (default 540): seconds for the whole check; a step that cannot get its minimum
+# in what is left is skipped (and says so), and each runs under `timeout` with at most what is left.
+# MOERL_GPU_REHEARSAL=1: the same steps on this machine's CPU at toy sizes, to try the script and .gpu/
+# (offline: unshare -n sh -c 'ip link set lo up; MOERL_GPU_REHEARSAL=1 scripts/gpu_check.sh').
+# MOERL_GPU_TESTS_ONLY=1: build and test suites only.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/moerl-gpu}
 mkdir -p "$OUT"
+: >"$OUT/summary.txt"
 export DENO_NO_UPDATE_CHECK=1
+BUDGET=${MOERL_GPU_BUDGET_S:-540}
+START=$SECONDS
 
-if ! command -v deno >/dev/null 2>&1; then
-  xz -dc .gpu/deno.xz >/tmp/deno && chmod +x /tmp/deno && export PATH=/tmp:$PATH
-fi
-# pip's torch ships no gloo headers: the Gloo backend (multi-process tests) builds with Debian's, carried along.
-if [ ! -f /usr/include/gloo/algorithm.h ] && [ -f .gpu/gloo-include.tar.xz ]; then
-  mkdir -p /tmp/gloo-include && tar xJf .gpu/gloo-include.tar.xz -C /tmp/gloo-include && export GLOO_INCLUDE=/tmp/gloo-include
+# Offline: Deno, its npm cache, gloo's headers and TRL's wheels from .gpu/ (scripts/gpu_pack.sh).
+if [ -f .gpu/deno.xz ]; then # the packed Deno, the one its cache was filled by
+  mkdir -p /tmp/deno-bin && xz -dc .gpu/deno.xz >/tmp/deno-bin/deno && chmod +x /tmp/deno-bin/deno &&
+    export PATH=/tmp/deno-bin:$PATH
 fi
 if [ -f .gpu/deno_dir.tar.xz ]; then
   tar xJf .gpu/deno_dir.tar.xz -C /tmp && export DENO_DIR=/tmp/deno_dir
 fi
+if [ ! -f /usr/include/gloo/algorithm.h ] && [ -f .gpu/gloo-include.tar.xz ]; then
+  mkdir -p /tmp/gloo-include && tar xJf .gpu/gloo-include.tar.xz -C /tmp/gloo-include &&
+    export GLOO_INCLUDE=/tmp/gloo-include
+fi
+PY=${MOERL_BENCH_PYTHON:-python3}
+if ls .gpu/whl/*.whl >/dev/null 2>&1; then
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+    .gpu/whl/*.whl && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
+
+if [ "${MOERL_GPU_REHEARSAL:-0}" = 1 ]; then # toy sizes on the CPU: does every step start and finish?
+  DEV=cpu DT=float32 HUIHUI=bench/shapes/bench-small.json PHI=bench/shapes/bench-small.json
+  BATCHES=2,4 PROMPT=16 NEW=8 RL="--prompts 4 --k 2 --new 8 --micro 2" DP="--prompts 4 --k 2 --new 8 --micro 2"
+  MEM="--batch 2 --seq 64" ATT="--batch 2 --prompt 16 --new 8 --layers 2"
+else
+  DEV=cuda DT=bfloat16 HUIHUI=bench/shapes/huihui-moe-1b-a0.6b.json PHI=bench/shapes/phi-tiny-moe.json
+  BATCHES=16,64,256,512 PROMPT=128 NEW=128 RL="--prompts 128 --k 4 --new 256 --micro 32"
+  DP="--prompts 32 --k 4 --new 128 --micro 8" MEM="--batch 8 --seq 512" ATT="--batch 16 --prompt 512 --new 64"
+fi
 {
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-  python3 -c 'import torch; print("torch", torch.__version__, "cuda", torch.version.cuda)'
+  "$PY" -c 'import torch; print("torch", torch.__version__, "cuda", torch.version.cuda)'
+  "$PY" -c 'import transformers, peft, trl; print("transformers", transformers.__version__, "peft", peft.__version__, "trl", trl.__version__)'
   deno --version | head -1
+  echo "budget ${BUDGET}s, device $DEV $DT"
 } 2>&1 | tee "$OUT/machine.txt"
 
-step() { # name, command...: run, keep the log, print the verdict line
-  local name=$1
-  shift
+# step NAME MIN CAP COMMAND...: runs COMMAND with at most CAP seconds (and never past the budget), its log
+# in $OUT/NAME.log; skipped when less than MIN seconds are left. Prints a verdict line into the summary.
+step() {
+  local name=$1 min=$2 cap=$3
+  shift 3
+  local left=$((BUDGET - (SECONDS - START)))
+  if [ "$left" -lt "$min" ]; then
+    printf '%-18s skipped: %ds left, needs %ds\n' "$name" "$left" "$min" | tee -a "$OUT/summary.txt"
+    return 1
+  fi
+  [ "$cap" -gt "$left" ] && cap=$left
   local t0=$SECONDS
-  "$@" >"$OUT/$name.log" 2>&1
+  timeout --kill-after=10 "$cap" "$@" >"$OUT/$name.log" 2>&1
   local rc=$?
-  printf '%-16s rc=%d %4ds  %s\n' "$name" "$rc" $((SECONDS - t0)) \
-    "$(grep -E '(passed|failed)' "$OUT/$name.log" | tail -1 | sed 's/\x1b\[[0-9;]*m//g')" | tee -a "$OUT/summary.txt"
+  local verdict
+  verdict=$(grep -E '(passed|failed)' "$OUT/$name.log" | tail -1 | sed 's/\x1b\[[0-9;]*m//g')
+  [ "$rc" = 124 ] && verdict="TIMED OUT after ${cap}s; $verdict"
+  printf '%-18s rc=%d %4ds  %s\n' "$name" "$rc" $((SECONDS - t0)) "$verdict" | tee -a "$OUT/summary.txt"
   return $rc
 }
 
-step build deno task build || { tail -30 "$OUT/build.log"; exit 1; }
-grep -E "^building|cuda" "$OUT/build.log" | head -3
-# Committed test files only (work in progress in the tree is not part of the check): listed in
-# .gpu/tests.txt when the copy has no git metadata, else asked of git, else every test.
-LIST=$(cat .gpu/tests.txt 2>/dev/null || git ls-files 'tests/*_test.ts' 2>/dev/null)
-TEST="deno test -A --v8-flags=--expose-gc ${LIST:-tests/}"
-TEST=$(echo "$TEST" | tr '\n' ' ')
-step test-cpu-f32 env MOERL_TEST_DEVICE=cpu $TEST
-step test-cuda-f32 env MOERL_TEST_DEVICE=cuda $TEST
-step test-cuda-bf16 env MOERL_TEST_DEVICE=cuda MOERL_TEST_DTYPE=bfloat16 $TEST
-grep -h "max |Δlogits|\|greedy tokens equal" "$OUT/test-cuda-bf16.log" | sed 's/\x1b\[[0-9;]*m//g' | tee "$OUT/parity-bf16.txt"
-if [ "${MOERL_GPU_TESTS_ONLY:-0}" = 1 ]; then cat "$OUT/summary.txt"; exit 0; fi
-step gen-huihui deno run -A bench/generate_shapes.ts --shapes bench/shapes/huihui-moe-1b-a0.6b.json \
-  --device cuda --dtype bfloat16 --batch 64 --prompt 128 --new 128
-# Decode steps at Huihui shapes: eager against static buffers and CUDA graphs, each batch in one run.
-step gen-huihui-decode deno run -A bench/generate_shapes.ts --shapes bench/shapes/huihui-moe-1b-a0.6b.json \
-  --device cuda --dtype bfloat16 --dispatch dense --decode eager,static,graph --batch 16,64,256 --prompt 128 --new 128
-step gen-phi-tiny deno run -A bench/generate_shapes.ts --shapes bench/shapes/phi-tiny-moe.json \
-  --device cuda --dtype bfloat16 --batch 64 --prompt 128 --new 64
-step mem-huihui deno run -A bench/memory.ts --shapes bench/shapes/huihui-moe-1b-a0.6b.json \
-  --device cuda --dtype bfloat16 --batch 8 --seq 512
-step mem-phi-tiny deno run -A bench/memory.ts --shapes bench/shapes/phi-tiny-moe.json \
-  --device cuda --dtype bfloat16 --batch 8 --seq 512
+# Committed test files only: listed in .gpu/tests.txt when the copy has no git metadata, else asked of git.
+LIST=$(cat .gpu/tests.txt 2>/dev/null || git ls-files 'tests/*_test.ts' 2>/dev/null || echo tests/)
+TEST=(deno test -A --v8-flags=--expose-gc)
+TDEV=$DEV
+[ "${MOERL_GPU_REHEARSAL:-0}" = 1 ] && LIST="tests/graph_test.ts tests/decode_static_test.ts tests/cuda_test.ts"
+# The command line of the suite on device $1 in dtype $2 (paths without spaces: word splitting is fine).
+suite() { echo env MOERL_TEST_DEVICE="$1" MOERL_TEST_DTYPE="$2" "${TEST[@]}" $LIST; }
 
-# Fused attention against eager at Huihui shapes (prefill, decode, a training pass), and what binds to
-# Deno's exported symbols once the CUDA driver is loaded (the device-crash investigation).
-step attn-huihui deno run -A bench/attention.ts --shapes bench/shapes/huihui-moe-1b-a0.6b.json \
-  --device cuda --dtype bfloat16 --batch 16 --prompt 512 --new 64
-step native-bindings env MOERL_TEST_DEVICE=cuda scripts/native_bindings.sh
+step build 30 300 deno task build || {
+  tail -30 "$OUT/build.log"
+  exit 1
+}
+grep -E "^building" "$OUT/build.log"
+# shellcheck disable=SC2046
+step test-$TDEV-f32 60 200 $(suite "$TDEV" float32)
+if [ "${MOERL_GPU_TESTS_ONLY:-0}" != 1 ]; then
+  step decode-huihui 60 180 deno run -A bench/generate_shapes.ts --shapes $HUIHUI --device $DEV --dtype $DT \
+    --dispatch dense --decode eager,static,graph --batch $BATCHES --prompt $PROMPT --new $NEW
+  # One default-sized update (512 completions × 256 tokens) with graph decode, against TRL in the same run.
+  # shellcheck disable=SC2086
+  step rl-huihui 90 270 deno run -A bench/rl.ts --shapes $HUIHUI --device $DEV --dtype $DT $RL \
+    --decode graph --variants token_value --pairs 1 --updates 1
+  # shellcheck disable=SC2086
+  step mem-phi-tiny 30 120 deno run -A bench/memory.ts --shapes $PHI --device $DEV --dtype $DT $MEM
+  # shellcheck disable=SC2086
+  step dp-nccl-huihui 30 100 deno run -A bench/data_parallel.ts --device $DEV --dtype $DT --shapes $HUIHUI \
+    --procs 1 $DP
+  step dp-gloo-tests 30 120 deno test -A tests/dist_test.ts tests/data_parallel_test.ts
+  # shellcheck disable=SC2086
+  step attn-huihui 30 90 deno run -A bench/attention.ts --shapes $HUIHUI --device $DEV --dtype $DT $ATT
+fi
+# shellcheck disable=SC2046
+[ "$DEV" = cuda ] && step test-cuda-bf16 60 200 $(suite cuda bfloat16)
+grep -h "max |Δlogits|\|greedy tokens equal" "$OUT"/test-*.log 2>/dev/null | sed 's/\x1b\[[0-9;]*m//g' \
+  >"$OUT/parity.txt"
+# shellcheck disable=SC2046
+[ "$DEV" = cuda ] && step test-cpu-f32 60 200 $(suite cpu float32)
+step native-bindings 10 60 env MOERL_TEST_DEVICE=$DEV scripts/native_bindings.sh
 
-# Data parallel on one device: what the NCCL group and its gradient sums cost per update at Huihui shapes.
-step dp-nccl-huihui deno run -A bench/data_parallel.ts --device cuda --dtype bfloat16 \
-  --shapes bench/shapes/huihui-moe-1b-a0.6b.json --procs 1 --prompts 32 --k 4 --new 128 --micro 8
-
-echo "==== failures (first 60 lines of each failing suite)"
-for f in "$OUT"/test-*.log; do
-  grep -q "FAILED" "$f" && { echo "--- $f"; sed 's/\x1b\[[0-9;]*m//g' "$f" | grep "=> " | sort -u | head -40; }
+echo "==== failing tests"
+for f in "$OUT"/test-*.log "$OUT"/dp-gloo-tests.log; do
+  [ -f "$f" ] && grep -q "FAILED" "$f" && {
+    echo "--- $f"
+    sed 's/\x1b\[[0-9;]*m//g' "$f" | grep "=> " | sort -u | head -40
+  }
 done
-echo "==== generation and training memory"
-cat "$OUT"/gen-*.log "$OUT"/attn-*.log "$OUT"/mem-*.log "$OUT"/dp-*.log "$OUT"/native-*.log | grep -v "^\s*at "
-echo "==== summary"
+echo "==== benchmarks"
+for f in "$OUT"/decode-*.log "$OUT"/rl-*.log "$OUT"/mem-*.log "$OUT"/dp-nccl-*.log "$OUT"/attn-*.log \
+  "$OUT"/native-*.log; do
+  [ -f "$f" ] && { echo "--- $(basename "$f" .log)"; grep -v "^\s*at " "$f" | tail -40; }
+done
+echo "==== summary ($((SECONDS - START))s of ${BUDGET}s)"
 cat "$OUT/summary.txt"
