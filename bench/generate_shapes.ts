@@ -73,7 +73,8 @@ console.log(modelLine(a.shapes!, config, dtype, device, (performance.now() - t0)
 const promptsOf = (batch: number): number[][] =>
   Array.from(
     { length: batch },
-    (_, i) => Array.from({ length: promptLen }, (_, j) => 2 + (i * 7919 + j * 104729) % (config.vocabSize - 2)),
+    (_, i) =>
+      Array.from({ length: promptLen }, (_, j) => 2 + (i * 7919 + j * 104729) % (config.vocabSize - 2)),
   );
 
 interface Setting {
