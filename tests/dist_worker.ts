@@ -2,9 +2,12 @@
  * One rank of tests/dist_test.ts's process groups: joins the group named by
  * the torchrun variables (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT), runs
  * the scenario named by its first argument and prints one JSON line.
+ * Scenario "launch" joins as `deno task train` does (train/launch.ts, so
+ * also through torchrun's agent store) instead of with a plain group.
  */
-import { ProcessGroup, tensor } from "../ffi/mod.ts";
+import { ProcessGroup, type Tensor, tensor } from "../ffi/mod.ts";
 import { Replicas } from "../rl/replicas.ts";
+import { joinReplicas, launchEnv } from "../train/launch.ts";
 
 const env = (k: string): string => Deno.env.get(k) ?? "";
 const rank = Number(env("RANK")), world = Number(env("WORLD_SIZE"));
@@ -12,6 +15,23 @@ const scenario = Deno.args[0];
 const timeoutMs = Number(env("MOERL_DIST_TIMEOUT_MS") || 10000);
 const out: Record<string, unknown> = { rank };
 const t0 = performance.now();
+if (scenario === "launch") {
+  try {
+    const launch = launchEnv()!;
+    using replicas = joinReplicas(launch, "cpu", timeoutMs / 1000);
+    Object.assign(out, {
+      world: replicas.size,
+      localRank: launch.localRank,
+      agentStore: launch.agentStore,
+      gathered: replicas.gather([launch.rank, launch.localRank]),
+      summed: replicas.sum([launch.rank + 1]),
+    });
+  } catch (e) {
+    out.error = (e as Error).message;
+  }
+  console.log(JSON.stringify(out));
+  Deno.exit(0);
+}
 try {
   using g = ProcessGroup.init({
     backend: "gloo",
@@ -44,7 +64,8 @@ try {
     });
   } else if (scenario === "gradients") {
     // a: a gradient on rank 0 only; b: on no rank; c: on every rank; d: float64, on every rank.
-    const [a, b, c] = [0, 1, 2].map(() => tensor([1, 2, 3], { dtype: "float32" }).setRequiresGrad());
+    const leaf = (): Tensor => tensor([1, 2, 3], { dtype: "float32" }).setRequiresGrad();
+    const a = leaf(), b = leaf(), c = leaf();
     const d = tensor([[1, 2]], { dtype: "float64" }).setRequiresGrad();
     const loss = (rank === 0 ? a.sum().mul(rank + 1) : tensor(0)).add(c.mul(c).sum().mul(rank + 1)).add(
       d.sum().mul(10 * (rank + 1)).to("float32"),
