@@ -14,7 +14,7 @@
 //   3. the system: Debian's libtorch-dev multiarch layout.
 // Only node: modules and Deno APIs are used: JSR and https: are unreachable here.
 import { createHash } from "node:crypto";
-import { dirname, join, relative } from "node:path";
+import { basename, dirname, join, relative } from "node:path";
 
 const FFI = import.meta.dirname!;
 const SHIM = join(FFI, "shim");
@@ -58,6 +58,17 @@ async function run([prog, ...args]: string[]): Promise<{ ok: boolean; out: strin
   } catch (e) { // e.g. the program does not exist
     return { ok: false, out: "", err: String(e) };
   }
+}
+
+// Runs the commands, at most `width` at a time; their results in order.
+async function runAll(cmds: string[][], width: number): Promise<Awaited<ReturnType<typeof run>>[]> {
+  const results: Awaited<ReturnType<typeof run>>[] = new Array(cmds.length);
+  let next = 0;
+  const worker = async (): Promise<void> => {
+    for (let i = next++; i < cmds.length; i = next++) results[i] = await run(cmds[i]!);
+  };
+  await Promise.all(Array.from({ length: Math.max(1, Math.min(width, cmds.length)) }, worker));
+  return results;
 }
 
 // Why include/lib do not look like libtorch, or null if they do.
@@ -289,16 +300,33 @@ if (exists(lib) && !FORCE) {
       `c10d backends: ${dist.backends.join(", ") || "none"})`,
   );
   for (const m of dist.missing) console.log(`  without ${m}`);
-  // Compile to a temp name and rename: an interrupted build leaves no half lib.
+  // Each source compiles on its own core (libtorch's headers make every one slow), then one link. Objects and
+  // the library get temp names, renamed at the end: an interrupted build leaves no half lib.
   const tmp = join(OUT, `.libmoerl-${key}.${Deno.pid}.tmp.so`);
-  const cmd = [...cxx, ...flags, ...cpps, "-o", tmp, ...libs]; // libs after sources, for --as-needed
-  const r = await run(cmd);
-  if (!r.ok) {
-    await Deno.remove(tmp).catch(() => {});
-    console.error(r.err);
-    fail(`the compiler failed: ${cmd.join(" ")}`);
+  const objDir = join(OUT, `.obj-${key}.${Deno.pid}`);
+  Deno.mkdirSync(objDir, { recursive: true });
+  let failed: string | null = null;
+  try {
+    const compile = flags.filter((f) => f !== "-shared");
+    const objects = cpps.map((cpp) => join(objDir, `${basename(cpp, ".cpp")}.o`));
+    const jobs = cpps.map((cpp, i) => [...cxx, ...compile, "-c", cpp, "-o", objects[i]!]);
+    for (const [i, r] of (await runAll(jobs, navigator.hardwareConcurrency)).entries()) {
+      if (r.err.trim()) console.error(r.err.trimEnd()); // errors, or warnings
+      if (!r.ok) failed ??= `the compiler failed: ${jobs[i]!.join(" ")}`;
+    }
+    if (!failed) {
+      const link = [...cxx, "-shared", ...objects, "-o", tmp, ...libs]; // libs after objects, for --as-needed
+      const r = await run(link);
+      if (r.err.trim()) console.error(r.err.trimEnd());
+      if (!r.ok) failed = `the linker failed: ${link.join(" ")}`;
+    }
+  } finally {
+    Deno.removeSync(objDir, { recursive: true });
   }
-  if (r.err.trim()) console.error(r.err.trimEnd()); // warnings
+  if (failed) {
+    await Deno.remove(tmp).catch(() => {});
+    fail(failed);
+  }
   Deno.renameSync(tmp, lib);
   console.log(`built ${rel}`);
 }
