@@ -80,12 +80,11 @@ step() {
 }
 
 # Committed test files only: listed in .gpu/tests.txt when the copy has no git metadata, else asked of git.
-LIST=$(cat .gpu/tests.txt 2>/dev/null || git ls-files 'tests/*_test.ts' 2>/dev/null || echo tests/)
-TEST=(deno test -A --v8-flags=--expose-gc)
-TDEV=$DEV
-[ "${MOERL_GPU_REHEARSAL:-0}" = 1 ] && LIST="tests/graph_test.ts tests/decode_static_test.ts tests/cuda_test.ts"
+LIST=$(cat .gpu/tests.txt 2>/dev/null || git ls-files 'tests/*_test.ts' 2>/dev/null || ls tests/*_test.ts)
+TDEV=$DEV SHARDS=6 # test processes at once (scripts/test_shards.sh): 16 cores, one GPU they share
+[ "${MOERL_GPU_REHEARSAL:-0}" = 1 ] && LIST="tests/graph_test.ts tests/decode_static_test.ts tests/cuda_test.ts" SHARDS=2
 # The command line of the suite on device $1 in dtype $2 (paths without spaces: word splitting is fine).
-suite() { echo env MOERL_TEST_DEVICE="$1" MOERL_TEST_DTYPE="$2" "${TEST[@]}" $LIST; }
+suite() { echo env MOERL_TEST_DEVICE="$1" MOERL_TEST_DTYPE="$2" scripts/test_shards.sh $SHARDS $LIST; }
 
 step build 30 300 deno task build || {
   tail -30 "$OUT/build.log"
