@@ -223,38 +223,40 @@ try {
   console.log(`moerl: libtorch ${torchVersion()}, ${threads} threads`);
   const ratios: number[] = [];
   for (let p = 0; p < pairs; p++) {
-    let trlMean = NaN;
-    if (!a["skip-trl"]) {
-      const trl = await runPythonJson<TrlRun>(PYTHON, "rl.py", { ...common, mode: "run" });
-      if (typeof trl === "string") fail(trl);
-      const t = trl as TrlRun;
-      trlMean = mean(t.seconds);
-      if (p === 0) {
-        console.log(
-          `TRL ${t.trl}: torch ${t.torch}, transformers ${t.transformers}, ${t.threads} threads, experts ${t.experts}`,
-        );
-      }
-      const peak = t.peak_bytes === null ? "" : `, peak ${(t.peak_bytes / 2 ** 30).toFixed(2)} GiB`;
-      console.log(
-        `pair ${p + 1}: TRL GRPOTrainer ${fmt(trlMean)} s/update (${
-          t.seconds.map((s) => s.toFixed(2)).join(", ")
-        })${peak}`,
-      );
-    }
+    // moerl first: a run cut short by a time limit still has its figures.
+    const totals = new Map<string, number>();
     for (const advantage of variants as ("token_value" | "group")[]) {
       const r = await moerl(advantage);
       const line = Object.entries(r.phases).map(([ph, s]) => `${ph} ${s.toFixed(2)}`).join(", ");
       const peak = r.peak === null ? "" : `, peak ${(r.peak / 2 ** 30).toFixed(2)} GiB`;
-      const ratio = r.phases.total! / trlMean;
-      if (advantage === variants[0]) ratios.push(ratio);
+      totals.set(advantage, r.phases.total!);
       console.log(
-        `pair ${p + 1}: moerl (${advantage.padEnd(11)}) ${fmt(r.phases.total!)} s/update = ${
-          Number.isFinite(ratio) ? ratio.toFixed(2) : "-"
-        } × TRL  [${line}; generation ${r.tokS.toFixed(0)} tok/s${peak}]`,
+        `pair ${p + 1}: moerl (${advantage.padEnd(11)}) ${fmt(r.phases.total!)} s/update  ` +
+          `[${line}; generation ${r.tokS.toFixed(0)} tok/s${peak}]`,
       );
     }
+    if (a["skip-trl"]) continue;
+    const trl = await runPythonJson<TrlRun>(PYTHON, "rl.py", { ...common, mode: "run" });
+    if (typeof trl === "string") fail(trl);
+    const t = trl as TrlRun;
+    const trlMean = mean(t.seconds);
+    if (p === 0) {
+      console.log(
+        `TRL ${t.trl}: torch ${t.torch}, transformers ${t.transformers}, ${t.threads} threads, experts ${t.experts}`,
+      );
+    }
+    const peak = t.peak_bytes === null ? "" : `, peak ${(t.peak_bytes / 2 ** 30).toFixed(2)} GiB`;
+    console.log(
+      `pair ${p + 1}: TRL GRPOTrainer ${fmt(trlMean)} s/update (${
+        t.seconds.map((s) => s.toFixed(2)).join(", ")
+      })${peak}`,
+    );
+    for (const [advantage, total] of totals) {
+      if (advantage === variants[0]) ratios.push(total / trlMean);
+      console.log(`pair ${p + 1}: moerl (${advantage.padEnd(11)}) = ${(total / trlMean).toFixed(2)} × TRL`);
+    }
   }
-  if (ratios.every(Number.isFinite)) {
+  if (ratios.length) {
     console.log(
       `moerl (${variants[0]}) / TRL seconds per update: ${ratios.map((r) => r.toFixed(2)).join(", ")}`,
     );

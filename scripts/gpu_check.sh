@@ -98,7 +98,7 @@ if [ "${MOERL_GPU_TESTS_ONLY:-0}" != 1 ]; then
     --dispatch dense --decode eager,static,graph --batch $BATCHES --prompt $PROMPT --new $NEW
   # One default-sized update (512 completions × 256 tokens) with graph decode, against TRL in the same run.
   # shellcheck disable=SC2086
-  step rl-huihui 90 270 deno run -A bench/rl.ts --shapes $HUIHUI --device $DEV --dtype $DT $RL \
+  step rl-huihui 90 300 deno run -A bench/rl.ts --shapes $HUIHUI --device $DEV --dtype $DT $RL \
     --decode graph --variants token_value --pairs 1 --updates 1
   # shellcheck disable=SC2086
   step mem-phi-tiny 30 120 deno run -A bench/memory.ts --shapes $PHI --device $DEV --dtype $DT $MEM
