@@ -21,16 +21,16 @@
 import { join } from "node:path";
 import { parseArgs } from "node:util";
 import { type Device, type DType, manualSeed, tidy, torchVersion, useAvailableCores } from "../ffi/mod.ts";
-import { parseConfig } from "../model/config.ts";
 import { randomModel } from "../model/model.ts";
-import { collect, type RolloutPrompt } from "../rl/collect.ts";
+import { collect } from "../rl/collect.ts";
 import type { RlOverrides } from "../rl/config.ts";
 import { learn } from "../rl/learn.ts";
 import { Policy } from "../rl/policy.ts";
 import { policyOptimizer } from "../rl/ppo.ts";
 import { parityReward } from "./parity_reward.ts";
 import { distTimeoutSeconds, joinReplicas, launchEnv, rankDevice, spawnLocal } from "../train/launch.ts";
-import { readShapes, SMALL_SHAPES } from "./shapes.ts";
+import { SMALL_SHAPES } from "./shapes.ts";
+import { shapesModelConfig, SILENT_TOKENIZER, syntheticPrompts } from "./synthetic.ts";
 
 const { values: a } = parseArgs({
   options: {
@@ -66,20 +66,9 @@ async function worker(out: string): Promise<void> {
   const threads = useAvailableCores(env?.localWorldSize ?? 1);
   const device = rankDevice(a.device as Device, env);
   using replicas = joinReplicas(env, device, distTimeoutSeconds());
-  const shapes = await readShapes(a.shapes ?? SMALL_SHAPES);
-  const vocab = shapes.vocab_size as number;
+  const config = await shapesModelConfig(a.shapes ?? SMALL_SHAPES);
   manualSeed(1234);
-  // Shape files hold the sizes; the family (Qwen3-MoE unless they say) and RoPE defaults fill in the rest.
-  const config = {
-    model_type: "qwen3_moe",
-    rope_theta: 10000,
-    intermediate_size: shapes.moe_intermediate_size,
-    ...shapes,
-  };
-  using model = await randomModel(parseConfig(config, a.shapes ?? SMALL_SHAPES), {
-    dtype: a.dtype as DType,
-    device,
-  });
+  using model = await randomModel(config, { dtype: a.dtype as DType, device });
   const policy = new Policy(model, {
     lora: {
       r: 16,
@@ -96,12 +85,8 @@ async function worker(out: string): Promise<void> {
   if (!Number.isInteger(share)) {
     throw new RangeError(`--prompts ${n} does not split over ${replicas.size} processes`);
   }
-  const prompts: RolloutPrompt[] = Array.from({ length: n }, (_, i) => ({
-    ids: Array.from({ length: 16 + (i * 2) % 16 }, (_, j) => 2 + (i * 7919 + j * 104729) % (vocab - 2)),
-    answer: 0,
-  }));
+  const prompts = syntheticPrompts(n, config.vocabSize, (i) => 16 + (i * 2) % 16);
   const mine = prompts.slice(replicas.rank * share, (replicas.rank + 1) * share);
-  const tok = { stopTokenIds: [] as number[], padTokenId: 0, decode: () => Promise.resolve("") };
   const cfg: RlOverrides = {
     rollout: { k, maxNewTokens: Number(a.new) },
     ppo: { klCoef: 0.04, entropyCoef: 0 },
@@ -111,7 +96,7 @@ async function worker(out: string): Promise<void> {
   let total = 0;
   for (let u = 0; u <= updates; u++) {
     const t0 = performance.now();
-    using buf = await collect(policy, tok, mine, cfg, {
+    using buf = await collect(policy, SILENT_TOKENIZER, mine, cfg, {
       seed: 100 + u,
       firstPrompt: replicas.rank * share,
       score: parityReward,

@@ -23,8 +23,6 @@ import { Tokenizer } from "../model/tokenizer.ts";
 import { collect, type RolloutPrompt } from "../rl/collect.ts";
 import { evaluateExamples } from "../rl/evaluate.ts";
 import { learn } from "../rl/learn.ts";
-import { Policy } from "../rl/policy.ts";
-import { policyOptimizer } from "../rl/ppo.ts";
 import { Replicas } from "../rl/replicas.ts";
 import { collectMetricsOverRanks, evalTotalsOverRanks } from "./rank_metrics.ts";
 import { latestCheckpoint, loadCheckpoint, saveCheckpoint, updateSeed } from "./checkpoint.ts";
@@ -33,7 +31,7 @@ import { writeAtomic } from "../model/atomic_write.ts";
 import { JsonlLog, METRICS_FILE, SAMPLES_FILE, type StepRecord } from "./metrics.ts";
 import { ProgressBar } from "./progress.ts";
 import { writeReport } from "./report.ts";
-import { loadConfiguredModel } from "./model.ts";
+import { configuredOptimizer, configuredPolicy, loadConfiguredModel } from "./model.ts";
 import { lrFactor } from "./schedule.ts";
 
 /** What a finished (or resumed and finished) run returns. */
@@ -78,23 +76,12 @@ export async function train(cfg: TrainConfig, opts: TrainOptions = {}): Promise<
   using model = await loadConfiguredModel({ ...cfg.model, device: opts.device ?? cfg.model.device });
   const tok = await Tokenizer.load(model.dir);
   manualSeed(cfg.seed); // adapter and value-head initialisation
-  const policy = new Policy(model, {
-    lora: { ...cfg.lora },
-    checkpointing: cfg.train.gradientCheckpointing,
-    headChunk: cfg.train.headChunk,
-  });
-  const trainable = (): ReturnType<Policy["policyParameters"]> => [
+  const policy = configuredPolicy(model, cfg);
+  const trainable = (): ReturnType<typeof policy.policyParameters> => [
     ...policy.policyParameters(),
     ...policy.valueParameters(),
   ];
-  using opt = policyOptimizer(policy, {
-    learningRate: t.learningRate,
-    valueLearningRate: t.valueLearningRate,
-    weightDecay: t.weightDecay,
-    valueWeightDecay: t.valueWeightDecay,
-    betas: [...t.betas] as [number, number],
-    eps: t.eps,
-  });
+  using opt = configuredOptimizer(policy, cfg);
   try {
     const promptOpts = { instruction: cfg.data.instruction, system: cfg.data.system ?? undefined };
     const data = await loadGsm8k(cfg.data.source, {

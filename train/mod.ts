@@ -39,7 +39,7 @@ export {
   withoutNproc,
 } from "./launch.ts";
 export { collectMetricsOverRanks, evalTotalsOverRanks } from "./rank_metrics.ts";
-export { loadConfiguredModel } from "./model.ts";
+export { configuredOptimizer, configuredPolicy, loadConfiguredModel } from "./model.ts";
 export {
   type CheckpointInput,
   type CheckpointPolicy,
