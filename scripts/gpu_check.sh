@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # The GPU check: one run on a machine with a CUDA GPU and a Python torch 2.x, no network needed. It builds
 # the shim against that libtorch with CUDA, then runs, most valuable first, each within the time left:
-# the CUDA test suite (float32), decode tokens/s at Huihui shapes (eager, static buffers, CUDA graphs;
-# batches 16 to 512, with MBU), one default-sized RL update against TRL's GRPOTrainer, training memory at
-# Phi-tiny shapes (4-bit base), the NCCL group's cost per update, the Gloo 2-process tests, fused against
-# eager attention, the bfloat16 and CPU suites, and the native-binding report. A summary is printed last.
+# the CUDA test suite (float32), decode tokens/s at Huihui shapes (eager against CUDA graphs, batches 16 to
+# 512, with MBU), the default RL update (eager against graph decode), the same update at Phi-tiny shapes over
+# a 4-bit base (its peak memory), the NCCL group's cost per update, a default-sized update against TRL's
+# GRPOTrainer, the Gloo and torchrun tests, training-step memory variants, fused against eager attention, the
+# bfloat16 and CPU suites, and the native-binding report. A summary is printed last.
 #
 #   scripts/gpu_pack.sh                        # here, with network: fills .gpu/ (carry it)
 #   OUT=/tmp/moerl-gpu scripts/gpu_check.sh    # there; logs in $OUT
@@ -13,7 +14,8 @@
 # in what is left is skipped (and says so), and each runs under `timeout` with at most what is left.
 # MOERL_GPU_REHEARSAL=1: the same steps on this machine's CPU at toy sizes, to try the script and .gpu/
 # (offline: unshare -n sh -c 'ip link set lo up; MOERL_GPU_REHEARSAL=1 scripts/gpu_check.sh').
-# MOERL_GPU_TESTS_ONLY=1: build and test suites only.
+# MOERL_GPU_TESTS_ONLY=1: build and test suites only. MOERL_GPU_STEPS=a,b: only those steps (and the build),
+# e.g. the ones a first run had no time for.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/moerl-gpu}
@@ -45,10 +47,12 @@ if [ "${MOERL_GPU_REHEARSAL:-0}" = 1 ]; then # toy sizes on the CPU: does every 
   DEV=cpu DT=float32 HUIHUI=bench/shapes/bench-small.json PHI=bench/shapes/bench-small.json
   BATCHES=2,4 PROMPT=16 NEW=8 RL="--prompts 4 --k 2 --new 8 --micro 2" DP="--prompts 4 --k 2 --new 8 --micro 2"
   MEM="--batch 2 --seq 64" ATT="--batch 2 --prompt 16 --new 8 --layers 2"
+  UPDATE="--set train.gradAccum=1 --set rollout.maxNewTokens=8 --prompt-len 16"
 else
   DEV=cuda DT=bfloat16 HUIHUI=bench/shapes/huihui-moe-1b-a0.6b.json PHI=bench/shapes/phi-tiny-moe.json
   BATCHES=16,64,256,512 PROMPT=128 NEW=128 RL="--prompts 128 --k 4 --new 256 --micro 32"
   DP="--prompts 32 --k 4 --new 128 --micro 8" MEM="--batch 8 --seq 512" ATT="--batch 16 --prompt 512 --new 64"
+  UPDATE=""
 fi
 {
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
@@ -63,6 +67,9 @@ fi
 step() {
   local name=$1 min=$2 cap=$3
   shift 3
+  if [ -n "${MOERL_GPU_STEPS:-}" ] && [ "$name" != build ] && [[ ",$MOERL_GPU_STEPS," != *",$name,"* ]]; then
+    return 0
+  fi
   local left=$((BUDGET - (SECONDS - START)))
   if [ "$left" -lt "$min" ]; then
     printf '%-18s skipped: %ds left, needs %ds\n' "$name" "$left" "$min" | tee -a "$OUT/summary.txt"
@@ -92,29 +99,38 @@ step build 30 300 deno task build || {
 }
 grep -E "^building" "$OUT/build.log"
 # shellcheck disable=SC2046
-step test-$TDEV-f32 60 200 $(suite "$TDEV" float32)
+step test-$TDEV-f32 60 150 $(suite "$TDEV" float32)
 if [ "${MOERL_GPU_TESTS_ONLY:-0}" != 1 ]; then
-  step decode-huihui 60 180 deno run -A bench/generate_shapes.ts --shapes $HUIHUI --device $DEV --dtype $DT \
-    --dispatch dense --decode eager,static,graph --batch $BATCHES --prompt $PROMPT --new $NEW
-  # One default-sized update (512 completions × 256 tokens) with graph decode, against TRL in the same run.
   # shellcheck disable=SC2086
-  step rl-huihui 90 300 deno run -A bench/rl.ts --shapes $HUIHUI --device $DEV --dtype $DT $RL \
+  step decode-huihui 60 150 deno run -A bench/generate_shapes.ts --shapes $HUIHUI --device $DEV --dtype $DT \
+    --dispatch dense --decode eager,graph --batch $BATCHES --prompt $PROMPT --new $NEW
+  # The default update (configs/default.yaml: 128 prompts × K 4 × 256 tokens), eager against graph decode.
+  # shellcheck disable=SC2086
+  step update-huihui 60 180 deno run -A bench/update.ts --shapes $HUIHUI --device $DEV --dtype $DT \
+    --decode eager,graph $UPDATE
+  # The same update at Phi-tiny shapes over a 4-bit base: its peak memory against the 24 GB target.
+  # shellcheck disable=SC2086
+  step update-phi-4bit 60 150 deno run -A bench/update.ts --shapes $PHI --device $DEV --dtype $DT \
+    --set model.quantize4bit=true --decode graph $UPDATE
+  # shellcheck disable=SC2086
+  step dp-nccl-huihui 30 90 deno run -A bench/data_parallel.ts --device $DEV --dtype $DT --shapes $HUIHUI \
+    --procs 1 $DP
+  # A default-sized update against TRL's GRPOTrainer in the same run (LoRA on q/k/v/o on both sides).
+  # shellcheck disable=SC2086
+  step rl-huihui 120 300 deno run -A bench/rl.ts --shapes $HUIHUI --device $DEV --dtype $DT $RL \
     --decode graph --variants token_value --pairs 1 --updates 1
+  step dp-gloo-tests 30 90 deno test -A tests/dist_test.ts tests/data_parallel_test.ts tests/torchrun_test.ts
   # shellcheck disable=SC2086
   step mem-phi-tiny 30 120 deno run -A bench/memory.ts --shapes $PHI --device $DEV --dtype $DT $MEM
-  # shellcheck disable=SC2086
-  step dp-nccl-huihui 30 100 deno run -A bench/data_parallel.ts --device $DEV --dtype $DT --shapes $HUIHUI \
-    --procs 1 $DP
-  step dp-gloo-tests 30 120 deno test -A tests/dist_test.ts tests/data_parallel_test.ts
   # shellcheck disable=SC2086
   step attn-huihui 30 90 deno run -A bench/attention.ts --shapes $HUIHUI --device $DEV --dtype $DT $ATT
 fi
 # shellcheck disable=SC2046
-[ "$DEV" = cuda ] && step test-cuda-bf16 60 200 $(suite cuda bfloat16)
+[ "$DEV" = cuda ] && step test-cuda-bf16 60 150 $(suite cuda bfloat16)
 grep -h "max |Δlogits|\|greedy tokens equal" "$OUT"/test-*.log 2>/dev/null | sed 's/\x1b\[[0-9;]*m//g' \
   >"$OUT/parity.txt"
 # shellcheck disable=SC2046
-[ "$DEV" = cuda ] && step test-cpu-f32 60 200 $(suite cpu float32)
+[ "$DEV" = cuda ] && step test-cpu-f32 60 150 $(suite cpu float32)
 step native-bindings 10 60 env MOERL_TEST_DEVICE=$DEV scripts/native_bindings.sh
 
 echo "==== failing tests"
@@ -125,8 +141,8 @@ for f in "$OUT"/test-*.log "$OUT"/dp-gloo-tests.log; do
   }
 done
 echo "==== benchmarks"
-for f in "$OUT"/decode-*.log "$OUT"/rl-*.log "$OUT"/mem-*.log "$OUT"/dp-nccl-*.log "$OUT"/attn-*.log \
-  "$OUT"/native-*.log; do
+for f in "$OUT"/decode-*.log "$OUT"/update-*.log "$OUT"/rl-*.log "$OUT"/mem-*.log "$OUT"/dp-nccl-*.log \
+  "$OUT"/attn-*.log "$OUT"/native-*.log; do
   [ -f "$f" ] && { echo "--- $(basename "$f" .log)"; grep -v "^\s*at " "$f" | tail -40; }
 done
 echo "==== summary ($((SECONDS - START))s of ${BUDGET}s)"
