@@ -154,6 +154,8 @@ export async function runEvaluation(
     const own = await evaluateExamples(model.decoder, tok, mine.map((i) => data.examples[i]!), {
       maxNewTokens,
       batchSize: cfg.eval.batchSize,
+      decodeMode: cfg.rollout.decode,
+      decodeDispatch: cfg.rollout.decodeDispatch,
       prompt: {
         instruction: cfg.data.instruction,
         ...(cfg.data.system === null ? {} : { system: cfg.data.system }),

@@ -46,6 +46,7 @@ export interface RolloutConfig {
   /**
    * How decode steps run (model/generate.ts `decodeMode`): "eager" (per-step shapes), "static" (static
    * buffers) or "graph" (static buffers replayed as CUDA graphs; eager steps where graphs are unavailable).
+   * The training loop's and `deno task evaluate`'s evaluations decode the same way.
    */
   decode: DecodeMode;
 }

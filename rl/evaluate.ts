@@ -11,7 +11,8 @@ import type { Gsm8kExample } from "../data/gsm8k.ts";
 import { type AnswerVerdict, judgeAnswer, parseGold } from "../data/answer.ts";
 import { buildPrompts, type PromptOptions } from "../data/prompt.ts";
 import type { Decoder } from "../model/decoder.ts";
-import { type FinishReason, generate } from "../model/generate.ts";
+import { type DecodeMode, DecodeSession } from "../model/decode_static.ts";
+import { type FinishReason, generate, type GenerateOptions } from "../model/generate.ts";
 import type { Tokenizer } from "../model/tokenizer.ts";
 
 /** One problem's result (a line of predictions.jsonl). */
@@ -62,6 +63,16 @@ export interface EvaluateOptions {
   prompt?: PromptOptions;
   /** Called after each batch with the problems done so far and the running totals. */
   onBatch?: (done: number, totals: EvalTotals) => void;
+  /**
+   * How decode steps run (model/generate.ts `decodeMode`; default "eager"): training evaluates with its
+   * `rollout.decode`. Greedy tokens are the same either way; "static" and "graph" keep one set of buffers (and
+   * graphs) for the whole evaluation.
+   */
+  decodeMode?: DecodeMode;
+  /** The MoE dispatch of decode steps (model/generate.ts `decodeDispatch`; default "dense"). */
+  decodeDispatch?: GenerateOptions["decodeDispatch"];
+  /** Buffers and graphs for "static" / "graph" decode, kept by the caller (default: made for this call). */
+  session?: DecodeSession;
 }
 
 /** What an evaluation needs of a tokenizer (model/tokenizer.ts's Tokenizer has it). */
@@ -102,6 +113,11 @@ export async function evaluateExamples(
   const prompts = await buildPrompts(tok, examples.map((e) => e.question), opts.prompt);
   const eos = tok.stopTokenIds;
   const predictions: Prediction[] = [];
+  const mode = opts.decodeMode ?? "eager";
+  using own = mode === "eager" || opts.session
+    ? null
+    : new DecodeSession(decoder, { graphs: mode === "graph" });
+  const session = opts.session ?? own;
   for (let i = 0; i < examples.length; i += opts.batchSize) {
     const chunk = examples.slice(i, i + opts.batchSize);
     const out = await generate(decoder, prompts.slice(i, i + opts.batchSize).map((p) => p.ids), {
@@ -109,6 +125,9 @@ export async function evaluateExamples(
       eosTokenIds: eos,
       padTokenId: tok.padTokenId ?? eos[0] ?? 0,
       decode: (ids) => tok.decode(ids, { skipSpecialTokens: true }),
+      decodeMode: mode,
+      decodeDispatch: opts.decodeDispatch,
+      session: session ?? undefined,
     });
     chunk.forEach((ex, j) => {
       const gold = parseGold(ex.answer);

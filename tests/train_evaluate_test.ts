@@ -126,3 +126,26 @@ Deno.test("evaluate: bad arguments and configs exit 2, a missing data file 1", a
   assert.equal(missing.code, 1);
   assert.match(missing.stderr, /none\.jsonl does not exist/);
 });
+
+Deno.test("evaluate: static-buffer and graph decode steps give eager's predictions, one session across batches", async () => {
+  const completions: Record<string, unknown[]> = {};
+  for (const mode of ["eager", "static", "graph"]) {
+    const tmp = await Deno.makeTempDir({ prefix: "moerl-eval-" });
+    // Batches of 4 then 2: the second reuses the first's buffers with 2 padding rows.
+    const r = await evaluate(
+      ...["--config", "configs/tiny.yaml", "--limit", "6", "--split", "test", "--out", tmp],
+      ...["--set", "eval.batchSize=4", "--set", `rollout.decode=${mode}`],
+    );
+    assert.equal(r.code, 0, r.stderr);
+    const { preds } = await readOutputs(tmp);
+    completions[mode] = preds.map((p) => [p.id, p.completion, p.completion_tokens, p.finish_reason]);
+    await Deno.remove(tmp, { recursive: true });
+  }
+  assert.equal(completions.eager!.length, 6);
+  assert.ok(
+    new Set(completions.eager!.map((c) => (c as unknown[])[1])).size > 1,
+    "completions differ by problem",
+  );
+  assert.deepEqual(completions.static, completions.eager);
+  assert.deepEqual(completions.graph, completions.eager);
+});

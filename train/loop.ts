@@ -163,6 +163,8 @@ export async function train(cfg: TrainConfig, opts: TrainOptions = {}): Promise<
             maxNewTokens: cfg.eval.maxNewTokens ?? cfg.rollout.maxNewTokens,
             batchSize: cfg.eval.batchSize,
             prompt: promptOpts,
+            decodeMode: cfg.rollout.decode,
+            decodeDispatch: cfg.rollout.decodeDispatch,
           });
           const totals = evalTotalsOverRanks(ev.totals, dp);
           record.eval_accuracy_strict = totals.accuracy_strict;
