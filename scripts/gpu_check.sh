@@ -8,7 +8,11 @@
 # bfloat16 and CPU suites, and the native-binding report. A summary is printed last.
 #
 #   scripts/gpu_pack.sh                        # here, with network: fills .gpu/ (carry it)
-#   OUT=/tmp/moerl-gpu scripts/gpu_check.sh    # there; logs in $OUT
+#   OUT=/tmp/moerl-gpu scripts/gpu_check.sh    # there
+#
+# Logs are written to $LOGS (default /tmp/moerl-gpu-logs); after every step $OUT gets a fresh summary.txt and
+# logs.tar.gz with all of them, so $OUT holds three files however far the check got (a machine that hands
+# back only a few files from $OUT, or one stopped at a time limit, still returns everything).
 #
 # Env: MOERL_GPU_BUDGET_S (default 540): seconds for the whole check; a step that cannot get its minimum
 # in what is left is skipped (and says so), and each runs under `timeout` with at most what is left.
@@ -19,8 +23,14 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/moerl-gpu}
-mkdir -p "$OUT"
-: >"$OUT/summary.txt"
+LOGS=${LOGS:-/tmp/moerl-gpu-logs}
+mkdir -p "$OUT" "$LOGS"
+: >"$LOGS/summary.txt"
+# Copies the summary and every log so far into $OUT.
+publish() {
+  cp "$LOGS/summary.txt" "$OUT/summary.txt"
+  tar czf "$OUT/logs.tar.gz.tmp" -C "$LOGS" . && mv "$OUT/logs.tar.gz.tmp" "$OUT/logs.tar.gz"
+}
 export DENO_NO_UPDATE_CHECK=1
 BUDGET=${MOERL_GPU_BUDGET_S:-540}
 START=$SECONDS
@@ -60,10 +70,11 @@ fi
   "$PY" -c 'import transformers, peft, trl; print("transformers", transformers.__version__, "peft", peft.__version__, "trl", trl.__version__)'
   deno --version | head -1
   echo "budget ${BUDGET}s, device $DEV $DT"
-} 2>&1 | tee "$OUT/machine.txt"
+} 2>&1 | tee "$LOGS/machine.txt"
+cp "$LOGS/machine.txt" "$OUT/machine.txt"
 
 # step NAME MIN CAP COMMAND...: runs COMMAND with at most CAP seconds (and never past the budget), its log
-# in $OUT/NAME.log; skipped when less than MIN seconds are left. Prints a verdict line into the summary.
+# in $LOGS/NAME.log; skipped when less than MIN seconds are left. Prints a verdict line into the summary.
 step() {
   local name=$1 min=$2 cap=$3
   shift 3
@@ -72,17 +83,19 @@ step() {
   fi
   local left=$((BUDGET - (SECONDS - START)))
   if [ "$left" -lt "$min" ]; then
-    printf '%-18s skipped: %ds left, needs %ds\n' "$name" "$left" "$min" | tee -a "$OUT/summary.txt"
+    printf '%-18s skipped: %ds left, needs %ds\n' "$name" "$left" "$min" | tee -a "$LOGS/summary.txt"
+    publish
     return 1
   fi
   [ "$cap" -gt "$left" ] && cap=$left
   local t0=$SECONDS
-  timeout --kill-after=10 "$cap" "$@" >"$OUT/$name.log" 2>&1
+  timeout --kill-after=10 "$cap" "$@" >"$LOGS/$name.log" 2>&1
   local rc=$?
   local verdict
-  verdict=$(grep -E '(passed|failed)' "$OUT/$name.log" | tail -1 | sed 's/\x1b\[[0-9;]*m//g')
+  verdict=$(grep -E '(passed|failed)' "$LOGS/$name.log" | tail -1 | sed 's/\x1b\[[0-9;]*m//g')
   [ "$rc" = 124 ] && verdict="TIMED OUT after ${cap}s; $verdict"
-  printf '%-18s rc=%d %4ds  %s\n' "$name" "$rc" $((SECONDS - t0)) "$verdict" | tee -a "$OUT/summary.txt"
+  printf '%-18s rc=%d %4ds  %s\n' "$name" "$rc" $((SECONDS - t0)) "$verdict" | tee -a "$LOGS/summary.txt"
+  publish
   return $rc
 }
 
@@ -94,10 +107,10 @@ TDEV=$DEV SHARDS=6 # test processes at once (scripts/test_shards.sh): 16 cores, 
 suite() { echo env MOERL_TEST_DEVICE="$1" MOERL_TEST_DTYPE="$2" scripts/test_shards.sh $SHARDS $LIST; }
 
 step build 30 300 deno task build || {
-  tail -30 "$OUT/build.log"
+  tail -30 "$LOGS/build.log"
   exit 1
 }
-grep -E "^building" "$OUT/build.log"
+grep -E "^building" "$LOGS/build.log"
 # shellcheck disable=SC2046
 step test-$TDEV-f32 60 150 $(suite "$TDEV" float32)
 if [ "${MOERL_GPU_TESTS_ONLY:-0}" != 1 ]; then
@@ -127,23 +140,24 @@ if [ "${MOERL_GPU_TESTS_ONLY:-0}" != 1 ]; then
 fi
 # shellcheck disable=SC2046
 [ "$DEV" = cuda ] && step test-cuda-bf16 60 150 $(suite cuda bfloat16)
-grep -h "max |Δlogits|\|greedy tokens equal" "$OUT"/test-*.log 2>/dev/null | sed 's/\x1b\[[0-9;]*m//g' \
-  >"$OUT/parity.txt"
+grep -h "max |Δlogits|\|greedy tokens equal" "$LOGS"/test-*.log 2>/dev/null | sed 's/\x1b\[[0-9;]*m//g' \
+  >"$LOGS/parity.txt"
 # shellcheck disable=SC2046
 [ "$DEV" = cuda ] && step test-cpu-f32 60 150 $(suite cpu float32)
 step native-bindings 10 60 env MOERL_TEST_DEVICE=$DEV scripts/native_bindings.sh
 
 echo "==== failing tests"
-for f in "$OUT"/test-*.log "$OUT"/dp-gloo-tests.log; do
+for f in "$LOGS"/test-*.log "$LOGS"/dp-gloo-tests.log; do
   [ -f "$f" ] && grep -q "FAILED" "$f" && {
     echo "--- $f"
-    sed 's/\x1b\[[0-9;]*m//g' "$f" | grep "=> " | sort -u | head -40
+    sed 's/\x1b\[[0-9;]*m//g' "$f" | grep "=> " | sort -u | head -20
   }
 done
 echo "==== benchmarks"
-for f in "$OUT"/decode-*.log "$OUT"/update-*.log "$OUT"/rl-*.log "$OUT"/mem-*.log "$OUT"/dp-nccl-*.log \
-  "$OUT"/attn-*.log "$OUT"/native-*.log; do
-  [ -f "$f" ] && { echo "--- $(basename "$f" .log)"; grep -v "^\s*at " "$f" | tail -40; }
+for f in "$LOGS"/decode-*.log "$LOGS"/update-*.log "$LOGS"/rl-*.log "$LOGS"/mem-*.log "$LOGS"/dp-nccl-*.log \
+  "$LOGS"/attn-*.log; do
+  [ -f "$f" ] && { echo "--- $(basename "$f" .log)"; grep -v "^\s*at " "$f" | tail -15; }
 done
 echo "==== summary ($((SECONDS - START))s of ${BUDGET}s)"
-cat "$OUT/summary.txt"
+publish
+cat "$LOGS/summary.txt"
