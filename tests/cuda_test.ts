@@ -4,7 +4,7 @@
  * and the CPU-side contract (a clear error when CUDA is asked for) is tested.
  */
 import assert from "node:assert/strict";
-import { cuda, Generator, rand, TorchError, zeros } from "../ffi/mod.ts";
+import { cuda, Generator, rand, stack, tensor, tidy, TorchError, zeros } from "../ffi/mod.ts";
 
 const hasCuda = cuda.isAvailable();
 
@@ -41,4 +41,28 @@ Deno.test({ name: "cuda: seeded generators are reproducible on the device", igno
   using b = rand([16], { device: "cuda", generator: g2 });
   assert.deepEqual(a.toArray(), b.toArray());
   assert.equal(a.device, "cuda:0");
+});
+
+Deno.test({
+  name: "cuda: tensors made from host data arrive intact while the uploads queue behind device work",
+  ignore: !hasCuda,
+}, () => {
+  // Uploads are asynchronous from pinned staging blocks (ffi/shim/moerl.cpp mt_from_data): a block reused
+  // before its copy ran would show up as a wrong sum. A large matmul keeps the stream busy meanwhile.
+  using busy = rand([4096, 4096], { device: "cuda" });
+  const n = 64, len = 10_000;
+  const sums = tidy(() => {
+    const parts = [];
+    for (let i = 0; i < n; i++) {
+      busy.matmul(busy).dispose(); // queued work; its memory goes back in stream order
+      parts.push(tensor(Array.from({ length: len }, (_, j) => (i * 31 + j) % 97), { device: "cuda" }).sum());
+    }
+    return stack(parts, 0).toArray();
+  });
+  const expected = Array.from({ length: n }, (_, i) => {
+    let s = 0;
+    for (let j = 0; j < len; j++) s += (i * 31 + j) % 97;
+    return s;
+  });
+  assert.deepEqual(sums, expected);
 });

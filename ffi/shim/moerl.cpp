@@ -129,9 +129,23 @@ mt_tensor mt_from_data(mt_ctx* ctx, const void* data, int64_t nbytes, int32_t dt
     if (need != nbytes)
       throw std::invalid_argument("data has " + std::to_string(nbytes) + " bytes, shape needs " +
                                   std::to_string(need));
-    auto t = torch::empty(sizes, torch::TensorOptions().dtype(st));
+    // For a GPU the host copy is pinned and the upload asynchronous, as PyTorch's
+    // pin_memory().to(non_blocking=True): a pageable upload waits for the whole
+    // stream, so every tensor made from host data would stall the queued work.
+    // The caching host allocator keeps the pinned block until the copy is done.
+    // Where pinned memory cannot be had, the upload is an ordinary blocking one.
+    bool pinned = device >= 0 && device_of(device).is_cuda();
+    torch::Tensor t;
+    if (pinned) {
+      try {
+        t = torch::empty(sizes, torch::TensorOptions().dtype(st).pinned_memory(true));
+      } catch (const std::exception&) {
+        pinned = false;
+      }
+    }
+    if (!pinned) t = torch::empty(sizes, torch::TensorOptions().dtype(st));
     if (nbytes > 0) std::memcpy(t.data_ptr(), data, nbytes);
-    return device < 0 ? t : t.to(device_of(device));
+    return device < 0 ? t : t.to(device_of(device), /*non_blocking=*/pinned);
   })());
 }
 
