@@ -16,7 +16,7 @@
  * before it, so variants cannot inherit each other's high-water mark.
  */
 import { parseArgs } from "node:util";
-import { cuda, type Device, type DType, manualSeed, tensor } from "../ffi/mod.ts";
+import { cuda, type Device, dispose, type DType, manualSeed, tensor } from "../ffi/mod.ts";
 import { parseConfig } from "../model/config.ts";
 import { DEFAULT_LORA } from "../model/lora_apply.ts";
 import { randomModel } from "../model/model.ts";
@@ -130,7 +130,7 @@ async function runVariant(v: Variant): Promise<Record<string, number>> {
   const seconds = (performance.now() - t0) / 1000;
   const peak = onGpu ? cuda.memoryStats(device).peakAllocated : rssKiB("VmHWM") * 1024;
   policy.dispose();
-  for (const x of Object.values(batch)) x.dispose();
+  dispose(batch);
   return { base, peak, stepPeak: peak - base, seconds, weightBytes };
 }
 

@@ -13,7 +13,7 @@
  * ```
  * @module
  */
-export { Tensor, type ValuesIndices } from "./tensor.ts";
+export { hostReadCount, Tensor, type ValuesIndices } from "./tensor.ts";
 export {
   arange,
   type CreateOptions,

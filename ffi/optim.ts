@@ -8,7 +8,7 @@ import { zeros } from "./create.ts";
 import { c, handles } from "./handle.ts";
 import { check, shim } from "./lib.ts";
 import { keep } from "./scope.ts";
-import type { Tensor } from "./tensor.ts";
+import { countHostRead, type Tensor } from "./tensor.ts";
 
 /** Parameters sharing one learning rate and weight decay. */
 export interface ParamGroup {
@@ -127,6 +127,7 @@ export class AdamW {
  */
 export function clipGradNorm(params: readonly Tensor[], maxNorm: number): number {
   const out = new Float64Array(1);
+  countHostRead();
   const status = shim().mt_clip_grad_norm(c(), handles(params), params.length, maxNorm, out);
   check(status, "clip_grad_norm", () => params.map((p) => p.shape));
   return out[0]!;

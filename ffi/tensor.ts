@@ -79,6 +79,20 @@ const R = {
 
 const metaBuf = new BigInt64Array(72);
 const itemBuf = new Float64Array(1);
+let hostReads = 0;
+
+/**
+ * How many times values were read back to the host so far (`item`, `toTypedArray` and what uses them,
+ * `clipGradNorm`'s norm). Each read waits for the device's queued work, so tests count them in loops.
+ */
+export function hostReadCount(): number {
+  return hostReads;
+}
+
+/** Counts one read back to the host (for {@link hostReadCount}). */
+export function countHostRead(): void {
+  hostReads++;
+}
 
 interface Meta {
   dtype: DType;
@@ -172,6 +186,7 @@ export class Tensor extends Handle {
       ? new Uint16Array(n)
       : new Uint8Array(n);
     const bytes = new Uint8Array(out.buffer);
+    hostReads++;
     check(
       shim().mt_copy_to(c(), this.ptr, bytes, BigInt(n * ELEMENT_SIZE[d])),
       "toTypedArray",
@@ -201,6 +216,7 @@ export class Tensor extends Handle {
   }
   /** The single value of a one-element tensor. */
   item(): number {
+    hostReads++;
     check(shim().mt_item(c(), this.ptr, itemBuf), "item", () => [this.shape]);
     return itemBuf[0]!;
   }

@@ -268,6 +268,7 @@ export function sequenceBatch(
     attentionMask: tensor(padded.attentionMask, i64),
     positionIds: tensor(padded.positionIds, i64),
     completionMask: tensor(comp, i64),
+    completionLengths: completions.map((c) => c.length),
   };
 }
 

@@ -36,7 +36,7 @@
  * metrics are reduced. Every rank then takes the same steps.
  * @module
  */
-import { clipGradNorm, dispose, noGrad, type Tensor, tensor, tidy } from "../ffi/mod.ts";
+import { clipGradNorm, dispose, keep, noGrad, type Tensor, tensor, tidy } from "../ffi/mod.ts";
 import { mulberry32 } from "../data/batches.ts";
 import {
   flatGroups,
@@ -132,6 +132,32 @@ function groupChunks(n: number, k: number, lengths: readonly number[], size: num
 function rowTails(x: Tensor, n: readonly number[]): number[][] {
   const rows = x.tolist() as number[][];
   return rows.map((r, i) => r.slice(r.length - n[i]!));
+}
+
+/**
+ * Reads of device values put off until a step is queued. A read waits for the
+ * device to finish its queued work, so reading inside a micro-batch loop would
+ * leave the device idle while the host prepares the next micro-batch.
+ */
+class DeferredReads {
+  #reads: { t: Tensor; use: (t: Tensor) => void }[] = [];
+  /** Keeps t (detached) for use() at the next {@link flush}. */
+  read(t: Tensor, use: (t: Tensor) => void): void {
+    this.#reads.push({ t: keep(t.detach()), use });
+  }
+  /** Hands every kept tensor to its use, in order, and frees it. */
+  flush(): void {
+    const reads = this.#reads.splice(0);
+    try {
+      for (const { t, use } of reads) use(t);
+    } finally {
+      for (const { t } of reads) t.dispose();
+    }
+  }
+  /** Frees what was never read (after an error). */
+  [Symbol.dispose](): void {
+    for (const { t } of this.#reads.splice(0)) t.dispose();
+  }
 }
 
 /** Running |Δ log p| statistics between the training path and the sampler. */
@@ -234,16 +260,21 @@ function referencePass(run: Run, signal: readonly boolean[]): ReferenceResult {
       chunk,
       tokens: 0,
     }));
+  // Read after each critic step (or at the end, without a critic); values read after the step that learns
+  // from them are still those computed before it.
+  using later = new DeferredReads();
   for (const { chunk, tokens } of passes) {
     if (chunk.length) {
       tidy(() => {
         const { batch, replay } = run.open(chunk);
         const wantRef = c.klCoef > 0 && chunk.some((i) => signal[i]);
         const r = policy.reference(batch, { temperature: run.temperature, replay, logprobs: wantRef });
-        if (wantRef) tails(run, r.logprobs!, chunk).forEach((row, j) => (ref[chunk[j]!] = row));
+        if (wantRef) {
+          later.read(r.logprobs!, (lp) => tails(run, lp, chunk).forEach((row, j) => (ref[chunk[j]!] = row)));
+        }
         if (!critic) return;
         const v = policy.values(r.states, batch);
-        tails(run, v.detach(), chunk).forEach((row, j) => (values[chunk[j]!] = row));
+        later.read(v, (x) => tails(run, x, chunk).forEach((row, j) => (values[chunk[j]!] = row)));
         const mask = c.advantage === "prompt_value"
           ? buffer.perToken(
             chunk,
@@ -255,7 +286,7 @@ function referencePass(run: Run, signal: readonly boolean[]): ReferenceResult {
         // This rank's share of the mean over the global micro-batch's tokens.
         const loss = valueLoss(v, target, mask, tokens);
         loss.backward();
-        lossSum += loss.item();
+        later.read(loss, (x) => (lossSum += x.item()));
       });
     }
     if (!critic) continue;
@@ -265,7 +296,9 @@ function referencePass(run: Run, signal: readonly boolean[]): ReferenceResult {
     run.optimizer.step(params);
     run.optimizer.zeroGrad(params);
     steps++;
+    later.flush();
   }
+  later.flush();
   lossSum = dp.sum([lossSum])[0]!;
   return {
     ref,
@@ -278,16 +311,19 @@ function referencePass(run: Run, signal: readonly boolean[]): ReferenceResult {
 /** Phase 3: log π_old of the trained sequences from a no-grad training-path pass. */
 function oldPass(run: Run, trained: readonly number[], mismatch: Mismatch): number[][] {
   const old: number[][] = [];
+  using later = new DeferredReads();
   for (const chunk of chunks(trained, run.lengths, run.micro)) {
     tidy(() => {
       const { batch, replay } = run.open(chunk);
       const lp = noGrad(() => run.policy.forward(batch, { temperature: run.temperature, replay }).logprobs);
-      tails(run, lp, chunk).forEach((row, j) => {
-        old[chunk[j]!] = row;
-        mismatch.add(row, run.buffer.sequences[chunk[j]!]!.logprobs);
-      });
+      later.read(lp, (x) =>
+        tails(run, x, chunk).forEach((row, j) => {
+          old[chunk[j]!] = row;
+          mismatch.add(row, run.buffer.sequences[chunk[j]!]!.logprobs);
+        }));
     });
   }
+  later.flush();
   return old;
 }
 
@@ -323,6 +359,8 @@ function policySteps(
       if (global.length === 0) continue;
       const tokens = global.reduce((s, i) => s + all.lengths[i]!, 0);
       const ids = run.local(global);
+      // Losses, objective parts and log-probs are read once the step is queued.
+      using later = new DeferredReads();
       for (const chunk of chunks(ids, run.lengths, run.micro)) {
         tidy(() => {
           const { batch, replay } = run.open(chunk);
@@ -337,17 +375,20 @@ function policySteps(
             attentionMask: batch.attentionMask,
             routerTopK: policy.model.config.numExpertsPerTok,
           };
-          lossSum += policy.backward(batch, (out) => {
+          const loss = policy.backwardLoss(batch, (out) => {
             const r = ppoObjective(out, inputs, c);
-            r.parts.toArray().forEach((x, p) => (sums[p] = sums[p]! + x));
+            later.read(r.parts, (x) => x.toArray().forEach((v, p) => (sums[p] = sums[p]! + v)));
             // With one step the training pass is π_old: measure the sampler's mismatch on it.
             if (!old) {
-              tails(run, out.logprobs.detach(), chunk).forEach((row, j) =>
-                mismatch.add(row, seqs[chunk[j]!]!.logprobs)
+              later.read(
+                out.logprobs,
+                (lp) =>
+                  tails(run, lp, chunk).forEach((row, j) => mismatch.add(row, seqs[chunk[j]!]!.logprobs)),
               );
             }
             return r.loss;
           }, { temperature: run.temperature, replay });
+          later.read(loss, (x) => (lossSum += x.item()));
         });
       }
       dp.sumGradients(params);
@@ -355,6 +396,7 @@ function policySteps(
       run.optimizer.step(params);
       run.optimizer.zeroGrad(params);
       steps++;
+      later.flush();
     }
   }
   // Each rank summed its share of every token mean: the totals are the global means.

@@ -135,10 +135,12 @@ export function ppoObjective(
     const ref = inputs.refLogprobs;
     const kl = ref ? klPenalty(out.logprobs, ref, out.mask, cfg.klEstimator, n).mean : null;
     const entropy = entropyBonus(out.entropy, out.mask, n);
-    // The router loss is a per-forward mean: weighted by this batch's share of the minibatch's tokens.
-    const share = n === undefined ? 1 : out.mask.sum().item() / n;
+    // The router loss is a per-forward mean: weighted by this batch's share of the minibatch's tokens
+    // (on the device: reading the count back would wait for the queued work).
     const aux = cfg.routerAuxCoef > 0
-      ? routerAuxLoss(out.routerLogits!, inputs.routerTopK!, inputs.attentionMask).mul(share)
+      ? routerAuxLoss(out.routerLogits!, inputs.routerTopK!, inputs.attentionMask).mul(
+        n === undefined ? 1 : out.mask.sum().div(n),
+      )
       : null;
     let loss = pg.loss.sub(entropy.mul(cfg.entropyCoef));
     if (kl && cfg.klCoef > 0) loss = loss.add(kl.mul(cfg.klCoef));

@@ -45,6 +45,12 @@ export interface SequenceBatch {
   positionIds: Tensor;
   /** 1 for completion tokens (those the policy generated) [B, T]. */
   completionMask: Tensor;
+  /**
+   * Where each row's completion is its last `completionLengths[r]` tokens (as rl/collect.ts `sequenceBatch`
+   * lays it out), the lengths on the host: the passes then find the completion tokens without reading the
+   * mask back from the device. Leave it out for any other layout.
+   */
+  completionLengths?: readonly number[];
 }
 
 /** How a pass computes its distributions. */
@@ -134,7 +140,11 @@ class CompletionLayout {
   constructor(batch: SequenceBatch) {
     const [b, t] = batch.inputIds.shape as [number, number];
     const predicted = tidy(() => batch.completionMask.narrow(1, 1, t - 1).to("float32")); // token t+1 predicted at t
-    const rows = predicted.reshape([-1]).toArray().flatMap((m, i) => (m > 0 ? [i] : []));
+    // Row r's completion tokens are predicted at positions t − 1 − c_r ... t − 2 of its t − 1.
+    const lengths = batch.completionLengths;
+    const rows = lengths
+      ? lengths.flatMap((c, r) => Array.from({ length: c }, (_, j) => r * (t - 1) + t - 1 - c + j))
+      : predicted.reshape([-1]).toArray().flatMap((m, i) => (m > 0 ? [i] : []));
     this.#idx = tensor(rows, { dtype: "int64", device: batch.inputIds.device });
     this.mask = tidy(() =>
       cat([zeros([b, 1], { dtype: "float32", device: predicted.device }), predicted], 1)
@@ -304,6 +314,15 @@ export class Policy {
    * outputs are freed.
    */
   backward(batch: SequenceBatch, lossFn: (out: PolicyOutput) => Tensor, opts: PassOptions = {}): number {
+    using loss = this.backwardLoss(batch, lossFn, opts);
+    return loss.item();
+  }
+
+  /**
+   * As {@link backward}, but the loss stays on the device (detached): reading
+   * it waits for the device, so a loop over micro-batches reads once at the end.
+   */
+  backwardLoss(batch: SequenceBatch, lossFn: (out: PolicyOutput) => Tensor, opts: PassOptions = {}): Tensor {
     if (this.checkpointing && this.opts.lora.dropout > 0 && this.lora.state.training) {
       throw new Error(
         "gradient checkpointing needs lora dropout 0 (the recomputed pass would draw new dropout masks)",
@@ -313,7 +332,7 @@ export class Policy {
       return tidy(() => {
         const loss = lossFn(this.forward(batch, opts));
         loss.backward();
-        return loss.item();
+        return loss.detach();
       });
     }
     return this.#checkpointedBackward(batch, lossFn, opts);
@@ -329,7 +348,7 @@ export class Policy {
     batch: SequenceBatch,
     lossFn: (out: PolicyOutput) => Tensor,
     opts: PassOptions,
-  ): number {
+  ): Tensor {
     const decoder = this.model.decoder;
     const input = this.#input(batch, opts);
     return tidy(() => {
@@ -341,24 +360,24 @@ export class Policy {
         h = noGrad(() => decoder.layer(i, h, ctx).h);
       }
       // Loss side: final norm, head, loss; its gradient w.r.t. the last hidden state.
-      let grad = tidy(() => {
+      const top = tidy(() => {
         const last = h.detach().setRequiresGrad(true);
         const loss = lossFn(this.head(decoder.finalNorm.forward(last), batch, opts));
         loss.backward();
-        return { g: last.grad!, loss: loss.item() };
+        return { g: last.grad!, loss: loss.detach() };
       });
-      const lossValue = grad.loss;
+      let g = top.g;
       for (let i = decoder.layers.length - 1; i >= 0; i--) {
         const next = tidy(() => {
           const x = inputs[i]!.detach().setRequiresGrad(true);
-          decoder.layer(i, x, ctx).h.backward(grad.g);
-          return { g: x.grad!, loss: lossValue };
+          decoder.layer(i, x, ctx).h.backward(g);
+          return x.grad!;
         });
-        grad.g.dispose();
+        g.dispose();
         inputs[i]!.dispose();
-        grad = next;
+        g = next;
       }
-      return lossValue;
+      return top.loss;
     });
   }
 

@@ -11,6 +11,7 @@ import assert from "node:assert/strict";
 import { join } from "node:path";
 import {
   cat,
+  dispose,
   linear,
   liveTensors,
   manualSeed,
@@ -137,7 +138,7 @@ Deno.test("lm head: Policy outputs and LoRA gradients do not depend on headChunk
       r.ckpt.forEach((g, i) => assertClose(g, plain.grads[i]!, 1e-4, `${what} checkpointed param ${i}`));
     }
   } finally {
-    Object.values(b).forEach((t) => t.dispose());
+    dispose(b);
   }
   model.dispose();
   assert.equal(liveTensors(), live, "policies, model and batch freed");

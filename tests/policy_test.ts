@@ -8,7 +8,17 @@
  */
 import assert from "node:assert/strict";
 import { join } from "node:path";
-import { AdamW, liveTensors, manualSeed, noGrad, randn, type Tensor, tensor, tidy } from "../ffi/mod.ts";
+import {
+  AdamW,
+  dispose,
+  liveTensors,
+  manualSeed,
+  noGrad,
+  randn,
+  type Tensor,
+  tensor,
+  tidy,
+} from "../ffi/mod.ts";
 import { leftPad } from "../model/padding.ts";
 import { DEFAULT_LORA, type LoraConfig, loraParamCount } from "../model/lora_apply.ts";
 import { loadModel } from "../model/model.ts";
@@ -217,7 +227,7 @@ Deno.test("policy: adapters, outputs and gradients", async (t) => {
     });
 
     policy.dispose();
-    for (const t of Object.values(b)) t.dispose();
+    dispose(b);
   }
   assert.equal(liveTensors(), live, "policy, model and batch freed");
 });

@@ -11,6 +11,7 @@ import assert from "node:assert/strict";
 import { join } from "node:path";
 import {
   Generator,
+  hostReadCount,
   liveTensors,
   manualSeed,
   nativeLiveCount,
@@ -374,6 +375,45 @@ Deno.test("collect: a completion ends at the end-of-turn token, not only at gene
         "text of the kept tokens",
       );
       assert.equal(s.reward.overLength, s.finishReason === "length");
+    }
+  } finally {
+    policy.dispose();
+  }
+});
+
+Deno.test("learn: nothing is read back to the host between a pass's micro-batches", async () => {
+  // A read waits for the device's queued work: between micro-batches it would leave the device idle while the
+  // host prepares the next. The reference pass (no critic) and the step's micro-batches read once, afterwards.
+  manualSeed(3);
+  using model = await loadModel(MODEL, { device: DEVICE });
+  const tok = await Tokenizer.load(MODEL);
+  const prompts: RolloutPrompt[] = [[5, 6, 7], [8, 9], [10, 11, 12], [13, 14]].map((ids) => ({
+    ids,
+    answer: 0,
+  }));
+  // Dense dispatch: "loop" reads each layer's routing back by design (CPU builds without grouped GEMM use it).
+  const policy = new Policy(model, { lora: { ...DEFAULT_LORA, r: 4, alpha: 8 }, dispatch: "dense" });
+  try {
+    using opt = policyOptimizer(policy, { learningRate: 1e-3 });
+    const cfg: RlOverrides = { ...CFG, ppo: { ...CFG.ppo, advantage: "group" } };
+    using buf = await collect(policy, tok, prompts, cfg, { seed: 1, score: scripted((i) => i % 2) });
+    const calls: Record<string, [number, number][]> = { reference: [], backwardLoss: [] };
+    for (const name of ["reference", "backwardLoss"] as const) {
+      const real = policy[name].bind(policy) as (...a: unknown[]) => unknown;
+      (policy as unknown as Record<string, unknown>)[name] = (...args: unknown[]): unknown => {
+        const before = hostReadCount();
+        const out = real(...args);
+        calls[name]!.push([before, hostReadCount()]);
+        return out;
+      };
+    }
+    learn(policy, opt, buf, cfg, { microBatch: 2, seed: 0 });
+    for (const [name, list] of Object.entries(calls)) {
+      assert.equal(list.length, 4, `${name}: 8 sequences in micro-batches of 2`);
+      list.forEach(([before, after], i) => {
+        assert.equal(after, before, `${name} ${i} reads nothing back`);
+        if (i > 0) assert.equal(before, list[i - 1]![1], `nothing is read between ${name} ${i - 1} and ${i}`);
+      });
     }
   } finally {
     policy.dispose();

@@ -3,7 +3,7 @@
  * (each followed by the end-of-turn token) through the policy's adapters.
  * @module
  */
-import { AdamW, clipGradNorm, type Tensor } from "../ffi/mod.ts";
+import { AdamW, clipGradNorm, dispose, type Tensor } from "../ffi/mod.ts";
 import { mulberry32 } from "../data/batches.ts";
 import type { Gsm8kExample } from "../data/gsm8k.ts";
 import { buildPrompts, type PromptOptions } from "../data/prompt.ts";
@@ -69,7 +69,7 @@ export async function supervisedWarmup(
       try {
         losses.push(policy.backward(batch, nllLoss));
       } finally {
-        for (const t of Object.values(batch)) t.dispose();
+        dispose(batch);
       }
       clipGradNorm(policy.policyParameters(), 1.0);
       opt.step();
