@@ -14,8 +14,10 @@
 # logs.tar.gz with all of them, so $OUT holds three files however far the check got (a machine that hands
 # back only a few files from $OUT, or one stopped at a time limit, still returns everything).
 #
-# Env: MOERL_GPU_BUDGET_S (default 540): seconds for the whole check; a step that cannot get its minimum
-# in what is left is skipped (and says so), and each runs under `timeout` with at most what is left.
+# Env: MOERL_GPU_BUDGET_S (default 450): seconds for the whole check. A step that cannot get its minimum in
+# what is left is skipped (and says so), and each runs under `timeout` with at most what is left. (Where a
+# machine is lent for 15 minutes in all, a 450 s run leaves a few minutes to rerun skipped steps while it is
+# still warm.)
 # MOERL_GPU_REHEARSAL=1: the same steps on this machine's CPU at toy sizes, to try the script and .gpu/
 # (offline: unshare -n sh -c 'ip link set lo up; MOERL_GPU_REHEARSAL=1 scripts/gpu_check.sh').
 # MOERL_GPU_TESTS_ONLY=1: build and test suites only. MOERL_GPU_STEPS=a,b: only those steps (and the build),
@@ -32,7 +34,7 @@ publish() {
   tar czf "$OUT/logs.tar.gz.tmp" -C "$LOGS" . && mv "$OUT/logs.tar.gz.tmp" "$OUT/logs.tar.gz"
 }
 export DENO_NO_UPDATE_CHECK=1
-BUDGET=${MOERL_GPU_BUDGET_S:-540}
+BUDGET=${MOERL_GPU_BUDGET_S:-450}
 START=$SECONDS
 
 # Offline: Deno, its npm cache, gloo's headers and TRL's wheels from .gpu/ (scripts/gpu_pack.sh).
