@@ -56,6 +56,7 @@ import { policyOptimizer } from "../rl/ppo.ts";
 import { parityReward } from "./parity_reward.ts";
 import { runPythonJson } from "./python.ts";
 import { readShapes, SMALL_SHAPES } from "./shapes.ts";
+import { syntheticPrompts } from "./synthetic.ts";
 
 const { values: a } = parseArgs({
   options: {
@@ -102,11 +103,9 @@ rlConfig({ rollout });
 // The bench:generate model unless --shapes names a real model's (random weights either way).
 const model = await readShapes(a.shapes ?? SMALL_SHAPES);
 const vocab = model.vocab_size as number;
-/** Prompts of random ids (never PAD or EOS), lengths 16 to 30. */
-const promptIds = Array.from(
-  { length: nPrompts },
-  (_, i) => Array.from({ length: 16 + (i * 2) % 16 }, (_, j) => 2 + (i * 7919 + j * 104729) % (vocab - 2)),
-);
+/** Prompts of random ids (never PAD or EOS), lengths 16 to 30, as bench:dp's. */
+const prompts: RolloutPrompt[] = syntheticPrompts(nPrompts, vocab, (i) => 16 + (i * 2) % 16);
+const promptIds = prompts.map((p) => p.ids);
 const dir = await Deno.makeTempDir({ prefix: "moerl_bench_rl_" });
 const common = {
   dir,
@@ -147,7 +146,6 @@ async function moerl(
     rollout,
     ppo: { klCoef: common.klCoef, entropyCoef: 0, advantage },
   };
-  const prompts: RolloutPrompt[] = promptIds.map((ids) => ({ ids, answer: 0 }));
   const sums: Phases = {};
   let tokens = 0, decodeSeconds = 0;
   if (onGpu) cuda.resetPeakMemoryStats(device);

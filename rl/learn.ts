@@ -221,8 +221,11 @@ interface Run {
   local(ids: readonly number[]): number[];
   /** A batch of the chosen sequences and, with routing replay, their experts. */
   open(ids: readonly number[]): { batch: SequenceBatch; replay: Tensor[] | null };
-  /** Clips a group's gradient to maxGradNorm (when set) and returns its norm before. */
-  clip(params: Tensor[]): number;
+  /**
+   * One optimizer step of a parameter group: its gradients summed over the ranks, clipped to maxGradNorm
+   * (when set), applied and zeroed. Returns the norm before clipping.
+   */
+  step(params: Tensor[]): number;
 }
 
 /** Each row's log-probs of the chosen sequences' completion tokens, on the host. */
@@ -290,11 +293,7 @@ function referencePass(run: Run, signal: readonly boolean[]): ReferenceResult {
       });
     }
     if (!critic) continue;
-    const params = policy.valueParameters();
-    dp.sumGradients(params);
-    normSum += run.clip(params);
-    run.optimizer.step(params);
-    run.optimizer.zeroGrad(params);
+    normSum += run.step(policy.valueParameters());
     steps++;
     later.flush();
   }
@@ -391,10 +390,7 @@ function policySteps(
           later.read(loss, (x) => (lossSum += x.item()));
         });
       }
-      dp.sumGradients(params);
-      normSum += run.clip(params);
-      run.optimizer.step(params);
-      run.optimizer.zeroGrad(params);
+      normSum += run.step(params);
       steps++;
       later.flush();
     }
@@ -472,7 +468,13 @@ export function learn(
       if (replay) dispose(replay);
       return { batch, replay: null };
     },
-    clip: (params) => clipGradNorm(params, maxNorm > 0 ? maxNorm : Number.MAX_VALUE),
+    step(params): number {
+      dp.sumGradients(params);
+      const norm = clipGradNorm(params, maxNorm > 0 ? maxNorm : Number.MAX_VALUE);
+      optimizer.step(params);
+      optimizer.zeroGrad(params);
+      return norm;
+    },
   };
   const rewards = buffer.rewards;
   const signal = flatGroups(rewards, k).map((f, i) => !f && run.lengths[i]! > 0);
