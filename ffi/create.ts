@@ -7,7 +7,7 @@ import { type Device, deviceCode, type DType, dtypeCode, ELEMENT_SIZE, type Shap
 import { c, i64 } from "./handle.ts";
 import { shim } from "./lib.ts";
 import type { Generator } from "./runtime.ts";
-import { type Tensor, wrap } from "./tensor.ts";
+import { countHostUpload, type Tensor, wrap } from "./tensor.ts";
 import type { TensorData } from "./dtype.ts";
 
 export type { TensorData } from "./dtype.ts";
@@ -104,6 +104,7 @@ export function fromTypedArray(data: TensorData, shape: Shape, opts: CreateOptio
       `fromTypedArray: ${bytes.byteLength} bytes cannot hold shape [${shape.join(", ")}] of ${dtype}`,
     );
   }
+  countHostUpload();
   const p = shim().mt_from_data(
     c(),
     bytes,

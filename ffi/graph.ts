@@ -15,6 +15,7 @@
 import { type Device, deviceCode } from "./dtype.ts";
 import { check, ctx, lastError, shim, TorchError } from "./lib.ts";
 import { tidy } from "./scope.ts";
+import { hostReadCount, hostUploadCount } from "./tensor.ts";
 
 /** Whether the loaded shim was compiled with CUDA graph support (a CUDA libtorch with its headers). */
 export function cudaGraphsSupported(): boolean {
@@ -63,7 +64,10 @@ export interface CudaGraphOptions {
  * a {@link Generator} of one's own, and nothing it creates may outlive it:
  * results go into tensors made before the capture (`copy_`, `indexCopy_`).
  * fn runs inside `tidy`, so everything it creates (what it returns too) is freed before the capture
- * ends; tensors made before it are left alone.
+ * ends; tensors made before it are left alone. The first two rules are checked (by
+ * {@link hostReadCount} and {@link hostUploadCount}): a capture that broke one fails, and so does a
+ * replay of the eager stand-in for a graph (CPU, no CUDA build), so that CPU tests catch code that a
+ * GPU could not record. `eager: true` opts out of the checks.
  * @example
  * ```ts ignore
  * const x = zeros([8], { device: "cuda" }), y = zeros([8], { device: "cuda" });
@@ -81,6 +85,8 @@ export class CudaGraph {
   /** "graph": recorded with CUDA graphs; "eager": fn is called on each replay. */
   readonly mode: "graph" | "eager";
   readonly #pool: GraphPool | null;
+  /** Standing in for a graph (not asked to be eager): replays keep the capture rules. */
+  readonly #standIn: boolean;
   #ptr: Deno.PointerObject | null = null;
   #fn: (() => unknown) | null = null;
   #disposed = false;
@@ -91,6 +97,7 @@ export class CudaGraph {
     const graphs = !opts.eager && device !== "cpu" && cudaGraphsSupported();
     this.mode = graphs ? "graph" : "eager";
     this.#pool = graphs ? opts.pool ?? null : null;
+    this.#standIn = !graphs && !opts.eager;
     if (graphs) {
       const p = shim().mt_graph_new(ctx(), deviceCode(device));
       if (p === null) throw new TorchError("graph_new", [], lastError());
@@ -116,22 +123,41 @@ export class CudaGraph {
 
   /**
    * Records fn (without running it) for later replays.
-   * @throws {TorchError} when the capture fails, e.g. fn synchronised with the host; the graph stays empty
+   * @throws {TorchError} when the capture fails, e.g. fn synchronised with the host or made a tensor from
+   * JS data; the graph stays empty
    */
   capture(fn: () => unknown): void {
     this.#live();
     if (this.#fn) throw new Error("CudaGraph.capture: already captured (reset() first)");
-    if (this.mode === "graph") this.#around(1, fn);
+    if (this.mode === "graph") {
+      const broken = brokenRules(() => this.#around(1, fn));
+      if (broken) {
+        check(shim().mt_graph_reset(ctx(), this.#ptr!), "graph_reset", () => []);
+        throw new TorchError("graph_capture", [], `the captured function ${broken}`);
+      }
+    }
     this.#fn = fn;
   }
 
-  /** Runs the recorded work (eager mode: calls fn). */
+  /**
+   * Runs the recorded work (eager mode: calls fn).
+   * @throws {Error} when the eager stand-in for a graph broke a capture rule (see {@link CudaGraph})
+   */
   replay(): void {
     this.#live();
     const fn = this.#fn;
     if (!fn) throw new Error("CudaGraph.replay: nothing captured");
-    if (this.mode === "eager") return void tidy(() => void fn());
-    check(shim().mt_graph_replay(ctx(), this.#ptr!), "graph_replay", () => []);
+    if (this.mode === "graph") {
+      return void check(shim().mt_graph_replay(ctx(), this.#ptr!), "graph_replay", () => []);
+    }
+    const broken = brokenRules(() => tidy(() => void fn()));
+    if (broken && this.#standIn) {
+      throw new Error(
+        `CudaGraph: the recorded function ${broken}, which a CUDA graph cannot record ` +
+          "(a read fails the capture; an upload would replay stale host memory). Keep such work outside " +
+          "the function, or make the graph with { eager: true }.",
+      );
+    }
   }
 
   /** Drops the recording; the graph can capture again. */
@@ -172,4 +198,16 @@ export class CudaGraph {
     }
     check(shim().mt_graph_end(ctx(), this.#ptr!), op, () => []);
   }
+}
+
+/** Runs fn; says which capture rules it broke (reads back to the host, tensors from JS data), or null. */
+function brokenRules(fn: () => void): string | null {
+  const reads = hostReadCount(), uploads = hostUploadCount();
+  fn();
+  const r = hostReadCount() - reads, u = hostUploadCount() - uploads;
+  const broken = [
+    r ? `read ${r} value${r > 1 ? "s" : ""} back to the host` : "",
+    u ? `made ${u} tensor${u > 1 ? "s" : ""} from JS data` : "",
+  ].filter(Boolean);
+  return broken.length ? broken.join(" and ") : null;
 }

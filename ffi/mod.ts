@@ -13,7 +13,7 @@
  * ```
  * @module
  */
-export { hostReadCount, Tensor, type ValuesIndices } from "./tensor.ts";
+export { hostReadCount, hostUploadCount, Tensor, type ValuesIndices } from "./tensor.ts";
 export {
   arange,
   type CreateOptions,

@@ -94,6 +94,21 @@ export function countHostRead(): void {
   hostReads++;
 }
 
+let hostUploads = 0;
+
+/**
+ * How many tensors were made from JavaScript data so far (`tensor`, `fromTypedArray`): on a GPU each is a
+ * copy from host memory, which a CUDA graph cannot record (see ffi/graph.ts).
+ */
+export function hostUploadCount(): number {
+  return hostUploads;
+}
+
+/** Counts one tensor made from host data (for {@link hostUploadCount}). */
+export function countHostUpload(): void {
+  hostUploads++;
+}
+
 interface Meta {
   dtype: DType;
   device: Device;

@@ -202,13 +202,13 @@ export class DecodeBuffers {
     if (record && !this.#routing) throw new Error("DecodeBuffers: recording routing needs routing() first");
     let g = this.#graphs.get(key);
     if (!g) {
-      g = new CudaGraph(this.keyMask.device, { pool: s.pool, eager: !s.graphs });
-      if (g.mode === "graph" && dispatch === "loop") {
-        g.dispose();
+      // On every device, so that a CPU run refuses what a GPU would.
+      if (s.graphs && dispatch === "loop") {
         throw new RangeError(
           'decode "graph" needs dispatch "dense" or "grouped": "loop" reads the routing back to the host',
         );
       }
+      g = new CudaGraph(this.keyMask.device, { pool: s.pool, eager: !s.graphs });
       this.#graphs.set(key, g);
       g.warmup(fn);
       s.stats.warmups++;

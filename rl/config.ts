@@ -193,6 +193,12 @@ export function rlConfig(overrides: RlOverrides = {}): RlConfig {
         "generated together",
     );
   }
+  if (problems.length === 0 && cfg.rollout.decode === "graph" && cfg.rollout.decodeDispatch === "loop") {
+    problems.push(
+      'rollout.decodeDispatch: "loop" reads the routing back to the host every step, which rollout.decode ' +
+        '"graph" cannot record: use "dense", "grouped" or "measured"',
+    );
+  }
   throwProblems(problems);
   return cfg;
 }

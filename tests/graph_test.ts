@@ -59,6 +59,26 @@ Deno.test("graph: eager mode defers to replay, and runs warm-ups at once", () =>
   assert.equal(nativeLiveCount(), native);
 });
 
+Deno.test("graph: the eager stand-in refuses what a capture could not record; eager: true allows it", () => {
+  const x = zeros([2]), y = zeros([2]);
+  const reads = (): void => void y.fill_(x.sum().item()); // waits for the device
+  const uploads = (): void => void y.copy_(tensor([4, 5])); // host memory a replay would read again
+  for (
+    const [fn, rule] of [[reads, /read 1 value back to the host/], [uploads, /made 1 tensor from JS data/]]
+  ) {
+    using g = new CudaGraph("cpu");
+    g.warmup(fn as () => void); // a real run: allowed
+    g.capture(fn as () => void);
+    assert.throws(() => g.replay(), rule as RegExp);
+    using e = new CudaGraph("cpu", { eager: true });
+    e.capture(fn as () => void);
+    e.replay();
+  }
+  assert.deepEqual(y.toArray(), [4, 5]);
+  x.dispose();
+  y.dispose();
+});
+
 Deno.test("graph: eager: { eager: true } forces eager mode on any device", () => {
   using g = new CudaGraph(hasCuda ? "cuda" : "cpu", { eager: true });
   assert.equal(g.mode, "eager");
@@ -122,6 +142,19 @@ Deno.test({ name: "graph: a host sync breaks the capture cleanly (CUDA)", ignore
   g.replay();
   assert.equal(x.sum().item(), 8);
   x.dispose();
+});
+
+Deno.test({ name: "graph: an upload from JS data fails the capture (CUDA)", ignore: !onGpu }, () => {
+  const y = zeros([2], { device: DEVICE });
+  using g = new CudaGraph(DEVICE);
+  const upload = (): void => void y.copy_(tensor([4, 5], { device: DEVICE }));
+  g.warmup(upload);
+  assert.throws(() => g.capture(upload), /made 1 tensor from JS data/);
+  assert.equal(g.captured, false);
+  g.capture(() => y.fill_(2));
+  g.replay();
+  assert.deepEqual(y.toArray(), [2, 2]);
+  y.dispose();
 });
 
 Deno.test({ name: "graph: graphs sharing a pool replay in any order (CUDA)", ignore: !onGpu }, () => {
