@@ -144,7 +144,7 @@ async function main(): Promise<void> {
     .flatMap((
       key,
     ) => (a[key as keyof typeof a] === undefined ? [] : [`--${key}`, String(a[key as keyof typeof a])]));
-  const self = new URL(import.meta.url).pathname;
+  const self = import.meta.filename!;
   console.log(
     `bench:dp: libtorch ${torchVersion()}, ${navigator.hardwareConcurrency} CPUs, ${a.device} ${a.dtype}; ` +
       `${a.prompts} prompts × K ${a.k} × ${a.new} tokens per update, micro-batches of ${a.micro} prompts, ` +

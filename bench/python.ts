@@ -3,10 +3,11 @@
  * prints one JSON object (or {"error": ...}) on stdout.
  * @module
  */
+import { fileURLToPath } from "node:url";
 
 /** Runs python on the script next to this file with one JSON argument; returns its JSON, or why it failed. */
 export async function runPythonJson<T>(python: string, script: string, arg: unknown): Promise<T | string> {
-  const path = new URL(`./${script}`, import.meta.url).pathname;
+  const path = fileURLToPath(new URL(`./${script}`, import.meta.url));
   let out: Deno.CommandOutput;
   try {
     out = await new Deno.Command(python, {

@@ -3,6 +3,7 @@
  * config keys, read into what bench/*.py's `Qwen3MoeConfig(**model)` takes.
  * @module
  */
+import { fileURLToPath } from "node:url";
 import { cuda, type Device, type DType } from "../ffi/mod.ts";
 import type { MoeConfig } from "../model/config.ts";
 
@@ -27,4 +28,4 @@ export function modelLine(path: string, c: MoeConfig, dtype: DType, device: Devi
 }
 
 /** The small model of bench:generate and bench:rl. */
-export const SMALL_SHAPES: string = new URL("./shapes/bench-small.json", import.meta.url).pathname;
+export const SMALL_SHAPES: string = fileURLToPath(new URL("./shapes/bench-small.json", import.meta.url));

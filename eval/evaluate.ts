@@ -240,7 +240,7 @@ export async function main(args: string[]): Promise<number> {
       );
       return 2;
     }
-    return await spawnLocal(n, ["run", "-A", new URL(import.meta.url).pathname, ...withoutNproc(args)]);
+    return await spawnLocal(n, ["run", "-A", import.meta.filename!, ...withoutNproc(args)]);
   }
   const say = (env?.rank ?? 0) === 0 ? console.log : () => {};
   const base = Deno.env.get("INIT_CWD") ?? Deno.cwd();

@@ -3,11 +3,12 @@
  * with Gloo: every collective's result, and that a rank that dies or never
  * comes makes the others fail with a message within the timeout, not hang.
  */
+import { fileURLToPath } from "node:url";
 import assert from "node:assert/strict";
 import { distBackends, ProcessGroup } from "../ffi/mod.ts";
 import { freePort } from "../train/launch.ts";
 
-const WORKER = new URL("./dist_worker.ts", import.meta.url).pathname;
+const WORKER = fileURLToPath(new URL("./dist_worker.ts", import.meta.url));
 const hasGloo = distBackends().includes("gloo");
 
 /** Launches ranks (all of a world of `world` by default) of the worker; their JSON lines by rank. */

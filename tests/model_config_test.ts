@@ -4,6 +4,7 @@
  * errors naming the key and file, and the MoE-layer rule. When a Python with
  * transformers is available, our parse is compared field by field with HF's.
  */
+import { fileURLToPath } from "node:url";
 import assert from "node:assert/strict";
 import { join } from "node:path";
 import {
@@ -17,7 +18,7 @@ import {
 } from "../model/mod.ts";
 import { PYTHON, pythonHas } from "./util.ts";
 
-const MODELS = new URL("./fixtures/models/", import.meta.url).pathname;
+const MODELS = fileURLToPath(new URL("./fixtures/models/", import.meta.url));
 
 const QWEN_MIN = {
   model_type: "qwen3_moe",
@@ -377,7 +378,7 @@ Deno.test("model: a config with scaled RoPE is refused, not run with plain RoPE"
 Deno.test("model: a sequence longer than the sliding window is refused, not attended in full", async () => {
   const { loadModel } = await import("../model/model.ts");
   const { zeros } = await import("../ffi/mod.ts");
-  using model = await loadModel(new URL("./fixtures/models/phimoe-tiny/", import.meta.url).pathname);
+  using model = await loadModel(fileURLToPath(new URL("./fixtures/models/phimoe-tiny/", import.meta.url)));
   assert.equal(model.config.slidingWindow, 2047);
   using ids = zeros([1, 2048], { dtype: "int64" });
   assert.throws(

@@ -5,12 +5,13 @@
  * runs "online" with a complete cache points HF_ENDPOINT at a closed local
  * port to prove no request is made.
  */
+import { fileURLToPath } from "node:url";
 import assert from "node:assert/strict";
 import { join, resolve } from "node:path";
 import { hubCacheDir, missingFiles, parseRepoId, repoCacheDir, resolveModel } from "../model/mod.ts";
 import { withEnv } from "./util.ts";
 
-const MODELS = new URL("./fixtures/models/", import.meta.url).pathname;
+const MODELS = fileURLToPath(new URL("./fixtures/models/", import.meta.url));
 const COMMIT = "0123456789abcdef0123456789abcdef01234567";
 const NO_HUB = "http://127.0.0.1:9"; // discard port: nothing listens, so any request fails at once
 
@@ -86,7 +87,7 @@ Deno.test("hub: repo id syntax", () => {
 Deno.test("hub: local folders are used as they are", async () => {
   const rel = "tests/fixtures/models/phimoe-tiny";
   const cwd = Deno.cwd();
-  Deno.chdir(new URL("..", import.meta.url).pathname);
+  Deno.chdir(fileURLToPath(new URL("..", import.meta.url)));
   try {
     assert.equal(await resolveModel(rel, { offline: true }), resolve(rel));
   } finally {

@@ -6,6 +6,7 @@
  * implementation's own test vectors, and against Python's safetensors when
  * $MOERL_TEST_PYTHON (default python3) has it.
  */
+import { fileURLToPath } from "node:url";
 import assert from "node:assert/strict";
 import { join } from "node:path";
 import { fromTypedArray, liveTensors, type Tensor, tensor } from "../ffi/mod.ts";
@@ -19,7 +20,7 @@ import {
 } from "../model/mod.ts";
 import { DEVICE, PYTHON, pythonHas } from "./util.ts";
 
-const MODELS = new URL("./fixtures/models/", import.meta.url).pathname;
+const MODELS = fileURLToPath(new URL("./fixtures/models/", import.meta.url));
 const DEVICE_NAME = DEVICE === "cuda" ? "cuda:0" : DEVICE;
 
 /** A safetensors file from a header (object or raw JSON text) and data bytes, with an optional bogus length. */

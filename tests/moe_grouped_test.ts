@@ -5,6 +5,7 @@
  * without grouped products (4-bit), "grouped" is the loop dispatch. And the
  * decode dispatch chosen by measurement.
  */
+import { fileURLToPath } from "node:url";
 import assert from "node:assert/strict";
 import { groupedMm, groupedMmAvailable, noGrad, randn, type Tensor, tensor, tidy } from "../ffi/mod.ts";
 import { decodeDispatch, measureDispatch } from "../model/dispatch_choice.ts";
@@ -101,7 +102,7 @@ Deno.test('moe grouped: without grouped products, "grouped" is the loop dispatch
 });
 
 Deno.test("moe dispatch: measured per batch size on the model's own layer, then used by decode steps", async () => {
-  using model = await loadModel(new URL("./fixtures/models/qwen3-moe-tiny", import.meta.url).pathname, {
+  using model = await loadModel(fileURLToPath(new URL("./fixtures/models/qwen3-moe-tiny", import.meta.url)), {
     device: DEVICE,
   });
   const m = measureDispatch(model.decoder, 6);

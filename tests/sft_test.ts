@@ -64,3 +64,31 @@ Deno.test("sft: a short warm-up lowers the loss and lifts training accuracy", as
   }
   assert.equal(liveTensors(), live);
 });
+
+Deno.test("sft: the command refuses bad arguments with the reason and exit status 2", async () => {
+  const run = async (...args: string[]): Promise<{ code: number; stderr: string }> => {
+    const out = await new Deno.Command(Deno.execPath(), {
+      args: ["run", "-A", "train/sft.ts", ...args],
+      cwd: join(import.meta.dirname!, ".."),
+    }).output();
+    return { code: out.code, stderr: new TextDecoder().decode(out.stderr) };
+  };
+  const ok = ["--model", "m", "--out", "o", "--task", "arithmetic"];
+  for (
+    const [args, reason] of [
+      [[...ok, "--steps", "abc"], /--steps: expected an integer >= 1, got "abc"/],
+      [[...ok, "--lr", "0"], /--lr: expected a number > 0, got "0"/],
+      [[...ok, "--batch", "1.5"], /--batch: expected an integer >= 1/],
+      [[...ok, "--step", "3"], /Unknown option '--step'/],
+      [["--model", "m", "--task", "arithmetic"], /--model and --out are required/],
+      [["--model", "m", "--out", "o"], /give one of --data FILE\.jsonl, --task arithmetic/],
+      [[...ok, "--data", "x.jsonl"], /give one of/],
+      [["--model", "m", "--out", "o", "--task", "poetry"], /--task: unknown task "poetry"/],
+    ] as const
+  ) {
+    const r = await run(...args);
+    assert.equal(r.code, 2, `${args.join(" ")}: ${r.stderr}`);
+    assert.match(r.stderr, reason);
+    assert.match(r.stderr, /usage: deno task sft/);
+  }
+});

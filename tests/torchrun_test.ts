@@ -7,12 +7,13 @@
  * stores must speak the same protocol) and the shim has Gloo; ignored
  * elsewhere (CI's Debian libtorch comes without a Python torch).
  */
+import { fileURLToPath } from "node:url";
 import assert from "node:assert/strict";
 import { distBackends, torchVersion } from "../ffi/mod.ts";
 import { freePort } from "../train/launch.ts";
 import { PYTHON } from "./util.ts";
 
-const WORKER = new URL("./dist_worker.ts", import.meta.url).pathname;
+const WORKER = fileURLToPath(new URL("./dist_worker.ts", import.meta.url));
 
 /** The Python torch's version without its local part ("2.15.0+cu132" → "2.15.0"), or null without one. */
 function pythonTorch(): string | null {

@@ -7,15 +7,17 @@ import { join } from "node:path";
 import { liveTensors } from "../ffi/mod.ts";
 import { loadTrainConfig, type TrainConfig } from "../train/config.ts";
 import { train } from "../train/loop.ts";
+import { escapeHtml } from "../train/report.ts";
 
 const ROOT = join(import.meta.dirname!, "..");
 
-async function config(dir: string, updates: number): Promise<TrainConfig> {
+async function config(dir: string, updates: number, ...sets: string[]): Promise<TrainConfig> {
   return await loadTrainConfig(join(ROOT, "configs", "tiny.yaml"), [
     `output.dir=${dir}`,
     `train.updates=${updates}`,
     "output.checkpointEvery=2",
     "eval.every=2",
+    ...sets,
   ]);
 }
 
@@ -38,6 +40,14 @@ Deno.test("train: a tiny run writes its folder, and --resume repeats the uninter
     // The random tiny model earns no reward, so no group has signal: the critic trains, the policy does not.
     assert.ok(full.records.every((r) => Number.isFinite(r.reward_mean) && Number.isFinite(r.value_loss)));
     assert.ok(full.records.some((r) => "eval_accuracy_flexible" in r));
+    // tiny.yaml logs 2 completions every 2 updates, a line each, and the report shows the latest ones.
+    const logged = (await Deno.readTextFile(join(full.dir, "samples.jsonl"))).trim().split("\n").map((l) =>
+      JSON.parse(l)
+    );
+    assert.deepEqual(logged.map((r) => r.step), [2, 2, 4, 4]);
+    assert.ok(logged.every((r) => typeof r.completion === "string" && typeof r.correct === "boolean"));
+    const report = await Deno.readTextFile(join(full.dir, "report.html"));
+    for (const r of logged.slice(2)) assert.ok(report.includes(`<pre>${escapeHtml(r.completion)}</pre>`));
 
     const part = join(tmp, "part");
     await train(await config(part, 2), { quiet: true }); // "interrupted" after update 2
@@ -46,8 +56,46 @@ Deno.test("train: a tiny run writes its folder, and --resume repeats the uninter
     assert.deepEqual(resumed.records.map(comparable), full.records.slice(2).map(comparable));
     const lines = (await Deno.readTextFile(join(part, "metrics.jsonl"))).trim().split("\n");
     assert.equal(lines.length, 4, "the metrics log continues the interrupted one");
+
+    // What an update learns may not change on resume; the refusal names each setting and writes nothing.
+    const yaml = await Deno.readTextFile(join(part, "config.yaml"));
+    await assert.rejects(
+      async () =>
+        train(await config(part, 6, "seed=7", "train.learningRate=0.5"), { quiet: true, resume: true }),
+      /checkpoint-4: the run was trained with other settings:\n {2}seed: 0 → 7\n {2}train\.learningRate: 0\.001 → 0\.5\n/,
+    );
+    // A new run is refused a folder that holds one, before config.yaml is touched.
+    await assert.rejects(
+      async () => train(await config(part, 4, "seed=99"), { quiet: true }),
+      /already holds a run \(metrics\.jsonl with 4 lines, checkpoint-4\): resume it/,
+    );
+    assert.equal(await Deno.readTextFile(join(part, "config.yaml")), yaml);
   } finally {
     await Deno.remove(tmp, { recursive: true });
   }
   assert.equal(liveTensors(), live, "the run frees everything");
+});
+
+Deno.test("train: every update gets its full batch when the data does not divide into micro-batches", async () => {
+  const tmp = await Deno.makeTempDir({ prefix: "moerl_train_" });
+  try {
+    // 5 problems in micro-batches of 2: each epoch's fifth is left out, so updates 3 and 4 (the second
+    // epoch) still hold 2 prompts × k 2 = 4 sequences, which ppo.minibatches 4 divides.
+    const cfg = await config(
+      tmp,
+      4,
+      "data.limit=5",
+      "train.gradAccum=1",
+      "ppo.minibatches=4",
+      "eval.every=0",
+    );
+    const run = await train(cfg, { quiet: true });
+    assert.deepEqual(run.records.map((r) => r.step), [1, 2, 3, 4]);
+    await assert.rejects(
+      async () => train(await config(join(tmp, "b"), 1, "data.limit=1"), { quiet: true }),
+      /1 problems, fewer than train\.microBatch \(2\)/,
+    );
+  } finally {
+    await Deno.remove(tmp, { recursive: true });
+  }
 });

@@ -206,7 +206,11 @@ export async function saveCheckpoint(runDir: string, input: CheckpointInput): Pr
   const later = all.filter((c) => c.step > step);
   const kept = all.filter((c) => c.step <= step);
   const old = input.keepLast ? kept.slice(0, Math.max(0, kept.length - input.keepLast)) : [];
-  for (const c of [...later, ...old]) await Deno.remove(c.dir, { recursive: true });
+  for (const c of [...later, ...old]) { // out of its name first: a crash mid-removal leaves no half checkpoint
+    const gone = join(runDir, `.checkpoint-${c.step}.${tag}.old`);
+    await Deno.rename(c.dir, gone);
+    await Deno.remove(gone, { recursive: true });
+  }
   return final;
 }
 

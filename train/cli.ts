@@ -48,3 +48,32 @@ export function parseCommandLine<T extends ParseArgsOptionsConfig>(
   }
   return parsed;
 }
+
+/** What {@link numberOption} accepts: an integer or any finite number, with a lower bound. */
+export interface NumberRule {
+  /** Only safe integers. */
+  integer?: boolean;
+  /** The smallest value allowed (inclusive). */
+  min?: number;
+  /** Values must be greater than this. */
+  above?: number;
+}
+
+/**
+ * The number an option's text holds.
+ * @throws {TypeError} naming the option, the rule and the text, when it holds no such number
+ */
+export function numberOption(name: string, text: string, rule: NumberRule = {}): number {
+  const n = text.trim() === "" ? NaN : Number(text);
+  const ok = (rule.integer ? Number.isSafeInteger(n) : Number.isFinite(n)) &&
+    (rule.min === undefined || n >= rule.min) && (rule.above === undefined || n > rule.above);
+  if (ok) return n;
+  const bound = rule.min !== undefined
+    ? ` >= ${rule.min}`
+    : rule.above !== undefined
+    ? ` > ${rule.above}`
+    : "";
+  throw new TypeError(
+    `--${name}: expected ${rule.integer ? "an integer" : "a number"}${bound}, got "${text}"`,
+  );
+}

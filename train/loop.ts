@@ -25,13 +25,20 @@ import { evaluateExamples } from "../rl/evaluate.ts";
 import { learn } from "../rl/learn.ts";
 import { Replicas } from "../rl/replicas.ts";
 import { collectMetricsOverRanks, evalTotalsOverRanks } from "./rank_metrics.ts";
-import { latestCheckpoint, loadCheckpoint, saveCheckpoint, updateSeed } from "./checkpoint.ts";
+import {
+  latestCheckpoint,
+  loadCheckpoint,
+  readTrainerState,
+  saveCheckpoint,
+  updateSeed,
+} from "./checkpoint.ts";
 import { formatConfig, RUN_CONFIG_FILE, runDir, type TrainConfig } from "./config.ts";
 import { writeAtomic } from "../model/atomic_write.ts";
 import { JsonlLog, METRICS_FILE, SAMPLES_FILE, type StepRecord } from "./metrics.ts";
 import { ProgressBar } from "./progress.ts";
 import { writeReport } from "./report.ts";
 import { configuredOptimizer, configuredPolicy, loadConfiguredModel } from "./model.ts";
+import { checkNewRunDir, checkResumable } from "./resume.ts";
 import { lrFactor } from "./schedule.ts";
 
 /** What a finished (or resumed and finished) run returns. */
@@ -68,6 +75,10 @@ export async function train(cfg: TrainConfig, opts: TrainOptions = {}): Promise<
   }
   const share = perUpdate / dp.size, first = dp.rank * share;
   const dir = runDir(cfg);
+  // Checked before the model loads or config.yaml is written: a refused run changes nothing.
+  const resumeFrom = opts.resume ? await latestCheckpoint(dir) : null;
+  if (resumeFrom) checkResumable(resumeFrom, await readTrainerState(resumeFrom), cfg, dp.size);
+  else if (!opts.resume && lead) await checkNewRunDir(dir);
   if (lead) {
     await Deno.mkdir(dir, { recursive: true });
     await writeAtomic(join(dir, RUN_CONFIG_FILE), formatConfig(cfg));
@@ -93,30 +104,25 @@ export async function train(cfg: TrainConfig, opts: TrainOptions = {}): Promise<
     for (const s of data.skipped) console.warn(`data: skipped line ${s.line}: ${s.reason}`);
     const rendered = await buildPrompts(tok, data.examples.map((e) => e.question), promptOpts);
     const items: RolloutPrompt[] = data.examples.map((e, i) => ({ ids: rendered[i]!.ids, answer: e.answer }));
-    const batcher = new MicroBatcher(items, { batchSize: t.microBatch, seed: cfg.seed });
+    if (items.length < t.microBatch) {
+      throw new RangeError(
+        `${cfg.data.source}: ${items.length} problems, fewer than train.microBatch (${t.microBatch})`,
+      );
+    }
+    // Every update gets its full microBatch × gradAccum prompts (an epoch's short last micro-batch is dropped), so
+    // it splits evenly over the ranks and ppo.minibatches divides it, as the config check assumes.
+    const batcher = new MicroBatcher(items, { batchSize: t.microBatch, seed: cfg.seed, dropLast: true });
     const evalSet = cfg.eval.every > 0
       ? (await loadGsm8k(cfg.eval.source, { split: cfg.eval.split, limit: cfg.eval.limit ?? undefined }))
         .examples
       : [];
 
     let start = 0, pos = { epoch: 0, index: 0 };
-    if (opts.resume) {
-      const latest = await latestCheckpoint(dir);
-      if (latest) {
-        const state = await loadCheckpoint(latest, policy, opt);
-        const saved = state.worldSize ?? 1;
-        if (saved !== dp.size) {
-          throw new Error(
-            `${latest}: written by a run of ${saved} process${
-              saved === 1 ? "" : "es"
-            }, resumed with ${dp.size}: ` +
-              `resume with the same number of processes (--nproc ${saved} or WORLD_SIZE=${saved})`,
-          );
-        }
-        start = state.step;
-        pos = state.rng.batcherPosition;
-        if (!quiet) console.log(`resuming from ${latest} (update ${start})`);
-      }
+    if (resumeFrom) {
+      const state = await loadCheckpoint(resumeFrom, policy, opt);
+      start = state.step;
+      pos = state.rng.batcherPosition;
+      if (!quiet) console.log(`resuming from ${resumeFrom} (update ${start})`);
     }
     // Every rank starts from rank 0's weights (the same seed makes them equal already; this makes sure).
     dp.broadcastFromFirst(trainable());
@@ -173,7 +179,7 @@ export async function train(cfg: TrainConfig, opts: TrainOptions = {}): Promise<
         await metrics?.append(record);
         records.push(record);
         if (cfg.logging.sampleEvery > 0 && (u + 1) % cfg.logging.sampleEvery === 0) {
-          await samples?.append({ step: u + 1, samples: logged });
+          for (const sample of logged) await samples?.append({ step: u + 1, ...sample }); // a line each
         }
         bar?.update(u + 1, {
           reward: record.reward_mean as number,

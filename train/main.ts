@@ -66,8 +66,7 @@ export async function main(args: string[]): Promise<number> {
       console.error(`train: --nproc: expected an integer >= 1, got "${v.nproc}"\n${USAGE}`);
       return 2;
     }
-    const main = new URL(import.meta.url).pathname;
-    return await spawnLocal(n, ["run", "-A", main, ...withoutNproc(args)]);
+    return await spawnLocal(n, ["run", "-A", import.meta.filename!, ...withoutNproc(args)]);
   }
   const lead = (env?.rank ?? 0) === 0;
   const base = Deno.env.get("INIT_CWD") ?? Deno.cwd();

@@ -1,6 +1,7 @@
 /**
  * Append-only JSONL logs of a run: `metrics.jsonl` (one line per update) and
- * `samples.jsonl` (sample completions). Each record carries `step`, the
+ * `samples.jsonl` (one line per logged completion: `prompt`, `completion`,
+ * `reward`, `correct`). Each record carries `step`, the
  * number of updates completed (1 for the first update; checkpoint-<step>
  * holds the weights after it). A line is written with one call and flushed
  * to disk before {@link JsonlLog.append} returns, and the file is opened in
@@ -9,7 +10,7 @@
  *
  * Metric names are snake_case, as rl/ppo.ts's PpoMetrics (`reward_mean`,
  * `accuracy`, `kl`, `entropy`, `value_loss`, `tokens_per_second`, …); the
- * trainer adds `lr`, `grad_norm`, `time` (seconds since the run started)
+ * trainer adds `lr`, `update_seconds` (the update's wall time)
  * and, after an evaluation, `eval_accuracy_strict` / `eval_accuracy_flexible`.
  * Non-finite numbers are written as null (JSON has no NaN).
  * @module

@@ -82,33 +82,52 @@ export async function supervisedWarmup(
   return losses;
 }
 
+const USAGE = `usage: deno task sft --model DIR --out DIR (--data FILE.jsonl | --task arithmetic)
+  [--steps N (200)] [--lr X (3e-3)] [--batch N (16)] [--seed N (1)] [--instruction TEXT]`;
+
 /**
- * `deno task sft --model DIR --out DIR [--data FILE.jsonl | --task arithmetic] [--steps N] [--lr X]
- * [--batch N] [--seed N]`: a supervised warm-up whose result (adapters merged
- * into the weights) is saved as a new model folder, the base for RL.
+ * \`deno task sft …\` (USAGE above): a supervised warm-up whose result
+ * (adapters merged into the weights) is saved as a new model folder, the
+ * base for RL. Paths are relative to the folder the command was started in
+ * (\`INIT_CWD\` under \`deno task\`). Exit status: 0 done, 2 for a bad argument.
  */
 async function main(args: string[]): Promise<number> {
-  const { parseArgs } = await import("node:util");
-  const { values: v } = parseArgs({
-    args,
-    options: {
-      model: { type: "string" },
-      out: { type: "string" },
-      data: { type: "string" },
-      task: { type: "string" },
-      steps: { type: "string", default: "200" },
-      lr: { type: "string", default: "3e-3" },
-      batch: { type: "string", default: "16" },
-      seed: { type: "string", default: "1" },
-      instruction: { type: "string", default: "" },
-    },
+  const { parseCommandLine, numberOption } = await import("./cli.ts");
+  const { resolve } = await import("node:path");
+  const parsed = parseCommandLine("sft", USAGE, args, {
+    model: { type: "string" },
+    out: { type: "string" },
+    data: { type: "string" },
+    task: { type: "string" },
+    steps: { type: "string", default: "200" },
+    lr: { type: "string", default: "3e-3" },
+    batch: { type: "string", default: "16" },
+    seed: { type: "string", default: "1" },
+    instruction: { type: "string", default: "" },
   });
-  if (!v.model || !v.out || (!v.data && v.task !== "arithmetic")) {
-    console.error(
-      "usage: deno task sft --model DIR --out DIR (--data FILE.jsonl | --task arithmetic) [--steps N]",
-    );
+  if (typeof parsed === "number") return parsed;
+  const v = parsed.values;
+  let n: { steps: number; lr: number; batch: number; seed: number };
+  try {
+    if (!v.model || !v.out) throw new TypeError("--model and --out are required");
+    if (!v.data === (v.task === undefined)) {
+      throw new TypeError("give one of --data FILE.jsonl, --task arithmetic");
+    }
+    if (v.task !== undefined && v.task !== "arithmetic") {
+      throw new TypeError(`--task: unknown task "${v.task}"`);
+    }
+    n = {
+      steps: numberOption("steps", v.steps, { integer: true, min: 1 }),
+      lr: numberOption("lr", v.lr, { above: 0 }),
+      batch: numberOption("batch", v.batch, { integer: true, min: 1 }),
+      seed: numberOption("seed", v.seed, { integer: true, min: 0 }),
+    };
+  } catch (e) {
+    console.error(`sft: ${(e as Error).message}\n${USAGE}`);
     return 2;
   }
+  const base = Deno.env.get("INIT_CWD") ?? Deno.cwd();
+  const [modelDir, out] = [resolve(base, v.model), resolve(base, v.out)];
   const { loadModel } = await import("../model/model.ts");
   const { saveModel } = await import("../model/save.ts");
   const { Tokenizer: Tok } = await import("../model/tokenizer.ts");
@@ -116,20 +135,20 @@ async function main(args: string[]): Promise<number> {
   const { evaluateExamples } = await import("../rl/evaluate.ts");
   const { manualSeed } = await import("../ffi/mod.ts");
   const examples = v.task === "arithmetic"
-    ? (await import("../data/arithmetic.ts")).arithmeticSplit(0.25, Number(v.seed)).train
-    : (await (await import("../data/gsm8k.ts")).loadGsm8k(v.data!)).examples;
-  manualSeed(Number(v.seed));
-  using model = await loadModel(v.model);
+    ? (await import("../data/arithmetic.ts")).arithmeticSplit(0.25, n.seed).train
+    : (await (await import("../data/gsm8k.ts")).loadGsm8k(resolve(base, v.data!))).examples;
+  manualSeed(n.seed);
+  using model = await loadModel(modelDir);
   const tok = await Tok.load(model.dir);
   const policy = new P(model, {
     lora: { r: 16, alpha: 32, dropout: 0, targetModules: "all-linear", targetExperts: true },
   });
   const prompt = { instruction: v.instruction };
   const losses = await supervisedWarmup(policy, tok, examples, {
-    steps: Number(v.steps),
-    batchSize: Number(v.batch),
-    lr: Number(v.lr),
-    seed: Number(v.seed),
+    steps: n.steps,
+    batchSize: n.batch,
+    lr: n.lr,
+    seed: n.seed,
     prompt,
     onStep: (s, l) => {
       if ((s + 1) % 50 === 0) console.log(`step ${s + 1}: loss ${l.toFixed(4)}`);
@@ -140,10 +159,10 @@ async function main(args: string[]): Promise<number> {
     (await evaluateExamples(model.decoder, tok, examples, { maxNewTokens: 32, batchSize: 32, prompt }))
       .totals.accuracy_flexible;
   policy.lora.merge();
-  await saveModel(model, v.out);
+  await saveModel(model, out);
   policy.dispose();
   console.log(
-    `saved ${v.out}: final loss ${losses[losses.length - 1]?.toFixed(4)}, greedy accuracy on its data ${
+    `saved ${out}: final loss ${losses[losses.length - 1]?.toFixed(4)}, greedy accuracy on its data ${
       acc.toFixed(3)
     }`,
   );

@@ -1,0 +1,118 @@
+/**
+ * Whether a run folder may be started or resumed with a config, decided
+ * before the model loads and before anything is written. A new run needs a
+ * folder without a run in it; a resumed run needs the checkpoint's settings:
+ * the same world size and the same config, except for the settings below,
+ * which change speed, memory, length or bookkeeping, not what an update
+ * learns. Anything else changed on resume would silently continue a
+ * different run from the old one's weights, optimizer moments and data
+ * position.
+ * @module
+ */
+import { join } from "node:path";
+import { isFile } from "../model/json.ts";
+import { listCheckpoints, type TrainerState } from "./checkpoint.ts";
+import type { DeepReadonly, TrainConfig } from "./config.ts";
+import { METRICS_FILE, readRecords } from "./metrics.ts";
+
+/**
+ * Config keys (or sections, ending in ".") a resume may change: the run's length and folder, evaluation,
+ * logging, checkpointing, and how decoding and memory are handled.
+ */
+export const RESUME_MAY_CHANGE: readonly string[] = [
+  "name",
+  "output.",
+  "train.updates",
+  "train.gradientCheckpointing",
+  "train.headChunk",
+  "model.device",
+  "model.attention",
+  "rollout.decode",
+  "rollout.decodeDispatch",
+  "rollout.generationBatch",
+  "eval.",
+  "logging.",
+];
+
+const mayChange = (key: string): boolean =>
+  RESUME_MAY_CHANGE.some((k) => (k.endsWith(".") ? key.startsWith(k) : key === k));
+
+/** Every leaf of a config as dotted key → JSON text (arrays are leaves). */
+function leaves(v: unknown, prefix = "", out = new Map<string, string>()): Map<string, string> {
+  if (typeof v === "object" && v !== null && !Array.isArray(v)) {
+    for (const [k, x] of Object.entries(v)) leaves(x, prefix ? `${prefix}.${k}` : k, out);
+  } else out.set(prefix, JSON.stringify(v));
+  return out;
+}
+
+/**
+ * The settings that differ between a checkpoint's config and cfg, other than
+ * {@link RESUME_MAY_CHANGE}, as `key: saved → now` lines. Keys only one side
+ * has (a config written by another moerl version) are not compared; a
+ * checkpoint saved without a config gives none.
+ */
+export function resumeConflicts(saved: unknown, cfg: DeepReadonly<TrainConfig>): string[] {
+  if (saved === null || saved === undefined) return [];
+  const before = leaves(saved), now = leaves(cfg);
+  const out: string[] = [];
+  for (const [key, was] of before) {
+    const is = now.get(key);
+    if (is !== undefined && is !== was && !mayChange(key)) out.push(`${key}: ${was} → ${is}`);
+  }
+  return out;
+}
+
+/**
+ * Throws unless the checkpoint at dir (with its trainer state) can be resumed
+ * by a run of worldSize processes with cfg.
+ * @throws {Error} naming the checkpoint, with the changed settings or the world sizes
+ */
+export function checkResumable(
+  dir: string,
+  state: TrainerState,
+  cfg: DeepReadonly<TrainConfig>,
+  worldSize: number,
+): void {
+  const saved = state.worldSize ?? 1;
+  if (saved !== worldSize) {
+    throw new Error(
+      `${dir}: written by a run of ${saved} process${saved === 1 ? "" : "es"}, resumed with ${worldSize}: ` +
+        `resume with the same number of processes (--nproc ${saved} or WORLD_SIZE=${saved})`,
+    );
+  }
+  const conflicts = resumeConflicts(state.config, cfg);
+  if (conflicts.length) {
+    throw new Error(
+      `${dir}: the run was trained with other settings:\n  ${conflicts.join("\n  ")}\n` +
+        `resume with the run's own config (its config.yaml), changing only ${
+          RESUME_MAY_CHANGE.join(", ")
+        }; ` +
+        "or start a new run (another name or output.dir)",
+    );
+  }
+}
+
+/**
+ * Throws when dir already holds a run (a metrics log with lines, or a
+ * checkpoint), so that a new run neither mixes its logs with an old one's
+ * nor overwrites the old run's config.yaml.
+ * @throws {Error} naming the folder and what is in it
+ */
+export async function checkNewRunDir(dir: string): Promise<void> {
+  const found: string[] = [];
+  const metrics = join(dir, METRICS_FILE);
+  if (await isFile(metrics)) {
+    const { records, malformed } = await readRecords(metrics);
+    if (records.length + malformed > 0) {
+      found.push(`${METRICS_FILE} with ${records.length + malformed} lines`);
+    }
+  }
+  const checkpoints = await listCheckpoints(dir);
+  if (checkpoints.length) found.push(`checkpoint-${checkpoints.at(-1)!.step}`);
+  if (found.length) {
+    throw new Error(
+      `${dir} already holds a run (${found.join(", ")}): resume it (--resume) or choose another run folder ` +
+        "(name or output.dir)",
+    );
+  }
+}
