@@ -23,6 +23,7 @@ import {
   ones,
   stack,
   type Tensor,
+  tidy,
   TorchError,
   zeros,
 } from "../ffi/mod.ts";
@@ -155,11 +156,26 @@ export class DecodeBuffers {
       dtype: d.embed.dtype,
       device,
     });
-    this.keyMask = keep(zeros([rows, length], i64));
-    this.tokens = keep(zeros([rows, 1], i64));
-    this.positions = keep(zeros([rows, 1], i64));
-    this.slot = keep(zeros([1], i64));
-    this.#one = keep(ones([rows, 1], i64));
+    let made: Tensor[];
+    try { // in a scope: an allocation that fails frees the others, the cache too
+      made = tidy(() => [
+        zeros([rows, length], i64),
+        zeros([rows, 1], i64),
+        zeros([rows, 1], i64),
+        zeros([1], i64),
+        ones([rows, 1], i64),
+      ]);
+    } catch (e) {
+      this.cache.dispose();
+      throw e;
+    }
+    [this.keyMask, this.tokens, this.positions, this.slot, this.#one] = made.map(keep) as [
+      Tensor,
+      Tensor,
+      Tensor,
+      Tensor,
+      Tensor,
+    ];
   }
 
   /** Scores of the next token [rows, V], float32: the prefill's, then each step's. */

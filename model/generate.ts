@@ -11,6 +11,7 @@
  */
 import {
   arange,
+  cat,
   cuda,
   type Device,
   full,
@@ -111,8 +112,29 @@ export interface GenerateResult {
   /** Seconds spent in the prompt forward pass and in decode steps (device-synchronised). */
   seconds: { prefill: number; decode: number };
 }
-/** Applies temperature, top-k and top-p to float32 scores [B, V] and draws one token per row. */
+/**
+ * Checks sampling settings as transformers' generation config does.
+ * @throws {RangeError} naming the setting: temperature must be > 0, topP in (0, 1], topK an integer >= 0
+ */
+export function checkSampling(opts: SamplingOptions): void {
+  const { temperature: t, topP: p, topK: k } = opts;
+  if (t !== undefined && !(Number.isFinite(t) && t > 0)) {
+    throw new RangeError(`sampling: temperature must be a number > 0 (greedy: doSample false), got ${t}`);
+  }
+  if (p !== undefined && !(p > 0 && p <= 1)) {
+    throw new RangeError(`sampling: topP must be in (0, 1], got ${p}`);
+  }
+  if (k !== undefined && !(Number.isSafeInteger(k) && k >= 0)) {
+    throw new RangeError(`sampling: topK must be an integer >= 0 (0: off), got ${k}`);
+  }
+}
+
+/**
+ * Applies temperature, top-k and top-p to float32 scores [B, V] and draws one token per row.
+ * @throws {RangeError} for a bad setting (see {@link checkSampling})
+ */
 export function sampleNext(scores: Tensor, opts: SamplingOptions, generator?: Generator): Tensor {
+  checkSampling(opts);
   return tidy(() => {
     let s = scores;
     const v = s.size(-1);
@@ -157,6 +179,19 @@ export async function generate(
   const samples = opts.samplesPerPrompt ?? 1;
   if (!Number.isSafeInteger(samples) || samples < 1) {
     throw new RangeError(`generate: samplesPerPrompt must be an integer >= 1, got ${samples}`);
+  }
+  if (opts.doSample) checkSampling(opts);
+  const session = opts.session;
+  if (session && session.decoder !== decoder) {
+    throw new RangeError("generate: the session records another decoder's steps");
+  }
+  if (session && opts.decodeMode !== undefined && opts.decodeMode !== "eager") {
+    if (session.graphs !== (opts.decodeMode === "graph")) {
+      throw new RangeError(
+        `generate: decodeMode "${opts.decodeMode}" with a session made with graphs: ${session.graphs} ` +
+          `(make it with { graphs: ${opts.decodeMode === "graph"} })`,
+      );
+    }
   }
   return await tidyAsync(() => run(decoder, prompts, opts));
 }
@@ -226,103 +261,112 @@ async function run(
     });
   };
 
-  // Prefill: each prompt once, its cache (and routing) copied to its samples.
-  let scores = noGrad(() =>
-    tidy(() => {
-      using small = rows === p ? null : new KVCache(layers, p, kvHeads, s, headDim, kv);
-      const out = decoder.forward({
-        inputIds: tensor(padded.inputIds, i64),
-        positionIds: tensor(padded.positionIds, i64),
-        attentionMask: tensor(padded.attentionMask, i64),
-        cache: small ?? cache,
-        logitsToKeep: 1,
-        dispatch: prefillMode,
-      });
-      if (small) cache.fillFrom(small, rowPrompt);
-      record(out.experts, 0, s);
-      return expand(out.logits!.select(1, 0).to("float32"));
-    })
-  );
-  let positions = expand(tensor(padded.positionIds, i64).narrow(1, s - 1, 1).add(1));
-  if (bufs) {
-    bufs.begin(scores, positions, s);
-    [scores, positions].forEach((x) => x.dispose());
-    [scores, positions] = [bufs.scores, bufs.positions]; // the session's: never disposed here
-  }
-  sync(device);
-  const t1 = performance.now();
-
-  // Padding rows are finished from the start: they emit pad and never stop the loop.
-  let finished = rows === b ? zeros([rows], { dtype: "bool", device }) : arange(0, rows, 1, i64).ge(b);
-  const stoppedByString = new Set<number>();
-  let steps = 0;
-  for (let step = 0; step < t; step++) {
-    // One decode step, all on the device. Grad mode is switched off per step
-    // (not across awaits) so concurrent code keeps its own mode.
-    const last = step + 1 === t;
-    const state = noGrad(() =>
+  try {
+    // Prefill: each prompt once, its cache (and routing) copied to its samples.
+    let scores = noGrad(() =>
       tidy(() => {
-        const chosen = opts.doSample ? sampleNext(scores, opts, opts.generator) : scores.argmax(-1);
-        const next = where(finished, padT, chosen);
-        const tempered = temperature === 1 ? scores : scores.div(temperature);
-        logprobs.narrow(1, step, 1).copy_(tempered.logSoftmax(-1).gather(-1, next.unsqueeze(-1)));
-        tokens.narrow(1, step, 1).copy_(next.unsqueeze(-1));
-        const done = finished.logicalOr(next.unsqueeze(-1).eq(eos).any(-1));
-        if (last) return { done, scores: null, pos: null };
-        if (bufs) { // the key mask, cache slot, positions and routing advance inside the step
-          bufs.step(next, s + step, routing !== null, dispatchMode);
-          return { done, scores: null, pos: null };
-        }
-        keyMask.narrow(1, s + step, 1).fill_(1);
+        using small = rows === p ? null : new KVCache(layers, p, kvHeads, s, headDim, kv);
         const out = decoder.forward({
-          inputIds: next.unsqueeze(-1),
-          positionIds: positions,
-          attentionMask: keyMask.narrow(1, 0, cache.length + 1),
-          cache,
+          inputIds: tensor(padded.inputIds, i64),
+          positionIds: tensor(padded.positionIds, i64),
+          attentionMask: tensor(padded.attentionMask, i64),
+          cache: small ?? cache,
           logitsToKeep: 1,
-          dispatch: dispatchMode,
+          dispatch: prefillMode,
         });
-        record(out.experts, s + step, 1);
-        return { done, scores: out.logits!.select(1, 0).to("float32"), pos: positions.add(1) };
+        if (small) cache.fillFrom(small, rowPrompt);
+        record(out.experts, 0, s);
+        return expand(out.logits!.select(1, 0).to("float32"));
       })
     );
-    if (!bufs) [scores, positions].forEach((x) => x.dispose());
-    finished.dispose();
-    finished = state.done;
-    steps = step + 1;
-    if (state.scores) [scores, positions] = [state.scores, state.pos!];
-    if (steps % checkEvery === 0 || last) {
-      if (opts.stopStrings?.length) await markStopStrings(tokens, steps, opts, stoppedByString, pad);
-      if (stoppedByString.size) {
-        const host = tensor(Array.from({ length: rows }, (_, i) => stoppedByString.has(i)), {
-          dtype: "bool",
-          device,
-        });
-        const merged = finished.logicalOr(host);
-        finished.dispose();
-        finished = merged;
-      }
-      if (last || finished.all().item() === 1) break;
+    let positions = expand(tensor(padded.positionIds, i64).narrow(1, s - 1, 1).add(1));
+    if (bufs) {
+      bufs.begin(scores, positions, s);
+      [scores, positions].forEach((x) => x.dispose());
+      [scores, positions] = [bufs.scores, bufs.positions]; // the session's: never disposed here
     }
+    sync(device);
+    const t1 = performance.now();
+
+    // Padding rows are finished from the start: they emit pad and never stop the loop.
+    let finished = rows === b ? zeros([rows], { dtype: "bool", device }) : arange(0, rows, 1, i64).ge(b);
+    const stoppedByString = new Set<number>();
+    let steps = 0;
+    for (let step = 0; step < t; step++) {
+      // One decode step, all on the device. Grad mode is switched off per step
+      // (not across awaits) so concurrent code keeps its own mode.
+      const last = step + 1 === t;
+      const state = noGrad(() =>
+        tidy(() => {
+          // Padding rows (past b) draw nothing, so a row's samples do not depend on the session's bucket.
+          const real = rows === b ? scores : scores.narrow(0, 0, b);
+          let chosen = opts.doSample ? sampleNext(real, opts, opts.generator) : real.argmax(-1);
+          if (rows > b) chosen = cat([chosen, full([rows - b], pad, i64)], 0);
+          const next = where(finished, padT, chosen);
+          const tempered = temperature === 1 ? scores : scores.div(temperature);
+          logprobs.narrow(1, step, 1).copy_(tempered.logSoftmax(-1).gather(-1, next.unsqueeze(-1)));
+          tokens.narrow(1, step, 1).copy_(next.unsqueeze(-1));
+          const done = finished.logicalOr(next.unsqueeze(-1).eq(eos).any(-1));
+          if (last) return { done, scores: null, pos: null };
+          if (bufs) { // the key mask, cache slot, positions and routing advance inside the step
+            bufs.step(next, s + step, routing !== null, dispatchMode);
+            return { done, scores: null, pos: null };
+          }
+          keyMask.narrow(1, s + step, 1).fill_(1);
+          const out = decoder.forward({
+            inputIds: next.unsqueeze(-1),
+            positionIds: positions,
+            attentionMask: keyMask.narrow(1, 0, cache.length + 1),
+            cache,
+            logitsToKeep: 1,
+            dispatch: dispatchMode,
+          });
+          record(out.experts, s + step, 1);
+          return { done, scores: out.logits!.select(1, 0).to("float32"), pos: positions.add(1) };
+        })
+      );
+      if (!bufs) [scores, positions].forEach((x) => x.dispose());
+      finished.dispose();
+      finished = state.done;
+      steps = step + 1;
+      if (state.scores) [scores, positions] = [state.scores, state.pos!];
+      if (steps % checkEvery === 0 || last) {
+        if (opts.stopStrings?.length) await markStopStrings(tokens, steps, opts, stoppedByString, pad);
+        if (stoppedByString.size) {
+          const host = tensor(Array.from({ length: rows }, (_, i) => stoppedByString.has(i)), {
+            dtype: "bool",
+            device,
+          });
+          const merged = finished.logicalOr(host);
+          finished.dispose();
+          finished = merged;
+        }
+        if (last || finished.all().item() === 1) break;
+      }
+    }
+    if (steps < t && !bufs) [scores, positions].forEach((x) => x.dispose());
+    sync(device);
+    const t2 = performance.now();
+    const real = (x: Tensor): Tensor => (rows === b ? x : x.narrow(0, 0, b));
+    const result = await collect(real(tokens), real(logprobs), steps, opts);
+    const kept = routing as Tensor | null;
+    let routed: Tensor | null = null;
+    if (kept && bufs) routed = tidy(() => kept.narrow(1, 0, b).narrow(2, 0, s + steps).clone());
+    else if (kept) {
+      routed = kept.narrow(2, 0, s + steps);
+      kept.dispose(); // the view holds the storage
+    }
+    return {
+      ...result,
+      promptWidth: s,
+      routing: routed,
+      seconds: { prefill: (t1 - t0) / 1000, decode: (t2 - t1) / 1000 },
+    };
+  } catch (err) {
+    // The eager record is kept out of the step scopes; on a failure (a throwing decode, say) it is freed here.
+    if (!bufs) (routing as Tensor | null)?.dispose();
+    throw err;
   }
-  if (steps < t && !bufs) [scores, positions].forEach((x) => x.dispose());
-  sync(device);
-  const t2 = performance.now();
-  const real = (x: Tensor): Tensor => (rows === b ? x : x.narrow(0, 0, b));
-  const result = await collect(real(tokens), real(logprobs), steps, opts);
-  const kept = routing as Tensor | null;
-  let routed: Tensor | null = null;
-  if (kept && bufs) routed = tidy(() => kept.narrow(1, 0, b).narrow(2, 0, s + steps).clone());
-  else if (kept) {
-    routed = kept.narrow(2, 0, s + steps);
-    kept.dispose(); // the view holds the storage
-  }
-  return {
-    ...result,
-    promptWidth: s,
-    routing: routed,
-    seconds: { prefill: (t1 - t0) / 1000, decode: (t2 - t1) / 1000 },
-  };
 }
 
 /** Marks rows whose decoded text so far contains a stop string. */

@@ -7,7 +7,7 @@
  * tensor instead, for decode steps recorded once and replayed (CUDA graphs).
  * @module
  */
-import { type Device, type DType, keep, type Tensor, zeros } from "../ffi/mod.ts";
+import { type Device, type DType, keep, type Tensor, tidy, zeros } from "../ffi/mod.ts";
 
 /** What a forward pass needs of a cache (model/decoder.ts). */
 export interface KVStore {
@@ -40,8 +40,12 @@ export class KVCache implements KVStore {
     opts: { dtype: DType; device: Device },
   ) {
     const shape = [batch, kvHeads, maxLength, headDim];
-    this.keys = Array.from({ length: layers }, () => keep(zeros(shape, opts)));
-    this.values = Array.from({ length: layers }, () => keep(zeros(shape, opts)));
+    // In a scope, so that an allocation that fails (out of memory) frees the layers made before it.
+    const [keys, values] = tidy(() =>
+      [0, 1].map(() => Array.from({ length: layers }, () => zeros(shape, opts)))
+    );
+    this.keys = keys!.map(keep);
+    this.values = values!.map(keep);
     this.maxLength = maxLength;
   }
 

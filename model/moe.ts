@@ -262,7 +262,11 @@ function dispatchGrouped(x: Tensor, routing: Routing, bank: ExpertBank): Tensor 
   const k = routing.experts.size(-1), device = x.device;
   const experts = routing.experts.reshape([-1]);
   const { indices: slots } = experts.sort(0); // token–expert pairs by expert
-  const tokens = slots.div(k).floor().to("int64");
+  // Pair i belongs to token ⌊i / k⌋: read from an integer table (float division is exact only below 2^24).
+  const tokenOf = arange(0, routing.experts.size(0), 1, { device }).unsqueeze(1).expand([-1, k]).reshape([
+    -1,
+  ]);
+  const tokens = tokenOf.indexSelect(0, slots);
   const counts = zeros([bank.count], { dtype: "int64", device }).indexAdd(
     0,
     experts,

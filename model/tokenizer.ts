@@ -62,6 +62,12 @@ export interface EncodeOptions {
 export interface DecodeOptions {
   /** Drop special tokens (default false, as HF). */
   skipSpecialTokens?: boolean;
+  /**
+   * Drop ids at or past the vocabulary's end, as HF's decode does, instead of throwing (default false).
+   * For sampled text: a model's embedding matrix is often padded past its tokenizer (Qwen3: 151,936 rows
+   * for 151,669 tokens), and a sampler may draw a padding id, whose text is empty.
+   */
+  skipUnknownIds?: boolean;
 }
 
 /** The named special tokens transformers knows (tokenizer_config `<name>_token`). */
@@ -318,30 +324,35 @@ export class Tokenizer {
 
   /**
    * Text of token ids.
-   * @throws {RangeError} for an id outside the tokenizer's vocabulary (the native library would drop it silently)
+   * @throws {RangeError} for an id outside the tokenizer's vocabulary (the native library would drop it
+   *   silently), unless skipUnknownIds lets those past its end go
    */
   async decode(ids: readonly number[], opts: DecodeOptions = {}): Promise<string> {
-    this.#checkIds(ids, "decode");
-    const s = await this.#hf.decode([...ids], opts.skipSpecialTokens ?? false);
+    const known = this.#checkIds(ids, "decode", opts.skipUnknownIds ?? false);
+    const s = await this.#hf.decode(known, opts.skipSpecialTokens ?? false);
     return this.cleanUpTokenizationSpaces ? cleanUp(s) : s;
   }
 
   /** Text of each id list. */
   async decodeBatch(batch: readonly (readonly number[])[], opts: DecodeOptions = {}): Promise<string[]> {
-    batch.forEach((ids, i) => this.#checkIds(ids, `decodeBatch item ${i}`));
-    const out = await this.#hf.decodeBatch(batch.map((b) => [...b]), opts.skipSpecialTokens ?? false);
+    const known = batch.map((ids, i) =>
+      this.#checkIds(ids, `decodeBatch item ${i}`, opts.skipUnknownIds ?? false)
+    );
+    const out = await this.#hf.decodeBatch(known, opts.skipSpecialTokens ?? false);
     return this.cleanUpTokenizationSpaces ? out.map(cleanUp) : out;
   }
 
-  #checkIds(ids: readonly number[], what: string): void {
+  /** The ids, checked; with skipUnknown, those past the vocabulary left out. */
+  #checkIds(ids: readonly number[], what: string, skipUnknown: boolean): number[] {
     if (!Array.isArray(ids)) throw new TypeError(`${what}: expected an array of token ids`);
     ids.forEach((id, i) => {
-      if (!Number.isSafeInteger(id) || id < 0 || id >= this.vocabSize) {
+      if (!Number.isSafeInteger(id) || id < 0 || (id >= this.vocabSize && !skipUnknown)) {
         throw new RangeError(
           `${what}: id ${id} at index ${i} is not a token of ${this.source} (0..${this.vocabSize - 1})`,
         );
       }
     });
+    return skipUnknown ? ids.filter((id) => id < this.vocabSize) : [...ids];
   }
 
   /** The template variables transformers passes: the named special tokens as strings. */

@@ -32,8 +32,11 @@ export interface RolloutTokenizer {
   readonly stopTokenIds: readonly number[];
   /** The pad token's id, if any. */
   readonly padTokenId: number | null;
-  /** Text of token ids. */
-  decode(ids: readonly number[], opts?: { skipSpecialTokens?: boolean }): Promise<string>;
+  /** Text of token ids (sampled ids past the vocabulary's end are dropped: `skipUnknownIds`). */
+  decode(
+    ids: readonly number[],
+    opts?: { skipSpecialTokens?: boolean; skipUnknownIds?: boolean },
+  ): Promise<string>;
 }
 
 /** Scores one completion (default: rl/reward.ts `reward` against the prompt's answer). */
@@ -329,7 +332,7 @@ export async function collect(
         decodeDispatch: c.decodeDispatch,
         decodeMode: c.decode,
         session: session ?? undefined,
-        decode: (ids) => tokenizer.decode(ids, { skipSpecialTokens: true }),
+        decode: (ids) => tokenizer.decode(ids, { skipSpecialTokens: true, skipUnknownIds: true }),
       });
       prefill += gen.seconds.prefill;
       decode += gen.seconds.decode;

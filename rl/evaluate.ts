@@ -124,7 +124,7 @@ export async function evaluateExamples(
       maxNewTokens: opts.maxNewTokens,
       eosTokenIds: eos,
       padTokenId: tok.padTokenId ?? eos[0] ?? 0,
-      decode: (ids) => tok.decode(ids, { skipSpecialTokens: true }),
+      decode: (ids) => tok.decode(ids, { skipSpecialTokens: true, skipUnknownIds: true }),
       decodeMode: mode,
       decodeDispatch: opts.decodeDispatch,
       session: session ?? undefined,

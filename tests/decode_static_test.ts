@@ -113,6 +113,18 @@ for (const name of ["qwen3-moe-tiny", "phimoe-tiny"]) {
       const small = await generate(model.decoder, two, { ...mode, maxNewTokens: 10, samplesPerPrompt: 2 });
       const eagerSmall = await generate(model.decoder, two, { maxNewTokens: 10, samplesPerPrompt: 2 });
       assertSame(small, eagerSmall, "4 rows in 6");
+      // Seeded sampling too: the padding rows draw nothing, so the real rows' draws match eager decoding's.
+      const seeded = async (opts: Partial<GenerateOptions>): Promise<GenerateResult> => {
+        using gen = new Generator(7, DEVICE);
+        return await generate(model.decoder, two, {
+          maxNewTokens: 10,
+          samplesPerPrompt: 2,
+          doSample: true,
+          generator: gen,
+          ...opts,
+        });
+      };
+      assert.deepEqual((await seeded(mode)).tokens, (await seeded({})).tokens, "sampled: 4 rows in 6");
       assert.equal(session.stats.allocations, 1);
       const long = await run({ ...mode, maxNewTokens: 70 }); // 7 + 70 slots > 64: new, longer buffers
       assertSame(long, await run({ maxNewTokens: 70, recordRouting: false }), "longer");
@@ -142,6 +154,17 @@ Deno.test("decode static: bad settings and views are refused with the reason", a
   assert.equal(view.length, 7, "the query sits at the window's last slot");
   using two = zeros([2, 1, 2, 4], { dtype: FLOAT, device: DEVICE });
   assert.throws(() => view.update(0, two, two), /one token per step/);
+  // A session serves one decoder, in the mode it was made for.
+  using graphs = new DecodeSession(model.decoder);
+  await assert.rejects(
+    () => generate(model.decoder, [[1, 2]], { maxNewTokens: 4, decodeMode: "static", session: graphs }),
+    /decodeMode "static" with a session made with graphs: true \(make it with \{ graphs: false \}\)/,
+  );
+  using other = await loadModel(join(FIXTURES, "qwen3-moe-tiny"), { dtype: FLOAT, device: DEVICE });
+  await assert.rejects(
+    () => generate(other.decoder, [[1, 2]], { maxNewTokens: 4, decodeMode: "graph", session: graphs }),
+    /the session records another decoder's steps/,
+  );
   // Refused on every device, so that a CPU run refuses what a GPU could not record.
   await assert.rejects(
     () => generate(model.decoder, [[1, 2]], { maxNewTokens: 4, decodeMode: "graph", dispatch: "loop" }),

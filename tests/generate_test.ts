@@ -229,6 +229,32 @@ Deno.test("generate: the tiny model's generation", async (t) => {
       () => generate(model.decoder, [[1]], { maxNewTokens: 2, stopStrings: ["x"] }),
       /decode/,
     );
+    for (
+      const [bad, reason] of [
+        [{ temperature: 0 }, /temperature must be a number > 0/],
+        [{ temperature: -1 }, /temperature must be a number > 0/],
+        [{ topP: 0 }, /topP must be in \(0, 1\]/],
+        [{ topP: 1.5 }, /topP must be in \(0, 1\]/],
+        [{ topK: 2.5 }, /topK must be an integer >= 0/],
+      ] as const
+    ) {
+      await assert.rejects(
+        () => generate(model.decoder, [[1]], { maxNewTokens: 2, doSample: true, ...bad }),
+        reason,
+      );
+    }
+  });
+
+  await t.step("a failure mid-generation frees what it made (the routing record too)", async () => {
+    const before = liveTensors();
+    const failing = (): string => {
+      throw new Error("decode failed");
+    };
+    await assert.rejects(
+      () => generate(model.decoder, [[1, 2]], { maxNewTokens: 3, recordRouting: true, decode: failing }),
+      /decode failed/,
+    );
+    assert.equal(liveTensors(), before);
   });
 
   assert.equal(liveTensors(), live, "generation leaves no tensor behind");
