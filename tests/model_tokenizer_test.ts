@@ -248,6 +248,14 @@ Deno.test("tokenizer: bad input and bad files", async () => {
   );
   await assert.rejects(() => phi.decode([1.5]), RangeError);
   await assert.rejects(() => phi.decodeBatch([[1], [-1]]), /decodeBatch item 1: id -1/);
+  // Sampled text: ids past the vocabulary (a padded embedding's rows) decode to nothing, as in HF; others still fail.
+  const skip = { skipUnknownIds: true };
+  assert.equal(await phi.decode([450, 40000, 4996, 32011], skip), await phi.decode([450, 4996]));
+  assert.deepEqual(
+    await phi.decodeBatch([[450, 40000], [4996]], skip),
+    await phi.decodeBatch([[450], [4996]]),
+  );
+  await assert.rejects(() => phi.decode([-1], skip), /id -1 at index 0/);
   await assert.rejects(() => phi.encode(3 as unknown as string), /encode: expected a string/);
   await assert.rejects(
     () => Tokenizer.load(QWEN3_DIR, { pipeline: "transformers-v5", chatTemplateName: "nope" }),
