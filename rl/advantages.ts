@@ -140,9 +140,10 @@ export interface UpdateAdvantages {
  * backward pass.
  *
  * Normalisation: with a critic, whitening (subtract the mean, divide by the
- * std: PPO's convention); with "group", division by the std alone (GRPO with
- * the update's std, TRL's `scale_rewards="batch"`), since the group mean is
- * the baseline already (with K = 1 the mean is subtracted too). Below a std of
+ * std: PPO's convention); with "group", division by the std alone (GRPO's
+ * scaling with one std for the update, as TRL's `scale_rewards="batch"`, but
+ * taken over the trained tokens rather than over completions), since the
+ * group mean is the baseline already (with K = 1 the mean is subtracted too). Below a std of
  * minStd only the centring applies. With `normalize: false` the raw
  * advantages are kept (Dr. GRPO).
  * @param lengths completion tokens of each completion

@@ -86,7 +86,7 @@ export type LearnMetrics = Record<ObjectivePart, number> & {
   value_grad_norm: number;
   /** Std of the raw token advantages over the trained tokens, before normalisation. */
   advantage_std: number;
-  /** Fraction of prompt groups whose rewards are all equal (skipped). */
+  /** Fraction of prompt groups whose rewards are all equal (skipped when K > 1; with K = 1 all, none skipped). */
   frac_zero_std_groups: number;
   /** Fraction of sequences in the policy update. */
   trained_fraction: number;
@@ -257,7 +257,9 @@ function referencePass(run: Run, signal: readonly boolean[]): ReferenceResult {
   const passes = critic
     ? groupChunks(all.lengths.length, buffer.k, all.lengths, run.micro * dp.size).map((g) => ({
       chunk: run.local(g),
-      tokens: c.advantage === "prompt_value" ? g.length : g.reduce((s, i) => s + all.lengths[i]!, 0),
+      tokens: c.advantage === "prompt_value"
+        ? g.filter((i) => all.lengths[i]! > 0).length
+        : g.reduce((s, i) => s + all.lengths[i]!, 0),
     }))
     : chunks(signal.flatMap((s, i) => (s ? [i] : [])), run.lengths, run.micro).map((chunk) => ({
       chunk,
@@ -266,8 +268,11 @@ function referencePass(run: Run, signal: readonly boolean[]): ReferenceResult {
   // Read after each critic step (or at the end, without a critic); values read after the step that learns
   // from them are still those computed before it.
   using later = new DeferredReads();
-  for (const { chunk, tokens } of passes) {
-    if (chunk.length) {
+  for (const { chunk: share, tokens } of passes) {
+    // A rank's share of a global micro-batch can be larger than a micro-batch (the longest groups may all
+    // be on one rank): it runs in micro-batches, whose gradients add up before the step.
+    for (const chunk of share.length > run.micro ? chunks(share, run.lengths, run.micro) : [share]) {
+      if (!chunk.length) continue;
       tidy(() => {
         const { batch, replay } = run.open(chunk);
         const wantRef = c.klCoef > 0 && chunk.some((i) => signal[i]);
@@ -282,7 +287,7 @@ function referencePass(run: Run, signal: readonly boolean[]): ReferenceResult {
           ? buffer.perToken(
             chunk,
             batch.inputIds.size(1),
-            (i) => [1, ...new Array<number>(run.lengths[i]! - 1).fill(0)],
+            (i) => (run.lengths[i]! > 0 ? [1, ...new Array<number>(run.lengths[i]! - 1).fill(0)] : []),
           )
           : batch.completionMask.to("float32");
         const target = tensor(chunk.map((i) => centered[i]!), { dtype: "float32", device: v.device });

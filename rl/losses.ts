@@ -170,7 +170,10 @@ export interface KlResult {
  *   the gradient of the true KL;
  * - "k3" (default): `exp(δ) − δ − 1 ≥ 0`; unbiased, low variance; δ is
  *   clamped to ±20 and the value to at most 10 (verl's low_var_kl), so one
- *   token the reference finds impossible cannot blow the loss up.
+ *   token the reference finds impossible cannot blow the loss up. Its value
+ *   estimates KL(π_θ ‖ π_ref), but its gradient `(1 − π_ref/π_θ)·∇logp` is,
+ *   in expectation, that of the reverse KL(π_ref ‖ π_θ) (as in TRL and verl,
+ *   which put k3 in the loss too).
  * @throws {RangeError} for mismatched shapes or an unknown estimator
  */
 export function klPenalty(

@@ -25,7 +25,8 @@ import { buildPrompt } from "../data/prompt.ts";
 import { DEFAULT_LORA } from "../model/lora_apply.ts";
 import { loadModel } from "../model/model.ts";
 import { Tokenizer } from "../model/tokenizer.ts";
-import { collect, type RolloutPrompt } from "../rl/collect.ts";
+import { collect, RolloutBuffer, type RolloutPrompt } from "../rl/collect.ts";
+import { Replicas } from "../rl/replicas.ts";
 import { DEFAULT_RL_CONFIG, rlConfig, type RlOverrides } from "../rl/config.ts";
 import { learn, type StepOptimizer } from "../rl/learn.ts";
 import { Policy } from "../rl/policy.ts";
@@ -287,6 +288,22 @@ Deno.test("rl: collect, learn and ppoStep on the tiny model", async (t) => {
       },
     );
 
+    await t.step(
+      "learn: an empty completion (a re-scored or filtered buffer) trains under every estimator",
+      async () => {
+        using g = new Generator(10, DEVICE);
+        using got = await collect(policy, tok, prompts, CFG, { generator: g, score: scripted((i) => i % 2) });
+        const sequences = got.sequences.map((s, i) => (i === 1 ? { ...s, tokens: [], logprobs: [] } : s));
+        using buf = new RolloutBuffer({ ...got, sequences, routing: null, routingStart: [], device: DEVICE });
+        for (const advantage of ["group", "token_value", "prompt_value"] as const) {
+          const cfg: RlOverrides = { ...CFG, ppo: { ...CFG.ppo, advantage }, moe: { routingReplay: "off" } };
+          const m = learn(policy, new GradientRecorder(), buf, cfg);
+          assert.ok(Number.isFinite(m.loss), `${advantage}: loss ${m.loss}`);
+          if (advantage !== "group") assert.ok(Number.isFinite(m.value_loss), `${advantage}: value loss`);
+        }
+      },
+    );
+
     await t.step("learn: routing replay on a model without MoE layers is an error", async () => {
       using g = new Generator(6, DEVICE);
       using buf = await collect(policy, tok, prompts, CFG, { generator: g });
@@ -415,6 +432,52 @@ Deno.test("learn: nothing is read back to the host between a pass's micro-batche
         if (i > 0) assert.equal(before, list[i - 1]![1], `nothing is read between ${name} ${i - 1} and ${i}`);
       });
     }
+  } finally {
+    policy.dispose();
+  }
+});
+
+/** Rank 0 of two whose peer holds as many groups, all empty: every global statistic is rank 0's own. */
+class EmptyPeer extends Replicas {
+  constructor() {
+    super(null);
+  }
+  override get size(): number {
+    return 2;
+  }
+  override gather(xs: readonly number[]): number[][] {
+    const n = xs.length / 2; // lengths, then rewards
+    return [[...xs], [...new Array<number>(n).fill(0), ...xs.slice(n)]];
+  }
+}
+
+Deno.test("learn: a rank's share of a critic micro-batch runs in micro-batches, however large", async () => {
+  // The critic steps once per global micro-batch of whole groups, longest first: here all of them are
+  // rank 0's, twice a micro-batch, which must not become one forward of twice the rows.
+  manualSeed(4);
+  using model = await loadModel(MODEL, { device: DEVICE });
+  const tok = await Tokenizer.load(MODEL);
+  const prompts: RolloutPrompt[] = [[5, 6, 7], [8, 9], [10, 11, 12], [13, 14]].map((ids) => ({
+    ids,
+    answer: 0,
+  }));
+  const policy = new Policy(model, { lora: { ...DEFAULT_LORA, r: 4, alpha: 8 } });
+  try {
+    const cfg: RlOverrides = { ...CFG, moe: { routingReplay: "off" } }; // token_value: a critic
+    using buf = await collect(policy, tok, prompts, cfg, { seed: 1, score: scripted((i) => i % 2) });
+    const rows: number[] = [];
+    const real = policy.reference.bind(policy);
+    policy.reference = (batch, opts) => {
+      rows.push(batch.inputIds.size(0));
+      return real(batch, opts);
+    };
+    const m = learn(policy, new GradientRecorder(), buf, cfg, {
+      microBatch: 2,
+      seed: 0,
+      replicas: new EmptyPeer(),
+    });
+    assert.deepEqual(rows, [2, 2, 2, 2], "8 sequences: 2 global micro-batches of 4, each run as 2 of 2");
+    assert.ok(Number.isFinite(m.value_loss));
   } finally {
     policy.dispose();
   }
