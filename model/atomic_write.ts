@@ -45,6 +45,7 @@ export async function writeAtomic(
     file.close();
     stage = "rename";
     await Deno.rename(tmp, path);
+    await syncFolder(dirname(path));
   } catch (e) {
     try {
       file.close();
@@ -52,6 +53,25 @@ export async function writeAtomic(
     await Deno.remove(tmp).catch(() => {});
     if (stage === "write" && typeof content === "function") throw e;
     throw new Error(`cannot write ${path}: ${(e as Error).message}`, { cause: e });
+  }
+}
+
+/**
+ * Flushes a folder's entries (a rename into it) to disk, so that the new name survives a power loss as the
+ * data does. Best effort: where a folder cannot be opened for this (Windows), the rename is durable when the
+ * system flushes it.
+ */
+export async function syncFolder(dir: string): Promise<void> {
+  let f: Deno.FsFile;
+  try {
+    f = await Deno.open(dir, { read: true });
+  } catch {
+    return;
+  }
+  try {
+    await f.sync();
+  } catch { /* not supported for folders here */ } finally {
+    f.close();
   }
 }
 

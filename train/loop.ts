@@ -112,10 +112,17 @@ export async function train(cfg: TrainConfig, opts: TrainOptions = {}): Promise<
     // Every update gets its full microBatch × gradAccum prompts (an epoch's short last micro-batch is dropped), so
     // it splits evenly over the ranks and ppo.minibatches divides it, as the config check assumes.
     const batcher = new MicroBatcher(items, { batchSize: t.microBatch, seed: cfg.seed, dropLast: true });
-    const evalSet = cfg.eval.every > 0
-      ? (await loadGsm8k(cfg.eval.source, { split: cfg.eval.split, limit: cfg.eval.limit ?? undefined }))
-        .examples
-      : [];
+    let evalSet: typeof data.examples = [];
+    if (cfg.eval.every > 0) { // read as `deno task evaluate` reads it
+      const ev = await loadGsm8k(cfg.eval.source, {
+        split: cfg.eval.split,
+        limit: cfg.eval.limit ?? undefined,
+        onBadRecord: cfg.data.onBadRecord,
+        config: cfg.data.config,
+      });
+      for (const s of ev.skipped) console.warn(`eval data: skipped line ${s.line}: ${s.reason}`);
+      evalSet = ev.examples;
+    }
 
     let start = 0, pos = { epoch: 0, index: 0 };
     if (resumeFrom) {
