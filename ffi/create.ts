@@ -40,8 +40,11 @@ function flatten(x: NestedArray, shape: number[], out: number[], depth: number):
     out.push(typeof x === "boolean" ? (x ? 1 : 0) : x);
     return;
   }
-  if (depth === shape.length) shape.push(x.length);
-  else if (shape[depth] !== x.length) throw new TypeError("tensor: ragged nested array");
+  if (depth === shape.length) {
+    // A new dimension shows only on the first descent, before any value: later, it is a deeper list.
+    if (out.length) throw new TypeError("tensor: ragged nested array");
+    shape.push(x.length);
+  } else if (shape[depth] !== x.length) throw new TypeError("tensor: ragged nested array");
   for (const v of x) flatten(v, shape, out, depth + 1);
 }
 
@@ -94,7 +97,19 @@ function firstLeaf(x: NestedArray): number | boolean {
   return Array.isArray(x) ? (x.length ? firstLeaf(x[0]!) : 0) : x;
 }
 
-/** A tensor copied from a typed array, viewed with shape. dtype defaults to the array's type. */
+/** The dtypes an array holds: its own; 16-bit floats as Uint16Array bits; any as Uint8Array raw bytes. */
+function holds(data: TensorData, dtype: DType): boolean {
+  const own = typedDtype(data);
+  if (own === "bfloat16") return dtype === "bfloat16" || dtype === "float16";
+  return own === "uint8" || own === dtype;
+}
+
+/**
+ * A tensor copied from a typed array, viewed with shape. dtype defaults to the array's type.
+ * A Uint8Array is taken as raw bytes of any dtype.
+ * @throws {TypeError} when the array's length does not fill shape, or its type does not hold dtype (its
+ *   values would be reinterpreted)
+ */
 export function fromTypedArray(data: TensorData, shape: Shape, opts: CreateOptions = {}): Tensor {
   const dtype = opts.dtype ?? typedDtype(data);
   const bytes = new Uint8Array(data.buffer, data.byteOffset, data.byteLength);
@@ -102,6 +117,12 @@ export function fromTypedArray(data: TensorData, shape: Shape, opts: CreateOptio
   if (numel * ELEMENT_SIZE[dtype] !== bytes.byteLength) {
     throw new TypeError(
       `fromTypedArray: ${bytes.byteLength} bytes cannot hold shape [${shape.join(", ")}] of ${dtype}`,
+    );
+  }
+  if (!holds(data, dtype)) {
+    throw new TypeError(
+      `fromTypedArray: a ${data.constructor.name} does not hold ${dtype} values (convert them, or pass raw bytes ` +
+        "as a Uint8Array)",
     );
   }
   countHostUpload();

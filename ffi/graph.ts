@@ -193,7 +193,8 @@ export class CudaGraph {
     try {
       tidy(() => void fn());
     } catch (e) {
-      shim().mt_graph_end(ctx(), this.#ptr!);
+      // fn's error wins; a capture it cut short may still have ended cleanly: drop what it recorded.
+      if (shim().mt_graph_end(ctx(), this.#ptr!) === 0 && capture) shim().mt_graph_reset(ctx(), this.#ptr!);
       throw e;
     }
     check(shim().mt_graph_end(ctx(), this.#ptr!), op, () => []);

@@ -44,7 +44,7 @@ function isTracked(x: unknown): x is Tracked {
   return typeof x === "object" && x !== null && (x as Tracked)[TRACKED] === true;
 }
 
-/** Every tracked object reachable from value through arrays, Maps, Sets and plain objects. */
+/** Every tracked object reachable from value through arrays, Maps (keys and values), Sets and plain objects. */
 function reachable(value: unknown, out = new Set<Tracked>(), depth = 0): Set<Tracked> {
   if (depth > 8 || typeof value !== "object" || value === null) return out;
   if (isTracked(value)) {
@@ -52,8 +52,11 @@ function reachable(value: unknown, out = new Set<Tracked>(), depth = 0): Set<Tra
   } else if (Array.isArray(value) || value instanceof Set) {
     for (const v of value) reachable(v, out, depth + 1);
   } else if (value instanceof Map) {
-    for (const v of value.values()) reachable(v, out, depth + 1);
-  } else if (Object.getPrototypeOf(value) === Object.prototype) {
+    for (const [k, v] of value) {
+      reachable(k, out, depth + 1);
+      reachable(v, out, depth + 1);
+    }
+  } else if (Object.getPrototypeOf(value) === Object.prototype || Object.getPrototypeOf(value) === null) {
     for (const v of Object.values(value)) reachable(v, out, depth + 1);
   }
   return out;
@@ -112,6 +115,8 @@ export async function tidyAsync<T>(fn: () => Promise<T>): Promise<T> {
   let pending: Promise<T>;
   try {
     pending = asyncScopes.run(bag, fn);
+  } catch (e) { // thrown before fn's first await: no promise to wait for
+    pending = Promise.reject(e);
   } finally {
     syncStack.push(...outerSync);
   }

@@ -70,7 +70,9 @@ export async function syncFolder(dir: string): Promise<void> {
   }
   try {
     await f.sync();
-  } catch { /* not supported for folders here */ } finally {
+  } catch {
+    /* not supported for folders here */
+  } finally {
     f.close();
   }
 }

@@ -157,6 +157,25 @@ Deno.test({ name: "graph: an upload from JS data fails the capture (CUDA)", igno
   y.dispose();
 });
 
+Deno.test(
+  { name: "graph: a function that throws mid-capture leaves the graph empty (CUDA)", ignore: !onGpu },
+  () => {
+    const y = zeros([2], { device: DEVICE });
+    using g = new CudaGraph(DEVICE);
+    g.warmup(() => y.fill_(1));
+    assert.throws(() =>
+      g.capture(() => {
+        y.fill_(3);
+        throw new Error("not this time");
+      }), /not this time/);
+    assert.equal(g.captured, false);
+    g.capture(() => y.fill_(2)); // the graph records again
+    g.replay();
+    assert.deepEqual(y.toArray(), [2, 2]);
+    y.dispose();
+  },
+);
+
 Deno.test({ name: "graph: graphs sharing a pool replay in any order (CUDA)", ignore: !onGpu }, () => {
   const pool = graphPool();
   assert.ok(pool);

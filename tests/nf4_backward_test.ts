@@ -241,6 +241,23 @@ Deno.test("nf4 backward: bad input and settings fail clearly", () => {
       );
       using ints = tidy(() => x64.to("int64"));
       assert.throws(() => nf4Linear(ints, parts(q, tables, 64)), /input must be a float tensor/);
+      // A bias must fit the output; a stacked expert weight takes none (bmm would drop it silently).
+      using bias = randn([8], { device: DEVICE });
+      using short = randn([7], { device: DEVICE });
+      assert.throws(() => nf4Linear(x64, parts(q, tables, 64), short), /bias must be \[8\], got \[7\]/);
+      using experts = tidy(() => randn([2, 8, 64], { device: DEVICE }));
+      using qe = quantizeNf4(experts, { batchDims: 1 });
+      using xe = randn([2, 3, 64], { device: DEVICE });
+      assert.throws(
+        () => nf4Linear(xe, parts(qe, tables, 64), bias),
+        /stacked nf4 weight \[2, 8, 64\] takes no bias/,
+      );
+      // Code tables of the wrong size are named, not indexed past.
+      using half = tidy(() => tables.pairs.narrow(0, 0, 128));
+      assert.throws(
+        () => nf4Linear(x64, { ...parts(q, tables, 64), pairs: half }),
+        /byte table must be \[256, 2\], got \[128, 2\]/,
+      );
     } finally {
       tables.release();
     }

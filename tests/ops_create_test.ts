@@ -101,6 +101,18 @@ Deno.test("creation", async (t) => {
     // Byte count must match the shape and dtype.
     assert.throws(() => fromTypedArray(new Float32Array(5), [2, 3]), TypeError);
     assert.throws(() => fromTypedArray(new Float32Array(4), [4], { dtype: "int64" }), TypeError);
+    // An array of one type is not read as another of the same width; raw bytes come as a Uint8Array.
+    assert.throws(
+      () => fromTypedArray(new Float32Array([1, 2]), [2], { dtype: "int32" }),
+      /a Float32Array does not hold int32 values/,
+    );
+    assert.throws(() => fromTypedArray(new BigInt64Array(2), [4], { dtype: "int32" }), /does not hold int32/);
+    using raw = fromTypedArray(new Uint8Array(new Float32Array([1.5]).buffer), [1], { dtype: "float32" });
+    assert.deepEqual(raw.toArray(), [1.5]);
+    // Ragged lists are refused wherever the extra depth or length appears.
+    assert.throws(() => tensor([[1, 2], [3, [4]]] as unknown as number[][]), /ragged nested array/);
+    assert.throws(() => tensor([1, [2, 3]] as unknown as number[]), /ragged nested array/);
+    assert.throws(() => tensor([[1, 2], [3]]), /ragged nested array/);
   });
 
   await step(t, "zeros, ones, full", () => {

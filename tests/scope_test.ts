@@ -76,10 +76,17 @@ Deno.test("tidy", async (t) => {
         list: [x.add(2), [x.add(3)]],
         map: new Map([["k", x.add(4)]]),
         set: new Set([x.add(5)]),
+        keyed: new Map([[x.add(6), "a tensor as a key"]]),
+        bare: Object.assign(Object.create(null), { t: x.add(7) }),
         n: 7,
       };
     });
-    assertLive(js, native, 5, "five results survive, the temporary does not");
+    assertLive(
+      js,
+      native,
+      7,
+      "seven results survive (Map keys and null-prototype objects too), not the temporary",
+    );
     assert.deepEqual(r.a.toArray(), [2, 3]);
     assert.deepEqual((r.list[1] as Tensor[])[0]!.toArray(), [4, 5]);
     assert.deepEqual(r.map.get("k")!.toArray(), [5, 6]);
@@ -197,6 +204,23 @@ Deno.test("tidyAsync", async (t) => {
     assert.deepEqual(y.y.toArray(), [5, 7]);
     dispose(y);
   });
+
+  await stepAsync(
+    t,
+    "fn throwing before its first await frees what it made and leaves no scope open",
+    async () => {
+      using x = ft([1, 2]);
+      const failing = (): Promise<Tensor> => {
+        x.add(1); // a temporary
+        throw new Error("sync failure");
+      };
+      await assert.rejects(() => tidyAsync(failing), /sync failure/);
+      // The next scope behaves as before: its temporaries freed, its result returned.
+      const y = await tidyAsync(async () => x.add(1).mul(2));
+      assert.deepEqual(y.toArray(), [4, 6]);
+      y.dispose();
+    },
+  );
 
   await stepAsync(t, "two concurrent scopes each free only their own tensors", async () => {
     using x = ft([1, 2]);

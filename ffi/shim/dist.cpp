@@ -194,6 +194,10 @@ mt_group mt_dist_init(mt_ctx* ctx, const char* backend, const char* host, int32_
 #endif
 #ifdef MOERL_WITH_NCCL
     if (name == "nccl") {
+      // Without blocking wait, Work::wait only orders the stream and a dead peer surfaces as a hang at the
+      // next host sync, or as the watchdog ending the process; with it, wait blocks up to the timeout and
+      // throws, which reaches TypeScript as an error. Read by the constructor; a user's setting is kept.
+      setenv("TORCH_NCCL_BLOCKING_WAIT", "1", 0);
       auto o = c10d::ProcessGroupNCCL::Options::create();
       o->timeout = g->timeout;
       g->nccl = c10::make_intrusive<c10d::ProcessGroupNCCL>(g->store, rank, world, o);

@@ -200,6 +200,18 @@ void check_nf4(const Tensor& x, const Nf4Parts& w) {
                                                                  std::to_string(r) + ", " + std::to_string(nb) + "]");
   }
   require(w.pairs.defined() && w.dynamic.defined(), "nf4 code tables missing");
+  require(w.pairs.dim() == 2 && w.pairs.size(0) == 256 && w.pairs.size(1) == 2,
+          "nf4 byte table must be [256, 2], got " + dims(w.pairs.sizes()));
+  require(w.dynamic.numel() == 256, "nf4 dynamic map must hold 256 values, got " + dims(w.dynamic.sizes()));
+  if (!w.absmax.defined()) {
+    int64_t nd = (nb + kDqBlock - 1) / kDqBlock;
+    require(w.dq_absmax.sizes() == at::IntArrayRef({r, nd}), "nf4 double-quantised absmax must be [" +
+                                                                  std::to_string(r) + ", " + std::to_string(nd) +
+                                                                  "], got " + dims(w.dq_absmax.sizes()));
+    require(w.dq_offset.numel() == 1 || w.dq_offset.sizes() == at::IntArrayRef({r, 1}),
+            "nf4 double-quantisation offset must be [" + std::to_string(r) + ", 1], got " +
+                dims(w.dq_offset.sizes()));
+  }
   require(w.chunk >= kBlock && w.chunk % kBlock == 0, "nf4 chunk must be a positive multiple of 64, got " +
                                                           std::to_string(w.chunk));
   require(x.is_floating_point(), "nf4 linear input must be a float tensor");
@@ -212,6 +224,12 @@ void check_nf4(const Tensor& x, const Nf4Parts& w) {
 
 Tensor nf4_linear(const Tensor& x, const Nf4Parts& w, const c10::optional<Tensor>& bias) {
   check_nf4(x, w);
+  // An expert bank's stacked projections have no bias (bmm would drop it, yet give it a gradient).
+  require(!bias.has_value() || w.shape.size() == 2, "a stacked nf4 weight " + dims(w.shape) + " takes no bias");
+  if (bias.has_value())
+    require(bias->dim() == 1 && bias->size(0) == w.shape[0], "nf4 linear bias must be [" +
+                                                                  std::to_string(w.shape[0]) + "], got " +
+                                                                  dims(bias->sizes()));
   return Nf4LinearFn::apply(x, bias, w);
 }
 
