@@ -39,7 +39,7 @@ export interface CommonConfig {
   numKeyValueHeads: number;
   /** `head_dim`, default hidden_size / num_attention_heads (Phi-tiny: 128 ≠ 256). */
   headDim: number;
-  /** `hidden_act` (both families: "silu"). */
+  /** `hidden_act`: "silu" (or its alias "swish"); others are refused. */
   hiddenAct: string;
   /** `max_position_embeddings`. */
   maxPositionEmbeddings: number;
@@ -139,6 +139,15 @@ function readDtype(r: ConfigReader): DType | null {
   return b ?? a;
 }
 
+/** hidden_act: both families' MLPs and experts compute SwiGLU with SiLU (transformers' "silu", alias "swish"). */
+function readAct(r: ConfigReader): string {
+  const act = r.str("hidden_act", "silu");
+  if (act !== "silu" && act !== "swish") {
+    throw r.error("hidden_act", `is "${act}", which is not supported (the MLPs compute SiLU: "silu")`);
+  }
+  return act;
+}
+
 type Rope = Pick<CommonConfig, "ropeTheta" | "ropeType" | "ropeScaling">;
 
 function readRope(r: ConfigReader, defaultTheta: number, headDim: number, maxPos: number): Rope {
@@ -229,7 +238,7 @@ function common(
     numAttentionHeads,
     numKeyValueHeads,
     headDim,
-    hiddenAct: r.str("hidden_act", "silu"),
+    hiddenAct: readAct(r),
     maxPositionEmbeddings,
     rmsNormEps: r.num("rms_norm_eps", d.eps, Number.MIN_VALUE),
     initializerRange: r.num("initializer_range", 0.02),

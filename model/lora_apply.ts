@@ -44,10 +44,11 @@ export const LORA_CHECKS: Checks<LoraConfig> = {
   alpha: num(0, Infinity, true),
   dropout: { expected: "a number in [0, 1)", ok: (v) => typeof v === "number" && v >= 0 && v < 1 },
   targetModules: {
-    expected: 'a non-empty list of module names, or one string (a regular expression or "all-linear")',
+    expected:
+      'a list of module names (empty: the experts only), or one string (a regular expression or "all-linear")',
     ok: (v) =>
       (typeof v === "string" && v !== "") ||
-      (Array.isArray(v) && v.length > 0 && v.every((s) => typeof s === "string" && s !== "")),
+      (Array.isArray(v) && v.every((s) => typeof s === "string" && s !== "")),
   },
   targetExperts: bool,
   expertForm: {

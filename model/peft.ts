@@ -66,7 +66,7 @@ export function adapterEntries(lora: LoraModel, cfg: MoeConfig): AdapterEntry[] 
     target,
   });
   for (const [name, l] of lora.linears) {
-    const leaf = name.slice(name.lastIndexOf(".") + 1);
+    const hf = v5Name(name, cfg), leaf = hf.slice(hf.lastIndexOf(".") + 1); // the module PEFT will look for
     const target = /\.mlp\.(gate|up|down)_proj$/.test(name)
       ? { kind: "parameter" as const, name: `mlp.${leaf}.weight` }
       : { kind: "module" as const, name: leaf };
@@ -181,7 +181,20 @@ export async function savePeftAdapter(
 export async function loadPeftAdapter(dir: string, model: CausalLM): Promise<LoraModel> {
   const cfgPath = join(dir, ADAPTER_CONFIG), wPath = join(dir, ADAPTER_WEIGHTS);
   if (!(await isFile(cfgPath))) throw new Error(`${dir}: no ${ADAPTER_CONFIG} (not a PEFT adapter folder)`);
-  const pc = JSON.parse(await Deno.readTextFile(cfgPath)) as Record<string, unknown>;
+  let pc: Record<string, unknown>;
+  try {
+    pc = JSON.parse(await Deno.readTextFile(cfgPath));
+  } catch (e) {
+    throw new Error(`${cfgPath}: not valid JSON: ${(e as Error).message}`, { cause: e });
+  }
+  if (typeof pc !== "object" || pc === null || Array.isArray(pc)) {
+    throw new Error(`${cfgPath}: not a JSON object`);
+  }
+  for (
+    const [k, v] of [["r", pc.r], ["lora_alpha", pc.lora_alpha ?? 8], ["lora_dropout", pc.lora_dropout ?? 0]]
+  ) {
+    if (typeof v !== "number") throw new Error(`${cfgPath}: ${k} must be a number, got ${JSON.stringify(v)}`);
+  }
   if (pc.peft_type !== "LORA") {
     throw new Error(`${cfgPath}: peft_type ${JSON.stringify(pc.peft_type)}, only LORA is supported`);
   }
@@ -195,9 +208,9 @@ export async function loadPeftAdapter(dir: string, model: CausalLM): Promise<Lor
   try {
     const plan = planLoad(f.names(), model, wPath);
     const config: LoraConfig = {
-      r: Number(pc.r),
-      alpha: Number(pc.lora_alpha),
-      dropout: Number(pc.lora_dropout ?? 0),
+      r: pc.r as number,
+      alpha: (pc.lora_alpha ?? 8) as number, // PEFT's default
+      dropout: (pc.lora_dropout ?? 0) as number,
       targetModules: plan.linears,
       targetExperts: plan.experts,
       expertForm: plan.split ? "split" : "fused",

@@ -222,6 +222,12 @@ Deno.test("config: errors name the key and the file", () => {
   );
   fails({ vocab_size: 3 }, /required key "model_type" is missing/);
   fails({ ...QWEN_MIN, hidden_size: undefined }, /required key "hidden_size" is missing/);
+  // Both families compute SiLU: another activation is refused, not silently replaced.
+  fails(
+    { ...PHI_MIN, hidden_act: "gelu_pytorch_tanh" },
+    /"hidden_act" is "gelu_pytorch_tanh", which is not supported/,
+  );
+  assert.equal(parseConfig({ ...QWEN_MIN, hidden_act: "swish" }, "test/config.json").hiddenAct, "swish");
   fails({ ...QWEN_MIN, num_experts: undefined }, /required key "num_experts" is missing/);
   fails({ ...PHI_MIN, intermediate_size: undefined }, /required key "intermediate_size" is missing/);
   fails({ ...QWEN_MIN, hidden_size: "64" }, /"hidden_size" must be an integer ≥ 1, got "64"/);

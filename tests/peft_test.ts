@@ -7,7 +7,8 @@
  */
 import assert from "node:assert/strict";
 import { join } from "node:path";
-import { liveTensors, noGrad, type Tensor, tidy } from "../ffi/mod.ts";
+import { liveTensors, manualSeed, noGrad, randn, type Tensor, tensor, tidy } from "../ffi/mod.ts";
+import { LoraModel } from "../model/lora_apply.ts";
 import { loadModel } from "../model/model.ts";
 import { loadPeftAdapter, savePeftAdapter } from "../model/peft.ts";
 import { SafetensorsFile } from "../model/safetensors.ts";
@@ -150,7 +151,49 @@ Deno.test("peft: bad adapters are rejected with the file and key named", async (
       join(dir, "adapter_model.safetensors"),
     );
     await assert.rejects(() => loadPeftAdapter(dir, model), /has shape|matches no module/);
+    // adapter_config.json itself: named when it is not JSON, not an object, or r is not a number.
+    const cfgFile = join(dir, "adapter_config.json");
+    for (
+      const [text, reason] of [
+        ["{", /adapter_config\.json: not valid JSON/],
+        ["null", /adapter_config\.json: not a JSON object/],
+        [JSON.stringify({ ...cfg, r: "4" }), /adapter_config\.json: r must be a number, got "4"/],
+      ] as const
+    ) {
+      await Deno.writeTextFile(cfgFile, text);
+      await assert.rejects(() => loadPeftAdapter(dir, model), reason);
+    }
   } finally {
+    await Deno.remove(dir, { recursive: true });
+  }
+});
+
+Deno.test("peft: an adapter of the experts alone saves and loads back", async () => {
+  using model = await loadModel(join(FX, "models", "qwen3-moe-fused"));
+  manualSeed(5);
+  const cfg = { r: 4, alpha: 8, dropout: 0, targetModules: [], targetExperts: true };
+  const lora = new LoraModel(model.decoder, model.config, cfg);
+  noGrad(() => lora.parameters().forEach((p) => tidy(() => p.copy_(randn(p.shape).mul(0.3)))));
+  const [ids, pos, mask] = [[[3, 4, 5, 6]], [[0, 1, 2, 3]], [[1, 1, 1, 1]]].map((x) =>
+    tensor(x, { dtype: "int64" })
+  );
+  const forward = (): Tensor =>
+    noGrad(() =>
+      tidy(() => model.decoder.forward({ inputIds: ids!, positionIds: pos!, attentionMask: mask! }).logits!)
+    );
+  const dir = await Deno.makeTempDir({ prefix: "moerl_peft_experts_" });
+  try {
+    using want = forward();
+    await savePeftAdapter(lora, model.config, dir, "qwen3-moe-fused");
+    lora.dispose(); // the model as it was
+    const again = await loadPeftAdapter(dir, model);
+    assert.equal(again.linears.size, 0);
+    assert.ok(again.experts.size > 0);
+    using got = forward();
+    assert.ok(maxDiff(got, want, mask!) < 1e-6);
+    again.dispose();
+  } finally {
+    [ids, pos, mask].forEach((x) => x!.dispose());
     await Deno.remove(dir, { recursive: true });
   }
 });
