@@ -216,7 +216,7 @@ Deno.test("tidyAsync", async (t) => {
       };
       await assert.rejects(() => tidyAsync(failing), /sync failure/);
       // The next scope behaves as before: its temporaries freed, its result returned.
-      const y = await tidyAsync(async () => x.add(1).mul(2));
+      const y = await tidyAsync(() => Promise.resolve(x.add(1).mul(2)));
       assert.deepEqual(y.toArray(), [4, 6]);
       y.dispose();
     },
