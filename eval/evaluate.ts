@@ -16,7 +16,8 @@
  * else the last number).
  *
  * Writes, each atomically, into --out (default `<run>/eval/<checkpoint or
- * "base">-<split>/`): `predictions.jsonl`, one line per problem, and
+ * "base">-<split>/`, the run being the adapter's own when it is a checkpoint's, else the config's):
+ * `predictions.jsonl`, one line per problem, and
  * `summary.json`, also printed. Relative paths on the command line are taken
  * from the folder the command was started in (`INIT_CWD` under `deno task`);
  * paths inside the config from the project root. Exit status: 0, 1 on an
@@ -96,6 +97,21 @@ export async function resolveAdapter(path: string): Promise<string> {
   );
 }
 
+/**
+ * Where an evaluation goes by default: a checkpoint's adapter into its own run folder
+ * (`<run>/eval/checkpoint-N-<split>`), whatever the config's name; the base model or a standalone adapter into
+ * the config's run folder (`<run>/eval/base-<split>`, `<run>/eval/<adapter folder>-<split>`).
+ */
+function defaultOutput(cfg: TrainConfig, adapterDir: string | null, split: string): string {
+  if (adapterDir === null) return join(runDir(cfg), "eval", `base-${split}`);
+  const checkpoint = dirname(adapterDir);
+  if (basename(adapterDir) === ADAPTER_DIR && /^checkpoint-\d+$/.test(basename(checkpoint))) {
+    return join(dirname(checkpoint), "eval", `${basename(checkpoint)}-${split}`);
+  }
+  const label = basename(adapterDir) === ADAPTER_DIR ? basename(checkpoint) : basename(adapterDir);
+  return join(runDir(cfg), "eval", `${label}-${split}`);
+}
+
 /** Options of {@link runEvaluation}. */
 export interface RunEvaluationOptions {
   /** A PEFT adapter, checkpoint or run folder. */
@@ -131,12 +147,8 @@ export async function runEvaluation(
   });
   for (const s of data.skipped) log(`skipped record at line ${s.line}: ${s.reason}`);
   if (data.examples.length === 0) throw new Error(`${cfg.eval.source} (${split}): no problems to evaluate`);
-  const label = adapterDir === null
-    ? "base"
-    : basename(adapterDir) === ADAPTER_DIR
-    ? basename(dirname(adapterDir))
-    : basename(adapterDir);
-  const dir = opts.out ?? join(runDir(cfg), "eval", `${label}-${split}`);
+  const dir = opts.out ?? defaultOutput(cfg, adapterDir, split);
+  if (await isFile(join(dir, "summary.json"))) log(`replacing the earlier results in ${dir}`);
 
   log(
     `loading ${cfg.model.id} (${cfg.model.dtype}, ${cfg.model.device}${

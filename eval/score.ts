@@ -5,7 +5,9 @@
  *
  * Input: one JSON object a line with `completion` (the model's text) and
  * `answer` (the gold answer: a number, a number string, or a GSM8K solution
- * ending in `#### n`); other fields are ignored except `id`, which is copied.
+ * ending in `#### n`; `answer_gold` is read when `answer` is absent, so
+ * `deno task evaluate`'s predictions.jsonl scores as it is); other fields are
+ * ignored except `id`, which is copied.
  * Output, each written atomically (a temporary file renamed into place):
  *
  * - `--out` (default `<input>.scored.jsonl`): one verdict a scored line:
@@ -93,7 +95,8 @@ export function scoreRow(
   line: number,
 ): { ok: true; verdict: RowVerdict } | { ok: false; reason: string } {
   if (!isJsonObject(value)) return { ok: false, reason: "expected a JSON object" };
-  const { completion, answer, id } = value;
+  const { completion, id } = value;
+  const answer = value.answer ?? value.answer_gold; // evaluate's predictions (and our verdicts) say answer_gold
   if (typeof completion !== "string") {
     return {
       ok: false,

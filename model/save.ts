@@ -49,8 +49,30 @@ function norm(n: Norm, name: string, out: Record<string, Tensor>): void {
   } else throw new Error(`saveModel: unknown norm at ${name}`);
 }
 
-/** Writes model's weights and metadata files to dir (which may be new). */
+/** The real path of dir, or null when it does not exist. */
+async function realDir(dir: string): Promise<string | null> {
+  try {
+    return await Deno.realPath(dir);
+  } catch {
+    return null;
+  }
+}
+
+/**
+ * Writes model's weights and metadata files to dir (new, or without a model in it).
+ * @throws {Error} before writing anything, when dir is the folder the model was loaded from or already holds
+ *   a model's weights (a sharded index there would keep pointing at the old shards)
+ */
 export async function saveModel(model: CausalLM, dir: string): Promise<void> {
+  const real = await realDir(dir);
+  if (real !== null && model.dir && real === await realDir(model.dir)) {
+    throw new Error(`saveModel: ${dir} is the folder the model was loaded from: write to a new folder`);
+  }
+  for (const f of ["model.safetensors", "model.safetensors.index.json"]) {
+    if (await isFile(join(dir, f))) {
+      throw new Error(`saveModel: ${dir} already holds a model (${f}): write to a new folder`);
+    }
+  }
   const dec = model.decoder;
   const owned: Tensor[] = []; // views made for the per-expert layout
   const out: Record<string, Tensor> = { "model.embed_tokens.weight": dec.embed };

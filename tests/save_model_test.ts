@@ -49,6 +49,11 @@ for (const name of ["qwen3-moe-tiny", "qwen3-moe-fused", "phimoe-tiny"]) {
         using base = logits(model);
         assert.ok(tidy(() => base.sub(want).abs().amax().item()) > 1e-3, "the adapter mattered");
         for (const f of ["config.json", "generation_config.json"]) await Deno.stat(join(dir, f));
+        // Never over a model: not its own folder, not a folder that holds weights already.
+        const before = await Deno.readFile(join(dir, "model.safetensors"));
+        await assert.rejects(() => saveModel(reloaded, dir), /is the folder the model was loaded from/);
+        await assert.rejects(() => saveModel(model, dir), /already holds a model \(model\.safetensors\)/);
+        assert.deepEqual(await Deno.readFile(join(dir, "model.safetensors")), before);
       }
       assert.equal(liveTensors(), live);
     } finally {

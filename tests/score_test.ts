@@ -159,3 +159,19 @@ Deno.test("scoreText in process: the same totals as the CLI", () => {
     0,
   ]);
 });
+
+Deno.test("score reads deno task evaluate's predictions (answer_gold) and its own verdicts as they are", () => {
+  const evaluated = [
+    { id: "test-0", question: "q", answer_gold: "72", completion: "so 72 in all.\n#### 72" },
+    { id: "test-1", question: "q", answer_gold: "10", completion: "The answer is 12." },
+  ].map((r) => JSON.stringify(r)).join("\n");
+  const { verdicts, summary } = scoreText(evaluated);
+  assert.deepEqual(verdicts.map((v) => [v.id, v.answer_gold, v.correct_flexible]), [
+    ["test-0", "72", true],
+    ["test-1", "10", false],
+  ]);
+  assert.equal(summary.malformed, 0);
+  // An explicit answer wins over answer_gold.
+  const both = scoreText(JSON.stringify({ answer: "5", answer_gold: "6", completion: "#### 5" }));
+  assert.equal(both.verdicts[0]!.correct_strict, true);
+});

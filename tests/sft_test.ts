@@ -84,6 +84,14 @@ Deno.test("sft: the command refuses bad arguments with the reason and exit statu
       [["--model", "m", "--out", "o"], /give one of --data FILE\.jsonl, --task arithmetic/],
       [[...ok, "--data", "x.jsonl"], /give one of/],
       [["--model", "m", "--out", "o", "--task", "poetry"], /--task: unknown task "poetry"/],
+      [
+        ["--model", "m", "--out", "m", "--task", "arithmetic"],
+        /--out .* holds a model already \(or is --model\)/,
+      ],
+      [
+        [...ok.slice(0, 2), "--out", "tests/fixtures/models/qwen3-moe-tiny", ...ok.slice(4)],
+        /holds a model already/,
+      ],
     ] as const
   ) {
     const r = await run(...args);

@@ -98,10 +98,9 @@ Deno.test("evaluate: --adapter takes a run folder (its newest checkpoint); outpu
     run,
     "--limit",
     "2",
-    "--set",
-    `output.dir=${run}`,
   );
   assert.equal(r.code, 0, r.stderr);
+  // Into the adapter's own run folder, not the config's (runs/tiny).
   const { preds, summary } = await readOutputs(join(run, "eval", "checkpoint-3-test"));
   assert.equal(preds.length, 2);
   assert.equal(summary.adapter, join(run, "checkpoint-3", "adapter"));

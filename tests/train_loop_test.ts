@@ -70,6 +70,17 @@ Deno.test("train: a tiny run writes its folder, and --resume repeats the uninter
       /already holds a run \(metrics\.jsonl with 4 lines, checkpoint-4\): resume it/,
     );
     assert.equal(await Deno.readTextFile(join(part, "config.yaml")), yaml);
+    // A mistyped run folder is not a run to resume, and a checkpoint folder is not a run folder.
+    await assert.rejects(
+      async () => train(await config(join(tmp, "typo"), 2), { quiet: true, resume: true }),
+      /typo: nothing to resume \(no checkpoint, no metrics\)/,
+    );
+    for (const resume of [false, true]) {
+      await assert.rejects(
+        async () => train(await config(join(part, "checkpoint-4"), 6), { quiet: true, resume }),
+        /checkpoint-4 is a checkpoint folder: the run folder is the one that holds it/,
+      );
+    }
   } finally {
     await Deno.remove(tmp, { recursive: true });
   }

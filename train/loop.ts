@@ -38,7 +38,7 @@ import { JsonlLog, METRICS_FILE, SAMPLES_FILE, type StepRecord } from "./metrics
 import { ProgressBar } from "./progress.ts";
 import { writeReport } from "./report.ts";
 import { configuredOptimizer, configuredPolicy, loadConfiguredModel } from "./model.ts";
-import { checkNewRunDir, checkResumable } from "./resume.ts";
+import { checkNewRunDir, checkNotCheckpoint, checkResumable, nothingToResume } from "./resume.ts";
 import { lrFactor } from "./schedule.ts";
 
 /** What a finished (or resumed and finished) run returns. */
@@ -76,13 +76,13 @@ export async function train(cfg: TrainConfig, opts: TrainOptions = {}): Promise<
   const share = perUpdate / dp.size, first = dp.rank * share;
   const dir = runDir(cfg);
   // Checked before the model loads or config.yaml is written: a refused run changes nothing.
+  await checkNotCheckpoint(dir);
   const resumeFrom = opts.resume ? await latestCheckpoint(dir) : null;
   if (resumeFrom) checkResumable(resumeFrom, await readTrainerState(resumeFrom), cfg, dp.size);
-  else if (!opts.resume && lead) await checkNewRunDir(dir);
-  if (lead) {
-    await Deno.mkdir(dir, { recursive: true });
-    await writeAtomic(join(dir, RUN_CONFIG_FILE), formatConfig(cfg));
-  }
+  else if (opts.resume) {
+    const notice = await nothingToResume(dir);
+    if (!quiet) console.log(notice);
+  } else if (lead) await checkNewRunDir(dir);
 
   using model = await loadConfiguredModel({ ...cfg.model, device: opts.device ?? cfg.model.device });
   const tok = await Tokenizer.load(model.dir);
@@ -133,6 +133,10 @@ export async function train(cfg: TrainConfig, opts: TrainOptions = {}): Promise<
     }
     // Every rank starts from rank 0's weights (the same seed makes them equal already; this makes sure).
     dp.broadcastFromFirst(trainable());
+    if (lead) { // once the model and data have loaded: a start that fails leaves no run folder behind
+      await Deno.mkdir(dir, { recursive: true });
+      await writeAtomic(join(dir, RUN_CONFIG_FILE), formatConfig(cfg));
+    }
     const open = async (file: string): Promise<JsonlLog | null> =>
       lead ? (await JsonlLog.open(join(dir, file), opts.resume ? { keepUpTo: start } : {})).log : null;
     const metrics = await open(METRICS_FILE);

@@ -11,7 +11,7 @@
  */
 import { join } from "node:path";
 import { isFile } from "../model/json.ts";
-import { listCheckpoints, type TrainerState } from "./checkpoint.ts";
+import { listCheckpoints, TRAINER_STATE_FILE, type TrainerState } from "./checkpoint.ts";
 import type { DeepReadonly, TrainConfig } from "./config.ts";
 import { METRICS_FILE, readRecords } from "./metrics.ts";
 
@@ -115,4 +115,27 @@ export async function checkNewRunDir(dir: string): Promise<void> {
         "(name or output.dir)",
     );
   }
+}
+
+/**
+ * Throws when dir is a checkpoint folder rather than a run folder (a run started or resumed there would nest
+ * a run inside a checkpoint).
+ */
+export async function checkNotCheckpoint(dir: string): Promise<void> {
+  if (await isFile(join(dir, TRAINER_STATE_FILE))) {
+    throw new Error(`${dir} is a checkpoint folder: the run folder is the one that holds it`);
+  }
+}
+
+/**
+ * What resuming a folder without a checkpoint does: an error when it holds no run at all (a mistyped name
+ * should not start a new run), else a notice that the run starts over (its logs reach no checkpoint).
+ * @throws {Error} naming the folder when there is nothing to resume
+ */
+export async function nothingToResume(dir: string): Promise<string> {
+  const { records } = await readRecords(join(dir, METRICS_FILE));
+  if (records.length === 0) {
+    throw new Error(`${dir}: nothing to resume (no checkpoint, no metrics): start the run without --resume`);
+  }
+  return `${dir} has no checkpoint yet: starting over from update 0 (its ${records.length} logged updates are dropped)`;
 }

@@ -127,7 +127,12 @@ async function main(args: string[]): Promise<number> {
     return 2;
   }
   const base = Deno.env.get("INIT_CWD") ?? Deno.cwd();
-  const [modelDir, out] = [resolve(base, v.model), resolve(base, v.out)];
+  const [modelDir, out] = [resolve(base, v.model!), resolve(base, v.out!)];
+  const { exists } = await import("../model/atomic_write.ts");
+  if (out === modelDir || await exists(resolve(out, "model.safetensors"))) {
+    console.error(`sft: --out ${out} holds a model already (or is --model): give a new folder\n${USAGE}`);
+    return 2;
+  }
   const { loadModel } = await import("../model/model.ts");
   const { saveModel } = await import("../model/save.ts");
   const { Tokenizer: Tok } = await import("../model/tokenizer.ts");
