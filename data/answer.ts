@@ -9,7 +9,8 @@
  *   strict-match regex `#### (\-?[0-9\.\,]+)`.
  * - **flexible**: a cascade, first hit wins: `####` (anything but letters may
  *   stand between marker and number, e.g. `#### **$42**` or `####\n42`),
- *   `Final Answer` (`Final Answer:`, `The final answer is`), `\boxed{…}` (the
+ *   `Final Answer` (`Final Answer:`, `The final answer is`, a `Final Answer`
+ *   heading; not the words in passing), `\boxed{…}` (the
  *   last number inside), an answer phrase (`The answer is`, `Answer:`), and
  *   finally the last number anywhere in the text.
  *
@@ -273,7 +274,9 @@ function answerLineValue(text: string, from: number, noLetterFirst: boolean): Ra
     const cut = Math.max(span.lastIndexOf(" "), span.lastIndexOf("\n"));
     if (cut > 0) span = span.slice(0, cut);
   }
-  for (const raw of span.split("\n")) {
+  for (const [i, whole] of span.split("\n").entries()) {
+    // On a line of its own, "- 42" is a list item, not minus 42.
+    const raw = i > 0 ? whole.replace(/^\s*[-*+\u2022]\s+(?=\S)/u, "") : whole;
     if (!/[\p{L}\p{N}]/u.test(raw)) continue;
     const end = SENTENCE_END_RE.exec(raw);
     const line = end ? raw.slice(0, end.index) : raw;
@@ -310,8 +313,10 @@ function afterLastMarker(plain: string, re: RegExp, noLetterFirst: boolean): Rat
 }
 
 const HASH_RE = /####/g;
-// "Final Answer", "The final answer is", "**Final Answer**:".
-const FINAL_RE = /\bfinal\s+answer\b/giu;
+// "Final Answer:", "The final answer is", "**Final Answer**:", "## Final Answer" ending its line; not the words
+// in passing ("to get the final answer, we …").
+const FINAL_RE =
+  /\bfinal\s+answer\b[*_ \t]*(?:[:=]|\bis\b|\bwas\b|\bwould\s+be\b|\bwill\s+be\b|(?=\r?\n|$))/giu;
 // "The answer is", "answer was", "Answer:", "**Answer**:".
 const PHRASE_RE = /\banswer[*_\s]*(?:is\b|was\b|would\s+be\b|will\s+be\b|:|=)/giu;
 

@@ -77,6 +77,26 @@ const CASES: Case[] = [
   ["The temperature drops to \u22128", "-8", "last_number", null],
   ["so 48/2 = 24", "24", "last_number", null],
   ["x2 and COVID19", null, null, null], // digits glued to letters are not numbers
+  // "final answer" in passing is not the marker; the marker's forms; a list item is not a minus sign
+  [
+    "To get the final answer, we subtract: 20 - 5 = 15. Then add 3 for tax.\n\\boxed{18}",
+    "18",
+    "boxed",
+    null,
+  ],
+  [
+    "In the final answer I will use 2 decimals. 1.5+2.25 = 3.75\nThe answer is 3.75",
+    "3.75",
+    "answer_phrase",
+    null,
+  ],
+  ["The final answer is:\n42", "42", "final_answer", null],
+  ["Final answer is\n42", "42", "final_answer", null],
+  ["## Final Answer\n42 apples", "42", "final_answer", null],
+  ["**Final Answer:** 7", "7", "final_answer", null],
+  ["The final answer is:\n- 42", "42", "final_answer", null],
+  ["Answer:\n- 5 apples", "5", "answer_phrase", null],
+  ["The answer is -5", "-5", "answer_phrase", null],
   // nothing
   ["I don't know.", null, null, null],
   ["", null, null, null],
