@@ -10,7 +10,7 @@
  * training pass (forward and backward over prompt + new tokens); prints the
  * sdpa / eager ratios. Needs a libtorch with SDPA (2.1 or later).
  */
-import { parseArgs } from "node:util";
+import { benchArgs } from "./cli.ts";
 import { cuda, type Device, type DType, manualSeed, tensor, tidy } from "../ffi/mod.ts";
 import { parseConfig } from "../model/config.ts";
 import { modelLine } from "./shapes.ts";
@@ -18,8 +18,10 @@ import { generate } from "../model/generate.ts";
 import { type Linear, resolveAttention } from "../model/layers.ts";
 import { randomModel } from "../model/model.ts";
 
-const { values: a } = parseArgs({
-  options: {
+const a = benchArgs(
+  "deno run -A bench/attention.ts",
+  "Fused attention against the eager path (see bench/attention.ts).",
+  {
     shapes: { type: "string", default: "bench/shapes/huihui-moe-1b-a0.6b.json" },
     device: { type: "string", default: "cpu" },
     dtype: { type: "string", default: "float32" },
@@ -29,7 +31,7 @@ const { values: a } = parseArgs({
     layers: { type: "string" }, // override num_hidden_layers for a quick CPU try
     runs: { type: "string", default: "3" }, // rounds, alternating the two paths
   },
-});
+);
 const raw = JSON.parse(await Deno.readTextFile(a.shapes!));
 if (a.layers) raw.num_hidden_layers = Number(a.layers);
 raw.model_type ??= "qwen3_moe"; // bench-small.json, the small model of bench:generate, leaves it to the bench

@@ -19,7 +19,7 @@
  * shared evenly by the processes of a variant (OMP_NUM_THREADS overrides).
  */
 import { join } from "node:path";
-import { parseArgs } from "node:util";
+import { benchArgs } from "./cli.ts";
 import { type Device, type DType, manualSeed, tidy, torchVersion, useAvailableCores } from "../ffi/mod.ts";
 import { randomModel } from "../model/model.ts";
 import { collect } from "../rl/collect.ts";
@@ -32,8 +32,10 @@ import { distTimeoutSeconds, joinReplicas, launchEnv, rankDevice, spawnLocal } f
 import { SMALL_SHAPES } from "./shapes.ts";
 import { shapesModelConfig, SILENT_TOKENIZER, syntheticPrompts } from "./synthetic.ts";
 
-const { values: a } = parseArgs({
-  options: {
+const a = benchArgs(
+  "deno task bench:dp",
+  "Seconds per RL update with 1 and more processes (see bench/data_parallel.ts).",
+  {
     procs: { type: "string", default: "1,2" },
     updates: { type: "string", default: "4" },
     prompts: { type: "string", default: "8" },
@@ -45,7 +47,7 @@ const { values: a } = parseArgs({
     shapes: { type: "string" },
     out: { type: "string" }, // internal: a worker writes its JSON here
   },
-});
+);
 
 /** What rank 0 of a variant measured. */
 interface Result {

@@ -23,9 +23,16 @@
  * Env: MOERL_BENCH_PYTHON picks the python (default /usr/bin/python3, Debian's,
  * which has python3-torch 1.13).
  */
+import { benchArgs } from "./cli.ts";
 import { arange, randn, setLeakCheck, type Tensor, tidy, torchVersion } from "../ffi/mod.ts";
 import { ctx, shim } from "../ffi/lib.ts";
 import { runPythonJson } from "./python.ts";
+
+benchArgs(
+  "deno task bench:ffi",
+  "Per-op overhead of moerl against Python torch on the same libtorch (see bench/ffi_overhead.ts).",
+  {},
+);
 
 Deno.env.set("OMP_NUM_THREADS", "1");
 Deno.env.set("MKL_NUM_THREADS", "1");

@@ -21,11 +21,18 @@
  * Env: MOERL_BENCH_PYTHON picks the python (default python3); it needs torch
  * and transformers v5 (scripts/requirements-fixtures.txt).
  */
+import { benchArgs } from "./cli.ts";
 import { generate } from "../model/generate.ts";
 import { loadModel } from "../model/model.ts";
 import { torchVersion } from "../ffi/mod.ts";
 import { runPythonJson } from "./python.ts";
 import { readShapes, SMALL_SHAPES } from "./shapes.ts";
+
+benchArgs(
+  "deno task bench:generate",
+  "Generation speed of moerl against transformers on a small model (see bench/generate.ts).",
+  {},
+);
 
 const CFG = {
   seed: 1234,

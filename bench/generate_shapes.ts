@@ -18,7 +18,7 @@
  * graphs are captured in the warm-up run (its time is the "first s" column)
  * and the timed runs replay them. On a CPU "graph" runs eagerly (= static).
  */
-import { parseArgs } from "node:util";
+import { benchArgs } from "./cli.ts";
 import { cuda, type Device, type DType, manualSeed } from "../ffi/mod.ts";
 import { parseConfig } from "../model/config.ts";
 import { modelLine } from "./shapes.ts";
@@ -29,8 +29,10 @@ import { ATTENTION_CHECK, type AttentionImpl } from "../model/layers.ts";
 import { randomModel } from "../model/model.ts";
 import type { MoeDispatch } from "../model/moe.ts";
 
-const { values: a } = parseArgs({
-  options: {
+const a = benchArgs(
+  "deno run -A bench/generate_shapes.ts",
+  "Decode tokens/s and bandwidth use at a real model's shapes (see bench/generate_shapes.ts).",
+  {
     shapes: { type: "string", default: "bench/shapes/huihui-moe-1b-a0.6b.json" },
     device: { type: "string", default: "cpu" },
     dtype: { type: "string", default: "float32" },
@@ -43,7 +45,7 @@ const { values: a } = parseArgs({
     attention: { type: "string", default: "auto" }, // auto | sdpa | eager (bench/attention.ts compares them)
     bandwidth: { type: "string" }, // GB/s of the device's memory, for the bound (default 4800, an H200, on CUDA)
   },
-});
+);
 const raw = JSON.parse(await Deno.readTextFile(a.shapes!));
 if (a.layers) raw.num_hidden_layers = Number(a.layers);
 raw.model_type ??= "qwen3_moe"; // bench-small.json, the small model of bench:generate, leaves it to the bench

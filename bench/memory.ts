@@ -15,7 +15,7 @@
  * reports its peak RSS (VmHWM) during the measured step above the RSS just
  * before it, so variants cannot inherit each other's high-water mark.
  */
-import { parseArgs } from "node:util";
+import { benchArgs } from "./cli.ts";
 import { cuda, type Device, dispose, type DType, manualSeed, tensor } from "../ffi/mod.ts";
 import { parseConfig } from "../model/config.ts";
 import { DEFAULT_LORA } from "../model/lora_apply.ts";
@@ -23,8 +23,10 @@ import { randomModel } from "../model/model.ts";
 import { type Nf4Backward, quantizeModel } from "../model/nf4.ts";
 import { Policy } from "../rl/policy.ts";
 
-const { values: a } = parseArgs({
-  options: {
+const a = benchArgs(
+  "deno task bench:memory",
+  "Peak memory of a training step, by variant (see bench/memory.ts).",
+  {
     device: { type: "string", default: "cpu" },
     dtype: { type: "string", default: "float32" },
     shapes: { type: "string" },
@@ -34,7 +36,7 @@ const { values: a } = parseArgs({
     "head-chunk": { type: "string", default: "128" },
     variant: { type: "string" }, // internal: run one variant and print JSON
   },
-});
+);
 const device = a.device as Device, dtype = a.dtype as DType;
 const onGpu = device.startsWith("cuda");
 const headChunk = Number(a["head-chunk"]);

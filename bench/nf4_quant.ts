@@ -9,21 +9,19 @@
  * Then times a forward pass of --tokens rows through the layer, dense
  * versus NF4 (dequantised on the fly), mean of --iters after a warm-up.
  */
-import { parseArgs } from "node:util";
+import { benchArgs } from "./cli.ts";
 import { cuda, type Device, type DType, manualSeed, noGrad, randn, tidy } from "../ffi/mod.ts";
 import { Linear } from "../model/layers.ts";
 import { Nf4Linear } from "../model/nf4.ts";
 import { quantizeNf4 } from "../model/nf4_codec.ts";
 
-const { values: a } = parseArgs({
-  options: {
-    device: { type: "string", default: "cpu" },
-    dtype: { type: "string", default: "bfloat16" },
-    rows: { type: "string", default: "151936" },
-    cols: { type: "string", default: "1024" },
-    tokens: { type: "string", default: "256" },
-    iters: { type: "string", default: "5" },
-  },
+const a = benchArgs("deno run -A bench/nf4_quant.ts", "NF4 quantisation speed (see bench/nf4_quant.ts).", {
+  device: { type: "string", default: "cpu" },
+  dtype: { type: "string", default: "bfloat16" },
+  rows: { type: "string", default: "151936" },
+  cols: { type: "string", default: "1024" },
+  tokens: { type: "string", default: "256" },
+  iters: { type: "string", default: "5" },
 });
 const device = a.device as Device, dtype = a.dtype as DType, gpu = device.startsWith("cuda");
 const rss = (f: "VmRSS" | "VmHWM"): number =>

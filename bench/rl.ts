@@ -34,7 +34,7 @@
  * Env: MOERL_BENCH_PYTHON (default python3) needs torch, transformers, peft
  * and trl (scripts/requirements-fixtures.txt plus trl).
  */
-import { parseArgs } from "node:util";
+import { benchArgs } from "./cli.ts";
 import {
   cuda,
   type Device,
@@ -58,23 +58,21 @@ import { runPythonJson } from "./python.ts";
 import { readShapes, SMALL_SHAPES } from "./shapes.ts";
 import { syntheticPrompts } from "./synthetic.ts";
 
-const { values: a } = parseArgs({
-  options: {
-    pairs: { type: "string", default: "3" },
-    updates: { type: "string", default: "5" },
-    prompts: { type: "string", default: "8" },
-    k: { type: "string", default: "4" },
-    new: { type: "string", default: "64" },
-    micro: { type: "string", default: "4" },
-    device: { type: "string", default: "cpu" },
-    dtype: { type: "string", default: "float32" },
-    shapes: { type: "string" },
-    "skip-trl": { type: "boolean", default: false },
-    decode: { type: "string" },
-    "decode-dispatch": { type: "string" },
-    lora: { type: "string", default: "qkvo" },
-    variants: { type: "string", default: "token_value,group" },
-  },
+const a = benchArgs("deno task bench:rl", "Seconds per RL update, moerl against TRL (see bench/rl.ts).", {
+  pairs: { type: "string", default: "3" },
+  updates: { type: "string", default: "5" },
+  prompts: { type: "string", default: "8" },
+  k: { type: "string", default: "4" },
+  new: { type: "string", default: "64" },
+  micro: { type: "string", default: "4" },
+  device: { type: "string", default: "cpu" },
+  dtype: { type: "string", default: "float32" },
+  shapes: { type: "string" },
+  "skip-trl": { type: "boolean", default: false },
+  decode: { type: "string" },
+  "decode-dispatch": { type: "string" },
+  lora: { type: "string", default: "qkvo" },
+  variants: { type: "string", default: "token_value,group" },
 });
 if (!Deno.env.get("OMP_NUM_THREADS")) Deno.env.set("OMP_NUM_THREADS", String(navigator.hardwareConcurrency));
 const PYTHON = Deno.env.get("MOERL_BENCH_PYTHON") ?? "python3";
