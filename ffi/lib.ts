@@ -3,6 +3,7 @@
  * moerl never touches the library until the first tensor op.
  * @module
  */
+import { fileURLToPath } from "node:url";
 import { type ShimLibrary, symbols } from "./symbols.ts";
 
 /** The ABI version this TypeScript expects from the shim (mt_abi_version). */
@@ -45,26 +46,29 @@ function envVar(name: string): string | undefined {
   }
 }
 
-/** Paths tried, in order: $MOERL_LIB, then the build's ffi/build/current.json. */
-function candidates(): { path: string; from: string }[] {
-  const out: { path: string; from: string }[] = [];
+/** Paths to try, in order: $MOERL_LIB, then the build's ffi/build/current.json; and why the build's is not. */
+function candidates(): { paths: { path: string; from: string }[]; noBuild: string | null } {
+  const paths: { path: string; from: string }[] = [];
   const env = envVar("MOERL_LIB");
-  if (env) out.push({ path: env, from: "$MOERL_LIB" });
-  const manifest = new URL("./build/current.json", import.meta.url);
-  if (manifest.protocol === "file:") {
-    try {
-      const info = JSON.parse(Deno.readTextFileSync(manifest)) as { lib?: unknown };
-      if (typeof info.lib === "string") out.push({ path: info.lib, from: manifest.pathname });
-    } catch (e) {
-      out.push({ path: manifest.pathname, from: `manifest unreadable: ${(e as Error).message}` });
-    }
+  if (env) paths.push({ path: env, from: "$MOERL_LIB" });
+  const url = new URL("./build/current.json", import.meta.url);
+  if (url.protocol !== "file:") return { paths, noBuild: `no local build beside ${url.href}` };
+  const manifest = fileURLToPath(url);
+  try {
+    const info = JSON.parse(Deno.readTextFileSync(manifest)) as { lib?: unknown };
+    if (typeof info.lib !== "string") return { paths, noBuild: `${manifest} names no library` };
+    paths.push({ path: info.lib, from: manifest });
+    return { paths, noBuild: null };
+  } catch (e) {
+    const why = e instanceof Deno.errors.NotFound ? "not built yet" : (e as Error).message;
+    return { paths, noBuild: `${manifest}: ${why}` };
   }
-  return out;
 }
 
 function load(): Loaded {
   const tried: string[] = [];
-  for (const { path, from } of candidates()) {
+  const { paths, noBuild } = candidates();
+  for (const { path, from } of paths) {
     try {
       const lib = Deno.dlopen(path, symbols);
       const abi = lib.symbols.mt_abi_version();
@@ -76,14 +80,15 @@ function load(): Loaded {
       lib.close();
       tried.push(`${path} (${from}): ABI ${abi}, expected ${ABI_VERSION}; rebuild`);
     } catch (e) {
-      tried.push(`${path} (${from}): ${(e as Error).message}`);
+      tried.push(`${path} (${from}): ${(e as Error).message.replace(/^(Could not open library: )+/, "")}`);
     }
     // A library named by $MOERL_LIB is the one asked for: falling back to another build would hide the mistake.
     if (from === "$MOERL_LIB") break;
   }
   throw new Error(
     "moerl: cannot load the libtorch shim.\n" +
-      (tried.length ? `Tried:\n  ${tried.join("\n  ")}\n` : "No build found (ffi/build/current.json).\n") +
+      (tried.length ? `Tried:\n  ${tried.join("\n  ")}\n` : "") +
+      (noBuild && !envVar("MOERL_LIB") ? `No build: ${noBuild}.\n` : "") +
       "Fix: run `deno task build` (or scripts/setup.sh), or set MOERL_LIB to a built libmoerl .so.",
   );
 }

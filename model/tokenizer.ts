@@ -6,7 +6,7 @@
  * generation_config.json, else config.json, else the tokenizer's EOS).
  * @module
  */
-import { join } from "node:path";
+import { dirname, join } from "node:path";
 import type { Tokenizer as HfTokenizer } from "tokenizers";
 import {
   type ChatMessage,
@@ -376,7 +376,10 @@ export class Tokenizer {
   applyChatTemplate(messages: readonly ChatMessage[], opts: ChatTemplateOptions = {}): string {
     if (!this.chatTemplate) {
       throw new Error(
-        `${this.source}: the tokenizer has no chat template (tokenizer_config.json "chat_template")`,
+        `${
+          dirname(this.source)
+        }: no chat template (neither a tokenizer_config.json with "chat_template" nor a ` +
+          "chat_template.jinja beside tokenizer.json)",
       );
     }
     return this.chatTemplate.render(messages, opts, this.templateSpecialTokens);

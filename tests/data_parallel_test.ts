@@ -252,3 +252,15 @@ Deno.test({
     }
   },
 });
+
+Deno.test("train --nproc: an update that does not split over the processes is refused before any starts", async () => {
+  const tmp = await Deno.makeTempDir({ prefix: "moerl_dp_split_" });
+  try {
+    const r = await trainCli([...settings(tmp, 1), "--nproc", "3"]); // 4 prompts per update
+    assert.equal(r.code, 2);
+    assert.match(text(r.stderr), /^train: --nproc 3: an update's 4 prompts .* do not split evenly/m);
+    assert.equal(text(r.stderr).match(/do not split/g)!.length, 1, "said once, by no rank");
+  } finally {
+    await Deno.remove(tmp, { recursive: true });
+  }
+});

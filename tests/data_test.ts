@@ -282,7 +282,10 @@ Deno.test("buildPrompt: a tokenizer without a chat template is an error", async 
   const dir = await Deno.makeTempDir({ dir: TMP });
   await Deno.copyFile(join(TINY_DIR, "tokenizer.json"), join(dir, "tokenizer.json"));
   const tok = await Tokenizer.load(dir);
-  await assert.rejects(buildPrompt(tok, Q), /has no chat template/);
+  await assert.rejects(
+    buildPrompt(tok, Q),
+    /no chat template \(neither a tokenizer_config\.json with "chat_template" nor a chat_template\.jinja/,
+  );
 });
 
 // ---------------------------------------------------------------------------------------------

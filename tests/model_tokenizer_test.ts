@@ -231,7 +231,10 @@ Deno.test("tokenizer: chat template semantics beyond the fixture", async (t) => 
       );
       await Deno.writeTextFile(join(dir, "tokenizer_config.json"), JSON.stringify({}));
       const bare = await Tokenizer.load(dir);
-      assert.throws(() => bare.applyChatTemplate([{ role: "user", content: "x" }]), /has no chat template/);
+      assert.throws(
+        () => bare.applyChatTemplate([{ role: "user", content: "x" }]),
+        /no chat template \(neither a tokenizer_config\.json with "chat_template" nor a chat_template\.jinja/,
+      );
       await Deno.writeTextFile(join(dir, "chat_template.jinja"), "jinja file wins");
       assert.equal((await Tokenizer.load(dir)).applyChatTemplate([]), "jinja file wins");
     } finally {

@@ -19,3 +19,18 @@ Deno.test("runtime: the CPU thread count round-trips; by default every available
     setNumThreads(before);
   }
 });
+
+Deno.test("runtime: a shim that cannot load is an error that says what was tried and how to fix it", async () => {
+  const out = await new Deno.Command(Deno.execPath(), {
+    args: ["eval", `import("./ffi/mod.ts").then((m) => m.zeros([1])).catch((e) => console.log(e.message))`],
+    cwd: import.meta.dirname + "/..",
+    env: { MOERL_LIB: "/nonexistent/libmoerl.so" },
+  }).output();
+  const text = new TextDecoder().decode(out.stdout);
+  assert.match(
+    text,
+    /cannot load the libtorch shim\.\nTried:\n {2}\/nonexistent\/libmoerl\.so \(\$MOERL_LIB\): \//,
+  );
+  assert.doesNotMatch(text, /Could not open library: Could not open library/);
+  assert.match(text, /Fix: run `deno task build`/);
+});

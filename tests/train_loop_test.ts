@@ -4,7 +4,7 @@
  */
 import assert from "node:assert/strict";
 import { join } from "node:path";
-import { liveTensors } from "../ffi/mod.ts";
+import { cuda, liveTensors } from "../ffi/mod.ts";
 import { loadTrainConfig, type TrainConfig } from "../train/config.ts";
 import { train } from "../train/loop.ts";
 import { escapeHtml } from "../train/report.ts";
@@ -106,6 +106,13 @@ Deno.test("train: every update gets its full batch when the data does not divide
       async () => train(await config(join(tmp, "b"), 1, "data.limit=1"), { quiet: true }),
       /1 problems, fewer than train\.microBatch \(2\)/,
     );
+    // A device this machine lacks is named as the setting, before anything loads or is written.
+    const missing = cuda.isAvailable() ? `cuda:${cuda.deviceCount()}` : "cuda";
+    await assert.rejects(
+      async () => train(await config(join(tmp, "c"), 1, `model.device=${missing}`), { quiet: true }),
+      new RegExp(`model\\.device "${missing}": `),
+    );
+    await assert.rejects(() => Deno.stat(join(tmp, "c")), Deno.errors.NotFound);
   } finally {
     await Deno.remove(tmp, { recursive: true });
   }

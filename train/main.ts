@@ -22,6 +22,7 @@ import {
 } from "./config.ts";
 import { parseCommandLine } from "./cli.ts";
 import { train } from "./loop.ts";
+import { formatValue } from "./progress.ts";
 import {
   distTimeoutSeconds,
   joinReplicas,
@@ -33,8 +34,8 @@ import {
 } from "./launch.ts";
 import { torchVersion, useAvailableCores } from "../ffi/mod.ts";
 
-const USAGE = "usage: deno task train --config configs/x.yaml [--set key.path=value ...] [--resume] " +
-  "[--print-config] [--nproc N]";
+const USAGE = "usage: deno task train [--config configs/x.yaml] [--set key.path=value ...] [--resume] " +
+  "[--print-config] [--nproc N]\n(without --config: the built-in defaults, which configs/default.yaml lists)";
 
 /** The command line: returns the exit status. */
 export async function main(args: string[]): Promise<number> {
@@ -54,6 +55,14 @@ export async function main(args: string[]): Promise<number> {
     console.error(`train: ${(e as Error).message}`);
     return 2;
   }
+  const base = Deno.env.get("INIT_CWD") ?? Deno.cwd();
+  let cfg: TrainConfig;
+  try {
+    cfg = await loadTrainConfig(v.config === undefined ? undefined : resolve(base, v.config), v.set ?? []);
+  } catch (e) {
+    console.error(`train: ${(e as Error).message}`);
+    return e instanceof TrainConfigError ? 2 : 1;
+  }
   if (v.nproc !== undefined && !v["print-config"]) {
     const n = Number(v.nproc);
     if (env) {
@@ -66,17 +75,16 @@ export async function main(args: string[]): Promise<number> {
       console.error(`train: --nproc: expected an integer >= 1, got "${v.nproc}"\n${USAGE}`);
       return 2;
     }
+    if (promptsPerUpdate(cfg) % n !== 0) { // said once here, rather than by every rank it would start
+      console.error(
+        `train: --nproc ${n}: an update's ${promptsPerUpdate(cfg)} prompts (train.microBatch × ` +
+          "train.gradAccum) do not split evenly over the processes",
+      );
+      return 2;
+    }
     return await spawnLocal(n, ["run", "-A", import.meta.filename!, ...withoutNproc(args)]);
   }
   const lead = (env?.rank ?? 0) === 0;
-  const base = Deno.env.get("INIT_CWD") ?? Deno.cwd();
-  let cfg: TrainConfig;
-  try {
-    cfg = await loadTrainConfig(v.config === undefined ? undefined : resolve(base, v.config), v.set ?? []);
-  } catch (e) {
-    console.error(`train: ${(e as Error).message}`);
-    return e instanceof TrainConfigError ? 2 : 1;
-  }
   const say = lead ? console.log : () => {};
   say(`# resolved config${v.config ? ` (${v.config} over the defaults)` : " (defaults)"}`);
   say(formatConfig(cfg));
@@ -101,9 +109,10 @@ export async function main(args: string[]): Promise<number> {
     const result = await train(cfg, { resume: v.resume ?? false, replicas, device });
     const last = result.records[result.records.length - 1];
     say(
-      `done: ${result.dir} (${result.records.length} updates this run; last reward ${
-        last?.reward_mean ?? "-"
-      })`,
+      `done: ${result.dir} (${result.records.length} update${
+        result.records.length === 1 ? "" : "s"
+      } this run; ` +
+        `last reward ${typeof last?.reward_mean === "number" ? formatValue(last.reward_mean) : "–"})`,
     );
     return 0;
   } catch (e) {

@@ -4,7 +4,7 @@
  * and the policy and optimizer the config puts over it.
  * @module
  */
-import type { AdamW } from "../ffi/mod.ts";
+import { type AdamW, cuda, torchVersion } from "../ffi/mod.ts";
 import { type CausalLM, loadModel } from "../model/model.ts";
 import { quantizeModel } from "../model/nf4.ts";
 import { Policy } from "../rl/policy.ts";
@@ -16,6 +16,17 @@ import type { DeepReadonly, ModelSettings, TrainConfig } from "./config.ts";
  * NF4 when asked.
  */
 export async function loadConfiguredModel(cfg: DeepReadonly<ModelSettings>): Promise<CausalLM> {
+  if (cfg.device.startsWith("cuda")) { // said before a checkpoint is read, naming the setting
+    const index = Number(cfg.device.split(":")[1] ?? 0), count = cuda.isAvailable() ? cuda.deviceCount() : 0;
+    if (index >= count) {
+      throw new Error(
+        `model.device "${cfg.device}": ${
+          count ? `this machine has CUDA devices 0..${count - 1}` : "CUDA is not available here"
+        } ` +
+          `(libtorch ${torchVersion()}); set model.device=cpu or run where the GPU is`,
+      );
+    }
+  }
   const model = await loadModel(cfg.id, { dtype: cfg.dtype, device: cfg.device, attention: cfg.attention });
   try {
     if (cfg.quantize4bit) quantizeModel(model, { doubleQuant: cfg.doubleQuant });

@@ -36,9 +36,13 @@ export function formatDuration(seconds: number): string {
   return `${r}s`;
 }
 
-/** A metric for the line: 3 significant digits (whole numbers from 100 on), or the string as is. */
+/**
+ * A metric for the line: 3 significant digits (whole numbers from 100 on), "–" for NaN (not measured this
+ * update, e.g. the KL when no group had a reward spread), or the string as is.
+ */
 export function formatValue(v: number | string): string {
   if (typeof v === "string") return v;
+  if (Number.isNaN(v)) return "–";
   if (!Number.isFinite(v)) return String(v);
   if (v !== 0 && (Math.abs(v) >= 1e6 || Math.abs(v) < 1e-3)) return v.toExponential(2);
   if (Math.abs(v) >= 100) return String(Math.round(v));
