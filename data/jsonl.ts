@@ -15,7 +15,7 @@ export type JsonlLine =
  */
 export function parseJsonl(text: string): JsonlLine[] {
   const out: JsonlLine[] = [];
-  const lines = text.split("\n");
+  const lines = (text.startsWith("\uFEFF") ? text.slice(1) : text).split("\n"); // a UTF-8 byte-order mark
   for (let i = 0; i < lines.length; i++) {
     const raw = lines[i]!.endsWith("\r") ? lines[i]!.slice(0, -1) : lines[i]!;
     if (raw.trim() === "") continue;

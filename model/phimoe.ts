@@ -73,8 +73,8 @@ export async function buildPhiMoe(cfg: PhiMoeConfig, w: WeightLoader): Promise<D
     });
   }
   const embed = await w.load("model.embed_tokens.weight", [cfg.vocabSize, h]);
-  const lmHead = cfg.tieWordEmbeddings
-    ? new Linear(embed)
+  const lmHead = cfg.tieWordEmbeddings // tied: the weight is the embedding's, a bias is still its own (as HF)
+    ? new Linear(embed, cfg.lmHeadBias ? await w.load("lm_head.bias", [cfg.vocabSize]) : null)
     : await linear("lm_head", cfg.vocabSize, h, cfg.lmHeadBias);
   const finalNorm = await norm("model.norm");
   return new Decoder(embed, layers, finalNorm, lmHead, {

@@ -78,9 +78,9 @@ export async function saveModel(model: CausalLM, dir: string): Promise<void> {
   const out: Record<string, Tensor> = { "model.embed_tokens.weight": dec.embed };
   try {
     for (const slot of linearSlots(dec)) {
-      if (slot.name === "lm_head" && model.config.tieWordEmbeddings) continue;
       const l = dense(slot.get(), slot.name);
-      out[`${slot.name}.weight`] = l.weight;
+      // A tied head's weight is the embedding, stored once; its bias (PhiMoE's lm_head_bias) is its own.
+      if (!(slot.name === "lm_head" && model.config.tieWordEmbeddings)) out[`${slot.name}.weight`] = l.weight;
       if (l.bias) out[`${slot.name}.bias`] = l.bias;
     }
     for (const layer of dec.layers) {

@@ -72,9 +72,15 @@ export function describe(v: unknown): string {
   return `${JSON.stringify(v).slice(0, 60)} (a ${typeof v})`;
 }
 
-/** "section.key: expected …, got …" for every key of value that fails its check. */
+/** "section.key: expected …, got …" for every key of value that fails its check; "unknown setting" for a key without one. */
 export function checkSection<T>(section: string, value: T, checks: Checks<T>): string[] {
   const problems: string[] = [];
+  // A misspelt key would otherwise be ignored in silence (a config file's keys are checked as they are read).
+  for (const key of Object.keys((value ?? {}) as object)) {
+    if (!(key in checks)) {
+      problems.push(`${section}.${key}: unknown setting (known: ${Object.keys(checks).join(", ")})`);
+    }
+  }
   for (const [key, check] of Object.entries(checks) as [string, Check][]) {
     const v = (value as Record<string, unknown>)[key];
     if (!check.ok(v)) problems.push(`${section}.${key}: expected ${check.expected}, got ${describe(v)}`);

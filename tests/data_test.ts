@@ -59,6 +59,8 @@ Deno.test("parseJsonl: line numbers count blank lines; CRLF and bad JSON", () =>
   assert.deepEqual(lines.map((l) => [l.line, l.ok]), [[1, true], [4, true], [5, false]]);
   assert.deepEqual(lines[0], { line: 1, ok: true, value: { a: 1 } });
   assert.match((lines[2] as { reason: string }).reason, /^invalid JSON/);
+  // A file saved with a byte-order mark (Windows editors) reads as the same records.
+  assert.deepEqual(parseJsonl('\uFEFF{"a":1}\n'), [{ line: 1, ok: true, value: { a: 1 } }]);
 });
 
 Deno.test("loadGsm8k: the jsonl fixture, gold parsed from ####", async () => {

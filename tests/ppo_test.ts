@@ -82,6 +82,11 @@ Deno.test("rl config: every bad value names its section and key", () => {
     [{ ppo: { gaeLambda: 2 } }, /ppo\.gaeLambda: expected a number in \[0, 1\], got 2/],
     [{ moe: { routingReplay: "on" as "off" } }, /moe\.routingReplay: expected one of "off", "rollout"/],
     [{ rollout: { temperature: 0 } }, /rollout\.temperature/],
+    // A misspelt key in code is an error too, not a setting silently left at its default.
+    [
+      { rollout: { kk: 3 } as unknown as RlOverrides["rollout"] },
+      /rollout\.kk: unknown setting \(known: k, /,
+    ],
   ];
   for (const [over, re] of bad) assert.throws(() => rlConfig(over), re);
 });

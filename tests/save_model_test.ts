@@ -1,9 +1,12 @@
 /** saveModel writes a folder that loads back to the same model, with merged adapters baked in. */
 import assert from "node:assert/strict";
 import { join } from "node:path";
-import { liveTensors, noGrad, randn, type Tensor, tensor, tidy } from "../ffi/mod.ts";
+import { liveTensors, manualSeed, noGrad, randn, type Tensor, tensor, tidy } from "../ffi/mod.ts";
+import { parseConfig } from "../model/config.ts";
+import type { Linear } from "../model/layers.ts";
+import { SafetensorsFile } from "../model/safetensors.ts";
 import { LoraModel } from "../model/lora_apply.ts";
-import { type CausalLM, loadModel } from "../model/model.ts";
+import { type CausalLM, loadModel, randomModel } from "../model/model.ts";
 import { saveModel } from "../model/save.ts";
 
 const MODELS = join(import.meta.dirname!, "fixtures", "models");
@@ -61,3 +64,24 @@ for (const name of ["qwen3-moe-tiny", "qwen3-moe-fused", "phimoe-tiny"]) {
     }
   });
 }
+
+Deno.test("saveModel: a tied LM head keeps its own bias (PhiMoE's lm_head_bias), as transformers does", async () => {
+  const raw = JSON.parse(await Deno.readTextFile(join(MODELS, "phimoe-tiny", "config.json")));
+  const config = parseConfig({ ...raw, tie_word_embeddings: true, lm_head_bias: true }, "tied/config.json");
+  const dir = await Deno.makeTempDir({ prefix: "moerl_save_tied_" });
+  try {
+    manualSeed(3);
+    using model = await randomModel(config);
+    assert.ok((model.decoder.lmHead as Linear).bias, "the random model has its bias");
+    await saveModel(model, dir);
+    await Deno.writeTextFile(join(dir, "config.json"), JSON.stringify({ ...raw, tie_word_embeddings: true }));
+    const names = await SafetensorsFile.open(join(dir, "model.safetensors"));
+    assert.ok(names.names().includes("lm_head.bias") && !names.names().includes("lm_head.weight"));
+    names.close();
+    using again = await loadModel(dir);
+    using a = logits(model), b = logits(again);
+    assert.ok(tidy(() => a.sub(b).abs().amax().item()) < 1e-6);
+  } finally {
+    await Deno.remove(dir, { recursive: true });
+  }
+});
