@@ -262,6 +262,7 @@ function planLoad(keys: string[], model: CausalLM, file: string): LoadPlan {
     }
   }
   const plan: LoadPlan = { linears: [], experts: false, split: false };
+  const levels = new Map<string, Set<"outer" | "nested">>(); // fused banks: which nesting levels have keys
   for (const key of keys) {
     const m = /^base_model\.model\.(.+)\.lora_([AB])\.weight$/.exec(key);
     if (!m) throw new Error(`${file}: unexpected key "${key}" (not a LoRA A/B weight)`);
@@ -272,10 +273,22 @@ function planLoad(keys: string[], model: CausalLM, file: string): LoadPlan {
       if (!plan.linears.includes(name)) plan.linears.push(name);
     } else if (experts.has(mod.replace(/\.base_layer$/, ""))) {
       plan.experts = true;
+      const bank = mod.replace(/\.base_layer$/, "");
+      if (!levels.has(bank)) levels.set(bank, new Set());
+      levels.get(bank)!.add(mod === bank ? "outer" : "nested");
     } else if (split && experts.has(split[1]!)) {
       plan.experts = plan.split = true;
     } else {
       throw new Error(`${file}: key "${key}" matches no module of this ${cfg.modelType} model`);
+    }
+  }
+  // PEFT nests the adapter of a bank's second parameter inside the first's: one level means one parameter.
+  for (const [bank, seen] of levels) {
+    if (seen.size === 1) {
+      throw new Error(
+        `${file}: ${bank} is adapted in one of its two expert parameters only; moerl adapts gate_up_proj and ` +
+          "down_proj together (target_parameters naming both)",
+      );
     }
   }
   return plan;

@@ -197,3 +197,25 @@ Deno.test("peft: an adapter of the experts alone saves and loads back", async ()
     await Deno.remove(dir, { recursive: true });
   }
 });
+
+Deno.test("peft: experts adapted in one of their two parameters are refused, saying so", async () => {
+  using model = await loadModel(join(FX, "models", "qwen3-moe-fused"));
+  const src = join(FX, "peft", "qwen3-moe-fused");
+  const dir = await Deno.makeTempDir({ prefix: "moerl_peft_half_" });
+  const f = await SafetensorsFile.open(join(src, "adapter_model.safetensors"));
+  try {
+    // Only the outer level: PEFT's layout when target_parameters names one expert parameter.
+    const kept: Record<string, Tensor> = {};
+    for (const n of f.names().filter((n) => !n.includes(".experts.base_layer."))) kept[n] = await f.load(n);
+    await writeSafetensors(join(dir, "adapter_model.safetensors"), kept);
+    Object.values(kept).forEach((t) => t.dispose());
+    await Deno.copyFile(join(src, "adapter_config.json"), join(dir, "adapter_config.json"));
+    await assert.rejects(
+      () => loadPeftAdapter(dir, model),
+      /model\.layers\.0\.mlp\.experts is adapted in one of its two expert parameters only/,
+    );
+  } finally {
+    f.close();
+    await Deno.remove(dir, { recursive: true });
+  }
+});
