@@ -254,5 +254,6 @@ Deno.test("learning: a trained token critic lowers the variance of the policy-gr
     assert.ok(lam.cos > 0.9, `and keeps the gradient's direction: cos ${lam.cos}`);
   } finally {
     await Deno.remove(w.tmp, { recursive: true });
+    warm = null; // a test after this one warms up again
   }
 });

@@ -8,6 +8,7 @@ import { join } from "node:path";
 import { liveTensors, manualSeed } from "../ffi/mod.ts";
 import { arithmeticProblems, arithmeticSplit } from "../data/arithmetic.ts";
 import { loadModel } from "../model/model.ts";
+import { generate } from "../model/generate.ts";
 import { Tokenizer } from "../model/tokenizer.ts";
 import { answersMatch, extractAnswer } from "../data/answer.ts";
 import { Policy } from "../rl/policy.ts";
@@ -98,5 +99,45 @@ Deno.test("sft: the command refuses bad arguments with the reason and exit statu
     assert.equal(r.code, 2, `${args.join(" ")}: ${r.stderr}`);
     assert.match(r.stderr, reason);
     assert.match(r.stderr, /usage: deno task sft/);
+  }
+});
+
+Deno.test("sft: the command saves a model that loads, with the warm-up merged in; a missing model exits 1", async () => {
+  const root = join(import.meta.dirname!, "..");
+  const tmp = await Deno.makeTempDir({ prefix: "moerl_sft_cli_" });
+  const run = (...args: string[]): Promise<Deno.CommandOutput> =>
+    new Deno.Command(Deno.execPath(), {
+      args: ["run", "-A", "train/sft.ts", ...args],
+      cwd: root,
+      env: { INIT_CWD: root },
+    }).output();
+  try {
+    const base = "tests/fixtures/models/qwen3-moe-tiny", out = join(tmp, "warm");
+    const r = await run(
+      "--model",
+      base,
+      "--out",
+      out,
+      "--task",
+      "arithmetic",
+      "--steps",
+      "2",
+      "--batch",
+      "2",
+    );
+    assert.equal(r.code, 0, new TextDecoder().decode(r.stderr));
+    assert.match(new TextDecoder().decode(r.stdout), /saved .*warm: final loss \d/);
+    using before = await loadModel(join(root, base));
+    using after = await loadModel(out);
+    const ids = [[5, 6, 7]];
+    const last = async (m: typeof before): Promise<number[]> =>
+      (await generate(m.decoder, ids, { maxNewTokens: 1 })).logprobs[0]!;
+    assert.notDeepEqual(await last(after), await last(before), "the merged adapter changed the model");
+    const missing = await run("--model", join(tmp, "none"), "--out", join(tmp, "x"), "--task", "arithmetic");
+    assert.equal(missing.code, 1);
+    assert.match(new TextDecoder().decode(missing.stderr), /^sft: .*none/m);
+    assert.doesNotMatch(new TextDecoder().decode(missing.stderr), /Uncaught|\n {4}at /);
+  } finally {
+    await Deno.remove(tmp, { recursive: true });
   }
 });

@@ -10,6 +10,7 @@ import { DEFAULT_LORA } from "../model/lora_apply.ts";
 import { loadModel } from "../model/model.ts";
 import { Policy } from "../rl/policy.ts";
 import { saveCheckpoint } from "../train/checkpoint.ts";
+import { scoreText } from "../eval/score.ts";
 
 const ROOT = join(import.meta.dirname!, "..");
 
@@ -66,6 +67,17 @@ Deno.test("evaluate: --limit 4 on the tiny model writes 4 predictions and a cons
   assert.equal(summary.accuracy_strict, summary.correct_strict / 4);
   assert.equal(summary.accuracy_flexible, summary.correct_flexible / 4);
   assert.match(r.stdout, /"n": 4/);
+  // Each row's verdict is the scorer's on its completion and gold (deno task score reads the file as it is).
+  const scored = scoreText(await Deno.readTextFile(join(tmp, "predictions.jsonl")));
+  assert.equal(scored.verdicts.length, 4);
+  scored.verdicts.forEach((v, i) => {
+    const p = preds[i]!;
+    assert.deepEqual(
+      [p.extracted_strict, p.extracted_flexible, p.correct_strict, p.correct_flexible],
+      [v.extracted_strict, v.extracted_flexible, v.correct_strict, v.correct_flexible],
+      `row ${i}`,
+    );
+  });
   const names = [];
   for await (const e of Deno.readDir(tmp)) names.push(e.name);
   assert.deepEqual(names.sort(), ["predictions.jsonl", "summary.json"], "no temporary files left");

@@ -133,45 +133,51 @@ async function main(args: string[]): Promise<number> {
     console.error(`sft: --out ${out} holds a model already (or is --model): give a new folder\n${USAGE}`);
     return 2;
   }
-  const { loadModel } = await import("../model/model.ts");
-  const { saveModel } = await import("../model/save.ts");
-  const { Tokenizer: Tok } = await import("../model/tokenizer.ts");
-  const { Policy: P } = await import("../rl/policy.ts");
-  const { evaluateExamples } = await import("../rl/evaluate.ts");
-  const { manualSeed } = await import("../ffi/mod.ts");
-  const examples = v.task === "arithmetic"
-    ? (await import("../data/arithmetic.ts")).arithmeticSplit(0.25, n.seed).train
-    : (await (await import("../data/gsm8k.ts")).loadGsm8k(resolve(base, v.data!))).examples;
-  manualSeed(n.seed);
-  using model = await loadModel(modelDir);
-  const tok = await Tok.load(model.dir);
-  const policy = new P(model, {
-    lora: { r: 16, alpha: 32, dropout: 0, targetModules: "all-linear", targetExperts: true },
-  });
-  const prompt = { instruction: v.instruction };
-  const losses = await supervisedWarmup(policy, tok, examples, {
-    steps: n.steps,
-    batchSize: n.batch,
-    lr: n.lr,
-    seed: n.seed,
-    prompt,
-    onStep: (s, l) => {
-      if ((s + 1) % 50 === 0) console.log(`step ${s + 1}: loss ${l.toFixed(4)}`);
-    },
-  });
-  policy.train(false);
-  const acc =
-    (await evaluateExamples(model.decoder, tok, examples, { maxNewTokens: 32, batchSize: 32, prompt }))
-      .totals.accuracy_flexible;
-  policy.lora.merge();
-  await saveModel(model, out);
-  policy.dispose();
-  console.log(
-    `saved ${out}: final loss ${losses[losses.length - 1]?.toFixed(4)}, greedy accuracy on its data ${
-      acc.toFixed(3)
-    }`,
-  );
-  return 0;
+  try {
+    const { loadModel } = await import("../model/model.ts");
+    const { saveModel } = await import("../model/save.ts");
+    const { Tokenizer: Tok } = await import("../model/tokenizer.ts");
+    const { Policy: P } = await import("../rl/policy.ts");
+    const { evaluateExamples } = await import("../rl/evaluate.ts");
+    const { manualSeed } = await import("../ffi/mod.ts");
+    const examples = v.task === "arithmetic"
+      ? (await import("../data/arithmetic.ts")).arithmeticSplit(0.25, n.seed).train
+      : (await (await import("../data/gsm8k.ts")).loadGsm8k(resolve(base, v.data!))).examples;
+    manualSeed(n.seed);
+    using model = await loadModel(modelDir);
+    const tok = await Tok.load(model.dir);
+    const policy = new P(model, {
+      lora: { r: 16, alpha: 32, dropout: 0, targetModules: "all-linear", targetExperts: true },
+    });
+    const prompt = { instruction: v.instruction };
+    const losses = await supervisedWarmup(policy, tok, examples, {
+      steps: n.steps,
+      batchSize: n.batch,
+      lr: n.lr,
+      seed: n.seed,
+      prompt,
+      onStep: (s, l) => {
+        if ((s + 1) % 50 === 0) console.log(`step ${s + 1}: loss ${l.toFixed(4)}`);
+      },
+    });
+    policy.train(false);
+    const acc =
+      (await evaluateExamples(model.decoder, tok, examples, { maxNewTokens: 32, batchSize: 32, prompt }))
+        .totals.accuracy_flexible;
+    policy.lora.merge();
+    await saveModel(model, out);
+    policy.dispose();
+    console.log(
+      `saved ${out}: final loss ${losses[losses.length - 1]?.toFixed(4)}, greedy accuracy on its data ${
+        acc.toFixed(3)
+      }`,
+    );
+    return 0;
+  } catch (e) {
+    // The message names the problem; the stack is for debugging (MOERL_DEBUG=1), as train's.
+    console.error(`sft: ${Deno.env.get("MOERL_DEBUG") === "1" ? (e as Error).stack : (e as Error).message}`);
+    return 1;
+  }
 }
 
 if (import.meta.main) Deno.exit(await main(Deno.args));
