@@ -96,10 +96,21 @@ export function i64(xs: readonly number[], op: string): BigInt64Array {
   const buf = xs.length <= scratch.length ? scratch : new BigInt64Array(xs.length);
   for (let i = 0; i < xs.length; i++) {
     const v = xs[i];
-    if (!Number.isInteger(v)) throw new TypeError(`${op}: expected integers, got ${xs.join(", ")}`);
+    if (!Number.isSafeInteger(v)) {
+      throw new TypeError(`${op}: expected integers (within ±2^53), got ${xs.join(", ")}`);
+    }
     buf[i] = BigInt(v as number);
   }
   return buf;
+}
+
+/**
+ * One integer argument as int64 (a dim, an index, a length).
+ * @throws {RangeError} for a value that is not a safe integer (int64 would wrap it or reject it unclearly)
+ */
+export function int64(v: number, op: string): bigint {
+  if (!Number.isSafeInteger(v)) throw new RangeError(`${op}: expected an integer within ±2^53, got ${v}`);
+  return BigInt(v);
 }
 
 /** An array of handle addresses, for ops taking a tensor list. */

@@ -15,7 +15,7 @@ import {
   type Shape,
   type TensorData,
 } from "./dtype.ts";
-import { c, fail, Handle, i64, outPtr, pair } from "./handle.ts";
+import { c, fail, Handle, i64, int64, outPtr, pair } from "./handle.ts";
 import { check, shim } from "./lib.ts";
 import type { Generator } from "./runtime.ts";
 
@@ -263,31 +263,50 @@ export class Tensor extends Handle {
   }
   /** Swaps two dimensions. */
   transpose(d0: number, d1: number): Tensor {
-    return wrap("transpose", shim().mt_transpose(c(), this.ptr, BigInt(d0), BigInt(d1)), this);
+    return wrap(
+      "transpose",
+      shim().mt_transpose(c(), this.ptr, int64(d0, "transpose"), int64(d1, "transpose")),
+      this,
+    );
   }
   /** Elements start..end (exclusive) with step along dim. */
   slice(dim: number, start: number, end: number = Number.MAX_SAFE_INTEGER, step = 1): Tensor {
     return wrap(
       "slice",
-      shim().mt_slice(c(), this.ptr, BigInt(dim), BigInt(start), BigInt(end), BigInt(step)),
+      shim().mt_slice(
+        c(),
+        this.ptr,
+        int64(dim, "slice"),
+        int64(start, "slice"),
+        int64(end, "slice"),
+        int64(step, "slice"),
+      ),
       this,
     );
   }
   /** length elements from start along dim. */
   narrow(dim: number, start: number, length: number): Tensor {
-    return wrap("narrow", shim().mt_narrow(c(), this.ptr, BigInt(dim), BigInt(start), BigInt(length)), this);
+    return wrap(
+      "narrow",
+      shim().mt_narrow(c(), this.ptr, int64(dim, "narrow"), int64(start, "narrow"), int64(length, "narrow")),
+      this,
+    );
   }
   /** The slice at index along dim, with that dim removed. */
   select(dim: number, index: number): Tensor {
-    return wrap("select", shim().mt_select(c(), this.ptr, BigInt(dim), BigInt(index)), this);
+    return wrap(
+      "select",
+      shim().mt_select(c(), this.ptr, int64(dim, "select"), int64(index, "select")),
+      this,
+    );
   }
   /** Removes dim if its size is 1. */
   squeeze(dim: number): Tensor {
-    return wrap("squeeze", shim().mt_squeeze(c(), this.ptr, BigInt(dim)), this);
+    return wrap("squeeze", shim().mt_squeeze(c(), this.ptr, int64(dim, "squeeze")), this);
   }
   /** Inserts a size-1 dimension at dim. */
   unsqueeze(dim: number): Tensor {
-    return wrap("unsqueeze", shim().mt_unsqueeze(c(), this.ptr, BigInt(dim)), this);
+    return wrap("unsqueeze", shim().mt_unsqueeze(c(), this.ptr, int64(dim, "unsqueeze")), this);
   }
   /** Merges dims start..end into one. */
   flatten(start = 0, end = -1): Tensor {
@@ -323,23 +342,32 @@ export class Tensor extends Handle {
   }
   /** Lower (upper=false) or upper triangle of the last two dims. */
   tri(diagonal = 0, upper = false): Tensor {
-    return wrap(upper ? "triu" : "tril", shim().mt_tri(c(), this.ptr, BigInt(diagonal), upper ? 1 : 0), this);
+    return wrap(
+      upper ? "triu" : "tril",
+      shim().mt_tri(c(), this.ptr, int64(diagonal, "tri"), upper ? 1 : 0),
+      this,
+    );
   }
 
   // ---- indexing -----------------------------------------------------------------------------
   /** Rows of dim picked by an int64 index. */
   indexSelect(dim: number, index: Tensor): Tensor {
-    return wrap("index_select", shim().mt_index_select(c(), this.ptr, BigInt(dim), index.ptr), this, index);
+    return wrap(
+      "index_select",
+      shim().mt_index_select(c(), this.ptr, int64(dim, "indexSelect"), index.ptr),
+      this,
+      index,
+    );
   }
   /** out[i][j] = this[index[i][j]][j] for dim 0, and so on. */
   gather(dim: number, index: Tensor): Tensor {
-    return wrap("gather", shim().mt_gather(c(), this.ptr, BigInt(dim), index.ptr), this, index);
+    return wrap("gather", shim().mt_gather(c(), this.ptr, int64(dim, "gather"), index.ptr), this, index);
   }
   /** A copy with src written at index along dim. */
   scatter(dim: number, index: Tensor, src: Tensor): Tensor {
     return wrap(
       "scatter",
-      shim().mt_scatter(c(), this.ptr, BigInt(dim), index.ptr, src.ptr),
+      shim().mt_scatter(c(), this.ptr, int64(dim, "scatter"), index.ptr, src.ptr),
       this,
       index,
       src,
@@ -349,7 +377,7 @@ export class Tensor extends Handle {
   indexAdd(dim: number, index: Tensor, src: Tensor): Tensor {
     return wrap(
       "index_add",
-      shim().mt_index_add(c(), this.ptr, BigInt(dim), index.ptr, src.ptr),
+      shim().mt_index_add(c(), this.ptr, int64(dim, "indexAdd"), index.ptr, src.ptr),
       this,
       index,
       src,
@@ -374,7 +402,7 @@ export class Tensor extends Handle {
   /** Writes src's slices at index along dim; returns this. */
   indexCopy_(dim: number, index: Tensor, src: Tensor): this {
     check(
-      shim().mt_index_copy_(c(), this.ptr, BigInt(dim), index.ptr, src.ptr),
+      shim().mt_index_copy_(c(), this.ptr, int64(dim, "indexCopy_"), index.ptr, src.ptr),
       "index_copy_",
       () => [this.shape, index.shape, src.shape],
     );
@@ -568,7 +596,7 @@ export class Tensor extends Handle {
   }
   #mm(op: "max" | "min", dim: number, keepdim: boolean): ValuesIndices {
     check(
-      shim().mt_max_dim(c(), this.ptr, BigInt(dim), keepdim ? 1 : 0, op === "min" ? 1 : 0, pair),
+      shim().mt_max_dim(c(), this.ptr, int64(dim, op), keepdim ? 1 : 0, op === "min" ? 1 : 0, pair),
       op,
       () => [this.shape],
     );
@@ -584,15 +612,15 @@ export class Tensor extends Handle {
   }
   /** Index of the largest value along dim. */
   argmax(dim: number, keepdim = false): Tensor {
-    return wrap("argmax", shim().mt_argmax(c(), this.ptr, BigInt(dim), keepdim ? 1 : 0, 0), this);
+    return wrap("argmax", shim().mt_argmax(c(), this.ptr, int64(dim, "argmax"), keepdim ? 1 : 0, 0), this);
   }
   /** Index of the smallest value along dim. */
   argmin(dim: number, keepdim = false): Tensor {
-    return wrap("argmin", shim().mt_argmax(c(), this.ptr, BigInt(dim), keepdim ? 1 : 0, 1), this);
+    return wrap("argmin", shim().mt_argmax(c(), this.ptr, int64(dim, "argmin"), keepdim ? 1 : 0, 1), this);
   }
   /** Running sum along dim. */
   cumsum(dim: number): Tensor {
-    return wrap("cumsum", shim().mt_cumsum(c(), this.ptr, BigInt(dim)), this);
+    return wrap("cumsum", shim().mt_cumsum(c(), this.ptr, int64(dim, "cumsum")), this);
   }
 
   // ---- linear algebra and NN ---------------------------------------------------------------------
@@ -608,7 +636,7 @@ export class Tensor extends Handle {
   softmax(dim: number, dtype?: DType): Tensor {
     return wrap(
       "softmax",
-      shim().mt_softmax(c(), this.ptr, BigInt(dim), dtype ? dtypeCode(dtype) : -1),
+      shim().mt_softmax(c(), this.ptr, int64(dim, "softmax"), dtype ? dtypeCode(dtype) : -1),
       this,
     );
   }
@@ -616,7 +644,7 @@ export class Tensor extends Handle {
   logSoftmax(dim: number, dtype?: DType): Tensor {
     return wrap(
       "log_softmax",
-      shim().mt_log_softmax(c(), this.ptr, BigInt(dim), dtype ? dtypeCode(dtype) : -1),
+      shim().mt_log_softmax(c(), this.ptr, int64(dim, "logSoftmax"), dtype ? dtypeCode(dtype) : -1),
       this,
     );
   }
@@ -625,7 +653,15 @@ export class Tensor extends Handle {
   /** The k largest (or smallest) values along dim. */
   topk(k: number, dim = -1, largest = true, sorted = true): ValuesIndices {
     check(
-      shim().mt_topk(c(), this.ptr, BigInt(k), BigInt(dim), largest ? 1 : 0, sorted ? 1 : 0, pair),
+      shim().mt_topk(
+        c(),
+        this.ptr,
+        int64(k, "topk"),
+        int64(dim, "topk"),
+        largest ? 1 : 0,
+        sorted ? 1 : 0,
+        pair,
+      ),
       "topk",
       () => [this.shape],
     );
@@ -633,13 +669,21 @@ export class Tensor extends Handle {
   }
   /** Sorted values along dim and their original indices. */
   sort(dim = -1, descending = false): ValuesIndices {
-    check(shim().mt_sort(c(), this.ptr, BigInt(dim), descending ? 1 : 0, pair), "sort", () => [this.shape]);
+    check(
+      shim().mt_sort(c(), this.ptr, int64(dim, "sort"), descending ? 1 : 0, pair),
+      "sort",
+      () => [this.shape],
+    );
     return { values: new Tensor(outPtr(pair, 0)), indices: new Tensor(outPtr(pair, 1)) };
   }
   /** n draws per row from the (unnormalised) probabilities in the last dim. */
   multinomial(n: number, replacement = false, generator?: Generator): Tensor {
     const g = generator ? generator.ptr : null;
-    return wrap("multinomial", shim().mt_multinomial(c(), this.ptr, BigInt(n), replacement ? 1 : 0, g), this);
+    return wrap(
+      "multinomial",
+      shim().mt_multinomial(c(), this.ptr, int64(n, "multinomial"), replacement ? 1 : 0, g),
+      this,
+    );
   }
 
   // ---- autograd ---------------------------------------------------------------------------------------

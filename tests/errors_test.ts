@@ -231,6 +231,16 @@ Deno.test("errors: out-of-range indices", () => {
     );
     throwsThen(() => t.size(5), { type: RangeError, match: [/size\(5\)/, /2 dims/] }, "size(5)");
     throwsThen(() => t.size(-3), { type: RangeError, match: [/size\(-3\)/] }, "size(-3)");
+    // Integers past 2^53 would wrap in int64 and pass for small ones: refused before the call.
+    throwsThen(() => t.narrow(1, 0, 2 ** 64), {
+      type: RangeError,
+      match: [/narrow: expected an integer within ±2\^53/],
+    }, "narrow 2^64");
+    throwsThen(
+      () => zeros([2 ** 64, 3]),
+      { type: TypeError, match: [/expected integers \(within ±2\^53\)/] },
+      "zeros 2^64",
+    );
   });
 });
 
