@@ -63,13 +63,20 @@ export class AdamW {
         using grad = p.grad;
         if (grad === null) continue; // as PyTorch: no grad, no state, no step
         const st = this.initState(p);
-        st.step++;
+        // Checked first: the shim updates p and the moments in place, so a failure midway would leave them half done.
+        const shape = p.shape.join(",");
+        if (st.expAvg.shape.join(",") !== shape || st.expAvgSq.shape.join(",") !== shape) {
+          throw new Error(
+            `AdamW.step: the state of a [${p.shape.join(", ")}] parameter holds moments of shapes ` +
+              `[${st.expAvg.shape.join(", ")}] and [${st.expAvgSq.shape.join(", ")}]`,
+          );
+        }
         const status = shim().mt_adamw_step(
           c(),
           p.ptr,
           st.expAvg.ptr,
           st.expAvgSq.ptr,
-          BigInt(st.step),
+          BigInt(st.step + 1),
           g.lr,
           g.betas[0],
           g.betas[1],
@@ -77,6 +84,7 @@ export class AdamW {
           g.weightDecay,
         );
         check(status, "adamw_step", () => [p.shape, st.expAvg.shape]);
+        st.step++;
       }
     }
   }

@@ -10,6 +10,7 @@ import {
   AdamW,
   clipGradNorm,
   fromTypedArray,
+  keep,
   type ParamGroup,
   type Tensor,
   tensor,
@@ -146,6 +147,22 @@ Deno.test("optim: a parameter without a grad is skipped", () => {
     // weight decay 0.5 would have shrunk it had it been touched
     assert.deepEqual(unused.toArray(), [3, -4]);
     assert.notDeepEqual(used.toArray(), [1, 2]);
+  });
+});
+
+Deno.test("optim: moments of the wrong shape are refused before anything changes", () => {
+  assertNoLeak(() => {
+    using w = param([1, 2]);
+    using c = tensor([1, 1], F64);
+    using opt = new AdamW([{ params: [w], lr: 0.1 }]);
+    const st = opt.initState(w);
+    st.expAvg.dispose();
+    st.expAvg = keep(tensor([0, 0, 0], F64)); // as a bad restore would leave it
+    lossBackward([w], [c]);
+    assert.throws(() => opt.step(), /state of a \[2\] parameter holds moments of shapes \[3\] and \[2\]/);
+    assert.equal(st.step, 0, "no step counted");
+    assert.deepEqual(w.toArray(), [1, 2], "the parameter is untouched");
+    opt.zeroGrad();
   });
 });
 
