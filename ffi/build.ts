@@ -217,8 +217,14 @@ function distFlags(t: Torch, cudaInc: string[]): { flags: string[]; backends: st
     flags.push("-DUSE_C10D_GLOO", "-DMOERL_WITH_GLOO", `-I${gloo}`);
     backends.push("gloo");
   }
-  const ncclDirs = [...cudaInc, "/usr/include", "/usr/local/cuda/include"];
-  if (t.torchDir) ncclDirs.push(join(dirname(t.torchDir), "nvidia/nccl/include"));
+  // The headers of the NCCL torch loads (pip's nvidia-nccl wheel beside torch) before a system copy, whose
+  // version may differ: ProcessGroupNCCL.hpp's layout follows NCCL's version.
+  const ncclDirs = [
+    ...(t.torchDir ? [join(dirname(t.torchDir), "nvidia/nccl/include")] : []),
+    ...cudaInc,
+    "/usr/include",
+    "/usr/local/cuda/include",
+  ];
   const nccl = ncclDirs.find((d) => exists(join(d, "nccl.h")));
   if (!cudaInc.length) missing.push("nccl: no CUDA libtorch with CUDA headers");
   else if (!exists(join(c10d, "ProcessGroupNCCL.hpp"))) {

@@ -14,10 +14,10 @@
 # logs.tar.gz with all of them, so $OUT holds three files however far the check got (a machine that hands
 # back only a few files from $OUT, or one stopped at a time limit, still returns everything).
 #
-# Env: MOERL_GPU_BUDGET_S (default 450): seconds for the whole check. A step that cannot get its minimum in
+# Env: MOERL_GPU_BUDGET_S (default 520): seconds for the whole check. A step that cannot get its minimum in
 # what is left is skipped (and says so), and each runs under `timeout` with at most what is left. (Where a
-# machine is lent for 15 minutes in all, a 450 s run leaves a few minutes to rerun skipped steps while it is
-# still warm.)
+# machine is lent for 15 minutes in all and a call may take 600 s, a 520 s run leaves about four minutes to
+# rerun skipped steps while the machine is still warm: have that command ready.)
 # MOERL_GPU_REHEARSAL=1: the same steps on this machine's CPU at toy sizes, to try the script and .gpu/
 # (offline: unshare -n sh -c 'ip link set lo up; MOERL_GPU_REHEARSAL=1 scripts/gpu_check.sh').
 # MOERL_GPU_TESTS_ONLY=1: build and test suites only. MOERL_GPU_STEPS=a,b: only those steps (and the build),
@@ -26,6 +26,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/moerl-gpu}
 LOGS=${LOGS:-/tmp/moerl-gpu-logs}
+rm -rf "$LOGS" # a rerun on a warm machine: only this run's logs
 mkdir -p "$OUT" "$LOGS"
 : >"$LOGS/summary.txt"
 # Copies the summary and every log so far into $OUT.
@@ -34,22 +35,30 @@ publish() {
   tar czf "$OUT/logs.tar.gz.tmp" -C "$LOGS" . && mv "$OUT/logs.tar.gz.tmp" "$OUT/logs.tar.gz"
 }
 export DENO_NO_UPDATE_CHECK=1
-BUDGET=${MOERL_GPU_BUDGET_S:-450}
+BUDGET=${MOERL_GPU_BUDGET_S:-520}
 START=$SECONDS
 
 # Offline: Deno, its npm cache, gloo's headers and TRL's wheels from .gpu/ (scripts/gpu_pack.sh).
+PY=${MOERL_BENCH_PYTHON:-python3}
+# .xz without the xz program, which an image may lack: Python's lzma reads it.
+unxz_to() { if command -v xz >/dev/null; then xz -dc "$1"; else "$PY" -c 'import lzma,shutil,sys; shutil.copyfileobj(lzma.open(sys.argv[1]), sys.stdout.buffer)' "$1"; fi; }
+untar_xz() { unxz_to "$1" | tar xf - -C "$2"; }
 if [ -f .gpu/deno.xz ]; then # the packed Deno, the one its cache was filled by
-  mkdir -p /tmp/deno-bin && xz -dc .gpu/deno.xz >/tmp/deno-bin/deno && chmod +x /tmp/deno-bin/deno &&
+  mkdir -p /tmp/deno-bin && unxz_to .gpu/deno.xz >/tmp/deno-bin/deno && chmod +x /tmp/deno-bin/deno &&
     export PATH=/tmp/deno-bin:$PATH
 fi
 if [ -f .gpu/deno_dir.tar.xz ]; then
-  tar xJf .gpu/deno_dir.tar.xz -C /tmp && export DENO_DIR=/tmp/deno_dir
+  untar_xz .gpu/deno_dir.tar.xz /tmp && export DENO_DIR=/tmp/deno_dir
 fi
 if [ ! -f /usr/include/gloo/algorithm.h ] && [ -f .gpu/gloo-include.tar.xz ]; then
-  mkdir -p /tmp/gloo-include && tar xJf .gpu/gloo-include.tar.xz -C /tmp/gloo-include &&
+  mkdir -p /tmp/gloo-include && untar_xz .gpu/gloo-include.tar.xz /tmp/gloo-include &&
     export GLOO_INCLUDE=/tmp/gloo-include
 fi
-PY=${MOERL_BENCH_PYTHON:-python3}
+if ! command -v deno >/dev/null; then
+  echo "no deno: .gpu/deno.xz missing or not unpacked" | tee -a "$LOGS/summary.txt"
+  publish
+  exit 1
+fi
 if ls .gpu/whl/*.whl >/dev/null 2>&1; then
   "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
     .gpu/whl/*.whl && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
@@ -70,6 +79,7 @@ fi
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
   "$PY" -c 'import torch; print("torch", torch.__version__, "cuda", torch.version.cuda)'
   "$PY" -c 'import transformers, peft, trl; print("transformers", transformers.__version__, "peft", peft.__version__, "trl", trl.__version__)'
+  "$PY" -c 'import datasets, pyarrow; print("datasets", datasets.__version__, "pyarrow", pyarrow.__version__)'
   deno --version | head -1
   echo "budget ${BUDGET}s, device $DEV $DT"
 } 2>&1 | tee "$LOGS/machine.txt"
@@ -91,11 +101,12 @@ step() {
   fi
   [ "$cap" -gt "$left" ] && cap=$left
   local t0=$SECONDS
-  timeout --kill-after=10 "$cap" "$@" >"$LOGS/$name.log" 2>&1
+  # 35 s after TERM before KILL: torchrun's workers (their own session) stop on the 30 s collective timeout.
+  timeout --kill-after=35 "$cap" "$@" >"$LOGS/$name.log" 2>&1
   local rc=$?
   local verdict
   verdict=$(grep -E '(passed|failed)' "$LOGS/$name.log" | tail -1 | sed 's/\x1b\[[0-9;]*m//g')
-  [ "$rc" = 124 ] && verdict="TIMED OUT after ${cap}s; $verdict"
+  { [ "$rc" = 124 ] || [ "$rc" = 137 ]; } && verdict="TIMED OUT after ${cap}s; $verdict"
   printf '%-18s rc=%d %4ds  %s\n' "$name" "$rc" $((SECONDS - t0)) "$verdict" | tee -a "$LOGS/summary.txt"
   publish
   return $rc
@@ -103,16 +114,24 @@ step() {
 
 # Committed test files only: listed in .gpu/tests.txt when the copy has no git metadata, else asked of git.
 LIST=$(cat .gpu/tests.txt 2>/dev/null || git ls-files 'tests/*_test.ts' 2>/dev/null || ls tests/*_test.ts)
+# A test file added since .gpu/ was packed would be left out: say so.
+for f in tests/*_test.ts; do
+  [[ " $(echo $LIST) " == *" $f "* ]] || echo "not in .gpu/tests.txt (repack): $f" | tee -a "$LOGS/summary.txt"
+done
 TDEV=$DEV SHARDS=6 # test processes at once (scripts/test_shards.sh): 16 cores, one GPU they share
 [ "${MOERL_GPU_REHEARSAL:-0}" = 1 ] && LIST="tests/graph_test.ts tests/decode_static_test.ts tests/cuda_test.ts" SHARDS=2
 # The command line of the suite on device $1 in dtype $2 (paths without spaces: word splitting is fine).
-suite() { echo env MOERL_TEST_DEVICE="$1" MOERL_TEST_DTYPE="$2" scripts/test_shards.sh $SHARDS $LIST; }
+suite() { echo env MOERL_TEST_DEVICE="$1" MOERL_TEST_DTYPE="$2" bash scripts/test_shards.sh $SHARDS $LIST; }
 
 step build 30 300 deno task build || {
   tail -30 "$LOGS/build.log"
   exit 1
 }
-grep -E "^building" "$LOGS/build.log"
+# What was built: a build without CUDA headers or NCCL still succeeds, so the summary says which.
+{
+  grep -E "^building|^  without" "$LOGS/build.log"
+  ldd ffi/build/libmoerl-*.so 2>/dev/null | grep "not found"
+} | tee -a "$LOGS/summary.txt"
 # shellcheck disable=SC2046
 step test-$TDEV-f32 60 150 $(suite "$TDEV" float32)
 if [ "${MOERL_GPU_TESTS_ONLY:-0}" != 1 ]; then
@@ -146,7 +165,7 @@ grep -h "max |Δlogits|\|greedy tokens equal" "$LOGS"/test-*.log 2>/dev/null | s
   >"$LOGS/parity.txt"
 # shellcheck disable=SC2046
 [ "$DEV" = cuda ] && step test-cpu-f32 60 150 $(suite cpu float32)
-step native-bindings 10 60 env MOERL_TEST_DEVICE=$DEV scripts/native_bindings.sh
+step native-bindings 10 60 env MOERL_TEST_DEVICE=$DEV bash scripts/native_bindings.sh
 
 echo "==== failing tests"
 for f in "$LOGS"/test-*.log "$LOGS"/dp-gloo-tests.log; do

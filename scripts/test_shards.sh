@@ -27,6 +27,8 @@ done < <(wc -c "${files[@]}" | grep -v ' total$' | sort -rn)
 
 logs=$(mktemp -d)
 trap 'rm -rf "$logs"' EXIT
+# Stopped by a time limit (timeout's TERM): print what the shards wrote so far, so that the log shows which test hung.
+trap 'for f in "$logs"/*.log; do echo "==== $f (cut short)"; cat "$f"; done; exit 143' TERM
 for ((s = 0; s < n; s++)); do
   [ -z "${shard[s]}" ] && continue
   # shellcheck disable=SC2086 # a list of paths without spaces
