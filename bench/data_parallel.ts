@@ -2,7 +2,7 @@
  * `deno task bench:dp`: seconds per RL update (collect + learn) with the
  * update's prompts split over 1 or more processes, in one run, against a
  * single process without a process group measured in the same run; and the
- * cost of the collectives alone (the summed gradient buffers per update).
+ * time the update spends in its collectives, measured inside one more update.
  *
  *   deno task bench:dp [--procs 1,2] [--updates 4] [--prompts 8] [--k 4] [--new 32] [--micro 4]
  *   deno task bench:dp --device cuda --dtype bfloat16 --shapes bench/shapes/huihui-moe-1b-a0.6b.json --procs 1
@@ -11,8 +11,16 @@
  * `--nproc` launcher): "none" is one process with no group, "N" is N ranks
  * joined over Gloo (CPU) or NCCL (GPU, one device each), so "1" shows what
  * the group itself costs. Every process builds the same random model (the
- * bench:generate shapes unless --shapes) and LoRA (r 16, α 32 on q/k/v/o),
- * and draws the same prompts; ranks split them. The reward is the parity of
+ * bench:generate shapes unless --shapes) and the training default's LoRA (r 16,
+ * α 32 on every linear layer and expert; `--lora qkvo` for attention only),
+ * and draws the same prompts; ranks split them.
+ *
+ * Collectives: after the timed updates, one more update runs with every
+ * `Replicas` call (sums, maxima, all-gathers, gradient sums, broadcasts)
+ * timed between device synchronisations: their count, total milliseconds and
+ * the gradient bytes summed (by each parameter's dtype) are printed, as is
+ * their share of the update. With one rank this is the group's fixed cost per
+ * call; with several, the transfers and the waiting for the slowest rank. The reward is the parity of
  * a completion's token ids (random weights earn no GSM8K reward; a reward
  * with spread makes every rank run its backward passes); no stop token, so
  * every completion has --new tokens. CPU threads: the machine's cores
@@ -20,7 +28,18 @@
  */
 import { join } from "node:path";
 import { benchArgs } from "./cli.ts";
-import { type Device, type DType, manualSeed, tidy, torchVersion, useAvailableCores } from "../ffi/mod.ts";
+import {
+  cuda,
+  type Device,
+  type DType,
+  ELEMENT_SIZE,
+  manualSeed,
+  type Tensor,
+  torchVersion,
+  useAvailableCores,
+} from "../ffi/mod.ts";
+import { DEFAULT_LORA } from "../model/lora_apply.ts";
+import type { Replicas } from "../rl/replicas.ts";
 import { randomModel } from "../model/model.ts";
 import { collect } from "../rl/collect.ts";
 import type { RlOverrides } from "../rl/config.ts";
@@ -45,6 +64,7 @@ const a = benchArgs(
     device: { type: "string", default: "cpu" },
     dtype: { type: "string", default: "float32" },
     shapes: { type: "string" },
+    lora: { type: "string", default: "default" },
     out: { type: "string" }, // internal: a worker writes its JSON here
   },
 );
@@ -57,10 +77,34 @@ interface Result {
   /** Mean seconds per update after a warm-up, and per phase. */
   update: number;
   phases: Record<string, number>;
-  /** Summed-gradient calls per update (critic steps + policy steps) and ms per call. */
-  reduceCalls: number;
-  reduceMs: number;
+  /** The instrumented update's collectives: calls, milliseconds in all, and gradient bytes summed. */
+  collectiveCalls: number;
+  collectiveMs: number;
   gradBytes: number;
+  /** Seconds of the instrumented update (its syncs make it a little slower than the timed ones). */
+  instrumented: number;
+}
+
+/** Times every collective of replicas between device syncs; returns the running totals. */
+function instrument(replicas: Replicas, device: Device): { calls: number; ms: number; gradBytes: number } {
+  const totals = { calls: 0, ms: 0, gradBytes: 0 };
+  const sync = (): void => device.startsWith("cuda") ? cuda.synchronize(device) : undefined;
+  for (const name of ["sum", "max", "gather", "gatherText", "sumGradients", "broadcastFromFirst"] as const) {
+    const real = (replicas[name] as (...args: unknown[]) => unknown).bind(replicas);
+    (replicas as unknown as Record<string, unknown>)[name] = (...args: unknown[]): unknown => {
+      sync();
+      const t0 = performance.now();
+      const out = real(...args);
+      sync();
+      totals.ms += performance.now() - t0;
+      totals.calls++;
+      if (name === "sumGradients") {
+        for (const p of args[0] as Tensor[]) if (p.grad) totals.gradBytes += p.numel * ELEMENT_SIZE[p.dtype];
+      }
+      return out;
+    };
+  }
+  return totals;
 }
 
 async function worker(out: string): Promise<void> {
@@ -71,15 +115,10 @@ async function worker(out: string): Promise<void> {
   const config = await shapesModelConfig(a.shapes ?? SMALL_SHAPES);
   manualSeed(1234);
   using model = await randomModel(config, { dtype: a.dtype as DType, device });
-  const policy = new Policy(model, {
-    lora: {
-      r: 16,
-      alpha: 32,
-      dropout: 0,
-      targetModules: ["q_proj", "k_proj", "v_proj", "o_proj"],
-      targetExperts: false,
-    },
-  });
+  const lora = a.lora === "qkvo"
+    ? { ...DEFAULT_LORA, targetModules: ["q_proj", "k_proj", "v_proj", "o_proj"], targetExperts: false }
+    : DEFAULT_LORA;
+  const policy = new Policy(model, { lora });
   using opt = policyOptimizer(policy, { learningRate: 1e-5 });
   const trainable = [...policy.policyParameters(), ...policy.valueParameters()];
   replicas.broadcastFromFirst(trainable);
@@ -95,8 +134,10 @@ async function worker(out: string): Promise<void> {
   };
   const updates = Number(a.updates);
   const sums: Record<string, number> = {};
-  let total = 0;
-  for (let u = 0; u <= updates; u++) {
+  let total = 0, instrumented = 0;
+  let collectives = { calls: 0, ms: 0, gradBytes: 0 };
+  for (let u = 0; u <= updates + 1; u++) {
+    if (u === updates + 1) collectives = instrument(replicas, device); // the extra, instrumented update
     const t0 = performance.now();
     using buf = await collect(policy, SILENT_TOKENIZER, mine, cfg, {
       seed: 100 + u,
@@ -104,8 +145,13 @@ async function worker(out: string): Promise<void> {
       score: parityReward,
     });
     const m = learn(policy, opt, buf, cfg, { microBatch: Number(a.micro) * k, seed: u, replicas });
+    if (device.startsWith("cuda")) cuda.synchronize(device);
     const seconds = (performance.now() - t0) / 1000;
     if (u === 0) continue; // warm-up
+    if (u === updates + 1) {
+      instrumented = seconds;
+      continue;
+    }
     total += seconds;
     const phases = {
       prefill: buf.metrics.prefill_seconds,
@@ -115,15 +161,6 @@ async function worker(out: string): Promise<void> {
     };
     for (const [p, s] of Object.entries(phases)) sums[p] = (sums[p] ?? 0) + s;
   }
-  // The collectives alone: the gradient sums an update makes (one per critic step, one per policy step).
-  const critic = Math.ceil((n * k) / (Number(a.micro) * k * replicas.size));
-  const reduceCalls = critic + 1;
-  for (const p of trainable) tidy(() => p.setGrad(p.detach().mul(0)));
-  const reps = 20, t0 = performance.now();
-  for (let i = 0; i < reps; i++) replicas.sumGradients(trainable);
-  const reduceMs = (performance.now() - t0) / reps;
-  opt.zeroGrad(trainable);
-  const gradBytes = trainable.reduce((s, p) => s + p.numel * 4, 0);
   if (replicas.rank !== 0) return;
   const result: Result = {
     processes: replicas.size,
@@ -131,9 +168,10 @@ async function worker(out: string): Promise<void> {
     threads,
     update: total / updates,
     phases: Object.fromEntries(Object.entries(sums).map(([p, s]) => [p, s / updates])),
-    reduceCalls,
-    reduceMs: replicas.group ? reduceMs : 0,
-    gradBytes,
+    collectiveCalls: replicas.group ? collectives.calls : 0,
+    collectiveMs: replicas.group ? collectives.ms : 0,
+    gradBytes: collectives.gradBytes,
+    instrumented,
   };
   await Deno.writeTextFile(out, JSON.stringify(result));
   policy.dispose();
@@ -142,7 +180,7 @@ async function worker(out: string): Promise<void> {
 async function main(): Promise<void> {
   const variants = ["none", ...a.procs!.split(",").map((s) => s.trim())];
   const tmp = await Deno.makeTempDir({ prefix: "moerl_bench_dp_" });
-  const forward = ["updates", "prompts", "k", "new", "micro", "device", "dtype", "shapes"]
+  const forward = ["updates", "prompts", "k", "new", "micro", "device", "dtype", "shapes", "lora"]
     .flatMap((
       key,
     ) => (a[key as keyof typeof a] === undefined ? [] : [`--${key}`, String(a[key as keyof typeof a])]));
@@ -177,8 +215,8 @@ async function main(): Promise<void> {
       "s/update",
       "updates/s ×none",
       ...phases.map((p) => `${p} s`),
-      "grad sum ms",
-      "sums/update",
+      "collectives",
+      "collective ms",
     ]
       .join(" | "),
   );
@@ -191,20 +229,21 @@ async function main(): Promise<void> {
         r.update.toFixed(3),
         (base.update / r.update).toFixed(2),
         ...phases.map((p) => (r.phases[p] ?? NaN).toFixed(3)),
-        r.reduceMs.toFixed(3),
-        r.reduceCalls,
+        r.collectiveCalls,
+        r.collectiveMs.toFixed(1),
       ].join(" | "),
     );
   }
   for (const r of results.filter((r) => r.group !== "none")) {
-    const overhead = (r.reduceMs * r.reduceCalls) / 1000;
     console.log(
-      `${r.processes} process${r.processes === 1 ? "" : "es"} (${r.group}): gradient sums ${
-        (overhead * 1000).toFixed(1)
-      } ms per update (${r.reduceCalls} × ${r.reduceMs.toFixed(2)} ms, ${
-        (r.gradBytes / 2 ** 20).toFixed(2)
-      } MiB each), ` +
-        `${(100 * overhead / r.update).toFixed(1)}% of the update`,
+      `${r.processes} process${
+        r.processes === 1 ? "" : "es"
+      } (${r.group}): ${r.collectiveCalls} collectives in ` +
+        `the instrumented update, ${r.collectiveMs.toFixed(1)} ms in all (${
+          (100 * r.collectiveMs / 1000 / r.instrumented).toFixed(1)
+        }% of its ${r.instrumented.toFixed(3)} s), ${
+          (r.gradBytes / 2 ** 20).toFixed(2)
+        } MiB of gradients summed`,
     );
   }
 }

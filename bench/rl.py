@@ -100,8 +100,12 @@ def run():
         seed=cfg["seed"],
         disable_tqdm=True,
     )
+    # moerl trains without the router load-balancing loss (ppo.routerAuxCoef 0): so does TRL here.
+    model.config.output_router_logits = False
+    model.config.router_aux_loss_coef = 0.0
+    extra = {"target_parameters": cfg["lora"]["targetParameters"]} if cfg["lora"]["targetParameters"] else {}
     peft = LoraConfig(r=cfg["lora"]["r"], lora_alpha=cfg["lora"]["alpha"], lora_dropout=0.0,
-                      target_modules=cfg["lora"]["targetModules"], task_type="CAUSAL_LM")
+                      target_modules=cfg["lora"]["targetModules"], task_type="CAUSAL_LM", **extra)
     timer = Timer()
     trainer = GRPOTrainer(model=model, reward_funcs=parity_reward, args=args,
                           train_dataset=Dataset.from_dict({"prompt": prompts}), processing_class=tok,

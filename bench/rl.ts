@@ -17,16 +17,18 @@
  * earn no GSM8K reward, and a reward with spread makes both sides run their
  * backward passes). Each side: one warm-up update, then --updates timed
  * ones; the sides alternate, never run at once. LoRA (r 16, α 32) on
- * q/k/v/o; an update is --prompts prompts × --k completions of exactly up to
- * --new tokens, learnt in --micro micro-batches (TRL: gradient accumulation
- * steps; moerl: forward/backward passes). moerl runs its defaults (token
+ * q/k/v/o, or with --lora default where the default config puts it (every
+ * linear layer and both expert parameters: PEFT's target_parameters) on both
+ * sides; an update is --prompts prompts of --prompt-len to --prompt-len + 14
+ * tokens × --k completions of up to --new tokens, learnt in --micro
+ * micro-batches (TRL: gradient accumulation steps; moerl: forward/backward
+ * passes). TRL's router load-balancing loss is switched off, as moerl's is.
+ * Not the same work: moerl's policy steps skip groups whose rewards are all
+ * equal (no advantage), TRL's train on them; the share is printed. moerl runs its defaults (token
  * critic, routing replay, rollout correction) and, for comparison, the group
  * baseline without a critic (--variants picks either or both). --decode and
  * --decode-dispatch set moerl's rollout.decode and rollout.decodeDispatch
- * (the config's defaults otherwise); --lora default puts moerl's adapters
- * where the default config does (every linear layer and every expert; TRL
- * keeps q/k/v/o, so that line is moerl's default update, not a like-for-like
- * ratio).
+ * (the config's defaults otherwise).
  *
  * Threads: as bench:generate, OMP_NUM_THREADS is set to the logical CPU
  * count unless already set, for both processes.
@@ -64,6 +66,7 @@ const a = benchArgs("deno task bench:rl", "Seconds per RL update, moerl against 
   prompts: { type: "string", default: "8" },
   k: { type: "string", default: "4" },
   new: { type: "string", default: "64" },
+  "prompt-len": { type: "string", default: "16" },
   micro: { type: "string", default: "4" },
   device: { type: "string", default: "cpu" },
   dtype: { type: "string", default: "float32" },
@@ -101,8 +104,10 @@ rlConfig({ rollout });
 // The bench:generate model unless --shapes names a real model's (random weights either way).
 const model = await readShapes(a.shapes ?? SMALL_SHAPES);
 const vocab = model.vocab_size as number;
-/** Prompts of random ids (never PAD or EOS), lengths 16 to 30, as bench:dp's. */
-const prompts: RolloutPrompt[] = syntheticPrompts(nPrompts, vocab, (i) => 16 + (i * 2) % 16);
+/** Prompts of random ids (never PAD or EOS), lengths --prompt-len to --prompt-len + 14. */
+const promptLen = Number(a["prompt-len"]);
+if (!(Number.isSafeInteger(promptLen) && promptLen >= 1)) throw new RangeError(`--prompt-len: expected >= 1`);
+const prompts: RolloutPrompt[] = syntheticPrompts(nPrompts, vocab, (i) => promptLen + (i * 2) % 16);
 const promptIds = prompts.map((p) => p.ids);
 const dir = await Deno.makeTempDir({ prefix: "moerl_bench_rl_" });
 const common = {
@@ -121,7 +126,14 @@ const common = {
   updates,
   klCoef: 0.04,
   learningRate: 1e-5,
-  lora: { r: 16, alpha: 32, targetModules: ["q_proj", "k_proj", "v_proj", "o_proj"] },
+  lora: a.lora === "default"
+    ? {
+      r: 16,
+      alpha: 32,
+      targetModules: [...DEFAULT_LORA.targetModules],
+      targetParameters: ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"],
+    }
+    : { r: 16, alpha: 32, targetModules: ["q_proj", "k_proj", "v_proj", "o_proj"], targetParameters: [] },
 };
 
 interface Phases {
@@ -131,7 +143,7 @@ interface Phases {
 /** One moerl run: a warm-up update and `updates` timed ones; mean seconds per phase. */
 async function moerl(
   advantage: "token_value" | "group",
-): Promise<{ phases: Phases; peak: number | null; tokS: number }> {
+): Promise<{ phases: Phases; peak: number | null; tokS: number; flat: number }> {
   manualSeed(1234);
   using m = await loadModel(dir, { dtype, device });
   const tok = await Tokenizer.load(dir);
@@ -145,7 +157,7 @@ async function moerl(
     ppo: { klCoef: common.klCoef, entropyCoef: 0, advantage },
   };
   const sums: Phases = {};
-  let tokens = 0, decodeSeconds = 0;
+  let tokens = 0, decodeSeconds = 0, flat = 0;
   if (onGpu) cuda.resetPeakMemoryStats(device);
   try {
     for (let u = 0; u <= updates; u++) {
@@ -172,12 +184,14 @@ async function moerl(
       };
       for (const [p, s] of Object.entries(phases)) sums[p] = (sums[p] ?? 0) + s / updates;
       tokens += mm.tokens_generated;
+      flat += l.frac_zero_std_groups / updates;
       decodeSeconds += mm.prefill_seconds + mm.decode_seconds;
     }
     return {
       phases: sums,
       peak: onGpu ? cuda.memoryStats(device).peakAllocated : null,
       tokS: tokens / decodeSeconds,
+      flat,
     };
   } finally {
     policy.dispose();
@@ -210,7 +224,8 @@ try {
   const fmt = (s: number): string => s.toFixed(2).padStart(7);
   console.log(
     `bench:rl — ${nPrompts} prompts × K ${k} × ≤ ${newTokens} tokens per update, ${micro} micro-batches, ` +
-      `LoRA r16 q/k/v/o${a.lora === "default" ? " (moerl: the default config's targets)" : ""}, ` +
+      `prompts of ${promptLen}-${promptLen + 14} tokens, ` +
+      `LoRA r16 ${a.lora === "default" ? "on every linear layer and expert" : "on q/k/v/o"} (both sides), ` +
       `KL ${common.klCoef}; decode ${
         rlConfig({ rollout }).rollout.decode
       }; ${updates} timed updates after a warm-up, ${pairs} pair(s); ` +
@@ -228,7 +243,9 @@ try {
       totals.set(advantage, r.phases.total!);
       console.log(
         `pair ${p + 1}: moerl (${advantage.padEnd(11)}) ${fmt(r.phases.total!)} s/update  ` +
-          `[${line}; generation ${r.tokS.toFixed(0)} tok/s${peak}]`,
+          `[${line}; generation ${r.tokS.toFixed(0)} tok/s${peak}; ` +
+          `${(100 * r.flat).toFixed(0)}% of groups without reward spread, skipped by moerl's policy steps, ` +
+          "trained on by TRL's]",
       );
     }
     if (a["skip-trl"]) continue;

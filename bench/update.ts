@@ -14,7 +14,8 @@
  * override the config's model.device and model.dtype. No completion stops early (no stop tokens), so every one
  * has rollout.maxNewTokens tokens: the update the issue's targets speak of. The reward is the parity of the
  * token ids (bench/parity_reward.ts). Each mode runs a short warm-up update (32 new tokens) first, then
- * --updates timed ones; on a GPU the peak is the CUDA allocator's over the timed updates.
+ * --updates timed ones; on a GPU the peak is the CUDA allocator's over the timed updates, allocated (what the
+ * tensors needed) and reserved (what the caching allocator held from the driver: what has to fit the device).
  */
 import { cuda, type Device, type DType, manualSeed, torchVersion, useAvailableCores } from "../ffi/mod.ts";
 import type { DecodeMode } from "../model/decode_static.ts";
@@ -48,6 +49,13 @@ const a = parsed.values;
 const cfg = await loadTrainConfig(a.config, a.set ?? []);
 const device = (a.device ?? cfg.model.device) as Device, dtype = (a.dtype ?? cfg.model.dtype) as DType;
 const onGpu = device.startsWith("cuda");
+if (onGpu && !cuda.isAvailable()) {
+  console.error(
+    `bench:update: device ${device} (--device, else the config's model.device), but CUDA is not ` +
+      "available here: pass --device cpu --dtype float32",
+  );
+  Deno.exit(2);
+}
 const modes = (a.decode ?? cfg.rollout.decode).split(",").map((m) => m.trim()) as DecodeMode[];
 const updates = Number(a.updates), promptLen = Number(a["prompt-len"]);
 if (!(Number.isSafeInteger(updates) && updates > 0)) throw new RangeError(`--updates: expected >= 1`);
@@ -115,7 +123,7 @@ async function update(
   };
 }
 
-const rows: { mode: DecodeMode; phases: Record<string, number>; peak: number | null }[] = [];
+const rows: { mode: DecodeMode; phases: Record<string, number>; peak: [number, number] | null }[] = [];
 try {
   for (const mode of modes) {
     await update(mode, Math.min(32, newTokens), 1); // warm-up: kernels, allocator, first captures
@@ -126,7 +134,8 @@ try {
         sums[p] = (sums[p] ?? 0) + s / updates;
       }
     }
-    rows.push({ mode, phases: sums, peak: onGpu ? cuda.memoryStats(device).peakAllocated : null });
+    const stats = onGpu ? cuda.memoryStats(device) : null;
+    rows.push({ mode, phases: sums, peak: stats && [stats.peakAllocated, stats.peakReserved] });
   }
 } finally {
   policy.dispose();
@@ -134,7 +143,14 @@ try {
 const first = rows[0]!.phases.total!;
 const phases = ["prefill", "decode", "scoring", "reference+critic", "old", "learn"];
 console.log(
-  ["decode", "s/update", "× first", ...phases.map((p) => `${p} s`), "generation tok/s", "peak GiB"].join(
+  [
+    "decode",
+    "s/update",
+    "× first",
+    ...phases.map((p) => `${p} s`),
+    "generation tok/s",
+    "peak GiB (allocated/reserved)",
+  ].join(
     " | ",
   ),
 );
@@ -147,7 +163,7 @@ for (const r of rows) {
       (p.total! / first).toFixed(2),
       ...phases.map((ph) => p[ph]!.toFixed(2)),
       p.tokS!.toFixed(0),
-      r.peak === null ? "-" : gib(r.peak),
+      r.peak === null ? "-" : `${gib(r.peak[0])}/${gib(r.peak[1])}`,
     ].join(" | "),
   );
 }

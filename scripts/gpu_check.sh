@@ -71,7 +71,7 @@ if [ "${MOERL_GPU_REHEARSAL:-0}" = 1 ]; then # toy sizes on the CPU: does every 
   UPDATE="--set train.gradAccum=1 --set rollout.maxNewTokens=8 --prompt-len 16"
 else
   DEV=cuda DT=bfloat16 HUIHUI=bench/shapes/huihui-moe-1b-a0.6b.json PHI=bench/shapes/phi-tiny-moe.json
-  BATCHES=16,64,256,512 PROMPT=128 NEW=128 RL="--prompts 128 --k 4 --new 256 --micro 32"
+  BATCHES=16,64,256,512 PROMPT=128 NEW=128 RL="--prompts 128 --k 4 --new 256 --micro 32 --prompt-len 152"
   DP="--prompts 32 --k 4 --new 128 --micro 8" MEM="--batch 8 --seq 512" ATT="--batch 16 --prompt 512 --new 64"
   UPDATE=""
 fi
