@@ -227,7 +227,10 @@ function rational(raw: string | number): Rational | null {
 export function parseGold(gold: string | number): string | null {
   if (typeof gold === "number") return normalizeNumber(gold);
   if (typeof gold !== "string") return null;
-  if (gold.includes("####")) return extractAnswer(gold, { mode: "strict" }).value;
+  // The last marker is the answer; one that holds no number makes the gold malformed, not an earlier one right.
+  if (gold.includes("####")) {
+    return extractAnswer(gold.slice(gold.lastIndexOf("####")), { mode: "strict" }).value;
+  }
   const m = WHOLE_NUMBER_RE.exec(gold);
   const r = m && tokenValue(m.groups!.sign, m.groups!.body!);
   return r ? canonical(r) : null;

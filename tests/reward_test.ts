@@ -201,6 +201,8 @@ Deno.test("parseGold: numbers, number strings and GSM8K solutions; anything else
   assert.equal(parseGold("#### 1,080"), "1080");
   assert.equal(parseGold("72 apples"), null, "a gold string must be only a number");
   assert.equal(parseGold("#### <number>"), null);
+  assert.equal(parseGold("#### 5\n#### 6"), "6", "the last marker");
+  assert.equal(parseGold("#### 5\n#### six"), null, "a last marker without a number is malformed");
   assert.equal(parseGold("seventy-two"), null);
   assert.equal(parseGold(NaN), null);
 });
