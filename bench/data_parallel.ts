@@ -89,19 +89,26 @@ interface Result {
 function instrument(replicas: Replicas, device: Device): { calls: number; ms: number; gradBytes: number } {
   const totals = { calls: 0, ms: 0, gradBytes: 0 };
   const sync = (): void => device.startsWith("cuda") ? cuda.synchronize(device) : undefined;
+  let depth = 0; // calls made inside another (sumGradients' max, gather's sizes) are part of it
   for (const name of ["sum", "max", "gather", "gatherText", "sumGradients", "broadcastFromFirst"] as const) {
     const real = (replicas[name] as (...args: unknown[]) => unknown).bind(replicas);
     (replicas as unknown as Record<string, unknown>)[name] = (...args: unknown[]): unknown => {
+      if (depth > 0) return real(...args);
       sync();
       const t0 = performance.now();
-      const out = real(...args);
-      sync();
-      totals.ms += performance.now() - t0;
-      totals.calls++;
-      if (name === "sumGradients") {
-        for (const p of args[0] as Tensor[]) if (p.grad) totals.gradBytes += p.numel * ELEMENT_SIZE[p.dtype];
+      depth++;
+      try {
+        return real(...args);
+      } finally {
+        depth--;
+        sync();
+        totals.ms += performance.now() - t0;
+        totals.calls++;
+        // The flat buffer holds every parameter (zeros for one without a gradient here).
+        if (name === "sumGradients") {
+          for (const p of args[0] as Tensor[]) totals.gradBytes += p.numel * ELEMENT_SIZE[p.dtype];
+        }
       }
-      return out;
     };
   }
   return totals;

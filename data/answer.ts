@@ -318,8 +318,16 @@ function afterLastMarker(plain: string, re: RegExp, noLetterFirst: boolean): Rat
 const HASH_RE = /####/g;
 // "Final Answer:", "The final answer is", "**Final Answer**:", "## Final Answer" ending its line; not the words
 // in passing ("to get the final answer, we …").
-const FINAL_RE =
-  /\bfinal\s+answer\b[*_ \t]*(?:[:=]|\bis\b|\bwas\b|\bwould\s+be\b|\bwill\s+be\b|(?=\r?\n|$))/giu;
+const FINAL_RE = new RegExp(
+  String.raw`\bfinal\s+answer\b` +
+    String.raw`(?:\s*\([^)\n]{0,40}\))?` + // "Final Answer (in dollars):"
+    String.raw`(?:\s*,[^,\n]{0,30},)?` + // "The final answer, therefore, is"
+    String.raw`[*_ \t]*` +
+    String.raw`(?:[:=\u2014\u2013]|-(?=\s)|\bis\b|\bwas\b|\bwould\s+be\b|\bwill\s+be\b` +
+    String.raw`|(?=\r?\n|$)` + // a heading on its own line
+    String.raw`|(?<=[*_])(?=[ \t]*[$\d\\-]))`, // "**Final Answer** 42"
+  "giu",
+);
 // "The answer is", "answer was", "Answer:", "**Answer**:".
 const PHRASE_RE = /\banswer[*_\s]*(?:is\b|was\b|would\s+be\b|will\s+be\b|:|=)/giu;
 

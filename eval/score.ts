@@ -96,7 +96,8 @@ export function scoreRow(
 ): { ok: true; verdict: RowVerdict } | { ok: false; reason: string } {
   if (!isJsonObject(value)) return { ok: false, reason: "expected a JSON object" };
   const { completion, id } = value;
-  const answer = value.answer ?? value.answer_gold; // evaluate's predictions (and our verdicts) say answer_gold
+  const field = value.answer === undefined && value.answer_gold !== undefined ? "answer_gold" : "answer";
+  const answer = value[field]; // evaluate's predictions (and our verdicts) say answer_gold
   if (typeof completion !== "string") {
     return {
       ok: false,
@@ -106,12 +107,12 @@ export function scoreRow(
   if (typeof answer !== "string" && typeof answer !== "number") {
     return {
       ok: false,
-      reason: `"answer" must be a number or a string, got ${JSON.stringify(answer) ?? "nothing"}`,
+      reason: `"${field}" must be a number or a string, got ${JSON.stringify(answer) ?? "nothing"}`,
     };
   }
   const gold = parseGold(answer);
   if (gold === null) {
-    return { ok: false, reason: `"answer" ${JSON.stringify(answer).slice(0, 60)} is not a number` };
+    return { ok: false, reason: `"${field}" ${JSON.stringify(answer).slice(0, 60)} is not a number` };
   }
   return {
     ok: true,

@@ -217,9 +217,14 @@ async function run(
   const i64 = { dtype: "int64" as const, device };
   const temperature = opts.doSample ? opts.temperature ?? 1 : 1;
   const decodeOpt = opts.decodeDispatch ?? opts.dispatch ?? "dense";
-  // Captured steps must not wait on the host: "measured" then leaves "loop" out.
+  // Captured steps must not wait on the host: "measured" then leaves "loop" out, and "grouped", which falls
+  // back to "loop" for a bank that cannot group (libtorch < 2.8, some adapters), becomes "dense" there.
+  const captured = opts.decodeMode === "graph";
+  const allGroup = decoder.layers.every((l) => l.mlp.kind !== "moe" || l.mlp.experts.groupable === true);
   const dispatchMode = decodeOpt === "measured"
-    ? decodeDispatch(decoder, b, { syncFree: opts.decodeMode === "graph" })
+    ? decodeDispatch(decoder, b, { syncFree: captured })
+    : decodeOpt === "grouped" && captured && !allGroup
+    ? "dense"
     : decodeOpt;
   // The prompt pass is one large forward: grouped GEMM where the experts allow it does only the routed work.
   const groupable = decoder.layers.some((l) => l.mlp.kind === "moe" && l.mlp.experts.groupable === true);

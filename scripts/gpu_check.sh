@@ -106,7 +106,8 @@ step() {
   local rc=$?
   local verdict
   verdict=$(grep -E '(passed|failed)' "$LOGS/$name.log" | tail -1 | sed 's/\x1b\[[0-9;]*m//g')
-  { [ "$rc" = 124 ] || [ "$rc" = 137 ]; } && verdict="TIMED OUT after ${cap}s; $verdict"
+  [ "$rc" = 124 ] && verdict="TIMED OUT after ${cap}s; $verdict"
+  [ "$rc" = 137 ] && verdict="KILLED (after the ${cap}s limit, or out of memory); $verdict"
   printf '%-18s rc=%d %4ds  %s\n' "$name" "$rc" $((SECONDS - t0)) "$verdict" | tee -a "$LOGS/summary.txt"
   publish
   return $rc
@@ -115,9 +116,11 @@ step() {
 # Committed test files only: listed in .gpu/tests.txt when the copy has no git metadata, else asked of git.
 LIST=$(cat .gpu/tests.txt 2>/dev/null || git ls-files 'tests/*_test.ts' 2>/dev/null || ls tests/*_test.ts)
 # A test file added since .gpu/ was packed would be left out: say so.
-for f in tests/*_test.ts; do
-  [[ " $(echo $LIST) " == *" $f "* ]] || echo "not in .gpu/tests.txt (repack): $f" | tee -a "$LOGS/summary.txt"
-done
+if [ -f .gpu/tests.txt ]; then
+  for f in tests/*_test.ts; do
+    [[ " $(echo $LIST) " == *" $f "* ]] || echo "not in .gpu/tests.txt (repack): $f" | tee -a "$LOGS/summary.txt"
+  done
+fi
 TDEV=$DEV SHARDS=6 # test processes at once (scripts/test_shards.sh): 16 cores, one GPU they share
 [ "${MOERL_GPU_REHEARSAL:-0}" = 1 ] && LIST="tests/graph_test.ts tests/decode_static_test.ts tests/cuda_test.ts" SHARDS=2
 # The command line of the suite on device $1 in dtype $2 (paths without spaces: word splitting is fine).

@@ -165,6 +165,13 @@ Deno.test("decode static: bad settings and views are refused with the reason", a
     () => generate(other.decoder, [[1, 2]], { maxNewTokens: 4, decodeMode: "graph", session: graphs }),
     /the session records another decoder's steps/,
   );
+  // "grouped" where a bank cannot group (libtorch < 2.8) would fall back to "loop": graph steps use "dense".
+  const grouped = await generate(model.decoder, [[1, 2, 3]], {
+    maxNewTokens: 6,
+    decodeMode: "graph",
+    decodeDispatch: "grouped",
+  });
+  assert.deepEqual(grouped.tokens, (await generate(model.decoder, [[1, 2, 3]], { maxNewTokens: 6 })).tokens);
   // Refused on every device, so that a CPU run refuses what a GPU could not record.
   await assert.rejects(
     () => generate(model.decoder, [[1, 2]], { maxNewTokens: 4, decodeMode: "graph", dispatch: "loop" }),

@@ -97,6 +97,13 @@ const CASES: Case[] = [
   ["The final answer is:\n- 42", "42", "final_answer", null],
   ["Answer:\n- 5 apples", "5", "answer_phrase", null],
   ["The answer is -5", "-5", "answer_phrase", null],
+  ["**Final Answer** 42", "42", "final_answer", null],
+  ["Final Answer (in dollars): 42", "42", "final_answer", null],
+  ["The final answer, therefore, is 42.", "42", "final_answer", null],
+  ["final answer \u2014 42", "42", "final_answer", null],
+  ["Final Answer: $\\boxed{5}$", "5", "final_answer", null],
+  ["FINAL ANSWER = 7", "7", "final_answer", null],
+  ["Final answer: -5", "-5", "final_answer", null],
   // nothing
   ["I don't know.", null, null, null],
   ["", null, null, null],

@@ -133,6 +133,27 @@ Deno.test("sft: the command saves a model that loads, with the warm-up merged in
     const last = async (m: typeof before): Promise<number[]> =>
       (await generate(m.decoder, ids, { maxNewTokens: 1 })).logprobs[0]!;
     assert.notDeepEqual(await last(after), await last(before), "the merged adapter changed the model");
+    // A Hub id goes to the Hub (offline here: the error names the repo and the cache), not to a local path.
+    const hub = await new Deno.Command(Deno.execPath(), {
+      args: [
+        "run",
+        "-A",
+        "train/sft.ts",
+        "--model",
+        "org/some-model",
+        "--out",
+        join(tmp, "h"),
+        "--task",
+        "arithmetic",
+      ],
+      cwd: root,
+      env: { INIT_CWD: root, HF_HUB_OFFLINE: "1", HF_HUB_CACHE: join(tmp, "hub") },
+    }).output();
+    assert.equal(hub.code, 1);
+    assert.match(
+      new TextDecoder().decode(hub.stderr),
+      /^sft: org\/some-model@main: offline \(HF_HUB_OFFLINE\)/m,
+    );
     const missing = await run("--model", join(tmp, "none"), "--out", join(tmp, "x"), "--task", "arithmetic");
     assert.equal(missing.code, 1);
     assert.match(new TextDecoder().decode(missing.stderr), /^sft: .*none/m);

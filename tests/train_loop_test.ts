@@ -8,6 +8,7 @@ import { cuda, liveTensors } from "../ffi/mod.ts";
 import { loadTrainConfig, type TrainConfig } from "../train/config.ts";
 import { train } from "../train/loop.ts";
 import { escapeHtml } from "../train/report.ts";
+import { resumeConflicts } from "../train/resume.ts";
 import { SafetensorsFile } from "../model/safetensors.ts";
 
 const ROOT = join(import.meta.dirname!, "..");
@@ -117,7 +118,7 @@ Deno.test("train: every update gets its full batch when the data does not divide
   const tmp = await Deno.makeTempDir({ prefix: "moerl_train_" });
   try {
     // 5 problems in micro-batches of 2: each epoch's fifth is left out, so updates 3 and 4 (the second
-    // epoch) still hold 2 prompts × k 2 = 4 sequences, which ppo.minibatches 4 divides.
+    // epoch) still hold 2 prompts × k 4 = 8 sequences, which ppo.minibatches 4 divides.
     const cfg = await config(
       tmp,
       4,
@@ -128,6 +129,20 @@ Deno.test("train: every update gets its full batch when the data does not divide
     );
     const run = await train(cfg, { quiet: true });
     assert.deepEqual(run.records.map((r) => r.step), [1, 2, 3, 4]);
+    // A checkpoint written before short micro-batches were dropped may point at one: resuming starts the next epoch.
+    const state = join(tmp, "checkpoint-4", "trainer_state.json");
+    const saved = JSON.parse(await Deno.readTextFile(state));
+    saved.rng.batcherPosition = { epoch: 1, index: 2 };
+    await Deno.writeTextFile(state, JSON.stringify(saved));
+    const more = await config(
+      tmp,
+      5,
+      "data.limit=5",
+      "train.gradAccum=1",
+      "ppo.minibatches=4",
+      "eval.every=0",
+    );
+    assert.deepEqual((await train(more, { quiet: true, resume: true })).records.map((r) => r.step), [5]);
     await assert.rejects(
       async () => train(await config(join(tmp, "b"), 1, "data.limit=1"), { quiet: true }),
       /1 problems, fewer than train\.microBatch \(2\)/,
@@ -142,4 +157,21 @@ Deno.test("train: every update gets its full batch when the data does not divide
   } finally {
     await Deno.remove(tmp, { recursive: true });
   }
+});
+
+Deno.test("resume: the settings a resume may change, and the run length under a decaying schedule", async () => {
+  const cfg = await config("runs/x", 10);
+  const saved = JSON.parse(JSON.stringify(cfg));
+  assert.deepEqual(resumeConflicts(saved, cfg), []);
+  assert.deepEqual(resumeConflicts(null, cfg), [], "a checkpoint saved without its config");
+  const longer = await config("runs/x", 20, "eval.every=3", "rollout.decode=static");
+  assert.deepEqual(resumeConflicts(saved, longer), [], "length, evaluation and decoding may change");
+  const { ["lora"]: _lora, ...older } = saved; // a key the checkpoint's moerl did not have is not compared
+  assert.deepEqual(resumeConflicts(older, await config("runs/x", 10, "lora.r=8")), []);
+  assert.deepEqual(resumeConflicts(saved, await config("runs/x", 10, "lora.r=8")), ["lora.r: 4 → 8"]);
+  const cosine = await config("runs/x", 10, "train.schedule=cosine");
+  const cosineLonger = await config("runs/x", 20, "train.schedule=cosine");
+  assert.deepEqual(resumeConflicts(JSON.parse(JSON.stringify(cosine)), cosineLonger), [
+    "train.updates: 10 → 20 (the cosine schedule's learning rates depend on it)",
+  ]);
 });

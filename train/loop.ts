@@ -129,6 +129,8 @@ export async function train(cfg: TrainConfig, opts: TrainOptions = {}): Promise<
       const state = await loadCheckpoint(resumeFrom, policy, opt);
       start = state.step;
       pos = state.rng.batcherPosition;
+      // A checkpoint from before short micro-batches were dropped may point at one: the next epoch's start.
+      if (pos.index >= batcher.batchesPerEpoch) pos = { epoch: pos.epoch + 1, index: 0 };
       if (!quiet) console.log(`resuming from ${resumeFrom} (update ${start})`);
     }
     // Every rank starts from rank 0's weights (the same seed makes them equal already; this makes sure).

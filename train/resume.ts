@@ -23,7 +23,7 @@ import { METRICS_FILE, readRecords } from "./metrics.ts";
 export const RESUME_MAY_CHANGE: readonly string[] = [
   "name",
   "output.",
-  "train.updates",
+  "train.updates", // with a constant schedule (resumeConflicts)
   "train.gradientCheckpointing",
   "train.headChunk",
   "model.device",
@@ -59,6 +59,13 @@ export function resumeConflicts(saved: unknown, cfg: DeepReadonly<TrainConfig>):
   for (const [key, was] of before) {
     const is = now.get(key);
     if (is !== undefined && is !== was && !mayChange(key)) out.push(`${key}: ${was} → ${is}`);
+  }
+  // A decaying schedule's learning rates depend on the run's length: there, the length is part of what is learnt.
+  const length = before.get("train.updates"), to = now.get("train.updates");
+  if (cfg.train.schedule !== "constant" && length !== undefined && length !== to) {
+    out.push(
+      `train.updates: ${length} → ${to} (the ${cfg.train.schedule} schedule's learning rates depend on it)`,
+    );
   }
   return out;
 }

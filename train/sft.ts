@@ -127,9 +127,14 @@ async function main(args: string[]): Promise<number> {
     return 2;
   }
   const base = Deno.env.get("INIT_CWD") ?? Deno.cwd();
-  const [modelDir, out] = [resolve(base, v.model!), resolve(base, v.out!)];
   const { exists } = await import("../model/atomic_write.ts");
-  if (out === modelDir || await exists(resolve(out, "model.safetensors"))) {
+  // A folder (relative to where the command started), else a Hub id as loadModel takes it.
+  const local = resolve(base, v.model!);
+  const modelDir = /^[./]/.test(v.model!) || await exists(local) ? local : v.model!;
+  const out = resolve(base, v.out!);
+  const holdsModel = async (d: string): Promise<boolean> =>
+    await exists(resolve(d, "model.safetensors")) || await exists(resolve(d, "model.safetensors.index.json"));
+  if (out === local || await holdsModel(out)) {
     console.error(`sft: --out ${out} holds a model already (or is --model): give a new folder\n${USAGE}`);
     return 2;
   }
