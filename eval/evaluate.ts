@@ -213,7 +213,19 @@ export async function runEvaluation(
 
 const USAGE =
   `usage: deno task evaluate --config configs/x.yaml [--adapter DIR] [--limit N] [--split test|train]
-                          [--out DIR] [--set key.path=value ...] [--nproc N]`;
+                          [--out DIR] [--set key.path=value ...] [--nproc N]
+
+  -c, --config F     the training config whose model, prompt, token cap and eval data are used
+  --adapter DIR      a PEFT adapter folder, a checkpoint folder, or a run folder (its newest checkpoint);
+                     without it: the base model
+  --limit N          the first N problems only
+  --split S          test or train (default: the config's eval.split)
+  -o, --out DIR      where predictions.jsonl and summary.json go (default: <run>/eval/<checkpoint|base>-<split>)
+  --set key=value    a config override (repeatable)
+  --nproc N          split the problems over N local processes
+  -h, --help         this text
+
+Exit status: 0 done, 1 an error while running, 2 a bad argument or config.`;
 
 /** The command line: returns the exit status. */
 export async function main(args: string[]): Promise<number> {

@@ -160,3 +160,21 @@ Deno.test("evaluate: static-buffer and graph decode steps give eager's predictio
   assert.deepEqual(completions.static, completions.eager);
   assert.deepEqual(completions.graph, completions.eager);
 });
+
+Deno.test("train and evaluate --help: exit 0 with every option described", async () => {
+  const ev = await evaluate("--help");
+  assert.equal(ev.code, 0);
+  for (const o of ["--config", "--adapter", "--limit", "--split", "--out", "--set", "--nproc"]) {
+    assert.match(ev.stdout, new RegExp(`^\\s+(-\\w, )?${o} `, "m"), `evaluate --help describes ${o}`);
+  }
+  const tr = await new Deno.Command(Deno.execPath(), {
+    args: ["run", "-A", "train/main.ts", "--help"],
+    cwd: ROOT,
+  })
+    .output();
+  assert.equal(tr.code, 0);
+  const text = new TextDecoder().decode(tr.stdout);
+  for (const o of ["--config", "--set", "--resume", "--print-config", "--nproc"]) {
+    assert.match(text, new RegExp(`^\\s+(-\\w, )?${o} `, "m"), `train --help describes ${o}`);
+  }
+});

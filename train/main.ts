@@ -34,8 +34,20 @@ import {
 } from "./launch.ts";
 import { torchVersion, useAvailableCores } from "../ffi/mod.ts";
 
-const USAGE = "usage: deno task train [--config configs/x.yaml] [--set key.path=value ...] [--resume] " +
-  "[--print-config] [--nproc N]\n(without --config: the built-in defaults, which configs/default.yaml lists)";
+const USAGE =
+  `usage: deno task train [--config configs/x.yaml] [--set key.path=value ...] [--resume] [--print-config]
+                       [--nproc N]
+
+  -c, --config F     a YAML file of overrides (without it: the built-in defaults, which configs/default.yaml lists)
+  --set key=value    one more override, e.g. --set train.learningRate=2e-5 (repeatable; after the file)
+  --resume           continue the run folder (runs/<name>, or output.dir) from its latest checkpoint; refused
+                     when settings that change what is learnt differ from the checkpoint's
+  --print-config     print the resolved config and exit
+  --nproc N          start N local processes (data parallel; one GPU each by LOCAL_RANK, or CPU cores shared);
+                     under torchrun or another launcher (WORLD_SIZE set) leave it out
+  -h, --help         this text
+
+Exit status: 0 done, 1 an error while running, 2 a bad argument or config.`;
 
 /** The command line: returns the exit status. */
 export async function main(args: string[]): Promise<number> {
