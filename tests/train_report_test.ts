@@ -117,6 +117,10 @@ Deno.test("report: one SVG per metric with every point, the config and the lates
   assert.equal(pointsOf("accuracy", "sampled completions"), n);
   assert.equal(pointsOf("accuracy", "eval strict"), 3);
   assert.equal(pointsOf("accuracy", "eval flexible"), 3);
+  // Fractions on a fixed axis from 0 to 1, whatever the points (all zero on a random model).
+  const ticks = (id: string): string[] =>
+    [...byId.get(id)!.matchAll(/class="ytick">([^<]*)</g)].map((m) => m[1]!);
+  assert.deepEqual(ticks("accuracy"), ["0", "0.25", "0.5", "0.75", "1"]);
   assert.equal(pointsOf("kl", "kl"), n - 1, "null values are skipped");
   assert.equal(pointsOf("entropy", "entropy"), n);
   assert.equal(pointsOf("value_loss", "value loss"), n);

@@ -31,6 +31,8 @@ export interface ChartSpec {
   title: string;
   /** Its lines. */
   series: SeriesSpec[];
+  /** A fixed value axis (fractions: [0, 1]), else fitted to the points. */
+  range?: [number, number];
 }
 
 /** The main charts, in page order. */
@@ -43,6 +45,7 @@ export const REPORT_CHARTS: readonly ChartSpec[] = [
   {
     id: "accuracy",
     title: "Accuracy",
+    range: [0, 1],
     series: [
       { label: "sampled completions", keys: ["accuracy", "train_accuracy"] },
       { label: "eval strict", keys: ["eval_accuracy_strict"] },
@@ -55,6 +58,7 @@ export const REPORT_CHARTS: readonly ChartSpec[] = [
   {
     id: "clip_fraction",
     title: "PPO clip fraction",
+    range: [0, 1],
     series: [{ label: "clipped tokens", keys: ["clip_fraction"] }],
   },
   {
@@ -113,6 +117,7 @@ export function svgChart(
   id: string,
   title: string,
   series: { label: string; points: [number, number][] }[],
+  range?: [number, number],
 ): string {
   const W = 520, H = 220, L = 60, R = 12, T = 26, B = 30;
   const all = series.flatMap((s) => s.points);
@@ -125,7 +130,7 @@ export function svgChart(
   if (x0 === x1) [x0, x1] = [x0 - 1, x1 + 1];
   if (y0 === y1) [y0, y1] = [y0 - (Math.abs(y0) || 1) * 0.1, y1 + (Math.abs(y1) || 1) * 0.1];
   const pad = (y1 - y0) * 0.05;
-  [y0, y1] = [y0 - pad, y1 + pad];
+  [y0, y1] = range ?? [y0 - pad, y1 + pad];
   const sx = (x: number): number => L + ((x - x0) / (x1 - x0)) * (W - L - R);
   const sy = (y: number): number => T + (1 - (y - y0) / (y1 - y0)) * (H - T - B);
   const xy = (ps: readonly [number, number][]): string =>
@@ -217,6 +222,7 @@ export function renderReport(input: {
         used.add(key);
         return [{ label: s.label, points: points(metrics, key) }];
       }),
+      c.range,
     )
   );
   const others = present.filter((k) => !used.has(k) && points(metrics, k).length > 0).sort();
