@@ -57,6 +57,20 @@ export const LORA_CHECKS: Checks<LoraConfig> = {
   },
 };
 
+/**
+ * Problems between LoRA settings: PEFT adapts fused expert parameters with a ParamWrapper, which refuses
+ * dropout, so such an adapter saved with dropout could not be loaded by PEFT.
+ */
+export function loraConflicts(config: LoraConfig): string[] {
+  const fused = config.targetExperts && (config.expertForm ?? "fused") === "fused";
+  return fused && config.dropout > 0
+    ? [
+      `lora.dropout ${config.dropout} with targetExperts in the fused form: PEFT cannot load such an adapter ` +
+      '(its ParamWrapper refuses dropout); use dropout 0, or expertForm "split"',
+    ]
+    : [];
+}
+
 /** Whether a linear slot is targeted (routers and the LM head only when named). */
 export function isTarget(slot: LinearSlot, target: LoraConfig["targetModules"]): boolean {
   if (target === "all-linear") return slot.role === "linear";
@@ -111,6 +125,7 @@ export class LoraModel {
   /** Adds adapters to decoder's matching modules; sizes come from cfg. */
   constructor(decoder: Decoder, cfg: MoeConfig, config: LoraConfig) {
     throwProblems(checkSection("lora", config, LORA_CHECKS));
+    throwProblems(loraConflicts(config));
     this.state = new LoraState();
     this.config = config;
     const like = decoder.embed;

@@ -180,7 +180,7 @@ function chosen(own: Tensor, replay: Tensor | null | undefined): Tensor {
  * renormalisation, weights cast to the activation dtype (transformers' Qwen3MoeSparseMoeBlock; docs/numerics.md "Routing").
  * With `replay` ([T, k] expert ids, −1 = choose freely) those experts are
  * used instead of the top-k, weighted by the current router's probabilities
- * of them (renormalised over them when normTopK), so the router still learns.
+ * of them (renormalised over them when normTopK), so the gradient still flows through the router's logits.
  */
 export function softmaxTopK(
   x: Tensor,

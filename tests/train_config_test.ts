@@ -139,9 +139,11 @@ Deno.test("config: type mismatches name the key, what was expected and what came
     [{ train: { headChunk: 0.5 } }, /train\.headChunk: expected an integer ≥ 0, got 0\.5/],
     [{ lora: { targetModules: "(" } }, /lora\.targetModules: not a regular expression/],
     [
-      { train: { gradientCheckpointing: true }, lora: { dropout: 0.1 } },
+      { train: { gradientCheckpointing: true }, lora: { dropout: 0.1, expertForm: "split" } },
       /gradientCheckpointing needs lora\.dropout 0/,
     ],
+    // PEFT's ParamWrapper, which adapts fused expert parameters, refuses dropout: such an adapter would not load.
+    [{ lora: { dropout: 0.1 } }, /lora\.dropout 0\.1 with targetExperts in the fused form: PEFT cannot load/],
   ];
   for (const [over, re] of cases) {
     assert.match(configError(() => applyOverrides(DEFAULTS, over, "f.yaml")), re);

@@ -22,7 +22,7 @@ import {
 } from "../rl/config.ts";
 import type { RewardConfig } from "../rl/reward.ts";
 import { ATTENTION_CHECK, type AttentionImpl } from "../model/layers.ts";
-import { DEFAULT_LORA, LORA_CHECKS, type LoraConfig } from "../model/lora_apply.ts";
+import { DEFAULT_LORA, LORA_CHECKS, type LoraConfig, loraConflicts } from "../model/lora_apply.ts";
 import { bool, type Check, int, nullable, num, oneOf, str, text } from "../model/settings.ts";
 import { MOE_CHECKS, PPO_CHECKS, rlConfig, ROLLOUT_CHECKS } from "../rl/config.ts";
 import { DEFAULT_HEAD_CHUNK } from "../rl/policy.ts";
@@ -319,6 +319,7 @@ const ALIASES: Readonly<Record<string, string>> = {
 /** Checks that involve several keys. */
 function crossChecks(cfg: TrainConfig): string[] {
   const p: string[] = [];
+  p.push(...loraConflicts(cfg.lora));
   if (cfg.train.gradientCheckpointing && cfg.lora.dropout > 0) {
     p.push("train.gradientCheckpointing needs lora.dropout 0 (the recomputed pass would draw new masks)");
   }

@@ -161,7 +161,11 @@ export async function train(cfg: TrainConfig, opts: TrainOptions = {}): Promise<
           prompts.push(...batch.items);
         }
         const mine = prompts.slice(first, first + share);
-        using buffer = await collect(policy, tok, mine, rl, { seed, firstPrompt: first });
+        using buffer = await collect(policy, tok, mine, rl, {
+          seed,
+          firstPrompt: first,
+          recordRouting: cfg.moe.routingReplay !== "off", // the record serves replay only
+        });
         const learned = learn(policy, opt, buffer, rl, {
           microBatch: t.microBatch * cfg.rollout.k,
           maxGradNorm: t.maxGradNorm,
