@@ -36,11 +36,13 @@ import { type Gsm8kSplit, loadGsm8k } from "../data/gsm8k.ts";
 import { writeAtomic } from "../model/atomic_write.ts";
 import { isFile } from "../model/json.ts";
 import { ADAPTER_CONFIG, loadPeftAdapter } from "../model/peft.ts";
+import { resolveModel } from "../model/hub.ts";
 import { Tokenizer } from "../model/tokenizer.ts";
 import { type EvalTotals, evaluateExamples, type Prediction } from "../rl/evaluate.ts";
 import { Replicas } from "../rl/replicas.ts";
 import {
   distTimeoutSeconds,
+  fetchFirst,
   joinReplicas,
   launchEnv,
   rankDevice,
@@ -128,6 +130,8 @@ export interface RunEvaluationOptions {
   replicas?: Replicas;
   /** This rank's device, when it differs from the config's (e.g. `cuda:LOCAL_RANK`). */
   device?: Device;
+  /** This rank's LOCAL_RANK (default: its rank): local rank 0 downloads for its machine. */
+  localRank?: number;
 }
 
 /** Loads what the config names, evaluates, and writes predictions.jsonl and summary.json. */
@@ -139,12 +143,13 @@ export async function runEvaluation(
   const log = dp.rank === 0 ? opts.log ?? console.log : () => {};
   const split = opts.split ?? cfg.eval.split;
   const adapterDir = opts.adapter === undefined ? null : await resolveAdapter(opts.adapter);
-  const data = await loadGsm8k(cfg.eval.source, {
-    split,
-    limit: opts.limit,
-    onBadRecord: cfg.data.onBadRecord,
-    config: cfg.data.config,
+  const dataOpts = { split, onBadRecord: cfg.data.onBadRecord, config: cfg.data.config };
+  // One rank per machine downloads; the others then find the files cached (train/launch.ts fetchFirst).
+  await fetchFirst(dp, opts.localRank ?? dp.rank, async () => {
+    await resolveModel(cfg.model.id);
+    await loadGsm8k(cfg.eval.source, dataOpts);
   });
+  const data = await loadGsm8k(cfg.eval.source, { ...dataOpts, limit: opts.limit });
   for (const s of data.skipped) log(`skipped record at line ${s.line}: ${s.reason}`);
   if (data.examples.length === 0) throw new Error(`${cfg.eval.source} (${split}): no problems to evaluate`);
   const dir = opts.out ?? defaultOutput(cfg, adapterDir, split);
@@ -292,6 +297,7 @@ export async function main(args: string[]): Promise<number> {
       out: at(v.out),
       replicas,
       device,
+      localRank: env?.localRank,
     });
     say(JSON.stringify(summary, null, 2));
     say(`predictions and summary in ${dir}`);

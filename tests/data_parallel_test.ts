@@ -264,3 +264,31 @@ Deno.test("train --nproc: an update that does not split over the processes is re
     await Deno.remove(tmp, { recursive: true });
   }
 });
+
+Deno.test({
+  name: "data parallel: ranks with different settings are refused by all of them, before anything loads",
+  ignore: !hasGloo,
+  async fn(): Promise<void> {
+    const tmp = await Deno.makeTempDir({ prefix: "moerl_dp_cfg_" });
+    try {
+      const env = { WORLD_SIZE: "2", MASTER_ADDR: "127.0.0.1", MASTER_PORT: String(freePort()) };
+      const base = settings(join(tmp, "run"), 1);
+      const [r0, r1] = await Promise.all([
+        trainCli(base, { ...env, RANK: "0", LOCAL_RANK: "0", LOCAL_WORLD_SIZE: "2" }),
+        trainCli([...base, "--set", "train.learningRate=0.5"], {
+          ...env,
+          RANK: "1",
+          LOCAL_RANK: "1",
+          LOCAL_WORLD_SIZE: "2",
+        }),
+      ]);
+      for (const r of [r0, r1]) {
+        assert.equal(r.code, 1);
+        assert.match(text(r.stderr), /rank 1's config differs from rank 0's/);
+      }
+      await assert.rejects(() => Deno.stat(join(tmp, "run")), Deno.errors.NotFound, "nothing written");
+    } finally {
+      await Deno.remove(tmp, { recursive: true });
+    }
+  },
+});

@@ -1,6 +1,10 @@
 /** torchrun's environment contract (train/launch.ts): parsed as torch.distributed reads it, bad values named. */
 import assert from "node:assert/strict";
-import { distTimeoutSeconds, launchEnv, rankDevice } from "../train/launch.ts";
+import { join } from "node:path";
+import { Replicas } from "../rl/replicas.ts";
+import { distTimeoutSeconds, fetchFirst, launchEnv, rankDevice } from "../train/launch.ts";
+
+const ROOT = join(import.meta.dirname!, "..");
 
 const TORCHRUN = {
   RANK: "3",
@@ -29,9 +33,14 @@ Deno.test("launch: torchrun's variables, the agent store, and a rank's GPU", () 
   assert.equal(rankDevice("cuda", env), "cuda:1");
   assert.equal(rankDevice("cpu", env), "cpu");
   assert.equal(rankDevice("cuda", null), "cuda");
-  // A plain launcher may leave out the local variables: one machine.
-  const plain = launchEnv({ RANK: "1", WORLD_SIZE: "2", MASTER_ADDR: "127.0.0.1", MASTER_PORT: "1234" })!;
-  assert.deepEqual([plain.localRank, plain.localWorldSize, plain.agentStore], [1, 2, false]);
+  // A launcher of one process per machine (a Kubernetes PyTorchJob) may leave out the local variables: as
+  // PyTorch scripts read them, local rank 0 of 1, so the rank takes cuda:0 and all of its machine's cores.
+  const plain = launchEnv({ RANK: "3", WORLD_SIZE: "4", MASTER_ADDR: "10.0.0.7", MASTER_PORT: "1234" })!;
+  assert.deepEqual([plain.localRank, plain.localWorldSize, plain.agentStore], [0, 1, false]);
+  assert.equal(rankDevice("cuda", plain), "cuda:0");
+  // One named GPU cannot serve several ranks of a machine (NCCL refuses it): said before anything starts.
+  assert.throws(() => rankDevice("cuda:1", env), /model\.device "cuda:1" names one GPU for the 2 ranks/);
+  assert.equal(rankDevice("cuda:1", plain), "cuda:1", "one rank on this machine: its GPU as named");
 });
 
 Deno.test("launch: a missing or malformed variable is an error naming it", () => {
@@ -49,4 +58,84 @@ Deno.test("launch: a missing or malformed variable is an error naming it", () =>
     () => distTimeoutSeconds({ MOERL_DIST_TIMEOUT_S: "0" }),
     /MOERL_DIST_TIMEOUT_S: expected seconds > 0/,
   );
+  assert.throws(() => distTimeoutSeconds({ MOERL_DIST_TIMEOUT_S: "Infinity" }), /expected seconds > 0/);
+});
+
+Deno.test("launch: one rank per machine downloads first; a failed download fails every rank", async () => {
+  /** Rank r of two whose peer's contribution to every sum is given. */
+  class Peer extends Replicas {
+    constructor(private readonly peerSum: number) {
+      super(null);
+    }
+    override get size(): number {
+      return 2;
+    }
+    override sum(xs: readonly number[]): number[] {
+      return xs.map((x) => x + this.peerSum);
+    }
+  }
+  let fetched = 0;
+  const fetch = (): Promise<void> => Promise.resolve(void fetched++);
+  await fetchFirst(new Peer(0), 0, fetch);
+  await fetchFirst(new Peer(0), 1, fetch);
+  assert.equal(fetched, 1, "local rank 0 fetched, local rank 1 waited");
+  await assert.rejects(
+    () => fetchFirst(new Peer(1), 1, fetch),
+    /downloading the model or data failed on another rank/,
+  );
+  await assert.rejects(
+    () => fetchFirst(new Peer(0), 0, () => Promise.reject(new Error("offline"))),
+    /^Error: offline$/,
+  );
+  await fetchFirst(Replicas.single(), 5, fetch);
+  assert.equal(fetched, 2, "a single process fetches itself");
+});
+
+Deno.test("launch: a signal to the --nproc launcher reaches its ranks, which would otherwise outlive it", async () => {
+  const tmp = await Deno.makeTempDir({ prefix: "moerl_launch_sig_" });
+  try {
+    // The launcher: two ranks that each write their pid, then wait a minute.
+    const rank = join(tmp, "rank.ts"), launcher = join(tmp, "launcher.ts");
+    await Deno.writeTextFile(
+      rank,
+      `Deno.writeTextFileSync(${JSON.stringify(tmp)} + "/rank" + Deno.env.get("RANK"), String(Deno.pid));\n` +
+        "await new Promise((r) => setTimeout(r, 60_000));\n",
+    );
+    await Deno.writeTextFile(
+      launcher,
+      `import { spawnLocal } from ${JSON.stringify(join(ROOT, "train", "launch.ts"))};\n` +
+        `Deno.exit(await spawnLocal(2, ["run", "-A", ${JSON.stringify(rank)}], { graceSeconds: 1 }));\n`,
+    );
+    const child = new Deno.Command(Deno.execPath(), {
+      args: ["run", "-A", launcher],
+      stdout: "null",
+      stderr: "null",
+    })
+      .spawn();
+    const pids: number[] = [];
+    for (let i = 0; i < 200 && pids.length < 2; i++) {
+      await new Promise((r) => setTimeout(r, 100));
+      pids.length = 0;
+      for (const r of ["rank0", "rank1"]) {
+        try {
+          pids.push(Number(await Deno.readTextFile(join(tmp, r))));
+        } catch { /* not yet */ }
+      }
+    }
+    assert.equal(pids.length, 2, "both ranks started");
+    child.kill("SIGTERM");
+    const status = await child.status;
+    assert.notEqual(status.code, 0);
+    const alive = (pid: number): boolean => {
+      try {
+        Deno.kill(pid, "SIGCONT"); // no effect on a live process; throws for a gone one
+        return true;
+      } catch {
+        return false;
+      }
+    };
+    assert.deepEqual(pids.map(alive), [false, false], "the ranks stopped with the launcher");
+  } finally {
+    await Deno.remove(tmp, { recursive: true });
+  }
 });

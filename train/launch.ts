@@ -41,13 +41,17 @@ export function distTimeoutSeconds(env: Record<string, string | undefined> = Den
   const raw = env.MOERL_DIST_TIMEOUT_S;
   if (raw === undefined || raw === "") return 600;
   const s = Number(raw);
-  if (!(s > 0)) throw new RangeError(`MOERL_DIST_TIMEOUT_S: expected seconds > 0, got "${raw}"`);
+  if (!(s > 0 && Number.isFinite(s))) {
+    throw new RangeError(`MOERL_DIST_TIMEOUT_S: expected seconds > 0, got "${raw}"`);
+  }
   return s;
 }
 
 /**
  * The torchrun variables, or null when WORLD_SIZE is unset (a single
- * process). A variable that is missing or malformed is an error naming it.
+ * process). A variable that is missing or malformed is an error naming it;
+ * LOCAL_RANK and LOCAL_WORLD_SIZE, which launchers of one process per
+ * machine may leave out, default to 0 and 1 as in PyTorch scripts.
  */
 export function launchEnv(env: Record<string, string | undefined> = Deno.env.toObject()): LaunchEnv | null {
   if (env.WORLD_SIZE === undefined) return null;
@@ -65,8 +69,8 @@ export function launchEnv(env: Record<string, string | undefined> = Deno.env.toO
   const worldSize = int("WORLD_SIZE", 1);
   const rank = int("RANK", 0);
   if (rank >= worldSize) throw new RangeError(`RANK ${rank} is not below WORLD_SIZE ${worldSize}`);
-  const localWorldSize = int("LOCAL_WORLD_SIZE", 1, worldSize);
-  const localRank = int("LOCAL_RANK", 0, rank % localWorldSize);
+  const localWorldSize = int("LOCAL_WORLD_SIZE", 1, 1);
+  const localRank = int("LOCAL_RANK", 0, 0);
   if (localRank >= localWorldSize) {
     throw new RangeError(`LOCAL_RANK ${localRank} is not below LOCAL_WORLD_SIZE ${localWorldSize}`);
   }
@@ -86,9 +90,45 @@ export function launchEnv(env: Record<string, string | undefined> = Deno.env.toO
   };
 }
 
-/** The device a rank uses: its own GPU (`cuda:LOCAL_RANK`) when the config says "cuda", else as given. */
+/**
+ * The device a rank uses: its own GPU (`cuda:LOCAL_RANK`) when the config says "cuda", else as given.
+ * @throws {RangeError} for one named GPU ("cuda:1") shared by several ranks of a machine (NCCL refuses that)
+ */
 export function rankDevice(device: Device, env: LaunchEnv | null): Device {
+  if (env && device.startsWith("cuda:") && env.localWorldSize > 1) {
+    throw new RangeError(
+      `model.device "${device}" names one GPU for the ${env.localWorldSize} ranks of this machine: ` +
+        'use "cuda" (each rank takes cuda:LOCAL_RANK)',
+    );
+  }
   return env && device === "cuda" ? `cuda:${env.localRank}` : device;
+}
+
+/**
+ * Runs fetch (Hub downloads into the shared cache) on one rank per machine while the others wait, so that
+ * ranks never write the same partial files at once; then every rank goes on, finding the files cached. A
+ * failed fetch fails every rank.
+ * @throws {Error} the fetching rank's own error there, and a pointer to it on the others
+ */
+export async function fetchFirst(
+  replicas: Replicas,
+  localRank: number,
+  fetch: () => Promise<unknown>,
+): Promise<void> {
+  if (replicas.size === 1) return void await fetch();
+  let error: unknown = null;
+  if (localRank === 0) {
+    try {
+      await fetch();
+    } catch (e) {
+      error = e;
+    }
+  }
+  const [failed] = replicas.sum([error === null ? 0 : 1]);
+  if (error !== null) throw error;
+  if (failed! > 0) {
+    throw new Error("downloading the model or data failed on another rank (its error says why)");
+  }
 }
 
 /**
@@ -155,7 +195,8 @@ export async function spawnLocal(
     throw new RangeError(`--nproc: expected an integer >= 1, got ${nproc}`);
   }
   const port = freePort();
-  const children = Array.from(
+  let stopping = false;
+  const children: Deno.ChildProcess[] = Array.from(
     { length: nproc },
     (_, rank) =>
       new Deno.Command(opts.program ?? Deno.execPath(), {
@@ -179,23 +220,42 @@ export async function spawnLocal(
       prefixLines(child.stderr, `[rank ${rank}] `, (s) => Deno.stderr.writeSync(s)),
     ]
   );
-  let failed: { rank: number; code: number } | null = null;
-  let timer: ReturnType<typeof setTimeout> | undefined;
-  await Promise.all(children.map(async (child, rank) => {
-    const { code } = await child.status;
-    if (code !== 0 && !failed) {
-      failed = { rank, code };
-      console.error(`launch: rank ${rank} exited with code ${code}; stopping the others`);
-      timer = setTimeout(() => {
-        for (const c of children) {
-          try {
-            c.kill("SIGTERM");
-          } catch { /* already gone */ }
-        }
-      }, (opts.graceSeconds ?? 30) * 1000);
+  const send = (signal: Deno.Signal): void => {
+    for (const c of children) {
+      try {
+        c.kill(signal);
+      } catch { /* already gone */ }
     }
-  }));
-  clearTimeout(timer);
+  };
+  // A signal to the launcher (a scheduler's TERM, a kill, a hang-up) goes to the ranks, which would otherwise
+  // outlive it, holding their GPUs; the launcher then waits for them as after any exit.
+  const forwarded = (["SIGINT", "SIGTERM", "SIGHUP"] as const).map((signal) => {
+    const handler = (): void => {
+      stopping = true;
+      send(signal);
+    };
+    Deno.addSignalListener(signal, handler);
+    return () => Deno.removeSignalListener(signal, handler);
+  });
+  let failed: { rank: number; code: number } | null = null;
+  const timers: ReturnType<typeof setTimeout>[] = [];
+  try {
+    await Promise.all(children.map(async (child, rank) => {
+      const { code } = await child.status;
+      if (code !== 0 && !failed) {
+        failed = { rank, code };
+        if (!stopping) console.error(`launch: rank ${rank} exited with code ${code}; stopping the others`);
+        const grace = (opts.graceSeconds ?? 30) * 1000;
+        timers.push(
+          setTimeout(() => send("SIGTERM"), grace),
+          setTimeout(() => send("SIGKILL"), grace + 10_000),
+        );
+      }
+    }));
+  } finally {
+    timers.forEach(clearTimeout);
+    forwarded.forEach((remove) => remove());
+  }
   await Promise.all(pumps);
   return (failed as { rank: number; code: number } | null)?.code ?? 0;
 }

@@ -19,6 +19,7 @@ import { type Device, manualSeed } from "../ffi/mod.ts";
 import { MicroBatcher } from "../data/batches.ts";
 import { loadGsm8k } from "../data/gsm8k.ts";
 import { buildPrompts } from "../data/prompt.ts";
+import { resolveModel } from "../model/hub.ts";
 import { Tokenizer } from "../model/tokenizer.ts";
 import { collect, type RolloutPrompt } from "../rl/collect.ts";
 import { evaluateExamples } from "../rl/evaluate.ts";
@@ -40,6 +41,7 @@ import { writeReport } from "./report.ts";
 import { configuredOptimizer, configuredPolicy, loadConfiguredModel } from "./model.ts";
 import { checkNewRunDir, checkNotCheckpoint, checkResumable, nothingToResume } from "./resume.ts";
 import { lrFactor } from "./schedule.ts";
+import { fetchFirst } from "./launch.ts";
 
 /** What a finished (or resumed and finished) run returns. */
 export interface TrainResult {
@@ -59,6 +61,8 @@ export interface TrainOptions {
   replicas?: Replicas;
   /** This rank's device, when it differs from the config's (e.g. `cuda:LOCAL_RANK`). */
   device?: Device;
+  /** This rank's LOCAL_RANK (default: its rank): local rank 0 downloads for its machine. */
+  localRank?: number;
 }
 
 /** Runs (or resumes) the training described by cfg. */
@@ -84,6 +88,20 @@ export async function train(cfg: TrainConfig, opts: TrainOptions = {}): Promise<
     if (!quiet) console.log(notice);
   } else if (lead) await checkNewRunDir(dir);
 
+  if (dp.size > 1) {
+    // Every rank must run the same settings: a rank with another learning rate would silently diverge.
+    const configs = dp.gatherText(formatConfig(cfg));
+    const other = configs.findIndex((c) => c !== configs[0]);
+    if (other > 0) {
+      throw new Error(`rank ${other}'s config differs from rank 0's: give every rank the same settings`);
+    }
+  }
+  const dataOpts = { split: cfg.data.split, onBadRecord: cfg.data.onBadRecord, config: cfg.data.config };
+  await fetchFirst(dp, opts.localRank ?? dp.rank, async () => {
+    await resolveModel(cfg.model.id);
+    await loadGsm8k(cfg.data.source, dataOpts);
+    if (cfg.eval.every > 0) await loadGsm8k(cfg.eval.source, { ...dataOpts, split: cfg.eval.split });
+  });
   using model = await loadConfiguredModel({ ...cfg.model, device: opts.device ?? cfg.model.device });
   const tok = await Tokenizer.load(model.dir);
   manualSeed(cfg.seed); // adapter and value-head initialisation
@@ -95,12 +113,7 @@ export async function train(cfg: TrainConfig, opts: TrainOptions = {}): Promise<
   using opt = configuredOptimizer(policy, cfg);
   try {
     const promptOpts = { instruction: cfg.data.instruction, system: cfg.data.system ?? undefined };
-    const data = await loadGsm8k(cfg.data.source, {
-      split: cfg.data.split,
-      onBadRecord: cfg.data.onBadRecord,
-      limit: cfg.data.limit ?? undefined,
-      config: cfg.data.config,
-    });
+    const data = await loadGsm8k(cfg.data.source, { ...dataOpts, limit: cfg.data.limit ?? undefined });
     for (const s of data.skipped) console.warn(`data: skipped line ${s.line}: ${s.reason}`);
     const rendered = await buildPrompts(tok, data.examples.map((e) => e.question), promptOpts);
     const items: RolloutPrompt[] = data.examples.map((e, i) => ({ ids: rendered[i]!.ids, answer: e.answer }));
@@ -115,10 +128,9 @@ export async function train(cfg: TrainConfig, opts: TrainOptions = {}): Promise<
     let evalSet: typeof data.examples = [];
     if (cfg.eval.every > 0) { // read as `deno task evaluate` reads it
       const ev = await loadGsm8k(cfg.eval.source, {
+        ...dataOpts,
         split: cfg.eval.split,
         limit: cfg.eval.limit ?? undefined,
-        onBadRecord: cfg.data.onBadRecord,
-        config: cfg.data.config,
       });
       for (const s of ev.skipped) console.warn(`eval data: skipped line ${s.line}: ${s.reason}`);
       evalSet = ev.examples;

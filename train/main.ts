@@ -118,7 +118,12 @@ export async function main(args: string[]): Promise<number> {
     const device = rankDevice(cfg.model.device, env);
     using replicas = joinReplicas(env, device, distTimeoutSeconds());
     if (env) say(`# data parallel: ${env.worldSize} processes (${replicas.group!.backend})`);
-    const result = await train(cfg, { resume: v.resume ?? false, replicas, device });
+    const result = await train(cfg, {
+      resume: v.resume ?? false,
+      replicas,
+      device,
+      localRank: env?.localRank,
+    });
     const last = result.records[result.records.length - 1];
     say(
       `done: ${result.dir} (${result.records.length} update${
