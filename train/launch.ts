@@ -107,7 +107,7 @@ export function rankDevice(device: Device, env: LaunchEnv | null): Device {
 /**
  * Runs fetch (Hub downloads into the shared cache) on one rank per machine while the others wait, so that
  * ranks never write the same partial files at once; then every rank goes on, finding the files cached. A
- * failed fetch fails every rank.
+ * failed fetch fails every rank. A single process skips it (it downloads as it loads).
  * @throws {Error} the fetching rank's own error there, and a pointer to it on the others
  */
 export async function fetchFirst(
@@ -115,7 +115,7 @@ export async function fetchFirst(
   localRank: number,
   fetch: () => Promise<unknown>,
 ): Promise<void> {
-  if (replicas.size === 1) return void await fetch();
+  if (replicas.size === 1) return; // alone: it downloads as it loads
   let error: unknown = null;
   if (localRank === 0) {
     try {
