@@ -41,6 +41,7 @@ import { Tokenizer } from "../model/tokenizer.ts";
 import { type EvalTotals, evaluateExamples, type Prediction } from "../rl/evaluate.ts";
 import { Replicas } from "../rl/replicas.ts";
 import {
+  checkSameConfig,
   distTimeoutSeconds,
   fetchFirst,
   joinReplicas,
@@ -142,6 +143,7 @@ export async function runEvaluation(
   const dp = opts.replicas ?? Replicas.single();
   const log = dp.rank === 0 ? opts.log ?? console.log : () => {};
   const split = opts.split ?? cfg.eval.split;
+  checkSameConfig(dp, JSON.stringify([cfg, opts.limit, opts.split])); // what decides the problems and answers
   const adapterDir = opts.adapter === undefined ? null : await resolveAdapter(opts.adapter);
   const dataOpts = { split, onBadRecord: cfg.data.onBadRecord, config: cfg.data.config };
   // One rank per machine downloads; the others then find the files cached (train/launch.ts fetchFirst).

@@ -105,6 +105,20 @@ export function rankDevice(device: Device, env: LaunchEnv | null): Device {
 }
 
 /**
+ * Throws on every rank when the ranks' resolved configs differ (a rank with another learning rate would
+ * silently diverge from the others).
+ * @throws {Error} naming the first rank whose config is not rank 0's
+ */
+export function checkSameConfig(replicas: Replicas, config: string): void {
+  if (replicas.size === 1) return;
+  const configs = replicas.gatherText(config);
+  const other = configs.findIndex((c) => c !== configs[0]);
+  if (other > 0) {
+    throw new Error(`rank ${other}'s config differs from rank 0's: give every rank the same settings`);
+  }
+}
+
+/**
  * Runs fetch (Hub downloads into the shared cache) on one rank per machine while the others wait, so that
  * ranks never write the same partial files at once; then every rank goes on, finding the files cached. A
  * failed fetch fails every rank. A single process skips it (it downloads as it loads).

@@ -41,7 +41,7 @@ import { writeReport } from "./report.ts";
 import { configuredOptimizer, configuredPolicy, loadConfiguredModel } from "./model.ts";
 import { checkNewRunDir, checkNotCheckpoint, checkResumable, nothingToResume } from "./resume.ts";
 import { lrFactor } from "./schedule.ts";
-import { fetchFirst } from "./launch.ts";
+import { checkSameConfig, fetchFirst } from "./launch.ts";
 
 /** What a finished (or resumed and finished) run returns. */
 export interface TrainResult {
@@ -88,14 +88,7 @@ export async function train(cfg: TrainConfig, opts: TrainOptions = {}): Promise<
     if (!quiet) console.log(notice);
   } else if (lead) await checkNewRunDir(dir);
 
-  if (dp.size > 1) {
-    // Every rank must run the same settings: a rank with another learning rate would silently diverge.
-    const configs = dp.gatherText(formatConfig(cfg));
-    const other = configs.findIndex((c) => c !== configs[0]);
-    if (other > 0) {
-      throw new Error(`rank ${other}'s config differs from rank 0's: give every rank the same settings`);
-    }
-  }
+  checkSameConfig(dp, formatConfig(cfg)); // a rank with other settings would silently diverge
   const dataOpts = { split: cfg.data.split, onBadRecord: cfg.data.onBadRecord, config: cfg.data.config };
   await fetchFirst(dp, opts.localRank ?? dp.rank, async () => {
     await resolveModel(cfg.model.id);
