@@ -69,6 +69,7 @@ export function describe(v: unknown): string {
   if (v === undefined) return "nothing";
   if (Array.isArray(v)) return `${JSON.stringify(v).slice(0, 60)} (a list)`;
   if (typeof v === "object") return "a mapping";
+  if (typeof v === "number" && !Number.isFinite(v)) return `${v} (a number)`; // JSON would say null
   return `${JSON.stringify(v).slice(0, 60)} (a ${typeof v})`;
 }
 

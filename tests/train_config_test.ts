@@ -249,3 +249,49 @@ Deno.test("train/main.ts: prints the resolved config; a bad config exits 2 namin
     /unknown key train\.lerning_rate \(did you mean learningRate\?\)/,
   );
 });
+
+Deno.test("config: --set completes a file, keeps text as typed, and YAML merge keys work", async () => {
+  const tmp = await Deno.makeTempDir({ prefix: "moerl_cfg_" });
+  try {
+    // Alone the file is inconsistent (generationBatch 2 < k 4); its --set makes it whole: checked once, at the end.
+    const file = join(tmp, "layer.yaml");
+    await Deno.writeTextFile(file, "rollout:\n  generationBatch: 2\n");
+    assert.equal((await loadTrainConfig(file, ["rollout.k=2"])).rollout.generationBatch, 2);
+    await assert.rejects(() => loadTrainConfig(file), /layer\.yaml: rollout\.generationBatch: 2 is smaller/);
+    await assert.rejects(
+      () => loadTrainConfig(file, ["seed=1"]),
+      /layer\.yaml with --set: rollout\.generationBatch/,
+    );
+    // Text: what YAML would cut (a comment) or empty (an anchor) is kept as typed; "key=" is the empty string.
+    const sets = parseSets([
+      "data.system=Answer #1 first",
+      "data.instruction=",
+      "name=#1",
+      "train.learningRate=1e-5",
+    ]);
+    assert.deepEqual(sets, {
+      data: { system: "Answer #1 first", instruction: "" },
+      name: "#1",
+      train: { learningRate: 1e-5 },
+    });
+    assert.deepEqual(parseSets(["data.limit=null", "data.system=~"]), {
+      data: { limit: null, system: null },
+    });
+    // Merge keys share settings within a file.
+    const merged = join(tmp, "merged.yaml");
+    await Deno.writeTextFile(merged, "train:\n  <<: {updates: 7, microBatch: 2}\n  gradAccum: 3\n");
+    const cfg = await loadTrainConfig(merged);
+    assert.deepEqual([cfg.train.updates, cfg.train.microBatch, cfg.train.gradAccum], [7, 2, 3]);
+  } finally {
+    await Deno.remove(tmp, { recursive: true });
+  }
+  // Messages: a non-finite number is shown as it is; Object.prototype's names are not suggestions.
+  assert.match(
+    configError(() => applyOverrides(DEFAULTS, { train: { learningRate: Infinity } }, "f.yaml")),
+    /got Infinity/,
+  );
+  assert.doesNotMatch(
+    configError(() => applyOverrides(DEFAULTS, { constructor: 1 }, "f.yaml")),
+    /native code/,
+  );
+});

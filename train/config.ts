@@ -320,6 +320,11 @@ const ALIASES: Readonly<Record<string, string>> = {
 function crossChecks(cfg: TrainConfig): string[] {
   const p: string[] = [];
   p.push(...loraConflicts(cfg.lora));
+  if (cfg.data.limit !== null && cfg.data.limit < cfg.train.microBatch) {
+    p.push(
+      `data.limit (${cfg.data.limit}) is below train.microBatch (${cfg.train.microBatch}): no full micro-batch`,
+    );
+  }
   if (cfg.train.gradientCheckpointing && cfg.lora.dropout > 0) {
     p.push("train.gradientCheckpointing needs lora.dropout 0 (the recomputed pass would draw new masks)");
   }
@@ -351,14 +356,16 @@ const SETTINGS = new SettingsSchema<TrainConfig>(SCHEMA, ALIASES, crossChecks);
 /**
  * Applies one layer of overrides (a parsed YAML document) to a config.
  * @param where names the source in errors (a file path, "--set")
+ * @param crossWhere names the sources of the checks across keys (default: where); null skips them
  * @throws {TrainConfigError} listing every unknown key, bad value and inconsistency
  */
 export function applyOverrides(
   base: DeepReadonly<TrainConfig>,
   overrides: unknown,
   where: string,
+  crossWhere: string | null = where,
 ): TrainConfig {
-  return SETTINGS.apply(base as TrainConfig, overrides, where);
+  return SETTINGS.apply(base as TrainConfig, overrides, where, crossWhere);
 }
 
 /** The closest known key for a misspelt one among siblings, else in other sections, else another tool's name. */
@@ -390,9 +397,10 @@ export async function loadTrainConfig(path?: string, sets: readonly string[] = [
     } catch (e) {
       throw new TrainConfigError([`${path}: cannot read the config: ${(e as Error).message}`]);
     }
-    cfg = applyOverrides(cfg, parseYaml(text, path), path);
+    // Checks across keys wait for the --set layer, which may complete what the file leaves inconsistent.
+    cfg = applyOverrides(cfg, parseYaml(text, path), path, sets.length ? null : path);
   }
-  if (sets.length) cfg = applyOverrides(cfg, parseSets(sets), "--set");
+  if (sets.length) cfg = applyOverrides(cfg, parseSets(sets), "--set", path ? `${path} with --set` : "--set");
   return cfg;
 }
 

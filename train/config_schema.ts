@@ -95,15 +95,17 @@ export class SettingsSchema<T> {
     if (best !== null && ties === 0 && bestD <= Math.max(1, Math.floor(k.length / 4))) return best;
     const same = this.keys().filter((p) => fold(p.slice(p.lastIndexOf(".") + 1)) === k);
     if (same.length) return same.join(" or ");
-    return this.#aliases[k] ?? null;
+    return Object.hasOwn(this.#aliases, k) ? this.#aliases[k]! : null; // not Object.prototype's "constructor"
   }
 
   /**
    * Applies one layer of overrides (a parsed YAML document) to base.
    * @param where names the source in errors (a file path, "--set")
+   * @param crossWhere names the sources in errors of the checks across keys; null skips them (a layer that a
+   *   later one may complete: a file before its `--set`s)
    * @throws {TrainConfigError} listing every unknown key, bad value and inconsistency
    */
-  apply(base: T, overrides: unknown, where: string): T {
+  apply(base: T, overrides: unknown, where: string, crossWhere: string | null = where): T {
     if (overrides === null || overrides === undefined) return structuredClone(base);
     if (!isMapping(overrides)) {
       throw new TrainConfigError([
@@ -120,7 +122,9 @@ export class SettingsSchema<T> {
       "",
       problems,
     );
-    if (problems.length === 0) problems.push(...this.#crossChecks(cfg as T).map((p) => `${where}: ${p}`));
+    if (problems.length === 0 && crossWhere !== null) {
+      problems.push(...this.#crossChecks(cfg as T).map((p) => `${crossWhere}: ${p}`));
+    }
     if (problems.length) throw new TrainConfigError(problems);
     return cfg as T;
   }
@@ -185,11 +189,18 @@ export function parseSets(sets: readonly string[]): Record<string, unknown> {
     const raw = s.slice(eq + 1);
     let value: unknown;
     try {
-      value = parse(raw);
+      value = parse(raw, { logLevel: "error" }); // no warning printed for text that is not YAML
     } catch {
       value = raw;
     }
-    if (isMapping(value)) value = raw;
+    // YAML reads numbers, booleans, null and lists; anything it would turn into other text (a comment cut off,
+    // an anchor, a block marker) or into a mapping is the text as typed. `key=` is the empty string.
+    const quoted = /^\s*["']/.test(raw);
+    const nulls = ["null", "Null", "NULL", "~"];
+    if (raw === "") value = "";
+    else if (isMapping(value)) value = raw;
+    else if (typeof value === "string" && !quoted && value !== raw.trim()) value = raw;
+    else if (value === null && !nulls.includes(raw.trim())) value = raw;
     let node = out;
     for (const k of path.slice(0, -1)) {
       if (!isMapping(node[k])) node[k] = {};
@@ -207,7 +218,7 @@ export function parseSets(sets: readonly string[]): Record<string, unknown> {
  */
 export function parseYaml(text: string, where: string): unknown {
   try {
-    return parse(text);
+    return parse(text, { merge: true }); // "<<: *defaults" merge keys, as YAML 1.1 tools read them
   } catch (e) {
     const msg = (e as Error).message.split("\n")[0];
     throw new TrainConfigError([`${where}: invalid YAML: ${msg}`]);
