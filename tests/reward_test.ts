@@ -307,7 +307,10 @@ Deno.test("isOverLength: truncation, or more content tokens than maxCompletionTo
 });
 
 Deno.test("rewardConfig: bad fields are named", () => {
-  assert.throws(() => rewardConfig({ correct: NaN }), /reward\.correct: expected a number, got null/);
+  assert.throws(
+    () => rewardConfig({ correct: NaN }),
+    /reward\.correct: expected a number, got NaN \(a number\)/,
+  );
   assert.throws(
     () => rewardConfig({ markerBonus: "0.1" as unknown as number }),
     /reward\.markerBonus: expected a number/,
