@@ -97,6 +97,18 @@ Deno.test("train: a tiny run writes its folder, and --resume repeats the uninter
       /already holds a run \(metrics\.jsonl with 4 lines, checkpoint-4\): resume it/,
     );
     assert.equal(await Deno.readTextFile(join(part, "config.yaml")), yaml);
+    // A run killed after its last save: leftovers of interrupted writes, a half-removed checkpoint, one more
+    // checkpoint than keepLast, a stale report. Resuming the finished run tidies all of it and redraws the report.
+    await Deno.writeTextFile(join(part, ".report.html.4242.0123abcd.tmp"), "half a report");
+    await Deno.mkdir(join(part, ".checkpoint-2.4242-abcd1234.old"));
+    await Deno.writeTextFile(join(part, "report.html"), "stale");
+    const kept = (await Deno.readTextFile(join(part, "latest"))).trim();
+    const again = await train(await config(part, 4, "output.keepLast=1"), { quiet: true, resume: true });
+    assert.equal(again.records.length, 0, "nothing left to train");
+    const left: string[] = [];
+    for await (const e of Deno.readDir(part)) left.push(e.name);
+    assert.deepEqual(left.filter((n) => n.startsWith(".") || n.startsWith("checkpoint-")), [kept]);
+    assert.ok((await Deno.readTextFile(join(part, "report.html"))).startsWith("<!DOCTYPE html>"));
     // A mistyped run folder is not a run to resume, and a checkpoint folder is not a run folder.
     await assert.rejects(
       async () => train(await config(join(tmp, "typo"), 2), { quiet: true, resume: true }),

@@ -121,6 +121,30 @@ export function updateSeed(seed: number, update: number): number {
   return epochSeed((seed ^ 0x5eed5eed) >>> 0, update);
 }
 
+/**
+ * Clears what interrupted writes left in a run folder: temporary files of atomic writes
+ * (`.<name>.<pid>.<id>.tmp`), half-saved and half-removed checkpoint folders, and checkpoints beyond the
+ * newest keepLast (null: all kept; never the one `latest` names). Run by the trainer before it resumes a run, so a run
+ * killed at any point, even after its last save, ends tidy.
+ */
+export async function tidyRunDir(runDir: string, keepLast: number | null): Promise<void> {
+  if (!(await isDirectory(runDir))) return;
+  for await (const e of Deno.readDir(runDir)) {
+    if (TEMP_RE.test(e.name) || (e.isFile && /^\..+\.\d+\.[0-9a-f]{8}\.tmp$/.test(e.name))) {
+      await Deno.remove(join(runDir, e.name), { recursive: true }).catch(() => {});
+    }
+  }
+  if (keepLast === null) return;
+  const latest = await latestCheckpoint(runDir);
+  const all = await listCheckpoints(runDir);
+  for (const c of all.slice(0, Math.max(0, all.length - keepLast))) {
+    if (c.dir === latest) continue;
+    const gone = join(runDir, `.checkpoint-${c.step}.${Deno.pid}-tidy.old`);
+    await Deno.rename(c.dir, gone);
+    await Deno.remove(gone, { recursive: true });
+  }
+}
+
 /** The complete checkpoints of a run, oldest first. */
 export async function listCheckpoints(runDir: string): Promise<{ step: number; dir: string }[]> {
   const out: { step: number; dir: string }[] = [];

@@ -31,6 +31,7 @@ import {
   loadCheckpoint,
   readTrainerState,
   saveCheckpoint,
+  tidyRunDir,
   updateSeed,
 } from "./checkpoint.ts";
 import { formatConfig, RUN_CONFIG_FILE, runDir, type TrainConfig } from "./config.ts";
@@ -140,6 +141,8 @@ export async function train(cfg: TrainConfig, opts: TrainOptions = {}): Promise<
     }
     // Every rank starts from rank 0's weights (the same seed makes them equal already; this makes sure).
     dp.broadcastFromFirst(trainable());
+    // What interrupted writes left (temporary files, half-removed checkpoints, checkpoints past keepLast).
+    if (lead && resumeFrom) await tidyRunDir(dir, cfg.output.keepLast);
     if (lead) { // once the model and data have loaded: a start that fails leaves no run folder behind
       await Deno.mkdir(dir, { recursive: true });
       await writeAtomic(join(dir, RUN_CONFIG_FILE), formatConfig(cfg));
@@ -231,6 +234,8 @@ export async function train(cfg: TrainConfig, opts: TrainOptions = {}): Promise<
       metrics?.close();
       samples?.close();
     }
+    // A resumed run that was already finished (killed after its last save) still gets its report.
+    if (lead && start >= t.updates) await writeReport(dir, cfg.name);
     return { dir, records };
   } finally {
     policy.dispose();
