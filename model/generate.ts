@@ -135,6 +135,11 @@ export function checkSampling(opts: SamplingOptions): void {
  */
 export function sampleNext(scores: Tensor, opts: SamplingOptions, generator?: Generator): Tensor {
   checkSampling(opts);
+  return drawNext(scores, opts, generator);
+}
+
+/** sampleNext without the settings check: generate checks them once, not at every step. */
+function drawNext(scores: Tensor, opts: SamplingOptions, generator?: Generator): Tensor {
   return tidy(() => {
     let s = scores;
     const v = s.size(-1);
@@ -305,7 +310,7 @@ async function run(
         tidy(() => {
           // Padding rows (past b) draw nothing, so a row's samples do not depend on the session's bucket.
           const real = rows === b ? scores : scores.narrow(0, 0, b);
-          let chosen = opts.doSample ? sampleNext(real, opts, opts.generator) : real.argmax(-1);
+          let chosen = opts.doSample ? drawNext(real, opts, opts.generator) : real.argmax(-1);
           if (rows > b) chosen = cat([chosen, full([rows - b], pad, i64)], 0);
           const next = where(finished, padT, chosen);
           const tempered = temperature === 1 ? scores : scores.div(temperature);

@@ -58,6 +58,14 @@ async function realDir(dir: string): Promise<string | null> {
   }
 }
 
+/** The weights file dir holds, when it holds a model's ("model.safetensors" or a sharded index), else null. */
+export async function modelWeightsIn(dir: string): Promise<string | null> {
+  for (const f of ["model.safetensors", "model.safetensors.index.json"]) {
+    if (await isFile(join(dir, f))) return f;
+  }
+  return null;
+}
+
 /**
  * Writes model's weights and metadata files to dir (new, or without a model in it).
  * @throws {Error} before writing anything, when dir is the folder the model was loaded from or already holds
@@ -68,11 +76,8 @@ export async function saveModel(model: CausalLM, dir: string): Promise<void> {
   if (real !== null && model.dir && real === await realDir(model.dir)) {
     throw new Error(`saveModel: ${dir} is the folder the model was loaded from: write to a new folder`);
   }
-  for (const f of ["model.safetensors", "model.safetensors.index.json"]) {
-    if (await isFile(join(dir, f))) {
-      throw new Error(`saveModel: ${dir} already holds a model (${f}): write to a new folder`);
-    }
-  }
+  const held = await modelWeightsIn(dir);
+  if (held) throw new Error(`saveModel: ${dir} already holds a model (${held}): write to a new folder`);
   const dec = model.decoder;
   const owned: Tensor[] = []; // views made for the per-expert layout
   const out: Record<string, Tensor> = { "model.embed_tokens.weight": dec.embed };

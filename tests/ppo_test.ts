@@ -403,16 +403,19 @@ Deno.test("collect: a completion ends at the end-of-turn token, not only at gene
   }
 });
 
+/** Four short prompts of plain token ids: 8 sequences with K 2. */
+const FOUR_PROMPTS: RolloutPrompt[] = [[5, 6, 7], [8, 9], [10, 11, 12], [13, 14]].map((ids) => ({
+  ids,
+  answer: 0,
+}));
+
 Deno.test("learn: nothing is read back to the host between a pass's micro-batches", async () => {
   // A read waits for the device's queued work: between micro-batches it would leave the device idle while the
   // host prepares the next. The reference pass (no critic) and the step's micro-batches read once, afterwards.
   manualSeed(3);
   using model = await loadModel(MODEL, { device: DEVICE });
   const tok = await Tokenizer.load(MODEL);
-  const prompts: RolloutPrompt[] = [[5, 6, 7], [8, 9], [10, 11, 12], [13, 14]].map((ids) => ({
-    ids,
-    answer: 0,
-  }));
+  const prompts = FOUR_PROMPTS;
   // Dense dispatch: "loop" reads each layer's routing back by design (CPU builds without grouped GEMM use it).
   const policy = new Policy(model, { lora: { ...DEFAULT_LORA, r: 4, alpha: 8 }, dispatch: "dense" });
   try {
@@ -462,10 +465,7 @@ Deno.test("learn: a rank's share of a critic micro-batch runs in micro-batches, 
   manualSeed(4);
   using model = await loadModel(MODEL, { device: DEVICE });
   const tok = await Tokenizer.load(MODEL);
-  const prompts: RolloutPrompt[] = [[5, 6, 7], [8, 9], [10, 11, 12], [13, 14]].map((ids) => ({
-    ids,
-    answer: 0,
-  }));
+  const prompts = FOUR_PROMPTS;
   const policy = new Policy(model, { lora: { ...DEFAULT_LORA, r: 4, alpha: 8 } });
   try {
     const cfg: RlOverrides = { ...CFG, moe: { routingReplay: "off" } }; // token_value: a critic

@@ -137,12 +137,8 @@ export async function tidyRunDir(runDir: string, keepLast: number | null): Promi
   if (keepLast === null) return;
   const latest = await latestCheckpoint(runDir);
   const all = await listCheckpoints(runDir);
-  for (const c of all.slice(0, Math.max(0, all.length - keepLast))) {
-    if (c.dir === latest) continue;
-    const gone = join(runDir, `.checkpoint-${c.step}.${Deno.pid}-tidy.old`);
-    await Deno.rename(c.dir, gone);
-    await Deno.remove(gone, { recursive: true });
-  }
+  const old = all.slice(0, Math.max(0, all.length - keepLast)).filter((c) => c.dir !== latest);
+  await removeCheckpoints(runDir, old, `${Deno.pid}-tidy`);
 }
 
 /** The complete checkpoints of a run, oldest first. */
@@ -230,12 +226,21 @@ export async function saveCheckpoint(runDir: string, input: CheckpointInput): Pr
   const later = all.filter((c) => c.step > step);
   const kept = all.filter((c) => c.step <= step);
   const old = input.keepLast ? kept.slice(0, Math.max(0, kept.length - input.keepLast)) : [];
-  for (const c of [...later, ...old]) { // out of its name first: a crash mid-removal leaves no half checkpoint
-    const gone = join(runDir, `.checkpoint-${c.step}.${tag}.old`);
-    await Deno.rename(c.dir, gone);
-    await Deno.remove(gone, { recursive: true });
-  }
+  await removeCheckpoints(runDir, [...later, ...old], tag);
   return final;
+}
+
+/** Removes checkpoints, each moved out of its name first: a crash mid-removal leaves no half checkpoint. */
+async function removeCheckpoints(
+  runDir: string,
+  gone: readonly { step: number; dir: string }[],
+  tag: string,
+): Promise<void> {
+  for (const c of gone) {
+    const old = join(runDir, `.checkpoint-${c.step}.${tag}.old`);
+    await Deno.rename(c.dir, old);
+    await Deno.remove(old, { recursive: true });
+  }
 }
 
 /**

@@ -108,13 +108,8 @@ export function checkResumable(
  */
 export async function checkNewRunDir(dir: string): Promise<void> {
   const found: string[] = [];
-  const metrics = join(dir, METRICS_FILE);
-  if (await isFile(metrics)) {
-    const { records, malformed } = await readRecords(metrics);
-    if (records.length + malformed > 0) {
-      found.push(`${METRICS_FILE} with ${records.length + malformed} lines`);
-    }
-  }
+  const { records, malformed } = await readRecords(join(dir, METRICS_FILE)); // a missing file reads as empty
+  if (records.length + malformed > 0) found.push(`${METRICS_FILE} with ${records.length + malformed} lines`);
   const checkpoints = await listCheckpoints(dir);
   if (checkpoints.length) found.push(`checkpoint-${checkpoints.at(-1)!.step}`);
   if (found.length) {

@@ -132,9 +132,8 @@ async function main(args: string[]): Promise<number> {
   const local = resolve(base, v.model!);
   const modelDir = /^[./]/.test(v.model!) || await exists(local) ? local : v.model!;
   const out = resolve(base, v.out!);
-  const holdsModel = async (d: string): Promise<boolean> =>
-    await exists(resolve(d, "model.safetensors")) || await exists(resolve(d, "model.safetensors.index.json"));
-  if (out === local || await holdsModel(out)) {
+  const { modelWeightsIn } = await import("../model/save.ts"); // the check saveModel makes, before training
+  if (out === local || await modelWeightsIn(out)) {
     console.error(`sft: --out ${out} holds a model already (or is --model): give a new folder\n${USAGE}`);
     return 2;
   }
