@@ -35,7 +35,7 @@ import { type Device, useAvailableCores } from "../ffi/mod.ts";
 import { type Gsm8kSplit, loadGsm8k } from "../data/gsm8k.ts";
 import { writeAtomic } from "../model/atomic_write.ts";
 import { isFile } from "../model/json.ts";
-import { ADAPTER_CONFIG, loadPeftAdapter } from "../model/peft.ts";
+import { loadPeftAdapter } from "../model/peft.ts";
 import { resolveModel } from "../model/hub.ts";
 import { Tokenizer } from "../model/tokenizer.ts";
 import { type EvalTotals, evaluateExamples, type Prediction } from "../rl/evaluate.ts";
@@ -51,7 +51,8 @@ import {
   withoutNproc,
 } from "../train/launch.ts";
 import { evalTotalsOverRanks } from "../train/rank_metrics.ts";
-import { ADAPTER_DIR, latestCheckpoint } from "../train/checkpoint.ts";
+import { ADAPTER_DIR } from "../train/checkpoint.ts";
+import { loadAdapterOnRanks } from "./adapter.ts";
 import {
   formatConfig,
   loadTrainConfig,
@@ -87,17 +88,6 @@ export interface EvalSummary extends EvalTotals {
   dtype: string;
   /** When the evaluation finished (ISO 8601). */
   finished_at: string;
-}
-
-/** The PEFT folder an --adapter argument names (see the module doc). */
-export async function resolveAdapter(path: string): Promise<string> {
-  if (await isFile(join(path, ADAPTER_CONFIG))) return path;
-  if (await isFile(join(path, ADAPTER_DIR, ADAPTER_CONFIG))) return join(path, ADAPTER_DIR);
-  const latest = await latestCheckpoint(path);
-  if (latest) return join(latest, ADAPTER_DIR);
-  throw new Error(
-    `${path}: no ${ADAPTER_CONFIG} here, in ${ADAPTER_DIR}/, or in a checkpoint of this run folder`,
-  );
 }
 
 /**
@@ -144,7 +134,6 @@ export async function runEvaluation(
   const log = dp.rank === 0 ? opts.log ?? console.log : () => {};
   const split = opts.split ?? cfg.eval.split;
   checkSameConfig(dp, JSON.stringify([cfg, opts.limit, opts.split])); // what decides the problems and answers
-  const adapterDir = opts.adapter === undefined ? null : await resolveAdapter(opts.adapter);
   const dataOpts = { split, onBadRecord: cfg.data.onBadRecord, config: cfg.data.config };
   // One rank per machine downloads; the others then find the files cached (train/launch.ts fetchFirst).
   await fetchFirst(dp, opts.localRank ?? dp.rank, async () => {
@@ -154,18 +143,20 @@ export async function runEvaluation(
   const data = await loadGsm8k(cfg.eval.source, { ...dataOpts, limit: opts.limit });
   for (const s of data.skipped) log(`skipped record at line ${s.line}: ${s.reason}`);
   if (data.examples.length === 0) throw new Error(`${cfg.eval.source} (${split}): no problems to evaluate`);
-  const dir = opts.out ?? defaultOutput(cfg, adapterDir, split);
-  if (await isFile(join(dir, "summary.json"))) log(`replacing the earlier results in ${dir}`);
-
   log(
     `loading ${cfg.model.id} (${cfg.model.dtype}, ${cfg.model.device}${
       cfg.model.quantize4bit ? ", NF4" : ""
     })`,
   );
   using model = await loadConfiguredModel({ ...cfg.model, device: opts.device ?? cfg.model.device });
-  const lora = adapterDir === null ? null : await loadPeftAdapter(adapterDir, model);
+  const loaded = opts.adapter === undefined
+    ? null
+    : await loadAdapterOnRanks(opts.adapter, dp, (d) => loadPeftAdapter(d, model));
+  const adapterDir = loaded?.dir ?? null, lora = loaded?.adapter ?? null;
   try {
     if (lora) log(`adapter ${adapterDir}: ${lora.trainableCount().toLocaleString("en-US")} parameters`);
+    const dir = opts.out ?? defaultOutput(cfg, adapterDir, split);
+    if (await isFile(join(dir, "summary.json"))) log(`replacing the earlier results in ${dir}`);
     const tok = await Tokenizer.load(model.dir);
     const maxNewTokens = cfg.eval.maxNewTokens ?? cfg.rollout.maxNewTokens;
     const pct = (x: number): string => `${(100 * x).toFixed(1)}%`;

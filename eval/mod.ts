@@ -5,7 +5,8 @@
  * is rl/evaluate.ts's `evaluateExamples`.
  * @module
  */
-export { type EvalSummary, resolveAdapter, runEvaluation, type RunEvaluationOptions } from "./evaluate.ts";
+export { type EvalSummary, runEvaluation, type RunEvaluationOptions } from "./evaluate.ts";
+export { loadAdapterOnRanks, resolveAdapter } from "./adapter.ts";
 export {
   type MalformedLine,
   type RowVerdict,

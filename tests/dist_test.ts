@@ -3,6 +3,7 @@
  * with Gloo: every collective's result, and that a rank that dies or never
  * comes makes the others fail with a message within the timeout, not hang.
  */
+import { join } from "node:path";
 import { fileURLToPath } from "node:url";
 import assert from "node:assert/strict";
 import { distBackends, ProcessGroup } from "../ffi/mod.ts";
@@ -15,13 +16,13 @@ const hasGloo = distBackends().includes("gloo");
 async function launch(
   scenario: string,
   world: number,
-  opts: { ranks?: number[]; timeoutMs?: number } = {},
+  opts: { ranks?: number[]; timeoutMs?: number; args?: string[] } = {},
 ): Promise<{ code: number; json: Record<string, unknown> | null; stderr: string }[]> {
   const port = freePort();
   const ranks = opts.ranks ?? Array.from({ length: world }, (_, r) => r);
   const procs = ranks.map((rank) =>
     new Deno.Command(Deno.execPath(), {
-      args: ["run", "-A", WORKER, scenario],
+      args: ["run", "-A", WORKER, scenario, ...(opts.args ?? [])],
       env: {
         RANK: String(rank),
         WORLD_SIZE: String(world),
@@ -82,6 +83,35 @@ Deno.test({
       assert.deepEqual(j.gathered, [[0, 10], [1, 11]]);
       assert.deepEqual(j.summed, [2]);
       assert.deepEqual(j.texts, ["héllo, wörld", ""], "texts of different lengths, UTF-8");
+    }
+  },
+});
+
+Deno.test({
+  name: "dist: every rank evaluates rank 0's choice of adapter, chosen again when one rank finds it pruned",
+  ignore: !hasGloo,
+  async fn(): Promise<void> {
+    const base = await Deno.makeTempDir();
+    try {
+      for (const r of [0, 1]) { // run-r holds checkpoint-10·(r+1)
+        const ck = join(base, `run-${r}`, `checkpoint-${10 * (r + 1)}`);
+        await Deno.mkdir(join(ck, "adapter"), { recursive: true });
+        await Deno.writeTextFile(join(ck, "adapter", "adapter_config.json"), "{}");
+        await Deno.writeTextFile(join(ck, "trainer_state.json"), "{}");
+      }
+      const runs = await launch("adapter", 2, { args: [base] });
+      for (const [r, run] of runs.entries()) {
+        assert.equal(run.code, 0, `rank ${r}: ${run.stderr}`);
+        assert.equal(run.json!.error, undefined, `rank ${r}: ${run.json!.error}`);
+        assert.equal(run.json!.dir, "run-0/checkpoint-20/adapter", `rank ${r}`);
+        assert.deepEqual(
+          run.json!.seen,
+          ["run-0/checkpoint-10/adapter", "run-0/checkpoint-20/adapter"],
+          `rank ${r}`,
+        );
+      }
+    } finally {
+      await Deno.remove(base, { recursive: true });
     }
   },
 });

@@ -2,10 +2,13 @@
  * One rank of tests/dist_test.ts's process groups: joins the group named by
  * the torchrun variables (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT), runs
  * the scenario named by its first argument and prints one JSON line.
+ * Scenario "adapter" takes a temporary folder as its second argument.
  * Scenario "launch" joins as `deno task train` does (train/launch.ts, so
  * also through torchrun's agent store) instead of with a plain group.
  */
 import { ProcessGroup, type Tensor, tensor } from "../ffi/mod.ts";
+import { join } from "node:path";
+import { loadAdapterOnRanks } from "../eval/adapter.ts";
 import { Replicas } from "../rl/replicas.ts";
 import { joinReplicas, launchEnv } from "../train/launch.ts";
 
@@ -82,6 +85,24 @@ try {
       summed: replicas.sum([rank + 0.5]),
       texts: replicas.gatherText(rank === 0 ? "héllo, wörld" : ""),
     });
+  } else if (scenario === "adapter") {
+    // Rank r names its own run folder (run-r, checkpoint-10·(r+1)); rank 1's first load finds rank 0's
+    // choice pruned (as keepLast does when run-0 saves checkpoint-20).
+    const base = Deno.args[1]!, seen: string[] = [];
+    const run = (r: number): string => join(base, `run-${r}`);
+    const { dir } = await loadAdapterOnRanks(run(rank), new Replicas(g), async (d) => {
+      seen.push(d.slice(base.length + 1));
+      if (rank === 1 && seen.length === 1) {
+        await Deno.mkdir(join(run(0), "checkpoint-20", "adapter"), { recursive: true });
+        await Deno.writeTextFile(join(run(0), "checkpoint-20", "adapter", "adapter_config.json"), "{}");
+        await Deno.writeTextFile(join(run(0), "checkpoint-20", "trainer_state.json"), "{}");
+        await Deno.writeTextFile(join(run(0), "latest"), "checkpoint-20");
+        await Deno.remove(join(run(0), "checkpoint-10"), { recursive: true });
+        throw new Error("gone");
+      }
+      return { dispose(): void {} };
+    });
+    Object.assign(out, { dir: dir.slice(base.length + 1), seen });
   } else if (scenario === "peer-dies") {
     g.barrier();
     if (rank === world - 1) Deno.exit(3); // dies without leaving the group

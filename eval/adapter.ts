@@ -1,0 +1,67 @@
+/**
+ * Which adapter an evaluation loads, when its folder may change under it: `--adapter runs/<name>` takes the
+ * run's newest checkpoint while that run may still be training, and its `train.checkpoint.keepLast` may
+ * remove the checkpoint between finding it and reading it. Rank 0 chooses, so every rank of a data-parallel
+ * evaluation loads the same checkpoint; a checkpoint removed while loading is chosen again (a run folder)
+ * or named in the error (a checkpoint or adapter folder, which nothing else can stand for).
+ * @module
+ */
+import { join } from "node:path";
+import { isFile } from "../model/json.ts";
+import { ADAPTER_CONFIG } from "../model/peft.ts";
+import type { Replicas } from "../rl/replicas.ts";
+import { ADAPTER_DIR, latestCheckpoint } from "../train/checkpoint.ts";
+
+/** The PEFT folder an --adapter argument names: itself, its `adapter/`, or its newest checkpoint's. */
+export async function resolveAdapter(path: string): Promise<string> {
+  if (await isFile(join(path, ADAPTER_CONFIG))) return path;
+  if (await isFile(join(path, ADAPTER_DIR, ADAPTER_CONFIG))) return join(path, ADAPTER_DIR);
+  const latest = await latestCheckpoint(path);
+  if (latest) return join(latest, ADAPTER_DIR);
+  throw new Error(
+    `${path}: no ${ADAPTER_CONFIG} here, in ${ADAPTER_DIR}/, or in a checkpoint of this run folder`,
+  );
+}
+
+/** How many times a run folder's newest checkpoint is chosen again after it was removed while loading. */
+export const ADAPTER_ATTEMPTS = 3;
+
+/**
+ * Loads the adapter `path` names (see {@link resolveAdapter}) with `load`, the same folder on every rank.
+ * @returns the folder loaded and what `load` returned
+ * @throws {Error} the rank's own load error; or, when the folder was removed while loading, one naming it
+ *   (after {@link ADAPTER_ATTEMPTS} choices for a run folder)
+ */
+export async function loadAdapterOnRanks<T extends { dispose(): void }>(
+  path: string,
+  dp: Replicas,
+  load: (dir: string) => Promise<T>,
+): Promise<{ dir: string; adapter: T }> {
+  for (let attempt = 1;; attempt++) {
+    // Every rank resolves (a bad path fails them all), then all take rank 0's choice: ranks choosing apart
+    // could straddle a new checkpoint and mix two in one result.
+    const dir = dp.gatherText(await resolveAdapter(path))[0]!;
+    let adapter: T | null = null, error: unknown = null;
+    try {
+      adapter = await load(dir);
+    } catch (e) {
+      error = e;
+    }
+    const state = error === null ? "ok" : (await isFile(join(dir, ADAPTER_CONFIG))) ? "failed" : "removed";
+    const states = dp.gatherText(state);
+    if (states.every((s) => s === "ok")) return { dir, adapter: adapter! };
+    adapter?.dispose();
+    if (error !== null && state === "failed") throw error;
+    const failed = states.indexOf("failed");
+    if (failed >= 0) throw new Error(`${dir}: rank ${failed} could not load this adapter (its log says why)`);
+    const fromRun = dir !== path && dir !== join(path, ADAPTER_DIR);
+    if (!fromRun || attempt === ADAPTER_ATTEMPTS) {
+      throw new Error(
+        `${dir}: removed while being loaded${attempt > 1 ? ` (${attempt} checkpoints in a row)` : ""}; ` +
+          `a training run's train.checkpoint.keepLast prunes its older checkpoints. Evaluate one that is kept, ` +
+          `or the run folder (its newest checkpoint)`,
+        { cause: error },
+      );
+    }
+  }
+}
