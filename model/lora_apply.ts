@@ -129,27 +129,44 @@ export class LoraModel {
     this.state = new LoraState();
     this.config = config;
     const like = decoder.embed;
-    for (const slot of linearSlots(decoder)) {
-      if (!isTarget(slot, config.targetModules)) continue;
-      const [out, inp] = slotShape(cfg, slot.name);
-      const base: LinearLayer = slot.get();
-      const lora = new LoraLinear(base, { in: inp, out, like }, config, this.state);
-      slot.set(lora);
-      this.linears.set(slot.name, lora);
-      this.#restore.push(() => slot.set(base));
+    // Adapters over adapters would make the "adapters off" reference another policy, and disposing the outer
+    // ones first would put back layers already freed.
+    const taken = [...linearSlots(decoder), ...expertSlots(decoder)].find((s) => {
+      const layer: unknown = s.get();
+      return layer instanceof LoraLinear || layer instanceof LoraExperts;
+    });
+    if (taken) {
+      throw new Error(
+        `LoRA: ${taken.name} already has an adapter (a Policy or loadPeftAdapter on this model); ` +
+          `dispose that one first, or load the model again`,
+      );
     }
-    if (config.targetExperts) {
-      for (const slot of expertSlots(decoder)) {
-        const base: ExpertBank = slot.get();
-        const dims = { hidden: cfg.hiddenSize, inter: expertWidth(cfg), like };
-        const lora = new LoraExperts(base, dims, config, this.state, config.expertForm ?? "fused");
+    try {
+      for (const slot of linearSlots(decoder)) {
+        if (!isTarget(slot, config.targetModules)) continue;
+        const [out, inp] = slotShape(cfg, slot.name);
+        const base: LinearLayer = slot.get();
+        const lora = new LoraLinear(base, { in: inp, out, like }, config, this.state);
         slot.set(lora);
-        this.experts.set(slot.name, lora);
+        this.linears.set(slot.name, lora);
         this.#restore.push(() => slot.set(base));
       }
-    }
-    if (this.linears.size + this.experts.size === 0) {
-      throw new Error(`LoRA: target_modules ${JSON.stringify(config.targetModules)} matched no module`);
+      if (config.targetExperts) {
+        for (const slot of expertSlots(decoder)) {
+          const base: ExpertBank = slot.get();
+          const dims = { hidden: cfg.hiddenSize, inter: expertWidth(cfg), like };
+          const lora = new LoraExperts(base, dims, config, this.state, config.expertForm ?? "fused");
+          slot.set(lora);
+          this.experts.set(slot.name, lora);
+          this.#restore.push(() => slot.set(base));
+        }
+      }
+      if (this.linears.size + this.experts.size === 0) {
+        throw new Error(`LoRA: target_modules ${JSON.stringify(config.targetModules)} matched no module`);
+      }
+    } catch (e) {
+      this.dispose(); // the layers adapted so far go back
+      throw e;
     }
   }
 

@@ -79,6 +79,18 @@ Deno.test("policy: adapters, outputs and gradients", async (t) => {
       assert.equal(policy.lora.trainableCount(), loraParamCount(model.config, LORA).total);
     });
 
+    await t.step("a second policy on the same model is refused, and leaves the first one as it was", () => {
+      const before = liveTensors();
+      assert.throws(
+        () => new Policy(model, { lora: LORA }),
+        /model\.layers\.0\.self_attn\.q_proj already has an adapter .*dispose that one first/,
+      );
+      assert.equal(liveTensors(), before, "nothing made for the refused policy is left");
+      assert.ok(
+        model.decoder.layers[0]!.attn.q === policy.lora.linears.get("model.layers.0.self_attn.q_proj"),
+      );
+    });
+
     await t.step("fresh adapters do not change the model (B = 0)", () => {
       tidy(() => {
         const out = noGrad(() => policy.forward(b));
