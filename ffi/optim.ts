@@ -54,9 +54,22 @@ export class AdamW {
   /**
    * Applies one update to every parameter that has a gradient, or only to
    * those of `only` (e.g. the critic's, stepped apart from the policy's).
+   * @throws {Error} when a parameter of `only` is in none of the groups
    */
   step(only?: readonly Tensor[]): void {
     const chosen = only ? new Set(only) : null;
+    if (only) { // a parameter in no group would silently never train (and zeroGrad would then drop its gradient)
+      const held = new Set(this.groups.flatMap((g) => g.params));
+      const i = only.findIndex((p) => !held.has(p));
+      if (i >= 0) {
+        throw new Error(
+          `AdamW.step: parameter ${i} of the ${only.length} to update ([${
+            only[i]!.shape.join(", ")
+          }]) is in none ` +
+            `of the optimizer's groups`,
+        );
+      }
+    }
     for (const g of this.groups) {
       for (const p of g.params) {
         if (chosen && !chosen.has(p)) continue;

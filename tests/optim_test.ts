@@ -150,6 +150,25 @@ Deno.test("optim: a parameter without a grad is skipped", () => {
   });
 });
 
+Deno.test("optim: step(only) refuses a parameter the optimizer does not hold, before updating any", () => {
+  assertNoLeak(() => {
+    using held = param([1, 2]);
+    using stray = param([3, -4, 5]);
+    using c = tensor([1, 1], F64);
+    using c3 = tensor([1, 1, 1], F64);
+    using opt = new AdamW([{ params: [held], lr: 0.1 }]);
+    lossBackward([held, stray], [c, c3]);
+    assert.throws(
+      () => opt.step([held, stray]),
+      /parameter 1 of the 2 to update \(\[3\]\) is in none of the optimizer's groups/,
+    );
+    assert.deepEqual(held.toArray(), [1, 2], "nothing updated");
+    opt.step([held]);
+    assert.equal(opt.state(held)?.step, 1);
+    opt.zeroGrad([held, stray]);
+  });
+});
+
 Deno.test("optim: moments of the wrong shape are refused before anything changes", () => {
   assertNoLeak(() => {
     using w = param([1, 2]);
