@@ -7,13 +7,14 @@
  * every layer (for routing replay).
  * @module
  */
-import { cat, type Device, dispose, full, Generator, type Tensor, tensor, tidy } from "../ffi/mod.ts";
+import { cat, type Device, dispose, full, Generator, keep, type Tensor, tensor, tidy } from "../ffi/mod.ts";
 import { epochSeed } from "../data/batches.ts";
 import { DecodeSession } from "../model/decode_static.ts";
 import { type FinishReason, generate } from "../model/generate.ts";
 import { leftPad } from "../model/padding.ts";
 import type { Policy, SequenceBatch } from "./policy.ts";
 import { rlConfig, type RlOverrides } from "./config.ts";
+import { parseGold } from "../data/answer.ts";
 import { type Completion, reward, type RewardResult } from "./reward.ts";
 
 /** One prompt: its token ids (e.g. data/prompt.ts `buildPrompt`) and the gold answer. */
@@ -39,8 +40,25 @@ export interface RolloutTokenizer {
   ): Promise<string>;
 }
 
-/** Scores one completion (default: rl/reward.ts `reward` against the prompt's answer). */
-export type ScoreFn = (completion: Completion, prompt: RolloutPrompt) => RewardResult;
+/**
+ * Scores one completion (default: rl/reward.ts `reward` against the prompt's answer). It may be async (a
+ * verifier, a reward model): a generation batch's completions are scored concurrently. Only `reward` must be
+ * set (a finite number); `correct`, `marker` and `overLength` feed the metrics.
+ */
+export type ScoreFn = (completion: Completion, prompt: RolloutPrompt) => RewardResult | Promise<RewardResult>;
+
+/** A score function's result, checked: an object with a finite reward. */
+function checkScore(r: unknown, prompt: number, sample: number): RewardResult {
+  const value = (r as { reward?: unknown } | null)?.reward;
+  if (typeof r !== "object" || r === null || typeof value !== "number" || !Number.isFinite(value)) {
+    const shown = typeof r === "object" && r !== null ? `a reward of ${String(value)}` : String(r);
+    throw new TypeError(
+      `collect: the score function gave ${shown} for sample ${sample} of prompt ${prompt} ` +
+        `(it must return a RewardResult whose reward is a finite number)`,
+    );
+  }
+  return r as RewardResult;
+}
 
 /** Options of {@link collect}. */
 export interface CollectOptions {
@@ -169,7 +187,7 @@ export class RolloutBuffer {
     this.pad = init.pad;
     this.sequences = init.sequences;
     this.metrics = init.metrics;
-    this.routing = init.routing;
+    this.routing = init.routing && keep(init.routing); // the buffer's to free, not a scope's (it may outlive one)
     this.#routingStart = init.routingStart;
     this.#device = init.device;
   }
@@ -296,6 +314,14 @@ export async function collect(
     throw new RangeError("collect: give a generator or a seed, not both");
   }
   const score: ScoreFn = opts.score ?? ((completion, p) => reward(completion, p.answer, rewardCfg));
+  if (!opts.score) { // before generating: the default reward needs a numeric gold answer
+    const bad = prompts.findIndex((p) => parseGold(p.answer) === null);
+    if (bad >= 0) {
+      throw new RangeError(
+        `collect: prompt ${bad}'s gold answer ${JSON.stringify(prompts[bad]!.answer)} is not a number`,
+      );
+    }
+  }
   const stop = [...(opts.stopTokenIds ?? tokenizer.stopTokenIds)];
   const pad = opts.padTokenId ?? tokenizer.padTokenId ?? stop[0];
   if (pad === undefined) throw new Error("collect: no pad id (set padTokenId, or give stop ids)");
@@ -334,35 +360,48 @@ export async function collect(
         session: session ?? undefined,
         decode: (ids) => tokenizer.decode(ids, { skipSpecialTokens: true, skipUnknownIds: true }),
       });
-      prefill += gen.seconds.prefill;
-      decode += gen.seconds.decode;
-      const rows: number[] = [];
-      gen.tokens.forEach((tokens, r) => {
-        const p = first + Math.floor(r / c.k), prompt = prompts[p]!;
-        const text = gen.text![r]!, finishReason = gen.finishReasons[r]!;
-        sequences.push({
-          prompt: p,
-          tokens,
-          logprobs: gen.logprobs[r]!,
-          text,
-          finishReason,
-          reward: score({ text, tokens, finishReason }, prompt),
+      try {
+        prefill += gen.seconds.prefill;
+        decode += gen.seconds.decode;
+        // Scored together, so that an async scorer (a verifier, a reward model) can work on a batch at once.
+        const scores = await Promise.all(
+          gen.tokens.map((tokens, r) =>
+            score(
+              { text: gen.text![r]!, tokens, finishReason: gen.finishReasons[r]! },
+              chunk[Math.floor(r / c.k)]!,
+            )
+          ),
+        );
+        const rows: number[] = [];
+        gen.tokens.forEach((tokens, r) => {
+          const p = first + Math.floor(r / c.k), prompt = prompts[p]!;
+          const scored = checkScore(scores[r], p, r % c.k);
+          const text = gen.text![r]!, finishReason = gen.finishReasons[r]!;
+          sequences.push({
+            prompt: p,
+            tokens,
+            logprobs: gen.logprobs[r]!,
+            text,
+            finishReason,
+            reward: scored,
+          });
+          if (!gen.routing) return;
+          // This row's prompt tokens (after its left padding) and completion tokens, in the record's layout.
+          const width = gen.routing.size(2), from = r * width + gen.promptWidth - prompt.ids.length;
+          routingStart.push(routedRows);
+          for (let j = 0; j < prompt.ids.length + tokens.length; j++) rows.push(from + j);
+          routedRows += prompt.ids.length + tokens.length;
         });
-        if (!gen.routing) return;
-        // This row's prompt tokens (after its left padding) and completion tokens, in the record's layout.
-        const width = gen.routing.size(2), from = r * width + gen.promptWidth - prompt.ids.length;
-        routingStart.push(routedRows);
-        for (let j = 0; j < prompt.ids.length + tokens.length; j++) rows.push(from + j);
-        routedRows += prompt.ids.length + tokens.length;
-      });
-      if (gen.routing) {
-        const routing = gen.routing;
-        routingParts.push(tidy(() => {
-          const [layers, b, w, k] = routing.shape as [number, number, number, number];
-          const idx = tensor(rows, { dtype: "int64", device });
-          return routing.reshape([layers, b * w, k]).indexSelect(1, idx);
-        }));
-        routing.dispose();
+        if (gen.routing) {
+          const routing = gen.routing;
+          routingParts.push(tidy(() => {
+            const [layers, b, w, k] = routing.shape as [number, number, number, number];
+            const idx = tensor(rows, { dtype: "int64", device });
+            return routing.reshape([layers, b * w, k]).indexSelect(1, idx);
+          }));
+        }
+      } finally {
+        gen.routing?.dispose(); // also when scoring throws
       }
     }
     const promptTexts = await Promise.all(prompts.map((p) => p.text ?? tokenizer.decode(p.ids)));

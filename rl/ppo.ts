@@ -19,7 +19,13 @@ import { learn, type LearnMetrics, type LearnOptions } from "./learn.ts";
 import type { Policy } from "./policy.ts";
 
 /** Options of {@link ppoStep}: those of collect and learn. */
-export interface PpoStepOptions extends CollectOptions, LearnOptions {}
+export interface PpoStepOptions extends CollectOptions, LearnOptions {
+  /**
+   * Seeds the learn phase's minibatches and, unless a `generator` is given, the sampling (collect's
+   * `seed`); with a generator, the generator draws the samples.
+   */
+  seed?: number;
+}
 
 /** The numbers of one update: the collect phase's and the learn phase's. */
 export type PpoMetrics = CollectMetrics & LearnMetrics;
@@ -46,7 +52,13 @@ export async function ppoStep(
   cfg: RlOverrides = {},
   opts: PpoStepOptions = {},
 ): Promise<PpoStepResult> {
-  using buffer = await collect(policy, tokenizer, prompts, cfg, opts);
+  using buffer = await collect(
+    policy,
+    tokenizer,
+    prompts,
+    cfg,
+    opts.generator ? { ...opts, seed: undefined } : opts,
+  );
   const metrics = { ...buffer.metrics, ...learn(policy, optimizer, buffer, cfg, opts) };
   const samples = buffer.samples();
   return { metrics, samples };

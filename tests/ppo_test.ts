@@ -20,6 +20,7 @@ import {
   type Tensor,
   tensor,
   tidy,
+  tidyAsync,
 } from "../ffi/mod.ts";
 import { buildPrompt } from "../data/prompt.ts";
 import { DEFAULT_LORA } from "../model/lora_apply.ts";
@@ -163,6 +164,40 @@ Deno.test("rl: collect, learn and ppoStep on the tiny model", async (t) => {
       });
       assert.deepEqual(buf.sequences.map((s) => s.prompt), [0, 0, 1, 1]);
       assert.ok(buf.routing !== null);
+    });
+
+    await t.step("collect: score functions, async or wrong, and buffers returned from a scope", async () => {
+      const live = liveTensors();
+      const asyncScore = async (c: { tokens: readonly number[] }): Promise<RewardResult> => {
+        await new Promise((r) => setTimeout(r, 1));
+        return scripted(() => c.tokens.length)(c);
+      };
+      {
+        using buf = await tidyAsync(() => collect(policy, tok, prompts, CFG, { seed: 1, score: asyncScore }));
+        assert.deepEqual(buf.rewards, buf.sequences.map((s) => s.tokens.length), "an async score is awaited");
+        tidy(() => assert.ok(buf.batch([0, 1]).replay !== null, "the routing record outlived the scope"));
+      }
+      assert.equal(liveTensors(), live);
+      const wrong = [
+        [() => Promise.resolve(undefined), /gave undefined for sample 0 of prompt 0/],
+        [() => ({ reward: NaN }), /gave a reward of NaN for sample 0 of prompt 0/],
+        [() => {
+          throw new Error("verifier down");
+        }, /verifier down/],
+      ] as const;
+      for (const [score, message] of wrong) {
+        await assert.rejects(
+          collect(policy, tok, prompts, CFG, { seed: 1, score: score as () => RewardResult }),
+          message,
+        );
+        assert.equal(liveTensors(), live, `nothing left after ${message}`);
+      }
+      const generated = hostReadCount();
+      await assert.rejects(
+        collect(policy, tok, [prompts[0]!, { ...prompts[1]!, answer: "seven" }], CFG, { seed: 1 }),
+        /prompt 1's gold answer "seven" is not a number/,
+      );
+      assert.equal(hostReadCount(), generated, "refused before generating");
     });
 
     await t.step(
@@ -309,15 +344,30 @@ Deno.test("rl: collect, learn and ppoStep on the tiny model", async (t) => {
       },
     );
 
-    await t.step("learn: routing replay on a model without MoE layers is an error", async () => {
-      using g = new Generator(6, DEVICE);
-      using buf = await collect(policy, tok, prompts, CFG, { generator: g });
-      const dense = { model: { decoder: { moeLayers: 0 }, dir: "dense-model" } } as unknown as Policy;
-      assert.throws(
-        () => learn(dense, new GradientRecorder(), buf, CFG),
-        /routingReplay "rollout" needs an MoE model: dense-model/,
-      );
-    });
+    await t.step(
+      "learn: routing replay on a model without MoE layers, and aux loss with checkpointing, are errors",
+      async () => {
+        using g = new Generator(6, DEVICE);
+        using buf = await collect(policy, tok, prompts, CFG, { generator: g });
+        const dense = { model: { decoder: { moeLayers: 0 }, dir: "dense-model" } } as unknown as Policy;
+        assert.throws(
+          () => learn(dense, new GradientRecorder(), buf, CFG),
+          /routingReplay "rollout" needs an MoE model: dense-model/,
+        );
+        // A conflict of settings is refused before the critic steps (its optimizer state would be made).
+        const opt = new GradientRecorder();
+        policy.checkpointing = true;
+        try {
+          assert.throws(
+            () => learn(policy, opt, buf, { ...CFG, ppo: { ...CFG.ppo, routerAuxCoef: 0.01 } }),
+            /routerAuxCoef > 0 needs router logits, which a checkpointed backward does not keep/,
+          );
+        } finally {
+          policy.checkpointing = false;
+        }
+        assert.equal(opt.steps.length, 0);
+      },
+    );
 
     const params = (): Tensor[] => [...policy.policyParameters(), ...policy.valueParameters()];
     const restore = (values: number[][]): void =>
@@ -337,6 +387,7 @@ Deno.test("rl: collect, learn and ppoStep on the tiny model", async (t) => {
       const js = liveTensors(), native = nativeLiveCount();
       const { metrics, samples } = await ppoStep(policy, opt, tok, prompts, CFG, {
         generator: g,
+        seed: 3, // with a generator: the minibatches' seed only
         score: scripted((i) => i % 2),
       });
       const moments = 2 * params().length;
