@@ -454,6 +454,12 @@ export function learn(
       'moe.routingReplay "rollout": the rollouts carry no routing record (collect with recordRouting)',
     );
   }
+  if (c.routerAuxCoef > 0 && policy.checkpointing) { // checked before any step, not at the first objective
+    throw new Error(
+      "ppo.routerAuxCoef > 0 needs router logits, which a checkpointed backward does not keep " +
+        "(policy.checkpointing): set one of them off",
+    );
+  }
   const maxNorm = opts.maxGradNorm ?? 1;
   const run: Run = {
     policy,

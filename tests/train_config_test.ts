@@ -142,6 +142,10 @@ Deno.test("config: type mismatches name the key, what was expected and what came
       { train: { gradientCheckpointing: true }, lora: { dropout: 0.1, expertForm: "split" } },
       /gradientCheckpointing needs lora\.dropout 0/,
     ],
+    [
+      { train: { gradientCheckpointing: true }, ppo: { routerAuxCoef: 0.01 } },
+      /routerAuxCoef > 0 needs router logits, which train\.gradientCheckpointing's backward does not keep/,
+    ],
     // PEFT's ParamWrapper, which adapts fused expert parameters, refuses dropout: such an adapter would not load.
     [{ lora: { dropout: 0.1 } }, /lora\.dropout 0\.1 with targetExperts in the fused form: PEFT cannot load/],
   ];

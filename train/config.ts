@@ -328,6 +328,11 @@ function crossChecks(cfg: TrainConfig): string[] {
   if (cfg.train.gradientCheckpointing && cfg.lora.dropout > 0) {
     p.push("train.gradientCheckpointing needs lora.dropout 0 (the recomputed pass would draw new masks)");
   }
+  if (cfg.train.gradientCheckpointing && cfg.ppo.routerAuxCoef > 0) {
+    p.push(
+      "ppo.routerAuxCoef > 0 needs router logits, which train.gradientCheckpointing's backward does not keep",
+    );
+  }
   try {
     rlConfig({ rollout: cfg.rollout, ppo: cfg.ppo, reward: cfg.reward, moe: cfg.moe });
   } catch (e) {
