@@ -48,6 +48,7 @@ export {
   DEFAULT_LORA,
   generate,
   type GenerateOptions,
+  type GenerateResult,
   loadModel,
   loadPeftAdapter,
   type LoraConfig,
@@ -62,28 +63,39 @@ export { buildPrompts, extractAnswer, type Gsm8kExample, judgeAnswer, loadGsm8k 
 // The RL update and its pieces.
 export {
   collect,
+  type CollectOptions,
+  type Completion,
   DEFAULT_RL_CONFIG,
   entropyBonus,
   evaluateExamples,
   groupBaseline,
+  type KlEstimator,
   klPenalty,
   learn,
   type LearnMetrics,
+  type LearnOptions,
   Policy,
   policyOptimizer,
+  type PolicyOptions,
+  type PolicyOutput,
   ppoClippedLoss,
   type PpoMetrics,
   ppoStep,
+  type PpoStepOptions,
   reward,
+  type RewardResult,
   type RlConfig,
   rlConfig,
   type RlOverrides,
   RolloutBuffer,
   type RolloutPrompt,
+  type RolloutSequence,
+  type ScoreFn,
+  type SequenceBatch,
   updateAdvantages,
   valueLoss,
 } from "./rl/mod.ts";
 
 // The training job and evaluation.
 export { loadTrainConfig, train, type TrainConfig } from "./train/mod.ts";
-export { runEvaluation } from "./eval/mod.ts";
+export { type EvalSummary, runEvaluation } from "./eval/mod.ts";

@@ -6,10 +6,11 @@
  * @example
  * ```ts ignore
  * import { tensor, tidy, liveTensors } from "jsr:@moerl/moerl";
- * const w = tensor([[1, 2], [3, 4]]).setRequiresGrad();
- * const loss = tidy(() => w.matmul(w).sum());
+ * using w = tensor([[1, 2], [3, 4]]).setRequiresGrad();
+ * using loss = tidy(() => w.matmul(w).sum()); // the product is freed here, the sum returned
  * loss.backward();
- * console.log(w.grad?.tolist(), liveTensors());
+ * // `w.grad` is a new handle at every read: read it in a scope (or dispose it).
+ * console.log(tidy(() => w.grad?.tolist()), liveTensors()); // [[7, 11], [9, 13]] 2
  * ```
  * @module
  */

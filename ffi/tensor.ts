@@ -703,7 +703,10 @@ export class Tensor extends Handle {
     const status = shim().mt_backward(c(), this.ptr, grad ? grad.ptr : null, opts.retainGraph ? 1 : 0);
     check(status, "backward", () => (grad ? [this.shape, grad.shape] : [this.shape]));
   }
-  /** A new handle to the accumulated gradient, or null if there is none. */
+  /**
+   * A new handle to the accumulated gradient, or null if there is none. Every read makes one for the caller
+   * to free (unlike PyTorch's `.grad` attribute): `tidy(() => w.grad?.tolist())`, or `using g = w.grad`.
+   */
   get grad(): Tensor | null {
     check(shim().mt_grad(c(), this.ptr, pair), "grad", () => [this.shape]);
     return pair[0] === 0n ? null : new Tensor(outPtr(pair, 0));

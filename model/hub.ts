@@ -162,10 +162,21 @@ export async function resolveModel(idOrPath: string, opts: ResolveOptions = {}):
       })`;
     throw new Error(
       `${ref.repo}@${revision}: offline (HF_HUB_OFFLINE) and ${why}; cache folder ${cacheDir} ` +
-        `(set HF_HUB_CACHE or HF_HOME to use another, or unset HF_HUB_OFFLINE to download)`,
+        `(set HF_HUB_CACHE or HF_HOME to use another, or unset HF_HUB_OFFLINE to download)${
+          notLocal(idOrPath)
+        }`,
     );
   }
-  return await download(ref.repo, revision, cacheDir, repoDir, opts);
+  try {
+    return await download(ref.repo, revision, cacheDir, repoDir, opts);
+  } catch (e) {
+    throw new Error(`${(e as Error).message}${notLocal(idOrPath)}`, { cause: e });
+  }
+}
+
+/** For an id that could also be a mistyped relative path ("models/tiny" run from another folder). */
+function notLocal(idOrPath: string): string {
+  return `. Nor is there a local folder ${resolve(idOrPath)}`;
 }
 
 /** What the Hub client needs for authenticated requests. */

@@ -152,6 +152,7 @@ Deno.test("hub: offline errors name the repo, revision, cache folder and what is
         assert.match(e.message, /^org\/absent@main: offline \(HF_HUB_OFFLINE\) and it is not in the cache/);
         assert.ok(e.message.includes(`cache folder ${empty}`), e.message);
         assert.ok(e.message.includes(join(empty, "models--org--absent", "refs", "main")), e.message);
+        assert.ok(e.message.endsWith(`. Nor is there a local folder ${resolve("org/absent")}`), e.message);
         return true;
       },
     );
@@ -202,6 +203,8 @@ Deno.test("hub: the download path reports a failed request with the repo and a w
       (e: Error) => {
         assert.match(e.message, /^org\/absent@main: resolving the revision failed: /);
         assert.match(e.message, /set HF_TOKEN; no network\? set HF_HUB_OFFLINE=1/);
+        // "org/absent" may as well be a relative path mistyped, or run from another folder.
+        assert.ok(e.message.endsWith(`. Nor is there a local folder ${resolve("org/absent")}`), e.message);
         assert.ok(e.cause, "the underlying error is kept as cause");
         return true;
       },
