@@ -62,6 +62,7 @@ export { buildPrompts, extractAnswer, type Gsm8kExample, judgeAnswer, loadGsm8k 
 
 // The RL update and its pieces.
 export {
+  type AdvantagesFn,
   collect,
   type CollectOptions,
   type Completion,
@@ -74,12 +75,14 @@ export {
   learn,
   type LearnMetrics,
   type LearnOptions,
+  type ObjectiveFn,
   Policy,
   policyOptimizer,
   type PolicyOptions,
   type PolicyOutput,
   ppoClippedLoss,
   type PpoMetrics,
+  ppoObjective,
   ppoStep,
   type PpoStepOptions,
   reward,
@@ -94,6 +97,7 @@ export {
   type SequenceBatch,
   updateAdvantages,
   valueLoss,
+  type ValueLossFn,
 } from "./rl/mod.ts";
 
 // The training job and evaluation.

@@ -140,10 +140,11 @@ export interface UpdateAdvantages {
  * backward pass.
  *
  * Normalisation: with a critic, whitening (subtract the mean, divide by the
- * std: PPO's convention); with "group", division by the std alone (GRPO's
- * scaling with one std for the update, as TRL's `scale_rewards="batch"`, but
- * taken over the trained tokens rather than over completions), since the
- * group mean is the baseline already (with K = 1 the mean is subtracted too). Below a std of
+ * std: PPO's convention); with "group", division by the std alone, since the
+ * group mean is the baseline already (with K = 1 the mean is subtracted too).
+ * That std is one for the update, of the centred rewards over the trained
+ * tokens: not TRL's `scale_rewards="batch"` (the raw rewards' std over
+ * completions) nor `"group"` (each group's own std). Below a std of
  * minStd only the centring applies. With `normalize: false` the raw
  * advantages are kept (Dr. GRPO).
  * @param lengths completion tokens of each completion

@@ -7,25 +7,25 @@
  * every layer (for routing replay).
  * @module
  */
-import { cat, type Device, dispose, full, Generator, keep, type Tensor, tensor, tidy } from "../ffi/mod.ts";
+import { cat, dispose, full, Generator, type Tensor, tensor, tidy } from "../ffi/mod.ts";
 import { epochSeed } from "../data/batches.ts";
 import { DecodeSession } from "../model/decode_static.ts";
-import { type FinishReason, generate } from "../model/generate.ts";
-import { leftPad } from "../model/padding.ts";
-import type { Policy, SequenceBatch } from "./policy.ts";
+import { generate } from "../model/generate.ts";
+import type { Policy } from "./policy.ts";
 import { rlConfig, type RlOverrides } from "./config.ts";
 import { parseGold } from "../data/answer.ts";
 import { type Completion, reward, type RewardResult } from "./reward.ts";
+import { RolloutBuffer, type RolloutPrompt, type RolloutSequence } from "./rollout_buffer.ts";
 
-/** One prompt: its token ids (e.g. data/prompt.ts `buildPrompt`) and the gold answer. */
-export interface RolloutPrompt {
-  /** The rendered prompt's token ids. */
-  ids: readonly number[];
-  /** The gold answer: a number, a number string, or a GSM8K solution ending in `#### n`. */
-  answer: string | number;
-  /** The prompt's text, for logging (decoded from ids when absent). */
-  text?: string;
-}
+export {
+  type CollectMetrics,
+  type CollectTimings,
+  RolloutBuffer,
+  type RolloutPrompt,
+  type RolloutSequence,
+  type Sample,
+  sequenceBatch,
+} from "./rollout_buffer.ts";
 
 /** What collecting needs of a tokenizer: model/tokenizer.ts's `Tokenizer` has it. */
 export interface RolloutTokenizer {
@@ -81,216 +81,6 @@ export interface CollectOptions {
   stopTokenIds?: readonly number[];
   /** Pad id (default: the tokenizer's pad token, else the first stop id). */
   padTokenId?: number;
-}
-
-/** One sampled completion and its reward. */
-export interface RolloutSequence {
-  /** Index of its prompt in the buffer's prompt list. */
-  prompt: number;
-  /** Generated ids, up to and including the first stop token when one was emitted. */
-  tokens: number[];
-  /** Log-probs of those tokens under the sampling distribution (tempered, untruncated). */
-  logprobs: number[];
-  /** Decoded text (special tokens skipped). */
-  text: string;
-  /** Why generation stopped. */
-  finishReason: FinishReason;
-  /** The reward and its parts. */
-  reward: RewardResult;
-}
-
-/** One completion, for logging. */
-export interface Sample {
-  /** The prompt's text. */
-  prompt: string;
-  /** The completion's text. */
-  completion: string;
-  /** Its reward. */
-  reward: number;
-  /** Whether its answer was right. */
-  correct: boolean;
-}
-
-/** Numbers of a collect phase. */
-export interface CollectMetrics {
-  /** Mean of the rewards. */
-  reward_mean: number;
-  /** Their std (population). */
-  reward_std: number;
-  /** Fraction of completions whose answer is correct. */
-  accuracy: number;
-  /** Fraction paid the final-answer marker bonus. */
-  marker_rate: number;
-  /** Fraction charged the over-length penalty. */
-  overlong_rate: number;
-  /** Mean completion length in tokens (the stop token included). */
-  completion_len_mean: number;
-  /** Generated tokens in all. */
-  tokens_generated: number;
-  /** Seconds in prompt forward passes. */
-  prefill_seconds: number;
-  /** Seconds in decode steps. */
-  decode_seconds: number;
-  /** Seconds decoding text and scoring. */
-  scoring_seconds: number;
-  /** tokens_generated / (prefill + decode seconds). */
-  tokens_per_second: number;
-}
-
-const mean = (xs: readonly number[]): number => (xs.length ? xs.reduce((a, b) => a + b, 0) / xs.length : 0);
-
-/**
- * An update's rollouts: prompts, K completions each (prompt-major), their
- * rewards, and on the model's device the routing record. Owns native memory:
- * dispose it (or `using`).
- */
-export class RolloutBuffer {
-  /** The prompts, in order. */
-  readonly prompts: readonly RolloutPrompt[];
-  /** The prompts' texts (given or decoded). */
-  readonly promptTexts: readonly string[];
-  /** Completions per prompt. */
-  readonly k: number;
-  /** The sampling temperature (the learn phase uses it too). */
-  readonly temperature: number;
-  /** The pad id of every batch built from the buffer. */
-  readonly pad: number;
-  /** The completions, prompt-major: `[p0c0, …, p0c(k−1), p1c0, …]`. */
-  readonly sequences: readonly RolloutSequence[];
-  /** The collect phase's numbers. */
-  readonly metrics: CollectMetrics;
-  /**
-   * Experts of every recorded token, [moeLayers, 1 + tokens, k] int16, row 0 all −1; sequence i's
-   * prompt and completion tokens from row `routingStart[i]`. Null when not recorded.
-   */
-  readonly routing: Tensor | null;
-  readonly #routingStart: readonly number[];
-  readonly #device: Device;
-
-  /** Assembles a buffer (see {@link collect}); takes ownership of routing. */
-  constructor(init: {
-    prompts: readonly RolloutPrompt[];
-    promptTexts: readonly string[];
-    k: number;
-    temperature: number;
-    pad: number;
-    sequences: readonly RolloutSequence[];
-    metrics: CollectMetrics;
-    routing: Tensor | null;
-    routingStart: readonly number[];
-    device: Device;
-  }) {
-    this.prompts = init.prompts;
-    this.promptTexts = init.promptTexts;
-    this.k = init.k;
-    this.temperature = init.temperature;
-    this.pad = init.pad;
-    this.sequences = init.sequences;
-    this.metrics = init.metrics;
-    this.routing = init.routing && keep(init.routing); // the buffer's to free, not a scope's (it may outlive one)
-    this.#routingStart = init.routingStart;
-    this.#device = init.device;
-  }
-
-  /** Number of completions. */
-  get size(): number {
-    return this.sequences.length;
-  }
-
-  /** The first n completions (all by default) as {prompt, completion, reward, correct}, for logs. */
-  samples(n = this.size): Sample[] {
-    return this.sequences.slice(0, n).map((s) => ({
-      prompt: this.promptTexts[s.prompt]!,
-      completion: s.text,
-      reward: s.reward.reward,
-      correct: s.reward.correct,
-    }));
-  }
-
-  /** The rewards, one per completion. */
-  get rewards(): number[] {
-    return this.sequences.map((s) => s.reward.reward);
-  }
-
-  /**
-   * Prompt + completion of the chosen sequences as a left-padded batch on
-   * the model's device, and (when recorded) each token's experts per MoE
-   * layer, [B·T, k] with −1 on padding, for routing replay.
-   */
-  batch(indices: readonly number[]): { batch: SequenceBatch; replay: Tensor[] | null } {
-    const seqs = indices.map((i) => this.sequences[i]!);
-    const batch = sequenceBatch(
-      seqs.map((s) => this.prompts[s.prompt]!.ids),
-      seqs.map((s) => s.tokens),
-      this.pad,
-      this.#device,
-    );
-    if (!this.routing) return { batch, replay: null };
-    const width = batch.inputIds.size(1);
-    const rows: number[] = [];
-    indices.forEach((i, r) => {
-      const n = this.prompts[seqs[r]!.prompt]!.ids.length + seqs[r]!.tokens.length;
-      for (let j = 0; j < width; j++) rows.push(j < width - n ? 0 : this.#routingStart[i]! + j - (width - n));
-    });
-    const replay = tidy(() => {
-      const idx = tensor(rows, { dtype: "int64", device: this.#device });
-      return Array.from(
-        { length: this.routing!.size(0) },
-        (_, l) => this.routing!.select(0, l).indexSelect(0, idx),
-      );
-    });
-    return { batch, replay };
-  }
-
-  /**
-   * Per-token numbers of the chosen sequences as a [B, T] float32 tensor laid
-   * out like {@link batch}'s: `values(i)` (one number per completion token of
-   * sequence i) right-aligned, 0 elsewhere.
-   */
-  perToken(indices: readonly number[], width: number, values: (i: number) => readonly number[]): Tensor {
-    const rows = indices.map((i) => {
-      const v = values(i);
-      return [...new Array<number>(width - v.length).fill(0), ...v];
-    });
-    return tensor(rows, { dtype: "float32", device: this.#device });
-  }
-
-  /** Frees the routing record. */
-  dispose(): void {
-    this.routing?.dispose();
-  }
-
-  /** Frees the routing record at the end of a `using` block. */
-  [Symbol.dispose](): void {
-    this.dispose();
-  }
-}
-
-/**
- * Prompt + completion sequences as a {@link SequenceBatch} on device:
- * left-padded with pad, positions `cumsum(mask) − 1` (pads 1), and
- * completionMask 1 on each row's completion tokens (its last tokens).
- */
-export function sequenceBatch(
-  prompts: readonly (readonly number[])[],
-  completions: readonly (readonly number[])[],
-  pad: number,
-  device: Device,
-): SequenceBatch {
-  if (prompts.length !== completions.length || prompts.length === 0) {
-    throw new RangeError(`sequenceBatch: ${prompts.length} prompts for ${completions.length} completions`);
-  }
-  const padded = leftPad(prompts.map((p, i) => [...p, ...completions[i]!]), pad);
-  const width = padded.inputIds[0]!.length;
-  const comp = completions.map((c) => [...Array(width - c.length).fill(0), ...Array(c.length).fill(1)]);
-  const i64 = { dtype: "int64" as const, device };
-  return {
-    inputIds: tensor(padded.inputIds, i64),
-    attentionMask: tensor(padded.attentionMask, i64),
-    positionIds: tensor(padded.positionIds, i64),
-    completionMask: tensor(comp, i64),
-    completionLengths: completions.map((c) => c.length),
-  };
 }
 
 /**
@@ -410,10 +200,7 @@ export async function collect(
       const [layers, , k] = routingParts[0]!.shape as [number, number, number];
       routing = tidy(() => cat([full([layers, 1, k], -1, { dtype: "int16", device }), ...routingParts], 1));
     }
-    const rewards = sequences.map((s) => s.reward.reward);
-    const rewardMean = mean(rewards);
     const generated = sequences.reduce((n, s) => n + s.tokens.length, 0);
-    const rate = (f: (s: RolloutSequence) => boolean): number => mean(sequences.map((s) => (f(s) ? 1 : 0)));
     const total = (performance.now() - t0) / 1000;
     return new RolloutBuffer({
       prompts,
@@ -425,14 +212,7 @@ export async function collect(
       routing,
       routingStart,
       device,
-      metrics: {
-        reward_mean: rewardMean,
-        reward_std: Math.sqrt(mean(rewards.map((r) => (r - rewardMean) ** 2))),
-        accuracy: rate((s) => s.reward.correct),
-        marker_rate: rate((s) => s.reward.marker),
-        overlong_rate: rate((s) => s.reward.overLength),
-        completion_len_mean: generated / sequences.length,
-        tokens_generated: generated,
+      timings: {
         prefill_seconds: prefill,
         decode_seconds: decode,
         scoring_seconds: Math.max(0, total - prefill - decode),

@@ -38,17 +38,11 @@
  */
 import { clipGradNorm, dispose, keep, noGrad, type Tensor, tensor, tidy } from "../ffi/mod.ts";
 import { mulberry32 } from "../data/batches.ts";
-import {
-  flatGroups,
-  groupBaseline,
-  type UpdateAdvantages,
-  updateAdvantages,
-  zeroSpreadFraction,
-} from "./advantages.ts";
+import { flatGroups, groupBaseline, type UpdateAdvantages, zeroSpreadFraction } from "./advantages.ts";
 import type { RolloutBuffer } from "./collect.ts";
 import { type PpoConfig, rlConfig, type RlOverrides } from "./config.ts";
-import { valueLoss } from "./losses.ts";
-import { OBJECTIVE_PARTS, type ObjectivePart, ppoObjective } from "./objective.ts";
+import { OBJECTIVE_PARTS, type ObjectivePart } from "./objective.ts";
+import { checkAdvantages, type LearnFunctions, learnFunctions } from "./replaceable.ts";
 import type { Policy, SequenceBatch } from "./policy.ts";
 import { Replicas } from "./replicas.ts";
 
@@ -60,8 +54,8 @@ export interface StepOptimizer {
   zeroGrad(only: readonly Tensor[]): void;
 }
 
-/** Options of {@link learn}. */
-export interface LearnOptions {
+/** Options of {@link learn}, with the functions it may use instead of the library's (rl/replaceable.ts). */
+export interface LearnOptions extends LearnFunctions {
   /** Sequences per forward/backward pass (default 16); gradients accumulate over them. */
   microBatch?: number;
   /** Clip each group's gradient (adapters; critic) to this global L2 norm (default 1; 0: no clipping). */
@@ -217,6 +211,8 @@ interface Run {
   temperature: number;
   dp: Replicas;
   all: GlobalView;
+  /** The advantages, objective and critic loss in use. */
+  fns: Required<LearnFunctions>;
   /** This rank's indices of the global indices it holds, in order. */
   local(ids: readonly number[]): number[];
   /** A batch of the chosen sequences and, with routing replay, their experts. */
@@ -292,7 +288,7 @@ function referencePass(run: Run, signal: readonly boolean[]): ReferenceResult {
           : batch.completionMask.to("float32");
         const target = tensor(chunk.map((i) => centered[i]!), { dtype: "float32", device: v.device });
         // This rank's share of the mean over the global micro-batch's tokens.
-        const loss = valueLoss(v, target, mask, tokens);
+        const loss = run.fns.valueLoss(v, target, mask, tokens);
         loss.backward();
         later.read(loss, (x) => (lossSum += x.item()));
       });
@@ -380,7 +376,7 @@ function policySteps(
             routerTopK: policy.model.config.numExpertsPerTok,
           };
           const loss = policy.backwardLoss(batch, (out) => {
-            const r = ppoObjective(out, inputs, c);
+            const r = run.fns.objective(out, inputs, c);
             later.read(r.parts, (x) => x.toArray().forEach((v, p) => (sums[p] = sums[p]! + v)));
             // With one step the training pass is π_old: measure the sampler's mismatch on it.
             if (!old) {
@@ -471,6 +467,7 @@ export function learn(
     temperature: buffer.temperature,
     dp,
     all,
+    fns: learnFunctions(opts),
     local: (ids) =>
       ids.flatMap((g) => (g >= all.offset && g < all.offset + buffer.size ? [g - all.offset] : [])),
     open(ids): { batch: SequenceBatch; replay: Tensor[] | null } {
@@ -495,13 +492,20 @@ export function learn(
   try {
     const first = referencePass(run, signal);
     const t1 = performance.now();
-    const adv = updateAdvantages(rewards, k, run.lengths, c.advantage === "group" ? null : first.values, {
-      estimator: c.advantage,
-      gaeLambda: c.gaeLambda,
-      normalize: c.normalizeAdvantages,
-      reduce: (stats) => dp.sum(stats),
-    });
-    const trainedAll = flatGroups(all.rewards, k).map((f, i) => !f && all.lengths[i]! > 0);
+    const adv = checkAdvantages(
+      run.fns.advantages(rewards, k, run.lengths, c.advantage === "group" ? null : first.values, {
+        estimator: c.advantage,
+        gaeLambda: c.gaeLambda,
+        normalize: c.normalizeAdvantages,
+        reduce: (stats) => dp.sum(stats),
+      }),
+      run.lengths,
+      signal,
+    );
+    // Every rank's choice (an advantages function may leave out more than the flat groups), in global order.
+    const trainedAll = dp.size === 1
+      ? adv.trained
+      : dp.gather(adv.trained.map(Number)).flat().map((t) => t === 1);
     const trained = adv.trained.flatMap((t, i) => (t ? [i] : []));
     const mismatch = new Mismatch(Math.log(c.rolloutCorrection ?? 2));
     const old = c.epochs * c.minibatches > 1 ? oldPass(run, trained, mismatch) : null;

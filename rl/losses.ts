@@ -169,8 +169,10 @@ export interface KlResult {
  * - "k2": `½·δ²`; biased, but its gradient `−δ·∇logp` is, in expectation,
  *   the gradient of the true KL;
  * - "k3" (default): `exp(δ) − δ − 1 ≥ 0`; unbiased, low variance; δ is
- *   clamped to ±20 and the value to at most 10 (verl's low_var_kl), so one
- *   token the reference finds impossible cannot blow the loss up. Its value
+ *   clamped to ±20 and the value to at most 10 (verl's low_var_kl; TRL does
+ *   not clamp), so one token the reference finds impossible cannot blow the
+ *   loss up. The cap also zeroes the gradient where δ ≥ 2.64 (the policy finds
+ *   the token ≥ 14× less likely than the reference), as in verl. Its value
  *   estimates KL(π_θ ‖ π_ref), but its gradient `(1 − π_ref/π_θ)·∇logp` is,
  *   in expectation, that of the reverse KL(π_ref ‖ π_θ) (as in TRL and verl,
  *   which put k3 in the loss too).

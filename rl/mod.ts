@@ -53,18 +53,16 @@ export {
   routerAuxLoss,
   valueLoss,
 } from "./losses.ts";
+export { collect, type CollectOptions, type RolloutTokenizer, type ScoreFn } from "./collect.ts";
 export {
-  collect,
   type CollectMetrics,
-  type CollectOptions,
+  type CollectTimings,
   RolloutBuffer,
   type RolloutPrompt,
   type RolloutSequence,
-  type RolloutTokenizer,
   type Sample,
-  type ScoreFn,
   sequenceBatch,
-} from "./collect.ts";
+} from "./rollout_buffer.ts";
 export {
   OBJECTIVE_PARTS,
   type ObjectiveConfig,
@@ -75,6 +73,7 @@ export {
   rolloutWeights,
 } from "./objective.ts";
 export { learn, type LearnMetrics, type LearnOptions, type StepOptimizer } from "./learn.ts";
+export { type AdvantagesFn, type LearnFunctions, type ObjectiveFn, type ValueLossFn } from "./replaceable.ts";
 export {
   policyOptimizer,
   type PolicyOptimizerOptions,

@@ -2,7 +2,8 @@
  * One RL update in one call, for notebooks: {@link collect} (rl/collect.ts)
  * then {@link learn} (rl/learn.ts), with the samples and every metric
  * returned. `deno task train` runs the same two phases (train/loop.ts);
- * call them yourself to look at, filter or re-score the rollouts between.
+ * call them yourself to look at, re-score or filter the rollouts between
+ * (rl/rollout_buffer.ts).
  * @module
  */
 import { AdamW } from "../ffi/mod.ts";

@@ -29,7 +29,10 @@ import { Tokenizer } from "../model/tokenizer.ts";
 import { collect, RolloutBuffer, type RolloutPrompt } from "../rl/collect.ts";
 import { Replicas } from "../rl/replicas.ts";
 import { DEFAULT_RL_CONFIG, rlConfig, type RlOverrides } from "../rl/config.ts";
-import { learn, type StepOptimizer } from "../rl/learn.ts";
+import { learn, type LearnOptions, type StepOptimizer } from "../rl/learn.ts";
+import { updateAdvantages } from "../rl/advantages.ts";
+import { valueLoss } from "../rl/losses.ts";
+import { ppoObjective } from "../rl/objective.ts";
 import { Policy } from "../rl/policy.ts";
 import { policyOptimizer, ppoStep } from "../rl/ppo.ts";
 import type { RewardResult } from "../rl/reward.ts";
@@ -166,6 +169,46 @@ Deno.test("rl: collect, learn and ppoStep on the tiny model", async (t) => {
       assert.ok(buf.routing !== null);
     });
 
+    await t.step(
+      "buffer: re-scored completions and chosen prompt groups, routing rows included",
+      async () => {
+        const live = liveTensors();
+        {
+          using buf = await collect(policy, tok, prompts, CFG, { seed: 2, score: scripted(() => 0) });
+          assert.equal(buf.metrics.reward_mean, 0);
+          buf.sequences[3]!.reward = scripted(() => 1)(buf.sequences[3]!);
+          assert.equal(buf.metrics.reward_mean, 0.25, "the metrics follow a re-scored completion");
+          assert.equal(buf.metrics.accuracy, 0.25);
+          using second = buf.selectPrompts([1]);
+          assert.deepEqual(second.prompts, [prompts[1]]);
+          assert.deepEqual(second.sequences.map((s) => [s.prompt, s.tokens]), [
+            [0, buf.sequences[2]!.tokens],
+            [0, buf.sequences[3]!.tokens],
+          ]);
+          assert.equal(second.metrics.reward_mean, 0.5);
+          assert.equal(
+            second.metrics.decode_seconds,
+            buf.metrics.decode_seconds,
+            "the timings are the collect's",
+          );
+          tidy(() => {
+            const a = buf.batch([3, 2]), b = second.batch([1, 0]);
+            assert.deepEqual(b.batch.inputIds.tolist(), a.batch.inputIds.tolist());
+            assert.deepEqual(b.replay!.map((r) => r.tolist()), a.replay!.map((r) => r.tolist()));
+          });
+          using both = buf.selectPrompts([1, 0]);
+          tidy(() => {
+            const a = buf.batch([0, 1, 2, 3]), b = both.batch([2, 3, 0, 1]);
+            assert.deepEqual(b.replay!.map((r) => r.tolist()), a.replay!.map((r) => r.tolist()));
+          });
+          for (const bad of [[], [2], [0, 0], [0.5]]) assert.throws(() => buf.selectPrompts(bad), RangeError);
+          const m = learn(policy, new GradientRecorder(), second, CFG);
+          assert.equal(m.trained_fraction, 1, "the chosen group's rewards differ");
+        }
+        assert.equal(liveTensors(), live, "each buffer frees its own routing rows");
+      },
+    );
+
     await t.step("collect: score functions, async or wrong, and buffers returned from a scope", async () => {
       const live = liveTensors();
       const asyncScore = async (c: { tokens: readonly number[] }): Promise<RewardResult> => {
@@ -290,6 +333,74 @@ Deno.test("rl: collect, learn and ppoStep on the tiny model", async (t) => {
       });
     });
 
+    await t.step("learn: the advantages, objective and critic loss can be replaced", async () => {
+      using g = new Generator(5, DEVICE);
+      using buf = await collect(policy, tok, prompts, CFG, { generator: g, score: scripted((i) => i % 2) });
+      const grads = (opts: LearnOptions): number[][][] => {
+        const rec = new GradientRecorder();
+        learn(policy, rec, buf, CFG, { microBatch: 4, maxGradNorm: 0, ...opts });
+        return rec.steps;
+      };
+      const calls = { advantages: 0, objective: 0, valueLoss: 0 };
+      const base = grads({});
+      const scaled = grads({
+        advantages: (...args) => {
+          calls.advantages++;
+          const a = updateAdvantages(...args);
+          return { ...a, advantages: a.advantages.map((row) => row.map((x) => 2 * x)) };
+        },
+        objective: (out, inputs, cfg) => {
+          calls.objective++;
+          const r = ppoObjective(out, inputs, { ...cfg, klCoef: 0, entropyCoef: 0 });
+          return { ...r, loss: r.loss.mul(1.5) };
+        },
+        valueLoss: (...args) => {
+          calls.valueLoss++;
+          return valueLoss(...args).mul(3);
+        },
+      });
+      assert.deepEqual(
+        calls,
+        { advantages: 1, objective: 1, valueLoss: 1 },
+        "one critic and one policy step",
+      );
+      const plain = grads({
+        objective: (out, inputs, cfg) => ppoObjective(out, inputs, { ...cfg, klCoef: 0, entropyCoef: 0 }),
+      });
+      assert.equal(scaled.length, base.length);
+      base.slice(0, -1).forEach((step, s) =>
+        step.forEach((gr, i) => assertClose(scaled[s]![i]!, gr.map((x) => 3 * x), 1e-5, `critic ${s}.${i}`))
+      );
+      plain.at(-1)!.forEach((gr, i) => {
+        assert.ok(gr.some((x) => x !== 0));
+        assertClose(
+          scaled.at(-1)![i]!,
+          gr.map((x) => 3 * x),
+          1e-5,
+          `policy param ${i}: advantages ×2, loss ×1.5`,
+        );
+      });
+      // A replacement may not train what the reference pass left out: here a group whose rewards are equal.
+      using flat = await collect(policy, tok, prompts, CFG, {
+        generator: g,
+        score: scripted((i) => (i < 2 ? 1 : i)),
+      });
+      const everything = (
+        ...args: Parameters<typeof updateAdvantages>
+      ): ReturnType<typeof updateAdvantages> => {
+        const a = updateAdvantages(...args);
+        return {
+          ...a,
+          trained: a.trained.map(() => true),
+          advantages: args[2].map((n) => new Array(n).fill(1)),
+        };
+      };
+      assert.throws(
+        () => learn(policy, new GradientRecorder(), flat, CFG, { advantages: everything }),
+        /advantages function trains sequence 0, whose group's rewards are all equal/,
+      );
+    });
+
     await t.step(
       "learn at the rollout's temperature: the training pass scores what the sampler drew",
       async () => {
@@ -334,7 +445,14 @@ Deno.test("rl: collect, learn and ppoStep on the tiny model", async (t) => {
         using g = new Generator(10, DEVICE);
         using got = await collect(policy, tok, prompts, CFG, { generator: g, score: scripted((i) => i % 2) });
         const sequences = got.sequences.map((s, i) => (i === 1 ? { ...s, tokens: [], logprobs: [] } : s));
-        using buf = new RolloutBuffer({ ...got, sequences, routing: null, routingStart: [], device: DEVICE });
+        using buf = new RolloutBuffer({
+          ...got,
+          sequences,
+          routing: null,
+          routingStart: [],
+          device: DEVICE,
+          timings: got.metrics,
+        });
         for (const advantage of ["group", "token_value", "prompt_value"] as const) {
           const cfg: RlOverrides = { ...CFG, ppo: { ...CFG.ppo, advantage }, moe: { routingReplay: "off" } };
           const m = learn(policy, new GradientRecorder(), buf, cfg);

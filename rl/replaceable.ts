@@ -1,0 +1,86 @@
+/**
+ * The functions of the learn phase (rl/learn.ts) that a caller may replace, for an estimator or a loss the
+ * settings do not offer: GRPO's per-group std scaling, a Huber critic loss, an extra penalty term. Each
+ * takes the arguments of the library function it stands in for, so that a replacement can wrap it:
+ *
+ * ```ts ignore
+ * const objective: ObjectiveFn = (out, inputs, cfg) => {
+ *   const r = ppoObjective(out, inputs, cfg);
+ *   return { ...r, loss: r.loss.add(myPenalty(out)) };
+ * };
+ * learn(policy, opt, buffer, cfg, { objective });
+ * ```
+ *
+ * Under data parallelism every rank must be given the same functions, and they must keep the token means
+ * global: `tokens` (the objective's `inputs.tokens`, valueLoss's fourth argument) is the count of the whole
+ * step's tokens over all ranks, and updateAdvantages' `cfg.reduce` sums statistics over the ranks.
+ * @module
+ */
+import { type UpdateAdvantages, updateAdvantages } from "./advantages.ts";
+import { valueLoss } from "./losses.ts";
+import { ppoObjective } from "./objective.ts";
+
+/** The update's advantages (see {@link updateAdvantages}, the default). */
+export type AdvantagesFn = typeof updateAdvantages;
+/** The policy's loss on one micro-batch (see rl/objective.ts `ppoObjective`, the default). */
+export type ObjectiveFn = typeof ppoObjective;
+/** The critic's loss on one micro-batch (see rl/losses.ts `valueLoss`, the default). */
+export type ValueLossFn = typeof valueLoss;
+
+/** The replaceable functions, each defaulting to the library's. */
+export interface LearnFunctions {
+  /** Advantages of the whole update, from the rewards, lengths and (with a critic) values. */
+  advantages?: AdvantagesFn;
+  /** The policy's objective. */
+  objective?: ObjectiveFn;
+  /** The critic's loss. */
+  valueLoss?: ValueLossFn;
+}
+
+/** The functions to use: the given ones, else the library's. */
+export function learnFunctions(f: LearnFunctions): Required<LearnFunctions> {
+  return {
+    advantages: f.advantages ?? updateAdvantages,
+    objective: f.objective ?? ppoObjective,
+    valueLoss: f.valueLoss ?? valueLoss,
+  };
+}
+
+/**
+ * An advantages function's result, checked against the update: a sequence may be trained only where the
+ * reference pass has its log-probs (a group whose rewards differ, a completion that is not empty), with one
+ * finite advantage per completion token.
+ * @throws {Error} naming the sequence and what is wrong
+ */
+export function checkAdvantages(
+  adv: UpdateAdvantages,
+  lengths: readonly number[],
+  trainable: readonly boolean[],
+): UpdateAdvantages {
+  const n = lengths.length;
+  if (!(Array.isArray(adv?.trained) && adv.trained.length === n && adv.advantages?.length === n)) {
+    throw new Error(
+      `learn: the advantages function must give trained and advantages for each of the ${n} sequences`,
+    );
+  }
+  if (!(Array.isArray(adv.centered) && Number.isFinite(adv.mean) && Number.isFinite(adv.std))) {
+    throw new Error("learn: the advantages function must give centered rewards and a finite mean and std");
+  }
+  for (let i = 0; i < n; i++) {
+    if (!adv.trained[i]) continue;
+    if (!trainable[i]) {
+      throw new Error(
+        `learn: the advantages function trains sequence ${i}, whose group's rewards are all equal ` +
+          `(or whose completion is empty): such sequences are left out of the update`,
+      );
+    }
+    const a = adv.advantages[i]!;
+    if (a.length !== lengths[i] || !a.every(Number.isFinite)) {
+      throw new Error(
+        `learn: the advantages function gave sequence ${i} ${a.length} advantages for its ${lengths[i]} ` +
+          `completion tokens${a.length === lengths[i] ? ", not all finite" : ""}`,
+      );
+    }
+  }
+  return adv;
+}
