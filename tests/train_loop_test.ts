@@ -8,6 +8,8 @@ import { cuda, liveTensors } from "../ffi/mod.ts";
 import { loadTrainConfig, type TrainConfig } from "../train/config.ts";
 import { train } from "../train/loop.ts";
 import { escapeHtml } from "../train/report.ts";
+import { ppoObjective } from "../rl/objective.ts";
+import { reward } from "../rl/reward.ts";
 import { resumeConflicts } from "../train/resume.ts";
 import { SafetensorsFile } from "../model/safetensors.ts";
 
@@ -139,8 +141,16 @@ Deno.test("train: every update gets its full batch when the data does not divide
       "ppo.minibatches=4",
       "eval.every=0",
     );
-    const run = await train(cfg, { quiet: true });
+    let scored = 0, objectives = 0;
+    const run = await train(cfg, {
+      quiet: true,
+      score: (c) => ({ ...reward(c, 1), reward: (scored++ % 4) / 4 }), // a notebook's own reward and loss
+      objective: (...args) => (objectives++, ppoObjective(...args)),
+    });
     assert.deepEqual(run.records.map((r) => r.step), [1, 2, 3, 4]);
+    assert.deepEqual(run.records.map((r) => r.reward_mean), [0.375, 0.375, 0.375, 0.375], "its rewards");
+    assert.equal(scored, 4 * 8);
+    assert.ok(objectives >= 4, `its objective: ${objectives} calls`);
     // A checkpoint written before short micro-batches were dropped may point at one: resuming starts the next epoch.
     const state = join(tmp, "checkpoint-4", "trainer_state.json");
     const saved = JSON.parse(await Deno.readTextFile(state));

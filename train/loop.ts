@@ -21,7 +21,9 @@ import { loadGsm8k } from "../data/gsm8k.ts";
 import { buildPrompts } from "../data/prompt.ts";
 import { resolveModel } from "../model/hub.ts";
 import { Tokenizer } from "../model/tokenizer.ts";
-import { collect, type RolloutPrompt } from "../rl/collect.ts";
+import { collect, type ScoreFn } from "../rl/collect.ts";
+import type { LearnFunctions } from "../rl/replaceable.ts";
+import type { RolloutPrompt } from "../rl/rollout_buffer.ts";
 import { evaluateExamples } from "../rl/evaluate.ts";
 import { learn } from "../rl/learn.ts";
 import { Replicas } from "../rl/replicas.ts";
@@ -53,7 +55,13 @@ export interface TrainResult {
 }
 
 /** Options of {@link train}. */
-export interface TrainOptions {
+export interface TrainOptions extends LearnFunctions {
+  /**
+   * Scores completions instead of the config's GSM8K reward (rl/collect.ts `ScoreFn`); with `advantages`,
+   * `objective` and `valueLoss` (rl/replaceable.ts), for a notebook's own pieces. None of them is recorded in
+   * the run folder: resume with the same ones.
+   */
+  score?: ScoreFn;
   /** Continue from the run folder's latest checkpoint. */
   resume?: boolean;
   /** No progress bar or messages. */
@@ -173,12 +181,16 @@ export async function train(cfg: TrainConfig, opts: TrainOptions = {}): Promise<
           seed,
           firstPrompt: first,
           recordRouting: cfg.moe.routingReplay !== "off", // the record serves replay only
+          score: opts.score,
         });
         const learned = learn(policy, opt, buffer, rl, {
           microBatch: t.microBatch * cfg.rollout.k,
           maxGradNorm: t.maxGradNorm,
           seed,
           replicas: dp,
+          advantages: opts.advantages,
+          objective: opts.objective,
+          valueLoss: opts.valueLoss,
         });
         const record: StepRecord = {
           step: u + 1,
