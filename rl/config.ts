@@ -61,6 +61,8 @@ export interface PpoConfig {
   clip: number;
   /** ε_high: clipped above at 1 + ε_high (null: ε). */
   clipHigh: number | null;
+  /** Dual clip c > 1: a negative-advantage token's loss is at most −c·A (verl's clip_ratio_c; null: off). */
+  clipRatioC: number | null;
   /** "token" (PPO) or "sequence" (GSPO's length-normalised sequence ratio). */
   ratioLevel: "token" | "sequence";
   /** Weight of the per-token KL penalty to the reference (adapters-off) policy; 0 skips its log-probs. */
@@ -119,6 +121,7 @@ export const DEFAULT_RL_CONFIG: Readonly<RlConfig> = Object.freeze({
     minibatches: 1,
     clip: 0.2,
     clipHigh: null,
+    clipRatioC: null,
     ratioLevel: "token" as const,
     klCoef: 0.04,
     klEstimator: "k3" as const,
@@ -151,6 +154,7 @@ export const PPO_CHECKS: Checks<PpoConfig> = {
   minibatches: int(1),
   clip: num(0, Infinity, true),
   clipHigh: nullable(num(0, Infinity, true)),
+  clipRatioC: nullable(num(1, Infinity, true)),
   ratioLevel: oneOf("token", "sequence"),
   klCoef: num(0),
   klEstimator: {

@@ -61,6 +61,11 @@ export interface ClipOptions {
   /** ε_high: the ratio is clipped above at 1 + ε_high (default: clip; DAPO's "clip higher" is 0.28). */
   clipHigh?: number;
   /**
+   * Dual clip c > 1 (null or absent: off): where A < 0 the token's loss is at most −c·A, so a token whose
+   * ratio has run far above 1 stops pushing (verl's `clip_ratio_c`, Ye et al. 2020).
+   */
+  clipRatioC?: number | null;
+  /**
    * "token" (PPO): one ratio per token. "sequence" (GSPO): each sequence's
    * length-normalised ratio exp(mean_t(log π − log π_old)), the same for all
    * its tokens, with each token's gradient flowing through its own log-prob.
@@ -80,6 +85,8 @@ export interface PpoLossResult {
   clipFraction: Tensor;
   /** The part of clipFraction below 1 − ε (negative advantages). */
   clipLowFraction: Tensor;
+  /** With a dual clip, the fraction of valid tokens it bounds (A < 0 and r > c); else null. */
+  dualClipFraction: Tensor | null;
   /** Token-mean of `(r − 1) − log r`, an estimate of KL(old ‖ new) (Schulman's k3). */
   approxKl: Tensor;
   /** Token-mean of the ratio r. */
@@ -91,6 +98,7 @@ export interface PpoLossResult {
  * `r = exp(logp − old)`, per token `−w·min(r·A, clip(r, 1−ε, 1+ε_high)·A)`,
  * token-mean over the mask (w: optional weights, 1 by default). The clip is
  * active (zero gradient) where r < 1−ε with A < 0 or r > 1+ε_high with A > 0.
+ * With a dual clip c the loss of a token with A < 0 is at most −c·A.
  *
  * With old = logprobs.detach() (one optimizer step per rollout) r = 1 and the
  * gradient is the vanilla policy gradient `−Σ mask·w·A·∇logp / n`.
@@ -114,9 +122,12 @@ export function ppoClippedLoss(
   if (!((a.length === 1 && a[0] === b) || (a.length === 2 && a[0] === b && a[1] === t))) {
     throw new RangeError(`ppoClippedLoss: advantages must be [${b}] or [${b}, ${t}], got [${a.join(", ")}]`);
   }
-  const low = opts.clip ?? 0.2, high = opts.clipHigh ?? low;
+  const low = opts.clip ?? 0.2, high = opts.clipHigh ?? low, dual = opts.clipRatioC ?? null;
   if (!(low >= 0 && high >= 0)) {
     throw new RangeError(`ppoClippedLoss: clip must be >= 0, got ${low}, ${high}`);
+  }
+  if (dual !== null && !(dual > 1)) {
+    throw new RangeError(`ppoClippedLoss: clipRatioC must be > 1, got ${dual}`);
   }
   const level = opts.ratioLevel ?? "token";
   if (level !== "token" && level !== "sequence") {
@@ -137,7 +148,9 @@ export function ppoClippedLoss(
       logRatio = seq.add(logprobs.sub(logprobs.detach())).maskedFill(valid.logicalNot(), 0);
     }
     const ratio = logRatio.exp();
-    const surrogate = ratio.mul(adv).minimum(ratio.clamp(1 - low, 1 + high).mul(adv)).neg();
+    let surrogate = ratio.mul(adv).minimum(ratio.clamp(1 - low, 1 + high).mul(adv)).neg();
+    // Dual clip: at most −c·A where A < 0 (a constant there, so no gradient); no bound where A ≥ 0.
+    if (dual !== null) surrogate = surrogate.minimum(adv.mul(-dual).maskedFill(adv.ge(0), Infinity));
     const weighted = opts.weights ? surrogate.mul(opts.weights.detach()) : surrogate;
     const loss = maskedMean(weighted, mask, opts.tokens);
     const r = ratio.detach(), lr = logRatio.detach();
@@ -147,6 +160,9 @@ export function ppoClippedLoss(
       loss,
       clipFraction: maskedMean(below.logicalOr(above).to("float32"), mask, opts.tokens),
       clipLowFraction: maskedMean(below.to("float32"), mask, opts.tokens),
+      dualClipFraction: dual === null
+        ? null
+        : maskedMean(r.gt(dual).logicalAnd(adv.lt(0)).to("float32"), mask, opts.tokens),
       approxKl: maskedMean(r.sub(1).sub(lr), mask, opts.tokens),
       ratioMean: maskedMean(r, mask, opts.tokens),
     };

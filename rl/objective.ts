@@ -25,6 +25,7 @@ export type ObjectiveConfig = Pick<
   PpoConfig,
   | "clip"
   | "clipHigh"
+  | "clipRatioC"
   | "ratioLevel"
   | "klCoef"
   | "klEstimator"
@@ -60,6 +61,7 @@ export const OBJECTIVE_PARTS = [
   "router_aux_loss",
   "clip_fraction",
   "clip_low_fraction",
+  "dual_clip_fraction",
   "approx_kl",
   "ratio_mean",
   "is_weight_mean",
@@ -128,6 +130,7 @@ export function ppoObjective(
     const pg = ppoClippedLoss(out.logprobs, old, inputs.advantages, out.mask, {
       clip: cfg.clip,
       clipHigh: cfg.clipHigh ?? cfg.clip,
+      clipRatioC: cfg.clipRatioC,
       ratioLevel: cfg.ratioLevel,
       weights,
       tokens: n,
@@ -153,6 +156,7 @@ export function ppoObjective(
       router_aux_loss: aux ?? nan(),
       clip_fraction: pg.clipFraction,
       clip_low_fraction: pg.clipLowFraction,
+      dual_clip_fraction: pg.dualClipFraction ?? nan(),
       approx_kl: pg.approxKl,
       ratio_mean: pg.ratioMean,
       is_weight_mean: weights ? maskedMean(weights, out.mask, n) : maskedMean(out.mask, out.mask, n),

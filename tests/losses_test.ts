@@ -78,6 +78,27 @@ Deno.test("losses: PPO clipped loss by hand, all four clip cases, prompt and pad
   );
 });
 
+Deno.test("losses: the dual clip bounds negative-advantage tokens at −c·A, as verl's clip_ratio_c", () => {
+  assertNoLeak(() =>
+    tidy(() => {
+      // Ratios 5, 3.5, 1, 0.5 with A = −1, ε 0.2, c 3: per token min(max(r, clip(r)), 3) = 3, 3, 1, 0.8.
+      const old = t([[0, 0, 0, 0]]), mask = t([[1, 1, 1, 1]]);
+      const lp = leaf([[Math.log(5), Math.log(3.5), 0, Math.log(0.5)]]);
+      const out = ppoClippedLoss(lp, old, t([-1]), mask, { clip: 0.2, clipRatioC: 3 });
+      assertClose([out.loss.item(), out.dualClipFraction!.item()], [1.95, 0.5], 1e-6);
+      out.loss.backward();
+      assertClose(gradOf(lp), [0, 0, 0.25, 0], 1e-6, "no gradient where a clip binds");
+      // Off: the plain PPO loss (5 + 3.5 + 1 + 0.8) / 4, and positive advantages are never bounded.
+      const plain = ppoClippedLoss(lp.detach(), old, t([-1]), mask, { clip: 0.2 });
+      assertClose([plain.loss.item()], [2.575], 1e-6);
+      assert.equal(plain.dualClipFraction, null);
+      const pos = ppoClippedLoss(lp.detach(), old, t([1]), mask, { clip: 0.2, clipRatioC: 3 });
+      assertClose([pos.loss.item(), pos.dualClipFraction!.item()], [-(1.2 + 1.2 + 1 + 0.5) / 4, 0], 1e-6);
+      assert.throws(() => ppoClippedLoss(lp, old, t([1]), mask, { clipRatioC: 1 }), /clipRatioC must be > 1/);
+    })
+  );
+});
+
 Deno.test("losses: per-token advantages [B, T] and shape checks", () => {
   assertNoLeak(() =>
     tidy(() => {

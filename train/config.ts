@@ -308,6 +308,7 @@ const ALIASES: Readonly<Record<string, string>> = {
   klcoef: "ppo.klCoef",
   epsilon: "ppo.clip",
   epsilonhigh: "ppo.clipHigh",
+  clipratioc: "ppo.clipRatioC",
   cliprange: "ppo.clip",
   importancesamplinglevel: "ppo.ratioLevel",
   loraalpha: "lora.alpha",
