@@ -38,9 +38,16 @@ export async function loadAdapterOnRanks<T extends { dispose(): void }>(
   load: (dir: string) => Promise<T>,
 ): Promise<{ dir: string; adapter: T }> {
   for (let attempt = 1;; attempt++) {
-    // Every rank resolves (a bad path fails them all), then all take rank 0's choice: ranks choosing apart
-    // could straddle a new checkpoint and mix two in one result.
-    const dir = dp.gatherText(await resolveAdapter(path))[0]!;
+    // All take rank 0's choice (ranks choosing apart could straddle a new checkpoint and mix two in one
+    // result), or its error: a rank that threw alone would leave the others waiting in the next collective.
+    let own: unknown = null;
+    const mine = await resolveAdapter(path).then(
+      (d) => `ok ${d}`,
+      (e) => (own = e, `error ${(e as Error).message}`),
+    );
+    const first = dp.gatherText(mine)[0]!;
+    if (first.startsWith("error ")) throw dp.rank === 0 ? own : new Error(first.slice("error ".length));
+    const dir = first.slice("ok ".length);
     let adapter: T | null = null, error: unknown = null;
     try {
       adapter = await load(dir);

@@ -197,6 +197,12 @@ export function rlConfig(overrides: RlOverrides = {}): RlConfig {
         "generated together",
     );
   }
+  if (problems.length === 0 && cfg.ppo.clipRatioC !== null && cfg.ppo.ratioLevel === "sequence") {
+    problems.push(
+      'ppo.clipRatioC: the dual clip bounds token ratios; with ppo.ratioLevel "sequence" (GSPO, which has none ' +
+        "in verl either) set it to null",
+    );
+  }
   if (problems.length === 0 && cfg.rollout.decode === "graph" && cfg.rollout.decodeDispatch === "loop") {
     problems.push(
       'rollout.decodeDispatch: "loop" reads the routing back to the host every step, which rollout.decode ' +

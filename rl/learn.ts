@@ -377,6 +377,12 @@ function policySteps(
           };
           const loss = policy.backwardLoss(batch, (out) => {
             const r = run.fns.objective(out, inputs, c);
+            if (r.parts.numel !== OBJECTIVE_PARTS.length) {
+              throw new Error(
+                `learn: the objective function gave ${r.parts.numel} parts, not the ${OBJECTIVE_PARTS.length} ` +
+                  `of OBJECTIVE_PARTS (${OBJECTIVE_PARTS.join(", ")})`,
+              );
+            }
             later.read(r.parts, (x) => x.toArray().forEach((v, p) => (sums[p] = sums[p]! + v)));
             // With one step the training pass is π_old: measure the sampler's mismatch on it.
             if (!old) {
@@ -415,7 +421,9 @@ function policySteps(
  * rates). Leaves no gradients behind.
  * @param cfg overrides of rl/config.ts's defaults (the `ppo` and `moe` sections are used)
  * @throws {RangeError} for a bad config, a minibatch count that does not divide the buffer's sequences,
- *   or a bad micro-batch size; {@link Error} for routing replay on a model without MoE layers
+ *   or a bad micro-batch size; {@link Error} for routing replay on a model without MoE layers, the router
+ *   loss with gradient checkpointing, or (after the critic's steps, which the advantages need) a replacement
+ *   advantages or objective function whose result does not fit (every rank throws)
  */
 export function learn(
   policy: Policy,
@@ -492,20 +500,34 @@ export function learn(
   try {
     const first = referencePass(run, signal);
     const t1 = performance.now();
-    const adv = checkAdvantages(
-      run.fns.advantages(rewards, k, run.lengths, c.advantage === "group" ? null : first.values, {
-        estimator: c.advantage,
-        gaeLambda: c.gaeLambda,
-        normalize: c.normalizeAdvantages,
-        reduce: (stats) => dp.sum(stats),
-      }),
-      run.lengths,
-      signal,
-    );
-    // Every rank's choice (an advantages function may leave out more than the flat groups), in global order.
-    const trainedAll = dp.size === 1
-      ? adv.trained
-      : dp.gather(adv.trained.map(Number)).flat().map((t) => t === 1);
+    let adv: UpdateAdvantages | null = null, refused: unknown = null;
+    try {
+      adv = checkAdvantages(
+        run.fns.advantages(rewards, k, run.lengths, c.advantage === "group" ? null : first.values, {
+          estimator: c.advantage,
+          gaeLambda: c.gaeLambda,
+          normalize: c.normalizeAdvantages,
+          reduce: (stats) => dp.sum(stats),
+        }),
+        run.lengths,
+        signal,
+      );
+    } catch (e) {
+      if (dp.size === 1) throw e;
+      refused = e;
+    }
+    // Every rank's choice (an advantages function may leave out more than the flat groups), in global order,
+    // behind a flag saying whether the rank's advantages passed: a rank that throws alone would leave the
+    // others waiting in the next collective.
+    let trainedAll = adv?.trained ?? [];
+    if (dp.size > 1) {
+      const rows = dp.gather([adv ? 1 : 0, ...(adv?.trained ?? run.lengths.map(() => false)).map(Number)]);
+      const failed = rows.findIndex((r) => r[0] !== 1);
+      if (refused !== null) throw refused;
+      if (failed >= 0) throw new Error(`learn: rank ${failed}'s advantages were refused (its log says why)`);
+      trainedAll = rows.flatMap((r) => r.slice(1)).map((t) => t === 1);
+    }
+    if (!adv) throw refused;
     const trained = adv.trained.flatMap((t, i) => (t ? [i] : []));
     const mismatch = new Mismatch(Math.log(c.rolloutCorrection ?? 2));
     const old = c.epochs * c.minibatches > 1 ? oldPass(run, trained, mismatch) : null;

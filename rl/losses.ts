@@ -61,8 +61,8 @@ export interface ClipOptions {
   /** ε_high: the ratio is clipped above at 1 + ε_high (default: clip; DAPO's "clip higher" is 0.28). */
   clipHigh?: number;
   /**
-   * Dual clip c > 1 (null or absent: off): where A < 0 the token's loss is at most −c·A, so a token whose
-   * ratio has run far above 1 stops pushing (verl's `clip_ratio_c`, Ye et al. 2020).
+   * Dual clip c > 1 (null or absent: off): where A < 0 the token's loss is at most −c·A (times its weight),
+   * so a token whose ratio has run far above 1 stops pushing (verl's `clip_ratio_c`, Ye et al. 2020).
    */
   clipRatioC?: number | null;
   /**
@@ -147,7 +147,9 @@ export function ppoClippedLoss(
       const seq = logRatio.mul(m).sum(1, true).div(m.sum(1, true).clamp(1)).detach();
       logRatio = seq.add(logprobs.sub(logprobs.detach())).maskedFill(valid.logicalNot(), 0);
     }
-    const ratio = logRatio.exp();
+    // ±20 as verl: a token the policy has moved e^20-fold gets a finite ratio (and the clips a zero gradient)
+    // rather than an infinite one whose backward is NaN.
+    const ratio = logRatio.clamp(-20, 20).exp();
     let surrogate = ratio.mul(adv).minimum(ratio.clamp(1 - low, 1 + high).mul(adv)).neg();
     // Dual clip: at most −c·A where A < 0 (a constant there, so no gradient); no bound where A ≥ 0.
     if (dual !== null) surrogate = surrogate.minimum(adv.mul(-dual).maskedFill(adv.ge(0), Infinity));
@@ -187,8 +189,8 @@ export interface KlResult {
  * - "k3" (default): `exp(δ) − δ − 1 ≥ 0`; unbiased, low variance; δ is
  *   clamped to ±20 and the value to at most 10 (verl's low_var_kl; TRL does
  *   not clamp), so one token the reference finds impossible cannot blow the
- *   loss up. The cap also zeroes the gradient where δ ≥ 2.64 (the policy finds
- *   the token ≥ 14× less likely than the reference), as in verl. Its value
+ *   loss up. The cap also zeroes the gradient where δ > 2.61 (the policy finds
+ *   the token over 13.6× less likely than the reference), as in verl. Its value
  *   estimates KL(π_θ ‖ π_ref), but its gradient `(1 − π_ref/π_θ)·∇logp` is,
  *   in expectation, that of the reverse KL(π_ref ‖ π_θ) (as in TRL and verl,
  *   which put k3 in the loss too).

@@ -61,10 +61,10 @@ export const OBJECTIVE_PARTS = [
   "router_aux_loss",
   "clip_fraction",
   "clip_low_fraction",
-  "dual_clip_fraction",
   "approx_kl",
   "ratio_mean",
   "is_weight_mean",
+  "dual_clip_fraction",
 ] as const;
 
 /** One of {@link OBJECTIVE_PARTS}. */
@@ -77,7 +77,8 @@ export interface ObjectiveResult {
   /**
    * Detached scalars, one per {@link OBJECTIVE_PARTS} in that order ([parts]): read them with one
    * `toArray()`. Token means use the same denominator as the loss. kl and kl_k1 are NaN without
-   * reference log-probs, router_aux_loss NaN when off, is_weight_mean 1 without a correction.
+   * reference log-probs, router_aux_loss and dual_clip_fraction NaN when off, is_weight_mean 1 without a
+   * correction.
    */
   parts: Tensor;
 }

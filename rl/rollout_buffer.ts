@@ -73,7 +73,7 @@ export interface CollectMetrics {
   decode_seconds: number;
   /** Seconds decoding text and scoring. */
   scoring_seconds: number;
-  /** tokens_generated / (prefill + decode seconds). */
+  /** Tokens generated / (prefill + decode seconds), of the collect that generated them (a selection keeps it). */
   tokens_per_second: number;
 }
 
@@ -177,7 +177,20 @@ export class RolloutBuffer {
       );
     }
     const order = indices.flatMap((p) => Array.from({ length: this.k }, (_, j) => p * this.k + j));
-    const sequences = order.map((i, n) => ({ ...this.sequences[i]!, prompt: Math.floor(n / this.k) }));
+    const wrong = order.find((i) => this.sequences[i]?.prompt !== Math.floor(i / this.k));
+    if (wrong !== undefined) {
+      throw new RangeError(
+        `selectPrompts: sequence ${wrong} is not of prompt ${
+          Math.floor(wrong / this.k)
+        }: the buffer is not ` +
+          `prompt-major with ${this.k} completions per prompt`,
+      );
+    }
+    // Each its own reward object, so that re-scoring one buffer leaves the other as it was.
+    const sequences = order.map((i, n) => {
+      const s = this.sequences[i]!;
+      return { ...s, prompt: Math.floor(n / this.k), reward: { ...s.reward } };
+    });
     const rows = [0], routingStart: number[] = []; // row 0: the −1 sentinel of padding
     if (this.routing) {
       for (const i of order) {

@@ -88,7 +88,8 @@ Deno.test({
 });
 
 Deno.test({
-  name: "dist: every rank evaluates rank 0's choice of adapter, chosen again when one rank finds it pruned",
+  name:
+    "dist: every rank evaluates rank 0's choice of adapter (or fails with its error), chosen again when one rank finds it pruned",
   ignore: !hasGloo,
   async fn(): Promise<void> {
     const base = await Deno.makeTempDir();
@@ -108,6 +109,15 @@ Deno.test({
           run.json!.seen,
           ["run-0/checkpoint-10/adapter", "run-0/checkpoint-20/adapter"],
           `rank ${r}`,
+        );
+      }
+      // Rank 0 finds nothing where rank 1 finds a checkpoint: every rank reports rank 0's error, none hangs.
+      await Deno.remove(join(base, "run-0"), { recursive: true });
+      for (const [r, run] of (await launch("adapter", 2, { args: [base], timeoutMs: 8000 })).entries()) {
+        assert.match(
+          String(run.json?.error),
+          /run-0: no adapter_config\.json here/,
+          `rank ${r}: ${run.stderr}`,
         );
       }
     } finally {

@@ -95,6 +95,12 @@ Deno.test("losses: the dual clip bounds negative-advantage tokens at −c·A, as
       const pos = ppoClippedLoss(lp.detach(), old, t([1]), mask, { clip: 0.2, clipRatioC: 3 });
       assertClose([pos.loss.item(), pos.dualClipFraction!.item()], [-(1.2 + 1.2 + 1 + 0.5) / 4, 0], 1e-6);
       assert.throws(() => ppoClippedLoss(lp, old, t([1]), mask, { clipRatioC: 1 }), /clipRatioC must be > 1/);
+      // A token the policy moved e^99.9-fold: the log-ratio is clamped at 20 (verl), so no inf·0 = NaN gradient.
+      const far = leaf([[-0.1, 0, 0, 0]]);
+      const huge = ppoClippedLoss(far, t([[-100, 0, 0, 0]]), t([-1]), mask, { clip: 0.2, clipRatioC: 3 });
+      assertClose([huge.loss.item()], [(3 + 1 + 1 + 1) / 4], 1e-6);
+      huge.loss.backward();
+      assertClose(gradOf(far), [0, 0.25, 0.25, 0.25], 1e-6, "finite, and zero where the dual clip binds");
     })
   );
 });

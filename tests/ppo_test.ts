@@ -82,6 +82,10 @@ Deno.test("rl config: every bad value names its section and key", () => {
     [{ ppo: { minibatches: 0 } }, /ppo\.minibatches: expected an integer ≥ 1, got 0/],
     [{ ppo: { klEstimator: "k1" as "k2" } }, /ppo\.klEstimator: .*k1's expected gradient is zero/],
     [{ ppo: { clipHigh: -1 } }, /ppo\.clipHigh: expected a number > 0, or null/],
+    [
+      { ppo: { clipRatioC: 3, ratioLevel: "sequence" } },
+      /ppo\.clipRatioC: the dual clip bounds token ratios/,
+    ],
     [{ ppo: { rolloutCorrection: 0.5 } }, /ppo\.rolloutCorrection: expected a number ≥ 1, or null, got 0\.5/],
     [{ ppo: { gaeLambda: 2 } }, /ppo\.gaeLambda: expected a number in \[0, 1\], got 2/],
     [{ moe: { routingReplay: "on" as "off" } }, /moe\.routingReplay: expected one of "off", "rollout"/],
@@ -202,6 +206,20 @@ Deno.test("rl: collect, learn and ppoStep on the tiny model", async (t) => {
             assert.deepEqual(b.replay!.map((r) => r.tolist()), a.replay!.map((r) => r.tolist()));
           });
           for (const bad of [[], [2], [0, 0], [0.5]]) assert.throws(() => buf.selectPrompts(bad), RangeError);
+          second.sequences[0]!.reward.reward = 7; // a copy: the source buffer keeps its reward
+          assert.equal(buf.sequences[2]!.reward.reward, 0);
+          using swapped = new RolloutBuffer({
+            ...buf,
+            sequences: [buf.sequences[2]!, buf.sequences[3]!, buf.sequences[0]!, buf.sequences[1]!],
+            routing: null,
+            routingStart: [],
+            device: DEVICE,
+            timings: buf.metrics,
+          });
+          assert.throws(
+            () => swapped.selectPrompts([0]),
+            /sequence 0 is not of prompt 0: the buffer is not prompt-major/,
+          );
           const m = learn(policy, new GradientRecorder(), second, CFG);
           assert.equal(m.trained_fraction, 1, "the chosen group's rewards differ");
         }
@@ -398,6 +416,13 @@ Deno.test("rl: collect, learn and ppoStep on the tiny model", async (t) => {
       assert.throws(
         () => learn(policy, new GradientRecorder(), flat, CFG, { advantages: everything }),
         /advantages function trains sequence 0, whose group's rewards are all equal/,
+      );
+      assert.throws(
+        () =>
+          learn(policy, new GradientRecorder(), buf, CFG, {
+            objective: (...args) => ({ ...ppoObjective(...args), parts: tensor([0, 0]) }),
+          }),
+        /objective function gave 2 parts, not the 11 of OBJECTIVE_PARTS/,
       );
     });
 
@@ -623,6 +648,8 @@ class EmptyPeer extends Replicas {
     return 2;
   }
   override gather(xs: readonly number[]): number[][] {
+    // [ok, trained…] (odd length): the peer's advantages pass and train nothing.
+    if (xs.length % 2 === 1) return [[...xs], [1, ...new Array<number>(xs.length - 1).fill(0)]];
     const n = xs.length / 2; // lengths, then rewards
     return [[...xs], [...new Array<number>(n).fill(0), ...xs.slice(n)]];
   }
