@@ -54,9 +54,11 @@ export function layerNorm(
   return wrap("layer_norm", p, ...inputs);
 }
 
+let groupedMm_: boolean | undefined; // one library per process: ask it once
+
 /** Whether this libtorch has the grouped matrix product ({@link groupedMm}; libtorch 2.8 and later). */
 export function groupedMmAvailable(): boolean {
-  return shim().mt_grouped_mm_available() === 1;
+  return groupedMm_ ??= shim().mt_grouped_mm_available() === 1;
 }
 
 /**

@@ -266,7 +266,11 @@ async function run(
     experts.forEach((e, l) => {
       using slot = routing!.select(0, l).narrow(1, at, width);
       using rows = e.reshape([-1, width, k]);
-      using picked = at === 0 ? expand(rows) : rows.clone();
+      if (at !== 0) {
+        slot.copy_(rows); // copy_ casts to int16 from the view itself: no clone needed
+        return;
+      }
+      using picked = expand(rows);
       slot.copy_(picked);
     });
   };

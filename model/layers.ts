@@ -105,7 +105,7 @@ export function ropeCosSin(
     const invFreq = full([1], theta, { device }).pow(exponents).reciprocal(); // [d/2]
     const freqs = positions.to("float32").unsqueeze(-1).mul(invFreq); // [B, S, d/2]
     const emb = cat([freqs, freqs], -1);
-    return [emb.cos().to(dtype), emb.sin().to(dtype)];
+    return dtype === "float32" ? [emb.cos(), emb.sin()] : [emb.cos().to(dtype), emb.sin().to(dtype)];
   });
 }
 
@@ -185,7 +185,8 @@ export function eagerAttention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | n
         ? scores.add(mask)
         : scores.add(mask.unsqueeze(2).expand([b, 1, rep, s, t]).reshape([b, 1, rep * s, t]));
     }
-    const probs = scores.softmax(-1, "float32").to(q.dtype);
+    const p32 = scores.softmax(-1, "float32");
+    const probs = q.dtype === "float32" ? p32 : p32.to(q.dtype);
     return probs.matmul(v).reshape([b, nH, s, d]).transpose(1, 2).reshape([b, s, nH * d]);
   });
 }

@@ -5,7 +5,7 @@
  * off) and merged into / unmerged from full-precision base weights.
  * @module
  */
-import { keep, noGrad, rand, type Tensor, tidy, zeros } from "../ffi/mod.ts";
+import { keep, linear, noGrad, rand, type Tensor, tidy, zeros } from "../ffi/mod.ts";
 import { Linear, type LinearLayer } from "./layers.ts";
 
 /** LoRA hyperparameters (PEFT's LoraConfig names in comments). */
@@ -41,13 +41,18 @@ function uniform(shape: number[], bound: number, like: Tensor): Tensor {
   return tidy(() => rand(shape, { dtype: like.dtype, device: like.device }).mul(2 * bound).sub(bound));
 }
 
-/** Inverted dropout of x with probability p (identity when p is 0 or not training). */
+/** Inverted dropout of x with probability p (a copy of x when p is 0 or not training). */
 export function dropout(x: Tensor, p: number, training: boolean): Tensor {
   if (!training || p <= 0) return x.clone();
   return tidy(() => {
     const keepMask = rand(x.shape, { dtype: x.dtype, device: x.device }).ge(p);
     return x.mul(keepMask.to(x.dtype)).div(1 - p);
   });
+}
+
+/** What an adapter reads: x itself when no dropout applies (no copy; the caller must not free it), else dropout's. */
+export function adapterInput(x: Tensor, p: number, training: boolean): Tensor {
+  return training && p > 0 ? dropout(x, p, true) : x;
 }
 
 /** A linear layer with a LoRA update on top of a frozen base (plain or 4-bit). */
@@ -90,8 +95,9 @@ export class LoraLinear implements LinearLayer {
     return tidy(() => {
       const y = this.base.forward(x);
       if (!this.state.enabled || this.merged) return y;
-      const h = dropout(x, this.opts.dropout, this.state.training).matmul(this.A.transpose(0, 1));
-      return y.add(h.matmul(this.B.transpose(0, 1)).mul(this.scale));
+      // linear(x, W) is matmul(x, Wᵀ) in libtorch (no bias): the same kernels, two transpose ops fewer.
+      const h = linear(adapterInput(x, this.opts.dropout, this.state.training), this.A);
+      return y.add(linear(h, this.B).mul(this.scale));
     });
   }
 

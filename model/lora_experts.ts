@@ -6,8 +6,8 @@
  * ("split"); the down projection carries one (see {@link ExpertLoraForm}).
  * @module
  */
-import { cat, groupedMm, keep, noGrad, rand, type Tensor, tidy, zeros } from "../ffi/mod.ts";
-import { dropout, type LoraOptions, type LoraState } from "./lora.ts";
+import { cat, groupedMm, keep, linear, noGrad, rand, type Tensor, tidy, zeros } from "../ffi/mod.ts";
+import { adapterInput, type LoraOptions, type LoraState } from "./lora.ts";
 import { type ExpertBank, type ExpertNames, groupedMmFits, StackedExperts } from "./moe.ts";
 
 /**
@@ -101,12 +101,16 @@ export class LoraExperts implements ExpertBank {
     return this.state.enabled && !this.merged;
   }
 
+  /** The gate/up adapters' updates side by side; a single (fused) adapter's as it is, without a cat copy. */
+  #joined(f: (ad: ExpertAdapter) => Tensor): Tensor {
+    const [only, ...more] = this.gateUpAdapters;
+    return more.length === 0 ? f(only!) : cat(this.gateUpAdapters.map(f), -1);
+  }
+
   #delta(ad: ExpertAdapter, x: Tensor, e: number | null): Tensor {
-    const xd = dropout(x, this.opts.dropout, this.state.training);
+    const xd = adapterInput(x, this.opts.dropout, this.state.training);
     if (e === null) return xd.bmm(ad.A.transpose(1, 2)).bmm(ad.B.transpose(1, 2)).mul(this.scale);
-    return xd.matmul(ad.A.select(0, e).transpose(0, 1)).matmul(ad.B.select(0, e).transpose(0, 1)).mul(
-      this.scale,
-    );
+    return linear(linear(xd, ad.A.select(0, e)), ad.B.select(0, e)).mul(this.scale); // matmul(·, Wᵀ)
   }
 
   /** base gate/up of expert e plus the adapters' updates. */
@@ -114,7 +118,7 @@ export class LoraExperts implements ExpertBank {
     return tidy(() => {
       const y = this.base.gateUp(e, x);
       if (!this.#active()) return y;
-      return y.add(cat(this.gateUpAdapters.map((ad) => this.#delta(ad, x, e)), -1));
+      return y.add(this.#joined((ad) => this.#delta(ad, x, e)));
     });
   }
   /** base down of expert e plus the adapter's update. */
@@ -129,7 +133,7 @@ export class LoraExperts implements ExpertBank {
     return tidy(() => {
       const y = this.base.gateUpAll(x);
       if (!this.#active()) return y;
-      return y.add(cat(this.gateUpAdapters.map((ad) => this.#delta(ad, x, null)), -1));
+      return y.add(this.#joined((ad) => this.#delta(ad, x, null)));
     });
   }
   /** Where the frozen bank has grouped products and the rank suits them. */
@@ -138,7 +142,7 @@ export class LoraExperts implements ExpertBank {
   }
 
   #deltaGrouped(ad: ExpertAdapter, x: Tensor, offs: Tensor): Tensor {
-    const xd = dropout(x, this.opts.dropout, this.state.training);
+    const xd = adapterInput(x, this.opts.dropout, this.state.training);
     return groupedMm(groupedMm(xd, ad.A.transpose(1, 2), offs), ad.B.transpose(1, 2), offs).mul(this.scale);
   }
   /** Grouped over the experts' rows: base plus the adapters' updates. */
@@ -146,7 +150,7 @@ export class LoraExperts implements ExpertBank {
     return tidy(() => {
       const y = this.base.gateUpGrouped!(x, offs);
       if (!this.#active()) return y;
-      return y.add(cat(this.gateUpAdapters.map((ad) => this.#deltaGrouped(ad, x, offs)), -1));
+      return y.add(this.#joined((ad) => this.#deltaGrouped(ad, x, offs)));
     });
   }
   /** Grouped over the experts' rows: base plus the adapter's update. */
