@@ -48,7 +48,8 @@ import {
 } from "../ffi/mod.ts";
 import { loadModel } from "../model/model.ts";
 import { Tokenizer } from "../model/tokenizer.ts";
-import { collect, type RolloutPrompt } from "../rl/collect.ts";
+import { collect } from "../rl/collect.ts";
+import type { RolloutPrompt } from "../rl/rollout_buffer.ts";
 import { rlConfig, type RlOverrides, type RolloutConfig } from "../rl/config.ts";
 import type { DecodeMode } from "../model/decode_static.ts";
 import { DEFAULT_LORA } from "../model/lora_apply.ts";

@@ -7,7 +7,8 @@
  */
 import { parseConfig } from "../model/config.ts";
 import type { MoeConfig } from "../model/config.ts";
-import type { RolloutPrompt, RolloutTokenizer } from "../rl/collect.ts";
+import type { RolloutTokenizer } from "../rl/collect.ts";
+import type { RolloutPrompt } from "../rl/rollout_buffer.ts";
 
 /**
  * The model config of a bench/shapes file: its family (Qwen3-MoE where it names none), with RoPE's base and

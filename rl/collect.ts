@@ -17,16 +17,6 @@ import { parseGold } from "../data/answer.ts";
 import { type Completion, reward, type RewardResult } from "./reward.ts";
 import { RolloutBuffer, type RolloutPrompt, type RolloutSequence } from "./rollout_buffer.ts";
 
-export {
-  type CollectMetrics,
-  type CollectTimings,
-  RolloutBuffer,
-  type RolloutPrompt,
-  type RolloutSequence,
-  type Sample,
-  sequenceBatch,
-} from "./rollout_buffer.ts";
-
 /** What collecting needs of a tokenizer: model/tokenizer.ts's `Tokenizer` has it. */
 export interface RolloutTokenizer {
   /** Ids that end a completion (model/tokenizer.ts `stopTokenIds`: EOS ids and the end-of-turn token). */

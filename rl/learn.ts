@@ -39,7 +39,7 @@
 import { clipGradNorm, dispose, keep, noGrad, type Tensor, tensor, tidy } from "../ffi/mod.ts";
 import { mulberry32 } from "../data/batches.ts";
 import { flatGroups, groupBaseline, type UpdateAdvantages, zeroSpreadFraction } from "./advantages.ts";
-import type { RolloutBuffer } from "./collect.ts";
+import type { RolloutBuffer } from "./rollout_buffer.ts";
 import { type PpoConfig, rlConfig, type RlOverrides } from "./config.ts";
 import { OBJECTIVE_PARTS, type ObjectivePart } from "./objective.ts";
 import { checkAdvantages, type LearnFunctions, learnFunctions } from "./replaceable.ts";

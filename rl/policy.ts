@@ -46,9 +46,9 @@ export interface SequenceBatch {
   /** 1 for completion tokens (those the policy generated) [B, T]. */
   completionMask: Tensor;
   /**
-   * Where each row's completion is its last `completionLengths[r]` tokens (as rl/collect.ts `sequenceBatch`
-   * lays it out), the lengths on the host: the passes then find the completion tokens without reading the
-   * mask back from the device. Leave it out for any other layout.
+   * Where each row's completion is its last `completionLengths[r]` tokens (as rl/rollout_buffer.ts
+   * `sequenceBatch` lays it out), the lengths on the host: the passes then find the completion tokens without
+   * reading the mask back from the device. Leave it out for any other layout.
    */
   completionLengths?: readonly number[];
 }

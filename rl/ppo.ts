@@ -7,14 +7,8 @@
  * @module
  */
 import { AdamW } from "../ffi/mod.ts";
-import {
-  collect,
-  type CollectMetrics,
-  type CollectOptions,
-  type RolloutPrompt,
-  type RolloutTokenizer,
-  type Sample,
-} from "./collect.ts";
+import { collect, type CollectOptions, type RolloutTokenizer } from "./collect.ts";
+import type { CollectMetrics, RolloutPrompt, Sample } from "./rollout_buffer.ts";
 import type { RlOverrides } from "./config.ts";
 import { learn, type LearnMetrics, type LearnOptions } from "./learn.ts";
 import type { Policy } from "./policy.ts";

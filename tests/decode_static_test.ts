@@ -14,7 +14,8 @@ import { generate, type GenerateOptions, type GenerateResult } from "../model/ge
 import { KVCache, StaticKVView } from "../model/kv_cache.ts";
 import { loadModel } from "../model/model.ts";
 import { Tokenizer } from "../model/tokenizer.ts";
-import { collect, type RolloutPrompt } from "../rl/collect.ts";
+import { collect } from "../rl/collect.ts";
+import type { RolloutPrompt } from "../rl/rollout_buffer.ts";
 import { rlConfig } from "../rl/config.ts";
 import { Policy } from "../rl/policy.ts";
 import { DEFAULT_LORA } from "../model/lora_apply.ts";

@@ -25,7 +25,7 @@ import {
 } from "../ffi/mod.ts";
 import { DEFAULT_LORA } from "../model/lora_apply.ts";
 import { loadModel } from "../model/model.ts";
-import { sequenceBatch } from "../rl/collect.ts";
+import { sequenceBatch } from "../rl/rollout_buffer.ts";
 import { DEFAULT_HEAD_CHUNK, Policy, type PolicyOutput, type SequenceBatch } from "../rl/policy.ts";
 import { assertClose, assertNoLeak, DEVICE } from "./util.ts";
 

@@ -4,7 +4,7 @@
  * sequences (or problems) would compute them.
  */
 import assert from "node:assert/strict";
-import type { CollectMetrics } from "../rl/collect.ts";
+import type { CollectMetrics } from "../rl/rollout_buffer.ts";
 import type { EvalTotals } from "../rl/evaluate.ts";
 import { Replicas } from "../rl/replicas.ts";
 import { collectMetricsOverRanks, evalTotalsOverRanks } from "../train/rank_metrics.ts";

@@ -4,7 +4,7 @@
  * are global already, rl/learn.ts).
  * @module
  */
-import type { CollectMetrics } from "../rl/collect.ts";
+import type { CollectMetrics } from "../rl/rollout_buffer.ts";
 import type { EvalTotals } from "../rl/evaluate.ts";
 import type { Replicas } from "../rl/replicas.ts";
 

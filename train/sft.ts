@@ -9,7 +9,7 @@ import type { Gsm8kExample } from "../data/gsm8k.ts";
 import { buildPrompts, type PromptOptions } from "../data/prompt.ts";
 import type { Tokenizer } from "../model/tokenizer.ts";
 import type { Policy, PolicyOutput } from "../rl/policy.ts";
-import { sequenceBatch } from "../rl/collect.ts";
+import { sequenceBatch } from "../rl/rollout_buffer.ts";
 
 /** −mean log-probability of the completion tokens. */
 export function nllLoss(out: PolicyOutput): Tensor {
