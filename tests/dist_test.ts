@@ -127,6 +127,23 @@ Deno.test({
 });
 
 Deno.test({
+  name: "dist: a replacement advantages function refused on one rank fails every rank, none waits for it",
+  ignore: !hasGloo,
+  async fn(): Promise<void> {
+    const [first, second] = await launch("advantages-refused", 2, { timeoutMs: 20000 });
+    assert.match(
+      String(second!.json?.error),
+      /gave sequence \d+ \d+ advantages for its \d+ completion tokens/,
+    );
+    assert.match(String(first!.json?.error), /rank 1's advantages were refused/, first!.stderr);
+    assert.ok(
+      Number(first!.json!.seconds) < 15,
+      `rank 0 failed after ${first!.json!.seconds} s, not at once`,
+    );
+  },
+});
+
+Deno.test({
   name: "dist: a rank that dies makes the others' next collective throw, naming it, within the timeout",
   ignore: !hasGloo,
   async fn(): Promise<void> {

@@ -8,7 +8,17 @@
  */
 import { ProcessGroup, type Tensor, tensor } from "../ffi/mod.ts";
 import { join } from "node:path";
+import { fileURLToPath } from "node:url";
 import { loadAdapterOnRanks } from "../eval/adapter.ts";
+import { DEFAULT_LORA } from "../model/lora_apply.ts";
+import { loadModel } from "../model/model.ts";
+import { Tokenizer } from "../model/tokenizer.ts";
+import { updateAdvantages } from "../rl/advantages.ts";
+import { collect } from "../rl/collect.ts";
+import { learn } from "../rl/learn.ts";
+import { Policy } from "../rl/policy.ts";
+import { policyOptimizer } from "../rl/ppo.ts";
+import type { RewardResult } from "../rl/reward.ts";
 import { Replicas } from "../rl/replicas.ts";
 import { joinReplicas, launchEnv } from "../train/launch.ts";
 
@@ -103,6 +113,36 @@ try {
       return { dispose(): void {} };
     });
     Object.assign(out, { dir: dir.slice(base.length + 1), seen });
+  } else if (scenario === "advantages-refused") {
+    // Rank 1's replacement advantages function gives a sequence too few advantages: both ranks must throw
+    // (rank 1 its own error, rank 0 naming rank 1), neither waiting in a collective for the other.
+    const dir = fileURLToPath(new URL("./fixtures/models/qwen3-moe-tiny", import.meta.url));
+    using model = await loadModel(dir);
+    const tok = await Tokenizer.load(dir);
+    const policy = new Policy(model, { lora: { ...DEFAULT_LORA, r: 2, alpha: 4 } });
+    try {
+      const prompts = [{ ids: [5, 6, 7], answer: 1 }, { ids: [8, 9], answer: 2 }];
+      let i = 0;
+      const score = (): RewardResult => ({
+        reward: i++ % 2,
+        correct: false,
+        marker: false,
+        overLength: false,
+        extracted: { value: null, method: null, marker: false },
+      });
+      const cfg = { rollout: { k: 2, maxNewTokens: 4 }, moe: { routingReplay: "off" as const } };
+      using buf = await collect(policy, tok, prompts, cfg, { seed: rank, score, recordRouting: false });
+      using opt = policyOptimizer(policy);
+      learn(policy, opt, buf, cfg, {
+        replicas: new Replicas(g),
+        advantages: (...args) => {
+          const a = updateAdvantages(...args);
+          return rank === 1 ? { ...a, advantages: a.advantages.map((row) => row.slice(1)) } : a;
+        },
+      });
+    } finally {
+      policy.dispose();
+    }
   } else if (scenario === "peer-dies") {
     g.barrier();
     if (rank === world - 1) Deno.exit(3); // dies without leaving the group
