@@ -70,6 +70,7 @@ export {
   entropyBonus,
   evaluateExamples,
   groupBaseline,
+  groupScaledAdvantages,
   type KlEstimator,
   klPenalty,
   learn,

@@ -187,3 +187,32 @@ export function updateAdvantages(
   );
   return { centered, trained, advantages, mean, std };
 }
+
+/**
+ * GRPO's advantages as TRL computes them by default (`scale_rewards="group"`): each completion's centred
+ * reward divided by its group's std (unbiased, as torch's `std`) plus 1e-4, on every token; groups whose
+ * rewards are all equal are left out, as {@link updateAdvantages} leaves them. Not a setting: pass it to
+ * learn as a replacement, `learn(policy, opt, buffer, { ppo: { advantage: "group" } }, { advantages:
+ * groupScaledAdvantages })` (or to ppoStep or train). Each group's own std needs no data-parallel reduction.
+ * @throws {RangeError} for an estimator other than "group", K < 2, or as {@link updateAdvantages}
+ */
+export function groupScaledAdvantages(
+  rewards: readonly number[],
+  k: number,
+  lengths: readonly number[],
+  values: readonly (readonly number[])[] | null,
+  cfg: Parameters<typeof updateAdvantages>[4],
+): UpdateAdvantages {
+  if (cfg.estimator !== "group") {
+    throw new RangeError(`groupScaledAdvantages: needs ppo.advantage "group", got "${cfg.estimator}"`);
+  }
+  if (k < 2) throw new RangeError(`groupScaledAdvantages: a group std needs rollout.k >= 2, got ${k}`);
+  const raw = updateAdvantages(rewards, k, lengths, values, { ...cfg, normalize: false });
+  const std = (g: number): number => {
+    const group = rewards.slice(g * k, g * k + k), m = group.reduce((a, b) => a + b, 0) / k;
+    return Math.sqrt(group.reduce((s, r) => s + (r - m) ** 2, 0) / (k - 1));
+  };
+  const scale = Array.from({ length: rewards.length / k }, (_, g) => 1 / (std(g) + 1e-4));
+  const advantages = raw.advantages.map((a, i) => a.map((x) => x * scale[Math.floor(i / k)]!));
+  return { ...raw, advantages };
+}

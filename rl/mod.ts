@@ -36,6 +36,7 @@ export {
   type AdvantageEstimator,
   flatGroups,
   groupBaseline,
+  groupScaledAdvantages,
   tokenAdvantages,
   type UpdateAdvantages,
   updateAdvantages,

@@ -13,6 +13,7 @@ import { loadBalancingLoss } from "../model/moe.ts";
 import {
   flatGroups,
   groupBaseline,
+  groupScaledAdvantages,
   tokenAdvantages,
   updateAdvantages,
   zeroSpreadFraction,
@@ -286,6 +287,39 @@ Deno.test("advantages: flat groups, per-token estimates and GAE by hand", () => 
   // λ = 0.5: A_2 = 0.8, A_1 = −0.2 + 0.4 = 0.2, A_0 = 0.3 + 0.1 = 0.4.
   assertClose(tokenAdvantages(1, 3, v, "token_value", 0.5), [0.4, 0.2, 0.8], 1e-12, "λ = 0.5");
   assert.throws(() => tokenAdvantages(1, 3, [0, 0], "token_value"), /needs 3 values/);
+});
+
+Deno.test("advantages: groupScaledAdvantages is TRL's default GRPO scaling, each group by its own std", () => {
+  // Two groups of 3 whose rewards differ only by the marker bonus, and a flat one; lengths 2, 1, 1 | 1, 1, 2 | 1.
+  const rewards = [1.05, 1.05, 1, 0, 0, 0.05, 1, 1, 1], lengths = [2, 1, 1, 1, 1, 2, 1, 1, 1];
+  const a = groupScaledAdvantages(rewards, 3, lengths, null, { estimator: "group", gaeLambda: 1 });
+  // TRL's GRPOTrainer (scale_rewards="group") on these rewards gives ±0.575 / ∓1.151 (its std 0.0289 + 1e-4).
+  assertClose(a.advantages.flat(), [
+    0.5754,
+    0.5754,
+    0.5754,
+    -1.1508,
+    -0.5754,
+    -0.5754,
+    1.1508,
+    1.1508,
+    0,
+    0,
+    0,
+  ], 1e-4);
+  assert.deepEqual(a.trained, [true, true, true, true, true, true, false, false, false]);
+  assert.deepEqual(
+    a.centered,
+    updateAdvantages(rewards, 3, lengths, null, { estimator: "group", gaeLambda: 1 }).centered,
+  );
+  assert.throws(
+    () => groupScaledAdvantages(rewards, 3, lengths, null, { estimator: "token_value", gaeLambda: 1 }),
+    /needs ppo\.advantage "group"/,
+  );
+  assert.throws(
+    () => groupScaledAdvantages([1, 0], 1, [1, 1], null, { estimator: "group", gaeLambda: 1 }),
+    /k >= 2/,
+  );
 });
 
 Deno.test("advantages: over the update, flat groups carry none and normalisation is over the update", () => {

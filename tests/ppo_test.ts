@@ -31,7 +31,7 @@ import { RolloutBuffer, type RolloutPrompt } from "../rl/rollout_buffer.ts";
 import { Replicas } from "../rl/replicas.ts";
 import { DEFAULT_RL_CONFIG, rlConfig, type RlOverrides } from "../rl/config.ts";
 import { learn, type LearnOptions, type StepOptimizer } from "../rl/learn.ts";
-import { updateAdvantages } from "../rl/advantages.ts";
+import { groupScaledAdvantages, updateAdvantages } from "../rl/advantages.ts";
 import { valueLoss } from "../rl/losses.ts";
 import { ppoObjective } from "../rl/objective.ts";
 import { Policy } from "../rl/policy.ts";
@@ -399,6 +399,14 @@ Deno.test("rl: collect, learn and ppoStep on the tiny model", async (t) => {
           `policy param ${i}: advantages ×2, loss ×1.5`,
         );
       });
+      // TRL's default GRPO scaling, as a replacement: each group's centred rewards over its own std.
+      const grpo = learn(policy, new GradientRecorder(), buf, {
+        ...CFG,
+        ppo: { ...CFG.ppo, advantage: "group" },
+      }, {
+        advantages: groupScaledAdvantages,
+      });
+      assert.ok(Number.isFinite(grpo.loss) && grpo.trained_fraction === 1, JSON.stringify(grpo));
       // A replacement may not train what the reference pass left out: here a group whose rewards are equal.
       using flat = await collect(policy, tok, prompts, CFG, {
         generator: g,
