@@ -63,6 +63,7 @@ export { buildPrompts, extractAnswer, type Gsm8kExample, judgeAnswer, loadGsm8k 
 // The RL update and its pieces.
 export {
   type AdvantagesFn,
+  batchScaledAdvantages,
   collect,
   type CollectOptions,
   type Completion,

@@ -216,3 +216,28 @@ export function groupScaledAdvantages(
   const advantages = raw.advantages.map((a, i) => a.map((x) => x * scale[Math.floor(i / k)]!));
   return { ...raw, advantages };
 }
+
+/**
+ * GRPO's advantages with TRL's `scale_rewards="batch"`: each completion's centred reward divided by the
+ * std (unbiased) of all the update's raw rewards plus 1e-4, on every token, so the spread between prompts
+ * counts; flat groups are left out. Under data parallelism `cfg.reduce` makes the std the whole update's.
+ * A replacement for learn's `advantages`, as {@link groupScaledAdvantages}.
+ * @throws {RangeError} for an estimator other than "group", or as {@link updateAdvantages}
+ */
+export function batchScaledAdvantages(
+  rewards: readonly number[],
+  k: number,
+  lengths: readonly number[],
+  values: readonly (readonly number[])[] | null,
+  cfg: Parameters<typeof updateAdvantages>[4],
+): UpdateAdvantages {
+  if (cfg.estimator !== "group") {
+    throw new RangeError(`batchScaledAdvantages: needs ppo.advantage "group", got "${cfg.estimator}"`);
+  }
+  const raw = updateAdvantages(rewards, k, lengths, values, { ...cfg, normalize: false });
+  let stats = [rewards.length, rewards.reduce((a, b) => a + b, 0), rewards.reduce((a, b) => a + b * b, 0)];
+  if (cfg.reduce) stats = cfg.reduce(stats);
+  const [n, sum, sq] = stats as [number, number, number];
+  const std = n > 1 ? Math.sqrt(Math.max(0, (sq - sum * sum / n) / (n - 1))) : 0;
+  return { ...raw, advantages: raw.advantages.map((a) => a.map((x) => x / (std + 1e-4))) };
+}

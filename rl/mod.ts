@@ -34,6 +34,7 @@ export {
 export {
   ADVANTAGE_ESTIMATORS,
   type AdvantageEstimator,
+  batchScaledAdvantages,
   flatGroups,
   groupBaseline,
   groupScaledAdvantages,

@@ -11,6 +11,7 @@ import assert from "node:assert/strict";
 import { randn, type Tensor, tensor, tidy } from "../ffi/mod.ts";
 import { loadBalancingLoss } from "../model/moe.ts";
 import {
+  batchScaledAdvantages,
   flatGroups,
   groupBaseline,
   groupScaledAdvantages,
@@ -289,7 +290,7 @@ Deno.test("advantages: flat groups, per-token estimates and GAE by hand", () => 
   assert.throws(() => tokenAdvantages(1, 3, [0, 0], "token_value"), /needs 3 values/);
 });
 
-Deno.test("advantages: groupScaledAdvantages is TRL's default GRPO scaling, each group by its own std", () => {
+Deno.test("advantages: TRL's GRPO scalings, each group by its own std (its default) or by the update's", () => {
   // Two groups of 3 whose rewards differ only by the marker bonus, and a flat one; lengths 2, 1, 1 | 1, 1, 2 | 1.
   const rewards = [1.05, 1.05, 1, 0, 0, 0.05, 1, 1, 1], lengths = [2, 1, 1, 1, 1, 2, 1, 1, 1];
   const a = groupScaledAdvantages(rewards, 3, lengths, null, { estimator: "group", gaeLambda: 1 });
@@ -320,6 +321,28 @@ Deno.test("advantages: groupScaledAdvantages is TRL's default GRPO scaling, each
     () => groupScaledAdvantages([1, 0], 1, [1, 1], null, { estimator: "group", gaeLambda: 1 }),
     /k >= 2/,
   );
+  // scale_rewards="batch": one std of all 9 raw rewards (TRL's formula in torch: ±0.0333, ∓0.0666; flat 0).
+  const b = batchScaledAdvantages(rewards, 3, lengths, null, { estimator: "group", gaeLambda: 1 });
+  assertClose(b.advantages.flat(), [
+    0.03329,
+    0.03329,
+    0.03329,
+    -0.06657,
+    -0.03329,
+    -0.03329,
+    0.06657,
+    0.06657,
+    0,
+    0,
+    0,
+  ], 1e-5);
+  // Over two ranks the std is the whole update's: each rank's [count, sum, sum of squares] are summed.
+  const half = batchScaledAdvantages(rewards.slice(0, 6), 3, lengths.slice(0, 6), null, {
+    estimator: "group",
+    gaeLambda: 1,
+    reduce: (s) => s.map((x, i) => x + [3, 3, 3][i]!), // the other rank: the flat group, rewards 1, 1, 1
+  });
+  assertClose(half.advantages.flat(), b.advantages.flat().slice(0, 8), 1e-12);
 });
 
 Deno.test("advantages: over the update, flat groups carry none and normalisation is over the update", () => {
