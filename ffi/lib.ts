@@ -69,21 +69,32 @@ function candidates(): { paths: { path: string; from: string }[]; noBuild: strin
  * glibc's malloc returns freed blocks above its trim threshold to the kernel, and serves large blocks with
  * mmap/munmap: libtorch's CPU tensors (posix_memalign) of a few MB are then freshly page-faulted on every
  * allocation. Raising both thresholds keeps freed memory in the process for the next tensor of that size.
- * Only where the user set none of them (MALLOC_* or GLIBC_TUNABLES), on Linux; MOERL_MALLOC_TUNE=off skips it.
+ * Only on Linux, with the whole environment and FFI granted (so that the user's settings can be seen, and no
+ * permission is asked for), and where the user set none of MALLOC_MMAP_THRESHOLD_, MALLOC_TRIM_THRESHOLD_ or
+ * GLIBC_TUNABLES; MOERL_MALLOC_TUNE=off skips it.
  */
 function tuneHostAllocator(): void {
-  if (Deno.build.os !== "linux" || envVar("MOERL_MALLOC_TUNE") === "off") return;
+  if (Deno.build.os !== "linux") return;
+  const granted = (name: "env" | "ffi"): boolean => Deno.permissions.querySync({ name }).state === "granted";
+  if (!granted("env") || !granted("ffi") || envVar("MOERL_MALLOC_TUNE") === "off") return;
   if (envVar("GLIBC_TUNABLES") || envVar("MALLOC_TRIM_THRESHOLD_") || envVar("MALLOC_MMAP_THRESHOLD_")) {
     return;
   }
+  let libc;
   try {
-    const libc = Deno.dlopen("libc.so.6", { mallopt: { parameters: ["i32", "i32"], result: "i32" } });
-    const M_TRIM_THRESHOLD = -1, M_MMAP_THRESHOLD = -3;
-    libc.symbols.mallopt(M_MMAP_THRESHOLD, 1 << 30); // 1 GiB: larger blocks still come from mmap
-    libc.symbols.mallopt(M_TRIM_THRESHOLD, 0x7fffffff);
-    libc.close();
+    libc = Deno.dlopen("libc.so.6", { mallopt: { parameters: ["i32", "i32"], result: "i32" } });
   } catch {
-    // not glibc (musl), or no FFI permission for libc: leave the allocator as it is
+    return; // not glibc (musl): leave the allocator as it is
+  }
+  try {
+    const M_TRIM_THRESHOLD = -1, M_MMAP_THRESHOLD = -3;
+    // 32 MiB, the most any glibc accepts (older ones refuse more): larger blocks still come from mmap. Only
+    // if it took: a fixed trim threshold alone would also freeze glibc's adaptive mmap threshold at 128 KiB.
+    if (libc.symbols.mallopt(M_MMAP_THRESHOLD, 32 << 20) === 1) {
+      libc.symbols.mallopt(M_TRIM_THRESHOLD, 0x7fffffff);
+    }
+  } finally {
+    libc.close();
   }
 }
 

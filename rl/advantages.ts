@@ -222,7 +222,7 @@ export function groupScaledAdvantages(
  * std (unbiased) of all the update's raw rewards plus 1e-4, on every token, so the spread between prompts
  * counts; flat groups are left out. Under data parallelism `cfg.reduce` makes the std the whole update's.
  * A replacement for learn's `advantages`, as {@link groupScaledAdvantages}.
- * @throws {RangeError} for an estimator other than "group", or as {@link updateAdvantages}
+ * @throws {RangeError} for an estimator other than "group", K < 2, or as {@link updateAdvantages}
  */
 export function batchScaledAdvantages(
   rewards: readonly number[],
@@ -234,6 +234,8 @@ export function batchScaledAdvantages(
   if (cfg.estimator !== "group") {
     throw new RangeError(`batchScaledAdvantages: needs ppo.advantage "group", got "${cfg.estimator}"`);
   }
+  // With K = 1 there is no group mean to centre on (TRL needs 2 generations per prompt too).
+  if (k < 2) throw new RangeError(`batchScaledAdvantages: a group baseline needs rollout.k >= 2, got ${k}`);
   const raw = updateAdvantages(rewards, k, lengths, values, { ...cfg, normalize: false });
   let stats = [rewards.length, rewards.reduce((a, b) => a + b, 0), rewards.reduce((a, b) => a + b * b, 0)];
   if (cfg.reduce) stats = cfg.reduce(stats);

@@ -343,6 +343,10 @@ Deno.test("advantages: TRL's GRPO scalings, each group by its own std (its defau
     reduce: (s) => s.map((x, i) => x + [3, 3, 3][i]!), // the other rank: the flat group, rewards 1, 1, 1
   });
   assertClose(half.advantages.flat(), b.advantages.flat().slice(0, 8), 1e-12);
+  assert.throws(
+    () => batchScaledAdvantages([1, 0], 1, [1, 1], null, { estimator: "group", gaeLambda: 1 }),
+    /k >= 2/,
+  );
 });
 
 Deno.test("advantages: over the update, flat groups carry none and normalisation is over the update", () => {
