@@ -189,6 +189,22 @@ export function updateAdvantages(
 }
 
 /**
+ * The unnormalised group-baseline advantages the GRPO scalings below start from; `name` is the caller's, for
+ * errors. A group std, or a group mean to centre on, needs K ≥ 2 (TRL needs 2 generations per prompt too).
+ */
+function unscaledGroupAdvantages(
+  name: string,
+  ...args: Parameters<typeof updateAdvantages>
+): UpdateAdvantages {
+  const [rewards, k, lengths, values, cfg] = args;
+  if (cfg.estimator !== "group") {
+    throw new RangeError(`${name}: needs ppo.advantage "group", got "${cfg.estimator}"`);
+  }
+  if (k < 2) throw new RangeError(`${name}: a group baseline needs rollout.k >= 2, got ${k}`);
+  return updateAdvantages(rewards, k, lengths, values, { ...cfg, normalize: false });
+}
+
+/**
  * GRPO's advantages as TRL computes them by default (`scale_rewards="group"`): each completion's centred
  * reward divided by its group's std (unbiased, as torch's `std`) plus 1e-4, on every token; groups whose
  * rewards are all equal are left out, as {@link updateAdvantages} leaves them. Not a setting: pass it to
@@ -203,18 +219,12 @@ export function groupScaledAdvantages(
   values: readonly (readonly number[])[] | null,
   cfg: Parameters<typeof updateAdvantages>[4],
 ): UpdateAdvantages {
-  if (cfg.estimator !== "group") {
-    throw new RangeError(`groupScaledAdvantages: needs ppo.advantage "group", got "${cfg.estimator}"`);
-  }
-  if (k < 2) throw new RangeError(`groupScaledAdvantages: a group std needs rollout.k >= 2, got ${k}`);
-  const raw = updateAdvantages(rewards, k, lengths, values, { ...cfg, normalize: false });
-  const std = (g: number): number => {
-    const group = rewards.slice(g * k, g * k + k), m = group.reduce((a, b) => a + b, 0) / k;
-    return Math.sqrt(group.reduce((s, r) => s + (r - m) ** 2, 0) / (k - 1));
-  };
-  const scale = Array.from({ length: rewards.length / k }, (_, g) => 1 / (std(g) + 1e-4));
-  const advantages = raw.advantages.map((a, i) => a.map((x) => x * scale[Math.floor(i / k)]!));
-  return { ...raw, advantages };
+  const raw = unscaledGroupAdvantages("groupScaledAdvantages", rewards, k, lengths, values, cfg);
+  const scale = Array.from({ length: rewards.length / k }, (_, g) => {
+    const centered = raw.centered.slice(g * k, g * k + k); // the group's mean is 0
+    return 1 / (Math.sqrt(centered.reduce((s, c) => s + c * c, 0) / (k - 1)) + 1e-4);
+  });
+  return { ...raw, advantages: raw.advantages.map((a, i) => a.map((x) => x * scale[Math.floor(i / k)]!)) };
 }
 
 /**
@@ -231,15 +241,9 @@ export function batchScaledAdvantages(
   values: readonly (readonly number[])[] | null,
   cfg: Parameters<typeof updateAdvantages>[4],
 ): UpdateAdvantages {
-  if (cfg.estimator !== "group") {
-    throw new RangeError(`batchScaledAdvantages: needs ppo.advantage "group", got "${cfg.estimator}"`);
-  }
-  // With K = 1 there is no group mean to centre on (TRL needs 2 generations per prompt too).
-  if (k < 2) throw new RangeError(`batchScaledAdvantages: a group baseline needs rollout.k >= 2, got ${k}`);
-  const raw = updateAdvantages(rewards, k, lengths, values, { ...cfg, normalize: false });
-  let stats = [rewards.length, rewards.reduce((a, b) => a + b, 0), rewards.reduce((a, b) => a + b * b, 0)];
-  if (cfg.reduce) stats = cfg.reduce(stats);
-  const [n, sum, sq] = stats as [number, number, number];
-  const std = n > 1 ? Math.sqrt(Math.max(0, (sq - sum * sum / n) / (n - 1))) : 0;
-  return { ...raw, advantages: raw.advantages.map((a) => a.map((x) => x / (std + 1e-4))) };
+  const raw = unscaledGroupAdvantages("batchScaledAdvantages", rewards, k, lengths, values, cfg);
+  const local = [rewards.length, rewards.reduce((a, b) => a + b, 0), rewards.reduce((a, b) => a + b * b, 0)];
+  const [n, sum, sq] = (cfg.reduce ? cfg.reduce(local) : local) as [number, number, number];
+  const scale = 1 / ((n > 1 ? Math.sqrt(Math.max(0, (sq - sum * sum / n) / (n - 1))) : 0) + 1e-4);
+  return { ...raw, advantages: raw.advantages.map((a) => a.map((x) => x * scale)) };
 }

@@ -414,6 +414,33 @@ function policySteps(
 }
 
 /**
+ * The update's advantages (`compute`, checked) and every rank's trained flags in global order (an advantages
+ * function may leave out more than the flat groups). A rank whose advantages are refused must not throw alone,
+ * or the others would wait in the next collective: its flags travel behind an ok flag, and every rank throws.
+ */
+function advantagesOnRanks(
+  dp: Replicas,
+  n: number,
+  compute: () => UpdateAdvantages,
+): { adv: UpdateAdvantages; trainedAll: boolean[] } {
+  if (dp.size === 1) {
+    const adv = compute();
+    return { adv, trainedAll: adv.trained };
+  }
+  let adv: UpdateAdvantages | null = null, refused: unknown = null;
+  try {
+    adv = compute();
+  } catch (e) {
+    refused = e;
+  }
+  const rows = dp.gather([adv ? 1 : 0, ...(adv?.trained ?? new Array<boolean>(n).fill(false)).map(Number)]);
+  if (refused !== null) throw refused;
+  const failed = rows.findIndex((r) => r[0] !== 1);
+  if (failed >= 0) throw new Error(`learn: rank ${failed}'s advantages were refused (its log says why)`);
+  return { adv: adv!, trainedAll: rows.flatMap((r) => r.slice(1)).map((t) => t === 1) };
+}
+
+/**
  * Learns from a buffer (see the module doc): steps the critic once per
  * micro-batch of groups and the policy `epochs × minibatches` times through
  * `optimizer`, which must hold `policy.policyParameters()` and
@@ -500,9 +527,8 @@ export function learn(
   try {
     const first = referencePass(run, signal);
     const t1 = performance.now();
-    let adv: UpdateAdvantages | null = null, refused: unknown = null;
-    try {
-      adv = checkAdvantages(
+    const { adv, trainedAll } = advantagesOnRanks(dp, run.lengths.length, () =>
+      checkAdvantages(
         run.fns.advantages(rewards, k, run.lengths, c.advantage === "group" ? null : first.values, {
           estimator: c.advantage,
           gaeLambda: c.gaeLambda,
@@ -511,23 +537,7 @@ export function learn(
         }),
         run.lengths,
         signal,
-      );
-    } catch (e) {
-      if (dp.size === 1) throw e;
-      refused = e;
-    }
-    // Every rank's choice (an advantages function may leave out more than the flat groups), in global order,
-    // behind a flag saying whether the rank's advantages passed: a rank that throws alone would leave the
-    // others waiting in the next collective.
-    let trainedAll = adv?.trained ?? [];
-    if (dp.size > 1) {
-      const rows = dp.gather([adv ? 1 : 0, ...(adv?.trained ?? run.lengths.map(() => false)).map(Number)]);
-      const failed = rows.findIndex((r) => r[0] !== 1);
-      if (refused !== null) throw refused;
-      if (failed >= 0) throw new Error(`learn: rank ${failed}'s advantages were refused (its log says why)`);
-      trainedAll = rows.flatMap((r) => r.slice(1)).map((t) => t === 1);
-    }
-    if (!adv) throw refused;
+      ));
     const trained = adv.trained.flatMap((t, i) => (t ? [i] : []));
     const mismatch = new Mismatch(Math.log(c.rolloutCorrection ?? 2));
     const old = c.epochs * c.minibatches > 1 ? oldPass(run, trained, mismatch) : null;
