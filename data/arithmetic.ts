@@ -5,7 +5,7 @@
  * measured on held-out problems it never saw.
  * @module
  */
-import { mulberry32 } from "./batches.ts";
+import { mulberry32, shuffleInPlace } from "./batches.ts";
 import type { Gsm8kExample } from "./gsm8k.ts";
 
 /** Which problems exist. */
@@ -52,12 +52,7 @@ export function arithmeticSplit(
   seed: number,
   opts: ArithmeticOptions = {},
 ): { train: Gsm8kExample[]; heldOut: Gsm8kExample[] } {
-  const all = arithmeticProblems(opts);
-  const rand = mulberry32(seed);
-  for (let i = all.length - 1; i > 0; i--) {
-    const j = Math.floor(rand() * (i + 1));
-    [all[i], all[j]] = [all[j]!, all[i]!];
-  }
+  const all = shuffleInPlace(arithmeticProblems(opts), mulberry32(seed));
   const n = Math.round(all.length * heldOutFraction);
   return { heldOut: all.slice(0, n), train: all.slice(n) };
 }

@@ -70,15 +70,18 @@ export function epochSeed(seed: number, epoch: number): number {
   return hash32((hash32(seed >>> 0) + Math.imul(epoch >>> 0, 0x9e3779b9)) >>> 0);
 }
 
+/** Shuffles xs in place (Fisher–Yates), drawing from rand; returns xs. */
+export function shuffleInPlace<T>(xs: T[], rand: () => number): T[] {
+  for (let i = xs.length - 1; i > 0; i--) {
+    const j = Math.floor(rand() * (i + 1));
+    [xs[i], xs[j]] = [xs[j]!, xs[i]!];
+  }
+  return xs;
+}
+
 /** The order of n items in an epoch: a Fisher–Yates shuffle of 0..n−1 driven by {@link epochSeed}. */
 export function epochOrder(n: number, seed: number, epoch: number): number[] {
-  const order = Array.from({ length: n }, (_, i) => i);
-  const rand = mulberry32(epochSeed(seed, epoch));
-  for (let i = n - 1; i > 0; i--) {
-    const j = Math.floor(rand() * (i + 1));
-    [order[i], order[j]] = [order[j]!, order[i]!];
-  }
-  return order;
+  return shuffleInPlace(Array.from({ length: n }, (_, i) => i), mulberry32(epochSeed(seed, epoch)));
 }
 
 function checkInt(what: string, v: unknown, min: number, max = Number.MAX_SAFE_INTEGER): void {

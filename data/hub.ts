@@ -8,6 +8,7 @@
  * @module
  */
 import { dirname, join } from "node:path";
+import { envVar } from "../ffi/env.ts";
 import { hubCacheDir, hubRequests, parseRepoId } from "../model/hub.ts";
 import { isFile } from "../model/json.ts";
 
@@ -26,15 +27,6 @@ export interface DatasetFileOptions {
 }
 
 const COMMIT = /^[0-9a-f]{40}$/;
-
-/** Reads an environment variable, treating a denied permission as unset. */
-function env(name: string): string | undefined {
-  try {
-    return Deno.env.get(name) || undefined;
-  } catch {
-    return undefined;
-  }
-}
 
 /** The cache folder of one dataset repo: `datasets--org--name` (huggingface_hub's naming). */
 export function datasetCacheDir(cacheDir: string, repo: string): string {
@@ -77,7 +69,7 @@ export async function resolveDatasetFile(
   const cacheDir = opts.cacheDir ?? hubCacheDir();
   const repoDir = datasetCacheDir(cacheDir, ref.repo);
   const offline = opts.offline ??
-    ["1", "true", "yes", "on"].includes((env("HF_HUB_OFFLINE") ?? "").toLowerCase());
+    ["1", "true", "yes", "on"].includes((envVar("HF_HUB_OFFLINE") ?? "").toLowerCase());
 
   const commit = await cachedCommit(repoDir, revision);
   const cached = commit ? join(repoDir, "snapshots", commit, path) : null;

@@ -1,6 +1,6 @@
 /**
  * Which adapter an evaluation loads, when its folder may change under it: `--adapter runs/<name>` takes the
- * run's newest checkpoint while that run may still be training, and its `train.checkpoint.keepLast` may
+ * run's newest checkpoint while that run may still be training, and its `output.keepLast` may
  * remove the checkpoint between finding it and reading it. Rank 0 chooses, so every rank of a data-parallel
  * evaluation loads the same checkpoint; a checkpoint removed while loading is chosen again (a run folder)
  * or named in the error (a checkpoint or adapter folder, which nothing else can stand for).
@@ -65,7 +65,7 @@ export async function loadAdapterOnRanks<T extends { dispose(): void }>(
     if (!fromRun || attempt === ADAPTER_ATTEMPTS) {
       throw new Error(
         `${dir}: removed while being loaded${attempt > 1 ? ` (${attempt} checkpoints in a row)` : ""}; ` +
-          `a training run's train.checkpoint.keepLast prunes its older checkpoints. Evaluate one that is kept, ` +
+          `a training run's output.keepLast prunes its older checkpoints. Evaluate one that is kept, ` +
           `or the run folder (its newest checkpoint)`,
         { cause: error },
       );

@@ -29,8 +29,8 @@
  * W-th problem from r, and rank 0 gathers the predictions and writes.
  * @module
  */
-import { basename, dirname, join, resolve } from "node:path";
-import { parseCommandLine } from "../train/cli.ts";
+import { basename, dirname, join } from "node:path";
+import { failureText, fromStartDir, nprocOption, numberOption, parseCommandLine } from "../train/cli.ts";
 import { type Device, useAvailableCores } from "../ffi/mod.ts";
 import { type Gsm8kSplit, loadGsm8k } from "../data/gsm8k.ts";
 import { writeAtomic } from "../model/atomic_write.ts";
@@ -238,9 +238,11 @@ export async function main(args: string[]): Promise<number> {
   });
   if (typeof parsed === "number") return parsed;
   const v = parsed.values;
-  const limit = v.limit === undefined ? undefined : Number(v.limit);
-  if (limit !== undefined && !(Number.isSafeInteger(limit) && limit > 0)) {
-    console.error(`evaluate: --limit must be a positive integer, got ${v.limit}\n${USAGE}`);
+  let limit: number | undefined;
+  try {
+    limit = v.limit === undefined ? undefined : numberOption("limit", v.limit, { integer: true, min: 1 });
+  } catch (e) {
+    console.error(`evaluate: ${(e as Error).message}\n${USAGE}`);
     return 2;
   }
   if (v.split !== undefined && v.split !== "train" && v.split !== "test") {
@@ -255,18 +257,17 @@ export async function main(args: string[]): Promise<number> {
     return 2;
   }
   if (v.nproc !== undefined) {
-    const n = Number(v.nproc);
-    if (env || !Number.isSafeInteger(n) || n < 1) {
-      console.error(
-        `evaluate: --nproc: expected an integer >= 1 and no launcher (WORLD_SIZE unset), got "${v.nproc}"`,
-      );
+    let n: number;
+    try {
+      n = nprocOption(v.nproc, env !== null);
+    } catch (e) {
+      console.error(`evaluate: ${(e as Error).message}\n${USAGE}`);
       return 2;
     }
     return await spawnLocal(n, ["run", "-A", import.meta.filename!, ...withoutNproc(args)]);
   }
   const say = (env?.rank ?? 0) === 0 ? console.log : () => {};
-  const base = Deno.env.get("INIT_CWD") ?? Deno.cwd();
-  const at = (p: string | undefined): string | undefined => (p === undefined ? undefined : resolve(base, p));
+  const at = fromStartDir;
   let cfg: TrainConfig;
   try {
     cfg = await loadTrainConfig(at(v.config), v.set ?? []);
@@ -296,7 +297,7 @@ export async function main(args: string[]): Promise<number> {
     say(`predictions and summary in ${dir}`);
     return 0;
   } catch (e) {
-    console.error(`evaluate: ${(e as Error).message}`);
+    console.error(`evaluate: ${failureText(e)}`);
     return 1;
   }
 }

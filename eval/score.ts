@@ -22,31 +22,26 @@
  * could be scored or a file cannot be read or written, 2 for bad arguments.
  * @module
  */
-import { resolve } from "node:path";
 import { writeAtomic } from "../model/atomic_write.ts";
-import { parseCommandLine } from "../train/cli.ts";
-import { type ExtractMethod, judgeAnswer, parseGold } from "../data/answer.ts";
+import { failureText, fromStartDir, parseCommandLine } from "../train/cli.ts";
+import {
+  type AnswerVerdict,
+  EXTRACT_METHODS,
+  type ExtractMethod,
+  judgeAnswer,
+  parseGold,
+} from "../data/answer.ts";
 import { isJsonObject } from "../model/json.ts";
 import { parseJsonl } from "../data/jsonl.ts";
 
-/** The verdict on one scored line. */
-export interface RowVerdict {
+/** The verdict on one scored line: data/answer.ts's verdict, with where it came from. */
+export interface RowVerdict extends AnswerVerdict {
   /** 1-based line number in the input. */
   line: number;
   /** The input row's `id`, when it has one. */
   id?: string | number;
   /** The gold answer as a canonical number string. */
   answer_gold: string;
-  /** Strict extraction (`#### n` only), or null. */
-  extracted_strict: string | null;
-  /** Flexible extraction (the full cascade), or null. */
-  extracted_flexible: string | null;
-  /** Which extractor found the flexible answer, or null. */
-  method_flexible: ExtractMethod | null;
-  /** The strict answer equals the gold one. */
-  correct_strict: boolean;
-  /** The flexible answer equals the gold one. */
-  correct_flexible: boolean;
 }
 
 /** A line that could not be scored. */
@@ -135,14 +130,10 @@ export function scoreText(text: string, input: string | null = null): ScoreResul
     if (r.ok) verdicts.push(r.verdict);
     else malformed.push({ line: l.line, reason: r.reason });
   }
-  const methods: Record<ExtractMethod | "none", number> = {
-    "####": 0,
-    final_answer: 0,
-    boxed: 0,
-    answer_phrase: 0,
-    last_number: 0,
-    none: 0,
-  };
+  const methods = Object.fromEntries([...EXTRACT_METHODS, "none"].map((m) => [m, 0])) as Record<
+    ExtractMethod | "none",
+    number
+  >;
   for (const v of verdicts) methods[v.method_flexible ?? "none"]++;
   const strict = verdicts.filter((v) => v.correct_strict).length;
   const flexible = verdicts.filter((v) => v.correct_flexible).length;
@@ -220,15 +211,13 @@ export async function main(args: string[]): Promise<number> {
     console.error(`score: expected one input file, got ${parsed.positionals.length}\n${USAGE}`);
     return 2;
   }
-  // `deno task` runs in the project folder; relative paths mean the folder the task was started from.
-  const base = Deno.env.get("INIT_CWD") ?? Deno.cwd();
-  const at = (p: string | undefined): string | undefined => (p === undefined ? undefined : resolve(base, p));
+  const at = fromStartDir; // relative paths mean the folder the task was started from
   const input = at(parsed.positionals[0])!;
   let r;
   try {
     r = await scoreFile(input, { out: at(parsed.values.out), summary: at(parsed.values.summary) });
   } catch (e) {
-    console.error(`score: ${(e as Error).message}`);
+    console.error(`score: ${failureText(e)}`);
     return 1;
   }
   const s = r.summary;

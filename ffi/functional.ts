@@ -3,18 +3,18 @@
  * @module
  */
 import type { Shape } from "./dtype.ts";
-import { c, handles, i64 } from "./handle.ts";
+import { c, handles, i64, int64 } from "./handle.ts";
 import { shim } from "./lib.ts";
 import { type Tensor, wrap } from "./tensor.ts";
 
 /** Joins tensors along an existing dim. */
 export function cat(ts: readonly Tensor[], dim = 0): Tensor {
-  return wrap("cat", shim().mt_cat(c(), handles(ts), ts.length, BigInt(dim)), ...ts);
+  return wrap("cat", shim().mt_cat(c(), handles(ts), ts.length, int64(dim, "cat")), ...ts);
 }
 
 /** Joins tensors along a new dim. */
 export function stack(ts: readonly Tensor[], dim = 0): Tensor {
-  return wrap("stack", shim().mt_stack(c(), handles(ts), ts.length, BigInt(dim)), ...ts);
+  return wrap("stack", shim().mt_stack(c(), handles(ts), ts.length, int64(dim, "stack")), ...ts);
 }
 
 /** Elementwise cond ? a : b (broadcasting). */

@@ -3,6 +3,7 @@
  * finalizer backstop, and the helpers every op uses to cross the ABI.
  * @module
  */
+import { envVar } from "./env.ts";
 import { ctx, lastError, shim, TorchError } from "./lib.ts";
 import { track, TRACKED, type Tracked } from "./scope.ts";
 
@@ -10,12 +11,8 @@ let live = 0;
 
 /** Leak warnings: "off", "on" (default), or "stack" to record creation sites. */
 let leakMode: "off" | "on" | "stack" = (() => {
-  try {
-    const v = Deno.env.get("MOERL_LEAK_CHECK");
-    return v === "0" || v === "off" ? "off" : v === "stack" ? "stack" : "on";
-  } catch {
-    return "on";
-  }
+  const v = envVar("MOERL_LEAK_CHECK");
+  return v === "0" || v === "off" ? "off" : v === "stack" ? "stack" : "on";
 })();
 
 interface Held {

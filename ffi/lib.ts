@@ -5,6 +5,7 @@
  */
 import { fileURLToPath } from "node:url";
 import { type ShimLibrary, symbols } from "./symbols.ts";
+import { envVar } from "./env.ts";
 
 /** The ABI version this TypeScript expects from the shim (mt_abi_version). */
 const ABI_VERSION = 7;
@@ -37,14 +38,6 @@ interface Loaded {
 }
 
 let loaded: Loaded | undefined;
-
-function envVar(name: string): string | undefined {
-  try {
-    return Deno.env.get(name);
-  } catch {
-    return undefined; // no --allow-env: behave as if unset
-  }
-}
 
 /** Paths to try, in order: $MOERL_LIB, then the build's ffi/build/current.json; and why the build's is not. */
 function candidates(): { paths: { path: string; from: string }[]; noBuild: string | null } {

@@ -2,6 +2,7 @@
  * Process-wide libtorch state: seeding, random generators, grad mode and CUDA.
  * @module
  */
+import { envVar } from "./env.ts";
 import { type Device, deviceCode } from "./dtype.ts";
 import { check, ctx, lastError, shim, TorchError } from "./lib.ts";
 
@@ -31,7 +32,7 @@ export function setNumThreads(n: number): void {
  * each). Returns the count in force.
  */
 export function useAvailableCores(processes = 1): number {
-  const env = Number(Deno.env.get("OMP_NUM_THREADS") ?? "");
+  const env = Number(envVar("OMP_NUM_THREADS") ?? "");
   const share = Math.max(1, Math.floor(navigator.hardwareConcurrency / Math.max(1, processes)));
   setNumThreads(Number.isSafeInteger(env) && env >= 1 ? env : share);
   return numThreads();

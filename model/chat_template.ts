@@ -20,7 +20,7 @@ export interface ChatMessage {
   [key: string]: unknown;
 }
 
-/** Options of {@link renderChatTemplate}, as transformers' apply_chat_template names them. */
+/** Options of {@link ChatTemplate.render}, as transformers' apply_chat_template names them. */
 export interface ChatTemplateOptions {
   /** Append the header that starts the assistant's turn (default false). */
   addGenerationPrompt?: boolean;

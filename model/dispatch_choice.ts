@@ -14,7 +14,7 @@ import { dispatch, type MoeDispatch } from "./moe.ts";
 
 const chosen = new WeakMap<Decoder, Map<string, MoeDispatch>>();
 
-/** What {@link measureDecodeDispatch} timed: seconds per call of each mode it tried, and the fastest. */
+/** What {@link measureDispatch} timed: seconds per call of each mode it tried, and the fastest. */
 export interface DispatchMeasurement {
   /** The fastest mode. */
   best: MoeDispatch;

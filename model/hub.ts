@@ -9,6 +9,7 @@
  */
 import { dirname, join, resolve } from "node:path";
 import { homedir } from "node:os";
+import { envVar } from "../ffi/env.ts";
 import { INDEX_FILE, readIndex, SINGLE_FILE } from "./checkpoint.ts";
 import { isDirectory, isFile } from "./json.ts";
 
@@ -38,21 +39,12 @@ export const MODEL_FILES: readonly string[] = [
 /** Files without which a cached snapshot is not usable (plus complete weights). */
 export const REQUIRED_FILES: readonly string[] = ["config.json", "tokenizer.json", "tokenizer_config.json"];
 
-/** Reads an environment variable, treating a denied permission as unset. */
-function env(name: string): string | undefined {
-  try {
-    return Deno.env.get(name) || undefined;
-  } catch {
-    return undefined;
-  }
-}
-
 /**
  * The HF hub cache folder, as huggingface_hub picks it: $HF_HUB_CACHE, else
  * $HUGGINGFACE_HUB_CACHE (legacy), else $HF_HOME/hub, else
  * $XDG_CACHE_HOME/huggingface/hub, else ~/.cache/huggingface/hub.
  */
-export function hubCacheDir(getEnv: (name: string) => string | undefined = env): string {
+export function hubCacheDir(getEnv: (name: string) => string | undefined = envVar): string {
   const direct = getEnv("HF_HUB_CACHE") ?? getEnv("HUGGINGFACE_HUB_CACHE");
   if (direct) return direct;
   const home = getEnv("HF_HOME") ??
@@ -149,7 +141,7 @@ export async function resolveModel(idOrPath: string, opts: ResolveOptions = {}):
   const revision = opts.revision ?? ref.revision ?? "main";
   const cacheDir = opts.cacheDir ?? hubCacheDir();
   const repoDir = repoCacheDir(cacheDir, ref.repo);
-  const offline = opts.offline ?? truthy(env("HF_HUB_OFFLINE"));
+  const offline = opts.offline ?? truthy(envVar("HF_HUB_OFFLINE"));
 
   const snap = await cachedSnapshot(repoDir, revision);
   const missing = snap ? await missingFiles(snap) : null;
@@ -197,8 +189,8 @@ export function hubRequests(
   cacheDir: string,
   opts: { token?: string; hubUrl?: string },
 ): { common: HubAuth; step: <T>(action: string, fn: () => Promise<T>) => Promise<T> } {
-  const accessToken = opts.token ?? env("HF_TOKEN");
-  const hubUrl = opts.hubUrl ?? env("HF_ENDPOINT");
+  const accessToken = opts.token ?? envVar("HF_TOKEN");
+  const hubUrl = opts.hubUrl ?? envVar("HF_ENDPOINT");
   const common = { ...(accessToken ? { accessToken } : {}), ...(hubUrl ? { hubUrl } : {}) };
   const step = async <T>(action: string, fn: () => Promise<T>): Promise<T> => {
     try {

@@ -16,7 +16,7 @@
 import { join } from "node:path";
 import { type Tensor, tidy } from "../ffi/mod.ts";
 import type { MoeConfig } from "./config.ts";
-import { isFile } from "./json.ts";
+import { isFile, readJsonObject } from "./json.ts";
 import { type LoraConfig, LoraModel } from "./lora_apply.ts";
 import type { CausalLM } from "./model.ts";
 import { writeAtomic } from "./atomic_write.ts";
@@ -173,44 +173,58 @@ export async function savePeftAdapter(
   await writeAtomic(join(dir, ADAPTER_CONFIG), JSON.stringify(config, null, 2) + "\n");
 }
 
+/** What moerl reads of a PEFT adapter_config.json, PEFT's defaults filled in. */
+export interface AdapterConfig {
+  /** The file read. */
+  path: string;
+  /** Rank (r). */
+  r: number;
+  /** lora_alpha (PEFT's default 8 when absent). */
+  alpha: number;
+  /** lora_dropout (default 0). */
+  dropout: number;
+}
+
+/**
+ * Reads and checks dir/adapter_config.json: a LoRA adapter with the options
+ * moerl implements (the one reading of the file, for loading and resuming).
+ * @throws {Error} naming the file when it is missing or not JSON, for another peft_type, a non-numeric r,
+ *   lora_alpha or lora_dropout, and for unsupported options (DoRA, rsLoRA, fan_in_fan_out, rank/alpha patterns)
+ */
+export async function readAdapterConfig(dir: string): Promise<AdapterConfig> {
+  const path = join(dir, ADAPTER_CONFIG);
+  if (!(await isFile(path))) throw new Error(`${dir}: no ${ADAPTER_CONFIG} (not a PEFT adapter folder)`);
+  const pc = await readJsonObject(path, "adapter config");
+  if (pc.peft_type !== "LORA") {
+    throw new Error(`${path}: peft_type ${JSON.stringify(pc.peft_type)}, only LORA is supported`);
+  }
+  const r = pc.r, alpha = pc.lora_alpha ?? 8, dropout = pc.lora_dropout ?? 0; // PEFT's defaults
+  for (const [k, v] of [["r", r], ["lora_alpha", alpha], ["lora_dropout", dropout]] as const) {
+    if (typeof v !== "number") throw new Error(`${path}: ${k} must be a number, got ${JSON.stringify(v)}`);
+  }
+  for (const k of ["use_dora", "use_rslora", "fan_in_fan_out"]) {
+    if (pc[k]) throw new Error(`${path}: ${k} is not supported`);
+  }
+  for (const k of ["rank_pattern", "alpha_pattern"]) {
+    if (pc[k] && Object.keys(pc[k] as object).length) throw new Error(`${path}: ${k} is not supported`);
+  }
+  return { path, r: r as number, alpha: alpha as number, dropout: dropout as number };
+}
+
 /**
  * Loads a PEFT LoRA adapter from dir onto model, returning its adapters.
  * @throws {Error} naming the file and key for unsupported options (DoRA, rsLoRA,
  *   rank/alpha patterns), keys that match no module, missing or mis-shaped tensors.
  */
 export async function loadPeftAdapter(dir: string, model: CausalLM): Promise<LoraModel> {
-  const cfgPath = join(dir, ADAPTER_CONFIG), wPath = join(dir, ADAPTER_WEIGHTS);
-  if (!(await isFile(cfgPath))) throw new Error(`${dir}: no ${ADAPTER_CONFIG} (not a PEFT adapter folder)`);
-  let pc: Record<string, unknown>;
-  try {
-    pc = JSON.parse(await Deno.readTextFile(cfgPath));
-  } catch (e) {
-    throw new Error(`${cfgPath}: not valid JSON: ${(e as Error).message}`, { cause: e });
-  }
-  if (typeof pc !== "object" || pc === null || Array.isArray(pc)) {
-    throw new Error(`${cfgPath}: not a JSON object`);
-  }
-  for (
-    const [k, v] of [["r", pc.r], ["lora_alpha", pc.lora_alpha ?? 8], ["lora_dropout", pc.lora_dropout ?? 0]]
-  ) {
-    if (typeof v !== "number") throw new Error(`${cfgPath}: ${k} must be a number, got ${JSON.stringify(v)}`);
-  }
-  if (pc.peft_type !== "LORA") {
-    throw new Error(`${cfgPath}: peft_type ${JSON.stringify(pc.peft_type)}, only LORA is supported`);
-  }
-  for (const k of ["use_dora", "use_rslora", "fan_in_fan_out"]) {
-    if (pc[k]) throw new Error(`${cfgPath}: ${k} is not supported`);
-  }
-  for (const k of ["rank_pattern", "alpha_pattern"]) {
-    if (pc[k] && Object.keys(pc[k] as object).length) throw new Error(`${cfgPath}: ${k} is not supported`);
-  }
+  const pc = await readAdapterConfig(dir), wPath = join(dir, ADAPTER_WEIGHTS);
   const f = await SafetensorsFile.open(wPath);
   try {
     const plan = planLoad(f.names(), model, wPath);
     const config: LoraConfig = {
-      r: pc.r as number,
-      alpha: (pc.lora_alpha ?? 8) as number, // PEFT's default
-      dropout: (pc.lora_dropout ?? 0) as number,
+      r: pc.r,
+      alpha: pc.alpha,
+      dropout: pc.dropout,
       targetModules: plan.linears,
       targetExperts: plan.experts,
       expertForm: plan.split ? "split" : "fused",

@@ -7,6 +7,8 @@
  */
 import { join } from "node:path";
 import { type Tensor, tidy } from "../ffi/mod.ts";
+import { INDEX_FILE, SINGLE_FILE } from "./checkpoint.ts";
+import { MODEL_FILES } from "./hub.ts";
 import { isFile } from "./json.ts";
 import { LayerNorm, Linear, type LinearLayer, type Norm, RmsNorm } from "./layers.ts";
 import { LoraExperts } from "./lora_experts.ts";
@@ -15,14 +17,6 @@ import type { CausalLM } from "./model.ts";
 import { type ExpertBank, StackedExperts } from "./moe.ts";
 import { expertSlots, linearSlots } from "./modules.ts";
 import { writeSafetensors } from "./safetensors_write.ts";
-
-const COPIED = [
-  "config.json",
-  "generation_config.json",
-  "tokenizer.json",
-  "tokenizer_config.json",
-  "chat_template.jinja",
-];
 
 function dense(l: LinearLayer, name: string): Linear {
   const base = l instanceof LoraLinear ? l.base : l;
@@ -60,7 +54,7 @@ async function realDir(dir: string): Promise<string | null> {
 
 /** The weights file dir holds, when it holds a model's ("model.safetensors" or a sharded index), else null. */
 export async function modelWeightsIn(dir: string): Promise<string | null> {
-  for (const f of ["model.safetensors", "model.safetensors.index.json"]) {
+  for (const f of [SINGLE_FILE, INDEX_FILE]) {
     if (await isFile(join(dir, f))) return f;
   }
   return null;
@@ -115,11 +109,11 @@ export async function saveModel(model: CausalLM, dir: string): Promise<void> {
       }
     }
     await Deno.mkdir(dir, { recursive: true });
-    await writeSafetensors(join(dir, "model.safetensors"), out, { format: "pt" });
+    await writeSafetensors(join(dir, SINGLE_FILE), out, { format: "pt" });
   } finally {
     for (const t of owned) t.dispose();
   }
-  for (const f of COPIED) {
+  for (const f of MODEL_FILES) {
     if (model.dir && await isFile(join(model.dir, f))) await Deno.copyFile(join(model.dir, f), join(dir, f));
   }
 }

@@ -37,7 +37,7 @@
  * @module
  */
 import { clipGradNorm, dispose, keep, noGrad, type Tensor, tensor, tidy } from "../ffi/mod.ts";
-import { mulberry32 } from "../data/batches.ts";
+import { mulberry32, shuffleInPlace } from "../data/batches.ts";
 import { flatGroups, groupBaseline, type UpdateAdvantages, zeroSpreadFraction } from "./advantages.ts";
 import type { RolloutBuffer } from "./rollout_buffer.ts";
 import { type PpoConfig, rlConfig, type RlOverrides } from "./config.ts";
@@ -348,11 +348,7 @@ function policySteps(
   const params = policy.policyParameters();
   policy.train(true);
   for (let epoch = 0; epoch < c.epochs; epoch++) {
-    const order = all.lengths.map((_, i) => i);
-    for (let i = order.length - 1; i > 0; i--) {
-      const j = Math.floor(rand() * (i + 1));
-      [order[i], order[j]] = [order[j]!, order[i]!];
-    }
+    const order = shuffleInPlace(all.lengths.map((_, i) => i), rand);
     const size = n / c.minibatches;
     for (let m = 0; m < c.minibatches; m++) {
       const global = order.slice(m * size, (m + 1) * size).filter((i) => adv.trainedAll[i]);

@@ -156,8 +156,8 @@ Deno.test("peft: bad adapters are rejected with the file and key named", async (
     const cfgFile = join(dir, "adapter_config.json");
     for (
       const [text, reason] of [
-        ["{", /adapter_config\.json: not valid JSON/],
-        ["null", /adapter_config\.json: not a JSON object/],
+        ["{", /adapter_config\.json is not valid JSON/],
+        ["null", /adapter_config\.json must hold a JSON object/],
         [JSON.stringify({ ...cfg, r: "4" }), /adapter_config\.json: r must be a number, got "4"/],
       ] as const
     ) {

@@ -205,6 +205,12 @@ Deno.test("checkpoint: save, load into a fresh policy, crash safety, bad files, 
       const pc = JSON.parse(await Deno.readTextFile(cfgPath));
       await Deno.writeTextFile(cfgPath, JSON.stringify({ ...pc, r: 8 }));
       await expectError(/adapter_config\.json: r 8, lora_alpha 8; these adapters have r 4, alpha 8/);
+      await Deno.writeTextFile(cfgPath, JSON.stringify({ ...pc, use_dora: true }));
+      await expectError(/adapter_config\.json: use_dora is not supported/);
+      // Read as loadPeftAdapter reads it: an absent lora_alpha is PEFT's default 8, which these adapters have.
+      const { lora_alpha: _, ...withoutAlpha } = pc;
+      await Deno.writeTextFile(cfgPath, JSON.stringify(withoutAlpha));
+      assert.equal((await loadCheckpoint(bad, b, optB)).step, 2);
       // A differently built optimizer (one group) is refused.
       using other = new AdamW([{ params: b.policyParameters(), lr: 1 }]);
       await assert.rejects(() => loadCheckpoint(first, b, other), /saved groups of \[\d+, 4\] parameters/);

@@ -15,10 +15,17 @@ import { scoreText } from "../eval/score.ts";
 const ROOT = join(import.meta.dirname!, "..");
 
 async function evaluate(...args: string[]): Promise<{ code: number; stdout: string; stderr: string }> {
+  return await evaluateWith({}, ...args);
+}
+
+async function evaluateWith(
+  env: Record<string, string>,
+  ...args: string[]
+): Promise<{ code: number; stdout: string; stderr: string }> {
   const out = await new Deno.Command(Deno.execPath(), {
     args: ["run", "-A", "eval/evaluate.ts", ...args],
     cwd: ROOT,
-    env: { INIT_CWD: ROOT },
+    env: { INIT_CWD: ROOT, ...env },
   }).output();
   const dec = new TextDecoder();
   return { code: out.code, stdout: dec.decode(out.stdout), stderr: dec.decode(out.stderr) };
@@ -123,7 +130,10 @@ Deno.test("evaluate: --adapter takes a run folder (its newest checkpoint); outpu
 Deno.test("evaluate: bad arguments and configs exit 2, a missing data file 1", async () => {
   const bad = await evaluate("--config", "configs/tiny.yaml", "--limit", "0");
   assert.equal(bad.code, 2);
-  assert.match(bad.stderr, /--limit must be a positive integer/);
+  assert.match(bad.stderr, /--limit: expected an integer >= 1, got "0"/);
+  const nproc = await evaluate("--config", "configs/tiny.yaml", "--nproc", "1.5");
+  assert.equal(nproc.code, 2);
+  assert.match(nproc.stderr, /--nproc: expected an integer >= 1, got "1\.5"/);
   assert.equal((await evaluate("--config", "configs/tiny.yaml", "--bogus")).code, 2);
   const cfg = await evaluate("--config", "configs/tiny.yaml", "--set", "eval.batchsize=3");
   assert.equal(cfg.code, 2);
@@ -136,6 +146,14 @@ Deno.test("evaluate: bad arguments and configs exit 2, a missing data file 1", a
   );
   assert.equal(missing.code, 1);
   assert.match(missing.stderr, /none\.jsonl does not exist/);
+  assert.doesNotMatch(missing.stderr, /\n\s+at /, "the message alone");
+  // MOERL_DEBUG=1 adds the stack, as for deno task train.
+  const debug = await evaluateWith(
+    { MOERL_DEBUG: "1" },
+    ...["--config", "configs/tiny.yaml", "--set", "eval.source=tests/fixtures/gsm8k/none.jsonl"],
+  );
+  assert.equal(debug.code, 1);
+  assert.match(debug.stderr, /none\.jsonl does not exist[^]*\n\s+at /);
 });
 
 Deno.test("evaluate: static-buffer and graph decode steps give eager's predictions, one session across batches", async () => {

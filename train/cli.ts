@@ -4,7 +4,9 @@
  * for --help, 2 after a bad argument and the usage).
  * @module
  */
+import { resolve } from "node:path";
 import { parseArgs, type ParseArgsOptionsConfig } from "node:util";
+import { envVar } from "../ffi/env.ts";
 
 /** What {@link parseCommandLine} parsed: parseArgs' result with `help` among the options. */
 export type ParsedCommandLine<T extends ParseArgsOptionsConfig> = ReturnType<
@@ -76,4 +78,35 @@ export function numberOption(name: string, text: string, rule: NumberRule = {}):
   throw new TypeError(
     `--${name}: expected ${rule.integer ? "an integer" : "a number"}${bound}, got "${text}"`,
   );
+}
+
+/**
+ * The folder a command's relative paths mean: where the user started it. `deno task` runs in the project
+ * folder and says where it was started in INIT_CWD.
+ */
+export function startDir(): string {
+  return envVar("INIT_CWD") ?? Deno.cwd();
+}
+
+/** path resolved against {@link startDir}; undefined stays undefined. */
+export function fromStartDir<P extends string | undefined>(path: P): P {
+  return (path === undefined ? undefined : resolve(startDir(), path)) as P;
+}
+
+/** How a command reports a failure: the message, or the whole stack when MOERL_DEBUG=1. */
+export function failureText(e: unknown): string {
+  const error = e instanceof Error ? e : new Error(String(e));
+  return envVar("MOERL_DEBUG") === "1" ? error.stack ?? error.message : error.message;
+}
+
+/**
+ * The process count `--nproc` asks for.
+ * @param launched whether a launcher started this process (WORLD_SIZE set): --nproc then has no place
+ * @throws {TypeError} for a count that is not an integer ≥ 1, or under a launcher
+ */
+export function nprocOption(text: string, launched: boolean): number {
+  if (launched) {
+    throw new TypeError("--nproc starts the ranks itself; under a launcher (WORLD_SIZE is set) leave it out");
+  }
+  return numberOption("nproc", text, { integer: true, min: 1 });
 }

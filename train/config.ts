@@ -12,6 +12,7 @@
  * @module
  */
 import { stringify } from "yaml";
+import { GSM8K_HUB_ID } from "../data/gsm8k.ts";
 import { DEFAULT_INSTRUCTION } from "../data/prompt.ts";
 import type { Device } from "../ffi/mod.ts";
 import {
@@ -187,7 +188,7 @@ export const DEFAULTS: DeepReadonly<TrainConfig> = deepFreeze<TrainConfig>({
   },
   lora: { ...DEFAULT_LORA, targetModules: [...DEFAULT_LORA.targetModules] },
   data: {
-    source: "openai/gsm8k",
+    source: GSM8K_HUB_ID,
     split: "train",
     config: "main",
     onBadRecord: "skip",
@@ -217,7 +218,7 @@ export const DEFAULTS: DeepReadonly<TrainConfig> = deepFreeze<TrainConfig>({
   ppo: { ...DEFAULT_RL_CONFIG.ppo },
   reward: { ...DEFAULT_RL_CONFIG.reward, markerMethods: [...DEFAULT_RL_CONFIG.reward.markerMethods] },
   moe: { ...DEFAULT_RL_CONFIG.moe },
-  eval: { every: 100, limit: 500, source: "openai/gsm8k", split: "test", batchSize: 64, maxNewTokens: null },
+  eval: { every: 100, limit: 500, source: GSM8K_HUB_ID, split: "test", batchSize: 64, maxNewTokens: null },
   logging: { sampleEvery: 10, samplesToLog: 4 },
   output: { dir: null, checkpointEvery: 50, keepLast: 3 },
 });

@@ -11,7 +11,6 @@
  * bad arguments or a bad config, 1 for a failed run.
  * @module
  */
-import { resolve } from "node:path";
 import {
   formatConfig,
   loadTrainConfig,
@@ -20,7 +19,7 @@ import {
   type TrainConfig,
   TrainConfigError,
 } from "./config.ts";
-import { parseCommandLine } from "./cli.ts";
+import { failureText, fromStartDir, nprocOption, parseCommandLine } from "./cli.ts";
 import { train } from "./loop.ts";
 import { formatValue } from "./progress.ts";
 import {
@@ -67,24 +66,19 @@ export async function main(args: string[]): Promise<number> {
     console.error(`train: ${(e as Error).message}`);
     return 2;
   }
-  const base = Deno.env.get("INIT_CWD") ?? Deno.cwd();
   let cfg: TrainConfig;
   try {
-    cfg = await loadTrainConfig(v.config === undefined ? undefined : resolve(base, v.config), v.set ?? []);
+    cfg = await loadTrainConfig(fromStartDir(v.config), v.set ?? []);
   } catch (e) {
     console.error(`train: ${(e as Error).message}`);
     return e instanceof TrainConfigError ? 2 : 1;
   }
   if (v.nproc !== undefined && !v["print-config"]) {
-    const n = Number(v.nproc);
-    if (env) {
-      console.error(
-        "train: --nproc starts the ranks itself; under a launcher (WORLD_SIZE is set) leave it out",
-      );
-      return 2;
-    }
-    if (!Number.isSafeInteger(n) || n < 1) {
-      console.error(`train: --nproc: expected an integer >= 1, got "${v.nproc}"\n${USAGE}`);
+    let n: number;
+    try {
+      n = nprocOption(v.nproc, env !== null);
+    } catch (e) {
+      console.error(`train: ${(e as Error).message}\n${USAGE}`);
       return 2;
     }
     if (promptsPerUpdate(cfg) % n !== 0) { // said once here, rather than by every rank it would start
@@ -133,9 +127,7 @@ export async function main(args: string[]): Promise<number> {
     );
     return 0;
   } catch (e) {
-    // The message names the problem; the stack is for debugging (MOERL_DEBUG=1).
-    const debug = Deno.env.get("MOERL_DEBUG") === "1";
-    console.error(`train: ${debug ? (e as Error).stack : (e as Error).message}`);
+    console.error(`train: ${failureText(e)}`);
     return 1;
   }
 }

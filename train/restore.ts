@@ -10,7 +10,7 @@
 import { join } from "node:path";
 import type { MoeConfig } from "../model/config.ts";
 import type { LoraModel } from "../model/lora_apply.ts";
-import { ADAPTER_CONFIG, ADAPTER_WEIGHTS, adapterEntries } from "../model/peft.ts";
+import { ADAPTER_WEIGHTS, adapterEntries, readAdapterConfig } from "../model/peft.ts";
 import { SafetensorsFile } from "../model/safetensors.ts";
 import { applyEntries, checkEntries, type RestoreEntry, wholeEntry } from "../model/safetensors_copy.ts";
 import { VALUE_HEAD_FILE, type ValueHead } from "../model/value_head.ts";
@@ -45,19 +45,10 @@ export async function prepareAdapterCopy(
   cfg: MoeConfig,
   dir: string,
 ): Promise<PreparedRestore> {
-  const cfgPath = join(dir, ADAPTER_CONFIG);
-  let pc: Record<string, unknown>;
-  try {
-    pc = JSON.parse(await Deno.readTextFile(cfgPath));
-  } catch (e) {
-    throw new Error(`${cfgPath}: cannot read the adapter config: ${(e as Error).message}`, { cause: e });
-  }
-  if (pc.peft_type !== "LORA") {
-    throw new Error(`${cfgPath}: peft_type ${JSON.stringify(pc.peft_type)}, not LORA`);
-  }
-  if (pc.r !== lora.config.r || pc.lora_alpha !== lora.config.alpha) {
+  const pc = await readAdapterConfig(dir);
+  if (pc.r !== lora.config.r || pc.alpha !== lora.config.alpha) {
     throw new Error(
-      `${cfgPath}: r ${pc.r}, lora_alpha ${pc.lora_alpha}; these adapters have r ${lora.config.r}, alpha ${lora.config.alpha}`,
+      `${pc.path}: r ${pc.r}, lora_alpha ${pc.alpha}; these adapters have r ${lora.config.r}, alpha ${lora.config.alpha}`,
     );
   }
   return await prepare(join(dir, ADAPTER_WEIGHTS), adapterEntries(lora, cfg));

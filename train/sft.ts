@@ -92,7 +92,7 @@ const USAGE = `usage: deno task sft --model DIR --out DIR (--data FILE.jsonl | -
  * (\`INIT_CWD\` under \`deno task\`). Exit status: 0 done, 2 for a bad argument.
  */
 async function main(args: string[]): Promise<number> {
-  const { parseCommandLine, numberOption } = await import("./cli.ts");
+  const { failureText, numberOption, parseCommandLine, startDir } = await import("./cli.ts");
   const { resolve } = await import("node:path");
   const parsed = parseCommandLine("sft", USAGE, args, {
     model: { type: "string" },
@@ -126,7 +126,7 @@ async function main(args: string[]): Promise<number> {
     console.error(`sft: ${(e as Error).message}\n${USAGE}`);
     return 2;
   }
-  const base = Deno.env.get("INIT_CWD") ?? Deno.cwd();
+  const base = startDir();
   const { exists } = await import("../model/atomic_write.ts");
   // A folder (relative to where the command started), else a Hub id as loadModel takes it.
   const local = resolve(base, v.model!);
@@ -142,6 +142,7 @@ async function main(args: string[]): Promise<number> {
     const { saveModel } = await import("../model/save.ts");
     const { Tokenizer: Tok } = await import("../model/tokenizer.ts");
     const { Policy: P } = await import("../rl/policy.ts");
+    const { DEFAULT_LORA } = await import("../model/lora_apply.ts");
     const { evaluateExamples } = await import("../rl/evaluate.ts");
     const { manualSeed } = await import("../ffi/mod.ts");
     const examples = v.task === "arithmetic"
@@ -151,7 +152,7 @@ async function main(args: string[]): Promise<number> {
     using model = await loadModel(modelDir);
     const tok = await Tok.load(model.dir);
     const policy = new P(model, {
-      lora: { r: 16, alpha: 32, dropout: 0, targetModules: "all-linear", targetExperts: true },
+      lora: { ...DEFAULT_LORA, targetModules: "all-linear" },
     });
     const prompt = { instruction: v.instruction };
     const losses = await supervisedWarmup(policy, tok, examples, {
@@ -178,8 +179,7 @@ async function main(args: string[]): Promise<number> {
     );
     return 0;
   } catch (e) {
-    // The message names the problem; the stack is for debugging (MOERL_DEBUG=1), as train's.
-    console.error(`sft: ${Deno.env.get("MOERL_DEBUG") === "1" ? (e as Error).stack : (e as Error).message}`);
+    console.error(`sft: ${failureText(e)}`);
     return 1;
   }
 }

@@ -1,5 +1,5 @@
-// Shared by the shim's translation units (moerl.cpp, dist.cpp): the context,
-// handle helpers and the error guard. Not part of the C ABI.
+// Shared by the shim's translation units that take a context (all but fused.cpp): the context, handle helpers
+// and the error guard. Not part of the C ABI.
 #ifndef MOERL_SHIM_INTERNAL_H
 #define MOERL_SHIM_INTERNAL_H
 

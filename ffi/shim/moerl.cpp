@@ -104,7 +104,9 @@ int32_t mt_meta(mt_ctx* ctx, mt_tensor t, int64_t* out, int32_t cap) {
     const Tensor& x = T(t);
     if (!x.defined()) throw std::invalid_argument("undefined tensor");
     int32_t nd = static_cast<int32_t>(x.dim());
-    if (cap < nd + 4) return -1;
+    if (cap < nd + 4)
+      throw std::length_error("meta: " + std::to_string(nd) + " dims, the caller's buffer holds " +
+                              std::to_string(cap - 4));
     out[0] = static_cast<int64_t>(x.scalar_type());
     out[1] = x.is_cuda() ? x.device().index() : -1;
     out[2] = x.requires_grad() ? 1 : 0;
