@@ -76,6 +76,7 @@ export class DecodeSession {
   readonly stats: DecodeStats = { warmups: 0, captures: 0, replays: 0, allocations: 0, fallbacks: 0 };
   readonly #sets: DecodeBuffers[] = [];
   #pool: GraphPool | null | undefined;
+  #busy = false;
 
   /** A session for decoder's decode steps. */
   constructor(decoder: Decoder, opts: DecodeSessionOptions = {}) {
@@ -107,6 +108,21 @@ export class DecodeSession {
     this.#sets.push(set);
     this.stats.allocations++;
     return set;
+  }
+
+  /**
+   * Claims the session for one generate call, whose steps write its buffers across awaits: a second call
+   * at the same time would decode into them too. Returns the release.
+   * @throws {Error} when another call holds it
+   */
+  hold(): () => void {
+    if (this.#busy) {
+      throw new Error(
+        "DecodeSession: in use by another generate call; give concurrent calls their own sessions",
+      );
+    }
+    this.#busy = true;
+    return () => void (this.#busy = false);
   }
 
   /** Frees every buffer and graph. */

@@ -198,7 +198,12 @@ export async function generate(
       );
     }
   }
-  return await tidyAsync(() => run(decoder, prompts, opts));
+  const release = opts.decodeMode === "static" || opts.decodeMode === "graph" ? session?.hold() : undefined;
+  try {
+    return await tidyAsync(() => run(decoder, prompts, opts));
+  } finally {
+    release?.();
+  }
 }
 
 /** Waits for the device's queued work, so that host clocks measure it. */

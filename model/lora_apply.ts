@@ -185,7 +185,18 @@ export class LoraModel {
 
   /** Merges every adapter into the base weights (generation without adapter overhead). */
   merge(): void {
-    for (const m of [...this.linears.values(), ...this.experts.values()]) m.merge();
+    const done: (LoraLinear | LoraExperts)[] = [];
+    try {
+      for (const m of [...this.linears.values(), ...this.experts.values()]) {
+        if (m.merged) continue;
+        m.merge();
+        done.push(m);
+      }
+    } catch (e) {
+      // All or nothing: a half-merged model's "adapters off" is no longer the base (the reference policy).
+      for (const m of done) m.unmerge();
+      throw e;
+    }
   }
 
   /** Undoes {@link merge}. */

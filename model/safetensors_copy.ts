@@ -6,6 +6,7 @@
  * @module
  */
 import { type Device, type DType, noGrad, type Tensor, tidy } from "../ffi/mod.ts";
+import { isFloating } from "../ffi/dtype.ts";
 import type { SafetensorsFile } from "./safetensors.ts";
 
 /** One tensor to restore: the saved key and shape, and where the data goes. */
@@ -45,9 +46,13 @@ export function checkEntries(f: SafetensorsFile, entries: readonly RestoreEntry[
       problems.push(`missing tensor "${e.key}"`);
       continue;
     }
-    const got = f.info(key).shape;
+    const info = f.info(key), got = info.shape;
     if (!sameShape(got, e.shape)) {
       problems.push(`"${key}" has shape [${got.join(", ")}], expected [${e.shape.join(", ")}]`);
+    }
+    // What f.load would refuse mid-copy (model/safetensors.ts tensorFromBytes casts floating dtypes only).
+    if (info.torchDtype !== e.like.dtype && !(isFloating(info.torchDtype) && isFloating(e.like.dtype))) {
+      problems.push(`"${key}" is ${info.dtype}, which cannot be loaded as ${e.like.dtype}`);
     }
   }
   if (!allowExtra) {

@@ -54,9 +54,14 @@ export class ValueHead {
   /** Loads a head saved by {@link save} from dir. */
   static async load(dir: string, opts: { device?: Device } = {}): Promise<ValueHead> {
     const f = await SafetensorsFile.open(join(dir, VALUE_HEAD_FILE));
+    const got: Tensor[] = [];
     try {
-      const get = (n: string): Promise<Tensor> => f.load(n, { device: opts.device });
-      return new ValueHead(await get("w1"), await get("b1"), await get("w2"), await get("b2"));
+      for (const n of ["w1", "b1", "w2", "b2"]) got.push(await f.load(n, { device: opts.device }));
+      const [w1, b1, w2, b2] = got as [Tensor, Tensor, Tensor, Tensor];
+      return new ValueHead(w1, b1, w2, b2);
+    } catch (e) {
+      got.forEach((t) => t.dispose()); // a missing or bad tensor frees those read before it
+      throw e;
     } finally {
       f.close();
     }

@@ -123,12 +123,12 @@ export class WeightLoader {
   /** Concatenates tensors along dim 0 (e.g. gate and up rows), owned by this loader. */
   async concat(names: readonly string[], shapes: readonly (readonly number[])[]): Promise<Tensor> {
     const parts: Tensor[] = [];
-    for (let i = 0; i < names.length; i++) parts.push(await this.#read(names[i]!, shapes[i]!));
-    return this.#own(tidy(() => {
-      const out = cat(parts, 0);
+    try { // a later part that fails (missing, mis-shaped) frees the ones read before it
+      for (let i = 0; i < names.length; i++) parts.push(await this.#read(names[i]!, shapes[i]!));
+      return this.#own(cat(parts, 0));
+    } finally {
       parts.forEach((p) => p.dispose());
-      return out;
-    }));
+    }
   }
 
   /** Stacks per-expert tensors into [E, ...], each built by part(e). */

@@ -510,6 +510,9 @@ export function learn(
     step(params): number {
       dp.sumGradients(params);
       const norm = clipGradNorm(params, maxNorm > 0 ? maxNorm : Number.MAX_VALUE);
+      if (!Number.isFinite(norm)) { // the same on every rank (summed gradients): every rank throws
+        throw new Error(`learn: gradient norm ${norm} (a loss or value that is not finite); no step taken`);
+      }
       optimizer.step(params);
       optimizer.zeroGrad(params);
       return norm;
@@ -560,6 +563,10 @@ export function learn(
       old_seconds: (t2 - t1) / 1000,
       learn_seconds: (t3 - t2) / 1000,
     };
+  } catch (e) {
+    // A step that failed midway leaves its micro-batches' gradients: drop them, or the next update applies them.
+    for (const p of [...policy.policyParameters(), ...policy.valueParameters()]) p.clearGrad();
+    throw e;
   } finally {
     policy.train(wasTraining);
   }

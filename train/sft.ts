@@ -61,6 +61,7 @@ export async function supervisedWarmup(
   using opt = new AdamW([{ params: policy.policyParameters(), lr: opts.lr, weightDecay: 0 }]);
   const rand = mulberry32(opts.seed);
   const losses: number[] = [];
+  const wasTraining = policy.lora.state.training;
   policy.train(true);
   try {
     for (let step = 0; step < opts.steps; step++) {
@@ -77,7 +78,7 @@ export async function supervisedWarmup(
       opts.onStep?.(step, losses[losses.length - 1]!);
     }
   } finally {
-    policy.train(false);
+    policy.train(wasTraining);
   }
   return losses;
 }
