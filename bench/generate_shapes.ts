@@ -23,7 +23,7 @@ import { cuda, type Device, type DType, manualSeed } from "../ffi/mod.ts";
 import { parseConfig } from "../model/config.ts";
 import { modelLine } from "./shapes.ts";
 import { BANDWIDTH_FORMULA, boundTokensPerSecond, decodeStepBytes } from "./bandwidth.ts";
-import { type DecodeMode, DecodeSession } from "../model/decode_static.ts";
+import { DECODE_MODES, type DecodeMode, DecodeSession } from "../model/decode_static.ts";
 import { generate } from "../model/generate.ts";
 import { ATTENTION_CHECK, type AttentionImpl } from "../model/layers.ts";
 import { randomModel } from "../model/model.ts";
@@ -54,7 +54,9 @@ const device = a.device as Device, dtype = a.dtype as DType;
 const batches = a.batch!.split(",").map(Number), promptLen = Number(a.prompt), newTokens = Number(a.new);
 const dispatches = a.dispatch!.split(",") as MoeDispatch[];
 const decodes = a.decode!.split(",") as DecodeMode[];
-if (decodes.some((d) => !["eager", "static", "graph"].includes(d))) throw new Error(`--decode ${a.decode}`);
+if (decodes.some((d) => !(DECODE_MODES as readonly string[]).includes(d))) {
+  throw new Error(`--decode ${a.decode}`);
+}
 if (dispatches.some((d) => !["loop", "dense", "grouped"].includes(d))) {
   throw new Error(`--dispatch ${a.dispatch}`);
 }

@@ -32,7 +32,10 @@ import { KVCache, StaticKVView } from "./kv_cache.ts";
 import type { MoeDispatch } from "./moe.ts";
 
 /** How generate runs decode steps: per-step shapes, static buffers, or static buffers replayed as CUDA graphs. */
-export type DecodeMode = "eager" | "static" | "graph";
+export type DecodeMode = typeof DECODE_MODES[number];
+
+/** Every {@link DecodeMode}. */
+export const DECODE_MODES = ["eager", "static", "graph"] as const;
 
 /** Options of {@link DecodeSession}. */
 export interface DecodeSessionOptions {

@@ -26,11 +26,11 @@ import {
   zeros,
 } from "../ffi/mod.ts";
 import type { Decoder } from "./decoder.ts";
-import { type DecodeBuffers, type DecodeMode, DecodeSession } from "./decode_static.ts";
+import { DECODE_MODES, type DecodeBuffers, type DecodeMode, DecodeSession } from "./decode_static.ts";
 import { KVCache } from "./kv_cache.ts";
-import type { MoeDispatch } from "./moe.ts";
+import { MOE_DISPATCHES, type MoeDispatch } from "./moe.ts";
 import { decodeDispatch } from "./dispatch_choice.ts";
-import { leftPad } from "./padding.ts";
+import { checkTokenIds, leftPad } from "./padding.ts";
 
 /** How the next token is chosen. Greedy unless doSample. */
 export interface SamplingOptions {
@@ -175,9 +175,36 @@ export async function generate(
   if (prompts.some((p) => p.length === 0)) {
     throw new RangeError("generate: an empty prompt (no token to start from)");
   }
-  if (!(opts.maxNewTokens >= 1)) {
-    throw new RangeError(`generate: maxNewTokens must be >= 1, got ${opts.maxNewTokens}`);
+  if (!Number.isSafeInteger(opts.maxNewTokens) || opts.maxNewTokens < 1) {
+    throw new RangeError(`generate: maxNewTokens must be an integer >= 1, got ${opts.maxNewTokens}`);
   }
+  checkChoice("decodeMode", opts.decodeMode, DECODE_MODES);
+  checkChoice("dispatch", opts.dispatch, MOE_DISPATCHES);
+  checkChoice("decodeDispatch", opts.decodeDispatch, [...MOE_DISPATCHES, "measured"]);
+  if (opts.decodeMode === "graph" && (opts.decodeDispatch ?? opts.dispatch) === "loop") {
+    // Said before the prompt pass (decode_static.ts would say it at the first step).
+    throw new RangeError(
+      'generate: decodeMode "graph" needs decodeDispatch "dense", "grouped" or "measured": ' +
+        '"loop" reads the routing back to the host',
+    );
+  }
+  if (opts.checkEvery !== undefined && !(Number.isSafeInteger(opts.checkEvery) && opts.checkEvery >= 1)) {
+    throw new RangeError(`generate: checkEvery must be an integer >= 1, got ${opts.checkEvery}`);
+  }
+  const vocab = decoder.embed.size(0);
+  for (
+    const [what, ids] of [["eosTokenIds", opts.eosTokenIds ?? []], ["padTokenId", [
+      opts.padTokenId ?? 0,
+    ]]] as const
+  ) {
+    const bad = ids.find((id) => !(Number.isSafeInteger(id) && id >= 0 && id < vocab));
+    if (bad !== undefined) {
+      throw new RangeError(
+        `generate: ${what} holds ${bad}, not a token id of this model (0 ≤ id < ${vocab})`,
+      );
+    }
+  }
+  checkTokenIds("generate", prompts, vocab);
   if (opts.stopStrings?.length && !opts.decode) {
     throw new TypeError("generate: stopStrings need a decode function");
   }
@@ -203,6 +230,12 @@ export async function generate(
     return await tidyAsync(() => run(decoder, prompts, opts));
   } finally {
     release?.();
+  }
+}
+
+function checkChoice(what: string, value: string | undefined, allowed: readonly string[]): void {
+  if (value !== undefined && !allowed.includes(value)) {
+    throw new RangeError(`generate: ${what} ${JSON.stringify(value)}; expected one of ${allowed.join(", ")}`);
   }
 }
 

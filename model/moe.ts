@@ -79,11 +79,11 @@ export function groupedMmFits(widths: readonly number[], dtype: DType): boolean 
   return widths.every((w) => (w * ELEMENT_SIZE[dtype]) % 16 === 0);
 }
 
-/**
- * How an MoE layer sends tokens to experts (see {@link dispatch}): "loop",
- * "dense" or "grouped".
- */
-export type MoeDispatch = "loop" | "dense" | "grouped";
+/** The ways an MoE layer sends tokens to experts (see {@link dispatch}). */
+export const MOE_DISPATCHES = ["loop", "dense", "grouped"] as const;
+
+/** How an MoE layer sends tokens to experts (see {@link dispatch}): "loop", "dense" or "grouped". */
+export type MoeDispatch = typeof MOE_DISPATCHES[number];
 
 /** Expert e on tokens x [n, H] → [n, H]. */
 export function expertForward(bank: ExpertBank, e: number, x: Tensor): Tensor {

@@ -53,3 +53,26 @@ export function leftPad(seqs: readonly (readonly number[])[], padId: number, len
   });
   return out;
 }
+
+/**
+ * Checks that every id of seqs (and the pad id) names one of the model's vocabSize embeddings. An id past the
+ * end would fail deep in the embedding lookup, and on a GPU as a device-side assert that ends the process's
+ * CUDA context; the usual cause is a tokenizer that is not the model's own.
+ * @throws {RangeError} naming the sequence, the index and the id
+ */
+export function checkTokenIds(
+  what: string,
+  seqs: readonly (readonly number[])[],
+  vocabSize: number,
+  padId?: number,
+): void {
+  const hint =
+    `the model has ${vocabSize} token embeddings (config.json vocab_size): is the tokenizer its own?`;
+  seqs.forEach((s, row) => {
+    const bad = s.findIndex((x) => x >= vocabSize);
+    if (bad >= 0) {
+      throw new RangeError(`${what}: sequence ${row} has token id ${s[bad]} at index ${bad}; ${hint}`);
+    }
+  });
+  if (padId !== undefined && padId >= vocabSize) throw new RangeError(`${what}: pad id ${padId}; ${hint}`);
+}

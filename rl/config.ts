@@ -7,7 +7,8 @@
  * @module
  */
 import { ADVANTAGE_ESTIMATORS, type AdvantageEstimator } from "./advantages.ts";
-import type { DecodeMode } from "../model/decode_static.ts";
+import { DECODE_MODES, type DecodeMode } from "../model/decode_static.ts";
+import { MOE_DISPATCHES, type MoeDispatch } from "../model/moe.ts";
 import type { KlEstimator } from "./losses.ts";
 import {
   bool,
@@ -42,7 +43,7 @@ export interface RolloutConfig {
    * MoE dispatch of the decode steps (model/moe.ts): "dense" (the default), "loop", "grouped", or "measured":
    * the fastest of them at each generation batch's size, timed once (model/dispatch_choice.ts).
    */
-  decodeDispatch: "dense" | "loop" | "grouped" | "measured";
+  decodeDispatch: MoeDispatch | "measured";
   /**
    * How decode steps run (model/generate.ts `decodeMode`): "eager" (per-step shapes), "static" (static
    * buffers) or "graph" (static buffers replayed as CUDA graphs; eager steps where graphs are unavailable).
@@ -144,8 +145,8 @@ export const ROLLOUT_CHECKS: Checks<RolloutConfig> = {
   topP: num(0, 1, true),
   topK: int(0),
   generationBatch: nullable(int(1)),
-  decodeDispatch: oneOf("dense", "loop", "grouped", "measured"),
-  decode: oneOf("eager", "static", "graph"),
+  decodeDispatch: oneOf(...MOE_DISPATCHES, "measured"),
+  decode: oneOf(...DECODE_MODES),
 };
 
 /** The check of every `ppo` setting. */

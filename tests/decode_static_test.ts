@@ -176,7 +176,7 @@ Deno.test("decode static: bad settings and views are refused with the reason", a
   // Refused on every device, so that a CPU run refuses what a GPU could not record.
   await assert.rejects(
     () => generate(model.decoder, [[1, 2]], { maxNewTokens: 4, decodeMode: "graph", dispatch: "loop" }),
-    /needs dispatch "dense"/,
+    /needs decodeDispatch "dense", "grouped" or "measured"/,
   );
   assert.throws(
     () => rlConfig({ rollout: { decode: "graph", decodeDispatch: "loop" } }),

@@ -6,7 +6,7 @@
 import assert from "node:assert/strict";
 import { join } from "node:path";
 import { Generator, liveTensors, tensor, tidy } from "../ffi/mod.ts";
-import { generate, sampleNext } from "../model/generate.ts";
+import { generate, type GenerateOptions, sampleNext } from "../model/generate.ts";
 import { loadModel } from "../model/model.ts";
 import { Tokenizer } from "../model/tokenizer.ts";
 import { DEVICE } from "./util.ts";
@@ -243,6 +243,31 @@ Deno.test("generate: the tiny model's generation", async (t) => {
         reason,
       );
     }
+    // Named before any work: wrong types and unknown names used to be read as defaults or to fail inside an op.
+    const vocab = model.decoder.embed.size(0);
+    for (
+      const [bad, reason] of [
+        [{ maxNewTokens: 2.5 }, /maxNewTokens must be an integer >= 1, got 2\.5/],
+        [{ maxNewTokens: Infinity }, /maxNewTokens must be an integer >= 1/],
+        [{ decodeMode: "gpu" }, /decodeMode "gpu"; expected one of eager, static, graph/],
+        [{ dispatch: "fast" }, /dispatch "fast"; expected one of loop, dense, grouped/],
+        [{ decodeDispatch: "best" }, /decodeDispatch "best"; expected one of loop, dense, grouped, measured/],
+        [{ checkEvery: NaN }, /checkEvery must be an integer >= 1, got NaN/],
+        [{ eosTokenIds: [NaN] }, /eosTokenIds holds NaN, not a token id of this model/],
+        [{ padTokenId: vocab }, new RegExp(`padTokenId holds ${vocab}, not a token id .*< ${vocab}`)],
+      ] as const
+    ) {
+      await assert.rejects(
+        () => generate(model.decoder, [[1]], { maxNewTokens: 2, ...bad } as GenerateOptions),
+        reason,
+      );
+    }
+    // A tokenizer that is not the model's: an id past the embeddings is named, not left to the lookup
+    // (on a GPU a device-side assert that ends the CUDA context).
+    await assert.rejects(
+      () => generate(model.decoder, [[1, 2], [3, vocab + 4]], { maxNewTokens: 2 }),
+      new RegExp(`sequence 1 has token id ${vocab + 4} at index 1; the model has ${vocab} token embeddings`),
+    );
   });
 
   await t.step("a failure mid-generation frees what it made (the routing record too)", async () => {

@@ -7,6 +7,7 @@ import { AdamW, clipGradNorm, dispose, type Tensor } from "../ffi/mod.ts";
 import { mulberry32 } from "../data/batches.ts";
 import type { Gsm8kExample } from "../data/gsm8k.ts";
 import { buildPrompts, type PromptOptions } from "../data/prompt.ts";
+import { checkTokenIds } from "../model/padding.ts";
 import type { Tokenizer } from "../model/tokenizer.ts";
 import type { Policy, PolicyOutput } from "../rl/policy.ts";
 import { sequenceBatch } from "../rl/rollout_buffer.ts";
@@ -58,6 +59,8 @@ export async function supervisedWarmup(
 ): Promise<number[]> {
   const pairs = await sftPairs(tok, examples, opts.prompt);
   const pad = tok.padTokenId ?? 0, device = policy.model.decoder.embed.device;
+  const vocab = policy.model.decoder.embed.size(0);
+  checkTokenIds("supervisedWarmup", pairs.map((p) => [...p.prompt, ...p.completion]), vocab, pad);
   using opt = new AdamW([{ params: policy.policyParameters(), lr: opts.lr, weightDecay: 0 }]);
   const rand = mulberry32(opts.seed);
   const losses: number[] = [];
