@@ -176,6 +176,14 @@ Deno.test("train: every update gets its full batch when the data does not divide
       new RegExp(`model\\.device "${missing}": `),
     );
     await assert.rejects(() => Deno.stat(join(tmp, "c")), Deno.errors.NotFound);
+    // Evaluating on no problems is refused before the first update, not logged as accuracy 0.
+    const empty = join(tmp, "empty.jsonl");
+    await Deno.writeTextFile(empty, "");
+    await assert.rejects(
+      async () => train(await config(join(tmp, "d"), 1, `eval.source=${empty}`), { quiet: true }),
+      /empty\.jsonl \(test\): no problems to evaluate \(eval\.every is 2; 0 trains without evaluating\)/,
+    );
+    await assert.rejects(() => Deno.stat(join(tmp, "d", "metrics.jsonl")), Deno.errors.NotFound);
   } finally {
     await Deno.remove(tmp, { recursive: true });
   }

@@ -136,6 +136,12 @@ export async function train(cfg: TrainConfig, opts: TrainOptions = {}): Promise<
       });
       for (const s of ev.skipped) console.warn(`eval data: skipped line ${s.line}: ${s.reason}`);
       evalSet = ev.examples;
+      if (evalSet.length === 0) { // an accuracy of 0 from nothing would be logged as a result
+        throw new RangeError(
+          `${cfg.eval.source} (${cfg.eval.split}): no problems to evaluate (eval.every is ${cfg.eval.every}; ` +
+            "0 trains without evaluating)",
+        );
+      }
     }
 
     let start = 0, pos = { epoch: 0, index: 0 };
