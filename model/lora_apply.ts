@@ -78,6 +78,39 @@ export function isTarget(slot: LinearSlot, target: LoraConfig["targetModules"]):
   return target.some((t) => slot.name === t || slot.name.endsWith(`.${t}`));
 }
 
+/** The module names moerl's models have (a listed one that a model lacks, as dense MLPs in an MoE, is fine). */
+const KNOWN_LEAVES = [
+  "q_proj",
+  "k_proj",
+  "v_proj",
+  "o_proj",
+  "gate_proj",
+  "up_proj",
+  "down_proj",
+  "gate",
+  "router",
+];
+
+/**
+ * Why target names cannot be what the user meant, or null: a listed name that is no module of this model
+ * nor of its family (a typo would otherwise leave that module untrained, as long as anything else matched),
+ * or a regular expression that matches no linear layer.
+ */
+function unmatchedTargets(target: LoraConfig["targetModules"], names: readonly string[]): string | null {
+  if (target === "all-linear") return null;
+  const matches = (t: string): boolean => names.some((n) => n === t || n.endsWith(`.${t}`));
+  const bad = typeof target === "string"
+    ? (names.some((n) => new RegExp(`^(?:${target})$`).test(n)) ? [] : [target])
+    : target.filter((t) => !matches(t) && !KNOWN_LEAVES.includes(t) && t !== "lm_head");
+  if (bad.length === 0) return null;
+  const leaves = [...new Set(names.map((n) => n.slice(n.lastIndexOf(".") + 1)))];
+  return `LoRA: target_modules ${bad.map((t) => JSON.stringify(t)).join(", ")} ` +
+    `${typeof target === "string" ? "(a regular expression over full names) " : ""}matches no linear layer ` +
+    `of this model; its linear layers are named ${
+      leaves.join(", ")
+    } (an empty list adapts the experts alone)`;
+}
+
 /** [out, in] of a linear slot, from the config (no weights needed). */
 export function slotShape(cfg: MoeConfig, name: string): [number, number] {
   const h = cfg.hiddenSize, d = cfg.headDim;
@@ -164,6 +197,8 @@ export class LoraModel {
       if (this.linears.size + this.experts.size === 0) {
         throw new Error(`LoRA: target_modules ${JSON.stringify(config.targetModules)} matched no module`);
       }
+      const typo = unmatchedTargets(config.targetModules, linearSlots(decoder).map((s) => s.name));
+      if (typo) throw new Error(typo);
     } catch (e) {
       this.dispose(); // the layers adapted so far go back
       throw e;

@@ -58,6 +58,37 @@ function grads(ps: Tensor[]): number[][] {
   return ps.map((p) => tidy(() => p.grad?.toArray() ?? []));
 }
 
+Deno.test("policy: a target name that is no module is refused (it used to leave that module untrained)", async () => {
+  using model = await loadModel(join(FIXTURES, "phimoe-tiny"), { device: DEVICE });
+  const live = liveTensors();
+  for (
+    const [targetModules, reason] of [
+      [["q_prj", "v_proj"], /target_modules "q_prj" matches no linear layer of this model/],
+      [["Q_PROJ"], /"Q_PROJ" matches no linear layer/],
+      [["mlp"], /"mlp" matches no linear layer/],
+      ["q_proj", /"q_proj" \(a regular expression over full names\) matches no linear layer/],
+    ] as const
+  ) {
+    assert.throws(() => new Policy(model, { lora: { ...LORA, targetModules } }), (e: Error) => {
+      assert.match(e.message, reason);
+      assert.match(e.message, /its linear layers are named q_proj, k_proj, v_proj, o_proj, gate, lm_head/);
+      return true;
+    });
+    assert.equal(liveTensors(), live, "the refused adapters are freed");
+  }
+  // A name of the family that this model lacks (PhiMoE has no dense MLP) is fine, as is a regular expression.
+  for (const targetModules of [["q_proj", "gate_proj"], ".*\\.(q|v)_proj"]) {
+    const policy = new Policy(model, { lora: { ...LORA, targetModules } });
+    assert.deepEqual(
+      [...policy.lora.linears.keys()].map((n) => n.slice(n.lastIndexOf(".") + 1)).filter((n, i, a) =>
+        a.indexOf(n) === i
+      ),
+      typeof targetModules === "string" ? ["q_proj", "v_proj"] : ["q_proj"],
+    );
+    policy.dispose();
+  }
+});
+
 Deno.test("policy: adapters, outputs and gradients", async (t) => {
   manualSeed(0);
   const live = liveTensors();
