@@ -102,7 +102,11 @@ export interface RlConfig {
   moe: MoeRoutingConfig;
 }
 
-/** Overrides of some keys of some sections, as a notebook passes them. */
+/**
+ * Overrides of some keys of some sections, as a notebook passes them. Other top-level keys are ignored, so
+ * that a whole training config can be passed, except near-misses of the four section names ("rolout", "PPO"),
+ * which {@link rlConfig} refuses: a misspelt section would otherwise leave its settings at their defaults.
+ */
 export type RlOverrides = { [S in keyof RlConfig]?: Partial<RlConfig[S]> };
 
 /** The defaults (configs/default.yaml). */
@@ -173,12 +177,30 @@ export const PPO_CHECKS: Checks<PpoConfig> = {
 /** The check of every `moe` setting. */
 export const MOE_CHECKS: Checks<MoeRoutingConfig> = { routingReplay: oneOf("off", "rollout") };
 
+const RL_SECTIONS = ["rollout", "ppo", "reward", "moe"] as const;
+
+/** Same letters but for case, or one edit (insert, delete, replace, swap of neighbours) apart. */
+function nearMiss(a: string, b: string): boolean {
+  a = a.toLowerCase(), b = b.toLowerCase();
+  if (a === b) return true;
+  if (Math.abs(a.length - b.length) > 1) return false;
+  let i = 0;
+  while (i < a.length && i < b.length && a[i] === b[i]) i++;
+  const rest = (x: string, n: number): string => x.slice(i + n);
+  return rest(a, 1) === rest(b, 1) || rest(a, 1) === rest(b, 0) || rest(a, 0) === rest(b, 1) ||
+    (a[i] === b[i + 1] && a[i + 1] === b[i] && rest(a, 2) === rest(b, 2));
+}
+
 /**
  * The defaults with overrides applied, every key checked.
  * @throws {RangeError} naming the section and key of every bad value
  */
 export function rlConfig(overrides: RlOverrides = {}): RlConfig {
   const d = DEFAULT_RL_CONFIG;
+  for (const key of Object.keys(overrides)) {
+    const meant = RL_SECTIONS.find((s) => key !== s && nearMiss(key, s));
+    if (meant) throw new RangeError(`${key}: unknown section (did you mean ${meant}?)`);
+  }
   const cfg: RlConfig = {
     rollout: { ...d.rollout, ...overrides.rollout },
     ppo: { ...d.ppo, ...overrides.ppo },

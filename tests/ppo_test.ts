@@ -96,8 +96,14 @@ Deno.test("rl config: every bad value names its section and key", () => {
       { rollout: { kk: 3 } as unknown as RlOverrides["rollout"] },
       /rollout\.kk: unknown setting \(known: k, /,
     ],
+    // So is a misspelt section; other keys are ignored, so that a whole training config can be given.
+    [{ rolout: { k: 1 } } as RlOverrides, /rolout: unknown section \(did you mean rollout\?\)/],
+    [{ PPO: { epochs: 2 } } as RlOverrides, /PPO: unknown section \(did you mean ppo\?\)/],
+    [{ rewrad: {} } as RlOverrides, /rewrad: unknown section \(did you mean reward\?\)/],
   ];
   for (const [over, re] of bad) assert.throws(() => rlConfig(over), re);
+  const whole = { model: {}, train: {}, data: {}, eval: {}, ppo: { epochs: 2 } } as RlOverrides;
+  assert.equal(rlConfig(whole).ppo.epochs, 2);
 });
 
 Deno.test("rl: collect, learn and ppoStep on the tiny model", async (t) => {
