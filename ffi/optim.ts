@@ -34,13 +34,31 @@ export interface AdamState {
   expAvgSq: Tensor;
 }
 
+function checkGroup(g: Required<ParamGroup>, i: number, where: string): void {
+  const bad = (what: string, v: unknown, expected: string): never => {
+    throw new RangeError(`${where}: group ${i}'s ${what} must be ${expected}, got ${v}`);
+  };
+  if (!(Number.isFinite(g.lr) && g.lr >= 0)) bad("lr", g.lr, "a finite number >= 0");
+  if (!(Number.isFinite(g.weightDecay) && g.weightDecay >= 0)) {
+    bad("weightDecay", g.weightDecay, "a finite number >= 0");
+  }
+  if (!(Array.isArray(g.betas) && g.betas.length === 2 && g.betas.every((b) => b >= 0 && b < 1))) {
+    bad("betas", JSON.stringify(g.betas), "two numbers in [0, 1)");
+  }
+  if (!(Number.isFinite(g.eps) && g.eps > 0)) bad("eps", g.eps, "a finite number > 0");
+}
+
 /** AdamW (Loshchilov & Hutter), matching torch.optim.AdamW without amsgrad. */
 export class AdamW {
   /** The groups, defaults filled in; change `lr` here to schedule. */
   readonly groups: Required<ParamGroup>[];
   #state = new Map<Tensor, AdamState>();
 
-  /** Creates the optimizer; state is allocated on each parameter's first step. */
+  /**
+   * Creates the optimizer; state is allocated on each parameter's first step.
+   * @throws {RangeError} naming the group and setting, for a learning rate or weight decay that is not a
+   *   finite number ≥ 0, betas outside [0, 1) or an eps that is not > 0 (as torch.optim refuses them)
+   */
   constructor(groups: ParamGroup[]) {
     this.groups = groups.map((g) => ({
       params: g.params,
@@ -49,6 +67,7 @@ export class AdamW {
       betas: g.betas ?? [0.9, 0.999],
       eps: g.eps ?? 1e-8,
     }));
+    this.groups.forEach((g, i) => checkGroup(g, i, "AdamW"));
   }
 
   /**
@@ -70,6 +89,8 @@ export class AdamW {
         );
       }
     }
+    // Settings may have changed since construction (a schedule sets lr): a NaN would poison every parameter.
+    this.groups.forEach((g, i) => checkGroup(g, i, "AdamW.step"));
     for (const g of this.groups) {
       for (const p of g.params) {
         if (chosen && !chosen.has(p)) continue;

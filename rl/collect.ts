@@ -90,6 +90,11 @@ export async function collect(
 ): Promise<RolloutBuffer> {
   if (prompts.length === 0) throw new RangeError("collect: no prompts");
   const { rollout: c, reward: rewardCfg } = rlConfig(cfg);
+  for (const [what, v] of [["seed", opts.seed], ["firstPrompt", opts.firstPrompt]] as const) {
+    if (v !== undefined && !(Number.isSafeInteger(v) && v >= 0)) { // hashed as 32-bit: NaN would be seed 0
+      throw new RangeError(`collect: ${what} must be an integer >= 0, got ${v}`);
+    }
+  }
   if (opts.generator && opts.seed !== undefined) {
     throw new RangeError("collect: give a generator or a seed, not both");
   }

@@ -488,6 +488,12 @@ export function learn(
     );
   }
   const maxNorm = opts.maxGradNorm ?? 1;
+  if (opts.seed !== undefined && !(Number.isSafeInteger(opts.seed) && opts.seed >= 0)) {
+    throw new RangeError(`learn: seed must be an integer >= 0, got ${opts.seed}`);
+  }
+  if (!(Number.isFinite(maxNorm) && maxNorm >= 0)) { // NaN or a negative would switch clipping off unseen
+    throw new RangeError(`learn: maxGradNorm must be a finite number >= 0 (0: no clipping), got ${maxNorm}`);
+  }
   const run: Run = {
     policy,
     optimizer,

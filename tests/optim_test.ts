@@ -169,6 +169,30 @@ Deno.test("optim: step(only) refuses a parameter the optimizer does not hold, be
   });
 });
 
+Deno.test("optim: settings torch.optim refuses are refused, at construction and when a schedule sets them", () => {
+  assertNoLeak(() => {
+    using p = param([1, 2]);
+    for (
+      const [group, reason] of [
+        [{ lr: NaN }, /AdamW: group 0's lr must be a finite number >= 0, got NaN/],
+        [{ lr: -1 }, /lr must be a finite number >= 0, got -1/],
+        [{ lr: 1, weightDecay: -0.1 }, /weightDecay must be a finite number >= 0/],
+        [{ lr: 1, betas: [1.5, 0.9] }, /betas must be two numbers in \[0, 1\), got \[1\.5,0\.9\]/],
+        [{ lr: 1, eps: 0 }, /eps must be a finite number > 0, got 0/],
+      ] as const
+    ) {
+      assert.throws(() => new AdamW([{ params: [p], ...group } as ParamGroup]), reason);
+    }
+    using c = tensor([1, 1], F64);
+    using opt = new AdamW([{ params: [p], lr: 0.1 }]);
+    lossBackward([p], [c]);
+    opt.groups[0]!.lr = NaN; // a schedule gone wrong
+    assert.throws(() => opt.step(), /AdamW\.step: group 0's lr must be a finite number >= 0, got NaN/);
+    assert.deepEqual(p.toArray(), [1, 2], "nothing updated");
+    opt.zeroGrad();
+  });
+});
+
 Deno.test("optim: moments of the wrong shape are refused before anything changes", () => {
   assertNoLeak(() => {
     using w = param([1, 2]);

@@ -324,6 +324,20 @@ Deno.test("rl: collect, learn and ppoStep on the tiny model", async (t) => {
           () => learn(policy, opt, buf, { ppo: { minibatches: 3 } }),
           /ppo\.minibatches \(3\) must divide the update's 4 sequences/,
         );
+        assert.throws(
+          () => learn(policy, opt, buf, CFG, { seed: 1.5 }),
+          /learn: seed must be an integer >= 0/,
+        );
+        await assert.rejects(
+          () => collect(policy, tok, prompts, CFG, { seed: NaN }),
+          /collect: seed must be an integer >= 0, got NaN/,
+        );
+        for (const maxGradNorm of [NaN, -1]) {
+          assert.throws(
+            () => learn(policy, opt, buf, CFG, { maxGradNorm }),
+            /learn: maxGradNorm must be a finite number >= 0 \(0: no clipping\)/,
+          );
+        }
       },
     );
 
