@@ -48,7 +48,21 @@ function flatten(x: NestedArray, shape: number[], out: number[], depth: number):
   for (const v of x) flatten(v, shape, out, depth + 1);
 }
 
+/** The values each integer dtype holds (int64: the doubles below 2^63, which is itself a double). */
+const INT_RANGE: Partial<Record<DType, [number, number]>> = {
+  int64: [-(2 ** 63), 2 ** 63 - 1024],
+  int32: [-(2 ** 31), 2 ** 31 - 1],
+  int16: [-(2 ** 15), 2 ** 15 - 1],
+  int8: [-128, 127],
+  uint8: [0, 255],
+};
+
 function toTyped(values: number[], dtype: DType): TensorData {
+  const range = INT_RANGE[dtype];
+  if (range) { // a typed array would wrap them (300 → 44 as uint8) where PyTorch refuses
+    const i = values.findIndex((v) => !(Math.trunc(v) >= range[0] && Math.trunc(v) <= range[1]));
+    if (i >= 0) throw new RangeError(`tensor: value ${values[i]} at ${i} does not fit ${dtype}`);
+  }
   switch (dtype) {
     case "float64":
       return Float64Array.from(values);

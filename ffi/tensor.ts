@@ -176,7 +176,9 @@ export class Tensor extends Handle {
   size(d: number): number {
     const s = this.#m().shape;
     const i = d < 0 ? s.length + d : d;
-    if (i < 0 || i >= s.length) throw new RangeError(`size(${d}): tensor has ${s.length} dims`);
+    if (!Number.isInteger(i) || i < 0 || i >= s.length) {
+      throw new RangeError(`size(${d}): tensor has ${s.length} dims`);
+    }
     return s[i]!;
   }
 
@@ -383,8 +385,12 @@ export class Tensor extends Handle {
       src,
     );
   }
-  /** A copy with value where mask is true. */
+  /**
+   * A copy with value where mask is true.
+   * @throws {TypeError} for a mask that is not bool (libtorch 1.13 ignores a float one silently; 2.x refuses it)
+   */
   maskedFill(mask: Tensor, value: number): Tensor {
+    if (mask.dtype !== "bool") throw new TypeError(`masked_fill: the mask must be bool, got ${mask.dtype}`);
     return wrap("masked_fill", shim().mt_masked_fill(c(), this.ptr, mask.ptr, value), this, mask);
   }
 

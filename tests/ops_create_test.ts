@@ -59,6 +59,20 @@ Deno.test("creation", async (t) => {
     expectExact(ids([2.7, -2.7]), [2], [2, -2], "int64");
     // Numbers with dtype bool: non-zero is true.
     expectExact(tensor([0, 2, -1], BOOL), [3], [0, 1, 1], "bool");
+    // Values an integer dtype cannot hold are refused, as PyTorch does (a typed array would wrap them).
+    for (
+      const [values, dtype, reason] of [
+        [[1, 300], "uint8", /value 300 at 1 does not fit uint8/],
+        [[-1], "uint8", /value -1 at 0 does not fit uint8/],
+        [[200], "int8", /value 200 at 0 does not fit int8/],
+        [[1e10], "int32", /value 10000000000 at 0 does not fit int32/],
+        [[NaN], "int64", /value NaN at 0 does not fit int64/],
+        [[2 ** 63], "int64", /does not fit int64/],
+      ] as const
+    ) {
+      assert.throws(() => tensor([...values], { dtype, device: DEVICE }), reason);
+    }
+    expectExact(tensor([255, 0], { dtype: "uint8", device: DEVICE }), [2], [255, 0], "uint8");
   });
 
   await step(t, "fromTypedArray", () => {
@@ -154,6 +168,8 @@ Deno.test("creation", async (t) => {
     assert.equal(x.size(-3), 2);
     assert.throws(() => x.size(3), RangeError);
     assert.throws(() => x.size(-4), RangeError);
+    assert.throws(() => x.size(NaN), /size\(NaN\): tensor has 3 dims/);
+    assert.throws(() => x.size(0.5), RangeError);
     // shape is a copy.
     const s = x.shape;
     s[0] = 99;
