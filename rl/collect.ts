@@ -88,6 +88,7 @@ export async function collect(
   cfg: RlOverrides = {},
   opts: CollectOptions = {},
 ): Promise<RolloutBuffer> {
+  policy.checkAlive("collect");
   if (prompts.length === 0) throw new RangeError("collect: no prompts");
   const { rollout: c, reward: rewardCfg } = rlConfig(cfg);
   for (const [what, v] of [["seed", opts.seed], ["firstPrompt", opts.firstPrompt]] as const) {

@@ -455,6 +455,7 @@ export function learn(
   cfg: RlOverrides = {},
   opts: LearnOptions = {},
 ): LearnMetrics {
+  policy.checkAlive("learn");
   const { ppo: c, moe } = rlConfig(cfg);
   const dp = opts.replicas ?? Replicas.single();
   const k = buffer.k;

@@ -194,6 +194,7 @@ export class Policy {
   checkpointing: boolean;
   /** Tokens per LM-head chunk (see {@link PolicyOptions.headChunk}). */
   readonly headChunk: number;
+  #disposed = false;
 
   /** Adds adapters and a fresh value head to model. */
   constructor(model: CausalLM, opts: PolicyOptions, valueHead?: ValueHead) {
@@ -221,7 +222,21 @@ export class Policy {
     this.lora.state.training = training;
   }
 
+  /** True once {@link dispose}d: the model then runs without these adapters, so nothing may use it. */
+  get disposed(): boolean {
+    return this.#disposed;
+  }
+
+  /**
+   * Throws when the policy was disposed (its model would silently run as the base model).
+   * @throws {Error} naming what tried to use it
+   */
+  checkAlive(what: string): void {
+    if (this.#disposed) throw new Error(`${what}: the policy was disposed (its adapters are gone)`);
+  }
+
   #input(batch: SequenceBatch, opts: PassOptions): ForwardInput {
+    this.checkAlive("Policy");
     return {
       inputIds: batch.inputIds,
       positionIds: batch.positionIds,
@@ -383,6 +398,8 @@ export class Policy {
 
   /** Removes the adapters and frees them and the value head (the model stays loaded). */
   dispose(): void {
+    if (this.#disposed) return;
+    this.#disposed = true;
     this.lora.dispose();
     this.valueHead.dispose();
   }

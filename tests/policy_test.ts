@@ -23,6 +23,8 @@ import { leftPad } from "../model/padding.ts";
 import { DEFAULT_LORA, type LoraConfig, loraParamCount } from "../model/lora_apply.ts";
 import { loadModel } from "../model/model.ts";
 import { Policy, type SequenceBatch } from "../rl/policy.ts";
+import { collect } from "../rl/collect.ts";
+import { Tokenizer } from "../model/tokenizer.ts";
 import { assertClose, DEVICE } from "./util.ts";
 
 const FIXTURES = join(import.meta.dirname!, "fixtures", "models");
@@ -75,6 +77,24 @@ Deno.test("policy: a target name that is no module is refused (it used to leave 
       return true;
     });
     assert.equal(liveTensors(), live, "the refused adapters are freed");
+  }
+  // A disposed policy is refused: its model would run without the adapters, as the base model, in silence.
+  {
+    const policy = new Policy(model, { lora: LORA });
+    policy.dispose();
+    policy.dispose(); // twice is fine
+    assert.ok(policy.disposed);
+    assert.throws(
+      () => tidy(() => policy.forward(batch())),
+      /Policy: the policy was disposed \(its adapters are gone\)/,
+    );
+    assert.throws(() => tidy(() => policy.reference(batch())), /the policy was disposed/);
+    const tok = await Tokenizer.load(join(FIXTURES, "qwen3-moe-tiny")); // any: refused before it is used
+    await assert.rejects(
+      () => collect(policy, tok, [{ ids: [5, 6], answer: "1" }]),
+      /collect: the policy was disposed/,
+    );
+    assert.equal(liveTensors(), live);
   }
   // A name of the family that this model lacks (PhiMoE has no dense MLP) is fine, as is a regular expression.
   for (const targetModules of [["q_proj", "gate_proj"], ".*\\.(q|v)_proj"]) {
