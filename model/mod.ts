@@ -96,6 +96,7 @@ export {
 } from "./generate.ts";
 export { KVCache, type KVStore, StaticKVView } from "./kv_cache.ts";
 export {
+  DECODE_MODES,
   DecodeBuffers,
   type DecodeMode,
   DecodeSession,
@@ -126,6 +127,7 @@ export {
   expertForwardAll,
   type ExpertNames,
   loadBalancingLoss,
+  MOE_DISPATCHES,
   type MoeDispatch,
 } from "./moe.ts";
 export {
