@@ -221,17 +221,15 @@ function rational(raw: string | number): Rational | null {
 /**
  * A gold answer as a canonical number string: a number; a string that is one
  * number (optionally with `$`, commas, `%` or a trailing period, e.g. "1,000");
- * or a GSM8K solution, whose number after the last `#### ` is taken (strict
- * extraction). Null when it is none of these.
+ * or a GSM8K solution, whose last `#### ` must be followed by one such number
+ * and nothing else. Null when it is none of these.
  */
 export function parseGold(gold: string | number): string | null {
   if (typeof gold === "number") return normalizeNumber(gold);
   if (typeof gold !== "string") return null;
-  // The last marker is the answer; one that holds no number makes the gold malformed, not an earlier one right.
-  if (gold.includes("####")) {
-    return extractAnswer(gold.slice(gold.lastIndexOf("####")), { mode: "strict" }).value;
-  }
-  const m = WHOLE_NUMBER_RE.exec(gold);
+  // The last marker is the answer, and all that follows it must be the number: "#### 1e400" or "#### 1.5.6"
+  // would otherwise read as 1 and 1.5. A marker without one makes the gold malformed, not an earlier one right.
+  const m = WHOLE_NUMBER_RE.exec(gold.includes("####") ? gold.slice(gold.lastIndexOf("####") + 4) : gold);
   const r = m && tokenValue(m.groups!.sign, m.groups!.body!);
   return r ? canonical(r) : null;
 }
