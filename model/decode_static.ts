@@ -243,9 +243,14 @@ export class DecodeBuffers {
           'decode "graph" needs dispatch "dense" or "grouped": "loop" reads the routing back to the host',
         );
       }
-      g = new CudaGraph(this.keyMask.device, { pool: s.pool, eager: !s.graphs });
-      this.#graphs.set(key, g);
-      g.warmup(fn);
+      const fresh = new CudaGraph(this.keyMask.device, { pool: s.pool, eager: !s.graphs });
+      try {
+        fresh.warmup(fn);
+      } catch (e) {
+        fresh.dispose(); // kept, the window's next step would be captured without its warm-up
+        throw e;
+      }
+      this.#graphs.set(key, fresh);
       s.stats.warmups++;
       return;
     }

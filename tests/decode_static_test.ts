@@ -216,3 +216,29 @@ Deno.test("decode static: collect with rollout.decode draws what eager draws, on
   assert.equal(nativeLiveCount(), native);
   policy.dispose();
 });
+
+Deno.test("decode static: a step that fails in its warm-up leaves no half-made graph behind", async () => {
+  using model = await loadModel(join(FIXTURES, "qwen3-moe-tiny"), { dtype: FLOAT, device: DEVICE });
+  const decoder = model.decoder;
+  const want = await generate(decoder, [[1, 2, 3]], { maxNewTokens: 5 });
+  using session = new DecodeSession(decoder, { graphs: true });
+  const forward = decoder.forward;
+  // The first decode step (the only pass on the static cache) fails, as an out-of-memory would.
+  decoder.forward = (input) => {
+    if (input.cache instanceof StaticKVView) throw new Error("out of memory in the warm-up");
+    return forward.call(decoder, input);
+  };
+  try {
+    await assert.rejects(
+      () => generate(decoder, [[1, 2, 3]], { maxNewTokens: 5, decodeMode: "graph", session }),
+      /out of memory in the warm-up/,
+    );
+  } finally {
+    decoder.forward = forward;
+  }
+  assert.equal(session.stats.warmups, 0);
+  // The window is warmed up again before it is captured (a kept graph would have been captured unwarmed).
+  const again = await generate(decoder, [[1, 2, 3]], { maxNewTokens: 5, decodeMode: "graph", session });
+  assert.deepEqual(again.tokens, want.tokens);
+  assert.deepEqual([session.stats.warmups, session.stats.captures], [1, 1]);
+});
