@@ -80,7 +80,18 @@ export async function loadModel(idOrPath: string, opts: LoadModelOptions = {}): 
   const dir = await resolveModel(idOrPath, opts.hub);
   const config = await loadModelConfig(join(dir, "config.json"));
   using ckpt = await Checkpoint.open(dir);
-  return await build(config, new CheckpointSource(ckpt), dir, opts);
+  const src = new CheckpointSource(ckpt);
+  const model = await build(config, src, dir, opts);
+  // As transformers warns: weights the config does not use usually mean config.json does not match them.
+  const unused = src.unread().filter((n) => !n.endsWith("rotary_emb.inv_freq")); // a buffer, not a weight
+  if (unused.length) {
+    console.warn(
+      `moerl: ${dir}: ${unused.length} tensor${unused.length === 1 ? " is" : "s are"} not used by its ` +
+        `config.json (first: ${unused[0]}); does the config match the weights (num_hidden_layers, ` +
+        "tie_word_embeddings, num_local_experts)?",
+    );
+  }
+  return model;
 }
 
 /**

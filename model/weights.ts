@@ -21,6 +21,7 @@ export interface TensorSource {
 /** Serves a checkpoint's tensors, checking each shape against the config's. */
 export class CheckpointSource implements TensorSource {
   readonly #ckpt: Checkpoint;
+  readonly #read = new Set<string>();
   /** Reads from ckpt. */
   constructor(ckpt: Checkpoint) {
     this.#ckpt = ckpt;
@@ -43,7 +44,12 @@ export class CheckpointSource implements TensorSource {
         }]`,
       );
     }
+    this.#read.add(name);
     return await this.#ckpt.load(name, opts);
+  }
+  /** The checkpoint's tensors that no load asked for, in file order. */
+  unread(): string[] {
+    return this.#ckpt.names().filter((n) => !this.#read.has(n));
   }
 }
 

@@ -19,6 +19,7 @@ import {
   writeSafetensors,
 } from "../model/mod.ts";
 import { DEVICE, PYTHON, pythonHas } from "./util.ts";
+import { loadModel } from "../model/model.ts";
 
 const MODELS = fileURLToPath(new URL("./fixtures/models/", import.meta.url));
 const DEVICE_NAME = DEVICE === "cuda" ? "cuda:0" : DEVICE;
@@ -608,4 +609,36 @@ print(json.dumps({"meta": meta, "dtypes": {k: str(v.dtype) for k, v in t.items()
       );
     });
   },
+});
+
+Deno.test("loadModel warns about checkpoint tensors its config does not use, as transformers does", async () => {
+  const src = join(MODELS, "qwen3-moe-tiny");
+  const warnings: string[] = [];
+  const warn = console.warn;
+  console.warn = (...args: unknown[]): void => void warnings.push(args.join(" "));
+  const dir = await Deno.makeTempDir({ prefix: "moerl_unused_" });
+  try {
+    (await loadModel(src)).dispose();
+    assert.deepEqual(warnings, [], "a matching checkpoint loads quietly");
+    // One layer fewer in config.json than in the weights: the model loads, with a word about the rest.
+    const cfg = JSON.parse(await Deno.readTextFile(join(src, "config.json")));
+    await Deno.writeTextFile(
+      join(dir, "config.json"),
+      JSON.stringify({ ...cfg, num_hidden_layers: cfg.num_hidden_layers - 1 }),
+    );
+    await Deno.copyFile(join(src, "model.safetensors"), join(dir, "model.safetensors"));
+    (await loadModel(dir)).dispose();
+    assert.equal(warnings.length, 1);
+    assert.match(
+      warnings[0]!,
+      new RegExp(
+        `\\d+ tensors are not used by its config\\.json \\(first: model\\.layers\\.${
+          cfg.num_hidden_layers - 1
+        }\\..*\\); does the config match the weights \\(num_hidden_layers`,
+      ),
+    );
+  } finally {
+    console.warn = warn;
+    await Deno.remove(dir, { recursive: true });
+  }
 });
