@@ -6,14 +6,21 @@
  * or named in the error (a checkpoint or adapter folder, which nothing else can stand for).
  * @module
  */
-import { join } from "node:path";
-import { isFile } from "../model/json.ts";
+import { basename, dirname, join } from "node:path";
+import { isDirectory, isFile } from "../model/json.ts";
 import { ADAPTER_CONFIG } from "../model/peft.ts";
 import type { Replicas } from "../rl/replicas.ts";
 import { ADAPTER_DIR, latestCheckpoint } from "../train/checkpoint.ts";
 
 /** The PEFT folder an --adapter argument names: itself, its `adapter/`, or its newest checkpoint's. */
 export async function resolveAdapter(path: string): Promise<string> {
+  if (!(await isDirectory(path))) { // said plainly, rather than as a stat error inside it
+    if (basename(path) === ADAPTER_CONFIG && await isFile(path)) return dirname(path); // its file, meant as it
+    throw new Error(
+      `${path}: ${await isFile(path) ? "a file" : "does not exist"}; give an adapter folder (holding ` +
+        `${ADAPTER_CONFIG}), a checkpoint folder or a run folder`,
+    );
+  }
   if (await isFile(join(path, ADAPTER_CONFIG))) return path;
   if (await isFile(join(path, ADAPTER_DIR, ADAPTER_CONFIG))) return join(path, ADAPTER_DIR);
   const latest = await latestCheckpoint(path);

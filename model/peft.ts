@@ -17,7 +17,8 @@ import { join } from "node:path";
 import { type Tensor, tidy } from "../ffi/mod.ts";
 import type { MoeConfig } from "./config.ts";
 import { isFile, readJsonObject } from "./json.ts";
-import { type LoraConfig, LoraModel } from "./lora_apply.ts";
+import { LORA_CHECKS, type LoraConfig, LoraModel } from "./lora_apply.ts";
+import type { Check } from "./settings.ts";
 import type { CausalLM } from "./model.ts";
 import { writeAtomic } from "./atomic_write.ts";
 import { SafetensorsFile } from "./safetensors.ts";
@@ -199,8 +200,14 @@ export async function readAdapterConfig(dir: string): Promise<AdapterConfig> {
     throw new Error(`${path}: peft_type ${JSON.stringify(pc.peft_type)}, only LORA is supported`);
   }
   const r = pc.r, alpha = pc.lora_alpha ?? 8, dropout = pc.lora_dropout ?? 0; // PEFT's defaults
-  for (const [k, v] of [["r", r], ["lora_alpha", alpha], ["lora_dropout", dropout]] as const) {
-    if (typeof v !== "number") throw new Error(`${path}: ${k} must be a number, got ${JSON.stringify(v)}`);
+  // The checks a LoRA setting gets anywhere (model/lora_apply.ts), named by the file's keys.
+  const checks: [string, unknown, Check][] = [
+    ["r", r, LORA_CHECKS.r],
+    ["lora_alpha", alpha, LORA_CHECKS.alpha],
+    ["lora_dropout", dropout, LORA_CHECKS.dropout],
+  ];
+  for (const [k, v, check] of checks) {
+    if (!check.ok(v)) throw new Error(`${path}: ${k} must be ${check.expected}, got ${JSON.stringify(v)}`);
   }
   for (const k of ["use_dora", "use_rslora", "fan_in_fan_out"]) {
     if (pc[k]) throw new Error(`${path}: ${k} is not supported`);
@@ -305,5 +312,6 @@ function planLoad(keys: string[], model: CausalLM, file: string): LoadPlan {
       );
     }
   }
+  if (plan.linears.length === 0 && !plan.experts) throw new Error(`${file}: holds no LoRA weights`);
   return plan;
 }

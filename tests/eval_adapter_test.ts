@@ -114,7 +114,17 @@ Deno.test("evaluate adapter: an adapter's own load error is passed on, not taken
     );
     assert.equal(calls, 1);
     assert.equal(await resolveAdapter(run), join(run, "checkpoint-10", ADAPTER_DIR));
-    await assert.rejects(resolveAdapter(join(run, "nothing")), /no adapter_config\.json here/);
+    await assert.rejects(
+      resolveAdapter(join(run, "nothing")),
+      /nothing: does not exist; give an adapter folder \(holding adapter_config\.json\), a checkpoint folder/,
+    );
+    await Deno.mkdir(join(run, "empty"));
+    await assert.rejects(resolveAdapter(join(run, "empty")), /empty: no adapter_config\.json here/);
+    const cfgFile = join(run, "checkpoint-10", ADAPTER_DIR, "adapter_config.json");
+    assert.equal(await resolveAdapter(cfgFile), join(run, "checkpoint-10", ADAPTER_DIR), "its config file");
+    const weights = join(run, "checkpoint-10", "trainer_state.json");
+    await Deno.writeTextFile(weights, "{}");
+    await assert.rejects(resolveAdapter(weights), /trainer_state\.json: a file; give an adapter folder/);
   } finally {
     await Deno.remove(run, { recursive: true });
   }

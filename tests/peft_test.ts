@@ -158,12 +158,24 @@ Deno.test("peft: bad adapters are rejected with the file and key named", async (
       const [text, reason] of [
         ["{", /adapter_config\.json is not valid JSON/],
         ["null", /adapter_config\.json must hold a JSON object/],
-        [JSON.stringify({ ...cfg, r: "4" }), /adapter_config\.json: r must be a number, got "4"/],
+        [JSON.stringify({ ...cfg, r: "4" }), /adapter_config\.json: r must be an integer ≥ 1, got "4"/],
+        [JSON.stringify({ ...cfg, r: 0 }), /adapter_config\.json: r must be an integer ≥ 1, got 0/],
+        [
+          JSON.stringify({ ...cfg, lora_dropout: 1 }),
+          /adapter_config\.json: lora_dropout must be a number in \[0, 1\)/,
+        ],
       ] as const
     ) {
       await Deno.writeTextFile(cfgFile, text);
       await assert.rejects(() => loadPeftAdapter(dir, model), reason);
     }
+    // A weights file without a LoRA tensor is named as such (it read as "target_modules [] matched no module").
+    await Deno.writeTextFile(cfgFile, JSON.stringify(cfg));
+    await writeSafetensors(join(dir, "adapter_model.safetensors"), {});
+    await assert.rejects(
+      () => loadPeftAdapter(dir, model),
+      /adapter_model\.safetensors: holds no LoRA weights/,
+    );
   } finally {
     await Deno.remove(dir, { recursive: true });
   }
