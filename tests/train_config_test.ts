@@ -106,6 +106,16 @@ Deno.test("config: unknown keys at any depth are named with the file, the full p
   const deep = configError(() => applyOverrides(DEFAULTS, { lora: { targetExpert: true } }, "y.yaml"));
   assert.equal(deep, "y.yaml: unknown key lora.targetExpert (did you mean targetExperts?)");
   assert.equal(suggestKey("zzzzzz", ["r", "alpha"]), null);
+  // Two letters swapped is one slip, also in short section names.
+  const sections = Object.keys(DEFAULTS);
+  for (
+    const [typo, meant] of [["trian", "train"], ["modle", "model"], ["lroa", "lora"], [
+      "rolluot",
+      "rollout",
+    ]] as const
+  ) {
+    assert.equal(suggestKey(typo, sections), meant);
+  }
 });
 
 Deno.test("config: type mismatches name the key, what was expected and what came", () => {
