@@ -4,6 +4,7 @@
  * @module
  */
 import { join } from "node:path";
+import { type Device, type DType, linear, ones, tidy, TorchError, torchVersion } from "../ffi/mod.ts";
 import { Checkpoint } from "./checkpoint.ts";
 import { loadModelConfig, type MoeConfig } from "./config.ts";
 import type { Decoder } from "./decoder.ts";
@@ -102,6 +103,26 @@ export async function randomModel(config: MoeConfig, opts: ModelOptions = {}): P
   return await build(config, new RandomSource(), "", opts);
 }
 
+/**
+ * Refuses a dtype whose matmul this libtorch lacks on the device (float16 on the CPU of libtorch 1.13), which
+ * would otherwise fail deep in the first forward (or the LoRA initialisation) naming a kernel, not the setting.
+ */
+function checkDtypeRuns(dtype: DType | undefined, device: Device | undefined): void {
+  if (dtype === undefined || dtype === "float32") return;
+  try {
+    tidy(() => linear(ones([1, 2], { dtype, device }), ones([2, 2], { dtype, device })));
+  } catch (e) {
+    if (!(e instanceof TorchError)) throw e;
+    throw new Error(
+      `dtype ${dtype} on ${
+        device ?? "cpu"
+      }: libtorch ${torchVersion()} cannot compute a matmul in it there ` +
+        `(${e.message}); choose another dtype (float32, or bfloat16)`,
+      { cause: e },
+    );
+  }
+}
+
 async function build(
   config: MoeConfig,
   src: TensorSource,
@@ -120,6 +141,7 @@ async function build(
     throw new RangeError(`attention: expected ${ATTENTION_CHECK.expected}, got ${describe(impl)}`);
   }
   resolveAttention(impl); // "sdpa" on a libtorch without it fails here, before any weight is read
+  checkDtypeRuns(opts.dtype, opts.device);
   const weights = new WeightLoader(src, { dtype: opts.dtype, device: opts.device });
   try {
     const decoder = config.modelType === "qwen3_moe"

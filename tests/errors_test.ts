@@ -24,6 +24,7 @@ import {
   zeros,
 } from "../ffi/mod.ts";
 import { assertClose, assertNoLeak, DEVICE, FLOAT } from "./util.ts";
+import { loadModel } from "../model/model.ts";
 
 const FL = { dtype: FLOAT, device: DEVICE } as const;
 const CPU_I64 = { dtype: "int64", device: "cpu" } as const;
@@ -331,6 +332,23 @@ Deno.test({ name: "errors: CUDA requested where it is unavailable", ignore: cuda
       match: [/CUDA is not available/],
     }, "synchronize");
   });
+});
+
+Deno.test("errors: a model dtype this libtorch cannot compute in on the device is named as the setting", async () => {
+  const dir = new URL("./fixtures/models/qwen3-moe-tiny", import.meta.url).pathname;
+  const live = liveTensors();
+  // float16 matmuls on the CPU exist from libtorch 2.x on; 1.13 lacks them. Either it runs, or the error
+  // names the dtype (it named an internal kernel, from deep in the first forward).
+  try {
+    using model = await loadModel(dir, { dtype: "float16", device: "cpu" });
+    assert.equal(model.decoder.embed.dtype, "float16");
+  } catch (e) {
+    assert.match(
+      (e as Error).message,
+      /^dtype float16 on cpu: libtorch [\d.]+ cannot compute a matmul in it/,
+    );
+  }
+  assert.equal(liveTensors(), live);
 });
 
 Deno.test("errors: after all of the above, nothing is left alive", () => {
