@@ -106,6 +106,11 @@ export class LoraLinear implements LinearLayer {
     return [this.A, this.B];
   }
 
+  /** Whether {@link merge} can work: the base is a full-precision Linear. */
+  get mergeable(): boolean {
+    return this.base instanceof Linear;
+  }
+
   /** Adds B A · α/r into the base weight (full-precision Linear bases only). */
   merge(): void {
     if (this.merged) return;

@@ -220,6 +220,13 @@ export class LoraModel {
 
   /** Merges every adapter into the base weights (generation without adapter overhead). */
   merge(): void {
+    // Checked first: undoing merges is exact only up to rounding (W + BA − BA).
+    const stuck = [...this.linears, ...this.experts].find(([, m]) => !m.merged && !m.mergeable);
+    if (stuck) {
+      throw new TypeError(
+        `LoRA merge: ${stuck[0]} has a 4-bit base, which cannot absorb the update exactly; nothing was merged`,
+      );
+    }
     const done: (LoraLinear | LoraExperts)[] = [];
     try {
       for (const m of [...this.linears.values(), ...this.experts.values()]) {

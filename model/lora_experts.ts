@@ -173,6 +173,11 @@ export class LoraExperts implements ExpertBank {
     return [...this.gateUpAdapters.flatMap((a) => [a.A, a.B]), this.downAdapter.A, this.downAdapter.B];
   }
 
+  /** Whether {@link merge} can work: the experts are full precision. */
+  get mergeable(): boolean {
+    return this.base instanceof StackedExperts;
+  }
+
   /** Adds every adapter's B A · α/r into the stacked base weights. */
   merge(): void {
     if (this.merged) return;
