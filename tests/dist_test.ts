@@ -116,7 +116,7 @@ Deno.test({
       for (const [r, run] of (await launch("adapter", 2, { args: [base], timeoutMs: 8000 })).entries()) {
         assert.match(
           String(run.json?.error),
-          /run-0: no adapter_config\.json here/,
+          /run-0: does not exist; give an adapter folder/,
           `rank ${r}: ${run.stderr}`,
         );
       }

@@ -521,7 +521,10 @@ Deno.test("rl: collect, learn and ppoStep on the tiny model", async (t) => {
       async () => {
         using g = new Generator(6, DEVICE);
         using buf = await collect(policy, tok, prompts, CFG, { generator: g });
-        const dense = { model: { decoder: { moeLayers: 0 }, dir: "dense-model" } } as unknown as Policy;
+        const dense = {
+          model: { decoder: { moeLayers: 0 }, dir: "dense-model" },
+          checkAlive: (): void => {},
+        } as unknown as Policy;
         assert.throws(
           () => learn(dense, new GradientRecorder(), buf, CFG),
           /routingReplay "rollout" needs an MoE model: dense-model/,
