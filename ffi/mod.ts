@@ -66,7 +66,7 @@ export {
   setNumThreads,
   useAvailableCores,
 } from "./runtime.ts";
-export { type AdamState, AdamW, clipGradNorm, type ParamGroup } from "./optim.ts";
+export { type AdamState, AdamW, ADAMW_DEFAULTS, clipGradNorm, type ParamGroup } from "./optim.ts";
 export {
   CudaGraph,
   type CudaGraphOptions,

@@ -48,6 +48,11 @@ function checkGroup(g: Required<ParamGroup>, i: number, where: string): void {
   if (!(Number.isFinite(g.eps) && g.eps > 0)) bad("eps", g.eps, "a finite number > 0");
 }
 
+/** A group's defaults, as torch.optim.AdamW's. */
+export const ADAMW_DEFAULTS: Readonly<
+  { weightDecay: number; betas: readonly [number, number]; eps: number }
+> = Object.freeze({ weightDecay: 0.01, betas: Object.freeze([0.9, 0.999] as const), eps: 1e-8 });
+
 /** AdamW (Loshchilov & Hutter), matching torch.optim.AdamW without amsgrad. */
 export class AdamW {
   /** The groups, defaults filled in; change `lr` here to schedule. */
@@ -63,9 +68,9 @@ export class AdamW {
     this.groups = groups.map((g) => ({
       params: g.params,
       lr: g.lr,
-      weightDecay: g.weightDecay ?? 0.01,
-      betas: g.betas ?? [0.9, 0.999],
-      eps: g.eps ?? 1e-8,
+      weightDecay: g.weightDecay ?? ADAMW_DEFAULTS.weightDecay,
+      betas: g.betas ?? [...ADAMW_DEFAULTS.betas],
+      eps: g.eps ?? ADAMW_DEFAULTS.eps,
     }));
     this.groups.forEach((g, i) => checkGroup(g, i, "AdamW"));
   }

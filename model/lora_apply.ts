@@ -224,7 +224,9 @@ export class LoraModel {
     const stuck = [...this.linears, ...this.experts].find(([, m]) => !m.merged && !m.mergeable);
     if (stuck) {
       throw new TypeError(
-        `LoRA merge: ${stuck[0]} has a 4-bit base, which cannot absorb the update exactly; nothing was merged`,
+        `LoRA merge: ${
+          stuck[0]
+        } has a 4-bit base, which cannot absorb the update exactly; nothing was merged`,
       );
     }
     const done: (LoraLinear | LoraExperts)[] = [];

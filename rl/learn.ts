@@ -54,6 +54,9 @@ export interface StepOptimizer {
   zeroGrad(only: readonly Tensor[]): void;
 }
 
+/** The global gradient norm each group is clipped to unless {@link LearnOptions.maxGradNorm} says otherwise. */
+export const DEFAULT_MAX_GRAD_NORM = 1;
+
 /** Options of {@link learn}, with the functions it may use instead of the library's (rl/replaceable.ts). */
 export interface LearnOptions extends LearnFunctions {
   /** Sequences per forward/backward pass (default 16); gradients accumulate over them. */
@@ -488,7 +491,7 @@ export function learn(
         "(policy.checkpointing): set one of them off",
     );
   }
-  const maxNorm = opts.maxGradNorm ?? 1;
+  const maxNorm = opts.maxGradNorm ?? DEFAULT_MAX_GRAD_NORM;
   if (opts.seed !== undefined && !(Number.isSafeInteger(opts.seed) && opts.seed >= 0)) {
     throw new RangeError(`learn: seed must be an integer >= 0, got ${opts.seed}`);
   }

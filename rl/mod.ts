@@ -74,9 +74,16 @@ export {
   ppoObjective,
   rolloutWeights,
 } from "./objective.ts";
-export { learn, type LearnMetrics, type LearnOptions, type StepOptimizer } from "./learn.ts";
+export {
+  DEFAULT_MAX_GRAD_NORM,
+  learn,
+  type LearnMetrics,
+  type LearnOptions,
+  type StepOptimizer,
+} from "./learn.ts";
 export { type AdvantagesFn, type LearnFunctions, type ObjectiveFn, type ValueLossFn } from "./replaceable.ts";
 export {
+  DEFAULT_POLICY_OPTIMIZER,
   policyOptimizer,
   type PolicyOptimizerOptions,
   type PpoMetrics,

@@ -6,7 +6,7 @@
  * (rl/rollout_buffer.ts).
  * @module
  */
-import { AdamW } from "../ffi/mod.ts";
+import { AdamW, ADAMW_DEFAULTS } from "../ffi/mod.ts";
 import { collect, type CollectOptions, type RolloutTokenizer } from "./collect.ts";
 import type { CollectMetrics, RolloutPrompt, Sample } from "./rollout_buffer.ts";
 import type { RlOverrides } from "./config.ts";
@@ -75,20 +75,31 @@ export interface PolicyOptimizerOptions {
   eps?: number;
 }
 
+/** {@link policyOptimizer}'s defaults (configs/default.yaml's `train` takes them from here). */
+export const DEFAULT_POLICY_OPTIMIZER: Readonly<Required<PolicyOptimizerOptions>> = Object.freeze({
+  learningRate: 1e-5,
+  valueLearningRate: 5e-5,
+  weightDecay: 0,
+  valueWeightDecay: 0,
+  betas: [...ADAMW_DEFAULTS.betas] as [number, number],
+  eps: ADAMW_DEFAULTS.eps,
+});
+
 /** AdamW over the policy's adapters (group 0) and its critic (group 1), each with its own learning rate. */
 export function policyOptimizer(policy: Policy, opts: PolicyOptimizerOptions = {}): AdamW {
-  const common = { betas: opts.betas ?? [0.9, 0.999] as [number, number], eps: opts.eps ?? 1e-8 };
+  const d = DEFAULT_POLICY_OPTIMIZER;
+  const common = { betas: [...opts.betas ?? d.betas] as [number, number], eps: opts.eps ?? d.eps };
   return new AdamW([
     {
       params: policy.policyParameters(),
-      lr: opts.learningRate ?? 1e-5,
-      weightDecay: opts.weightDecay ?? 0,
+      lr: opts.learningRate ?? d.learningRate,
+      weightDecay: opts.weightDecay ?? d.weightDecay,
       ...common,
     },
     {
       params: policy.valueParameters(),
-      lr: opts.valueLearningRate ?? 5e-5,
-      weightDecay: opts.valueWeightDecay ?? 0,
+      lr: opts.valueLearningRate ?? d.valueLearningRate,
+      weightDecay: opts.valueWeightDecay ?? d.valueWeightDecay,
       ...common,
     },
   ]);

@@ -27,6 +27,8 @@ import { DEFAULT_LORA, LORA_CHECKS, type LoraConfig, loraConflicts } from "../mo
 import { bool, type Check, int, nullable, num, oneOf, str, text } from "../model/settings.ts";
 import { MOE_CHECKS, PPO_CHECKS, rlConfig, ROLLOUT_CHECKS } from "../rl/config.ts";
 import { DEFAULT_HEAD_CHUNK } from "../rl/policy.ts";
+import { DEFAULT_POLICY_OPTIMIZER } from "../rl/ppo.ts";
+import { DEFAULT_MAX_GRAD_NORM } from "../rl/learn.ts";
 import { REWARD_CHECKS } from "../rl/reward.ts";
 import { parseSets, parseYaml, type Schema, SettingsSchema, TrainConfigError } from "./config_schema.ts";
 
@@ -200,13 +202,9 @@ export const DEFAULTS: DeepReadonly<TrainConfig> = deepFreeze<TrainConfig>({
     microBatch: 4,
     gradAccum: 32,
     updates: 1200,
-    learningRate: 1e-5,
-    valueLearningRate: 5e-5,
-    betas: [0.9, 0.999],
-    eps: 1e-8,
-    weightDecay: 0,
-    valueWeightDecay: 0,
-    maxGradNorm: 1.0,
+    ...DEFAULT_POLICY_OPTIMIZER,
+    betas: [...DEFAULT_POLICY_OPTIMIZER.betas],
+    maxGradNorm: DEFAULT_MAX_GRAD_NORM,
     warmupUpdates: 20,
     schedule: "constant",
     minLrRatio: 0.1,

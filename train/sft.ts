@@ -11,6 +11,7 @@ import { checkTokenIds } from "../model/padding.ts";
 import type { Tokenizer } from "../model/tokenizer.ts";
 import type { Policy, PolicyOutput } from "../rl/policy.ts";
 import { sequenceBatch } from "../rl/rollout_buffer.ts";
+import { DEFAULT_MAX_GRAD_NORM } from "../rl/learn.ts";
 
 /** −mean log-probability of the completion tokens. */
 export function nllLoss(out: PolicyOutput): Tensor {
@@ -75,7 +76,7 @@ export async function supervisedWarmup(
       } finally {
         dispose(batch);
       }
-      clipGradNorm(policy.policyParameters(), 1.0);
+      clipGradNorm(policy.policyParameters(), DEFAULT_MAX_GRAD_NORM);
       opt.step();
       opt.zeroGrad();
       opts.onStep?.(step, losses[losses.length - 1]!);
