@@ -133,6 +133,6 @@ export function c(): Deno.PointerObject {
 }
 
 /** Throws the shim's last error as a TorchError for op with the given inputs. */
-export function fail(op: string, inputs: readonly { shapeOrNull(): number[] }[]): never {
-  throw new TorchError(op, inputs.map((t) => t.shapeOrNull()), lastError());
+export function fail(op: string, inputs: readonly { shapeForMessage(): number[] }[]): never {
+  throw new TorchError(op, inputs.map((t) => t.shapeForMessage()), lastError());
 }

@@ -168,8 +168,8 @@ export class Tensor extends Handle {
   get numel(): number {
     return this.#m().shape.reduce((a, b) => a * b, 1);
   }
-  /** The shape, or [] with a note if disposed; for error messages. */
-  shapeOrNull(): number[] {
+  /** The shape, or [] once disposed; for error messages, which must not throw. */
+  shapeForMessage(): number[] {
     return this.disposed ? [] : this.shape;
   }
   /** Size of dimension d (negative counts from the end). */

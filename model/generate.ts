@@ -400,7 +400,7 @@ async function run(
     sync(device);
     const t2 = performance.now();
     const real = (x: Tensor): Tensor => (rows === b ? x : x.narrow(0, 0, b));
-    const result = await collect(real(tokens), real(logprobs), steps, opts);
+    const result = await finishRows(real(tokens), real(logprobs), steps, opts);
     const kept = routing as Tensor | null;
     let routed: Tensor | null = null;
     if (kept && bufs) routed = tidy(() => kept.narrow(1, 0, b).narrow(2, 0, s + steps).clone());
@@ -437,7 +437,7 @@ async function markStopStrings(
   }
 }
 
-async function collect(
+async function finishRows(
   tokens: Tensor,
   logprobs: Tensor,
   steps: number,

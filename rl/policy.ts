@@ -116,7 +116,7 @@ function checkHeadChunk(v: unknown): number {
 }
 
 /** Statistics of the tempered distribution given by logits [N, V] (float32). */
-function tokenStats(
+function plainTokenStats(
   logits: Tensor,
   targets: Tensor,
   temperature: number,
@@ -267,7 +267,7 @@ export class Policy {
       const temperature = opts.temperature ?? 1;
       const stats = this.headChunk > 0 && head instanceof Linear
         ? fusedStats(states, head.weight, head.bias, targets, temperature, this.headChunk)
-        : tokenStats(head.forward(states).to("float32"), targets, temperature);
+        : plainTokenStats(head.forward(states).to("float32"), targets, temperature);
       return {
         logprobs: layout.spread(stats.logprobs),
         entropy: layout.spread(stats.entropy),
