@@ -36,7 +36,7 @@
  * metrics are reduced. Every rank then takes the same steps.
  * @module
  */
-import { clipGradNorm, dispose, keep, noGrad, type Tensor, tensor, tidy } from "../ffi/mod.ts";
+import { clipGradNorm, dispose, noGrad, type Tensor, tensor, tidy } from "../ffi/mod.ts";
 import { mulberry32, shuffleInPlace } from "../data/batches.ts";
 import { flatGroups, groupBaseline, type UpdateAdvantages, zeroSpreadFraction } from "./advantages.ts";
 import type { RolloutBuffer } from "./rollout_buffer.ts";
@@ -44,7 +44,9 @@ import { type PpoConfig, rlConfig, type RlOverrides } from "./config.ts";
 import { OBJECTIVE_PARTS, type ObjectivePart } from "./objective.ts";
 import { checkAdvantages, type LearnFunctions, learnFunctions } from "./replaceable.ts";
 import type { Policy, SequenceBatch } from "./policy.ts";
-import { Replicas } from "./replicas.ts";
+import { type GlobalView, globalView, Replicas } from "./replicas.ts";
+import { chunks, DeferredReads, groupChunks, rowTails } from "./micro_batches.ts";
+import { Mismatch } from "./mismatch.ts";
 
 /** What {@link learn} needs of an optimizer: ffi/optim.ts's AdamW (e.g. rl/ppo.ts `policyOptimizer`). */
 export interface StepOptimizer {
@@ -102,105 +104,6 @@ export type LearnMetrics = Record<ObjectivePart, number> & {
   /** Seconds in the policy steps. */
   learn_seconds: number;
 };
-
-/** Sequence ids in chunks of at most size, longest first (similar lengths pad less). */
-function chunks(ids: readonly number[], lengths: readonly number[], size: number): number[][] {
-  const sorted = [...ids].sort((a, b) => lengths[b]! - lengths[a]! || a - b);
-  const out: number[][] = [];
-  for (let i = 0; i < sorted.length; i += size) out.push(sorted.slice(i, i + size));
-  return out;
-}
-
-/**
- * Whole prompt groups (K consecutive sequences) in chunks of at most size
- * sequences (at least one group), longest groups first.
- */
-function groupChunks(n: number, k: number, lengths: readonly number[], size: number): number[][] {
-  const groups = Array.from({ length: n / k }, (_, g) => Array.from({ length: k }, (_, j) => g * k + j));
-  const longest = (g: number[]): number => Math.max(...g.map((i) => lengths[i]!));
-  groups.sort((a, b) => longest(b) - longest(a) || a[0]! - b[0]!);
-  const per = Math.max(1, Math.floor(size / k));
-  const out: number[][] = [];
-  for (let i = 0; i < groups.length; i += per) out.push(groups.slice(i, i + per).flat());
-  return out;
-}
-
-/** Each row's last n[r] entries of a [B, T] tensor, on the host. */
-function rowTails(x: Tensor, n: readonly number[]): number[][] {
-  const rows = x.tolist() as number[][];
-  return rows.map((r, i) => r.slice(r.length - n[i]!));
-}
-
-/**
- * Reads of device values put off until a step is queued. A read waits for the
- * device to finish its queued work, so reading inside a micro-batch loop would
- * leave the device idle while the host prepares the next micro-batch.
- */
-class DeferredReads {
-  #reads: { t: Tensor; use: (t: Tensor) => void }[] = [];
-  /** Keeps t (detached) for use() at the next {@link flush}. */
-  read(t: Tensor, use: (t: Tensor) => void): void {
-    this.#reads.push({ t: keep(t.detach()), use });
-  }
-  /** Hands every kept tensor to its use, in order, and frees it. */
-  flush(): void {
-    const reads = this.#reads.splice(0);
-    try {
-      for (const { t, use } of reads) use(t);
-    } finally {
-      for (const { t } of reads) t.dispose();
-    }
-  }
-  /** Frees what was never read (after an error). */
-  [Symbol.dispose](): void {
-    for (const { t } of this.#reads.splice(0)) t.dispose();
-  }
-}
-
-/** Running |Δ log p| statistics between the training path and the sampler. */
-class Mismatch {
-  #sum = 0;
-  #max = 0;
-  #beyond = 0;
-  #n = 0;
-  constructor(readonly bound: number) {}
-  add(old: readonly number[], rollout: readonly number[]): void {
-    old.forEach((o, t) => {
-      const d = Math.abs(o - rollout[t]!);
-      [this.#sum, this.#n] = [this.#sum + d, this.#n + 1];
-      this.#max = Math.max(this.#max, d);
-      if (d > this.bound) this.#beyond++;
-    });
-  }
-  /** Mean, max and fraction beyond the bound, over every rank's tokens. */
-  stats(dp: Replicas): { mean: number; max: number; frac: number } {
-    const [sum, n, beyond] = dp.sum([this.#sum, this.#n, this.#beyond]) as [number, number, number];
-    const max = dp.max([this.#max])[0]!;
-    return n ? { mean: sum / n, max, frac: beyond / n } : { mean: NaN, max: NaN, frac: NaN };
-  }
-}
-
-/**
- * The update across the ranks: every sequence's length and reward, in global
- * order (rank-major), and which of them this rank holds.
- */
-interface GlobalView {
-  lengths: number[];
-  rewards: number[];
-  /** Global index of this rank's first sequence. */
-  offset: number;
-}
-
-/** Shares lengths and rewards over the ranks (each must hold the same number of whole groups). */
-function globalView(dp: Replicas, lengths: readonly number[], rewards: readonly number[]): GlobalView {
-  if (dp.size === 1) return { lengths: [...lengths], rewards: [...rewards], offset: 0 };
-  const rows = dp.gather([...lengths, ...rewards]);
-  return {
-    lengths: rows.flatMap((r) => r.slice(0, lengths.length)),
-    rewards: rows.flatMap((r) => r.slice(lengths.length)),
-    offset: dp.rank * lengths.length,
-  };
-}
 
 /** What the phases of one learn call share. */
 interface Run {

@@ -151,3 +151,27 @@ export class Replicas {
     noGrad(() => this.group!.broadcast(tensors, 0));
   }
 }
+
+/**
+ * The update across the ranks: every sequence's length and reward, in global
+ * order (rank-major), and which of them this rank holds.
+ */
+export interface GlobalView {
+  /** Every sequence's completion length. */
+  lengths: number[];
+  /** Every sequence's reward. */
+  rewards: number[];
+  /** Global index of this rank's first sequence. */
+  offset: number;
+}
+
+/** Shares lengths and rewards over the ranks (each must hold the same number of whole groups). */
+export function globalView(dp: Replicas, lengths: readonly number[], rewards: readonly number[]): GlobalView {
+  if (dp.size === 1) return { lengths: [...lengths], rewards: [...rewards], offset: 0 };
+  const rows = dp.gather([...lengths, ...rewards]);
+  return {
+    lengths: rows.flatMap((r) => r.slice(0, lengths.length)),
+    rewards: rows.flatMap((r) => r.slice(lengths.length)),
+    offset: dp.rank * lengths.length,
+  };
+}
