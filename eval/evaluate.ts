@@ -60,7 +60,7 @@ import {
   type TrainConfig,
   TrainConfigError,
 } from "../train/config.ts";
-import { loadConfiguredModel } from "../train/model.ts";
+import { configuredData, configuredEvaluation, loadConfiguredModel, rankShare } from "../train/model.ts";
 
 /** summary.json. */
 export interface EvalSummary extends EvalTotals {
@@ -134,7 +134,7 @@ export async function runEvaluation(
   const log = dp.rank === 0 ? opts.log ?? console.log : () => {};
   const split = opts.split ?? cfg.eval.split;
   checkSameConfig(dp, JSON.stringify([cfg, opts.limit, opts.split])); // what decides the problems and answers
-  const dataOpts = { split, onBadRecord: cfg.data.onBadRecord, config: cfg.data.config };
+  const dataOpts = configuredData(cfg, split);
   // One rank per machine downloads; the others then find the files cached (train/launch.ts fetchFirst).
   await fetchFirst(dp, opts.localRank ?? dp.rank, async () => {
     await resolveModel(cfg.model.id);
@@ -158,18 +158,10 @@ export async function runEvaluation(
     const dir = opts.out ?? defaultOutput(cfg, adapterDir, split);
     if (await isFile(join(dir, "summary.json"))) log(`replacing the earlier results in ${dir}`);
     const tok = await Tokenizer.load(model.dir);
-    const maxNewTokens = cfg.eval.maxNewTokens ?? cfg.rollout.maxNewTokens;
     const pct = (x: number): string => `${(100 * x).toFixed(1)}%`;
-    const mine = data.examples.flatMap((_, i) => (i % dp.size === dp.rank ? [i] : []));
+    const mine = rankShare(data.examples.length, dp);
     const own = await evaluateExamples(model.decoder, tok, mine.map((i) => data.examples[i]!), {
-      maxNewTokens,
-      batchSize: cfg.eval.batchSize,
-      decodeMode: cfg.rollout.decode,
-      decodeDispatch: cfg.rollout.decodeDispatch,
-      prompt: {
-        instruction: cfg.data.instruction,
-        ...(cfg.data.system === null ? {} : { system: cfg.data.system }),
-      },
+      ...configuredEvaluation(cfg),
       onBatch: (done, r) =>
         log(
           `  ${done}/${mine.length}${dp.size > 1 ? " (rank 0's share)" : ""}: strict ${
@@ -189,7 +181,7 @@ export async function runEvaluation(
       split,
       limit: opts.limit ?? null,
       skipped_records: data.skipped.length,
-      max_new_tokens: maxNewTokens,
+      max_new_tokens: configuredEvaluation(cfg).maxNewTokens,
       batch_size: cfg.eval.batchSize,
       device: cfg.model.device,
       dtype: cfg.model.quantize4bit ? `nf4+${cfg.model.dtype}` : cfg.model.dtype,

@@ -41,7 +41,15 @@ import { writeAtomic } from "../model/atomic_write.ts";
 import { JsonlLog, METRICS_FILE, SAMPLES_FILE, type StepRecord } from "./metrics.ts";
 import { ProgressBar } from "./progress.ts";
 import { writeReport } from "./report.ts";
-import { configuredOptimizer, configuredPolicy, loadConfiguredModel } from "./model.ts";
+import {
+  configuredData,
+  configuredEvaluation,
+  configuredOptimizer,
+  configuredPolicy,
+  configuredPrompt,
+  loadConfiguredModel,
+  rankShare,
+} from "./model.ts";
 import { checkNewRunDir, checkNotCheckpoint, checkResumable, nothingToResume } from "./resume.ts";
 import { lrFactor } from "./schedule.ts";
 import { checkSameConfig, fetchFirst } from "./launch.ts";
@@ -98,11 +106,11 @@ export async function train(cfg: TrainConfig, opts: TrainOptions = {}): Promise<
   } else if (lead) await checkNewRunDir(dir);
 
   checkSameConfig(dp, formatConfig(cfg)); // a rank with other settings would silently diverge
-  const dataOpts = { split: cfg.data.split, onBadRecord: cfg.data.onBadRecord, config: cfg.data.config };
+  const dataOpts = configuredData(cfg, cfg.data.split);
   await fetchFirst(dp, opts.localRank ?? dp.rank, async () => {
     await resolveModel(cfg.model.id);
     await loadGsm8k(cfg.data.source, dataOpts);
-    if (cfg.eval.every > 0) await loadGsm8k(cfg.eval.source, { ...dataOpts, split: cfg.eval.split });
+    if (cfg.eval.every > 0) await loadGsm8k(cfg.eval.source, configuredData(cfg, cfg.eval.split));
   });
   using model = await loadConfiguredModel({ ...cfg.model, device: opts.device ?? cfg.model.device });
   const tok = await Tokenizer.load(model.dir);
@@ -114,10 +122,9 @@ export async function train(cfg: TrainConfig, opts: TrainOptions = {}): Promise<
   ];
   using opt = configuredOptimizer(policy, cfg);
   try {
-    const promptOpts = { instruction: cfg.data.instruction, system: cfg.data.system ?? undefined };
     const data = await loadGsm8k(cfg.data.source, { ...dataOpts, limit: cfg.data.limit ?? undefined });
     for (const s of data.skipped) console.warn(`data: skipped line ${s.line}: ${s.reason}`);
-    const rendered = await buildPrompts(tok, data.examples.map((e) => e.question), promptOpts);
+    const rendered = await buildPrompts(tok, data.examples.map((e) => e.question), configuredPrompt(cfg));
     const items: RolloutPrompt[] = data.examples.map((e, i) => ({ ids: rendered[i]!.ids, answer: e.answer }));
     if (items.length < t.microBatch) {
       throw new RangeError(
@@ -207,14 +214,8 @@ export async function train(cfg: TrainConfig, opts: TrainOptions = {}): Promise<
         };
         const logged = buffer.samples(cfg.logging.samplesToLog);
         if (cfg.eval.every > 0 && ((u + 1) % cfg.eval.every === 0 || u + 1 === t.updates)) {
-          const part = evalSet.filter((_, i) => i % dp.size === dp.rank);
-          const ev = await evaluateExamples(model.decoder, tok, part, {
-            maxNewTokens: cfg.eval.maxNewTokens ?? cfg.rollout.maxNewTokens,
-            batchSize: cfg.eval.batchSize,
-            prompt: promptOpts,
-            decodeMode: cfg.rollout.decode,
-            decodeDispatch: cfg.rollout.decodeDispatch,
-          });
+          const part = rankShare(evalSet.length, dp).map((i) => evalSet[i]!);
+          const ev = await evaluateExamples(model.decoder, tok, part, configuredEvaluation(cfg));
           const totals = evalTotalsOverRanks(ev.totals, dp);
           record.eval_accuracy_strict = totals.accuracy_strict;
           record.eval_accuracy_flexible = totals.accuracy_flexible;

@@ -1,14 +1,19 @@
 /**
- * The model a training config names, loaded as it says (dtype, device, NF4
- * base): what `deno task train` trains and `deno task evaluate` evaluates;
- * and the policy and optimizer the config puts over it.
+ * What a training config sets up, read one way for `deno task train` and
+ * `deno task evaluate` alike: the model (dtype, device, NF4 base), the policy
+ * and optimizer over it, how its data is read and prompted, and how it is
+ * evaluated.
  * @module
  */
+import type { Gsm8kSplit, LoadGsm8kOptions } from "../data/gsm8k.ts";
+import type { PromptOptions } from "../data/prompt.ts";
 import { type AdamW, cuda, torchVersion } from "../ffi/mod.ts";
 import { type CausalLM, loadModel } from "../model/model.ts";
 import { quantizeModel } from "../model/nf4.ts";
 import { Policy } from "../rl/policy.ts";
 import { policyOptimizer } from "../rl/ppo.ts";
+import type { EvaluateOptions } from "../rl/evaluate.ts";
+import type { Replicas } from "../rl/replicas.ts";
 import type { DeepReadonly, ModelSettings, TrainConfig } from "./config.ts";
 
 /**
@@ -57,4 +62,33 @@ export function configuredOptimizer(policy: Policy, cfg: DeepReadonly<TrainConfi
     betas: [...t.betas] as [number, number],
     eps: t.eps,
   });
+}
+
+/** How cfg's GSM8K files are read, for split (`data.split` for training, `eval.split` for evaluation). */
+export function configuredData(cfg: DeepReadonly<TrainConfig>, split: Gsm8kSplit): LoadGsm8kOptions {
+  return { split, onBadRecord: cfg.data.onBadRecord, config: cfg.data.config };
+}
+
+/** How cfg renders a problem as a prompt (`data.instruction`, `data.system`). */
+export function configuredPrompt(cfg: DeepReadonly<TrainConfig>): PromptOptions {
+  return {
+    instruction: cfg.data.instruction,
+    ...(cfg.data.system === null ? {} : { system: cfg.data.system }),
+  };
+}
+
+/** How cfg evaluates: greedy up to `eval.maxNewTokens` (else the rollouts' cap), decoding as its rollouts do. */
+export function configuredEvaluation(cfg: DeepReadonly<TrainConfig>): EvaluateOptions {
+  return {
+    maxNewTokens: cfg.eval.maxNewTokens ?? cfg.rollout.maxNewTokens,
+    batchSize: cfg.eval.batchSize,
+    prompt: configuredPrompt(cfg),
+    decodeMode: cfg.rollout.decode,
+    decodeDispatch: cfg.rollout.decodeDispatch,
+  };
+}
+
+/** The indices of n problems this rank evaluates: every size-th from its rank (merged back in that order). */
+export function rankShare(n: number, dp: Replicas): number[] {
+  return Array.from({ length: n }, (_, i) => i).filter((i) => i % dp.size === dp.rank);
 }
