@@ -16,7 +16,7 @@
  *
  * "static" and "graph" keep one DecodeSession per row of the table, so the
  * graphs are captured in the warm-up run (its time is the "first s" column)
- * and the timed runs replay them. On a CPU "graph" runs eagerly (= static).
+ * and the timed runs replay them. On a CPU "graph" runs the static-buffer steps without graphs (= static).
  */
 import { benchArgs } from "./cli.ts";
 import { cuda, type Device, type DType, manualSeed } from "../ffi/mod.ts";

@@ -1,8 +1,9 @@
 /**
  * `deno task bench:update`: the RL update `deno task train` makes with a config (its LoRA, critic, KL,
- * routing replay, micro-batches, 4-bit base if set), on a random model at real shapes with prompts of random
- * ids: seconds per update by phase and the update's peak memory, for each decode mode asked for, with each
- * mode's time as a ratio to the first's (measured in the same run).
+ * routing replay, micro-batches, 4-bit base if set), on a random model with prompts of random ids (the
+ * shapes of --shapes, default bench:generate's small model; bench/shapes/ holds real models'): seconds per
+ * update by phase and, on a GPU, the update's peak memory, for each decode mode asked for (--decode, default
+ * the config's rollout.decode), with each mode's time as a ratio to the first's (measured in the same run).
  *
  *   deno task bench:update --device cuda --dtype bfloat16 --shapes bench/shapes/huihui-moe-1b-a0.6b.json \
  *     --decode eager,graph                     # the default update: 128 prompts × K 4 × 256 tokens

@@ -2,7 +2,7 @@
  * Greedy 0-shot GSM8K accuracy of a model, with or without a trained adapter:
  *
  * ```sh
- * deno task evaluate --config configs/default.yaml [--adapter runs/<name>/checkpoint-N] [--limit N]
+ * deno task evaluate [--config configs/default.yaml] [--adapter runs/<name>/checkpoint-N] [--limit N]
  *                    [--split test] [--out DIR] [--set key.path=value ...] [--nproc N]
  * ```
  *
@@ -202,15 +202,17 @@ export async function runEvaluation(
 }
 
 const USAGE =
-  `usage: deno task evaluate --config configs/x.yaml [--adapter DIR] [--limit N] [--split test|train]
+  `usage: deno task evaluate [--config configs/x.yaml] [--adapter DIR] [--limit N] [--split test|train]
                           [--out DIR] [--set key.path=value ...] [--nproc N]
 
-  -c, --config F     the training config whose model, prompt, token cap and eval data are used
+  -c, --config F     the training config whose model, prompt, token cap and eval data are used (without it:
+                     the built-in defaults, which configs/default.yaml lists)
   --adapter DIR      a PEFT adapter folder, a checkpoint folder, or a run folder (its newest checkpoint);
                      without it: the base model
   --limit N          the first N problems only
   --split S          test or train (default: the config's eval.split)
-  -o, --out DIR      where predictions.jsonl and summary.json go (default: <run>/eval/<checkpoint|base>-<split>)
+  -o, --out DIR      where predictions.jsonl and summary.json go (default:
+                     <run>/eval/<checkpoint, base or adapter folder>-<split>)
   --set key=value    a config override (repeatable)
   --nproc N          split the problems over N local processes
   -h, --help         this text

@@ -194,9 +194,18 @@ export async function scoreFile(
   return { ...result, out, summaryPath };
 }
 
-const USAGE = `usage: deno task score <file.jsonl> [--out verdicts.jsonl] [--summary summary.json]
+const USAGE = `usage: deno task score <file.jsonl> [-o, --out verdicts.jsonl] [-s, --summary summary.json]
 
-Scores GSM8K completions: each line {"completion": "...", "answer": <number or GSM8K solution>}.`;
+Scores GSM8K completions made elsewhere, strict (#### only) and flexible (the cascade): each line
+{"completion": "...", "answer": <a number, a number string, or a GSM8K solution ending in "#### n">};
+"answer_gold" is read when "answer" is absent (so deno task evaluate's predictions.jsonl scores as it is),
+"id" is copied, other fields are ignored.
+
+  -o, --out FILE      the verdicts, one line per scored line (default: <file>.scored.jsonl)
+  -s, --summary FILE  the totals, also printed (default: <file>.summary.json)
+  -h, --help          this text
+
+Exit status: 0 done, 1 no line scored or a file not read or written, 2 a bad argument.`;
 
 const pct = (x: number): string => `${(100 * x).toFixed(2)}%`;
 

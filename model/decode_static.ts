@@ -10,7 +10,8 @@
  * of `kvBucket`), not the slots filled so far: the key mask hides the rest.
  * Each (window, routing record, dispatch) gets its own {@link CudaGraph},
  * warmed up on its first step, captured on its second and replayed after.
- * On a CPU, or in "static" mode, the same steps run eagerly.
+ * On a CPU, or in "static" mode, the same static-buffer steps run op by op,
+ * without a graph.
  * @module
  */
 import {
@@ -39,7 +40,10 @@ export const DECODE_MODES = ["eager", "static", "graph"] as const;
 
 /** Options of {@link DecodeSession}. */
 export interface DecodeSessionOptions {
-  /** Record CUDA graphs (on a CUDA device with a CUDA build; elsewhere steps run eagerly). Default true. */
+  /**
+   * Record CUDA graphs (on a CUDA device with a CUDA build; elsewhere each step's function is called, under
+   * the capture checks). Default true.
+   */
   graphs?: boolean;
   /** Attention windows are multiples of this many cache slots (default 128): one graph per window. */
   kvBucket?: number;
@@ -55,7 +59,7 @@ export interface DecodeStats {
   replays: number;
   /** Buffer sets allocated. */
   allocations: number;
-  /** Captures that failed (with a warning); those windows run eagerly. */
+  /** Captures that failed (with a warning); those windows' steps run without a graph. */
   fallbacks: number;
 }
 
@@ -261,8 +265,8 @@ export class DecodeBuffers {
 
   /**
    * Captures fn. A capture that fails (an op that syncs or allocates outside the pool, say) says why and
-   * leaves that window to eager steps, rather than failing a long generation: nothing ran, so the step is
-   * simply run the eager way.
+   * leaves that window's steps to run without a graph, rather than failing a long generation: nothing ran,
+   * so the step is simply called directly.
    */
   #capture(g: CudaGraph, key: string, fn: () => void): CudaGraph {
     const stats = this.#session.stats;
@@ -272,7 +276,7 @@ export class DecodeBuffers {
       return g;
     } catch (e) {
       if (!(e instanceof TorchError)) throw e;
-      console.warn(`moerl: decode step ${key} not captured, it runs eagerly: ${e.message}`);
+      console.warn(`moerl: decode step ${key} not captured, it runs without a graph: ${e.message}`);
       g.dispose();
       const eager = new CudaGraph(g.device, { eager: true });
       eager.capture(fn);

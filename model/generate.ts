@@ -79,7 +79,8 @@ export interface GenerateOptions extends SamplingOptions {
   recordRouting?: boolean;
   /**
    * How decode steps run (default "eager"): "static" on static buffers, "graph" on static buffers replayed
-   * as CUDA graphs (eagerly where graphs are unavailable, e.g. on a CPU). Same tokens and log-probs.
+   * as CUDA graphs (where graphs are unavailable, e.g. on a CPU, the static-buffer steps run without them).
+   * The same tokens; log-probs equal eager's to float32 rounding, since a step attends over a whole window.
    */
   decodeMode?: DecodeMode;
   /** For decodeMode "static" / "graph": buffers and graphs kept across calls (default: made for this call). */

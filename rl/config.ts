@@ -46,7 +46,8 @@ export interface RolloutConfig {
   decodeDispatch: MoeDispatch | "measured";
   /**
    * How decode steps run (model/generate.ts `decodeMode`): "eager" (per-step shapes), "static" (static
-   * buffers) or "graph" (static buffers replayed as CUDA graphs; eager steps where graphs are unavailable).
+   * buffers) or "graph" (static buffers replayed as CUDA graphs; where graphs are unavailable, e.g. on a CPU,
+   * the static-buffer steps run without them, as in "static").
    * The training loop's and `deno task evaluate`'s evaluations decode the same way.
    */
   decode: DecodeMode;

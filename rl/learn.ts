@@ -93,7 +93,10 @@ export type LearnMetrics = Record<ObjectivePart, number> & {
   mismatch_mean: number;
   /** Its max. */
   mismatch_max: number;
-  /** Fraction of trained tokens whose π_old / π_rollout lies beyond [1/C, C]. */
+  /**
+   * Fraction of trained tokens whose π_old / π_rollout lies beyond [1/C, C], C being ppo.rolloutCorrection
+   * (2 when that is null).
+   */
   mismatch_frac: number;
   /** Policy optimizer steps taken. */
   optimizer_steps: number;

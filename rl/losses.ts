@@ -190,7 +190,8 @@ export interface KlResult {
  *   clamped to ±20 and the value to at most 10 (verl's low_var_kl; TRL does
  *   not clamp), so one token the reference finds impossible cannot blow the
  *   loss up. The cap also zeroes the gradient where δ > 2.61 (the policy finds
- *   the token over 13.6× less likely than the reference), as in verl. Its value
+ *   the token over 13.6× less likely than the reference) and where δ < −11.0
+ *   (over e^11 ≈ 60,000× more likely), as in verl. Its value
  *   estimates KL(π_θ ‖ π_ref), but its gradient `(1 − π_ref/π_θ)·∇logp` is,
  *   in expectation, that of the reverse KL(π_ref ‖ π_θ) (as in TRL and verl,
  *   which put k3 in the loss too).

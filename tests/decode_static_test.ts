@@ -4,7 +4,8 @@
  * lengths, several samples per prompt, the routing record, EOS, seeded
  * sampling, a session reused across batches (padding rows, a longer cache),
  * collect with rollout.decode, and no tensor left behind. On a CPU "graph"
- * runs the same steps eagerly; on a GPU (MOERL_TEST_DEVICE=cuda) it captures.
+ * runs the same static-buffer steps without graphs; on a GPU
+ * (MOERL_TEST_DEVICE=cuda) it captures.
  */
 import assert from "node:assert/strict";
 import { join } from "node:path";

@@ -96,7 +96,11 @@ export interface TrainSettings {
   schedule: "constant" | "cosine";
   /** The cosine schedule's floor, as a fraction of the peak. */
   minLrRatio: number;
-  /** Recompute each layer in the backward pass (less memory, about a third more time). */
+  /**
+   * Recompute each layer in the backward pass: less memory, for a second forward pass in every step
+   * (estimated at about a third more time, a forward being about a third of forward and backward; not
+   * measured).
+   */
   gradientCheckpointing: boolean;
   /** Tokens per chunk of the LM head's log-softmax and entropy (0: all at once; see PolicyOptions.headChunk). */
   headChunk: number;

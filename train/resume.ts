@@ -5,9 +5,9 @@
  * the same world size and the same config, except for the settings below,
  * which change speed, memory, length or bookkeeping, not what an update
  * learns (`rollout.generationBatch` also changes which random draws each
- * sample gets: the samples differ, their distribution does not). Anything else changed on resume would silently continue a
- * different run from the old one's weights, optimizer moments and data
- * position.
+ * sample gets: the samples differ, their distribution does not). Anything
+ * else changed on resume would silently continue a different run from the
+ * old one's weights, optimizer moments and data position.
  * @module
  */
 import { join } from "node:path";
@@ -18,7 +18,7 @@ import { METRICS_FILE, readRecords } from "./metrics.ts";
 
 /**
  * Config keys (or sections, ending in ".") a resume may change: the run's length and folder, evaluation,
- * logging, checkpointing, and how decoding and memory are handled.
+ * logging, checkpointing, and how decoding, attention, memory and the device are handled.
  */
 export const RESUME_MAY_CHANGE: readonly string[] = [
   "name",

@@ -88,13 +88,24 @@ export async function supervisedWarmup(
 }
 
 const USAGE = `usage: deno task sft --model DIR --out DIR (--data FILE.jsonl | --task arithmetic)
-  [--steps N (200)] [--lr X (3e-3)] [--batch N (16)] [--seed N (1)] [--instruction TEXT]`;
+  [--steps N (200)] [--lr X (3e-3)] [--batch N (16)] [--seed N (1)] [--instruction TEXT ("")]
+
+  --model DIR        a model folder or a Hub id; it loads on the CPU in its stored dtype
+  --out DIR          a new folder for the warmed-up model (the adapters merged into its weights)
+  --data FILE.jsonl  question/answer records, as GSM8K's
+  --task arithmetic  75 of the 100 single-digit sums (the other 25 held out, chosen by --seed)
+  --instruction TEXT appended to each question; default none (deno task train's default asks for "#### n")
+  -h, --help         this text
+
+The adapters are fixed: LoRA r 16, alpha 32 on every linear layer but the routers and the LM head, and on
+every expert. Exit status: 0 done, 1 an error while running, 2 a bad argument.`;
 
 /**
  * \`deno task sft …\` (USAGE above): a supervised warm-up whose result
  * (adapters merged into the weights) is saved as a new model folder, the
  * base for RL. Paths are relative to the folder the command was started in
- * (\`INIT_CWD\` under \`deno task\`). Exit status: 0 done, 2 for a bad argument.
+ * (\`INIT_CWD\` under \`deno task\`). Exit status: 0 done, 1 for an error
+ * while running, 2 for a bad argument.
  */
 async function main(args: string[]): Promise<number> {
   const { failureText, numberOption, parseCommandLine, startDir } = await import("./cli.ts");
