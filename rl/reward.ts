@@ -55,7 +55,7 @@ export interface RewardConfig {
   maxCompletionTokens: number | null;
   /** How the answer is extracted for correctness and the bonus (default "flexible"). */
   mode: ExtractMode;
-  /** Which extraction methods earn the bonus (default: all explicit markers, {@link MARKER_METHODS}). */
+  /** Which explicit markers earn the bonus: some of {@link MARKER_METHODS} (default all of them). */
   markerMethods: readonly ExtractMethod[];
 }
 
@@ -102,7 +102,8 @@ export const REWARD_CHECKS: Checks<RewardConfig> = {
   overLengthPenalty: anyNum,
   maxCompletionTokens: nullable(int(1)),
   mode: oneOf("strict", "flexible"),
-  markerMethods: listOf(EXTRACT_METHODS),
+  // Only an explicit marker sets extracted.marker: answer_phrase or last_number here could never earn it.
+  markerMethods: listOf(MARKER_METHODS),
 };
 
 /**

@@ -333,6 +333,11 @@ Deno.test("rewardConfig: bad fields are named", () => {
     () => rewardConfig({ markerMethods: ["###"] as unknown as ["####"] }),
     /reward\.markerMethods/,
   );
+  // A method that is no explicit marker could never earn the bonus: refused rather than ignored.
+  assert.throws(
+    () => rewardConfig({ markerMethods: ["####", "last_number"] }),
+    /reward\.markerMethods: expected a list of "####", "final_answer", "boxed", got/,
+  );
   assert.throws(() => reward(eos("#### 1"), 1, { wrong: Infinity }), /reward\.wrong/);
   assert.throws(
     () => rewardConfig({ correct: NaN, wrong: "x" as unknown as number }),
