@@ -125,6 +125,24 @@ export interface RunEvaluationOptions {
   localRank?: number;
 }
 
+/** Makes the output folder on rank 0 and writes a probe there; every rank throws if that fails. */
+async function checkWritable(dir: string, dp: Replicas): Promise<void> {
+  let error: unknown = null;
+  if (dp.rank === 0) {
+    try {
+      await Deno.mkdir(dir, { recursive: true });
+      await Deno.remove(await Deno.makeTempFile({ dir, prefix: ".probe-" }));
+    } catch (e) {
+      error = e;
+    }
+  }
+  const [failed] = dp.sum([error === null ? 0 : 1]);
+  if (error !== null) {
+    throw new Error(`${dir}: cannot write the results there: ${(error as Error).message}`, { cause: error });
+  }
+  if (failed! > 0) throw new Error(`${dir}: rank 0 cannot write the results there (its error says why)`);
+}
+
 /** Loads what the config names, evaluates, and writes predictions.jsonl and summary.json. */
 export async function runEvaluation(
   cfg: TrainConfig,
@@ -156,6 +174,7 @@ export async function runEvaluation(
   try {
     if (lora) log(`adapter ${adapterDir}: ${lora.trainableCount().toLocaleString("en-US")} parameters`);
     const dir = opts.out ?? defaultOutput(cfg, adapterDir, split);
+    await checkWritable(dir, dp); // before the evaluation, whose results would be lost
     if (await isFile(join(dir, "summary.json"))) log(`replacing the earlier results in ${dir}`);
     const tok = await Tokenizer.load(model.dir);
     const pct = (x: number): string => `${(100 * x).toFixed(1)}%`;

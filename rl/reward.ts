@@ -27,7 +27,6 @@ import {
 } from "../model/settings.ts";
 import {
   answersMatch,
-  EXTRACT_METHODS,
   extractAnswer,
   type Extraction,
   type ExtractMethod,

@@ -139,3 +139,27 @@ Deno.test("launch: a signal to the --nproc launcher reaches its ranks, which wou
     await Deno.remove(tmp, { recursive: true });
   }
 });
+
+Deno.test("launch: a rank whose --nproc launcher is gone (kill -9) stops, rather than writing on alone", async () => {
+  // The rank's check, as main() runs it: its parent must be the launcher spawnLocal named.
+  const rank = (launcher: number): Deno.Command =>
+    new Deno.Command(Deno.execPath(), {
+      args: [
+        "eval",
+        `import { exitWithLauncher } from ${JSON.stringify(join(ROOT, "train", "launch.ts"))};` +
+        "exitWithLauncher(); setTimeout(() => console.log('still running'), 2500);",
+      ],
+      env: { MOERL_LAUNCHER_PID: String(launcher) },
+      stdout: "piped",
+      stderr: "piped",
+    });
+  const dec = new TextDecoder();
+  // Its parent is this test: with another pid named as its launcher, the launcher is gone.
+  const orphan = await rank(Deno.pid + 100000).output();
+  assert.equal(orphan.code, 1);
+  assert.match(dec.decode(orphan.stderr), /the --nproc launcher \(pid \d+\) is gone; stopping this rank/);
+  assert.equal(dec.decode(orphan.stdout), "");
+  const child = await rank(Deno.pid).output();
+  assert.equal(child.code, 0, dec.decode(child.stderr));
+  assert.equal(dec.decode(child.stdout).trim(), "still running");
+});

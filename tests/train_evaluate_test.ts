@@ -154,6 +154,23 @@ Deno.test("evaluate: bad arguments and configs exit 2, a missing data file 1", a
   );
   assert.equal(debug.code, 1);
   assert.match(debug.stderr, /none\.jsonl does not exist[^]*\n\s+at /);
+  // An output folder that cannot be written is found before the evaluation, whose results would be lost.
+  const file = await Deno.makeTempFile({ prefix: "moerl-eval-out-" });
+  try {
+    const out = await evaluate(
+      "--config",
+      "configs/tiny.yaml",
+      "--limit",
+      "2",
+      "--out",
+      join(file, "results"),
+    );
+    assert.equal(out.code, 1);
+    assert.match(out.stderr, /results: cannot write the results there: Not a directory/);
+    assert.doesNotMatch(out.stdout, /2\/2: strict/, "nothing was evaluated");
+  } finally {
+    await Deno.remove(file);
+  }
 });
 
 Deno.test("evaluate: static-buffer and graph decode steps give eager's predictions, one session across batches", async () => {

@@ -10,7 +10,7 @@ import { train } from "../train/loop.ts";
 import { escapeHtml } from "../train/report.ts";
 import { ppoObjective } from "../rl/objective.ts";
 import { reward } from "../rl/reward.ts";
-import { resumeConflicts } from "../train/resume.ts";
+import { lockRunDir, resumeConflicts } from "../train/resume.ts";
 import { SafetensorsFile } from "../model/safetensors.ts";
 
 const ROOT = join(import.meta.dirname!, "..");
@@ -109,13 +109,39 @@ Deno.test("train: a tiny run writes its folder, and --resume repeats the uninter
     assert.equal(again.records.length, 0, "nothing left to train");
     const left: string[] = [];
     for await (const e of Deno.readDir(part)) left.push(e.name);
-    assert.deepEqual(left.filter((n) => n.startsWith(".") || n.startsWith("checkpoint-")), [kept]);
+    assert.deepEqual(
+      left.filter((n) => (n.startsWith(".") && n !== ".lock") || n.startsWith("checkpoint-")),
+      [kept],
+    );
     assert.ok((await Deno.readTextFile(join(part, "report.html"))).startsWith("<!DOCTYPE html>"));
     // A mistyped run folder is not a run to resume, and a checkpoint folder is not a run folder.
     await assert.rejects(
       async () => train(await config(join(tmp, "typo"), 2), { quiet: true, resume: true }),
       /typo: nothing to resume \(no checkpoint, no metrics\)/,
     );
+    await assert.rejects(
+      () => Deno.stat(join(tmp, "typo")),
+      Deno.errors.NotFound,
+      "a refused start leaves no folder",
+    );
+    // One trainer per run folder: a second one (a requeued job while the first still runs) is refused, and
+    // the folder is left as it was (two used to append the same steps twice, or lose them).
+    const held = await lockRunDir(part);
+    try {
+      await assert.rejects(
+        async () => train(await config(part, 6), { quiet: true, resume: true }),
+        new RegExp(`is being written by another trainer \\(pid ${Deno.pid}\\b.*then --resume\\)`),
+      );
+    } finally {
+      held.file.close();
+    }
+    assert.equal((await Deno.readTextFile(join(part, "latest"))).trim(), kept);
+    // A run whose first metrics line was torn (a full disk) is a run to start over, not "nothing to resume".
+    const torn = join(tmp, "torn");
+    await Deno.mkdir(torn);
+    await Deno.writeTextFile(join(torn, "metrics.jsonl"), '{"step":1,"rew');
+    const restarted = await train(await config(torn, 1, "eval.every=0"), { quiet: true, resume: true });
+    assert.deepEqual(restarted.records.map((r) => r.step), [1]);
     for (const resume of [false, true]) {
       await assert.rejects(
         async () => train(await config(join(part, "checkpoint-4"), 6), { quiet: true, resume }),

@@ -165,6 +165,22 @@ export function joinReplicas(env: LaunchEnv | null, device: Device, timeoutSecon
   return new Replicas(group, onGpu ? device : "cpu");
 }
 
+/**
+ * Under `--nproc` (MOERL_LAUNCHER_PID set): stops this rank when the launcher is gone (killed with -9, by the
+ * OOM killer), which could not pass a signal on; orphaned ranks would go on writing the run folder.
+ */
+export function exitWithLauncher(env: Record<string, string | undefined> = Deno.env.toObject()): void {
+  const launcher = env.MOERL_LAUNCHER_PID;
+  if (!launcher) return;
+  const timer = setInterval(() => {
+    if (String(Deno.ppid) !== launcher) {
+      console.error(`train: the --nproc launcher (pid ${launcher}) is gone; stopping this rank`);
+      Deno.exit(1);
+    }
+  }, 1000);
+  Deno.unrefTimer(timer);
+}
+
 /** The arguments without `--nproc N` / `--nproc=N`: what each local rank of a `--nproc` launch gets. */
 export function withoutNproc(args: readonly string[]): string[] {
   const out: string[] = [];
@@ -222,6 +238,7 @@ export async function spawnLocal(
           LOCAL_WORLD_SIZE: String(nproc),
           MASTER_ADDR: "127.0.0.1",
           MASTER_PORT: String(port),
+          MOERL_LAUNCHER_PID: String(Deno.pid),
         },
         stdin: "null",
         stdout: rank === 0 ? "inherit" : "piped",

@@ -50,7 +50,14 @@ import {
   loadConfiguredModel,
   rankShare,
 } from "./model.ts";
-import { checkNewRunDir, checkNotCheckpoint, checkResumable, nothingToResume } from "./resume.ts";
+import {
+  checkNewRunDir,
+  checkNotCheckpoint,
+  checkResumable,
+  lockRunDir,
+  nothingToResume,
+  RUN_LOCK_FILE,
+} from "./resume.ts";
 import { lrFactor } from "./schedule.ts";
 import { checkSameConfig, fetchFirst } from "./launch.ts";
 
@@ -86,9 +93,7 @@ export interface TrainOptions extends LearnFunctions {
 export async function train(cfg: TrainConfig, opts: TrainOptions = {}): Promise<TrainResult> {
   const dp = opts.replicas ?? Replicas.single();
   const lead = dp.rank === 0; // writes the run folder
-  const quiet = opts.quiet || !lead;
-  const t = cfg.train;
-  const perUpdate = t.microBatch * t.gradAccum;
+  const perUpdate = cfg.train.microBatch * cfg.train.gradAccum;
   if (perUpdate % dp.size !== 0) {
     throw new RangeError(
       `train.microBatch × train.gradAccum = ${perUpdate} prompts per update do not split over ${dp.size} ranks`,
@@ -98,6 +103,37 @@ export async function train(cfg: TrainConfig, opts: TrainOptions = {}): Promise<
   const dir = runDir(cfg);
   // Checked before the model loads or config.yaml is written: a refused run changes nothing.
   await checkNotCheckpoint(dir);
+  // One writer per run folder: a second trainer (a requeued job, an orphaned rank 0) is refused here.
+  const lock = lead ? await lockRunDir(dir) : null;
+  try {
+    return await trainLocked(cfg, opts, dp, dir, share, first);
+  } catch (e) {
+    // A start refused before anything was written leaves no folder behind.
+    if (lock?.created) {
+      const names = [];
+      for await (const x of Deno.readDir(dir)) names.push(x.name);
+      if (names.length === 1 && names[0] === RUN_LOCK_FILE) {
+        await Deno.remove(dir, { recursive: true }).catch(() => {});
+      }
+    }
+    throw e;
+  } finally {
+    lock?.file.close();
+  }
+}
+
+/** {@link train}, once rank 0 holds the run folder's lock. */
+async function trainLocked(
+  cfg: TrainConfig,
+  opts: TrainOptions,
+  dp: Replicas,
+  dir: string,
+  share: number,
+  first: number,
+): Promise<TrainResult> {
+  const lead = dp.rank === 0;
+  const quiet = opts.quiet || !lead;
+  const t = cfg.train;
   const resumeFrom = opts.resume ? await latestCheckpoint(dir) : null;
   if (resumeFrom) checkResumable(resumeFrom, await readTrainerState(resumeFrom), cfg, dp.size);
   else if (opts.resume) {
@@ -162,8 +198,9 @@ export async function train(cfg: TrainConfig, opts: TrainOptions = {}): Promise<
     }
     // Every rank starts from rank 0's weights (the same seed makes them equal already; this makes sure).
     dp.broadcastFromFirst(trainable());
-    // What interrupted writes left (temporary files, half-removed checkpoints, checkpoints past keepLast).
-    if (lead && resumeFrom) await tidyRunDir(dir, cfg.output.keepLast);
+    // What interrupted writes left (temporary files, half-removed checkpoints, checkpoints past keepLast),
+    // also where a run killed before its first checkpoint starts over. The lock says nothing else writes here.
+    if (lead) await tidyRunDir(dir, resumeFrom ? cfg.output.keepLast : null);
     if (lead) { // once the model and data have loaded: a start that fails leaves no run folder behind
       await Deno.mkdir(dir, { recursive: true });
       await writeAtomic(join(dir, RUN_CONFIG_FILE), formatConfig(cfg));

@@ -24,6 +24,7 @@ import { train } from "./loop.ts";
 import { formatValue } from "./progress.ts";
 import {
   distTimeoutSeconds,
+  exitWithLauncher,
   joinReplicas,
   type LaunchEnv,
   launchEnv,
@@ -90,6 +91,7 @@ export async function main(args: string[]): Promise<number> {
     }
     return await spawnLocal(n, ["run", "-A", import.meta.filename!, ...withoutNproc(args)]);
   }
+  exitWithLauncher();
   const lead = (env?.rank ?? 0) === 0;
   const say = lead ? console.log : () => {};
   say(`# resolved config${v.config ? ` (${v.config} over the defaults)` : " (defaults)"}`);

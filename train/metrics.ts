@@ -121,9 +121,18 @@ export class JsonlLog {
     if (!this.#file) throw new Error(`${this.path}: log is closed`);
     if (!Number.isFinite(record.step)) throw new Error(`${this.path}: record without a numeric step`);
     const bytes = new TextEncoder().encode(JSON.stringify(record) + "\n");
-    let done = 0;
-    while (done < bytes.length) done += await this.#file.write(bytes.subarray(done));
-    if (this.#sync) await this.#file.syncData();
+    try {
+      let done = 0;
+      while (done < bytes.length) done += await this.#file.write(bytes.subarray(done));
+      if (this.#sync) await this.#file.syncData();
+    } catch (e) {
+      throw new Error(
+        `cannot append to ${this.path}: ${
+          (e as Error).message
+        } (earlier lines are intact; --resume drops a partial line)`,
+        { cause: e },
+      );
+    }
   }
 
   /** Closes the file. Idempotent. */

@@ -136,9 +136,42 @@ export async function checkNotCheckpoint(dir: string): Promise<void> {
  * @throws {Error} naming the folder when there is nothing to resume
  */
 export async function nothingToResume(dir: string): Promise<string> {
-  const { records } = await readRecords(join(dir, METRICS_FILE));
-  if (records.length === 0) {
+  const { records, malformed } = await readRecords(join(dir, METRICS_FILE));
+  if (records.length + malformed === 0) { // as checkNewRunDir counts: a torn first line is a run started
     throw new Error(`${dir}: nothing to resume (no checkpoint, no metrics): start the run without --resume`);
   }
   return `${dir} has no checkpoint yet: starting over from update 0 (its ${records.length} logged updates are dropped)`;
+}
+
+/** The lock file inside a run folder, held (flock) by the one trainer writing it. */
+export const RUN_LOCK_FILE = ".lock";
+
+/**
+ * Takes the run folder's writer lock (an exclusive flock on `<dir>/.lock`, released by the kernel when the
+ * process ends, however it ends). Creates the folder if needed.
+ * @returns the locked file (close it to release), and whether this call created the folder
+ * @throws {Error} naming the folder and the holder when another process holds the lock
+ */
+export async function lockRunDir(dir: string): Promise<{ file: Deno.FsFile; created: boolean }> {
+  const created = !(await Deno.stat(dir).then(() => true, () => false));
+  await Deno.mkdir(dir, { recursive: true });
+  const path = join(dir, RUN_LOCK_FILE);
+  const file = await Deno.open(path, { read: true, write: true, create: true });
+  if (!(await file.tryLock(true))) {
+    file.close();
+    const holder = (await Deno.readTextFile(path).catch(() => "")).trim();
+    throw new Error(
+      `${dir} is being written by another trainer${
+        holder ? ` (${holder})` : ""
+      }: one trainer per run folder ` +
+        "(wait for it or stop it, then --resume)",
+    );
+  }
+  await file.truncate(0);
+  let host = "";
+  try {
+    host = ` on ${Deno.hostname()}`; // for the message of a trainer refused; needs --allow-sys
+  } catch { /* the pid alone */ }
+  await file.write(new TextEncoder().encode(`pid ${Deno.pid}${host}\n`));
+  return { file, created };
 }
