@@ -2,7 +2,14 @@
 import assert from "node:assert/strict";
 import { join } from "node:path";
 import { Replicas } from "../rl/replicas.ts";
-import { distTimeoutSeconds, fetchFirst, launchEnv, rankDevice } from "../train/launch.ts";
+import {
+  distTimeoutSeconds,
+  fetchFirst,
+  freePort,
+  joinReplicas,
+  launchEnv,
+  rankDevice,
+} from "../train/launch.ts";
 
 const ROOT = join(import.meta.dirname!, "..");
 
@@ -162,4 +169,17 @@ Deno.test("launch: a rank whose --nproc launcher is gone (kill -9) stops, rather
   const child = await rank(Deno.pid).output();
   assert.equal(child.code, 0, dec.decode(child.stderr));
   assert.equal(dec.decode(child.stdout).trim(), "still running");
+});
+
+Deno.test("launch: a rank left waiting for the others says so, with the timeout that ended the wait", () => {
+  const env = launchEnv({
+    RANK: "0",
+    WORLD_SIZE: "2",
+    MASTER_ADDR: "127.0.0.1",
+    MASTER_PORT: String(freePort()),
+  })!;
+  assert.throws(
+    () => joinReplicas(env, "cpu", 1),
+    /rank 0 of 2: not every rank joined at 127\.0\.0\.1:\d+ within 1 s \(MOERL_DIST_TIMEOUT_S\)\. Were all 2 started/,
+  );
 });

@@ -152,16 +152,28 @@ export async function fetchFirst(
 export function joinReplicas(env: LaunchEnv | null, device: Device, timeoutSeconds: number): Replicas {
   if (!env) return Replicas.single();
   const onGpu = device.startsWith("cuda");
-  const group = ProcessGroup.init({
-    backend: onGpu ? "nccl" : "gloo",
-    host: env.masterAddr,
-    port: env.masterPort,
-    worldSize: env.worldSize,
-    rank: env.rank,
-    timeoutMs: timeoutSeconds * 1000,
-    server: env.agentStore ? false : env.rank === 0,
-    prefix: env.agentStore ? `/worker/attempt_${env.restartCount}/moerl/` : "moerl/",
-  });
+  let group: ProcessGroup;
+  try {
+    group = ProcessGroup.init({
+      backend: onGpu ? "nccl" : "gloo",
+      host: env.masterAddr,
+      port: env.masterPort,
+      worldSize: env.worldSize,
+      rank: env.rank,
+      timeoutMs: timeoutSeconds * 1000,
+      server: env.agentStore ? false : env.rank === 0,
+      prefix: env.agentStore ? `/worker/attempt_${env.restartCount}/moerl/` : "moerl/",
+    });
+  } catch (e) {
+    if (!/time(d)? ?out/i.test((e as Error).message)) throw e;
+    // libtorch says "Socket Timeout" where the ranks never all met: say which wait ended and what decides it.
+    throw new Error(
+      `rank ${env.rank} of ${env.worldSize}: not every rank joined at ${env.masterAddr}:${env.masterPort} ` +
+        `within ${timeoutSeconds} s (MOERL_DIST_TIMEOUT_S). Were all ${env.worldSize} started, with the same ` +
+        `MASTER_ADDR, MASTER_PORT and WORLD_SIZE? (${(e as Error).message})`,
+      { cause: e },
+    );
+  }
   return new Replicas(group, onGpu ? device : "cpu");
 }
 
