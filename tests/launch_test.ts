@@ -183,3 +183,38 @@ Deno.test("launch: a rank left waiting for the others says so, with the timeout 
     /rank 0 of 2: not every rank joined at 127\.0\.0\.1:\d+ within 1 s \(MOERL_DIST_TIMEOUT_S\)\. Were all 2 started/,
   );
 });
+
+Deno.test("launch: a training stopped by a signal says how to go on, and --resume goes on", async () => {
+  const tmp = await Deno.makeTempDir({ prefix: "moerl_sigint_" });
+  try {
+    const run = (...extra: string[]): Deno.Command =>
+      new Deno.Command(Deno.execPath(), {
+        args: [
+          ...["run", "-A", join(ROOT, "train", "main.ts"), "--config", join(ROOT, "configs", "tiny.yaml")],
+          ...["--set", `output.dir=${tmp}`, "--set", "train.updates=400", "--set", "eval.every=0", ...extra],
+        ],
+        stdout: "null",
+        stderr: "piped",
+      });
+    const child = run().spawn();
+    for (let i = 0; i < 600 && !(await Deno.stat(join(tmp, "latest")).then(() => true, () => false)); i++) {
+      await new Promise((r) => setTimeout(r, 100));
+    }
+    child.kill("SIGINT");
+    const out = await child.output();
+    assert.equal(out.code, 130);
+    assert.match(
+      new TextDecoder().decode(out.stderr),
+      /train: stopped by SIGINT; the checkpoints in .* are complete: --resume goes on/,
+    );
+    const step = Number((await Deno.readTextFile(join(tmp, "latest"))).trim().replace("checkpoint-", ""));
+    const again = await run("--resume", "--set", `train.updates=${step + 1}`).output();
+    assert.equal(again.code, 0, new TextDecoder().decode(again.stderr));
+    const steps = (await Deno.readTextFile(join(tmp, "metrics.jsonl"))).trim().split("\n").map((l) =>
+      JSON.parse(l).step
+    );
+    assert.deepEqual(steps, Array.from({ length: step + 1 }, (_, i) => i + 1), "one more update, none twice");
+  } finally {
+    await Deno.remove(tmp, { recursive: true });
+  }
+});

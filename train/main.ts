@@ -111,6 +111,18 @@ export async function main(args: string[]): Promise<number> {
         threads === 1 ? "" : "s"
       } per process (OMP_NUM_THREADS to change)`,
     );
+    // Stopped from outside (Ctrl-C, a scheduler's TERM): every write is atomic, so say where to go on from.
+    for (const signal of ["SIGINT", "SIGTERM"] as const) {
+      Deno.addSignalListener(signal, () => {
+        const dir = runDir(cfg);
+        if (lead) {
+          console.error(
+            `train: stopped by ${signal}; the checkpoints in ${dir} are complete: --resume goes on`,
+          );
+        }
+        Deno.exit(signal === "SIGINT" ? 130 : 143);
+      });
+    }
     const device = rankDevice(cfg.model.device, env);
     using replicas = joinReplicas(env, device, distTimeoutSeconds());
     if (env) say(`# data parallel: ${env.worldSize} processes (${replicas.group!.backend})`);
