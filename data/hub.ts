@@ -7,40 +7,25 @@
  * downloaded with `@huggingface/hub`, which writes the same layout.
  * @module
  */
-import { dirname, join } from "node:path";
-import { envVar } from "../ffi/env.ts";
-import { hubCacheDir, hubRequests, parseRepoId } from "../model/hub.ts";
+import { join } from "node:path";
+import {
+  cachedCommit,
+  hubCacheDir,
+  hubOffline,
+  hubRequests,
+  parseRepoId,
+  pinRevision,
+  requestedRevision,
+  type ResolveOptions,
+} from "../model/hub.ts";
 import { isFile } from "../model/json.ts";
 
-/** Options for {@link resolveDatasetFile}. */
-export interface DatasetFileOptions {
-  /** Branch, tag or 40-hex commit (default "main", or the id's "@revision"). */
-  revision?: string;
-  /** Cache folder (default: model/hub.ts's `hubCacheDir()`: $HF_HUB_CACHE, $HF_HOME/hub, …). */
-  cacheDir?: string;
-  /** Access token (default: $HF_TOKEN). */
-  token?: string;
-  /** Use only the cache (default: $HF_HUB_OFFLINE is "1"/"true"/"yes"/"on"). */
-  offline?: boolean;
-  /** Hub endpoint (default: $HF_ENDPOINT, else huggingface.co). */
-  hubUrl?: string;
-}
-
-const COMMIT = /^[0-9a-f]{40}$/;
+/** Options for {@link resolveDatasetFile}: those of model/hub.ts's resolveModel. */
+export type DatasetFileOptions = ResolveOptions;
 
 /** The cache folder of one dataset repo: `datasets--org--name` (huggingface_hub's naming). */
 export function datasetCacheDir(cacheDir: string, repo: string): string {
   return join(cacheDir, `datasets--${repo.split("/").join("--")}`);
-}
-
-/** The commit a revision names in the cache (itself when it is a commit), or null. */
-async function cachedCommit(repoDir: string, revision: string): Promise<string | null> {
-  if (COMMIT.test(revision)) return revision;
-  const ref = join(repoDir, "refs", revision);
-  if (!(await isFile(ref))) return null;
-  const commit = (await Deno.readTextFile(ref)).trim();
-  if (!COMMIT.test(commit)) throw new Error(`${ref}: expected a 40-hex commit hash, found "${commit}"`);
-  return commit;
 }
 
 /**
@@ -62,14 +47,10 @@ export async function resolveDatasetFile(
   } catch {
     throw new Error(`"${id}" is not a Hub dataset id: expected "org/name" or "org/name@revision"`);
   }
-  if (ref.revision && opts.revision && ref.revision !== opts.revision) {
-    throw new Error(`"${id}" names revision ${ref.revision} but opts.revision is ${opts.revision}`);
-  }
-  const revision = opts.revision ?? ref.revision ?? "main";
+  const revision = requestedRevision(id, ref.revision, opts);
   const cacheDir = opts.cacheDir ?? hubCacheDir();
   const repoDir = datasetCacheDir(cacheDir, ref.repo);
-  const offline = opts.offline ??
-    ["1", "true", "yes", "on"].includes((envVar("HF_HUB_OFFLINE") ?? "").toLowerCase());
+  const offline = hubOffline(opts);
 
   const commit = await cachedCommit(repoDir, revision);
   const cached = commit ? join(repoDir, "snapshots", commit, path) : null;
@@ -102,15 +83,12 @@ async function download(
     "resolving the revision",
     () => datasetInfo({ name: repo, revision, additionalFields: ["sha"], ...common }),
   );
-  const commit = (info as { sha?: unknown }).sha;
-  if (typeof commit !== "string" || !COMMIT.test(commit)) {
-    throw new Error(`dataset ${repo}@${revision}: the Hub returned no commit hash`);
-  }
-  if (commit !== revision) {
-    const refPath = join(repoDir, "refs", revision);
-    await Deno.mkdir(dirname(refPath), { recursive: true });
-    await Deno.writeTextFile(refPath, commit);
-  }
+  const commit = await pinRevision(
+    `dataset ${repo}@${revision}`,
+    repoDir,
+    revision,
+    (info as { sha?: unknown }).sha,
+  );
   return await step(
     `downloading ${path}`,
     () =>

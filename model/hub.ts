@@ -88,17 +88,63 @@ export function repoCacheDir(cacheDir: string, repo: string): string {
 
 const COMMIT = /^[0-9a-f]{40}$/;
 
+/**
+ * The commit a revision names in a repo's cache folder (itself when it is a commit), or null when the cache
+ * has no ref for it. Shared by models and datasets (data/hub.ts).
+ * @throws {Error} naming the ref file when it holds no commit hash
+ */
+export async function cachedCommit(repoDir: string, revision: string): Promise<string | null> {
+  if (COMMIT.test(revision)) return revision;
+  const ref = join(repoDir, "refs", revision);
+  if (!(await isFile(ref))) return null;
+  const commit = (await Deno.readTextFile(ref)).trim();
+  if (!COMMIT.test(commit)) throw new Error(`${ref}: expected a 40-hex commit hash, found "${commit}"`);
+  return commit;
+}
+
 /** The cached snapshot folder for a revision, or null when the cache does not know it. */
 async function cachedSnapshot(repoDir: string, revision: string): Promise<string | null> {
-  let commit = revision;
-  if (!COMMIT.test(revision)) {
-    const ref = join(repoDir, "refs", revision);
-    if (!(await isFile(ref))) return null;
-    commit = (await Deno.readTextFile(ref)).trim();
-    if (!COMMIT.test(commit)) throw new Error(`${ref}: expected a 40-hex commit hash, found "${commit}"`);
+  const commit = await cachedCommit(repoDir, revision);
+  const snap = commit ? join(repoDir, "snapshots", commit) : null;
+  return snap && (await isDirectory(snap)) ? snap : null;
+}
+
+/**
+ * The revision a request asks for: the id's `@revision` or opts.revision (which must agree), else "main".
+ * @throws {Error} when both are given and differ
+ */
+export function requestedRevision(id: string, idRevision: string | undefined, opts: ResolveOptions): string {
+  if (idRevision && opts.revision && idRevision !== opts.revision) {
+    throw new Error(`"${id}" names revision ${idRevision} but opts.revision is ${opts.revision}`);
   }
-  const snap = join(repoDir, "snapshots", commit);
-  return (await isDirectory(snap)) ? snap : null;
+  return opts.revision ?? idRevision ?? "main";
+}
+
+/** Whether to use the cache only: opts.offline, else $HF_HUB_OFFLINE as huggingface_hub reads it. */
+export function hubOffline(opts: ResolveOptions): boolean {
+  return opts.offline ?? ["1", "true", "yes", "on"].includes((envVar("HF_HUB_OFFLINE") ?? "").toLowerCase());
+}
+
+/**
+ * Checks the commit the Hub resolved a revision to and records it as the revision's ref in the cache (as
+ * huggingface_hub does), so that the download and later offline runs read that one snapshot.
+ * @throws {Error} naming what was asked for when the Hub returned no commit hash
+ */
+export async function pinRevision(
+  what: string,
+  repoDir: string,
+  revision: string,
+  commit: unknown,
+): Promise<string> {
+  if (typeof commit !== "string" || !COMMIT.test(commit)) {
+    throw new Error(`${what}: the Hub returned no commit hash`);
+  }
+  if (commit !== revision) {
+    const refPath = join(repoDir, "refs", revision);
+    await Deno.mkdir(dirname(refPath), { recursive: true });
+    await Deno.writeTextFile(refPath, commit);
+  }
+  return commit;
 }
 
 /** Files a snapshot folder still lacks to be a complete model ([] when complete). */
@@ -110,10 +156,6 @@ export async function missingFiles(dir: string): Promise<string[]> {
   const shards = new Set((await readIndex(join(dir, INDEX_FILE))).values());
   for (const s of [...shards].sort()) if (!(await isFile(join(dir, s)))) missing.push(s);
   return missing;
-}
-
-function truthy(v: string | undefined): boolean {
-  return v !== undefined && ["1", "true", "yes", "on"].includes(v.toLowerCase());
 }
 
 /**
@@ -135,13 +177,10 @@ export async function resolveModel(idOrPath: string, opts: ResolveOptions = {}):
     throw new Error(`model folder ${idOrPath} does not exist`);
   }
   const ref = parseRepoId(idOrPath);
-  if (ref.revision && opts.revision && ref.revision !== opts.revision) {
-    throw new Error(`"${idOrPath}" names revision ${ref.revision} but opts.revision is ${opts.revision}`);
-  }
-  const revision = opts.revision ?? ref.revision ?? "main";
+  const revision = requestedRevision(idOrPath, ref.revision, opts);
   const cacheDir = opts.cacheDir ?? hubCacheDir();
   const repoDir = repoCacheDir(cacheDir, ref.repo);
-  const offline = opts.offline ?? truthy(envVar("HF_HUB_OFFLINE"));
+  const offline = hubOffline(opts);
 
   const snap = await cachedSnapshot(repoDir, revision);
   const missing = snap ? await missingFiles(snap) : null;
@@ -222,15 +261,7 @@ async function download(
     "resolving the revision",
     () => modelInfo({ name: repo, revision, additionalFields: ["sha"], ...common }),
   );
-  const commit = info.sha;
-  if (typeof commit !== "string" || !COMMIT.test(commit)) {
-    throw new Error(`${repo}@${revision}: the Hub returned no commit hash`);
-  }
-  if (commit !== revision) {
-    const refPath = join(repoDir, "refs", revision);
-    await Deno.mkdir(dirname(refPath), { recursive: true });
-    await Deno.writeTextFile(refPath, commit);
-  }
+  const commit = await pinRevision(`${repo}@${revision}`, repoDir, revision, info.sha);
   const wanted: string[] = [];
   await step("listing files", async () => {
     for await (const f of listFiles({ repo, revision: commit, ...common })) {
