@@ -87,7 +87,12 @@ export class LoraLinear implements LinearLayer {
     this.state = state;
     this.scale = opts.alpha / opts.r;
     this.A = param(uniform([opts.r, dims.in], kaimingBound(dims.in), dims.like));
-    this.B = param(zeros([dims.out, opts.r], { dtype: dims.like.dtype, device: dims.like.device }));
+    try {
+      this.B = param(zeros([dims.out, opts.r], { dtype: dims.like.dtype, device: dims.like.device }));
+    } catch (e) {
+      this.A.dispose(); // out of memory for B: A would be left to no one
+      throw e;
+    }
   }
 
   /** base(x) + dropout(x) Aᵀ Bᵀ · α/r (the update skipped when disabled or merged). */

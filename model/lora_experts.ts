@@ -41,8 +41,12 @@ function adapter(
   const o = { dtype: like.dtype, device: like.device };
   const bound = 1 / Math.sqrt(inDim); // Kaiming-uniform(a=√5), as lora_A
   const A = keep(tidy(() => rand([e, r, inDim], o).mul(2 * bound).sub(bound)).setRequiresGrad(true));
-  const B = keep(zeros([e, size, r], o).setRequiresGrad(true));
-  return { offset, size, A, B };
+  try {
+    return { offset, size, A, B: keep(zeros([e, size, r], o).setRequiresGrad(true)) };
+  } catch (err) {
+    A.dispose(); // out of memory for B: A would be left to no one
+    throw err;
+  }
 }
 
 /** Experts with LoRA adapters on a frozen bank (full precision or 4-bit). */
@@ -82,10 +86,19 @@ export class LoraExperts implements ExpertBank {
     this.state = state;
     this.form = form;
     this.scale = opts.alpha / r;
-    this.gateUpAdapters = form === "fused"
-      ? [adapter(e, r, h, 0, 2 * i, like)]
-      : [adapter(e, r, h, 0, i, like), adapter(e, r, h, i, i, like)];
-    this.downAdapter = adapter(e, r, i, 0, h, like);
+    const made: ExpertAdapter[] = [];
+    const make = (inDim: number, offset: number, size: number): ExpertAdapter => {
+      const a = adapter(e, r, inDim, offset, size, like);
+      made.push(a);
+      return a;
+    };
+    try {
+      this.gateUpAdapters = form === "fused" ? [make(h, 0, 2 * i)] : [make(h, 0, i), make(h, i, i)];
+      this.downAdapter = make(i, 0, h);
+    } catch (err) {
+      for (const a of made) [a.A, a.B].forEach((t) => t.dispose()); // those made before the one that failed
+      throw err;
+    }
   }
 
   /** Number of experts. */

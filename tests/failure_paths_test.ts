@@ -24,6 +24,8 @@ import { Checkpoint } from "../model/checkpoint.ts";
 import { DecodeSession } from "../model/decode_static.ts";
 import { generate, type GenerateOptions } from "../model/generate.ts";
 import { DEFAULT_LORA, type LoraConfig } from "../model/lora_apply.ts";
+import { LoraLinear, LoraState } from "../model/lora.ts";
+import { LoraExperts } from "../model/lora_experts.ts";
 import { loadModel } from "../model/model.ts";
 import { quantizeModel } from "../model/nf4.ts";
 import { SafetensorsFile } from "../model/safetensors.ts";
@@ -364,4 +366,29 @@ Deno.test("failure paths: supervisedWarmup restores the policy's train/eval mode
   } finally {
     policy.dispose();
   }
+});
+
+Deno.test("failure paths: adapters that cannot be allocated free the halves made before", async () => {
+  using model = await loadModel(TINY, FL);
+  const like = model.decoder.embed, state = new LoraState();
+  const bank = model.decoder.layers.find((l) => l.mlp.kind === "moe")!.mlp;
+  if (bank.kind !== "moe") throw new Error("the tiny model has an MoE layer");
+  await assertNoLeakAsync(async () => {
+    // A is small and made first; B [2^40, r] cannot be had, as when memory runs out midway.
+    assert.throws(() =>
+      new LoraLinear(model.decoder.layers[0]!.attn.q, { in: 4, out: 2 ** 40, like }, LORA, state)
+    );
+    for (const form of ["fused", "split"] as const) {
+      assert.throws(() =>
+        new LoraExperts(
+          bank.experts,
+          { hidden: model.config.hiddenSize, inter: 2 ** 38, like },
+          LORA,
+          state,
+          form,
+        )
+      );
+    }
+    await Promise.resolve();
+  }, "adapters whose allocation failed");
 });
