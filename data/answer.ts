@@ -55,8 +55,11 @@ export const EXTRACT_METHODS: readonly ExtractMethod[] = [
   "last_number",
 ];
 
+/** The extraction modes (see {@link ExtractMode}). */
+export const EXTRACT_MODES = ["strict", "flexible"] as const;
+
 /** "strict": `#### <number>` only; "flexible": the whole cascade (see the module doc). */
-export type ExtractMode = "strict" | "flexible";
+export type ExtractMode = typeof EXTRACT_MODES[number];
 
 /** What {@link extractAnswer} found. */
 export interface Extraction {

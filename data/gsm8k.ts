@@ -18,8 +18,14 @@ import { type DatasetFileOptions, resolveDatasetFile } from "./hub.ts";
 import { readJsonl } from "./jsonl.ts";
 import { readParquetRows } from "./parquet.ts";
 
+/** GSM8K's splits. */
+export const GSM8K_SPLITS = ["train", "test"] as const;
+
 /** A GSM8K split. */
-export type Gsm8kSplit = "train" | "test";
+export type Gsm8kSplit = typeof GSM8K_SPLITS[number];
+
+/** What a malformed record does: skipped and reported, or an error ending the load. */
+export const BAD_RECORD_POLICIES = ["skip", "error"] as const;
 
 /** One GSM8K problem. */
 export interface Gsm8kExample {
@@ -62,7 +68,7 @@ export interface LoadGsm8kOptions extends DatasetFileOptions {
    */
   split?: Gsm8kSplit;
   /** A malformed record is skipped and reported (default "skip"), or ends the load with an error. */
-  onBadRecord?: "skip" | "error";
+  onBadRecord?: typeof BAD_RECORD_POLICIES[number];
   /** Stop after this many valid examples (default: all). */
   limit?: number;
   /** Hub only: the dataset config, a folder of the repo (default "main"; openai/gsm8k also has "socratic"). */
@@ -146,7 +152,7 @@ function defaultLabel(file: string): string {
  */
 export async function loadGsm8k(source: string, opts: LoadGsm8kOptions = {}): Promise<Gsm8kData> {
   const onBad = opts.onBadRecord ?? "skip";
-  if (onBad !== "skip" && onBad !== "error") {
+  if (!BAD_RECORD_POLICIES.includes(onBad)) {
     throw new Error(`loadGsm8k: onBadRecord must be "skip" or "error", got ${JSON.stringify(onBad)}`);
   }
   const limit = opts.limit ?? Infinity;

@@ -5,7 +5,9 @@
  * @module
  */
 export {
+  BAD_RECORD_POLICIES,
   GSM8K_HUB_ID,
+  GSM8K_SPLITS,
   type Gsm8kData,
   type Gsm8kExample,
   type Gsm8kSplit,
@@ -18,6 +20,7 @@ export {
   answersMatch,
   type AnswerVerdict,
   EXTRACT_METHODS,
+  EXTRACT_MODES,
   extractAnswer,
   type Extraction,
   type ExtractMethod,

@@ -32,7 +32,7 @@
 import { basename, dirname, join } from "node:path";
 import { failureText, fromStartDir, nprocOption, numberOption, parseCommandLine } from "../train/cli.ts";
 import { type Device, useAvailableCores } from "../ffi/mod.ts";
-import { type Gsm8kSplit, loadGsm8k } from "../data/gsm8k.ts";
+import { GSM8K_SPLITS, type Gsm8kSplit, loadGsm8k } from "../data/gsm8k.ts";
 import { writeAtomic } from "../model/atomic_write.ts";
 import { isFile } from "../model/json.ts";
 import { loadPeftAdapter } from "../model/peft.ts";
@@ -258,7 +258,7 @@ export async function main(args: string[]): Promise<number> {
     console.error(`evaluate: ${(e as Error).message}\n${USAGE}`);
     return 2;
   }
-  if (v.split !== undefined && v.split !== "train" && v.split !== "test") {
+  if (v.split !== undefined && !(GSM8K_SPLITS as readonly string[]).includes(v.split)) {
     console.error(`evaluate: --split must be "train" or "test", got ${v.split}\n${USAGE}`);
     return 2;
   }

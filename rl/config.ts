@@ -9,7 +9,7 @@
 import { ADVANTAGE_ESTIMATORS, type AdvantageEstimator } from "./advantages.ts";
 import { DECODE_MODES, type DecodeMode } from "../model/decode_static.ts";
 import { MOE_DISPATCHES, type MoeDispatch } from "../model/moe.ts";
-import type { KlEstimator } from "./losses.ts";
+import { type KlEstimator, RATIO_LEVELS, type RatioLevel } from "./losses.ts";
 import {
   bool,
   type Checks,
@@ -66,7 +66,7 @@ export interface PpoConfig {
   /** Dual clip c > 1: a negative-advantage token's loss is at most −c·A (verl's clip_ratio_c; null: off). */
   clipRatioC: number | null;
   /** "token" (PPO) or "sequence" (GSPO's length-normalised sequence ratio). */
-  ratioLevel: "token" | "sequence";
+  ratioLevel: RatioLevel;
   /** Weight of the per-token KL penalty to the reference (adapters-off) policy; 0 skips its log-probs. */
   klCoef: number;
   /** The KL estimator in the loss: k3 (clamped) or k2. k1 is only logged (its expected gradient is zero). */
@@ -161,7 +161,7 @@ export const PPO_CHECKS: Checks<PpoConfig> = {
   clip: num(0, Infinity, true),
   clipHigh: nullable(num(0, Infinity, true)),
   clipRatioC: nullable(num(1, Infinity, true)),
-  ratioLevel: oneOf("token", "sequence"),
+  ratioLevel: oneOf(...RATIO_LEVELS),
   klCoef: num(0),
   klEstimator: {
     expected: '"k2" or "k3" (k1\'s expected gradient is zero: it is only logged, as kl_k1)',

@@ -54,6 +54,12 @@ export function maskedMean(x: Tensor, mask: Tensor, tokens?: number): Tensor {
   });
 }
 
+/** Where the PPO ratio is taken: "token" (PPO) or "sequence" (GSPO); see {@link ClipOptions.ratioLevel}. */
+export const RATIO_LEVELS = ["token", "sequence"] as const;
+
+/** One of {@link RATIO_LEVELS}. */
+export type RatioLevel = typeof RATIO_LEVELS[number];
+
 /** Options of {@link ppoClippedLoss}. */
 export interface ClipOptions {
   /** ε: the ratio is clipped below at 1 − ε (default 0.2). */
@@ -70,7 +76,7 @@ export interface ClipOptions {
    * length-normalised ratio exp(mean_t(log π − log π_old)), the same for all
    * its tokens, with each token's gradient flowing through its own log-prob.
    */
-  ratioLevel?: "token" | "sequence";
+  ratioLevel?: RatioLevel;
   /** Per-token weights [B, T] multiplying the loss (detached): the rollout correction. */
   weights?: Tensor | null;
   /** Divide by this many tokens instead of the batch's (see the module doc). */
@@ -130,9 +136,9 @@ export function ppoClippedLoss(
     throw new RangeError(`ppoClippedLoss: clipRatioC must be > 1, got ${dual}`);
   }
   const level = opts.ratioLevel ?? "token";
-  if (level !== "token" && level !== "sequence") {
+  if (!RATIO_LEVELS.includes(level)) {
     throw new RangeError(
-      `ppoClippedLoss: ratioLevel must be "token" or "sequence", got ${JSON.stringify(level)}`,
+      `ppoClippedLoss: ratioLevel must be one of ${RATIO_LEVELS.join(", ")}, got ${JSON.stringify(level)}`,
     );
   }
   return tidy(() => {

@@ -52,6 +52,8 @@ export {
   maskedMean,
   ppoClippedLoss,
   type PpoLossResult,
+  RATIO_LEVELS,
+  type RatioLevel,
   routerAuxLoss,
   valueLoss,
 } from "./losses.ts";

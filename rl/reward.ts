@@ -27,6 +27,7 @@ import {
 } from "../model/settings.ts";
 import {
   answersMatch,
+  EXTRACT_MODES,
   extractAnswer,
   type Extraction,
   type ExtractMethod,
@@ -100,7 +101,7 @@ export const REWARD_CHECKS: Checks<RewardConfig> = {
   markerBonus: anyNum,
   overLengthPenalty: anyNum,
   maxCompletionTokens: nullable(int(1)),
-  mode: oneOf("strict", "flexible"),
+  mode: oneOf(...EXTRACT_MODES),
   // Only an explicit marker sets extracted.marker: answer_phrase or last_number here could never earn it.
   markerMethods: listOf(MARKER_METHODS),
 };

@@ -12,7 +12,7 @@
  * @module
  */
 import { stringify } from "yaml";
-import { GSM8K_HUB_ID } from "../data/gsm8k.ts";
+import { BAD_RECORD_POLICIES, GSM8K_HUB_ID, GSM8K_SPLITS, type Gsm8kSplit } from "../data/gsm8k.ts";
 import { DEFAULT_INSTRUCTION } from "../data/prompt.ts";
 import type { Device } from "../ffi/mod.ts";
 import {
@@ -55,11 +55,11 @@ export interface DataSettings {
   /** A `.jsonl` / `.parquet` file, or a Hub dataset id (data/gsm8k.ts loadGsm8k). */
   source: string;
   /** The split to read from a Hub dataset (and the ids' prefix). */
-  split: "train" | "test";
+  split: Gsm8kSplit;
   /** Hub only: the dataset config ("main"; openai/gsm8k also has "socratic"). */
   config: string;
   /** A malformed record is skipped with a warning, or ends the run. */
-  onBadRecord: "skip" | "error";
+  onBadRecord: typeof BAD_RECORD_POLICIES[number];
   /** Appended to each question (data/prompt.ts); "" for none. */
   instruction: string;
   /** A system message, or null for the chat template's default. */
@@ -115,7 +115,7 @@ export interface EvalSettings {
   /** A `.jsonl` / `.parquet` file or a Hub dataset id. */
   source: string;
   /** The split. */
-  split: "train" | "test";
+  split: Gsm8kSplit;
   /** Prompts per generation batch. */
   batchSize: number;
   /** Token cap (null: rollout.maxNewTokens). */
@@ -249,9 +249,9 @@ const SCHEMA: Schema<TrainConfig> = {
   lora: LORA_CHECKS as Schema<TrainConfig["lora"]>,
   data: {
     source: str,
-    split: oneOf("train", "test"),
+    split: oneOf(...GSM8K_SPLITS),
     config: str,
-    onBadRecord: oneOf("skip", "error"),
+    onBadRecord: oneOf(...BAD_RECORD_POLICIES),
     instruction: text,
     system: nullable(text),
     limit: nullable(int(1)),
@@ -284,7 +284,7 @@ const SCHEMA: Schema<TrainConfig> = {
     every: int(0),
     limit: nullable(int(1)),
     source: str,
-    split: oneOf("train", "test"),
+    split: oneOf(...GSM8K_SPLITS),
     batchSize: int(1),
     maxNewTokens: nullable(int(1)),
   },
