@@ -18,7 +18,7 @@ import { collect } from "../rl/collect.ts";
 import { learn } from "../rl/learn.ts";
 import { Policy } from "../rl/policy.ts";
 import { policyOptimizer } from "../rl/ppo.ts";
-import type { RewardResult } from "../rl/reward.ts";
+import { scriptedScore } from "./util.ts";
 import { Replicas } from "../rl/replicas.ts";
 import { joinReplicas, launchEnv } from "../train/launch.ts";
 
@@ -122,14 +122,7 @@ try {
     const policy = new Policy(model, { lora: { ...DEFAULT_LORA, r: 2, alpha: 4 } });
     try {
       const prompts = [{ ids: [5, 6, 7], answer: 1 }, { ids: [8, 9], answer: 2 }];
-      let i = 0;
-      const score = (): RewardResult => ({
-        reward: i++ % 2,
-        correct: false,
-        marker: false,
-        overLength: false,
-        extracted: { value: null, method: null, marker: false },
-      });
+      const score = scriptedScore((i) => i % 2);
       const cfg = { rollout: { k: 2, maxNewTokens: 4 }, moe: { routingReplay: "off" as const } };
       using buf = await collect(policy, tok, prompts, cfg, { seed: rank, score, recordRouting: false });
       using opt = policyOptimizer(policy);

@@ -41,10 +41,9 @@ import { Policy } from "../rl/policy.ts";
 import { policyOptimizer } from "../rl/ppo.ts";
 import type { ObjectiveFn } from "../rl/replaceable.ts";
 import type { RolloutBuffer } from "../rl/rollout_buffer.ts";
-import type { RewardResult } from "../rl/reward.ts";
 import { loadCheckpoint, saveCheckpoint } from "../train/checkpoint.ts";
 import { supervisedWarmup } from "../train/sft.ts";
-import { assertClose, DEVICE, FLOAT } from "./util.ts";
+import { assertClose, DEVICE, FLOAT, scriptedScore } from "./util.ts";
 
 const TINY = join(import.meta.dirname!, "fixtures", "models", "qwen3-moe-tiny");
 const FL = { dtype: FLOAT, device: DEVICE } as const;
@@ -95,14 +94,7 @@ async function withRollouts(fn: (policy: Policy, buffer: RolloutBuffer) => void)
   const policy = new Policy(model, { lora: LORA });
   try {
     perturb(policy);
-    let i = 0; // rewards 0, 1 in every group: no flat group, so every sequence is trained
-    const score = (): RewardResult => ({
-      reward: i++ % 2,
-      correct: false,
-      marker: false,
-      overLength: false,
-      extracted: { value: null, method: null, marker: false },
-    });
+    const score = scriptedScore((i) => i % 2); // rewards 0, 1 in every group: every sequence is trained
     const prompts = [{ ids: [1, 2, 3, 4], answer: "1" }, { ids: [5, 6], answer: "2" }];
     using buffer = await collect(policy, tok, prompts, CFG, { seed: 1, score });
     fn(policy, buffer);

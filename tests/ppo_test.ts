@@ -37,7 +37,7 @@ import { ppoObjective } from "../rl/objective.ts";
 import { Policy } from "../rl/policy.ts";
 import { policyOptimizer, ppoStep } from "../rl/ppo.ts";
 import type { RewardResult } from "../rl/reward.ts";
-import { assertClose, DEVICE } from "./util.ts";
+import { assertClose, DEVICE, scriptedScore } from "./util.ts";
 
 const MODEL = join(import.meta.dirname!, "fixtures", "models", "qwen3-moe-tiny");
 const CFG: RlOverrides = {
@@ -55,21 +55,6 @@ class GradientRecorder implements StepOptimizer {
   zeroGrad(only: readonly Tensor[]): void {
     only.forEach((p) => p.clearGrad());
   }
-}
-
-/** A score that ignores the text: reward r(i) for the i-th completion scored. */
-function scripted(r: (i: number) => number): (c: { tokens: readonly number[] }) => RewardResult {
-  let i = 0;
-  return () => {
-    const reward = r(i++);
-    return {
-      reward,
-      correct: reward > 0,
-      marker: false,
-      overLength: false,
-      extracted: { value: null, method: null, marker: false },
-    };
-  };
 }
 
 Deno.test("rl config: every bad value names its section and key", () => {
@@ -185,9 +170,9 @@ Deno.test("rl: collect, learn and ppoStep on the tiny model", async (t) => {
       async () => {
         const live = liveTensors();
         {
-          using buf = await collect(policy, tok, prompts, CFG, { seed: 2, score: scripted(() => 0) });
+          using buf = await collect(policy, tok, prompts, CFG, { seed: 2, score: scriptedScore(() => 0) });
           assert.equal(buf.metrics.reward_mean, 0);
-          buf.sequences[3]!.reward = scripted(() => 1)(buf.sequences[3]!);
+          buf.sequences[3]!.reward = scriptedScore(() => 1)(buf.sequences[3]!);
           assert.equal(buf.metrics.reward_mean, 0.25, "the metrics follow a re-scored completion");
           assert.equal(buf.metrics.accuracy, 0.25);
           using second = buf.selectPrompts([1]);
@@ -238,7 +223,7 @@ Deno.test("rl: collect, learn and ppoStep on the tiny model", async (t) => {
       const live = liveTensors();
       const asyncScore = async (c: { tokens: readonly number[] }): Promise<RewardResult> => {
         await new Promise((r) => setTimeout(r, 1));
-        return scripted(() => c.tokens.length)(c);
+        return scriptedScore(() => c.tokens.length)(c);
       };
       {
         using buf = await tidyAsync(() => collect(policy, tok, prompts, CFG, { seed: 1, score: asyncScore }));
@@ -274,7 +259,7 @@ Deno.test("rl: collect, learn and ppoStep on the tiny model", async (t) => {
         using g = new Generator(2, DEVICE);
         using buf = await collect(policy, tok, prompts, CFG, {
           generator: g,
-          score: scripted((i) => i % 2), // every group has signal
+          score: scriptedScore((i) => i % 2), // every group has signal
         });
         using opt = policyOptimizer(policy, { learningRate: 1e-2, valueLearningRate: 1e-2 });
         const before = snapshot([...policy.policyParameters(), ...policy.valueParameters()]);
@@ -312,7 +297,10 @@ Deno.test("rl: collect, learn and ppoStep on the tiny model", async (t) => {
       "learn, several steps: old log-probs from a pass first, the ratio moves, the clip binds",
       async () => {
         using g = new Generator(3, DEVICE);
-        using buf = await collect(policy, tok, prompts, CFG, { generator: g, score: scripted((i) => i % 2) });
+        using buf = await collect(policy, tok, prompts, CFG, {
+          generator: g,
+          score: scriptedScore((i) => i % 2),
+        });
         using opt = policyOptimizer(policy, { learningRate: 5e-2 });
         const cfg = { ...CFG, ppo: { ...CFG.ppo, epochs: 3, minibatches: 2 } };
         const m = learn(policy, opt, buf, cfg, { microBatch: 1 });
@@ -343,7 +331,7 @@ Deno.test("rl: collect, learn and ppoStep on the tiny model", async (t) => {
 
     await t.step("learn: groups whose rewards are all equal cost no backward", async () => {
       using g = new Generator(4, DEVICE);
-      using buf = await collect(policy, tok, prompts, CFG, { generator: g, score: scripted(() => 1) });
+      using buf = await collect(policy, tok, prompts, CFG, { generator: g, score: scriptedScore(() => 1) });
       const rec = new GradientRecorder();
       const m = learn(policy, rec, buf, CFG);
       assert.deepEqual([m.trained_fraction, m.optimizer_steps, m.frac_zero_std_groups], [0, 0, 1]);
@@ -355,7 +343,7 @@ Deno.test("rl: collect, learn and ppoStep on the tiny model", async (t) => {
       using g = new Generator(5, DEVICE);
       using buf = await collect(policy, tok, prompts, CFG, {
         generator: g,
-        score: scripted((i) => (i * 7) % 3),
+        score: scriptedScore((i) => (i * 7) % 3),
       });
       const grads = (microBatch: number): number[][][] => {
         const rec = new GradientRecorder();
@@ -374,7 +362,10 @@ Deno.test("rl: collect, learn and ppoStep on the tiny model", async (t) => {
 
     await t.step("learn: the advantages, objective and critic loss can be replaced", async () => {
       using g = new Generator(5, DEVICE);
-      using buf = await collect(policy, tok, prompts, CFG, { generator: g, score: scripted((i) => i % 2) });
+      using buf = await collect(policy, tok, prompts, CFG, {
+        generator: g,
+        score: scriptedScore((i) => i % 2),
+      });
       const grads = (opts: LearnOptions): number[][][] => {
         const rec = new GradientRecorder();
         learn(policy, rec, buf, CFG, { microBatch: 4, maxGradNorm: 0, ...opts });
@@ -430,7 +421,7 @@ Deno.test("rl: collect, learn and ppoStep on the tiny model", async (t) => {
       // A replacement may not train what the reference pass left out: here a group whose rewards are equal.
       using flat = await collect(policy, tok, prompts, CFG, {
         generator: g,
-        score: scripted((i) => (i < 2 ? 1 : i)),
+        score: scriptedScore((i) => (i < 2 ? 1 : i)),
       });
       const everything = (
         ...args: Parameters<typeof updateAdvantages>
@@ -460,7 +451,10 @@ Deno.test("rl: collect, learn and ppoStep on the tiny model", async (t) => {
       async () => {
         const hot: RlOverrides = { ...CFG, rollout: { ...CFG.rollout, temperature: 0.6 } };
         using g = new Generator(8, DEVICE);
-        using buf = await collect(policy, tok, prompts, hot, { generator: g, score: scripted((i) => i % 2) });
+        using buf = await collect(policy, tok, prompts, hot, {
+          generator: g,
+          score: scriptedScore((i) => i % 2),
+        });
         const m = learn(policy, new GradientRecorder(), buf, hot);
         assert.ok(m.mismatch_mean < 1e-4, `log-probs at T = 0.6 on both sides: |Δ| ${m.mismatch_mean}`);
         // Scored at temperature 1 instead, the same tokens would look off-policy.
@@ -484,7 +478,10 @@ Deno.test("rl: collect, learn and ppoStep on the tiny model", async (t) => {
           ppo: { ...CFG.ppo, advantage: "prompt_value" },
         };
         using g = new Generator(9, DEVICE);
-        using buf = await collect(policy, tok, prompts, one, { generator: g, score: scripted((i) => i % 2) });
+        using buf = await collect(policy, tok, prompts, one, {
+          generator: g,
+          score: scriptedScore((i) => i % 2),
+        });
         const rec = new GradientRecorder();
         const m = learn(policy, rec, buf, one);
         assert.deepEqual([m.trained_fraction, m.frac_zero_std_groups, m.optimizer_steps], [1, 1, 1]);
@@ -497,7 +494,10 @@ Deno.test("rl: collect, learn and ppoStep on the tiny model", async (t) => {
       "learn: an empty completion (a re-scored or filtered buffer) trains under every estimator",
       async () => {
         using g = new Generator(10, DEVICE);
-        using got = await collect(policy, tok, prompts, CFG, { generator: g, score: scripted((i) => i % 2) });
+        using got = await collect(policy, tok, prompts, CFG, {
+          generator: g,
+          score: scriptedScore((i) => i % 2),
+        });
         const sequences = got.sequences.map((s, i) => (i === 1 ? { ...s, tokens: [], logprobs: [] } : s));
         using buf = new RolloutBuffer({
           ...got,
@@ -563,7 +563,7 @@ Deno.test("rl: collect, learn and ppoStep on the tiny model", async (t) => {
       const { metrics, samples } = await ppoStep(policy, opt, tok, prompts, CFG, {
         generator: g,
         seed: 3, // with a generator: the minibatches' seed only
-        score: scripted((i) => i % 2),
+        score: scriptedScore((i) => i % 2),
       });
       const moments = 2 * params().length;
       assert.equal(liveTensors(), js + moments, "ppoStep leaked tensors");
@@ -647,7 +647,7 @@ Deno.test("learn: nothing is read back to the host between a pass's micro-batche
   try {
     using opt = policyOptimizer(policy, { learningRate: 1e-3 });
     const cfg: RlOverrides = { ...CFG, ppo: { ...CFG.ppo, advantage: "group" } };
-    using buf = await collect(policy, tok, prompts, cfg, { seed: 1, score: scripted((i) => i % 2) });
+    using buf = await collect(policy, tok, prompts, cfg, { seed: 1, score: scriptedScore((i) => i % 2) });
     const calls: Record<string, [number, number][]> = { reference: [], backwardLoss: [] };
     for (const name of ["reference", "backwardLoss"] as const) {
       const real = policy[name].bind(policy) as (...a: unknown[]) => unknown;
@@ -697,7 +697,7 @@ Deno.test("learn: a rank's share of a critic micro-batch runs in micro-batches, 
   const policy = new Policy(model, { lora: { ...DEFAULT_LORA, r: 4, alpha: 8 } });
   try {
     const cfg: RlOverrides = { ...CFG, moe: { routingReplay: "off" } }; // token_value: a critic
-    using buf = await collect(policy, tok, prompts, cfg, { seed: 1, score: scripted((i) => i % 2) });
+    using buf = await collect(policy, tok, prompts, cfg, { seed: 1, score: scriptedScore((i) => i % 2) });
     const rows: number[] = [];
     const real = policy.reference.bind(policy);
     policy.reference = (batch, opts) => {

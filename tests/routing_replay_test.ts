@@ -17,7 +17,7 @@ import { DEFAULT_LORA } from "../model/lora_apply.ts";
 import { collect, type RolloutTokenizer, type ScoreFn } from "../rl/collect.ts";
 import type { Decoder } from "../model/decoder.ts";
 import { Policy } from "../rl/policy.ts";
-import { assertClose, DEVICE } from "./util.ts";
+import { assertClose, DEVICE, scriptedScore } from "./util.ts";
 
 const FIXTURES = join(import.meta.dirname!, "fixtures", "models");
 const f32 = { dtype: "float32" as const, device: DEVICE };
@@ -30,13 +30,7 @@ const IDS: RolloutTokenizer = {
 };
 
 /** Scores every completion 0: these tests look at routes, not rewards. */
-const zero: ScoreFn = () => ({
-  reward: 0,
-  correct: false,
-  marker: false,
-  overLength: false,
-  extracted: { value: null, method: null, marker: false },
-});
+const zero: ScoreFn = scriptedScore(() => 0);
 
 /** Adds N(0, scale²) noise to every router's weights. */
 function perturbRouters(decoder: Decoder, scale: number): void {

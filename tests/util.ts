@@ -6,6 +6,7 @@
 import assert from "node:assert/strict";
 import { type Device, type DType, liveTensors, nativeLiveCount } from "../ffi/mod.ts";
 import type { ExpertNames } from "../model/moe.ts";
+import type { RewardResult } from "../rl/reward.ts";
 
 /** Device the suite runs on. */
 export const DEVICE: Device = (Deno.env.get("MOERL_TEST_DEVICE") ?? "cpu") as Device;
@@ -100,3 +101,21 @@ export const FUSED_EXPERT_NAMES: ExpertNames = {
   down: "down_proj",
   layout: "fused",
 };
+
+/**
+ * A score function whose i-th call (0, 1, …) rewards r(i), correct when above 0: tests set the rewards of a
+ * rollout instead of drawing them from the model's answers.
+ */
+export function scriptedScore(r: (i: number) => number): (..._ignored: unknown[]) => RewardResult {
+  let i = 0;
+  return () => {
+    const reward = r(i++);
+    return {
+      reward,
+      correct: reward > 0,
+      marker: false,
+      overLength: false,
+      extracted: { value: null, method: null, marker: false },
+    };
+  };
+}
