@@ -101,6 +101,7 @@ const TOKEN = String.raw`(?<![\p{L}\p{N}_])(?:\\?\$\s?)?(?<sign>${MINUS}\s?)?(?:
 
 const TOKEN_RE = new RegExp(TOKEN, "gu");
 const WHOLE_NUMBER_RE = new RegExp(String.raw`^\s*${TOKEN}\s*%?\s*\.?\s*$`, "u");
+const LEADING_NUMBER_RE = new RegExp(String.raw`^[ \t]*${TOKEN}`, "u");
 const STRICT_HASH_RE = new RegExp(String.raw`####[ \t]*${TOKEN}`, "gu");
 
 function gcd(a: bigint, b: bigint): bigint {
@@ -224,15 +225,21 @@ function rational(raw: string | number): Rational | null {
 /**
  * A gold answer as a canonical number string: a number; a string that is one
  * number (optionally with `$`, commas, `%` or a trailing period, e.g. "1,000");
- * or a GSM8K solution, whose last `#### ` must be followed by one such number
- * and nothing else. Null when it is none of these.
+ * or a GSM8K solution, whose last `#### ` must be followed by such a number,
+ * whole ("#### 5 apples" is 5; "#### 1e400" and "#### 1.5.6" are no number).
+ * Null when it is none of these.
  */
 export function parseGold(gold: string | number): string | null {
   if (typeof gold === "number") return normalizeNumber(gold);
   if (typeof gold !== "string") return null;
-  // The last marker is the answer, and all that follows it must be the number: "#### 1e400" or "#### 1.5.6"
-  // would otherwise read as 1 and 1.5. A marker without one makes the gold malformed, not an earlier one right.
-  const m = WHOLE_NUMBER_RE.exec(gold.includes("####") ? gold.slice(gold.lastIndexOf("####") + 4) : gold);
+  let m: RegExpExecArray | null;
+  if (gold.includes("####")) {
+    // The last marker is the answer; one without a number makes the gold malformed, not an earlier one right.
+    const tail = gold.slice(gold.lastIndexOf("####") + 4);
+    m = LEADING_NUMBER_RE.exec(tail);
+    // A number that goes on ("1e400", "1.5.6", "5x") would be read as its start: 1, 1.5, 5.
+    if (m && /^(?:[.,]?\p{N}|[\p{L}_])/u.test(tail.slice(m[0].length))) m = null;
+  } else m = WHOLE_NUMBER_RE.exec(gold);
   const r = m && tokenValue(m.groups!.sign, m.groups!.body!);
   return r ? canonical(r) : null;
 }

@@ -43,6 +43,7 @@ import { Replicas } from "../rl/replicas.ts";
 import {
   checkSameConfig,
   distTimeoutSeconds,
+  exitWithLauncher,
   fetchFirst,
   joinReplicas,
   launchEnv,
@@ -279,6 +280,7 @@ export async function main(args: string[]): Promise<number> {
     }
     return await spawnLocal(n, ["run", "-A", import.meta.filename!, ...withoutNproc(args)]);
   }
+  exitWithLauncher(); // a rank of --nproc whose launcher was killed outright stops, as train's do
   const say = (env?.rank ?? 0) === 0 ? console.log : () => {};
   const at = fromStartDir;
   let cfg: TrainConfig;

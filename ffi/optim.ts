@@ -62,7 +62,8 @@ export class AdamW {
   /**
    * Creates the optimizer; state is allocated on each parameter's first step.
    * @throws {RangeError} naming the group and setting, for a learning rate or weight decay that is not a
-   *   finite number ≥ 0, betas outside [0, 1) or an eps that is not > 0 (as torch.optim refuses them)
+   *   finite number ≥ 0 or betas outside [0, 1), as torch.optim refuses them, and an eps that is not > 0
+   *   (torch allows 0, which divides by zero wherever a gradient is 0)
    */
   constructor(groups: ParamGroup[]) {
     this.groups = groups.map((g) => ({

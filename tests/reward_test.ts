@@ -211,10 +211,13 @@ Deno.test("parseGold: numbers, number strings and GSM8K solutions; anything else
   assert.equal(parseGold("#### 5\n#### 6"), "6", "the last marker");
   assert.equal(parseGold("#### 5\n#### six"), null, "a last marker without a number is malformed");
   assert.equal(parseGold("seventy-two"), null);
-  // After the marker, the number and nothing else: these read as 1 and 1.5 before.
+  // After the marker, a whole number: these read as 1 and 1.5 before. Words after it may follow.
   assert.equal(parseGold("#### 1e400"), null);
   assert.equal(parseGold("#### 1.5.6"), null);
-  assert.equal(parseGold("#### 72 apples"), null);
+  assert.equal(parseGold("#### 5x"), null);
+  assert.equal(parseGold("#### 72 apples"), "72");
+  assert.equal(parseGold("#### 5<|endoftext|>"), "5");
+  assert.equal(parseGold("#### 1,080."), "1080");
   assert.equal(parseGold("####72\n"), "72");
   assert.equal(parseGold(NaN), null);
 });

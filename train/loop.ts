@@ -108,18 +108,18 @@ export async function train(cfg: TrainConfig, opts: TrainOptions = {}): Promise<
   try {
     return await trainLocked(cfg, opts, dp, dir, share, first);
   } catch (e) {
-    // A start refused before anything was written leaves no folder behind.
-    if (lock?.created) {
-      const names = [];
-      for await (const x of Deno.readDir(dir)) names.push(x.name);
-      if (names.length === 1 && names[0] === RUN_LOCK_FILE) {
-        await Deno.remove(dir, { recursive: true }).catch(() => {});
-      }
-    }
+    // A start refused before anything was written leaves no folder behind (a failure here hides nothing).
+    if (lock?.created) await removeIfOnlyLock(dir).catch(() => {});
     throw e;
   } finally {
-    lock?.file.close();
+    lock?.file?.close();
   }
+}
+
+async function removeIfOnlyLock(dir: string): Promise<void> {
+  const names = [];
+  for await (const x of Deno.readDir(dir)) names.push(x.name);
+  if (names.length === 1 && names[0] === RUN_LOCK_FILE) await Deno.remove(dir, { recursive: true });
 }
 
 /** {@link train}, once rank 0 holds the run folder's lock. */

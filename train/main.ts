@@ -103,6 +103,10 @@ export async function main(args: string[]): Promise<number> {
       `run folder ${runDir(cfg)}`,
   );
   if (v["print-config"]) return 0;
+  // Said up front: a signal ends the process at once (a handler could not run while libtorch holds the thread).
+  say(
+    "# stopping at any point is safe (every file is written whole); --resume goes on from the last checkpoint",
+  );
 
   try {
     const threads = useAvailableCores(env?.localWorldSize ?? 1);
@@ -111,18 +115,6 @@ export async function main(args: string[]): Promise<number> {
         threads === 1 ? "" : "s"
       } per process (OMP_NUM_THREADS to change)`,
     );
-    // Stopped from outside (Ctrl-C, a scheduler's TERM): every write is atomic, so say where to go on from.
-    for (const signal of ["SIGINT", "SIGTERM"] as const) {
-      Deno.addSignalListener(signal, () => {
-        const dir = runDir(cfg);
-        if (lead) {
-          console.error(
-            `train: stopped by ${signal}; the checkpoints in ${dir} are complete: --resume goes on`,
-          );
-        }
-        Deno.exit(signal === "SIGINT" ? 130 : 143);
-      });
-    }
     const device = rankDevice(cfg.model.device, env);
     using replicas = joinReplicas(env, device, distTimeoutSeconds());
     if (env) say(`# data parallel: ${env.worldSize} processes (${replicas.group!.backend})`);

@@ -152,12 +152,22 @@ export const RUN_LOCK_FILE = ".lock";
  * @returns the locked file (close it to release), and whether this call created the folder
  * @throws {Error} naming the folder and the holder when another process holds the lock
  */
-export async function lockRunDir(dir: string): Promise<{ file: Deno.FsFile; created: boolean }> {
+export async function lockRunDir(dir: string): Promise<{ file: Deno.FsFile | null; created: boolean }> {
   const created = !(await Deno.stat(dir).then(() => true, () => false));
   await Deno.mkdir(dir, { recursive: true });
   const path = join(dir, RUN_LOCK_FILE);
   const file = await Deno.open(path, { read: true, write: true, create: true });
-  if (!(await file.tryLock(true))) {
+  let locked: boolean;
+  try {
+    locked = await file.tryLock(true);
+  } catch (e) { // a file system without flock (some Lustre and NFS mounts): train as before, unguarded
+    file.close();
+    console.warn(
+      `train: ${path}: cannot lock here (${(e as Error).message}); one trainer per folder is unchecked`,
+    );
+    return { file: null, created };
+  }
+  if (!locked) {
     file.close();
     const holder = (await Deno.readTextFile(path).catch(() => "")).trim();
     throw new Error(
@@ -167,11 +177,18 @@ export async function lockRunDir(dir: string): Promise<{ file: Deno.FsFile; crea
         "(wait for it or stop it, then --resume)",
     );
   }
-  await file.truncate(0);
-  let host = "";
   try {
-    host = ` on ${Deno.hostname()}`; // for the message of a trainer refused; needs --allow-sys
-  } catch { /* the pid alone */ }
-  await file.write(new TextEncoder().encode(`pid ${Deno.pid}${host}\n`));
+    await file.truncate(0);
+    await file.write(new TextEncoder().encode(`pid ${Deno.pid}${hostName()}\n`));
+  } catch (e) {
+    file.close(); // releases the lock, which nothing would otherwise close
+    throw new Error(`${path}: ${(e as Error).message}`, { cause: e });
+  }
   return { file, created };
+}
+
+/** " on <host>" where the program may read it without a prompt, else "" (the pid alone). */
+function hostName(): string {
+  const allowed = Deno.permissions.querySync({ name: "sys", kind: "hostname" }).state === "granted";
+  return allowed ? ` on ${Deno.hostname()}` : "";
 }
