@@ -111,7 +111,7 @@ function checkDtypeRuns(dtype: DType | undefined, device: Device | undefined): v
   // CPU only: there the gaps are (CUDA libtorch has every float dtype; its errors would be the device's).
   if (dtype === undefined || dtype === "float32" || (device ?? "cpu") !== "cpu") return;
   try {
-    tidy(() => linear(ones([1, 2], { dtype, device }), ones([2, 2], { dtype, device })));
+    tidy(() => void linear(ones([1, 2], { dtype, device }), ones([2, 2], { dtype, device }))); // returns nothing: all freed
   } catch (e) {
     if (!(e instanceof TorchError)) throw e;
     throw new Error(
