@@ -349,6 +349,11 @@ Deno.test("errors: a model dtype this libtorch cannot compute in on the device i
     );
   }
   assert.equal(liveTensors(), live);
+  { // a dtype that passes the probe: its product is freed too
+    using model = await loadModel(dir, { dtype: "bfloat16", device: "cpu" });
+    assert.equal(model.decoder.embed.dtype, "bfloat16");
+  }
+  assert.equal(liveTensors(), live, "the probe's tensors are freed");
 });
 
 Deno.test("errors: after all of the above, nothing is left alive", () => {
