@@ -11,7 +11,7 @@
  * @module
  */
 import { basename, extname } from "node:path";
-import { parseGold } from "./answer.ts";
+import { parseGold } from "./numbers.ts";
 import { isFile, isJsonObject } from "../model/json.ts";
 import { parseRepoId } from "../model/hub.ts";
 import { type DatasetFileOptions, resolveDatasetFile } from "./hub.ts";

@@ -17,7 +17,6 @@ export {
   type SkippedRecord,
 } from "./gsm8k.ts";
 export {
-  answersMatch,
   type AnswerVerdict,
   EXTRACT_METHODS,
   EXTRACT_MODES,
@@ -28,10 +27,8 @@ export {
   type ExtractOptions,
   judgeAnswer,
   MARKER_METHODS,
-  normalizeNumber,
-  parseGold,
-  plainText,
 } from "./answer.ts";
+export { answersMatch, normalizeNumber, parseGold, plainText } from "./numbers.ts";
 export { datasetCacheDir, type DatasetFileOptions, resolveDatasetFile } from "./hub.ts";
 export { type JsonlLine, parseJsonl, readJsonl } from "./jsonl.ts";
 export { readParquetRows } from "./parquet.ts";

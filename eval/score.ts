@@ -24,13 +24,8 @@
  */
 import { writeAtomic } from "../model/atomic_write.ts";
 import { failureText, fromStartDir, parseCommandLine } from "../train/cli.ts";
-import {
-  type AnswerVerdict,
-  EXTRACT_METHODS,
-  type ExtractMethod,
-  judgeAnswer,
-  parseGold,
-} from "../data/answer.ts";
+import { type AnswerVerdict, EXTRACT_METHODS, type ExtractMethod, judgeAnswer } from "../data/answer.ts";
+import { parseGold } from "../data/numbers.ts";
 import { isJsonObject } from "../model/json.ts";
 import { parseJsonl } from "../data/jsonl.ts";
 

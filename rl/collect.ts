@@ -13,7 +13,7 @@ import { DecodeSession } from "../model/decode_static.ts";
 import { generate } from "../model/generate.ts";
 import type { Policy } from "./policy.ts";
 import { rlConfig, type RlOverrides } from "./config.ts";
-import { parseGold } from "../data/answer.ts";
+import { parseGold } from "../data/numbers.ts";
 import { type Completion, reward, type RewardResult } from "./reward.ts";
 import { RolloutBuffer, type RolloutPrompt, type RolloutSequence } from "./rollout_buffer.ts";
 

@@ -8,7 +8,8 @@
  * @module
  */
 import type { Gsm8kExample } from "../data/gsm8k.ts";
-import { type AnswerVerdict, judgeAnswer, parseGold } from "../data/answer.ts";
+import { type AnswerVerdict, judgeAnswer } from "../data/answer.ts";
+import { parseGold } from "../data/numbers.ts";
 import { buildPrompts, type PromptOptions } from "../data/prompt.ts";
 import type { Decoder } from "../model/decoder.ts";
 import { type DecodeMode, DecodeSession } from "../model/decode_static.ts";

@@ -26,15 +26,14 @@ import {
   throwProblems,
 } from "../model/settings.ts";
 import {
-  answersMatch,
   EXTRACT_MODES,
   extractAnswer,
   type Extraction,
   type ExtractMethod,
   type ExtractMode,
   MARKER_METHODS,
-  parseGold,
 } from "../data/answer.ts";
+import { answersMatch, parseGold } from "../data/numbers.ts";
 
 export type { FinishReason } from "../model/generate.ts";
 

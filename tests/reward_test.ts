@@ -3,15 +3,8 @@
  * comparison, gold parsing, and the reward with its configurable weights.
  */
 import assert from "node:assert/strict";
-import {
-  answersMatch,
-  extractAnswer,
-  type ExtractMethod,
-  MARKER_METHODS,
-  normalizeNumber,
-  parseGold,
-  plainText,
-} from "../data/answer.ts";
+import { extractAnswer, type ExtractMethod, MARKER_METHODS } from "../data/answer.ts";
+import { answersMatch, normalizeNumber, parseGold, plainText } from "../data/numbers.ts";
 import { type Completion, DEFAULT_REWARD_CONFIG, isOverLength, reward, rewardConfig } from "../rl/reward.ts";
 
 /** [text, flexible value, flexible method, strict value] */
