@@ -47,7 +47,8 @@ import { learn } from "../rl/learn.ts";
 import { Policy } from "../rl/policy.ts";
 import { policyOptimizer } from "../rl/ppo.ts";
 import { parityReward } from "./parity_reward.ts";
-import { distTimeoutSeconds, joinReplicas, launchEnv, rankDevice, spawnLocal } from "../train/launch.ts";
+import { distTimeoutSeconds, joinReplicas, launchEnv, rankDevice } from "../train/launch.ts";
+import { spawnLocal } from "../train/spawn.ts";
 import { SMALL_SHAPES } from "./shapes.ts";
 import { shapesModelConfig, SILENT_TOKENIZER, syntheticPrompts } from "./synthetic.ts";
 

@@ -24,7 +24,7 @@
  * error while running, 2 for bad arguments or a bad config.
  *
  * The evaluation itself is rl/evaluate.ts's `evaluateExamples`, which the
- * training loop runs too. Data parallel as `deno task train` (train/launch.ts:
+ * training loop runs too. Data parallel as `deno task train` (train/launch.ts and train/spawn.ts:
  * `--nproc N`, or one rank per process under torchrun): rank r takes every
  * W-th problem from r, and rank 0 gathers the predictions and writes.
  * @module
@@ -43,14 +43,12 @@ import { Replicas } from "../rl/replicas.ts";
 import {
   checkSameConfig,
   distTimeoutSeconds,
-  exitWithLauncher,
   fetchFirst,
   joinReplicas,
   launchEnv,
   rankDevice,
-  spawnLocal,
-  withoutNproc,
 } from "../train/launch.ts";
+import { exitWithLauncher, spawnLocal, withoutNproc } from "../train/spawn.ts";
 import { evalTotalsOverRanks } from "../train/rank_metrics.ts";
 import { ADAPTER_DIR } from "../train/checkpoint.ts";
 import { loadAdapterOnRanks } from "./adapter.ts";

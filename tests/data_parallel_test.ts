@@ -11,7 +11,7 @@ import { distBackends, tidyAsync } from "../ffi/mod.ts";
 import { SafetensorsFile } from "../model/safetensors.ts";
 import { latestCheckpoint, readTrainerState } from "../train/checkpoint.ts";
 import { readRecords } from "../train/metrics.ts";
-import { freePort } from "../train/launch.ts";
+import { freePort } from "../train/spawn.ts";
 
 const ROOT = join(import.meta.dirname!, "..");
 const MAIN = join(ROOT, "train", "main.ts");

@@ -7,7 +7,7 @@ import { join } from "node:path";
 import { fileURLToPath } from "node:url";
 import assert from "node:assert/strict";
 import { distBackends, ProcessGroup } from "../ffi/mod.ts";
-import { freePort } from "../train/launch.ts";
+import { freePort } from "../train/spawn.ts";
 
 const WORKER = fileURLToPath(new URL("./dist_worker.ts", import.meta.url));
 const hasGloo = distBackends().includes("gloo");

@@ -1,15 +1,9 @@
-/** torchrun's environment contract (train/launch.ts): parsed as torch.distributed reads it, bad values named. */
+/** torchrun's environment contract (train/launch.ts): parsed as torch.distributed reads it, bad values named; and --nproc's launcher (train/spawn.ts). */
 import assert from "node:assert/strict";
 import { join } from "node:path";
 import { Replicas } from "../rl/replicas.ts";
-import {
-  distTimeoutSeconds,
-  fetchFirst,
-  freePort,
-  joinReplicas,
-  launchEnv,
-  rankDevice,
-} from "../train/launch.ts";
+import { distTimeoutSeconds, fetchFirst, joinReplicas, launchEnv, rankDevice } from "../train/launch.ts";
+import { freePort } from "../train/spawn.ts";
 
 const ROOT = join(import.meta.dirname!, "..");
 
@@ -110,7 +104,7 @@ Deno.test("launch: a signal to the --nproc launcher reaches its ranks, which wou
     );
     await Deno.writeTextFile(
       launcher,
-      `import { spawnLocal } from ${JSON.stringify(join(ROOT, "train", "launch.ts"))};\n` +
+      `import { spawnLocal } from ${JSON.stringify(join(ROOT, "train", "spawn.ts"))};\n` +
         `Deno.exit(await spawnLocal(2, ["run", "-A", ${JSON.stringify(rank)}], { graceSeconds: 1 }));\n`,
     );
     const child = new Deno.Command(Deno.execPath(), {
@@ -153,7 +147,7 @@ Deno.test("launch: a rank whose --nproc launcher is gone (kill -9) stops, rather
     new Deno.Command(Deno.execPath(), {
       args: [
         "eval",
-        `import { exitWithLauncher } from ${JSON.stringify(join(ROOT, "train", "launch.ts"))};` +
+        `import { exitWithLauncher } from ${JSON.stringify(join(ROOT, "train", "spawn.ts"))};` +
         "exitWithLauncher(); setTimeout(() => console.log('still running'), 2500);",
       ],
       env: { MOERL_LAUNCHER_PID: String(launcher) },

@@ -10,7 +10,7 @@
 import { fileURLToPath } from "node:url";
 import assert from "node:assert/strict";
 import { distBackends, torchVersion } from "../ffi/mod.ts";
-import { freePort } from "../train/launch.ts";
+import { freePort } from "../train/spawn.ts";
 import { PYTHON } from "./util.ts";
 
 const WORKER = fileURLToPath(new URL("./dist_worker.ts", import.meta.url));

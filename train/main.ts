@@ -22,16 +22,8 @@ import {
 import { failureText, fromStartDir, nprocOption, parseCommandLine } from "./cli.ts";
 import { train } from "./loop.ts";
 import { formatValue } from "./progress.ts";
-import {
-  distTimeoutSeconds,
-  exitWithLauncher,
-  joinReplicas,
-  type LaunchEnv,
-  launchEnv,
-  rankDevice,
-  spawnLocal,
-  withoutNproc,
-} from "./launch.ts";
+import { distTimeoutSeconds, joinReplicas, type LaunchEnv, launchEnv, rankDevice } from "./launch.ts";
+import { exitWithLauncher, spawnLocal, withoutNproc } from "./spawn.ts";
 import { torchVersion, useAvailableCores } from "../ffi/mod.ts";
 
 const USAGE =

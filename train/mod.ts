@@ -27,17 +27,8 @@ export {
   type TrainSettings,
 } from "./config.ts";
 export { train, type TrainOptions, type TrainResult } from "./loop.ts";
-export {
-  distTimeoutSeconds,
-  freePort,
-  joinReplicas,
-  type LaunchEnv,
-  launchEnv,
-  rankDevice,
-  spawnLocal,
-  type SpawnOptions,
-  withoutNproc,
-} from "./launch.ts";
+export { distTimeoutSeconds, joinReplicas, type LaunchEnv, launchEnv, rankDevice } from "./launch.ts";
+export { freePort, spawnLocal, type SpawnOptions, withoutNproc } from "./spawn.ts";
 export { collectMetricsOverRanks, evalTotalsOverRanks } from "./rank_metrics.ts";
 export { configuredOptimizer, configuredPolicy, loadConfiguredModel } from "./model.ts";
 export {
