@@ -1,4 +1,7 @@
-/** torchrun's environment contract (train/launch.ts): parsed as torch.distributed reads it, bad values named; and --nproc's launcher (train/spawn.ts). */
+/**
+ * torchrun's environment contract (train/launch.ts): parsed as torch.distributed reads it, bad values named;
+ * and --nproc's launcher (train/spawn.ts).
+ */
 import assert from "node:assert/strict";
 import { join } from "node:path";
 import { Replicas } from "../rl/replicas.ts";
