@@ -84,6 +84,10 @@ Deno.test({
           "notebook",
           "--execute",
           "--ExecutePreprocessor.timeout=600",
+          // nbclient waits 4 s for a cell's last outputs and then drops them in silence: on a loaded machine
+          // that lost the sample table. Wait longer, and fail loudly if even that runs out.
+          "--ExecutePreprocessor.iopub_timeout=120",
+          "--ExecutePreprocessor.raise_on_iopub_timeout=True",
           "--output",
           out,
           NOTEBOOK,
