@@ -70,7 +70,7 @@ Deno.test("sft: a short warm-up lowers the loss and lifts training accuracy", as
 Deno.test("sft: the command refuses bad arguments with the reason and exit status 2", async () => {
   const run = async (...args: string[]): Promise<{ code: number; stderr: string }> => {
     const out = await new Deno.Command(Deno.execPath(), {
-      args: ["run", "-A", "train/sft.ts", ...args],
+      args: ["run", "-A", "train/sft_main.ts", ...args],
       cwd: join(import.meta.dirname!, ".."),
     }).output();
     return { code: out.code, stderr: new TextDecoder().decode(out.stderr) };
@@ -108,7 +108,7 @@ Deno.test("sft: the command saves a model that loads, with the warm-up merged in
   const tmp = await Deno.makeTempDir({ prefix: "moerl_sft_cli_" });
   const run = (...args: string[]): Promise<Deno.CommandOutput> =>
     new Deno.Command(Deno.execPath(), {
-      args: ["run", "-A", "train/sft.ts", ...args],
+      args: ["run", "-A", "train/sft_main.ts", ...args],
       cwd: root,
       env: { INIT_CWD: root },
     }).output();
@@ -139,7 +139,7 @@ Deno.test("sft: the command saves a model that loads, with the warm-up merged in
       args: [
         "run",
         "-A",
-        "train/sft.ts",
+        "train/sft_main.ts",
         "--model",
         "org/some-model",
         "--out",
