@@ -46,6 +46,7 @@ import {
   fetchFirst,
   joinReplicas,
   launchEnv,
+  onSomeRanks,
   rankDevice,
 } from "../train/launch.ts";
 import { exitWithLauncher, spawnLocal, withoutNproc } from "../train/spawn.ts";
@@ -126,20 +127,19 @@ export interface RunEvaluationOptions {
 
 /** Makes the output folder on rank 0 and writes a probe there; every rank throws if that fails. */
 async function checkWritable(dir: string, dp: Replicas): Promise<void> {
-  let error: unknown = null;
-  if (dp.rank === 0) {
+  const probe = async (): Promise<void> => {
     try {
       await Deno.mkdir(dir, { recursive: true });
       await Deno.remove(await Deno.makeTempFile({ dir, prefix: ".probe-" }));
     } catch (e) {
-      error = e;
+      throw new Error(`${dir}: cannot write the results there: ${(e as Error).message}`, { cause: e });
     }
-  }
-  const [failed] = dp.sum([error === null ? 0 : 1]);
-  if (error !== null) {
-    throw new Error(`${dir}: cannot write the results there: ${(error as Error).message}`, { cause: error });
-  }
-  if (failed! > 0) throw new Error(`${dir}: rank 0 cannot write the results there (its error says why)`);
+  };
+  await onSomeRanks(
+    dp,
+    dp.rank === 0 ? probe : null,
+    `${dir}: rank 0 cannot write the results there (its error says why)`,
+  );
 }
 
 /** Loads what the config names, evaluates, and writes predictions.jsonl and summary.json. */

@@ -78,32 +78,33 @@ export function isTarget(slot: LinearSlot, target: LoraConfig["targetModules"]):
   return target.some((t) => slot.name === t || slot.name.endsWith(`.${t}`));
 }
 
-/** The module names moerl's models have (a listed one that a model lacks, as dense MLPs in an MoE, is fine). */
-const KNOWN_LEAVES = [
-  "q_proj",
-  "k_proj",
-  "v_proj",
-  "o_proj",
-  "gate_proj",
-  "up_proj",
-  "down_proj",
-  "gate",
-  "router",
-];
+/** [out, in] of each linear module moerl's models have, by its last name part, from the config. */
+const LEAF_SHAPES: Readonly<Record<string, (cfg: MoeConfig) => [number, number]>> = {
+  q_proj: (c) => [c.numAttentionHeads * c.headDim, c.hiddenSize],
+  k_proj: (c) => [c.numKeyValueHeads * c.headDim, c.hiddenSize],
+  v_proj: (c) => [c.numKeyValueHeads * c.headDim, c.hiddenSize],
+  o_proj: (c) => [c.hiddenSize, c.numAttentionHeads * c.headDim],
+  gate_proj: (c) => [c.intermediateSize, c.hiddenSize], // Qwen3's dense layers (PhiMoE has none)
+  up_proj: (c) => [c.intermediateSize, c.hiddenSize],
+  down_proj: (c) => [c.hiddenSize, c.intermediateSize],
+  gate: (c) => [c.numExperts, c.hiddenSize],
+  router: (c) => [c.numExperts, c.hiddenSize],
+  lm_head: (c) => [c.vocabSize, c.hiddenSize],
+};
 
 /**
  * Why target names cannot be what the user meant, or null: a listed name that is no module of this model
- * nor of its family (a typo would otherwise leave that module untrained, as long as anything else matched),
- * or a regular expression that matches no linear layer.
+ * nor of its family (a typo would otherwise leave that module untrained, as long as anything else matched;
+ * a family's name this model lacks, as dense MLPs in an MoE, is fine), or a regular expression that matches
+ * no linear layer.
  */
-function unmatchedTargets(target: LoraConfig["targetModules"], names: readonly string[]): string | null {
+function unmatchedTargets(target: LoraConfig["targetModules"], slots: readonly LinearSlot[]): string | null {
   if (target === "all-linear") return null;
-  const matches = (t: string): boolean => names.some((n) => n === t || n.endsWith(`.${t}`));
   const bad = typeof target === "string"
-    ? (names.some((n) => new RegExp(`^(?:${target})$`).test(n)) ? [] : [target])
-    : target.filter((t) => !matches(t) && !KNOWN_LEAVES.includes(t) && t !== "lm_head");
+    ? (slots.some((s) => isTarget(s, target)) ? [] : [target])
+    : target.filter((t) => !slots.some((s) => isTarget(s, [t])) && !Object.hasOwn(LEAF_SHAPES, t));
   if (bad.length === 0) return null;
-  const leaves = [...new Set(names.map((n) => n.slice(n.lastIndexOf(".") + 1)))];
+  const leaves = [...new Set(slots.map((s) => s.name.slice(s.name.lastIndexOf(".") + 1)))];
   return `LoRA: target_modules ${bad.map((t) => JSON.stringify(t)).join(", ")} ` +
     `${typeof target === "string" ? "(a regular expression over full names) " : ""}matches no linear layer ` +
     `of this model; its linear layers are named ${
@@ -113,29 +114,11 @@ function unmatchedTargets(target: LoraConfig["targetModules"], names: readonly s
 
 /** [out, in] of a linear slot, from the config (no weights needed). */
 export function slotShape(cfg: MoeConfig, name: string): [number, number] {
-  const h = cfg.hiddenSize, d = cfg.headDim;
   const leaf = name.slice(name.lastIndexOf(".") + 1);
-  const dense = cfg.intermediateSize; // Qwen3's dense layers (PhiMoE has none)
-  switch (leaf) {
-    case "q_proj":
-      return [cfg.numAttentionHeads * d, h];
-    case "k_proj":
-    case "v_proj":
-      return [cfg.numKeyValueHeads * d, h];
-    case "o_proj":
-      return [h, cfg.numAttentionHeads * d];
-    case "gate_proj":
-    case "up_proj":
-      return [dense, h];
-    case "down_proj":
-      return [h, dense];
-    case "gate":
-    case "router":
-      return [cfg.numExperts, h];
-    case "lm_head":
-      return [cfg.vocabSize, h];
+  if (!Object.hasOwn(LEAF_SHAPES, leaf)) {
+    throw new Error(`${name}: no known shape for a module named "${leaf}"`);
   }
-  throw new Error(`${name}: no known shape for a module named "${leaf}"`);
+  return LEAF_SHAPES[leaf]!(cfg);
 }
 
 /** Width of each expert. */
@@ -197,7 +180,7 @@ export class LoraModel {
       if (this.linears.size + this.experts.size === 0) {
         throw new Error(`LoRA: target_modules ${JSON.stringify(config.targetModules)} matched no module`);
       }
-      const typo = unmatchedTargets(config.targetModules, linearSlots(decoder).map((s) => s.name));
+      const typo = unmatchedTargets(config.targetModules, linearSlots(decoder));
       if (typo) throw new Error(typo);
     } catch (e) {
       this.dispose(); // the layers adapted so far go back

@@ -97,3 +97,22 @@ export function throwProblems(problems: readonly string[]): void {
   if (problems.length === 1) throw new RangeError(problems[0]);
   if (problems.length > 1) throw new RangeError(`${problems.length} problems: ${problems.join("; ")}`);
 }
+
+/** Edit distance where swapping two neighbours is one edit, as typing makes it ("trian" is 1 from "train"). */
+export function editDistance(a: string, b: string): number {
+  let before: number[] = [], prev = Array.from({ length: b.length + 1 }, (_, j) => j);
+  for (let i = 1; i <= a.length; i++) {
+    const cur = [i];
+    for (let j = 1; j <= b.length; j++) {
+      cur[j] = Math.min(prev[j]! + 1, cur[j - 1]! + 1, prev[j - 1]! + (a[i - 1] === b[j - 1] ? 0 : 1));
+      if (i > 1 && j > 1 && a[i - 1] === b[j - 2] && a[i - 2] === b[j - 1]) {
+        cur[j] = Math.min(cur[j]!, before[j - 2]! + 1);
+      }
+    }
+    [before, prev] = [prev, cur];
+  }
+  return prev[b.length]!;
+}
+
+/** Case, "_" and "-" do not count: learning_rate ≈ learningRate. */
+export const foldKey = (s: string): string => s.toLowerCase().replace(/[_-]/g, "");

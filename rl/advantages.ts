@@ -176,8 +176,7 @@ export function updateAdvantages(
   let n = 0, sum = 0, sq = 0;
   for (const a of raw) for (const x of a) [n, sum, sq] = [n + 1, sum + x, sq + x * x];
   if (cfg.reduce) [n, sum, sq] = cfg.reduce([n, sum, sq]) as [number, number, number];
-  const mean = n ? sum / n : 0;
-  const std = n > 1 ? Math.sqrt(Math.max(0, (sq - n * mean * mean) / (n - 1))) : 0;
+  const mean = n ? sum / n : 0, std = unbiasedStd(n, sum, sq);
   // The group mean is the baseline already, unless K = 1 leaves the raw reward: then the update's mean is.
   const normalize = cfg.normalize ?? true;
   const shift = !normalize || (cfg.estimator === "group" && k > 1) ? 0 : mean;
@@ -224,7 +223,7 @@ export function groupScaledAdvantages(
     const centered = raw.centered.slice(g * k, g * k + k); // the group's mean is 0
     return 1 / (Math.sqrt(centered.reduce((s, c) => s + c * c, 0) / (k - 1)) + 1e-4);
   });
-  return { ...raw, advantages: raw.advantages.map((a, i) => a.map((x) => x * scale[Math.floor(i / k)]!)) };
+  return scaled(raw, (i) => scale[Math.floor(i / k)]!);
 }
 
 /**
@@ -244,6 +243,17 @@ export function batchScaledAdvantages(
   const raw = unscaledGroupAdvantages("batchScaledAdvantages", rewards, k, lengths, values, cfg);
   const local = [rewards.length, rewards.reduce((a, b) => a + b, 0), rewards.reduce((a, b) => a + b * b, 0)];
   const [n, sum, sq] = (cfg.reduce ? cfg.reduce(local) : local) as [number, number, number];
-  const scale = 1 / ((n > 1 ? Math.sqrt(Math.max(0, (sq - sum * sum / n) / (n - 1))) : 0) + 1e-4);
-  return { ...raw, advantages: raw.advantages.map((a) => a.map((x) => x * scale)) };
+  const scale = 1 / (unbiasedStd(n, sum, sq) + 1e-4);
+  return scaled(raw, () => scale);
+}
+
+/** raw with sequence i's advantages multiplied by scale(i). */
+function scaled(raw: UpdateAdvantages, scale: (i: number) => number): UpdateAdvantages {
+  return { ...raw, advantages: raw.advantages.map((a, i) => a.map((x) => x * scale(i))) };
+}
+
+/** The unbiased std of n values from their sum and sum of squares (0 for fewer than two). */
+function unbiasedStd(n: number, sum: number, sumSquares: number): number {
+  const mean = n ? sum / n : 0;
+  return n > 1 ? Math.sqrt(Math.max(0, (sumSquares - n * mean * mean) / (n - 1))) : 0;
 }

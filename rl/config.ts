@@ -14,6 +14,8 @@ import {
   bool,
   type Checks,
   checkSection,
+  editDistance,
+  foldKey,
   int,
   nullable,
   num,
@@ -180,18 +182,6 @@ export const MOE_CHECKS: Checks<MoeRoutingConfig> = { routingReplay: oneOf("off"
 
 const RL_SECTIONS = ["rollout", "ppo", "reward", "moe"] as const;
 
-/** Same letters but for case, or one edit (insert, delete, replace, swap of neighbours) apart. */
-function nearMiss(a: string, b: string): boolean {
-  a = a.toLowerCase(), b = b.toLowerCase();
-  if (a === b) return true;
-  if (Math.abs(a.length - b.length) > 1) return false;
-  let i = 0;
-  while (i < a.length && i < b.length && a[i] === b[i]) i++;
-  const rest = (x: string, n: number): string => x.slice(i + n);
-  return rest(a, 1) === rest(b, 1) || rest(a, 1) === rest(b, 0) || rest(a, 0) === rest(b, 1) ||
-    (a[i] === b[i + 1] && a[i + 1] === b[i] && rest(a, 2) === rest(b, 2));
-}
-
 /**
  * The defaults with overrides applied, every key checked.
  * @throws {RangeError} naming the section and key of every bad value
@@ -199,7 +189,7 @@ function nearMiss(a: string, b: string): boolean {
 export function rlConfig(overrides: RlOverrides = {}): RlConfig {
   const d = DEFAULT_RL_CONFIG;
   for (const key of Object.keys(overrides)) {
-    const meant = RL_SECTIONS.find((s) => key !== s && nearMiss(key, s));
+    const meant = RL_SECTIONS.find((s) => key !== s && editDistance(foldKey(key), s) <= 1); // "rolout", "PPO"
     if (meant) throw new RangeError(`${key}: unknown section (did you mean ${meant}?)`);
   }
   const cfg: RlConfig = {

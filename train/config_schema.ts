@@ -7,7 +7,7 @@
  * @module
  */
 import { parse } from "yaml";
-import { type Check, describe } from "../model/settings.ts";
+import { type Check, describe, editDistance, foldKey } from "../model/settings.ts";
 
 /** A check for every leaf of T; nested objects are nested schemas (checked by the compiler). */
 export type Schema<T> = {
@@ -34,25 +34,6 @@ const isCheck = (node: unknown): node is Check =>
   typeof node === "object" && node !== null && typeof (node as Check).ok === "function";
 const isMapping = (v: unknown): v is Record<string, unknown> =>
   typeof v === "object" && v !== null && !Array.isArray(v);
-
-/** Edit distance where swapping two neighbours is one edit, as typing makes it ("trian" is 1 from "train"). */
-function distance(a: string, b: string): number {
-  let before: number[] = [], prev = Array.from({ length: b.length + 1 }, (_, j) => j);
-  for (let i = 1; i <= a.length; i++) {
-    const cur = [i];
-    for (let j = 1; j <= b.length; j++) {
-      cur[j] = Math.min(prev[j]! + 1, cur[j - 1]! + 1, prev[j - 1]! + (a[i - 1] === b[j - 1] ? 0 : 1));
-      if (i > 1 && j > 1 && a[i - 1] === b[j - 2] && a[i - 2] === b[j - 1]) {
-        cur[j] = Math.min(cur[j]!, before[j - 2]! + 1);
-      }
-    }
-    [before, prev] = [prev, cur];
-  }
-  return prev[b.length]!;
-}
-
-/** Case, "_" and "-" do not count: learning_rate ≈ learningRate. */
-const fold = (s: string): string => s.toLowerCase().replace(/[_-]/g, "");
 
 /** A schema with the settings' defaults: merges overrides, checks them, suggests keys. */
 export class SettingsSchema<T> {
@@ -88,15 +69,15 @@ export class SettingsSchema<T> {
    * when nothing is close.
    */
   suggest(key: string, siblings: readonly string[]): string | null {
-    const k = fold(key);
+    const k = foldKey(key);
     let best: string | null = null, bestD = Infinity, ties = 0;
     for (const c of siblings) {
-      const d = distance(k, fold(c));
+      const d = editDistance(k, foldKey(c));
       if (d < bestD) [best, bestD, ties] = [c, d, 0];
       else if (d === bestD) ties++;
     }
     if (best !== null && ties === 0 && bestD <= Math.max(1, Math.floor(k.length / 4))) return best;
-    const same = this.keys().filter((p) => fold(p.slice(p.lastIndexOf(".") + 1)) === k);
+    const same = this.keys().filter((p) => foldKey(p.slice(p.lastIndexOf(".") + 1)) === k);
     if (same.length) return same.join(" or ");
     return Object.hasOwn(this.#aliases, k) ? this.#aliases[k]! : null; // not Object.prototype's "constructor"
   }

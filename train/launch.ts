@@ -130,19 +130,34 @@ export async function fetchFirst(
   fetch: () => Promise<unknown>,
 ): Promise<void> {
   if (replicas.size === 1) return; // alone: it downloads as it loads
+  await onSomeRanks(
+    replicas,
+    localRank === 0 ? fetch : null,
+    "downloading the model or data failed on another rank (its error says why)",
+  );
+}
+
+/**
+ * Runs work on the ranks that have some (null: none here), then has every rank throw if it failed anywhere:
+ * a rank that threw alone would leave the others waiting in their next collective.
+ * @throws {Error} a failing rank's own error there, and `elsewhere` on the others
+ */
+export async function onSomeRanks(
+  replicas: Replicas,
+  work: (() => Promise<unknown>) | null,
+  elsewhere: string,
+): Promise<void> {
   let error: unknown = null;
-  if (localRank === 0) {
+  if (work) {
     try {
-      await fetch();
+      await work();
     } catch (e) {
       error = e;
     }
   }
   const [failed] = replicas.sum([error === null ? 0 : 1]);
   if (error !== null) throw error;
-  if (failed! > 0) {
-    throw new Error("downloading the model or data failed on another rank (its error says why)");
-  }
+  if (failed! > 0) throw new Error(elsewhere);
 }
 
 /**
