@@ -138,6 +138,21 @@ function defaultLabel(file: string): string {
 }
 
 /**
+ * Why a local file's name contradicts the split it is given, or null. The split only labels a local file's
+ * ids and evaluation folders, so `eval.split: test` on `train.jsonl` would report training problems as test
+ * accuracy.
+ * @param source a `.jsonl`/`.parquet` path or a Hub dataset id (never contradicts: the split picks its file)
+ * @param split the split it is given
+ */
+export function splitContradiction(source: string, split: Gsm8kSplit): string | null {
+  if (!looksLikePath(source)) return null;
+  const named = defaultLabel(source);
+  if (named === split || !(GSM8K_SPLITS as readonly string[]).includes(named)) return null;
+  return `${source} is named as GSM8K's ${named} split but is labelled "${split}": its ids and evaluation ` +
+    `folders will say ${split}`;
+}
+
+/**
  * Loads GSM8K.
  * @param source a `.jsonl` or `.parquet` path, or a Hub dataset id ("openai/gsm8k", "org/name@revision")
  * @throws {Error} when the source cannot be found or read (a path that does not exist, an unknown

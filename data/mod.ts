@@ -15,6 +15,7 @@ export {
   type LoadGsm8kOptions,
   parseGsm8kRecord,
   type SkippedRecord,
+  splitContradiction,
 } from "./gsm8k.ts";
 export {
   type AnswerVerdict,

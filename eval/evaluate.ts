@@ -60,7 +60,13 @@ import {
   type TrainConfig,
   TrainConfigError,
 } from "../train/config.ts";
-import { configuredData, configuredEvaluation, loadConfiguredModel, rankShare } from "../train/model.ts";
+import {
+  configuredData,
+  configuredEvaluation,
+  dataWarnings,
+  loadConfiguredModel,
+  rankShare,
+} from "../train/model.ts";
 
 /** summary.json. */
 export interface EvalSummary extends EvalTotals {
@@ -152,6 +158,9 @@ export async function runEvaluation(
   const split = opts.split ?? cfg.eval.split;
   checkSameConfig(dp, JSON.stringify([cfg, opts.limit, opts.split])); // what decides the problems and answers
   const dataOpts = configuredData(cfg, split);
+  if (dp.rank === 0) {
+    for (const w of dataWarnings(cfg, { training: false, evalSplit: split })) console.warn(`data: ${w}`);
+  }
   // One rank per machine downloads; the others then find the files cached (train/launch.ts fetchFirst).
   await fetchFirst(dp, opts.localRank ?? dp.rank, async () => {
     await resolveModel(cfg.model.id);

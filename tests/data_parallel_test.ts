@@ -86,6 +86,12 @@ Deno.test({
       ]);
       assert.equal(dp.code, 0, text(dp.stderr));
       assert.match(text(dp.stdout), /data parallel: 2 processes \(gloo\)/);
+      // tiny.yaml evaluates on its training problems; rank 0 alone says so.
+      assert.equal(
+        text(dp.stderr).match(/evaluation reads the training problems/g)?.length,
+        1,
+        text(dp.stderr),
+      );
 
       for (const file of ["adapter/adapter_model.safetensors", "value_head.safetensors"]) {
         const a = await tensors(join(one, "checkpoint-3", file));

@@ -25,6 +25,7 @@ import {
   MicroBatcher,
   mulberry32,
   parseJsonl,
+  splitContradiction,
 } from "../data/mod.ts";
 import { Tokenizer } from "../model/mod.ts";
 import { withEnv } from "./util.ts";
@@ -166,6 +167,26 @@ Deno.test("loadGsm8k: limit counts valid examples", async () => {
   await assert.rejects(loadGsm8k(HEAD_JSONL, { limit: -1 }), /limit must be a non-negative integer/);
   await assert.rejects(loadGsm8k(HEAD_JSONL, { limit: 1.5 }), /limit/);
   await assert.rejects(loadGsm8k(HEAD_JSONL, { split: "dev" as "train" }), /split must be "train" or "test"/);
+});
+
+Deno.test("splitContradiction: a local file named as the other split; Hub ids and other names never", () => {
+  assert.match(
+    splitContradiction("gsm8k/train.jsonl", "test")!,
+    /train\.jsonl is named as GSM8K's train split but is labelled "test"/,
+  );
+  assert.match(splitContradiction("data/gsm8k-test.parquet", "train")!, /labelled "train"/);
+  assert.equal(splitContradiction("gsm8k/train.jsonl", "train"), null);
+  assert.equal(
+    splitContradiction("gsm8k/contest.jsonl", "train"),
+    null,
+    "test inside a word is no split name",
+  );
+  assert.equal(splitContradiction("mine/problems.jsonl", "test"), null);
+  assert.equal(splitContradiction("openai/gsm8k", "test"), null, "a Hub split picks its file");
+  // What the warning is about: the label, not the file, decides the ids.
+  return loadGsm8k(HEAD_JSONL, { split: "test", limit: 1 }).then((d) =>
+    assert.equal(d.examples[0]!.id, "test-0")
+  );
 });
 
 Deno.test("loadGsm8k: sources that are neither files nor Hub ids", async () => {

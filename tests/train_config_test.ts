@@ -25,6 +25,7 @@ import {
   TrainConfigError,
 } from "../train/config.ts";
 import { lrFactor } from "../train/schedule.ts";
+import { dataWarnings } from "../train/model.ts";
 
 const ROOT = join(import.meta.dirname!, "..");
 const CONFIGS = join(ROOT, "configs");
@@ -308,4 +309,30 @@ Deno.test("config: --set completes a file, keeps text as typed, and YAML merge k
     configError(() => applyOverrides(DEFAULTS, { constructor: 1 }, "f.yaml")),
     /native code/,
   );
+});
+
+Deno.test("dataWarnings: a local file labelled as the other split, and evaluation on the training problems", async () => {
+  const all = { training: true, evalSplit: "test" } as const;
+  assert.deepEqual(dataWarnings(await loadTrainConfig(join(CONFIGS, "default.yaml")), all), []);
+  const tiny = await loadTrainConfig(join(CONFIGS, "tiny.yaml"));
+  assert.deepEqual(
+    dataWarnings(tiny, { training: true, evalSplit: tiny.eval.split }),
+    ["evaluation reads the training problems (tests/fixtures/gsm8k/train-head.jsonl): its accuracy is not held out"],
+  );
+  const mislabelled = await loadTrainConfig(join(CONFIGS, "tiny.yaml"), [
+    "eval.split=test",
+    "data.split=test",
+  ]);
+  const warnings = dataWarnings(mislabelled, all);
+  assert.equal(warnings.length, 3, warnings.join("\n"));
+  assert.match(warnings[0]!, /^tests\/fixtures\/gsm8k\/train-head\.jsonl is named as GSM8K's train split/);
+  assert.deepEqual(
+    dataWarnings(mislabelled, { training: false, evalSplit: null }),
+    [],
+    "nothing read, nothing said",
+  );
+  const hubEvalOnTrain = await loadTrainConfig(join(CONFIGS, "default.yaml"), ["eval.split=train"]);
+  assert.deepEqual(dataWarnings(hubEvalOnTrain, { training: false, evalSplit: "train" }), [
+    "evaluation reads the training problems (openai/gsm8k): its accuracy is not held out",
+  ]);
 });

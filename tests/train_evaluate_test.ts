@@ -54,6 +54,8 @@ Deno.test("evaluate: --limit 4 on the tiny model writes 4 predictions and a cons
   const tmp = await Deno.makeTempDir({ prefix: "moerl-eval-" });
   const r = await evaluate("--config", "configs/tiny.yaml", "--limit", "4", "--split", "test", "--out", tmp);
   assert.equal(r.code, 0, r.stderr);
+  // tiny.yaml's problems are a head of GSM8K's train split; --split test only relabels them, and says so.
+  assert.match(r.stderr, /train-head\.jsonl is named as GSM8K's train split but is labelled "test"/);
   const { preds, summary } = await readOutputs(tmp);
   assert.equal(preds.length, 4);
   assert.deepEqual(preds.map((p) => p.id), ["test-0", "test-1", "test-2", "test-3"]);
@@ -119,8 +121,9 @@ Deno.test("evaluate: --adapter takes a run folder (its newest checkpoint); outpu
     "2",
   );
   assert.equal(r.code, 0, r.stderr);
+  assert.match(r.stderr, /evaluation reads the training problems .*: its accuracy is not held out/);
   // Into the adapter's own run folder, not the config's (runs/tiny).
-  const { preds, summary } = await readOutputs(join(run, "eval", "checkpoint-3-test"));
+  const { preds, summary } = await readOutputs(join(run, "eval", "checkpoint-3-train"));
   assert.equal(preds.length, 2);
   assert.equal(summary.adapter, join(run, "checkpoint-3", "adapter"));
   assert.match(r.stdout, /adapter .*checkpoint-3[\\/]adapter: [\d,]+ parameters/);

@@ -47,6 +47,7 @@ import {
   configuredOptimizer,
   configuredPolicy,
   configuredPrompt,
+  dataWarnings,
   loadConfiguredModel,
   rankShare,
 } from "./model.ts";
@@ -143,6 +144,12 @@ async function trainLocked(
 
   checkSameConfig(dp, formatConfig(cfg)); // a rank with other settings would silently diverge
   const dataOpts = configuredData(cfg, cfg.data.split);
+  const evalSplit = cfg.eval.every > 0 ? cfg.eval.split : null;
+  if (!quiet) {
+    for (const w of dataWarnings(cfg, { training: true, evalSplit })) {
+      console.warn(`data: ${w}`);
+    }
+  }
   await fetchFirst(dp, opts.localRank ?? dp.rank, async () => {
     await resolveModel(cfg.model.id);
     await loadGsm8k(cfg.data.source, dataOpts);

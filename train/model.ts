@@ -5,7 +5,7 @@
  * evaluated.
  * @module
  */
-import type { Gsm8kSplit, LoadGsm8kOptions } from "../data/gsm8k.ts";
+import { type Gsm8kSplit, type LoadGsm8kOptions, splitContradiction } from "../data/gsm8k.ts";
 import type { PromptOptions } from "../data/prompt.ts";
 import { type AdamW, cuda, torchVersion } from "../ffi/mod.ts";
 import { type CausalLM, loadModel } from "../model/model.ts";
@@ -67,6 +67,28 @@ export function configuredOptimizer(policy: Policy, cfg: DeepReadonly<TrainConfi
 /** How cfg's GSM8K files are read, for split (`data.split` for training, `eval.split` for evaluation). */
 export function configuredData(cfg: DeepReadonly<TrainConfig>, split: Gsm8kSplit): LoadGsm8kOptions {
   return { split, onBadRecord: cfg.data.onBadRecord, config: cfg.data.config };
+}
+
+/**
+ * What a user should know about cfg's data before trusting its accuracies: a local file labelled as the other
+ * split, and evaluation on the training problems themselves.
+ * @param reads what is read: the training problems (`data.*`) or not, and the evaluation's split (null: none)
+ */
+export function dataWarnings(
+  cfg: DeepReadonly<TrainConfig>,
+  reads: { training: boolean; evalSplit: Gsm8kSplit | null },
+): string[] {
+  const { training, evalSplit } = reads;
+  const warnings = [
+    training ? splitContradiction(cfg.data.source, cfg.data.split) : null,
+    evalSplit === null ? null : splitContradiction(cfg.eval.source, evalSplit),
+  ].filter((w): w is string => w !== null);
+  if (evalSplit !== null && cfg.eval.source === cfg.data.source && evalSplit === cfg.data.split) {
+    warnings.push(
+      `evaluation reads the training problems (${cfg.eval.source}): its accuracy is not held out`,
+    );
+  }
+  return warnings;
 }
 
 /** How cfg renders a problem as a prompt (`data.instruction`, `data.system`). */
