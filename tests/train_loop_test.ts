@@ -155,6 +155,32 @@ Deno.test("train: a tiny run writes its folder, and --resume repeats the uninter
   assert.equal(liveTensors(), live, "the run frees everything");
 });
 
+Deno.test("lockRunDir: a file system without flock warns and goes on unguarded", async () => {
+  const tmp = await Deno.makeTempDir({ prefix: "moerl_lock_" });
+  const tryLock = Deno.FsFile.prototype.tryLock, warn = console.warn;
+  const warned: string[] = [];
+  // What Lustre or NFS mounts without locking answer (EOPNOTSUPP / ENOLCK).
+  Deno.FsFile.prototype.tryLock = () => Promise.reject(new Error("Operation not supported (os error 95)"));
+  console.warn = (...a: unknown[]) => void warned.push(a.join(" "));
+  try {
+    const dir = join(tmp, "run");
+    const held = await lockRunDir(dir);
+    assert.equal(held.file, null);
+    assert.equal(held.created, true);
+    assert.equal(warned.length, 1);
+    assert.match(
+      warned[0]!,
+      /run[\\/]\.lock: cannot lock here \(Operation not supported \(os error 95\)\); one trainer per folder is unchecked/,
+    );
+    assert.equal((await lockRunDir(dir)).created, false, "the folder stays; a second call warns again");
+    assert.equal(warned.length, 2);
+  } finally {
+    Deno.FsFile.prototype.tryLock = tryLock;
+    console.warn = warn;
+    await Deno.remove(tmp, { recursive: true });
+  }
+});
+
 Deno.test("train: every update gets its full batch when the data does not divide into micro-batches", async () => {
   const tmp = await Deno.makeTempDir({ prefix: "moerl_train_" });
   try {
@@ -208,7 +234,7 @@ Deno.test("train: every update gets its full batch when the data does not divide
     await Deno.writeTextFile(empty, "");
     await assert.rejects(
       async () => train(await config(join(tmp, "d"), 1, `eval.source=${empty}`), { quiet: true }),
-      /empty\.jsonl \(test\): no problems to evaluate \(eval\.every is 2; 0 trains without evaluating\)/,
+      /empty\.jsonl \(train\): no problems to evaluate \(eval\.every is 2; 0 trains without evaluating\)/,
     );
     await assert.rejects(() => Deno.stat(join(tmp, "d", "metrics.jsonl")), Deno.errors.NotFound);
   } finally {

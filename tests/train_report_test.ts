@@ -40,6 +40,32 @@ Deno.test("metrics: append, refuse to reuse a log, truncate on resume", async ()
   await Deno.remove(dir, { recursive: true });
 });
 
+Deno.test("metrics: a failed append names the file; the lines before it are intact and a resume drops the rest", async () => {
+  const dir = await Deno.makeTempDir({ prefix: "moerl-metrics-" });
+  const path = join(dir, METRICS_FILE);
+  // A file-size limit (ulimit -f, in KiB; SIGXFSZ ignored so that write fails with EFBIG) stands in for a full disk.
+  const script = `
+    import { JsonlLog } from ${JSON.stringify(new URL("../train/metrics.ts", import.meta.url).href)};
+    const { log } = await JsonlLog.open(${JSON.stringify(path)});
+    await log.append({ step: 1, loss: 0.5 });
+    await log.append({ step: 2, text: "x".repeat(200000) }).catch((e) => console.log(e.message));
+    log.close();`;
+  const out = await new Deno.Command("bash", {
+    args: ["-c", `trap '' XFSZ; ulimit -f 64; exec "$0" eval "$1"`, Deno.execPath(), script],
+    stdout: "piped",
+    stderr: "piped",
+  }).output();
+  const said = new TextDecoder().decode(out.stdout);
+  assert.equal(out.code, 0, new TextDecoder().decode(out.stderr));
+  assert.match(said, new RegExp(`^cannot append to ${path}: .*\\(earlier lines are intact; --resume drops`));
+  assert.equal((await Deno.stat(path)).size, 64 * 1024, "the second line was cut at the limit");
+  const { log, dropped } = await JsonlLog.open(path, { keepUpTo: 1 });
+  log.close();
+  assert.equal(dropped, 1);
+  assert.equal(await Deno.readTextFile(path), '{"step":1,"loss":0.5}\n');
+  await Deno.remove(dir, { recursive: true });
+});
+
 function fakeOut(isTTY: boolean): ProgressOutput & { text: string } {
   const o = { isTTY, columns: 60, text: "", write: (t: string) => void (o.text += t) };
   return o;
