@@ -287,7 +287,12 @@ export async function main(args: string[]): Promise<number> {
     }
     return await spawnLocal(n, ["run", "-A", import.meta.filename!, ...withoutNproc(args)]);
   }
-  exitWithLauncher(); // a rank of --nproc whose launcher was killed outright stops, as train's do
+  try {
+    exitWithLauncher("evaluate"); // a rank of --nproc whose launcher was killed outright stops, as train's do
+  } catch (e) {
+    console.error(`evaluate: ${(e as Error).message}`);
+    return 2;
+  }
   const say = (env?.rank ?? 0) === 0 ? console.log : () => {};
   const at = fromStartDir;
   let cfg: TrainConfig;

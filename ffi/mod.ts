@@ -57,6 +57,7 @@ export {
   cuda,
   type CudaMemoryStats,
   type CudaRuntime,
+  exitWithParent,
   Generator,
   isGradEnabled,
   manualSeed,

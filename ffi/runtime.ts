@@ -1,5 +1,6 @@
 /**
- * Process-wide libtorch state: seeding, random generators, grad mode and CUDA.
+ * Process-wide state: libtorch's seeding, random generators, grad mode and CUDA, and a watch on the parent
+ * process.
  * @module
  */
 import { envVar } from "./env.ts";
@@ -9,6 +10,24 @@ import { check, ctx, lastError, shim, TorchError } from "./lib.ts";
 /** Seeds libtorch's default generators (CPU and every CUDA device). */
 export function manualSeed(seed: number | bigint): void {
   check(shim().mt_manual_seed(ctx(), BigInt(seed)), "manual_seed", () => []);
+}
+
+/**
+ * Ends this process (status 1, after writing message to stderr) once its parent is gone, checked every
+ * intervalMs on a native thread, so also while JavaScript waits in a blocking call such as a rendezvous or a
+ * collective, where no timer could run.
+ * @param parent the parent's pid now (`Deno.ppid`); an orphan's parent changes to a reaper
+ * @param message what to say when it ends the process (a newline is added)
+ */
+export function exitWithParent(parent: number, message: string, intervalMs = 1000): void {
+  if (!Number.isSafeInteger(parent) || parent < 1) {
+    throw new RangeError(`exitWithParent: parent must be a pid (an integer >= 1), got ${parent}`);
+  }
+  if (!Number.isSafeInteger(intervalMs) || intervalMs < 1 || intervalMs > 2 ** 31 - 1) {
+    throw new RangeError(`exitWithParent: intervalMs must be an integer >= 1, got ${intervalMs}`);
+  }
+  const text = new TextEncoder().encode(message + "\n\0");
+  check(shim().mt_exit_with_parent(ctx(), parent, text, intervalMs), "exit_with_parent", () => []);
 }
 
 /** libtorch's intra-op thread count (CPU kernels). */

@@ -113,6 +113,8 @@ export const symbols = {
   mt_nf4_linear: { parameters: [C, T, BUF, BUF, I32, T, I64], result: T }, // mt_tensor parts[7], int64_t* shape
   mt_token_stats: { parameters: [C, T, T, T, T, F64, I64, BUF], result: I32 }, // mt_tensor out[2]
 
+  mt_exit_with_parent: { parameters: [C, I32, BUF, I32], result: I32 }, // watchdog.cpp; the message a C string
+
   // data parallel (dist.cpp); "pointer" results/params named G are mt_group, strings are C strings
   mt_dist_backends: { parameters: [], result: I32 },
   mt_dist_init: { parameters: [C, BUF, BUF, I32, I32, I32, I64, I32, BUF, BUF], result: G },

@@ -151,7 +151,7 @@ Deno.test("launch: a rank whose --nproc launcher is gone (kill -9) stops, rather
       args: [
         "eval",
         `import { exitWithLauncher } from ${JSON.stringify(join(ROOT, "train", "spawn.ts"))};` +
-        "exitWithLauncher(); setTimeout(() => console.log('still running'), 2500);",
+        "exitWithLauncher('train'); setTimeout(() => console.log('still running'), 2500);",
       ],
       env: { MOERL_LAUNCHER_PID: String(launcher) },
       stdout: "piped",
@@ -166,6 +166,70 @@ Deno.test("launch: a rank whose --nproc launcher is gone (kill -9) stops, rather
   const child = await rank(Deno.pid).output();
   assert.equal(child.code, 0, dec.decode(child.stderr));
   assert.equal(dec.decode(child.stdout).trim(), "still running");
+});
+
+Deno.test("launch: an orphaned rank stops even while it blocks in the rendezvous; a bad launcher pid is named", async () => {
+  const dec = new TextDecoder();
+  // Rank 1 of 2 joins a store that nobody hosts: it blocks in a native call for up to MOERL_DIST_TIMEOUT_S,
+  // where no JavaScript timer runs.
+  const rankEnv = (): Record<string, string> => ({
+    RANK: "1",
+    LOCAL_RANK: "1",
+    WORLD_SIZE: "2",
+    LOCAL_WORLD_SIZE: "2",
+    MASTER_ADDR: "127.0.0.1",
+    MASTER_PORT: String(freePort()),
+    MOERL_DIST_TIMEOUT_S: "60",
+    OMP_NUM_THREADS: "1",
+  });
+  const mainArgs = (main: string): string[] => [
+    "run",
+    "-A",
+    join(ROOT, main),
+    "--config",
+    join(ROOT, "configs", "tiny.yaml"),
+  ];
+  // A launcher (bash here) that is killed with -9 once its rank waits in the rendezvous.
+  const launcher = new Deno.Command("bash", {
+    args: [
+      "-c",
+      'MOERL_LAUNCHER_PID=$$ "$@" & wait',
+      "bash",
+      Deno.execPath(),
+      ...mainArgs("eval/evaluate.ts"),
+    ],
+    env: rankEnv(),
+    stdout: "piped",
+    stderr: "piped",
+  }).spawn();
+  await new Promise((resolve) => setTimeout(resolve, 5000)); // it starts in about 1 s
+  const killed = performance.now();
+  launcher.kill("SIGKILL");
+  const out = await launcher.output(); // its pipes stay open until the rank ends too
+  const stderr = dec.decode(out.stderr);
+  assert.match(stderr, /^evaluate: the --nproc launcher \(pid \d+\) is gone; stopping this rank$/m);
+  assert.doesNotMatch(stderr, /rendezvous|timed out|process group/i, "it did not wait out the timeout");
+  assert.ok(performance.now() - killed < 30_000, "well before the rendezvous timeout (60 s)");
+
+  for (const [command, main] of [["train", "train/main.ts"], ["evaluate", "eval/evaluate.ts"]]) {
+    const run = (launcherPid: string): Promise<Deno.CommandOutput> =>
+      new Deno.Command(Deno.execPath(), {
+        args: mainArgs(main!),
+        env: { ...rankEnv(), MOERL_LAUNCHER_PID: launcherPid },
+        stdout: "piped",
+        stderr: "piped",
+      }).output();
+    // The launcher named is not this rank's parent (this test is): it is gone from the start.
+    const orphan = await run(String(Deno.pid + 100000));
+    assert.equal(orphan.code, 1, dec.decode(orphan.stderr));
+    assert.match(dec.decode(orphan.stderr), new RegExp(`^${command}: the --nproc launcher .* is gone`, "m"));
+    const bad = await run("12abc");
+    assert.equal(bad.code, 2);
+    assert.match(
+      dec.decode(bad.stderr),
+      new RegExp(`^${command}: MOERL_LAUNCHER_PID: expected the launcher's pid, got "12abc"`),
+    );
+  }
 });
 
 Deno.test("launch: a rank left waiting for the others says so, with the timeout that ended the wait", () => {

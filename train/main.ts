@@ -83,7 +83,12 @@ export async function main(args: string[]): Promise<number> {
     }
     return await spawnLocal(n, ["run", "-A", import.meta.filename!, ...withoutNproc(args)]);
   }
-  exitWithLauncher();
+  try {
+    exitWithLauncher("train");
+  } catch (e) {
+    console.error(`train: ${(e as Error).message}`);
+    return 2;
+  }
   const lead = (env?.rank ?? 0) === 0;
   const say = lead ? console.log : () => {};
   say(`# resolved config${v.config ? ` (${v.config} over the defaults)` : " (defaults)"}`);

@@ -5,21 +5,26 @@
  * rank whose launcher is killed outright stops itself.
  * @module
  */
+import { exitWithParent } from "../ffi/runtime.ts";
 
 /**
  * Under `--nproc` (MOERL_LAUNCHER_PID set): stops this rank when the launcher is gone (killed with -9, by the
- * OOM killer), which could not pass a signal on; orphaned ranks would go on writing the run folder.
+ * OOM killer), which could not pass a signal on; orphaned ranks would go on writing the run folder, or wait out
+ * a rendezvous. The check runs on a native thread, so a rank blocked in a collective stops too.
+ * @param command the command's name, for the message
+ * @throws {Error} when MOERL_LAUNCHER_PID is not a pid
  */
-export function exitWithLauncher(env: Record<string, string | undefined> = Deno.env.toObject()): void {
+export function exitWithLauncher(
+  command: string,
+  env: Record<string, string | undefined> = Deno.env.toObject(),
+): void {
   const launcher = env.MOERL_LAUNCHER_PID;
   if (!launcher) return;
-  const timer = setInterval(() => {
-    if (String(Deno.ppid) !== launcher) {
-      console.error(`train: the --nproc launcher (pid ${launcher}) is gone; stopping this rank`);
-      Deno.exit(1);
-    }
-  }, 1000);
-  Deno.unrefTimer(timer);
+  const pid = Number(launcher);
+  if (!/^\d+$/.test(launcher) || !Number.isSafeInteger(pid) || pid < 1) {
+    throw new Error(`MOERL_LAUNCHER_PID: expected the launcher's pid, got "${launcher}"`);
+  }
+  exitWithParent(pid, `${command}: the --nproc launcher (pid ${pid}) is gone; stopping this rank`);
 }
 
 /** The arguments without `--nproc N` / `--nproc=N`: what each local rank of a `--nproc` launch gets. */

@@ -25,7 +25,7 @@ const char* mt_ctx_message(mt_ctx* ctx) { return ctx->message.c_str(); }
 void mt_ctx_set_grad(mt_ctx* ctx, int32_t enabled) { ctx->grad_enabled = enabled != 0; }
 int32_t mt_ctx_grad(mt_ctx* ctx) { return ctx->grad_enabled ? 1 : 0; }
 const char* mt_torch_version(void) { return TORCH_VERSION; }
-int32_t mt_abi_version(void) { return 7; }
+int32_t mt_abi_version(void) { return 8; }
 int64_t mt_live_count(void) { return live_count.load(std::memory_order_relaxed); }
 
 // ---- runtime -------------------------------------------------------------------

@@ -239,6 +239,13 @@ int32_t mt_dist_broadcast(mt_ctx* ctx, mt_group g, const mt_tensor* ts, int32_t 
 mt_tensor mt_dist_allgather(mt_ctx* ctx, mt_group g, mt_tensor t);
 int32_t mt_dist_barrier(mt_ctx* ctx, mt_group g);
 
+/* ---- process (watchdog.cpp) ---------------------------------------------------------------
+ * Starts a thread that, once this process's parent is no longer the process
+ * parent (it died: the kernel re-parents orphans), writes message to stderr
+ * and ends the process with status 1. It checks every interval_ms, even while
+ * the calling thread blocks in another call. */
+int32_t mt_exit_with_parent(mt_ctx* ctx, int32_t parent, const char* message, int32_t interval_ms);
+
 /* ---- grouped GEMM (grouped.cpp) ----------------------------------------------------------
  * out[rows of group g] = a[rows of group g] @ b[g]: a [N, K] with its rows
  * sorted by group, b [G, K, M], offs int32 [G] the cumulative row ends. Only
