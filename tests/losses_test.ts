@@ -5,9 +5,12 @@
  * clipping, GSPO's sequence ratio, rollout-correction weights, minibatch
  * token means, k1/k2/k3 values, clamps and gradients, the ratio-1 policy
  * gradient, the token-level value loss, the group baseline, token advantages
- * (GAE), normalisation over an update, and no leaked tensors.
+ * (GAE), normalisation over an update, and no leaked tensors; and the whole
+ * objective against TRL's GRPOTrainer loss (tests/fixtures/trl/, recorded by
+ * scripts/make_trl_loss_fixture.py).
  */
 import assert from "node:assert/strict";
+import { join } from "node:path";
 import { randn, type Tensor, tensor, tidy } from "../ffi/mod.ts";
 import { loadBalancingLoss } from "../model/moe.ts";
 import {
@@ -27,7 +30,8 @@ import {
   routerAuxLoss,
   valueLoss,
 } from "../rl/losses.ts";
-import { rolloutWeights } from "../rl/objective.ts";
+import { DEFAULT_RL_CONFIG } from "../rl/config.ts";
+import { ppoObjective, rolloutWeights } from "../rl/objective.ts";
 import { assertClose, assertNoLeak, DEVICE } from "./util.ts";
 
 const f32 = { dtype: "float32" as const, device: DEVICE };
@@ -231,6 +235,80 @@ Deno.test("losses: KL k1, k2 and k3 values, masking, clamps and gradients", () =
       assert.throws(() => klPenalty(a, b, ones, "k4" as "k1"), /estimator/);
     })
   );
+});
+
+/** tests/fixtures/trl/grpo_loss.json (scripts/make_trl_loss_fixture.py). */
+interface TrlFixture {
+  trl: string;
+  clip: number;
+  clipHigh: number;
+  klCoef: number;
+  rolloutCorrection: number;
+  mask: number[][];
+  logprobs: number[][];
+  old: number[][];
+  ref: number[][];
+  rollout: number[][];
+  entropy: number[][];
+  advantages: number[];
+  cases: {
+    level: "token" | "sequence";
+    splits: number[][];
+    ranks: boolean;
+    correction: boolean;
+    entropyCoef: number;
+    loss: number;
+    gradLogprobs: number[][];
+    gradEntropy: number[][];
+  }[];
+}
+
+Deno.test("losses: the objective gives TRL's GRPO loss and gradients, over micro-batches and ranks", () => {
+  const fx: TrlFixture = JSON.parse(
+    Deno.readTextFileSync(join(import.meta.dirname!, "fixtures", "trl", "grpo_loss.json")),
+  );
+  const tokens = fx.mask.flat().reduce((a, b) => a + b, 0);
+  const rowsOf = (x: number[][], rows: number[]): Tensor => t(rows.map((r) => x[r]!));
+  assertNoLeak(() => {
+    for (const c of fx.cases) {
+      const what = `${c.level} ${JSON.stringify(c.splits)}${c.ranks ? " over ranks" : ""} (TRL ${fx.trl})`;
+      // A micro-batch or a rank each: the loss is summed and the gradients add up, each part dividing by
+      // the tokens of all of them, as learn runs them (ranks sum their gradients; DDP averages TRL's).
+      let loss = 0;
+      const gradLogprobs = fx.mask.map((r) => r.map(() => 0)),
+        gradEntropy = fx.mask.map((r) => r.map(() => 0));
+      for (const rows of c.splits) {
+        tidy(() => {
+          const logprobs = rowsOf(fx.logprobs, rows).setRequiresGrad(true);
+          const entropy = rowsOf(fx.entropy, rows).setRequiresGrad(true);
+          const mask = rowsOf(fx.mask, rows);
+          const r = ppoObjective({ logprobs, entropy, mask }, {
+            advantages: t(rows.map((i) => fx.mask[i]!.map(() => fx.advantages[i]!))),
+            oldLogprobs: rowsOf(fx.old, rows),
+            refLogprobs: rowsOf(fx.ref, rows),
+            rolloutLogprobs: rowsOf(fx.rollout, rows),
+            tokens,
+          }, {
+            ...DEFAULT_RL_CONFIG.ppo,
+            clip: fx.clip,
+            clipHigh: fx.clipHigh,
+            klCoef: fx.klCoef,
+            klEstimator: "k3",
+            entropyCoef: c.entropyCoef,
+            rolloutCorrection: c.correction ? fx.rolloutCorrection : null,
+            ratioLevel: c.level,
+          });
+          r.loss.backward();
+          loss += r.loss.item();
+          const gl = logprobs.grad!.tolist() as number[][], ge = entropy.grad!.tolist() as number[][];
+          rows.forEach((row, j) => [gradLogprobs[row], gradEntropy[row]] = [gl[j]!, ge[j]!]);
+        });
+      }
+      assertClose([loss], [c.loss], 1e-6, `${what}: loss`);
+      assertClose(gradLogprobs.flat(), c.gradLogprobs.flat(), 1e-6, `${what}: gradient of the log-probs`);
+      assertClose(gradEntropy.flat(), c.gradEntropy.flat(), 1e-6, `${what}: gradient of the entropies`);
+    }
+  });
 });
 
 Deno.test("losses: entropy bonus and the token-level value loss", () => {
