@@ -57,6 +57,7 @@ import {
   formatConfig,
   loadTrainConfig,
   runDir,
+  setOptionHint,
   type TrainConfig,
   TrainConfigError,
 } from "../train/config.ts";
@@ -248,15 +249,22 @@ Exit status: 0 done, 1 an error while running, 2 a bad argument or config.`;
 
 /** The command line: returns the exit status. */
 export async function main(args: string[]): Promise<number> {
-  const parsed = parseCommandLine("evaluate", USAGE, args, {
-    config: { type: "string", short: "c" },
-    adapter: { type: "string" },
-    limit: { type: "string" },
-    split: { type: "string" },
-    out: { type: "string", short: "o" },
-    set: { type: "string", multiple: true },
-    nproc: { type: "string" },
-  });
+  const parsed = parseCommandLine(
+    "evaluate",
+    USAGE,
+    args,
+    {
+      config: { type: "string", short: "c" },
+      adapter: { type: "string" },
+      limit: { type: "string" },
+      split: { type: "string" },
+      out: { type: "string", short: "o" },
+      set: { type: "string", multiple: true },
+      nproc: { type: "string" },
+    },
+    false,
+    setOptionHint,
+  );
   if (typeof parsed === "number") return parsed;
   const v = parsed.values;
   let limit: number | undefined;

@@ -81,7 +81,7 @@ Deno.test("sft: the command refuses bad arguments with the reason and exit statu
       [[...ok, "--steps", "abc"], /--steps: expected an integer >= 1, got "abc"/],
       [[...ok, "--lr", "0"], /--lr: expected a number > 0, got "0"/],
       [[...ok, "--batch", "1.5"], /--batch: expected an integer >= 1/],
-      [[...ok, "--step", "3"], /Unknown option '--step'/],
+      [[...ok, "--step", "3"], /unknown option --step \(did you mean --steps\?\)/],
       [["--model", "m", "--task", "arithmetic"], /--model and --out are required/],
       [["--model", "m", "--out", "o"], /give one of --data FILE\.jsonl, --task arithmetic/],
       [[...ok, "--data", "x.jsonl"], /give one of/],

@@ -21,9 +21,11 @@ import {
   parseYaml,
   promptsPerUpdate,
   runDir,
+  setOptionHint,
   suggestKey,
   TrainConfigError,
 } from "../train/config.ts";
+import { parseCommandLine } from "../train/cli.ts";
 import { lrFactor } from "../train/schedule.ts";
 import { dataWarnings } from "../train/model.ts";
 
@@ -263,6 +265,37 @@ Deno.test("train/main.ts: prints the resolved config; a bad config exits 2 namin
     new TextDecoder().decode(bad.stderr),
     /unknown key train\.lerning_rate \(did you mean learningRate\?\)/,
   );
+});
+
+Deno.test("command line: an unknown option is named plainly, with the nearest option or its --set", () => {
+  const said: string[] = [];
+  const error = console.error;
+  console.error = (m: string) => void said.push(m.split("\n")[0]!);
+  try {
+    const parse = (args: string[], positionals = false): number | object =>
+      parseCommandLine(
+        "train",
+        "usage",
+        args,
+        { resume: { type: "boolean" }, set: { type: "string" } },
+        positionals,
+        setOptionHint,
+      );
+    assert.equal(parse(["--resum"]), 2);
+    assert.equal(parse(["--updates", "3"]), 2);
+    assert.equal(parse(["--learning_rate=1e-5"]), 2);
+    assert.equal(parse(["--limit", "3"]), 2);
+    assert.equal(parse(["--bogus"], true), 2);
+  } finally {
+    console.error = error;
+  }
+  assert.deepEqual(said, [
+    "train: unknown option --resum (did you mean --resume?)",
+    "train: unknown option --updates (settings are given as --set key=value: --set train.updates=…)",
+    "train: unknown option --learning_rate (settings are given as --set key=value: --set train.learningRate=…)",
+    "train: unknown option --limit (settings are given as --set key=value: --set data.limit=… or --set eval.limit=…)",
+    'train: unknown option --bogus; to pass --bogus as an argument, put it after "--"',
+  ]);
 });
 
 Deno.test("config: --set completes a file, keeps text as typed, and YAML merge keys work", async () => {

@@ -7,6 +7,7 @@
 import { resolve } from "node:path";
 import { parseArgs, type ParseArgsOptionsConfig } from "node:util";
 import { envVar } from "../ffi/env.ts";
+import { editDistance, foldKey } from "../model/settings.ts";
 
 /** What {@link parseCommandLine} parsed: parseArgs' result with `help` among the options. */
 export type ParsedCommandLine<T extends ParseArgsOptionsConfig> = ReturnType<
@@ -20,7 +21,9 @@ export type ParsedCommandLine<T extends ParseArgsOptionsConfig> = ReturnType<
  * values, or the exit status when the command has nothing more to do: 0
  * once the usage is printed for --help, 2 once a bad argument is reported
  * (with the usage) on stderr. Positional arguments are an error unless
- * `positionals` says the command takes them.
+ * `positionals` says the command takes them. An unknown option is named with
+ * the nearest known one, else with what `hint` says of its name (a command
+ * with --set: the setting of that name).
  */
 export function parseCommandLine<T extends ParseArgsOptionsConfig>(
   command: string,
@@ -28,6 +31,7 @@ export function parseCommandLine<T extends ParseArgsOptionsConfig>(
   args: string[],
   options: T,
   positionals = false,
+  hint?: (name: string) => string | null,
 ): ParsedCommandLine<T> | number {
   let parsed: ParsedCommandLine<T>;
   try {
@@ -41,7 +45,8 @@ export function parseCommandLine<T extends ParseArgsOptionsConfig>(
       throw new TypeError(`unexpected argument '${parsed.positionals[0]}'`);
     }
   } catch (e) {
-    console.error(`${command}: ${(e as Error).message}\n${usage}`);
+    const message = unknownOption(e, Object.keys(options), positionals, hint) ?? (e as Error).message;
+    console.error(`${command}: ${message}\n${usage}`);
     return 2;
   }
   if ((parsed.values as { help?: boolean }).help) {
@@ -49,6 +54,28 @@ export function parseCommandLine<T extends ParseArgsOptionsConfig>(
     return 0;
   }
   return parsed;
+}
+
+/**
+ * parseArgs' unknown-option error said plainly: its advice on positionals that start with "-" (with an
+ * unbalanced quote) only where the command takes positionals, and a suggestion. Null for other errors.
+ */
+function unknownOption(
+  e: unknown,
+  known: readonly string[],
+  positionals: boolean,
+  hint?: (name: string) => string | null,
+): string | null {
+  if ((e as { code?: unknown }).code !== "ERR_PARSE_ARGS_UNKNOWN_OPTION") return null;
+  const option = /^Unknown option '([^']+)'/.exec((e as Error).message)?.[1];
+  if (option === undefined) return null;
+  const name = option.replace(/^-+/, ""), folded = foldKey(name);
+  const near = [...known, "help"].filter((k) =>
+    editDistance(folded, foldKey(k)) <= Math.max(1, Math.floor(folded.length / 4))
+  );
+  const more = near.length === 1 ? `did you mean --${near[0]}?` : hint?.(name) ?? null;
+  const dash = positionals ? `; to pass ${option} as an argument, put it after "--"` : "";
+  return `unknown option ${option}${more ? ` (${more})` : ""}${dash}`;
 }
 
 /** What {@link numberOption} accepts: an integer or any finite number, with a lower bound. */

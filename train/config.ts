@@ -387,6 +387,17 @@ export function suggestKey(key: string, siblings: readonly string[]): string | n
   return SETTINGS.suggest(key, siblings);
 }
 
+/**
+ * For a command line's unknown option `--name`: the `--set` that sets a setting of that name (a key path, a
+ * key of any section, or another tool's name for one), or null.
+ */
+export function setOptionHint(name: string): string | null {
+  const keys = configKeys().includes(name) ? name : suggestKey(name, []);
+  return keys
+    ? `settings are given as --set key=value: ${keys.split(" or ").map((k) => `--set ${k}=…`).join(" or ")}`
+    : null;
+}
+
 /** Every leaf key path of the config ("train.learningRate", …). */
 export function configKeys(): string[] {
   return SETTINGS.keys();

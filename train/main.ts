@@ -16,6 +16,7 @@ import {
   loadTrainConfig,
   promptsPerUpdate,
   runDir,
+  setOptionHint,
   type TrainConfig,
   TrainConfigError,
 } from "./config.ts";
@@ -43,13 +44,20 @@ Exit status: 0 done, 1 an error while running, 2 a bad argument or config.`;
 
 /** The command line: returns the exit status. */
 export async function main(args: string[]): Promise<number> {
-  const parsed = parseCommandLine("train", USAGE, args, {
-    config: { type: "string", short: "c" },
-    set: { type: "string", multiple: true },
-    "print-config": { type: "boolean" },
-    resume: { type: "boolean" },
-    nproc: { type: "string" },
-  });
+  const parsed = parseCommandLine(
+    "train",
+    USAGE,
+    args,
+    {
+      config: { type: "string", short: "c" },
+      set: { type: "string", multiple: true },
+      "print-config": { type: "boolean" },
+      resume: { type: "boolean" },
+      nproc: { type: "string" },
+    },
+    false,
+    setOptionHint,
+  );
   if (typeof parsed === "number") return parsed;
   const v = parsed.values;
   let env: LaunchEnv | null;
