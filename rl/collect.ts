@@ -14,6 +14,7 @@ import { generate } from "../model/generate.ts";
 import type { Policy } from "./policy.ts";
 import { rlConfig, type RlOverrides } from "./config.ts";
 import { parseGold } from "../data/numbers.ts";
+import { describe } from "../model/settings.ts";
 import { type Completion, reward, type RewardResult } from "./reward.ts";
 import { RolloutBuffer, type RolloutPrompt, type RolloutSequence } from "./rollout_buffer.ts";
 
@@ -80,6 +81,7 @@ export interface CollectOptions {
  * once by default), each prompt prefilled once for its K samples.
  * @param cfg overrides of rl/config.ts's defaults (the `rollout` and `reward` sections are used)
  * @throws {RangeError} for no prompts or a bad config
+ * @throws {TypeError} for a prompt that is not { ids, answer } (e.g. the question's text)
  */
 export async function collect(
   policy: Policy,
@@ -98,6 +100,21 @@ export async function collect(
   }
   if (opts.generator && opts.seed !== undefined) {
     throw new RangeError("collect: give a generator or a seed, not both");
+  }
+  // Questions as text (as TRL takes them) would otherwise fail on their gold answer, or inside generate.
+  const unrendered = prompts.findIndex((p) => {
+    const ids = (p as { ids?: unknown } | null)?.ids;
+    return typeof p !== "object" || !(Array.isArray(ids) || ArrayBuffer.isView(ids));
+  });
+  if (unrendered >= 0) {
+    const p: unknown = prompts[unrendered];
+    const shown = typeof p === "object" && p !== null
+      ? `'s ids: expected token ids, got ${describe((p as { ids?: unknown }).ids)}`
+      : ` is ${describe(p)}`;
+    throw new TypeError(
+      `collect: prompt ${unrendered}${shown}; a prompt is { ids, answer }, its token ids and gold answer ` +
+        "(buildPrompts renders questions into ids)",
+    );
   }
   const score: ScoreFn = opts.score ?? ((completion, p) => reward(completion, p.answer, rewardCfg));
   if (!opts.score) { // before generating: the default reward needs a numeric gold answer

@@ -251,6 +251,20 @@ Deno.test("rl: collect, learn and ppoStep on the tiny model", async (t) => {
         /prompt 1's gold answer "seven" is not a number/,
       );
       assert.equal(hostReadCount(), generated, "refused before generating");
+      // Questions as text, as TRL takes them, or a prompt without its ids: named, with what a prompt is.
+      const unrendered = [
+        ["What is 2 + 3?", /prompt 1 is "What is 2 \+ 3\?" \(a string\)/],
+        [{ answer: "5" }, /prompt 1's ids: expected token ids, got nothing/],
+      ] as const;
+      for (const [bad, shown] of unrendered) {
+        await assert.rejects(
+          collect(policy, tok, [prompts[0]!, bad as unknown as RolloutPrompt], CFG, { seed: 1 }),
+          (e: Error) =>
+            e instanceof TypeError && shown.test(e.message) &&
+            /a prompt is \{ ids, answer \}/.test(e.message),
+        );
+      }
+      assert.equal(hostReadCount(), generated, "refused before generating");
     });
 
     await t.step(
