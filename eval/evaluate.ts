@@ -52,7 +52,7 @@ import {
 import { exitWithLauncher, spawnLocal, withoutNproc } from "../train/spawn.ts";
 import { evalTotalsOverRanks } from "../train/rank_metrics.ts";
 import { ADAPTER_DIR } from "../train/checkpoint.ts";
-import { loadAdapterOnRanks } from "./adapter.ts";
+import { loadAdapterOnRanks, resolveAdapter } from "./adapter.ts";
 import {
   formatConfig,
   loadTrainConfig,
@@ -161,6 +161,10 @@ export async function runEvaluation(
   const dataOpts = configuredData(cfg, split);
   if (dp.rank === 0) {
     for (const w of dataWarnings(cfg, { training: false, evalSplit: split })) console.warn(`data: ${w}`);
+  }
+  const adapter = opts.adapter;
+  if (adapter !== undefined) { // a mistyped --adapter is said before the model is downloaded and loaded
+    await onSomeRanks(dp, () => resolveAdapter(adapter), `${adapter}: another rank found no adapter there`);
   }
   // One rank per machine downloads; the others then find the files cached (train/launch.ts fetchFirst).
   await fetchFirst(dp, opts.localRank ?? dp.rank, async () => {

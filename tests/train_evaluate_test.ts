@@ -11,6 +11,8 @@ import { loadModel } from "../model/model.ts";
 import { Policy } from "../rl/policy.ts";
 import { saveCheckpoint } from "../train/checkpoint.ts";
 import { scoreText } from "../eval/score.ts";
+import { runEvaluation } from "../eval/evaluate.ts";
+import { loadTrainConfig } from "../train/config.ts";
 
 const ROOT = join(import.meta.dirname!, "..");
 
@@ -173,6 +175,27 @@ Deno.test("evaluate: bad arguments and configs exit 2, a missing data file 1", a
     assert.doesNotMatch(out.stdout, /2\/2: strict/, "nothing was evaluated");
   } finally {
     await Deno.remove(file);
+  }
+});
+
+Deno.test("evaluate: a mistyped --adapter is named before the model is read", async () => {
+  // A model folder whose weights are missing: reading it would fail first, naming the weights.
+  const model = await Deno.makeTempDir({ prefix: "moerl-eval-noweights-" });
+  try {
+    await Deno.copyFile(
+      join(ROOT, "tests/fixtures/models/qwen3-moe-tiny/config.json"),
+      join(model, "config.json"),
+    );
+    const cfg = await loadTrainConfig(join(ROOT, "configs/tiny.yaml"), [
+      `model.id=${model}`,
+      `eval.source=${join(ROOT, "tests/fixtures/gsm8k/train-head.jsonl")}`,
+    ]);
+    await assert.rejects(
+      runEvaluation(cfg, { adapter: join(model, "checkpont-10"), limit: 1, log: () => {} }),
+      /checkpont-10: does not exist; give an adapter folder/,
+    );
+  } finally {
+    await Deno.remove(model, { recursive: true });
   }
 });
 
