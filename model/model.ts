@@ -4,7 +4,7 @@
  * @module
  */
 import { join } from "node:path";
-import { type Device, type DType, linear, ones, tidy, TorchError, torchVersion } from "../ffi/mod.ts";
+import { cuda, type Device, type DType, linear, ones, tidy, TorchError, torchVersion } from "../ffi/mod.ts";
 import { Checkpoint } from "./checkpoint.ts";
 import { loadModelConfig, type MoeConfig } from "./config.ts";
 import type { Decoder } from "./decoder.ts";
@@ -78,6 +78,8 @@ export class CausalLM {
  * ```
  */
 export async function loadModel(idOrPath: string, opts: LoadModelOptions = {}): Promise<CausalLM> {
+  const missing = missingCudaDevice(opts.device); // before a download, not at the first weight's copy
+  if (missing) throw new Error(`loadModel: device "${opts.device}": ${missing}`);
   const dir = await resolveModel(idOrPath, opts.hub);
   const config = await loadModelConfig(join(dir, "config.json"));
   using ckpt = await Checkpoint.open(dir);
@@ -93,6 +95,15 @@ export async function loadModel(idOrPath: string, opts: LoadModelOptions = {}): 
     );
   }
   return model;
+}
+
+/** Why device is a CUDA device this machine lacks (no CUDA, or not that index), or null when it is not one. */
+export function missingCudaDevice(device: Device | undefined): string | null {
+  if (!device?.startsWith("cuda")) return null;
+  const index = Number(device.split(":")[1] ?? 0), count = cuda.isAvailable() ? cuda.deviceCount() : 0;
+  if (!(index >= count)) return null; // "cuda:x" is the tensor calls' error to name
+  return `${count ? `this machine has CUDA devices 0..${count - 1}` : "CUDA is not available here"} ` +
+    `(libtorch ${torchVersion()})`;
 }
 
 /**

@@ -334,6 +334,20 @@ Deno.test({ name: "errors: CUDA requested where it is unavailable", ignore: cuda
   });
 });
 
+Deno.test({
+  name: "errors: loadModel on CUDA where it is unavailable names the device before reading the model",
+  ignore: cuda.isAvailable(),
+}, async () => {
+  const live = liveTensors();
+  for (const id of ["./fixtures/models/qwen3-moe-tiny", "./fixtures/models/none"]) {
+    await assert.rejects(
+      loadModel(new URL(id, import.meta.url).pathname, { device: "cuda" }),
+      /^Error: loadModel: device "cuda": CUDA is not available here \(libtorch [\d.]+\)$/,
+    );
+  }
+  assert.equal(liveTensors(), live);
+});
+
 Deno.test("errors: a model dtype this libtorch cannot compute in on the device is named as the setting", async () => {
   const dir = new URL("./fixtures/models/qwen3-moe-tiny", import.meta.url).pathname;
   const live = liveTensors();

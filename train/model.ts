@@ -7,8 +7,8 @@
  */
 import { type Gsm8kSplit, type LoadGsm8kOptions, splitContradiction } from "../data/gsm8k.ts";
 import type { PromptOptions } from "../data/prompt.ts";
-import { type AdamW, cuda, torchVersion } from "../ffi/mod.ts";
-import { type CausalLM, loadModel } from "../model/model.ts";
+import type { AdamW } from "../ffi/mod.ts";
+import { type CausalLM, loadModel, missingCudaDevice } from "../model/model.ts";
 import { quantizeModel } from "../model/nf4.ts";
 import { Policy } from "../rl/policy.ts";
 import { policyOptimizer } from "../rl/ppo.ts";
@@ -21,16 +21,9 @@ import type { DeepReadonly, ModelSettings, TrainConfig } from "./config.ts";
  * NF4 when asked.
  */
 export async function loadConfiguredModel(cfg: DeepReadonly<ModelSettings>): Promise<CausalLM> {
-  if (cfg.device.startsWith("cuda")) { // said before a checkpoint is read, naming the setting
-    const index = Number(cfg.device.split(":")[1] ?? 0), count = cuda.isAvailable() ? cuda.deviceCount() : 0;
-    if (index >= count) {
-      throw new Error(
-        `model.device "${cfg.device}": ${
-          count ? `this machine has CUDA devices 0..${count - 1}` : "CUDA is not available here"
-        } ` +
-          `(libtorch ${torchVersion()}); set model.device=cpu or run where the GPU is`,
-      );
-    }
+  const missing = missingCudaDevice(cfg.device); // said before a checkpoint is read, naming the setting
+  if (missing) {
+    throw new Error(`model.device "${cfg.device}": ${missing}; set model.device=cpu or run where the GPU is`);
   }
   const model = await loadModel(cfg.id, { dtype: cfg.dtype, device: cfg.device, attention: cfg.attention });
   try {
