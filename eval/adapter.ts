@@ -11,6 +11,7 @@ import { isDirectory, isFile } from "../model/json.ts";
 import { ADAPTER_CONFIG } from "../model/peft.ts";
 import type { Replicas } from "../rl/replicas.ts";
 import { ADAPTER_DIR, latestCheckpoint } from "../train/checkpoint.ts";
+import { RUN_CONFIG_FILE } from "../train/config.ts";
 
 /** The PEFT folder an --adapter argument names: itself, its `adapter/`, or its newest checkpoint's. */
 export async function resolveAdapter(path: string): Promise<string> {
@@ -28,6 +29,20 @@ export async function resolveAdapter(path: string): Promise<string> {
   throw new Error(
     `${path}: no ${ADAPTER_CONFIG} here, in ${ADAPTER_DIR}/, or in a checkpoint of this run folder`,
   );
+}
+
+/**
+ * The config of the run an --adapter argument's checkpoint belongs to (`<run>/config.yaml`, as training wrote
+ * it): the model, dtype, prompt and token cap the adapter was trained with. Null for an adapter that is no
+ * checkpoint's, a run without that file, or a path that names no adapter (the evaluation says why).
+ */
+export async function adapterRunConfig(path: string): Promise<string | null> {
+  const dir = await resolveAdapter(path).catch(() => null);
+  if (dir === null || basename(dir) !== ADAPTER_DIR) return null;
+  const checkpoint = dirname(dir);
+  if (!/^checkpoint-\d+$/.test(basename(checkpoint))) return null;
+  const file = join(dirname(checkpoint), RUN_CONFIG_FILE);
+  return (await isFile(file)) ? file : null;
 }
 
 /** How many times a run folder's newest checkpoint is chosen again after it was removed while loading. */

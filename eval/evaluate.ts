@@ -7,7 +7,8 @@
  * ```
  *
  * The model, dtype, device, 4-bit setting, prompt (instruction, system) and
- * token cap come from the config (eval.maxNewTokens, else rollout's); the
+ * token cap come from the config (eval.maxNewTokens, else rollout's): --config,
+ * else the run's own config.yaml for a checkpoint's adapter, else the defaults; the
  * problems from eval.source and --split (default eval.split), all of them
  * unless --limit. `--adapter` takes a PEFT adapter folder, a checkpoint
  * folder (its `adapter/`), or a run folder (its newest checkpoint).
@@ -52,7 +53,7 @@ import {
 import { exitWithLauncher, spawnLocal, withoutNproc } from "../train/spawn.ts";
 import { evalTotalsOverRanks } from "../train/rank_metrics.ts";
 import { ADAPTER_DIR } from "../train/checkpoint.ts";
-import { loadAdapterOnRanks, resolveAdapter } from "./adapter.ts";
+import { adapterRunConfig, loadAdapterOnRanks, resolveAdapter } from "./adapter.ts";
 import {
   formatConfig,
   loadTrainConfig,
@@ -238,7 +239,8 @@ const USAGE =
                           [--out DIR] [--set key.path=value ...] [--nproc N]
 
   -c, --config F     the training config whose model, prompt, token cap and eval data are used (without it:
-                     the built-in defaults, which configs/default.yaml lists)
+                     the config.yaml of the run a checkpoint adapter is from, else the built-in defaults,
+                     which configs/default.yaml lists)
   --adapter DIR      a PEFT adapter folder, a checkpoint folder, or a run folder (its newest checkpoint);
                      without it: the base model
   --limit N          the first N problems only
@@ -307,14 +309,19 @@ export async function main(args: string[]): Promise<number> {
   }
   const say = (env?.rank ?? 0) === 0 ? console.log : () => {};
   const at = fromStartDir;
+  // Without --config, a checkpoint is evaluated as its run trained it (the run's config.yaml).
+  const runConfig = v.config === undefined && v.adapter !== undefined
+    ? await adapterRunConfig(at(v.adapter)!)
+    : null;
   let cfg: TrainConfig;
   try {
-    cfg = await loadTrainConfig(at(v.config), v.set ?? []);
+    cfg = await loadTrainConfig(runConfig ?? at(v.config), v.set ?? []);
   } catch (e) {
     console.error(`evaluate: ${(e as Error).message}`);
     return e instanceof TrainConfigError ? 2 : 1;
   }
-  say(`config${v.config ? ` ${v.config}` : " (defaults)"}:\n${formatConfig(cfg)}`);
+  const from = v.config ? ` ${v.config}` : runConfig ? ` ${runConfig} (the adapter's run)` : " (defaults)";
+  say(`config${from}:\n${formatConfig(cfg)}`);
   try {
     say(
       `libtorch: ${

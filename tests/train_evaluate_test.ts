@@ -12,7 +12,7 @@ import { Policy } from "../rl/policy.ts";
 import { saveCheckpoint } from "../train/checkpoint.ts";
 import { scoreText } from "../eval/score.ts";
 import { runEvaluation } from "../eval/evaluate.ts";
-import { loadTrainConfig } from "../train/config.ts";
+import { formatConfig, loadTrainConfig, RUN_CONFIG_FILE } from "../train/config.ts";
 
 const ROOT = join(import.meta.dirname!, "..");
 
@@ -129,6 +129,15 @@ Deno.test("evaluate: --adapter takes a run folder (its newest checkpoint); outpu
   assert.equal(preds.length, 2);
   assert.equal(summary.adapter, join(run, "checkpoint-3", "adapter"));
   assert.match(r.stdout, /adapter .*checkpoint-3[\\/]adapter: [\d,]+ parameters/);
+  // Without --config, the run's own config.yaml (as training writes it) says how it was trained.
+  const runConfig = await loadTrainConfig(join(ROOT, "configs", "tiny.yaml"), ["eval.maxNewTokens=5"]);
+  await Deno.writeTextFile(join(run, RUN_CONFIG_FILE), formatConfig(runConfig));
+  const own = await evaluate("--adapter", join(run, "checkpoint-3"), "--limit", "2");
+  assert.equal(own.code, 0, own.stderr);
+  assert.match(own.stdout, /^config .*run[\\/]config\.yaml \(the adapter's run\):$/m);
+  const again = await readOutputs(join(run, "eval", "checkpoint-3-train"));
+  assert.equal(again.summary.max_new_tokens, 5);
+  assert.ok(again.preds.every((p) => (p.completion_tokens as number) <= 5));
   await Deno.remove(tmp, { recursive: true });
 });
 
