@@ -323,11 +323,8 @@ export async function main(args: string[]): Promise<number> {
   const from = v.config ? ` ${v.config}` : runConfig ? ` ${runConfig} (the adapter's run)` : " (defaults)";
   say(`config${from}:\n${formatConfig(cfg)}`);
   try {
-    say(
-      `libtorch: ${
-        useAvailableCores(env?.localWorldSize ?? 1)
-      } CPU threads per process (OMP_NUM_THREADS to change)`,
-    );
+    const threads = useAvailableCores(env?.localWorldSize ?? 1);
+    say(`libtorch: ${threads} CPU thread${threads === 1 ? "" : "s"} per process (OMP_NUM_THREADS to change)`);
     const device = rankDevice(cfg.model.device, env);
     using replicas = joinReplicas(env, device, distTimeoutSeconds());
     const { summary, dir } = await runEvaluation(cfg, {

@@ -196,8 +196,9 @@ Scores GSM8K completions made elsewhere, strict (#### only) and flexible (the ca
 "answer_gold" is read when "answer" is absent (so deno task evaluate's predictions.jsonl scores as it is),
 "id" is copied, other fields are ignored.
 
-  -o, --out FILE      the verdicts, one line per scored line (default: <file>.scored.jsonl)
-  -s, --summary FILE  the totals, also printed (default: <file>.summary.json)
+  -o, --out FILE      the verdicts, one line per scored line (default: the input's path with .scored.jsonl
+                      for its .jsonl)
+  -s, --summary FILE  the totals, also printed (default: the input's path with .summary.json for its .jsonl)
   -h, --help          this text
 
 Exit status: 0 done, 1 no line scored or a file not read or written, 2 a bad argument.`;

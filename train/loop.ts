@@ -202,6 +202,9 @@ async function trainLocked(
       // A checkpoint from before short micro-batches were dropped may point at one: the next epoch's start.
       if (pos.index >= batcher.batchesPerEpoch) pos = { epoch: pos.epoch + 1, index: 0 };
       if (!quiet) console.log(`resuming from ${resumeFrom} (update ${start})`);
+      if (!quiet && start >= t.updates) {
+        console.log(`nothing left to train: train.updates is ${t.updates} (raise it to train on)`);
+      }
     }
     // Every rank starts from rank 0's weights (the same seed makes them equal already; this makes sure).
     dp.broadcastFromFirst(trainable());
