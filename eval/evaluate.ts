@@ -33,7 +33,7 @@
 import { basename, dirname, join } from "node:path";
 import { failureText, fromStartDir, nprocOption, numberOption, parseCommandLine } from "../train/cli.ts";
 import { type Device, useAvailableCores } from "../ffi/mod.ts";
-import { GSM8K_SPLITS, type Gsm8kSplit, loadGsm8k } from "../data/gsm8k.ts";
+import { GSM8K_SPLITS, type Gsm8kSplit } from "../data/gsm8k.ts";
 import { writeAtomic } from "../model/atomic_write.ts";
 import { isFile } from "../model/json.ts";
 import { loadPeftAdapter } from "../model/peft.ts";
@@ -63,9 +63,9 @@ import {
   TrainConfigError,
 } from "../train/config.ts";
 import {
-  configuredData,
   configuredEvaluation,
   dataWarnings,
+  loadConfiguredData,
   loadConfiguredModel,
   rankShare,
 } from "../train/model.ts";
@@ -159,7 +159,6 @@ export async function runEvaluation(
   const log = dp.rank === 0 ? opts.log ?? console.log : () => {};
   const split = opts.split ?? cfg.eval.split;
   checkSameConfig(dp, JSON.stringify([cfg, opts.limit, opts.split])); // what decides the problems and answers
-  const dataOpts = configuredData(cfg, split);
   if (dp.rank === 0) {
     for (const w of dataWarnings(cfg, { training: false, evalSplit: split })) console.warn(`data: ${w}`);
   }
@@ -170,9 +169,9 @@ export async function runEvaluation(
   // One rank per machine downloads; the others then find the files cached (train/launch.ts fetchFirst).
   await fetchFirst(dp, opts.localRank ?? dp.rank, async () => {
     await resolveModel(cfg.model.id);
-    await loadGsm8k(cfg.eval.source, dataOpts);
+    await loadConfiguredData(cfg, "eval", split);
   });
-  const data = await loadGsm8k(cfg.eval.source, { ...dataOpts, limit: opts.limit });
+  const data = await loadConfiguredData(cfg, "eval", split, opts.limit);
   for (const s of data.skipped) log(`skipped record at line ${s.line}: ${s.reason}`);
   if (data.examples.length === 0) throw new Error(`${cfg.eval.source} (${split}): no problems to evaluate`);
   log(

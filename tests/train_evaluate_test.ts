@@ -159,7 +159,10 @@ Deno.test("evaluate: bad arguments and configs exit 2, a missing data file 1", a
     "eval.source=tests/fixtures/gsm8k/none.jsonl",
   );
   assert.equal(missing.code, 1);
-  assert.match(missing.stderr, /none\.jsonl does not exist/);
+  assert.match(
+    missing.stderr,
+    /^evaluate: eval\.source: GSM8K file tests\/fixtures\/gsm8k\/none\.jsonl does not exist$/m,
+  );
   assert.doesNotMatch(missing.stderr, /\n\s+at /, "the message alone");
   // MOERL_DEBUG=1 adds the stack, as for deno task train.
   const debug = await evaluateWith(

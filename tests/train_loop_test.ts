@@ -229,6 +229,12 @@ Deno.test("train: every update gets its full batch when the data does not divide
       new RegExp(`model\\.device "${missing}": `),
     );
     await assert.rejects(() => Deno.stat(join(tmp, "c")), Deno.errors.NotFound);
+    // A data file that is not there is named with its key, before anything is written.
+    await assert.rejects(
+      async () => train(await config(join(tmp, "e"), 1, "data.source=gsm8k/nowhere.jsonl"), { quiet: true }),
+      /^Error: data\.source: GSM8K file gsm8k\/nowhere\.jsonl does not exist$/,
+    );
+    await assert.rejects(() => Deno.stat(join(tmp, "e")), Deno.errors.NotFound);
     // Evaluating on no problems is refused before the first update, not logged as accuracy 0.
     const empty = join(tmp, "empty.jsonl");
     await Deno.writeTextFile(empty, "");

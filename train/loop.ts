@@ -17,7 +17,6 @@
 import { join } from "node:path";
 import { type Device, manualSeed } from "../ffi/mod.ts";
 import { MicroBatcher } from "../data/batches.ts";
-import { loadGsm8k } from "../data/gsm8k.ts";
 import { buildPrompts } from "../data/prompt.ts";
 import { resolveModel } from "../model/hub.ts";
 import { Tokenizer } from "../model/tokenizer.ts";
@@ -42,12 +41,12 @@ import { JsonlLog, METRICS_FILE, SAMPLES_FILE, type StepRecord } from "./metrics
 import { ProgressBar } from "./progress.ts";
 import { writeReport } from "./report.ts";
 import {
-  configuredData,
   configuredEvaluation,
   configuredOptimizer,
   configuredPolicy,
   configuredPrompt,
   dataWarnings,
+  loadConfiguredData,
   loadConfiguredModel,
   rankShare,
 } from "./model.ts";
@@ -143,7 +142,6 @@ async function trainLocked(
   } else if (lead) await checkNewRunDir(dir);
 
   checkSameConfig(dp, formatConfig(cfg)); // a rank with other settings would silently diverge
-  const dataOpts = configuredData(cfg, cfg.data.split);
   const evalSplit = cfg.eval.every > 0 ? cfg.eval.split : null;
   if (!quiet) {
     for (const w of dataWarnings(cfg, { training: true, evalSplit })) {
@@ -152,8 +150,8 @@ async function trainLocked(
   }
   await fetchFirst(dp, opts.localRank ?? dp.rank, async () => {
     await resolveModel(cfg.model.id);
-    await loadGsm8k(cfg.data.source, dataOpts);
-    if (cfg.eval.every > 0) await loadGsm8k(cfg.eval.source, configuredData(cfg, cfg.eval.split));
+    await loadConfiguredData(cfg, "data", cfg.data.split);
+    if (cfg.eval.every > 0) await loadConfiguredData(cfg, "eval", cfg.eval.split);
   });
   using model = await loadConfiguredModel({ ...cfg.model, device: opts.device ?? cfg.model.device });
   const tok = await Tokenizer.load(model.dir);
@@ -165,7 +163,7 @@ async function trainLocked(
   ];
   using opt = configuredOptimizer(policy, cfg);
   try {
-    const data = await loadGsm8k(cfg.data.source, { ...dataOpts, limit: cfg.data.limit ?? undefined });
+    const data = await loadConfiguredData(cfg, "data", cfg.data.split, cfg.data.limit ?? undefined);
     for (const s of data.skipped) console.warn(`data: skipped line ${s.line}: ${s.reason}`);
     const rendered = await buildPrompts(tok, data.examples.map((e) => e.question), configuredPrompt(cfg));
     const items: RolloutPrompt[] = data.examples.map((e, i) => ({ ids: rendered[i]!.ids, answer: e.answer }));
@@ -179,11 +177,7 @@ async function trainLocked(
     const batcher = new MicroBatcher(items, { batchSize: t.microBatch, seed: cfg.seed, dropLast: true });
     let evalSet: typeof data.examples = [];
     if (cfg.eval.every > 0) { // read as `deno task evaluate` reads it
-      const ev = await loadGsm8k(cfg.eval.source, {
-        ...dataOpts,
-        split: cfg.eval.split,
-        limit: cfg.eval.limit ?? undefined,
-      });
+      const ev = await loadConfiguredData(cfg, "eval", cfg.eval.split, cfg.eval.limit ?? undefined);
       for (const s of ev.skipped) console.warn(`eval data: skipped line ${s.line}: ${s.reason}`);
       evalSet = ev.examples;
       if (evalSet.length === 0) { // an accuracy of 0 from nothing would be logged as a result

@@ -5,7 +5,13 @@
  * evaluated.
  * @module
  */
-import { type Gsm8kSplit, type LoadGsm8kOptions, splitContradiction } from "../data/gsm8k.ts";
+import {
+  type Gsm8kData,
+  type Gsm8kSplit,
+  loadGsm8k,
+  type LoadGsm8kOptions,
+  splitContradiction,
+} from "../data/gsm8k.ts";
 import type { PromptOptions } from "../data/prompt.ts";
 import type { AdamW } from "../ffi/mod.ts";
 import { type CausalLM, loadModel, missingCudaDevice } from "../model/model.ts";
@@ -57,9 +63,23 @@ export function configuredOptimizer(policy: Policy, cfg: DeepReadonly<TrainConfi
   });
 }
 
-/** How cfg's GSM8K files are read, for split (`data.split` for training, `eval.split` for evaluation). */
-export function configuredData(cfg: DeepReadonly<TrainConfig>, split: Gsm8kSplit): LoadGsm8kOptions {
-  return { split, onBadRecord: cfg.data.onBadRecord, config: cfg.data.config };
+/**
+ * Reads cfg's GSM8K problems: for training (`data.source`, `data.split`) or evaluation (`eval.source` and split),
+ * as cfg says (`data.onBadRecord`, `data.config`); a failure names the key.
+ * @param limit at most this many problems (default all)
+ */
+export async function loadConfiguredData(
+  cfg: DeepReadonly<TrainConfig>,
+  key: "data" | "eval",
+  split: Gsm8kSplit,
+  limit?: number,
+): Promise<Gsm8kData> {
+  const opts: LoadGsm8kOptions = { split, onBadRecord: cfg.data.onBadRecord, config: cfg.data.config, limit };
+  try {
+    return await loadGsm8k(cfg[key].source, opts);
+  } catch (e) {
+    throw new Error(`${key}.source: ${(e as Error).message}`, { cause: e });
+  }
 }
 
 /**
