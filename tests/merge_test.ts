@@ -1,0 +1,114 @@
+/**
+ * `deno task merge` (eval/merge.ts): a checkpoint's adapter merged into its run's base model gives a model
+ * folder whose logits are the base's with the adapter on; bad arguments are refused before anything loads.
+ */
+import assert from "node:assert/strict";
+import { join } from "node:path";
+import { AdamW, liveTensors, manualSeed, noGrad, randn, type Tensor, tensor, tidy } from "../ffi/mod.ts";
+import { DEFAULT_LORA } from "../model/lora_apply.ts";
+import { type CausalLM, loadModel } from "../model/model.ts";
+import { loadPeftAdapter } from "../model/peft.ts";
+import { Policy } from "../rl/policy.ts";
+import { saveCheckpoint } from "../train/checkpoint.ts";
+import { formatConfig, loadTrainConfig, RUN_CONFIG_FILE } from "../train/config.ts";
+
+const ROOT = join(import.meta.dirname!, "..");
+const TINY = join(ROOT, "tests/fixtures/models/qwen3-moe-tiny");
+
+async function merge(...args: string[]): Promise<{ code: number; stdout: string; stderr: string }> {
+  const out = await new Deno.Command(Deno.execPath(), {
+    args: ["run", "-A", join(ROOT, "eval", "merge.ts"), ...args],
+    cwd: ROOT,
+    env: { OMP_NUM_THREADS: "1" },
+    stdout: "piped",
+    stderr: "piped",
+  }).output();
+  const dec = new TextDecoder();
+  return { code: out.code, stdout: dec.decode(out.stdout), stderr: dec.decode(out.stderr) };
+}
+
+function logits(model: CausalLM): Tensor {
+  return noGrad(() =>
+    tidy(() =>
+      model.decoder.forward({
+        inputIds: tensor([[5, 6, 7, 8, 9]], { dtype: "int64" }),
+        positionIds: tensor([[0, 1, 2, 3, 4]], { dtype: "int64" }),
+        attentionMask: tensor([[1, 1, 1, 1, 1]]),
+      }).logits!
+    )
+  );
+}
+
+Deno.test("merge: a run's checkpoint becomes a model folder with the adapter in its weights", async () => {
+  const tmp = await Deno.makeTempDir({ prefix: "moerl-merge-" });
+  const live = liveTensors();
+  try {
+    const run = join(tmp, "run");
+    { // A checkpoint whose adapters are not the zero update a fresh LoRA starts from.
+      manualSeed(0);
+      using model = await loadModel(TINY);
+      const policy = new Policy(model, { lora: { ...DEFAULT_LORA, r: 4, alpha: 8, targetExperts: true } });
+      for (const p of policy.policyParameters()) tidy(() => void p.copy_(randn(p.shape).mul(0.05)));
+      using opt = new AdamW([{ params: policy.policyParameters(), lr: 1e-3 }, {
+        params: policy.valueParameters(),
+        lr: 1e-3,
+      }]);
+      await saveCheckpoint(run, {
+        policy,
+        optimizer: opt,
+        step: 2,
+        rng: { seed: 0, step: 2, batcherPosition: { epoch: 0, index: 4 } },
+      });
+      policy.dispose();
+    }
+    // As training writes it: the run trained over a 4-bit base, which the merge leaves out.
+    const cfg = await loadTrainConfig(join(ROOT, "configs", "tiny.yaml"), ["model.quantize4bit=true"]);
+    await Deno.writeTextFile(join(run, RUN_CONFIG_FILE), formatConfig(cfg));
+
+    const out = join(tmp, "merged");
+    const r = await merge("--adapter", run, "--out", out);
+    assert.equal(r.code, 0, r.stderr);
+    assert.match(
+      r.stdout,
+      /from .*run[\\/]config\.yaml \(the adapter's run\)\); adapter .*checkpoint-2[\\/]adapter/,
+    );
+    assert.match(r.stdout, /4-bit base: merging into the full-precision weights/);
+    assert.match(r.stdout, /saved .*merged: [\d,]+ adapter parameters merged/);
+    for (const f of ["model.safetensors", "config.json", "tokenizer.json", "tokenizer_config.json"]) {
+      await Deno.stat(join(out, f));
+    }
+
+    using base = await loadModel(TINY);
+    using merged = await loadModel(out);
+    using plain = logits(base);
+    const lora = await loadPeftAdapter(join(run, "checkpoint-2", "adapter"), base);
+    try {
+      using adapted = logits(base);
+      using mergedLogits = logits(merged);
+      const gap = tidy(() => mergedLogits.sub(adapted).abs().amax().item());
+      const moved = tidy(() => adapted.sub(plain).abs().amax().item());
+      assert.ok(moved > 1e-3, `the adapter changes the logits (by ${moved})`);
+      assert.ok(gap < 1e-5, `merged logits equal the base's with the adapter on (gap ${gap})`);
+    } finally {
+      lora.dispose();
+    }
+
+    // Refused before anything loads: a folder that holds a model, a path that holds no adapter, no --out.
+    const again = await merge("--adapter", run, "--out", out);
+    assert.equal(again.code, 2);
+    assert.match(
+      again.stderr,
+      /^merge: --out .*merged already holds a model \(model\.safetensors\): give a new folder/,
+    );
+    const none = await merge("--adapter", join(tmp, "nowhere"), "--out", join(tmp, "m2"));
+    assert.equal(none.code, 2);
+    assert.match(none.stderr, /^merge: .*nowhere: does not exist; give an adapter folder/);
+    const missing = await merge("--adapter", run);
+    assert.equal(missing.code, 2);
+    assert.match(missing.stderr, /^merge: --adapter and --out are required/);
+    await assert.rejects(() => Deno.stat(join(tmp, "m2")), Deno.errors.NotFound);
+  } finally {
+    await Deno.remove(tmp, { recursive: true });
+  }
+  assert.equal(liveTensors(), live);
+});
