@@ -11,6 +11,7 @@ import { loadPeftAdapter } from "../model/peft.ts";
 import { Policy } from "../rl/policy.ts";
 import { saveCheckpoint } from "../train/checkpoint.ts";
 import { formatConfig, loadTrainConfig, RUN_CONFIG_FILE } from "../train/config.ts";
+import { PYTHON, pythonHas } from "./util.ts";
 
 const ROOT = join(import.meta.dirname!, "..");
 const TINY = join(ROOT, "tests/fixtures/models/qwen3-moe-tiny");
@@ -39,32 +40,37 @@ function logits(model: CausalLM): Tensor {
   );
 }
 
+/** A run folder with a checkpoint of non-zero adapters and config.yaml (4-bit base), under tmp. */
+async function makeRun(tmp: string): Promise<string> {
+  const run = join(tmp, "run");
+  { // A checkpoint whose adapters are not the zero update a fresh LoRA starts from.
+    manualSeed(0);
+    using model = await loadModel(TINY);
+    const policy = new Policy(model, { lora: { ...DEFAULT_LORA, r: 4, alpha: 8, targetExperts: true } });
+    for (const p of policy.policyParameters()) tidy(() => void p.copy_(randn(p.shape).mul(0.05)));
+    using opt = new AdamW([{ params: policy.policyParameters(), lr: 1e-3 }, {
+      params: policy.valueParameters(),
+      lr: 1e-3,
+    }]);
+    await saveCheckpoint(run, {
+      policy,
+      optimizer: opt,
+      step: 2,
+      rng: { seed: 0, step: 2, batcherPosition: { epoch: 0, index: 4 } },
+    });
+    policy.dispose();
+  }
+  // As training writes it: the run trained over a 4-bit base, which the merge leaves out.
+  const cfg = await loadTrainConfig(join(ROOT, "configs", "tiny.yaml"), ["model.quantize4bit=true"]);
+  await Deno.writeTextFile(join(run, RUN_CONFIG_FILE), formatConfig(cfg));
+  return run;
+}
+
 Deno.test("merge: a run's checkpoint becomes a model folder with the adapter in its weights", async () => {
   const tmp = await Deno.makeTempDir({ prefix: "moerl-merge-" });
   const live = liveTensors();
   try {
-    const run = join(tmp, "run");
-    { // A checkpoint whose adapters are not the zero update a fresh LoRA starts from.
-      manualSeed(0);
-      using model = await loadModel(TINY);
-      const policy = new Policy(model, { lora: { ...DEFAULT_LORA, r: 4, alpha: 8, targetExperts: true } });
-      for (const p of policy.policyParameters()) tidy(() => void p.copy_(randn(p.shape).mul(0.05)));
-      using opt = new AdamW([{ params: policy.policyParameters(), lr: 1e-3 }, {
-        params: policy.valueParameters(),
-        lr: 1e-3,
-      }]);
-      await saveCheckpoint(run, {
-        policy,
-        optimizer: opt,
-        step: 2,
-        rng: { seed: 0, step: 2, batcherPosition: { epoch: 0, index: 4 } },
-      });
-      policy.dispose();
-    }
-    // As training writes it: the run trained over a 4-bit base, which the merge leaves out.
-    const cfg = await loadTrainConfig(join(ROOT, "configs", "tiny.yaml"), ["model.quantize4bit=true"]);
-    await Deno.writeTextFile(join(run, RUN_CONFIG_FILE), formatConfig(cfg));
-
+    const run = await makeRun(tmp);
     const out = join(tmp, "merged");
     const r = await merge("--adapter", run, "--out", out);
     assert.equal(r.code, 0, r.stderr);
@@ -111,4 +117,39 @@ Deno.test("merge: a run's checkpoint becomes a model folder with the adapter in 
     await Deno.remove(tmp, { recursive: true });
   }
   assert.equal(liveTensors(), live);
+});
+
+Deno.test({
+  name: "merge: transformers loads the merged folder and computes moerl's logits",
+  ignore: !pythonHas("transformers", "torch"),
+  async fn(): Promise<void> {
+    const tmp = await Deno.makeTempDir({ prefix: "moerl-merge-" });
+    try {
+      const out = join(tmp, "merged");
+      const r = await merge("--adapter", await makeRun(tmp), "--out", out);
+      assert.equal(r.code, 0, r.stderr);
+      const py = await new Deno.Command(PYTHON, {
+        args: [
+          "-c",
+          "import json, sys, torch\n" +
+          "from transformers import AutoModelForCausalLM\n" +
+          "m = AutoModelForCausalLM.from_pretrained(sys.argv[1], dtype=torch.float32)\n" +
+          "print(json.dumps(m(torch.tensor([[5, 6, 7, 8, 9]])).logits[0].tolist()))",
+          out,
+        ],
+        stdout: "piped",
+        stderr: "piped",
+      }).output();
+      assert.equal(py.code, 0, new TextDecoder().decode(py.stderr));
+      const theirs = JSON.parse(new TextDecoder().decode(py.stdout)) as number[][];
+      using merged = await loadModel(out);
+      using ours = logits(merged);
+      const mine = tidy(() => ours.squeeze(0).tolist()) as number[][];
+      let gap = 0;
+      mine.forEach((row, i) => row.forEach((x, j) => (gap = Math.max(gap, Math.abs(x - theirs[i]![j]!)))));
+      assert.ok(gap < 1e-4, `transformers' logits of the merged folder differ from moerl's by ${gap}`);
+    } finally {
+      await Deno.remove(tmp, { recursive: true });
+    }
+  },
 });
