@@ -126,6 +126,7 @@ function holds(data: TensorData, dtype: DType): boolean {
  */
 export function fromTypedArray(data: TensorData, shape: Shape, opts: CreateOptions = {}): Tensor {
   const dtype = opts.dtype ?? typedDtype(data);
+  const code = dtypeCode(dtype); // first: an unknown dtype has no element size to check the length with
   const bytes = new Uint8Array(data.buffer, data.byteOffset, data.byteLength);
   const numel = shape.reduce((a, b) => a * b, 1);
   if (numel * ELEMENT_SIZE[dtype] !== bytes.byteLength) {
@@ -144,7 +145,7 @@ export function fromTypedArray(data: TensorData, shape: Shape, opts: CreateOptio
     c(),
     bytes,
     BigInt(bytes.byteLength),
-    dtypeCode(dtype),
+    code,
     i64(shape, "fromTypedArray"),
     shape.length,
     deviceCode(opts.device ?? "cpu"),

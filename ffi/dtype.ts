@@ -53,9 +53,9 @@ export const ELEMENT_SIZE: Readonly<Record<DType, number>> = {
 
 /** The C ABI code of a dtype; throws on an unknown name. */
 export function dtypeCode(d: DType): number {
-  const c = CODES[d];
-  if (c === undefined) throw new TypeError(`unknown dtype "${d}"`);
-  return c;
+  // Own keys only: "toString" or "constructor" would find Object.prototype's function.
+  if (!Object.hasOwn(CODES, d)) throw new TypeError(`unknown dtype "${d}"`);
+  return CODES[d];
 }
 
 /** The dtype of a C ABI code. */

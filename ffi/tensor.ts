@@ -242,7 +242,7 @@ export class Tensor extends Handle {
   /** A copy or view with another dtype or on another device (same tensor if nothing changes). */
   to(target: DType | Device, opts: { copy?: boolean } = {}): Tensor {
     const isDev = target === "cpu" || target.startsWith("cuda");
-    if (!isDev && !(target in ELEMENT_SIZE)) {
+    if (!isDev && !Object.hasOwn(ELEMENT_SIZE, target)) {
       throw new TypeError(`to([${this.shape.join(", ")}]): "${target}" is neither a dtype nor a device`);
     }
     const dt = isDev ? -1 : dtypeCode(target as DType);

@@ -151,6 +151,22 @@ Deno.test("errors: bad dtypes", () => {
       { type: TypeError, match: [/complex64/] },
       "zeros(complex64)",
     );
+    // Names every object has (Object.prototype's) are no dtypes either
+    throwsThen(
+      () => f.to("constructor" as DType),
+      { type: TypeError, match: [/"constructor"/] },
+      "to(constructor)",
+    );
+    throwsThen(
+      () => zeros([2], { dtype: "toString" as DType }),
+      { type: TypeError, match: [/unknown dtype "toString"/] },
+      "zeros(toString)",
+    );
+    throwsThen(
+      () => fromTypedArray(new Uint8Array(2), [2], { dtype: "valueOf" as DType }),
+      { type: TypeError, match: [/unknown dtype "valueOf"/] },
+      "fromTypedArray(valueOf)",
+    );
   });
 });
 
