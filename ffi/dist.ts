@@ -35,7 +35,10 @@ export interface ProcessGroupOptions {
   worldSize: number;
   /** This process's rank (RANK). */
   rank: number;
-  /** How long rendezvous and each collective may wait, in milliseconds. */
+  /**
+   * How long rendezvous and each collective may wait, in milliseconds; a longer wait than 10^12 ms (about 31.7
+   * years) is cut to that, the most c10d's clock arithmetic holds.
+   */
   timeoutMs: number;
   /** Host the TCPStore here (default: rank 0 does); false joins an existing store (torchrun's agent store). */
   server?: boolean;
@@ -47,6 +50,12 @@ export interface ProcessGroupOptions {
    */
   deviceHost?: string;
 }
+
+// The longest wait a group keeps, 10^12 ms (about 31.7 years): c10d adds a timeout to the clock in int64
+// nanoseconds, so one past about 9.2·10^12 ms (2^63 ns) overflows and the rendezvous fails at once ("timed out
+// after 10000000000s"), and past 2^63 ms the int64 argument itself wraps ("must be at least 1 ms"). A longer
+// timeout means "keep waiting", so it is cut to this.
+const MAX_TIMEOUT_MS = 1e12;
 
 const cstr = (s: string): Uint8Array => new TextEncoder().encode(s + "\0");
 const LOOPBACK = /^(127\.\d+\.\d+\.\d+|localhost|::1)$/;
@@ -81,7 +90,7 @@ export class ProcessGroup {
       o.port,
       o.worldSize,
       o.rank,
-      BigInt(Math.max(1, Math.round(o.timeoutMs))),
+      BigInt(Math.min(MAX_TIMEOUT_MS, Math.max(1, Math.round(o.timeoutMs)))),
       (o.server ?? o.rank === 0) ? 1 : 0,
       cstr(o.prefix ?? "moerl/"),
       cstr(o.deviceHost ?? (LOOPBACK.test(o.host) ? "127.0.0.1" : "")),

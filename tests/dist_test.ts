@@ -68,6 +68,20 @@ Deno.test({
 
 Deno.test({
   name:
+    "dist: a timeout longer than c10d's clock holds (10^13 ms, 2^63 ns is 9.2·10^12) is a long wait, not an instant failure",
+  ignore: !hasGloo,
+  async fn(): Promise<void> {
+    const runs = await launch("collectives", 2, { timeoutMs: 1e13 });
+    for (const [r, run] of runs.entries()) {
+      assert.equal(run.code, 0, `rank ${r}: ${run.stderr}`);
+      assert.equal(run.json!.error, undefined, `rank ${r}: ${run.json!.error}`);
+      assert.deepEqual(run.json!.sum, [3, -7.5]);
+    }
+  },
+});
+
+Deno.test({
+  name:
     "dist: Replicas sums gradients in flat buffers (a parameter no rank has a gradient for keeps none), gathers numbers and texts",
   ignore: !hasGloo,
   async fn(): Promise<void> {
