@@ -7,7 +7,7 @@
  * [tokens, vocab] logits outlive a chunk.
  * @module
  */
-import { c, i64, outPtr, pair } from "./handle.ts";
+import { c, i64, int64, outPtr, pair } from "./handle.ts";
 import { check, shim } from "./lib.ts";
 import { Tensor, wrap } from "./tensor.ts";
 
@@ -46,7 +46,7 @@ export function nf4Linear(x: Tensor, w: Nf4LinearParts, bias: Tensor | null = nu
     i64(w.shape, "nf4_linear"),
     w.shape.length,
     bias ? bias.ptr : null,
-    BigInt(w.chunk),
+    int64(w.chunk, "nf4Linear"),
   );
   return wrap("nf4_linear", p, x, w.packed, ...(bias ? [bias] : []));
 }
@@ -84,7 +84,7 @@ export function tokenStats(
     bias ? bias.ptr : null,
     targets.ptr,
     temperature,
-    BigInt(chunk),
+    int64(chunk, "tokenStats"),
     pair,
   );
   check(status, "token_stats", () => [x.shape, weight.shape, targets.shape]);

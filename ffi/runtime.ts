@@ -7,9 +7,27 @@ import { envVar } from "./env.ts";
 import { type Device, deviceCode } from "./dtype.ts";
 import { check, ctx, lastError, shim, TorchError } from "./lib.ts";
 
-/** Seeds libtorch's default generators (CPU and every CUDA device). */
+/**
+ * A seed as the uint64 the shim takes, refusing what it cannot hold (the FFI would wrap 2^64 + 5 to 5): as
+ * PyTorch, any integer from -2^63 to 2^64 - 1, a negative one standing for its two's complement.
+ */
+function seed64(seed: number | bigint, op: string): bigint {
+  if (typeof seed === "number" && !Number.isSafeInteger(seed)) {
+    throw new RangeError(`${op}: the seed must be an integer within ±2^53, got ${seed}`);
+  }
+  const s = BigInt(seed);
+  if (s < -(2n ** 63n) || s >= 2n ** 64n) {
+    throw new RangeError(`${op}: the seed must fit 64 bits (-2^63 to 2^64 - 1), got ${s}`);
+  }
+  return s;
+}
+
+/**
+ * Seeds libtorch's default generators (CPU and every CUDA device).
+ * @throws {RangeError} for a seed that is not an integer from -2^63 to 2^64 - 1
+ */
 export function manualSeed(seed: number | bigint): void {
-  check(shim().mt_manual_seed(ctx(), BigInt(seed)), "manual_seed", () => []);
+  check(shim().mt_manual_seed(ctx(), seed64(seed, "manualSeed")), "manual_seed", () => []);
 }
 
 /**
@@ -60,9 +78,12 @@ export function useAvailableCores(processes = 1): number {
 /** A seeded random generator of its own, for reproducible sampling. */
 export class Generator {
   #ptr: Deno.PointerObject | null;
-  /** Creates a generator on device seeded with seed. */
+  /**
+   * Creates a generator on device seeded with seed.
+   * @throws {RangeError} for a seed that is not an integer from -2^63 to 2^64 - 1
+   */
   constructor(seed: number | bigint, device: Device = "cpu") {
-    const p = shim().mt_generator_new(ctx(), BigInt(seed), deviceCode(device));
+    const p = shim().mt_generator_new(ctx(), seed64(seed, "Generator"), deviceCode(device));
     if (p === null) throw new TorchError("generator", [], lastError());
     this.#ptr = p;
   }

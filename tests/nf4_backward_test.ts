@@ -236,6 +236,10 @@ Deno.test("nf4 backward: bad input and settings fail clearly", () => {
         /chunk must be a positive multiple of 64, got 100/,
       );
       assert.throws(
+        () => nf4Linear(x64, parts(q, tables, 64.5)),
+        /nf4Linear: expected an integer within ±2\^53, got 64\.5/,
+      );
+      assert.throws(
         () => nf4Linear(x64, { ...parts(q, tables, 64), shape: [4, 64] }),
         /packed codes are \[1, 256\], expected \[1, 128\]/,
       );

@@ -206,6 +206,11 @@ Deno.test("lm head: bad settings and shapes fail clearly", async () => {
     using x = randn([4, 8], f32), w = randn([10, 8], f32);
     using t = tensor([1, 2, 3, 4], { dtype: "int64", device: DEVICE });
     assert.throws(() => tokenStats(x, w, null, t, 1, 0), /chunk must be a whole number of tokens ≥ 1, got 0/);
+    // Past 2^53 the int64 argument would be built from an inexact number (1e300 wrapped to 0 at the FFI).
+    assert.throws(
+      () => tokenStats(x, w, null, t, 1, 1e300),
+      /tokenStats: expected an integer within ±2\^53, got 1e\+300/,
+    );
     using wBad = randn([10, 6], f32);
     assert.throws(() => tokenStats(x, wBad, null, t, 1, 2), (e: unknown) => {
       assert.ok(e instanceof TorchError);
