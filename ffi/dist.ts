@@ -7,6 +7,7 @@
  * @module
  */
 import { check, ctx, lastError, shim, TorchError } from "./lib.ts";
+import { isFloating } from "./dtype.ts";
 import { handles } from "./handle.ts";
 import { type Tensor, wrap } from "./tensor.ts";
 
@@ -110,9 +111,22 @@ export class ProcessGroup {
     return this.#ptr;
   }
 
-  /** Reduces each tensor over the ranks, in place (each on its own; flatten them first for one call). */
+  /**
+   * Reduces each tensor over the ranks, in place (each on its own; flatten them first for one call).
+   * @throws {TypeError} for "avg" over a tensor that is not floating-point, before any rank's values change
+   */
   allReduce(tensors: readonly Tensor[], op: ReduceOp = "sum"): void {
     if (tensors.length === 0) return;
+    if (op === "avg") {
+      // The shim sums, then divides in place: an integer tensor would fail the division holding the sum.
+      const i = tensors.findIndex((t) => !isFloating(t.dtype));
+      if (i >= 0) {
+        throw new TypeError(
+          `all_reduce: "avg" divides in place, so it needs floating-point tensors; tensor ${i} of ${tensors.length} ` +
+            `is ${tensors[i]!.dtype} (reduce it with "sum" and divide)`,
+        );
+      }
+    }
     const status = shim().mt_dist_allreduce(
       ctx(),
       this.#handle,

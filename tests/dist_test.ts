@@ -60,6 +60,8 @@ Deno.test({
       assert.deepEqual(j.avg, [2, -5]);
       assert.deepEqual(j.max, [3, -2.5]);
       assert.deepEqual(j.min, [1, -7.5]);
+      assert.match(String(j.intAvg), /all_reduce: "avg" divides in place.*tensor 0 of 1 is int64/);
+      assert.deepEqual(j.intAvgAfter, [r, 1], "an int64 tensor refused for avg keeps its values");
       assert.deepEqual(j.broadcast, [[2, 2.5]]);
       assert.deepEqual(j.gathered, [[0, 0], [1, 1], [2, 4]]);
     }

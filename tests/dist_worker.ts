@@ -62,6 +62,14 @@ try {
     g.allReduce([avg], "avg");
     g.allReduce([max], "max");
     g.allReduce([min], "min");
+    // "avg" divides in place: integers are refused before the collective, left as they were.
+    const ia = tensor([rank, 1], { dtype: "int64" });
+    let intAvg = "";
+    try {
+      g.allReduce([ia], "avg");
+    } catch (e) {
+      intAvg = (e as Error).message;
+    }
     const b = tensor([[rank, rank + 0.5]], { dtype: "float32" });
     g.broadcast([b], world - 1);
     const gathered = g.allGather(tensor([rank, rank * rank], { dtype: "float64" }));
@@ -72,6 +80,8 @@ try {
       avg: avg.tolist(),
       max: max.tolist(),
       min: min.tolist(),
+      intAvg,
+      intAvgAfter: ia.tolist(),
       broadcast: b.tolist(),
       gathered: gathered.tolist(),
     });
