@@ -5,6 +5,7 @@
  * @module
  */
 import { zeros } from "./create.ts";
+import { isFloating } from "./dtype.ts";
 import { c, handles } from "./handle.ts";
 import { check, shim } from "./lib.ts";
 import { keep } from "./scope.ts";
@@ -79,7 +80,8 @@ export class AdamW {
   /**
    * Applies one update to every parameter that has a gradient, or only to
    * those of `only` (e.g. the critic's, stepped apart from the policy's).
-   * @throws {Error} when a parameter of `only` is in none of the groups
+   * @throws {Error} when a parameter of `only` is in none of the groups, or a parameter's state holds moments
+   *   of another shape, not floating-point or on another device (before that parameter changes)
    */
   step(only?: readonly Tensor[]): void {
     const chosen = only ? new Set(only) : null;
@@ -103,12 +105,24 @@ export class AdamW {
         using grad = p.grad;
         if (grad === null) continue; // as PyTorch: no grad, no state, no step
         const st = this.initState(p);
-        // Checked first: the shim updates p and the moments in place, so a failure midway would leave them half done.
+        // Checked first: the shim updates p and the moments in place, so a failure midway would leave them half done
+        // (p already decayed).
         const shape = p.shape.join(",");
         if (st.expAvg.shape.join(",") !== shape || st.expAvgSq.shape.join(",") !== shape) {
           throw new Error(
             `AdamW.step: the state of a [${p.shape.join(", ")}] parameter holds moments of shapes ` +
               `[${st.expAvg.shape.join(", ")}] and [${st.expAvgSq.shape.join(", ")}]`,
+          );
+        }
+        const moments = [st.expAvg, st.expAvgSq];
+        if (moments.some((m) => !isFloating(m.dtype) || m.device !== p.device)) {
+          throw new Error(
+            `AdamW.step: the moments of a [${
+              p.shape.join(", ")
+            }] parameter on ${p.device} must be floating-point ` +
+              `tensors on its device; they are ${
+                moments.map((m) => `${m.dtype} on ${m.device}`).join(" and ")
+              }`,
           );
         }
         const status = shim().mt_adamw_step(

@@ -209,6 +209,29 @@ Deno.test("optim: moments of the wrong shape are refused before anything changes
   });
 });
 
+Deno.test("optim: integer moments are refused before anything changes (so would moments on another device)", () => {
+  assertNoLeak(() => {
+    using w = param([1, 2]);
+    using c = tensor([1, 1], F64);
+    using opt = new AdamW([{ params: [w], lr: 0.1, weightDecay: 0.5 }]);
+    const st = opt.initState(w);
+    st.expAvgSq.dispose();
+    st.expAvgSq = keep(tensor([0, 0], { dtype: "int64", device: DEVICE })); // as a bad restore would leave it
+    lossBackward([w], [c]);
+    const dev = w.device;
+    assert.throws(
+      () => opt.step(),
+      new RegExp(
+        `moments of a \\[2\\] parameter on ${dev} must be floating-point tensors on its device; ` +
+          `they are float64 on ${dev} and int64 on ${dev}`,
+      ),
+    );
+    assert.equal(st.step, 0, "no step counted");
+    assert.deepEqual(w.toArray(), [1, 2], "the parameter is untouched (weight decay included)");
+    opt.zeroGrad();
+  });
+});
+
 Deno.test("optim: zeroGrad clears every parameter's grad", () => {
   assertNoLeak(() => {
     using a = param([1, 2]);
