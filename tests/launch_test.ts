@@ -151,7 +151,8 @@ Deno.test("launch: a rank whose --nproc launcher is gone (kill -9) stops, rather
       args: [
         "eval",
         `import { exitWithLauncher } from ${JSON.stringify(join(ROOT, "train", "spawn.ts"))};` +
-        "exitWithLauncher('train'); setTimeout(() => console.log('still running'), 2500);",
+        "exitWithLauncher('train'); " +
+        "setTimeout(() => console.log('still running;', Deno.env.get('MOERL_LAUNCHER_PID') ?? 'unset'), 2500);",
       ],
       env: { MOERL_LAUNCHER_PID: String(launcher) },
       stdout: "piped",
@@ -165,7 +166,8 @@ Deno.test("launch: a rank whose --nproc launcher is gone (kill -9) stops, rather
   assert.equal(dec.decode(orphan.stdout), "");
   const child = await rank(Deno.pid).output();
   assert.equal(child.code, 0, dec.decode(child.stderr));
-  assert.equal(dec.decode(child.stdout).trim(), "still running");
+  // Still running, and its own children (a verifier, a nested evaluate) do not inherit its launcher's pid.
+  assert.equal(dec.decode(child.stdout).trim(), "still running; unset");
 });
 
 Deno.test("launch: an orphaned rank stops even while it blocks in the rendezvous; a bad launcher pid is named", async () => {

@@ -25,6 +25,8 @@ export function exitWithLauncher(
     throw new Error(`MOERL_LAUNCHER_PID: expected the launcher's pid, got "${launcher}"`);
   }
   exitWithParent(pid, `${command}: the --nproc launcher (pid ${pid}) is gone; stopping this rank`);
+  // This rank's own: a process it starts (a verifier, a nested evaluate) has this rank as its parent.
+  if (env.MOERL_LAUNCHER_PID === Deno.env.get("MOERL_LAUNCHER_PID")) Deno.env.delete("MOERL_LAUNCHER_PID");
 }
 
 /** The arguments without `--nproc N` / `--nproc=N`: what each local rank of a `--nproc` launch gets. */
