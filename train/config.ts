@@ -128,6 +128,8 @@ export interface LoggingSettings {
   sampleEvery: number;
   /** How many completions each time. */
   samplesToLog: number;
+  /** Also write each update's metrics as TensorBoard scalars (event files in the run folder). */
+  tensorboard: boolean;
 }
 
 /** Where the run's files go. */
@@ -226,7 +228,7 @@ export const DEFAULTS: DeepReadonly<TrainConfig> = deepFreeze<TrainConfig>({
   reward: { ...DEFAULT_RL_CONFIG.reward, markerMethods: [...DEFAULT_RL_CONFIG.reward.markerMethods] },
   moe: { ...DEFAULT_RL_CONFIG.moe },
   eval: { every: 100, limit: 500, source: GSM8K_HUB_ID, split: "test", batchSize: 64, maxNewTokens: null },
-  logging: { sampleEvery: 10, samplesToLog: 4 },
+  logging: { sampleEvery: 10, samplesToLog: 4, tensorboard: false },
   output: { dir: null, checkpointEvery: 50, keepLast: 3 },
 });
 
@@ -293,7 +295,7 @@ const SCHEMA: Schema<TrainConfig> = {
     batchSize: int(1),
     maxNewTokens: nullable(int(1)),
   },
-  logging: { sampleEvery: int(0), samplesToLog: int(0) },
+  logging: { sampleEvery: int(0), samplesToLog: int(0), tensorboard: bool },
   output: { dir: nullable(str), checkpointEvery: int(0), keepLast: nullable(int(1)) },
 };
 

@@ -38,6 +38,7 @@ import {
 import { formatConfig, RUN_CONFIG_FILE, runDir, type TrainConfig } from "./config.ts";
 import { writeAtomic } from "../model/atomic_write.ts";
 import { JsonlLog, METRICS_FILE, SAMPLES_FILE, type StepRecord } from "./metrics.ts";
+import { TensorBoardLog } from "./tensorboard.ts";
 import { ProgressBar } from "./progress.ts";
 import { writeReport } from "./report.ts";
 import {
@@ -213,6 +214,10 @@ async function trainLocked(
       lead ? (await JsonlLog.open(join(dir, file), opts.resume ? { keepUpTo: start } : {})).log : null;
     const metrics = await open(METRICS_FILE);
     const samples = await open(SAMPLES_FILE);
+    // A new event file per start; a resume's session start makes TensorBoard drop the old file's later steps.
+    const board = lead && cfg.logging.tensorboard
+      ? await TensorBoardLog.open(dir, opts.resume ? { resumeStep: start + 1 } : {})
+      : null;
     const bar = quiet ? null : new ProgressBar(t.updates, { start });
     const records: StepRecord[] = [];
     const rl = { rollout: cfg.rollout, ppo: cfg.ppo, reward: cfg.reward, moe: cfg.moe };
@@ -262,6 +267,7 @@ async function trainLocked(
           record.eval_accuracy_flexible = totals.accuracy_flexible;
         }
         await metrics?.append(record);
+        await board?.scalars(record.step, { ...record, step: undefined });
         records.push(record);
         if (cfg.logging.sampleEvery > 0 && (u + 1) % cfg.logging.sampleEvery === 0) {
           for (const sample of logged) await samples?.append({ step: u + 1, ...sample }); // a line each
@@ -293,6 +299,7 @@ async function trainLocked(
       bar?.done();
       metrics?.close();
       samples?.close();
+      board?.close();
     }
     // A resumed run that was already finished (killed after its last save) still gets its report.
     if (lead && start >= t.updates) await writeReport(dir, cfg.name);

@@ -43,6 +43,7 @@ export {
   type TrainerState,
 } from "./checkpoint.ts";
 export { JsonlLog, METRICS_FILE, readRecords, SAMPLES_FILE, type StepRecord } from "./metrics.ts";
+export { TensorBoardLog, type TensorBoardLogOptions } from "./tensorboard.ts";
 export { writeReport } from "./report.ts";
 export { lrFactor, type ScheduleSettings } from "./schedule.ts";
 export { nllLoss, type SftOptions, supervisedWarmup } from "./sft.ts";
