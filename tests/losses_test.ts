@@ -31,7 +31,7 @@ import {
   valueLoss,
 } from "../rl/losses.ts";
 import { DEFAULT_RL_CONFIG } from "../rl/config.ts";
-import { ppoObjective, rolloutWeights } from "../rl/objective.ts";
+import { OBJECTIVE_PARTS, ppoObjective, rolloutWeights } from "../rl/objective.ts";
 import { assertClose, assertNoLeak, DEVICE } from "./util.ts";
 
 const f32 = { dtype: "float32" as const, device: DEVICE };
@@ -173,6 +173,64 @@ Deno.test("losses: the rollout correction's weight is min(π_old / π_rollout, C
     tidy(() => {
       const old = t([[0, -1, -1, -2]]), rollout = t([[9, -2, -0.5, -2]]), mask = t([[0, 1, 1, 1]]);
       assertClose(rolloutWeights(old, rollout, mask, 2).toArray(), [0, 2, Math.exp(-0.5), 1], 1e-6);
+    })
+  );
+});
+
+Deno.test("objective: the loss and its parts by hand (weights, KL, entropy bonus, router loss share)", () => {
+  assertNoLeak(() =>
+    tidy(() => {
+      // Two sequences, 3 of the minibatch's 6 trained tokens; old = logp (ratio 1).
+      const logprobs = leaf([[0, -1, -2], [0, -0.5, -1]]), entropy = leaf([[9, 1, 2], [9, 3, 9]]);
+      const mask = t([[0, 1, 1], [0, 1, 0]]), n = 6;
+      const routerLogits = [randn([6, 4], f32)];
+      const attentionMask = tensor([[1, 1, 1], [1, 1, 1]], { dtype: "int64", device: DEVICE });
+      const cfg = {
+        ...DEFAULT_RL_CONFIG.ppo,
+        klCoef: 0.1,
+        entropyCoef: 0.01,
+        rolloutCorrection: 2,
+        routerAuxCoef: 0.02,
+      };
+      const r = ppoObjective({ logprobs, entropy, mask, routerLogits }, {
+        advantages: t([[0, 2, 2], [0, -1, -1]]),
+        refLogprobs: t([[0, -1.5, -1], [0, -0.5, -1]]), // δ = ref − logp: −0.5, 1; 0
+        rolloutLogprobs: t([[5, -2, -1.5], [5, -0.5, 7]]), // old − rollout: 1 → w = min(e, 2) = 2; −0.5; 0
+        tokens: n,
+        attentionMask,
+        routerTopK: 2,
+      }, cfg);
+      const w = [2, Math.exp(-0.5), 1], a = [2, 2, -1], d = [-0.5, 1, 0];
+      const policy = -(w[0]! * a[0]! + w[1]! * a[1]! + w[2]! * a[2]!) / n;
+      const kl = d.reduce((s, x) => s + Math.exp(x) - x - 1, 0) / n;
+      const ent = (1 + 2 + 3) / n;
+      // The router loss is a mean over the forward: weighted by this batch's share (3 of 6) of the tokens.
+      const aux = loadBalancingLoss(routerLogits, 2, attentionMask).item() * 3 / n;
+      assertClose([r.loss.item()], [policy + 0.1 * kl - 0.01 * ent + 0.02 * aux], 1e-6, "loss");
+      const parts = Object.fromEntries(OBJECTIVE_PARTS.map((p, i) => [p, r.parts.toArray()[i]!]));
+      assertClose(
+        [
+          parts.policy_loss!,
+          parts.kl!,
+          parts.kl_k1!,
+          parts.entropy!,
+          parts.router_aux_loss!,
+          parts.is_weight_mean!,
+        ],
+        [policy, kl, -d.reduce((s, x) => s + x, 0) / n, ent, aux, (w[0]! + w[1]! + w[2]!) / n],
+        1e-6,
+        "parts",
+      );
+      r.loss.backward();
+      // The entropy is a bonus: raising it lowers the loss.
+      assertClose(gradOf(entropy), [0, 1, 1, 0, 1, 0].map((m) => -0.01 * m / n), 1e-6, "entropy gradient");
+      const g = [0, 1, 2].map((i) => (-w[i]! * a[i]! + 0.1 * (1 - Math.exp(d[i]!))) / n);
+      assertClose(
+        gradOf(logprobs),
+        [0, g[0]!, g[1]!, 0, g[2]!, 0],
+        1e-6,
+        "−w·A/n, plus 0.1·(1 − e^δ)/n from k3",
+      );
     })
   );
 });

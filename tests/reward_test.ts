@@ -301,6 +301,11 @@ Deno.test("isOverLength: truncation, or more content tokens than maxCompletionTo
   assert.equal(isOverLength(mk(10, "eos"), 8), true);
   assert.equal(isOverLength(mk(10, "stop"), 9), true, "a stop string is content: all 10 count");
   assert.equal(isOverLength(mk(10, "stop"), 10), false);
+  assert.equal(
+    isOverLength(mk(4, "length"), 10),
+    true,
+    "cut off at the cap: over length, whatever the limit",
+  );
   const r = reward({ text: "#### 1", tokens: new Array(20).fill(0), finishReason: "eos" }, 1, {
     maxCompletionTokens: 10,
   });
