@@ -106,6 +106,17 @@ Deno.test("generate: the tiny model's generation", async (t) => {
     assert.equal(out.finishReasons[1], "stop");
     assert.equal(out.text![1], greedy.text![1]!.slice(0, greedy.text![1]!.indexOf(stop)));
     assert.ok(decode(out.tokens[1]!).includes(stop) && !decode(out.tokens[1]!.slice(0, -1)).includes(stop));
+    // A stop string at the very start of the text: the row keeps its first two tokens, not those drawn
+    // before the check saw it.
+    const early = greedy.text![1]!.slice(0, 2);
+    const first = await generate(model.decoder, PROMPTS, {
+      maxNewTokens: 10,
+      decode,
+      stopStrings: [early],
+      checkEvery: 4,
+    });
+    assert.deepEqual([first.finishReasons[1], first.text![1]], ["stop", ""]);
+    assert.deepEqual(first.tokens[1], greedy.tokens[1]!.slice(0, 2));
   });
 
   await t.step("end to end from one folder: tokenizer, chat template, generation, text", async () => {
