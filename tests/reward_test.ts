@@ -183,6 +183,9 @@ Deno.test("answersMatch: numeric equality, exact", () => {
     ["5", "-5"],
     ["0.333", "1/3"],
     ["1001", "1000"],
+    // Same numerator, other denominator: a half is not 1, nor 1/3.
+    ["0.5", 1],
+    ["1/2", "1/3"],
     [null, "5"],
     ["no number", "5"],
     ["5", "no number"],
