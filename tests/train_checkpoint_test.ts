@@ -189,6 +189,15 @@ Deno.test("checkpoint: save, load into a fresh policy, crash safety, bad files, 
         '{"format": "moerl-trainer-state/1", "step": ',
       );
       await expectError(/trainer_state\.json: corrupt \(not JSON\)/);
+      // JSON, but no position in the epoch to resume the data from.
+      const state = JSON.parse(await Deno.readTextFile(join(first, "trainer_state.json")));
+      for (const batcherPosition of [{ epoch: 1 }, { epoch: 1, index: -1 }, { index: 3 }]) {
+        await Deno.writeTextFile(
+          join(bad, "trainer_state.json"),
+          JSON.stringify({ ...state, rng: { ...state.rng, batcherPosition } }),
+        );
+        await expectError(/trainer_state\.json: corrupt or of another format/);
+      }
       await copy();
       await Deno.remove(join(bad, "value_head.safetensors"));
       await expectError(/value_head\.safetensors: missing \(incomplete checkpoint\?\)/);

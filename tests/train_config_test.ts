@@ -146,6 +146,11 @@ Deno.test("config: type mismatches name the key, what was expected and what came
     [{ moe: { routingReplay: "R3" } }, /moe\.routingReplay: expected one of "off", "rollout", got "R3"/],
     [{ reward: { markerMethods: ["####", "answer"] } }, /reward\.markerMethods: expected a list of/],
     [{ train: { betas: [0.9] } }, /train\.betas: expected two numbers in \[0, 1\)/],
+    // β = 1 would make Adam's bias correction 1 − β^t zero: a division by zero at the first step.
+    [
+      { train: { betas: [0.9, 1] } },
+      /train\.betas: expected two numbers in \[0, 1\), as \[0\.9, 0\.999\], got/,
+    ],
     [{ lora: 16 }, /lora is a section \(keys r, alpha, .*\), got 16 \(a number\)/],
     [{ seed: null }, /seed: expected an integer in \[0, 2\^32\), got null/],
     [{ train: { gradientCheckpointing: "yes" } }, /expected true or false, got "yes"/],

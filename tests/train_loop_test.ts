@@ -9,6 +9,7 @@ import { loadTrainConfig, type TrainConfig } from "../train/config.ts";
 import { train } from "../train/loop.ts";
 import { escapeHtml } from "../train/report.ts";
 import { ppoObjective } from "../rl/objective.ts";
+import { valueLoss } from "../rl/losses.ts";
 import { reward } from "../rl/reward.ts";
 import { lockRunDir, resumeConflicts } from "../train/resume.ts";
 import { SafetensorsFile } from "../model/safetensors.ts";
@@ -57,6 +58,8 @@ Deno.test("train: a tiny run writes its folder, and --resume repeats the uninter
   try {
     const full = await train(await config(join(tmp, "full"), 4), { quiet: true });
     assert.equal(full.records.length, 4);
+    // tiny.yaml: learning rate 1e-3 after 2 warm-up updates, the first at half of it.
+    assert.deepEqual(full.records.map((r) => r.lr), [0.0005, 0.001, 0.001, 0.001]);
     for (
       const f of ["config.yaml", "metrics.jsonl", "samples.jsonl", "report.html", "latest", "checkpoint-4"]
     ) {
@@ -258,9 +261,40 @@ Deno.test("resume: the settings a resume may change, and the run length under a 
   const { ["lora"]: _lora, ...older } = saved; // a key the checkpoint's moerl did not have is not compared
   assert.deepEqual(resumeConflicts(older, await config("runs/x", 10, "lora.r=8")), []);
   assert.deepEqual(resumeConflicts(saved, await config("runs/x", 10, "lora.r=8")), ["lora.r: 4 → 8"]);
+  assert.deepEqual(
+    resumeConflicts(saved, await config("runs/x", 10, "ppo.clip=0.3", "reward.correct=2")),
+    ["ppo.clip: 0.2 → 0.3", "reward.correct: 1 → 2"],
+    "the objective and the reward are what an update learns",
+  );
   const cosine = await config("runs/x", 10, "train.schedule=cosine");
   const cosineLonger = await config("runs/x", 20, "train.schedule=cosine");
   assert.deepEqual(resumeConflicts(JSON.parse(JSON.stringify(cosine)), cosineLonger), [
     "train.updates: 10 → 20 (the cosine schedule's learning rates depend on it)",
   ]);
+});
+
+Deno.test("train: the critic learns at train.valueLearningRate, in micro-batches of train.microBatch prompts", async () => {
+  const tmp = await Deno.makeTempDir({ prefix: "moerl_train_" });
+  try {
+    // 2 × 2 prompts, K 4: 16 sequences an update, micro-batches of 2 prompts (8 sequences), whole groups.
+    const rows: number[] = [];
+    const cfg = await config(tmp, 1, "eval.every=0", "train.valueLearningRate=0");
+    await train(cfg, {
+      quiet: true,
+      valueLoss: (v, ...rest) => (rows.push(v.size(0)), valueLoss(v, ...rest)),
+    });
+    assert.deepEqual(rows, [8, 8], "two critic micro-batches of 8 sequences");
+    // The value head's output layer starts at zero: at a learning rate of 0 it stays there.
+    const f = await SafetensorsFile.open(join(tmp, "checkpoint-1", "value_head.safetensors"));
+    try {
+      for (const name of ["w2", "b2"]) {
+        using t = await f.load(name);
+        assert.ok((t.toTypedArray() as Float32Array).every((x) => x === 0), `${name} moved`);
+      }
+    } finally {
+      f.close();
+    }
+  } finally {
+    await Deno.remove(tmp, { recursive: true });
+  }
 });
