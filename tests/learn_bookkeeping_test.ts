@@ -6,8 +6,10 @@
  * learns the centred rewards, as a mean over each step's tokens (one per
  * sequence for the prompt-level critic); the optimizer sees gradients clipped
  * to maxGradNorm; the rollout/training mismatch counts |Δ log p| beyond
- * log C; each completion is scored against its own prompt; and seeded
- * generation batches draw what collecting each prompt group alone draws.
+ * log C; each completion is scored against its own prompt; seeded
+ * generation batches draw what collecting each prompt group alone draws;
+ * and under data parallelism advantages are normalised over every rank's
+ * tokens.
  */
 import assert from "node:assert/strict";
 import { join } from "node:path";
@@ -214,5 +216,49 @@ Deno.test("collect with a seed: batches of one prompt group draw what each promp
         `prompt ${p}`,
       );
     }
+  });
+});
+
+/**
+ * Rank 0 of two whose peer holds the very same sequences: every sum over the ranks is twice this rank's,
+ * every gather holds this rank's row twice. Gradients are left as they are (no process group).
+ */
+class TwinPeer extends Replicas {
+  constructor() {
+    super(null);
+  }
+  override get size(): number {
+    return 2;
+  }
+  override sum(xs: readonly number[]): number[] {
+    return xs.map((x) => 2 * x);
+  }
+  override gather(xs: readonly number[]): number[][] {
+    return [[...xs], [...xs]];
+  }
+}
+
+Deno.test("learn, data parallel: advantages are normalised with every rank's tokens", async () => {
+  await withPolicy(async (policy, tok) => {
+    const cfg: RlOverrides = { ...CFG, ppo: { ...CFG.ppo, advantage: "group" } };
+    using buf = await collect(policy, tok, PROMPTS, cfg, {
+      seed: 1,
+      score: scriptedScore((i) => (i * 5) % 3),
+    });
+    // The raw advantages of "group": each trained sequence's centred reward on each of its tokens.
+    const raw = buf.sequences.flatMap((s, i) => {
+      const mate = buf.sequences[i ^ 1]!; // K = 2: the other sequence of the group
+      const centred = (s.reward.reward - mate.reward.reward) / 2;
+      return centred === 0 ? [] : new Array<number>(s.tokens.length).fill(centred);
+    });
+    const std = (xs: number[]): number => {
+      const mean = xs.reduce((a, b) => a + b, 0) / xs.length;
+      return Math.sqrt(xs.reduce((a, x) => a + (x - mean) ** 2, 0) / (xs.length - 1));
+    };
+    assert.ok(raw.length > 2, "some groups have signal");
+    const alone = learn(policy, new GradientRecorder(), buf, cfg);
+    assertClose([alone.advantage_std], [std(raw)], 1e-9, "one process");
+    const twins = learn(policy, new GradientRecorder(), buf, cfg, { replicas: new TwinPeer() });
+    assertClose([twins.advantage_std], [std([...raw, ...raw])], 1e-9, "over both ranks' tokens");
   });
 });
