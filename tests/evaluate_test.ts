@@ -1,7 +1,9 @@
 /**
  * rl/evaluate.ts on the tiny model: greedy predictions are the same with
  * eager decode steps and with static buffers, whose one session serves every
- * batch (the last, smaller one on padding rows), and nothing leaks.
+ * batch (the last, smaller one on padding rows), and nothing leaks; each
+ * batch generates from its own problems' prompts, and the totals count the
+ * truncated completions.
  */
 import assert from "node:assert/strict";
 import { join } from "node:path";
@@ -10,7 +12,7 @@ import { arithmeticSplit } from "../data/arithmetic.ts";
 import { DecodeSession } from "../model/decode_static.ts";
 import { loadModel } from "../model/model.ts";
 import { Tokenizer } from "../model/tokenizer.ts";
-import { evaluateExamples } from "../rl/evaluate.ts";
+import { evaluateExamples, type Prediction } from "../rl/evaluate.ts";
 import { DEVICE, FLOAT } from "./util.ts";
 
 Deno.test("evaluate: static decode steps give eager's predictions, one session across batches", async () => {
@@ -38,4 +40,27 @@ Deno.test("evaluate: static decode steps give eager's predictions, one session a
     assert.ok(session.stats.replays > 0, "decode steps ran from the session's recordings");
   }
   assert.equal(liveTensors(), live);
+});
+
+Deno.test("evaluate: every batch answers its own problems; truncated_fraction counts completions cut at the cap", async () => {
+  const dir = join(import.meta.dirname!, "fixtures", "models", "qwen3-moe-tiny");
+  using model = await loadModel(dir, { device: DEVICE, dtype: FLOAT });
+  const tok = await Tokenizer.load(dir);
+  const problems = arithmeticSplit(0.25, 1).heldOut.slice(0, 4);
+  const opts = { maxNewTokens: 12, batchSize: 2, prompt: { instruction: "" } };
+  const all = await evaluateExamples(model.decoder, tok, problems, opts);
+  // The second batch alone: the same two prompts in one batch, so the same greedy completions.
+  const second = await evaluateExamples(model.decoder, tok, problems.slice(2), opts);
+  const row = (
+    p: Prediction,
+  ): unknown[] => [p.id, p.question, p.completion, p.completion_tokens, p.finish_reason];
+  assert.notDeepEqual(
+    all.predictions.slice(0, 2).map((p) => p.completion),
+    second.predictions.map((p) => p.completion),
+  );
+  assert.deepEqual(all.predictions.slice(2).map(row), second.predictions.map(row));
+  const cut =
+    all.predictions.filter((p) => p.completion_tokens === 12 && p.finish_reason === "length").length;
+  assert.ok(cut > 0, "some completion ran to the cap");
+  assert.equal(all.totals.truncated_fraction, cut / 4);
 });
