@@ -13,20 +13,20 @@
  */
 import assert from "node:assert/strict";
 import { join } from "node:path";
-import { manualSeed, type Tensor, tidy } from "../ffi/mod.ts";
+import { manualSeed } from "../ffi/mod.ts";
 import { DEFAULT_LORA } from "../model/lora_apply.ts";
 import { loadModel } from "../model/model.ts";
 import { Tokenizer } from "../model/tokenizer.ts";
 import { collect } from "../rl/collect.ts";
 import type { RlOverrides } from "../rl/config.ts";
-import { learn, type StepOptimizer } from "../rl/learn.ts";
+import { learn } from "../rl/learn.ts";
 import { valueLoss } from "../rl/losses.ts";
 import { Mismatch } from "../rl/mismatch.ts";
 import { Policy } from "../rl/policy.ts";
 import { policyOptimizer } from "../rl/ppo.ts";
 import { Replicas } from "../rl/replicas.ts";
-import { RolloutBuffer, type RolloutPrompt } from "../rl/rollout_buffer.ts";
-import { assertClose, DEVICE, scriptedScore } from "./util.ts";
+import type { RolloutPrompt } from "../rl/rollout_buffer.ts";
+import { assertClose, DEVICE, GradientRecorder, scriptedScore, withSequences } from "./util.ts";
 
 const MODEL = join(import.meta.dirname!, "fixtures", "models", "qwen3-moe-tiny");
 const CFG: RlOverrides = {
@@ -40,17 +40,6 @@ const PROMPTS: RolloutPrompt[] = [[5, 6, 7], [8, 9], [10, 11, 12], [13, 14]].map
   ids,
   answer: 10 + i,
 }));
-
-/** An optimizer that records the gradients it is asked to apply, and applies none. */
-class GradientRecorder implements StepOptimizer {
-  steps: number[][][] = [];
-  step(only: readonly Tensor[]): void {
-    this.steps.push(only.map((p) => tidy(() => p.grad?.toArray() ?? [])));
-  }
-  zeroGrad(only: readonly Tensor[]): void {
-    only.forEach((p) => p.clearGrad());
-  }
-}
 
 /** The global L2 norm of one recorded step's gradients. */
 const norm = (step: number[][]): number => Math.sqrt(step.flat().reduce((s, x) => s + x * x, 0));
@@ -159,14 +148,7 @@ Deno.test("learn: the mismatch counts the tokens whose π_old / π_rollout lies 
     // The sampler's log-probs shifted: by 1 (a ratio of e, beyond 2) on sequences 0–3, by 0.25 on 4–7.
     const shift = (i: number): number => (i < 4 ? 1 : 0.25);
     const sequences = got.sequences.map((s, i) => ({ ...s, logprobs: s.logprobs.map((x) => x - shift(i)) }));
-    using buf = new RolloutBuffer({
-      ...got,
-      sequences,
-      routing: null,
-      routingStart: [],
-      device: DEVICE,
-      timings: got.metrics,
-    });
+    using buf = withSequences(got, sequences);
     const lengths = sequences.map((s) => s.tokens.length);
     const far = lengths.slice(0, 4).reduce((a, b) => a + b, 0), all = lengths.reduce((a, b) => a + b, 0);
     assert.ok(far > 0 && far < all);

@@ -4,17 +4,14 @@
  */
 import assert from "node:assert/strict";
 import { join } from "node:path";
-import { AdamW, liveTensors, manualSeed, noGrad, randn, type Tensor, tensor, tidy } from "../ffi/mod.ts";
-import { DEFAULT_LORA } from "../model/lora_apply.ts";
+import { liveTensors, noGrad, type Tensor, tensor, tidy } from "../ffi/mod.ts";
 import { type CausalLM, loadModel } from "../model/model.ts";
 import { loadPeftAdapter } from "../model/peft.ts";
-import { Policy } from "../rl/policy.ts";
-import { saveCheckpoint } from "../train/checkpoint.ts";
 import { formatConfig, loadTrainConfig, RUN_CONFIG_FILE } from "../train/config.ts";
+import { saveTinyCheckpoint, TINY_MODEL as TINY } from "./tiny_checkpoint.ts";
 import { PYTHON, pythonHas } from "./util.ts";
 
 const ROOT = join(import.meta.dirname!, "..");
-const TINY = join(ROOT, "tests/fixtures/models/qwen3-moe-tiny");
 
 async function merge(...args: string[]): Promise<{ code: number; stdout: string; stderr: string }> {
   const out = await new Deno.Command(Deno.execPath(), {
@@ -43,23 +40,7 @@ function logits(model: CausalLM): Tensor {
 /** A run folder with a checkpoint of non-zero adapters and config.yaml (4-bit base), under tmp. */
 async function makeRun(tmp: string): Promise<string> {
   const run = join(tmp, "run");
-  { // A checkpoint whose adapters are not the zero update a fresh LoRA starts from.
-    manualSeed(0);
-    using model = await loadModel(TINY);
-    const policy = new Policy(model, { lora: { ...DEFAULT_LORA, r: 4, alpha: 8, targetExperts: true } });
-    for (const p of policy.policyParameters()) tidy(() => void p.copy_(randn(p.shape).mul(0.05)));
-    using opt = new AdamW([{ params: policy.policyParameters(), lr: 1e-3 }, {
-      params: policy.valueParameters(),
-      lr: 1e-3,
-    }]);
-    await saveCheckpoint(run, {
-      policy,
-      optimizer: opt,
-      step: 2,
-      rng: { seed: 0, step: 2, batcherPosition: { epoch: 0, index: 4 } },
-    });
-    policy.dispose();
-  }
+  await saveTinyCheckpoint(run, 2, { lora: { targetExperts: true }, perturbed: true });
   // As training writes it: the run trained over a 4-bit base, which the merge leaves out.
   const cfg = await loadTrainConfig(join(ROOT, "configs", "tiny.yaml"), ["model.quantize4bit=true"]);
   await Deno.writeTextFile(join(run, RUN_CONFIG_FILE), formatConfig(cfg));

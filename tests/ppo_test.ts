@@ -30,14 +30,14 @@ import { collect } from "../rl/collect.ts";
 import { RolloutBuffer, type RolloutPrompt } from "../rl/rollout_buffer.ts";
 import { Replicas } from "../rl/replicas.ts";
 import { DEFAULT_RL_CONFIG, rlConfig, type RlOverrides } from "../rl/config.ts";
-import { learn, type LearnOptions, type StepOptimizer } from "../rl/learn.ts";
+import { learn, type LearnOptions } from "../rl/learn.ts";
 import { groupScaledAdvantages, updateAdvantages } from "../rl/advantages.ts";
 import { valueLoss } from "../rl/losses.ts";
 import { ppoObjective } from "../rl/objective.ts";
 import { Policy } from "../rl/policy.ts";
 import { policyOptimizer, ppoStep } from "../rl/ppo.ts";
 import type { RewardResult } from "../rl/reward.ts";
-import { assertClose, DEVICE, scriptedScore } from "./util.ts";
+import { assertClose, DEVICE, GradientRecorder, scriptedScore, withSequences } from "./util.ts";
 
 const MODEL = join(import.meta.dirname!, "fixtures", "models", "qwen3-moe-tiny");
 const CFG: RlOverrides = {
@@ -45,17 +45,6 @@ const CFG: RlOverrides = {
   ppo: { klCoef: 0.1, entropyCoef: 0.01 },
 };
 const TIMING = /seconds|per_second/;
-
-/** An optimizer that records the gradients it is asked to apply, and applies none. */
-class GradientRecorder implements StepOptimizer {
-  steps: number[][][] = [];
-  step(only: readonly Tensor[]): void {
-    this.steps.push(only.map((p) => tidy(() => p.grad?.toArray() ?? [])));
-  }
-  zeroGrad(only: readonly Tensor[]): void {
-    only.forEach((p) => p.clearGrad());
-  }
-}
 
 Deno.test("rl config: every bad value names its section and key", () => {
   assert.deepEqual(rlConfig(), structuredClone(DEFAULT_RL_CONFIG));
@@ -513,14 +502,7 @@ Deno.test("rl: collect, learn and ppoStep on the tiny model", async (t) => {
           score: scriptedScore((i) => i % 2),
         });
         const sequences = got.sequences.map((s, i) => (i === 1 ? { ...s, tokens: [], logprobs: [] } : s));
-        using buf = new RolloutBuffer({
-          ...got,
-          sequences,
-          routing: null,
-          routingStart: [],
-          device: DEVICE,
-          timings: got.metrics,
-        });
+        using buf = withSequences(got, sequences);
         for (const advantage of ["group", "token_value", "prompt_value"] as const) {
           const cfg: RlOverrides = { ...CFG, ppo: { ...CFG.ppo, advantage }, moe: { routingReplay: "off" } };
           const m = learn(policy, new GradientRecorder(), buf, cfg);

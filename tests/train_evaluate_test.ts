@@ -5,12 +5,8 @@
  */
 import assert from "node:assert/strict";
 import { join } from "node:path";
-import { AdamW, manualSeed } from "../ffi/mod.ts";
-import { DEFAULT_LORA } from "../model/lora_apply.ts";
-import { loadModel } from "../model/model.ts";
-import { Policy } from "../rl/policy.ts";
-import { saveCheckpoint } from "../train/checkpoint.ts";
 import { scoreText } from "../eval/score.ts";
+import { saveTinyCheckpoint } from "./tiny_checkpoint.ts";
 import { runEvaluation } from "../eval/evaluate.ts";
 import { formatConfig, loadTrainConfig, RUN_CONFIG_FILE } from "../train/config.ts";
 
@@ -98,22 +94,7 @@ Deno.test("evaluate: --limit 4 on the tiny model writes 4 predictions and a cons
 Deno.test("evaluate: --adapter takes a run folder (its newest checkpoint); outputs go under the run", async () => {
   const tmp = await Deno.makeTempDir({ prefix: "moerl-eval-" });
   const run = join(tmp, "run");
-  {
-    manualSeed(0);
-    using model = await loadModel(join(ROOT, "tests/fixtures/models/qwen3-moe-tiny"));
-    const policy = new Policy(model, { lora: { ...DEFAULT_LORA, r: 4, alpha: 8 } });
-    using opt = new AdamW([{ params: policy.policyParameters(), lr: 1e-3 }, {
-      params: policy.valueParameters(),
-      lr: 1e-3,
-    }]);
-    await saveCheckpoint(run, {
-      policy,
-      optimizer: opt,
-      step: 3,
-      rng: { seed: 0, step: 3, batcherPosition: { epoch: 0, index: 6 } },
-    });
-    policy.dispose();
-  }
+  await saveTinyCheckpoint(run, 3);
   const r = await evaluate(
     "--config",
     "configs/tiny.yaml",

@@ -4,9 +4,11 @@
  * so the same suite checks CUDA and bf16 on a GPU machine.
  */
 import assert from "node:assert/strict";
-import { type Device, type DType, liveTensors, nativeLiveCount } from "../ffi/mod.ts";
+import { type Device, type DType, liveTensors, nativeLiveCount, type Tensor, tidy } from "../ffi/mod.ts";
 import type { ExpertNames } from "../model/moe.ts";
+import type { StepOptimizer } from "../rl/learn.ts";
 import type { RewardResult } from "../rl/reward.ts";
+import { RolloutBuffer, type RolloutSequence } from "../rl/rollout_buffer.ts";
 
 /** Device the suite runs on. */
 export const DEVICE: Device = (Deno.env.get("MOERL_TEST_DEVICE") ?? "cpu") as Device;
@@ -118,4 +120,30 @@ export function scriptedScore(r: (i: number) => number): (..._ignored: unknown[]
       extracted: { value: null, method: null, marker: false },
     };
   };
+}
+
+/** An optimizer that records the gradients it is asked to apply, and applies none. */
+export class GradientRecorder implements StepOptimizer {
+  /** Per step, each parameter's gradient as a flat array. */
+  steps: number[][][] = [];
+  /** Records the gradients of only. */
+  step(only: readonly Tensor[]): void {
+    this.steps.push(only.map((p) => tidy(() => p.grad?.toArray() ?? [])));
+  }
+  /** Clears the gradients of only. */
+  zeroGrad(only: readonly Tensor[]): void {
+    only.forEach((p) => p.clearGrad());
+  }
+}
+
+/** A buffer with collected's prompts, rewards and metrics but other sequences (an edited rollout), on DEVICE. */
+export function withSequences(collected: RolloutBuffer, sequences: RolloutSequence[]): RolloutBuffer {
+  return new RolloutBuffer({
+    ...collected,
+    sequences,
+    routing: null,
+    routingStart: [],
+    device: DEVICE,
+    timings: collected.metrics,
+  });
 }
