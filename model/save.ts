@@ -109,11 +109,15 @@ export async function saveModel(model: CausalLM, dir: string): Promise<void> {
       }
     }
     await Deno.mkdir(dir, { recursive: true });
+    // The weights last, written atomically: a folder holds them only once it is whole, so a save cut short
+    // is saved again into the same folder rather than refused as "already holds a model".
+    for (const f of MODEL_FILES) {
+      if (model.dir && await isFile(join(model.dir, f))) {
+        await Deno.copyFile(join(model.dir, f), join(dir, f));
+      }
+    }
     await writeSafetensors(join(dir, SINGLE_FILE), out, { format: "pt" });
   } finally {
     for (const t of owned) t.dispose();
-  }
-  for (const f of MODEL_FILES) {
-    if (model.dir && await isFile(join(model.dir, f))) await Deno.copyFile(join(model.dir, f), join(dir, f));
   }
 }

@@ -85,3 +85,21 @@ Deno.test("saveModel: a tied LM head keeps its own bias (PhiMoE's lm_head_bias),
     await Deno.remove(dir, { recursive: true });
   }
 });
+
+Deno.test("saveModel: the weights land last, so a save cut short holds no model and can be made again", async () => {
+  const dir = await Deno.makeTempDir({ prefix: "moerl_save_cut_" });
+  try {
+    using model = await loadModel(join(MODELS, "qwen3-moe-tiny"));
+    // A copy that fails partway (here: a folder where tokenizer.json goes) stands in for a crash.
+    await Deno.mkdir(join(dir, "tokenizer.json"));
+    await assert.rejects(() => saveModel(model, dir));
+    await assert.rejects(() => Deno.stat(join(dir, "model.safetensors")), Deno.errors.NotFound);
+    await Deno.remove(join(dir, "tokenizer.json"));
+    await saveModel(model, dir); // not refused as "already holds a model"
+    using again = await loadModel(dir);
+    using a = logits(model), b = logits(again);
+    assert.ok(tidy(() => a.sub(b).abs().amax().item()) < 1e-6);
+  } finally {
+    await Deno.remove(dir, { recursive: true });
+  }
+});
