@@ -354,7 +354,7 @@ function advantagesOnRanks(
  * @param cfg overrides of rl/config.ts's defaults (the `ppo` and `moe` sections are used)
  * @throws {RangeError} for a bad config, a minibatch count that does not divide the buffer's sequences,
  *   or a bad micro-batch size; {@link Error} for routing replay on a model without MoE layers, the router
- *   loss with gradient checkpointing, or (after the critic's steps, which the advantages need) a replacement
+ *   loss with gradient checkpointing, a valueLoss function without a critic (ppo.advantage "group"), or (after the critic's steps, which the advantages need) a replacement
  *   advantages or objective function whose result does not fit (every rank throws)
  */
 export function learn(
@@ -395,6 +395,12 @@ export function learn(
     throw new Error(
       "ppo.routerAuxCoef > 0 needs router logits, which a checkpointed backward does not keep " +
         "(policy.checkpointing): set one of them off",
+    );
+  }
+  if (opts.valueLoss && c.advantage === "group") { // it would never be called: no critic steps
+    throw new Error(
+      'learn: a valueLoss function was given, but ppo.advantage "group" trains no critic ' +
+        '(use "token_value" or "prompt_value", or leave valueLoss out)',
     );
   }
   const maxNorm = opts.maxGradNorm ?? DEFAULT_MAX_GRAD_NORM;

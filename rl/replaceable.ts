@@ -33,7 +33,7 @@ export interface LearnFunctions {
   advantages?: AdvantagesFn;
   /** The policy's objective. */
   objective?: ObjectiveFn;
-  /** The critic's loss. */
+  /** The critic's loss; refused with ppo.advantage "group", which trains no critic (it would never be called). */
   valueLoss?: ValueLossFn;
 }
 

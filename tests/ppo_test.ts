@@ -447,6 +447,13 @@ Deno.test("rl: collect, learn and ppoStep on the tiny model", async (t) => {
           }),
         /objective function gave 2 parts, not the 11 of OBJECTIVE_PARTS/,
       );
+      // Without a critic ("group") a critic loss would never be called: refused before any step.
+      const none = new GradientRecorder();
+      assert.throws(
+        () => learn(policy, none, buf, { ...CFG, ppo: { ...CFG.ppo, advantage: "group" } }, { valueLoss }),
+        /a valueLoss function was given, but ppo\.advantage "group" trains no critic/,
+      );
+      assert.equal(none.steps.length, 0);
     });
 
     await t.step(
