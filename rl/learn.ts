@@ -42,7 +42,13 @@ import { flatGroups, groupBaseline, type UpdateAdvantages, zeroSpreadFraction } 
 import type { RolloutBuffer } from "./rollout_buffer.ts";
 import { type PpoConfig, rlConfig, type RlOverrides } from "./config.ts";
 import { OBJECTIVE_PARTS, type ObjectivePart } from "./objective.ts";
-import { checkAdvantages, type LearnFunctions, learnFunctions } from "./replaceable.ts";
+import {
+  checkAdvantages,
+  checkLoss,
+  checkObjective,
+  type LearnFunctions,
+  learnFunctions,
+} from "./replaceable.ts";
 import type { Policy, SequenceBatch } from "./policy.ts";
 import { type GlobalView, globalView, Replicas } from "./replicas.ts";
 import { chunks, DeferredReads, groupChunks, rowTails } from "./micro_batches.ts";
@@ -197,7 +203,7 @@ function referencePass(run: Run, signal: readonly boolean[]): ReferenceResult {
           : batch.completionMask.to("float32");
         const target = tensor(chunk.map((i) => centered[i]!), { dtype: "float32", device: v.device });
         // This rank's share of the mean over the global micro-batch's tokens.
-        const loss = run.fns.valueLoss(v, target, mask, tokens);
+        const loss = checkLoss(run.fns.valueLoss(v, target, mask, tokens), "valueLoss");
         loss.backward();
         later.read(loss, (x) => (lossSum += x.item()));
       });
@@ -281,13 +287,7 @@ function policySteps(
             routerTopK: policy.model.config.numExpertsPerTok,
           };
           const loss = policy.backwardLoss(batch, (out) => {
-            const r = run.fns.objective(out, inputs, c);
-            if (r.parts.numel !== OBJECTIVE_PARTS.length) {
-              throw new Error(
-                `learn: the objective function gave ${r.parts.numel} parts, not the ${OBJECTIVE_PARTS.length} ` +
-                  `of OBJECTIVE_PARTS (${OBJECTIVE_PARTS.join(", ")})`,
-              );
-            }
+            const r = checkObjective(run.fns.objective(out, inputs, c));
             later.read(r.parts, (x) => x.toArray().forEach((v, p) => (sums[p] = sums[p]! + v)));
             // With one step the training pass is π_old: measure the sampler's mismatch on it.
             if (!old) {
@@ -354,8 +354,9 @@ function advantagesOnRanks(
  * @param cfg overrides of rl/config.ts's defaults (the `ppo` and `moe` sections are used)
  * @throws {RangeError} for a bad config, a minibatch count that does not divide the buffer's sequences,
  *   or a bad micro-batch size; {@link Error} for routing replay on a model without MoE layers, the router
- *   loss with gradient checkpointing, a valueLoss function without a critic (ppo.advantage "group"), or (after the critic's steps, which the advantages need) a replacement
- *   advantages or objective function whose result does not fit (every rank throws)
+ *   loss with gradient checkpointing, a valueLoss function without a critic (ppo.advantage "group"), or
+ *   (after the critic's steps, which the advantages need) a replacement advantages, objective or critic loss
+ *   function whose result does not fit (every rank throws)
  */
 export function learn(
   policy: Policy,

@@ -16,9 +16,11 @@
  * step's tokens over all ranks, and updateAdvantages' `cfg.reduce` sums statistics over the ranks.
  * @module
  */
+import { Tensor } from "../ffi/mod.ts";
+import { describe } from "../model/settings.ts";
 import { type UpdateAdvantages, updateAdvantages } from "./advantages.ts";
 import { valueLoss } from "./losses.ts";
-import { ppoObjective } from "./objective.ts";
+import { OBJECTIVE_PARTS, type ObjectiveResult, ppoObjective } from "./objective.ts";
 
 /** The update's advantages (see {@link updateAdvantages}, the default). */
 export type AdvantagesFn = typeof updateAdvantages;
@@ -83,4 +85,64 @@ export function checkAdvantages(
     }
   }
   return adv;
+}
+
+/** What a replacement gave, for errors. */
+function shown(v: unknown): string {
+  if (v instanceof Tensor) return `a Tensor of shape [${v.shapeForMessage().join(", ")}]`;
+  if (v instanceof Promise) return "a Promise (it must not be async)";
+  return describe(v);
+}
+
+/**
+ * A replacement's loss, checked before the backward pass: a scalar tensor with autograd history.
+ * @param what the function's name in {@link LearnFunctions}, for errors
+ * @throws {TypeError} for anything but a Tensor; {@link RangeError} for more than one element;
+ *   {@link Error} for a loss without autograd history
+ */
+export function checkLoss(loss: unknown, what: "objective" | "valueLoss"): Tensor {
+  if (!(loss instanceof Tensor)) {
+    throw new TypeError(`learn: the ${what} function's loss must be a Tensor, got ${shown(loss)}`);
+  }
+  if (loss.numel !== 1) {
+    throw new RangeError(
+      `learn: the ${what} function's loss must be a scalar (a mean over the tokens), got shape ` +
+        `[${loss.shape.join(", ")}]`,
+    );
+  }
+  if (!loss.requiresGrad) {
+    throw new Error(
+      `learn: the ${what} function's loss carries no gradient (detached, or made under noGrad)`,
+    );
+  }
+  return loss;
+}
+
+/**
+ * An objective function's result, checked: `{ loss, parts }` as {@link ppoObjective} returns it, the loss as
+ * {@link checkLoss}, one part per {@link OBJECTIVE_PARTS}.
+ * @throws {TypeError} or {@link RangeError} naming what is wrong
+ */
+export function checkObjective(r: unknown): ObjectiveResult {
+  if (typeof r !== "object" || r === null || r instanceof Tensor || r instanceof Promise || !("loss" in r)) {
+    throw new TypeError(
+      `learn: the objective function must return { loss, parts } (an ObjectiveResult, as ppoObjective does), ` +
+        `got ${shown(r)}`,
+    );
+  }
+  const { loss, parts } = r as { loss: unknown; parts?: unknown };
+  checkLoss(loss, "objective");
+  if (!(parts instanceof Tensor)) {
+    throw new TypeError(
+      `learn: the objective function's parts must be a Tensor of the ${OBJECTIVE_PARTS.length} OBJECTIVE_PARTS ` +
+        `(ppoObjective's, or your own values of them), got ${shown(parts)}`,
+    );
+  }
+  if (parts.numel !== OBJECTIVE_PARTS.length) {
+    throw new RangeError(
+      `learn: the objective function gave ${parts.numel} parts, not the ${OBJECTIVE_PARTS.length} ` +
+        `of OBJECTIVE_PARTS (${OBJECTIVE_PARTS.join(", ")})`,
+    );
+  }
+  return r as ObjectiveResult;
 }

@@ -33,7 +33,8 @@ import { DEFAULT_RL_CONFIG, rlConfig, type RlOverrides } from "../rl/config.ts";
 import { learn, type LearnOptions } from "../rl/learn.ts";
 import { groupScaledAdvantages, updateAdvantages } from "../rl/advantages.ts";
 import { valueLoss } from "../rl/losses.ts";
-import { ppoObjective } from "../rl/objective.ts";
+import { type ObjectiveResult, ppoObjective } from "../rl/objective.ts";
+import type { ObjectiveFn, ValueLossFn } from "../rl/replaceable.ts";
 import { Policy } from "../rl/policy.ts";
 import { policyOptimizer, ppoStep } from "../rl/ppo.ts";
 import type { RewardResult } from "../rl/reward.ts";
@@ -447,6 +448,48 @@ Deno.test("rl: collect, learn and ppoStep on the tiny model", async (t) => {
           }),
         /objective function gave 2 parts, not the 11 of OBJECTIVE_PARTS/,
       );
+      // A result of the wrong kind is named, not met as a TypeError or a torch error inside learn.
+      const wrong: [LearnOptions, RegExp][] = [
+        [
+          {
+            objective: ((...a: Parameters<ObjectiveFn>) => ppoObjective(...a).loss) as unknown as ObjectiveFn,
+          },
+          /objective function must return \{ loss, parts \} .*, got a Tensor of shape \[\]/,
+        ],
+        [
+          {
+            objective: ((...a: Parameters<ObjectiveFn>) =>
+              Promise.resolve(ppoObjective(...a))) as unknown as ObjectiveFn, // as an async function does
+          },
+          /objective function must return \{ loss, parts \} .*, got a Promise \(it must not be async\)/,
+        ],
+        [
+          {
+            objective: (...a) =>
+              ({ loss: ppoObjective(...a).loss }) as ObjectiveResult,
+          },
+          /objective function's parts must be a Tensor of the 11 OBJECTIVE_PARTS .*, got nothing/,
+        ],
+        [
+          { objective: (out, i, c) => ({ ...ppoObjective(out, i, c), loss: out.logprobs.neg() }) },
+          /objective function's loss must be a scalar \(a mean over the tokens\), got shape \[4, \d+\]/,
+        ],
+        [
+          { objective: (...a) => ({ ...ppoObjective(...a), loss: tensor(0.5) }) },
+          /objective function's loss carries no gradient \(detached, or made under noGrad\)/,
+        ],
+        [
+          { valueLoss: ((v: Tensor) => v.sum().item()) as unknown as ValueLossFn },
+          /valueLoss function's loss must be a Tensor, got -?[\d.e-]+ \(a number\)/,
+        ],
+        [
+          { valueLoss: (v, t, m) => v.sub(t.unsqueeze(1)).square().mul(m) },
+          /valueLoss function's loss must be a scalar \(a mean over the tokens\), got shape \[4, \d+\]/,
+        ],
+      ];
+      for (const [opts, re] of wrong) {
+        assert.throws(() => learn(policy, new GradientRecorder(), buf, CFG, opts), re);
+      }
       // Without a critic ("group") a critic loss would never be called: refused before any step.
       const none = new GradientRecorder();
       assert.throws(
