@@ -283,6 +283,7 @@ function policySteps(
             refLogprobs: c.klCoef > 0 ? per((i) => ref[i]!) : null,
             rolloutLogprobs: per((i) => seqs[i]!.logprobs),
             tokens,
+            sequences: global.length,
             attentionMask: batch.attentionMask,
             routerTopK: policy.model.config.numExpertsPerTok,
           };

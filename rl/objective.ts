@@ -46,6 +46,12 @@ export interface ObjectiveInputs {
   rolloutLogprobs?: Tensor | null;
   /** Token-mean denominator: the trained tokens of the whole minibatch (default: this batch's). */
   tokens?: number;
+  /**
+   * The trained sequences of the whole minibatch (over all ranks; learn sets it): the denominator of a loss
+   * averaged per sequence, as verl's "seq-mean-token-mean", so that micro-batches add up to the minibatch's
+   * mean. ppoObjective does not use it.
+   */
+  sequences?: number;
   /** Attention mask [B, T] and experts per token, for the router loss. */
   attentionMask?: Tensor;
   /** Experts per token, for the router loss. */

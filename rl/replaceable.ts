@@ -13,7 +13,8 @@
  *
  * Under data parallelism every rank must be given the same functions, and they must keep the token means
  * global: `tokens` (the objective's `inputs.tokens`, valueLoss's fourth argument) is the count of the whole
- * step's tokens over all ranks, and updateAdvantages' `cfg.reduce` sums statistics over the ranks.
+ * step's tokens over all ranks (`inputs.sequences` its sequences), and updateAdvantages' `cfg.reduce` sums
+ * statistics over the ranks.
  * @module
  */
 import { Tensor } from "../ffi/mod.ts";

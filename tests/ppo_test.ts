@@ -414,6 +414,19 @@ Deno.test("rl: collect, learn and ppoStep on the tiny model", async (t) => {
           `policy param ${i}: advantages ×2, loss ×1.5`,
         );
       });
+      // A mean over sequences (verl's GSPO "seq-mean-token-mean") divides by the minibatch's sequences, so
+      // that micro-batches add up to it as they add up to the token mean.
+      const seqMean: ObjectiveFn = (out, inputs, cfg) => {
+        const r = ppoObjective(out, inputs, { ...cfg, klCoef: 0, entropyCoef: 0 });
+        const m = out.mask;
+        const perSeq = out.logprobs.mul(inputs.advantages).neg().mul(m).sum(1).div(m.sum(1).clamp(1));
+        return { ...r, loss: perSeq.sum().div(inputs.sequences!) };
+      };
+      const [whole, single] = [4, 1].map((microBatch) => grads({ objective: seqMean, microBatch }).at(-1)!);
+      whole!.forEach((gr, i) => {
+        assert.ok(gr.some((x) => x !== 0));
+        assertClose(single![i]!, gr, 1e-5, `sequence mean, param ${i}`);
+      });
       // TRL's default GRPO scaling, as a replacement: each group's centred rewards over its own std.
       const grpo = learn(policy, new GradientRecorder(), buf, {
         ...CFG,
