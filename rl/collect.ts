@@ -42,7 +42,9 @@ export type ScoreFn = (completion: Completion, prompt: RolloutPrompt) => RewardR
 function checkScore(r: unknown, prompt: number, sample: number): RewardResult {
   const value = (r as { reward?: unknown } | null)?.reward;
   if (typeof r !== "object" || r === null || typeof value !== "number" || !Number.isFinite(value)) {
-    const shown = typeof r === "object" && r !== null ? `a reward of ${String(value)}` : String(r);
+    // A string is quoted: a verifier's "1" would read as the number it is not.
+    const show = (v: unknown): string => (typeof v === "string" ? describe(v) : String(v));
+    const shown = typeof r === "object" && r !== null ? `a reward of ${show(value)}` : show(r);
     throw new TypeError(
       `collect: the score function gave ${shown} for sample ${sample} of prompt ${prompt} ` +
         `(it must return a RewardResult whose reward is a finite number)`,

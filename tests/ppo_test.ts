@@ -224,6 +224,12 @@ Deno.test("rl: collect, learn and ppoStep on the tiny model", async (t) => {
       const wrong = [
         [() => Promise.resolve(undefined), /gave undefined for sample 0 of prompt 0/],
         [() => ({ reward: NaN }), /gave a reward of NaN for sample 0 of prompt 0/],
+        // A verifier's text: shown as a string, not as the number it reads like.
+        [
+          () => Promise.resolve({ reward: "1" }),
+          /gave a reward of "1" \(a string\) for sample 0 of prompt 0/,
+        ],
+        [() => "0.5", /gave "0\.5" \(a string\) for sample 0 of prompt 0/],
         [() => {
           throw new Error("verifier down");
         }, /verifier down/],
