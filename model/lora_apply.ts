@@ -239,6 +239,11 @@ export class LoraModel {
     this.linears.clear();
     this.experts.clear();
   }
+
+  /** {@link dispose} at the end of a `using` block. */
+  [Symbol.dispose](): void {
+    this.dispose();
+  }
 }
 
 /** The linear modules a config implies, by Hugging Face name (what {@link linearSlots} would list). */

@@ -403,4 +403,9 @@ export class Policy {
     this.lora.dispose();
     this.valueHead.dispose();
   }
+
+  /** {@link dispose} at the end of a `using` block. */
+  [Symbol.dispose](): void {
+    this.dispose();
+  }
 }

@@ -20,7 +20,7 @@ import {
   tidy,
 } from "../ffi/mod.ts";
 import { leftPad } from "../model/padding.ts";
-import { DEFAULT_LORA, type LoraConfig, loraParamCount } from "../model/lora_apply.ts";
+import { DEFAULT_LORA, type LoraConfig, LoraModel, loraParamCount } from "../model/lora_apply.ts";
 import { loadModel } from "../model/model.ts";
 import { Policy, type SequenceBatch } from "../rl/policy.ts";
 import { collect } from "../rl/collect.ts";
@@ -96,6 +96,18 @@ Deno.test("policy: a target name that is no module is refused (it used to leave 
     );
     assert.equal(liveTensors(), live);
   }
+  // Held with `using`, as the model and the optimizer are: freed at the end of the block.
+  let held: Policy;
+  {
+    using policy = new Policy(model, { lora: LORA });
+    held = policy;
+    assert.ok(liveTensors() > live);
+  }
+  assert.ok(held.disposed);
+  {
+    using _adapters = new LoraModel(model.decoder, model.config, LORA); // as loadPeftAdapter returns them
+  }
+  assert.equal(liveTensors(), live, "policy and adapters freed by using");
   // A name of the family that this model lacks (PhiMoE has no dense MLP) is fine, as is a regular expression.
   for (const targetModules of [["q_proj", "gate_proj"], ".*\\.(q|v)_proj"]) {
     const policy = new Policy(model, { lora: { ...LORA, targetModules } });
