@@ -367,6 +367,7 @@ export function learn(
   opts: LearnOptions = {},
 ): LearnMetrics {
   policy.checkAlive("learn");
+  buffer.checkAlive("learn");
   const { ppo: c, moe } = rlConfig(cfg);
   const dp = opts.replicas ?? Replicas.single();
   const k = buffer.k;

@@ -128,6 +128,7 @@ export class RolloutBuffer {
   readonly #routingStart: readonly number[];
   readonly #device: Device;
   readonly #timings: CollectTimings;
+  #disposed = false;
 
   /** Assembles a buffer (see {@link collect}); takes ownership of routing. */
   constructor(init: {
@@ -165,6 +166,7 @@ export class RolloutBuffer {
    * @throws {RangeError} for no prompts, a repeated one, or an index out of range
    */
   selectPrompts(indices: readonly number[]): RolloutBuffer {
+    this.checkAlive("RolloutBuffer.selectPrompts");
     if (indices.length === 0) throw new RangeError("selectPrompts: no prompts chosen");
     const bad = indices.findIndex((p, i) =>
       !Number.isInteger(p) || p < 0 || p >= this.prompts.length || indices.indexOf(p) !== i
@@ -243,6 +245,7 @@ export class RolloutBuffer {
    * layer, [B·T, k] with −1 on padding, for routing replay.
    */
   batch(indices: readonly number[]): { batch: SequenceBatch; replay: Tensor[] | null } {
+    this.checkAlive("RolloutBuffer.batch");
     const seqs = indices.map((i) => this.sequences[i]!);
     const batch = sequenceBatch(
       seqs.map((s) => this.prompts[s.prompt]!.ids),
@@ -280,8 +283,24 @@ export class RolloutBuffer {
     return tensor(rows, { dtype: "float32", device: this.#device });
   }
 
+  /** True once {@link dispose}d: its batches can no longer be built. */
+  get disposed(): boolean {
+    return this.#disposed;
+  }
+
+  /**
+   * Throws when the buffer was disposed (its routing record would fail as "tensor used after dispose()").
+   * @throws {Error} naming what tried to use it
+   */
+  checkAlive(what: string): void {
+    if (this.#disposed) {
+      throw new Error(`${what}: the rollout buffer was disposed (at the end of its \`using\` block?)`);
+    }
+  }
+
   /** Frees the routing record. */
   dispose(): void {
+    this.#disposed = true;
     this.routing?.dispose();
   }
 

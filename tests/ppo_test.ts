@@ -206,6 +206,25 @@ Deno.test("rl: collect, learn and ppoStep on the tiny model", async (t) => {
           assert.equal(m.trained_fraction, 1, "the chosen group's rewards differ");
         }
         assert.equal(liveTensors(), live, "each buffer frees its own routing rows");
+        // A buffer used after its `using` block ended: named, not "tensor used after dispose()".
+        const gone = await collect(policy, tok, prompts, CFG, {
+          seed: 2,
+          score: scriptedScore((i) => i % 2),
+        });
+        gone.dispose();
+        assert.ok(gone.disposed);
+        assert.throws(
+          () => learn(policy, new GradientRecorder(), gone, CFG),
+          /learn: the rollout buffer was disposed \(at the end of its `using` block\?\)/,
+        );
+        assert.throws(
+          () => tidy(() => gone.batch([0])),
+          /RolloutBuffer\.batch: the rollout buffer was disposed/,
+        );
+        assert.throws(
+          () => gone.selectPrompts([0]),
+          /RolloutBuffer\.selectPrompts: the rollout buffer was disposed/,
+        );
       },
     );
 
