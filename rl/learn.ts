@@ -134,9 +134,9 @@ interface Run {
   open(ids: readonly number[]): { batch: SequenceBatch; replay: Tensor[] | null };
   /**
    * One optimizer step of a parameter group: its gradients summed over the ranks, clipped to maxGradNorm
-   * (when set), applied and zeroed. Returns the norm before clipping.
+   * (when set), applied and zeroed. Returns the norm before clipping. `group` names it in errors.
    */
-  step(params: Tensor[]): number;
+  step(params: Tensor[], group: "policy" | "critic"): number;
 }
 
 /** Each row's log-probs of the chosen sequences' completion tokens, on the host. */
@@ -209,7 +209,7 @@ function referencePass(run: Run, signal: readonly boolean[]): ReferenceResult {
       });
     }
     if (!critic) continue;
-    normSum += run.step(policy.valueParameters());
+    normSum += run.step(policy.valueParameters(), "critic");
     steps++;
     later.flush();
   }
@@ -303,7 +303,7 @@ function policySteps(
           later.read(loss, (x) => (lossSum += x.item()));
         });
       }
-      normSum += run.step(params);
+      normSum += run.step(params, "policy");
       steps++;
       later.flush();
     }
@@ -432,11 +432,15 @@ export function learn(
       if (replay) dispose(replay);
       return { batch, replay: null };
     },
-    step(params): number {
+    step(params, group): number {
       dp.sumGradients(params);
       const norm = clipGradNorm(params, maxNorm > 0 ? maxNorm : Number.MAX_VALUE);
       if (!Number.isFinite(norm)) { // the same on every rank (summed gradients): every rank throws
-        throw new Error(`learn: gradient norm ${norm} (a loss or value that is not finite); no step taken`);
+        const loss = group === "policy" ? "objective" : "valueLoss";
+        throw new Error(
+          `learn: the ${group}'s gradient norm is ${norm} (the ${loss}'s loss or an input to it is not finite); ` +
+            "no step taken",
+        );
       }
       optimizer.step(params);
       optimizer.zeroGrad(params);

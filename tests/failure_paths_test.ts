@@ -160,9 +160,16 @@ Deno.test("failure paths: a non-finite gradient norm throws before the optimizer
     };
     assert.throws(
       () => learn(policy, opt, buffer, CFG, { objective: nan }),
-      /gradient norm NaN.*no step taken/,
+      /the policy's gradient norm is NaN \(the objective's loss or an input to it is not finite\).*no step taken/,
     );
     assert.equal(changed(values(adapters), before), 0, "adapter tensors moved (to NaN)");
+    // The critic's says so: the two losses are replaced apart, and either may be the one at fault.
+    const critic = values(policy.valueParameters());
+    assert.throws(
+      () => learn(policy, opt, buffer, CFG, { valueLoss: (...a) => valueLoss(...a).mul(Number.NaN) }),
+      /the critic's gradient norm is NaN \(the valueLoss's loss or an input to it is not finite\).*no step taken/,
+    );
+    assert.equal(changed(values(policy.valueParameters()), critic), 0, "critic tensors moved (to NaN)");
     assert.ok(adapters.every((p) => opt.state(p) === undefined), "AdamW has moments for the adapters");
     const finite = [...adapters, ...policy.valueParameters()].every((p) =>
       tidy(() => p.isfinite().all().item() === 1)
