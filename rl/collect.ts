@@ -169,13 +169,24 @@ export async function collect(
         prefill += gen.seconds.prefill;
         decode += gen.seconds.decode;
         // Scored together, so that an async scorer (a verifier, a reward model) can work on a batch at once.
+        // A scorer's error (a throw or a rejection) names the completion it failed on.
         const scores = await Promise.all(
-          gen.tokens.map((tokens, r) =>
-            score(
-              { text: gen.text![r]!, tokens, finishReason: gen.finishReasons[r]! },
-              chunk[Math.floor(r / c.k)]!,
-            )
-          ),
+          gen.tokens.map(async (tokens, r) => {
+            try {
+              return await score(
+                { text: gen.text![r]!, tokens, finishReason: gen.finishReasons[r]! },
+                chunk[Math.floor(r / c.k)]!,
+              );
+            } catch (e) {
+              throw new Error(
+                `collect: the score function threw on sample ${r % c.k} of prompt ${
+                  first + Math.floor(r / c.k)
+                }: ` +
+                  (e instanceof Error ? e.message : String(e)),
+                { cause: e },
+              );
+            }
+          }),
         );
         const rows: number[] = [];
         gen.tokens.forEach((tokens, r) => {

@@ -251,7 +251,18 @@ Deno.test("rl: collect, learn and ppoStep on the tiny model", async (t) => {
         [() => "0.5", /gave "0\.5" \(a string\) for sample 0 of prompt 0/],
         [() => {
           throw new Error("verifier down");
-        }, /verifier down/],
+        }, /collect: the score function threw on sample 0 of prompt 0: verifier down/],
+        // Which completion a scorer failed on, sync or async, is named with the scorer's own message.
+        [
+          (() => {
+            let calls = 0;
+            return (_c: unknown, p: RolloutPrompt) =>
+              p === prompts[1] && ++calls === 2
+                ? Promise.reject(new TypeError("no answer in the text"))
+                : Promise.resolve(scriptedScore(() => 1)());
+          })(),
+          /collect: the score function threw on sample 1 of prompt 1: no answer in the text/,
+        ],
       ] as const;
       for (const [score, message] of wrong) {
         await assert.rejects(
