@@ -15,7 +15,7 @@ import type { Policy } from "./policy.ts";
 import { rlConfig, type RlOverrides } from "./config.ts";
 import { parseGold } from "../data/numbers.ts";
 import { describe } from "../model/settings.ts";
-import { type Completion, reward, type RewardResult } from "./reward.ts";
+import { type Completion, reward, type RewardConfig, type RewardResult } from "./reward.ts";
 import { RolloutBuffer, type RolloutPrompt, type RolloutSequence } from "./rollout_buffer.ts";
 
 /** What collecting needs of a tokenizer: model/tokenizer.ts's `Tokenizer` has it. */
@@ -32,11 +32,17 @@ export interface RolloutTokenizer {
 }
 
 /**
- * Scores one completion (default: rl/reward.ts `reward` against the prompt's answer). It may be async (a
- * verifier, a reward model): a generation batch's completions are scored concurrently. Only `reward` must be
- * set (a finite number); `correct`, `marker` and `overLength` feed the metrics.
+ * Scores one completion (default: rl/reward.ts `reward` against the prompt's answer, with the config's
+ * `reward` section). It may be async (a verifier, a reward model): a generation batch's completions are scored
+ * concurrently. Only `reward` must be set (a finite number); `correct`, `marker` and `overLength` feed the
+ * metrics. `cfg` is the config's `reward` section, checked, for a score that wraps `reward`:
+ * `(c, p, cfg) => reward(c, p.answer, cfg)` and more.
  */
-export type ScoreFn = (completion: Completion, prompt: RolloutPrompt) => RewardResult | Promise<RewardResult>;
+export type ScoreFn = (
+  completion: Completion,
+  prompt: RolloutPrompt,
+  cfg: RewardConfig,
+) => RewardResult | Promise<RewardResult>;
 
 /** A score function's result, checked: an object with a finite reward. */
 function checkScore(r: unknown, prompt: number, sample: number): RewardResult {
@@ -66,7 +72,7 @@ export interface CollectOptions {
   seed?: number;
   /** The update-wide index of prompts[0] (default 0): a data-parallel rank's offset, for `seed`. */
   firstPrompt?: number;
-  /** Scores completions instead of the GSM8K reward of the config's `reward` section. */
+  /** Scores completions instead of the GSM8K reward; it is given the config's `reward` section (see ScoreFn). */
   score?: ScoreFn;
   /** Record each token's experts for routing replay (default true; ignored for a model without MoE layers). */
   recordRouting?: boolean;
@@ -118,7 +124,7 @@ export async function collect(
         "(buildPrompts renders questions into ids)",
     );
   }
-  const score: ScoreFn = opts.score ?? ((completion, p) => reward(completion, p.answer, rewardCfg));
+  const score: ScoreFn = opts.score ?? ((completion, p, cfg) => reward(completion, p.answer, cfg));
   if (!opts.score) { // before generating: the default reward needs a numeric gold answer
     const bad = prompts.findIndex((p) => parseGold(p.answer) === null);
     if (bad >= 0) {
@@ -176,6 +182,7 @@ export async function collect(
               return await score(
                 { text: gen.text![r]!, tokens, finishReason: gen.finishReasons[r]! },
                 chunk[Math.floor(r / c.k)]!,
+                rewardCfg,
               );
             } catch (e) {
               throw new Error(

@@ -26,7 +26,7 @@ import { buildPrompt } from "../data/prompt.ts";
 import { DEFAULT_LORA } from "../model/lora_apply.ts";
 import { loadModel } from "../model/model.ts";
 import { Tokenizer } from "../model/tokenizer.ts";
-import { collect } from "../rl/collect.ts";
+import { collect, type ScoreFn } from "../rl/collect.ts";
 import { RolloutBuffer, type RolloutPrompt } from "../rl/rollout_buffer.ts";
 import { Replicas } from "../rl/replicas.ts";
 import { DEFAULT_RL_CONFIG, rlConfig, type RlOverrides } from "../rl/config.ts";
@@ -37,7 +37,7 @@ import { type ObjectiveResult, ppoObjective } from "../rl/objective.ts";
 import type { ObjectiveFn, ValueLossFn } from "../rl/replaceable.ts";
 import { Policy } from "../rl/policy.ts";
 import { policyOptimizer, ppoStep } from "../rl/ppo.ts";
-import type { RewardResult } from "../rl/reward.ts";
+import { reward, type RewardResult } from "../rl/reward.ts";
 import { assertClose, DEVICE, GradientRecorder, scriptedScore, withSequences } from "./util.ts";
 
 const MODEL = join(import.meta.dirname!, "fixtures", "models", "qwen3-moe-tiny");
@@ -240,6 +240,21 @@ Deno.test("rl: collect, learn and ppoStep on the tiny model", async (t) => {
         tidy(() => assert.ok(buf.batch([0, 1]).replay !== null, "the routing record outlived the scope"));
       }
       assert.equal(liveTensors(), live);
+      // A score that wraps the library's reward gets the config's reward section, so that it is not dropped.
+      {
+        const seen: unknown[] = [];
+        const penalised: ScoreFn = (c, p, cfg) => {
+          seen.push(cfg);
+          const r = reward(c, p.answer, cfg);
+          return { ...r, reward: r.reward - 0.01 * c.tokens.length };
+        };
+        const cfg = { ...CFG, reward: { wrong: -1, overLengthPenalty: 0 } };
+        using buf = await collect(policy, tok, prompts, cfg, { seed: 1, score: penalised });
+        assert.deepEqual(seen[0], rlConfig(cfg).reward);
+        buf.sequences.forEach((s) =>
+          assertClose([s.reward.reward], [(s.reward.correct ? 1 : -1) - 0.01 * s.tokens.length], 1e-9)
+        );
+      }
       const wrong = [
         [() => Promise.resolve(undefined), /gave undefined for sample 0 of prompt 0/],
         [() => ({ reward: NaN }), /gave a reward of NaN for sample 0 of prompt 0/],
