@@ -61,6 +61,12 @@ export function checkAdvantages(
   trainable: readonly boolean[],
 ): UpdateAdvantages {
   const n = lengths.length;
+  if ((adv as unknown) instanceof Promise) {
+    throw new TypeError(
+      `learn: the advantages function returned a Promise (it must not be async); it must give trained and ` +
+        `advantages for each of the ${n} sequences`,
+    );
+  }
   if (!(Array.isArray(adv?.trained) && adv.trained.length === n && adv.advantages?.length === n)) {
     throw new Error(
       `learn: the advantages function must give trained and advantages for each of the ${n} sequences`,
@@ -77,7 +83,13 @@ export function checkAdvantages(
           `(or whose completion is empty): such sequences are left out of the update`,
       );
     }
-    const a = adv.advantages[i]!;
+    const a: unknown = adv.advantages[i];
+    if (!Array.isArray(a)) {
+      throw new TypeError(
+        `learn: the advantages function gave sequence ${i} ${shown(a)}, not a list of its ${lengths[i]} ` +
+          `completion tokens' advantages`,
+      );
+    }
     if (a.length !== lengths[i] || !a.every(Number.isFinite)) {
       throw new Error(
         `learn: the advantages function gave sequence ${i} ${a.length} advantages for its ${lengths[i]} ` +

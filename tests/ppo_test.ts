@@ -34,7 +34,7 @@ import { learn, type LearnOptions } from "../rl/learn.ts";
 import { groupScaledAdvantages, updateAdvantages } from "../rl/advantages.ts";
 import { valueLoss } from "../rl/losses.ts";
 import { type ObjectiveResult, ppoObjective } from "../rl/objective.ts";
-import type { ObjectiveFn, ValueLossFn } from "../rl/replaceable.ts";
+import type { AdvantagesFn, ObjectiveFn, ValueLossFn } from "../rl/replaceable.ts";
 import { Policy } from "../rl/policy.ts";
 import { policyOptimizer, ppoStep } from "../rl/ppo.ts";
 import { reward, type RewardResult } from "../rl/reward.ts";
@@ -504,6 +504,23 @@ Deno.test("rl: collect, learn and ppoStep on the tiny model", async (t) => {
       assert.throws(
         () => learn(policy, new GradientRecorder(), flat, CFG, { advantages: everything }),
         /advantages function trains sequence 0, whose group's rewards are all equal/,
+      );
+      // One number per sequence instead of one per token, or an async function: named as such.
+      const perSequence: AdvantagesFn = (...args) => {
+        const a = updateAdvantages(...args);
+        return { ...a, advantages: a.centered as unknown as number[][] };
+      };
+      assert.throws(
+        () => learn(policy, new GradientRecorder(), buf, CFG, { advantages: perSequence }),
+        /advantages function gave sequence 0 -?[\d.]+ \(a number\), not a list of its \d+ completion tokens' advantages/,
+      );
+      assert.throws(
+        () =>
+          learn(policy, new GradientRecorder(), buf, CFG, {
+            advantages: ((...args: Parameters<AdvantagesFn>) =>
+              Promise.resolve(updateAdvantages(...args))) as unknown as AdvantagesFn,
+          }),
+        /advantages function returned a Promise \(it must not be async\)/,
       );
       assert.throws(
         () =>
