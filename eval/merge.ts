@@ -81,14 +81,10 @@ export async function main(args: string[]): Promise<number> {
       console.log("the run trained over a 4-bit base: merging into the full-precision weights");
     }
     using model = await loadConfiguredModel({ ...cfg.model, device: "cpu", quantize4bit: false });
-    const lora = await loadPeftAdapter(adapter, model);
-    try {
-      lora.merge();
-      await saveModel(model, out);
-      console.log(`saved ${out}: ${lora.trainableCount().toLocaleString("en-US")} adapter parameters merged`);
-    } finally {
-      lora.dispose();
-    }
+    using lora = await loadPeftAdapter(adapter, model);
+    lora.merge();
+    await saveModel(model, out);
+    console.log(`saved ${out}: ${lora.trainableCount().toLocaleString("en-US")} adapter parameters merged`);
     return 0;
   } catch (e) {
     console.error(`merge: ${failureText(e)}`);

@@ -120,7 +120,10 @@ export function tokenAdvantages(
 
 /** What {@link updateAdvantages} returns. */
 export interface UpdateAdvantages {
-  /** The centred rewards, one per completion (the critic's targets). */
+  /**
+   * The centred rewards, one per completion. learn trains its critic on the buffer's own group baseline before
+   * the advantages are computed, so a replacement's values here are checked, not used.
+   */
   centered: number[];
   /** Whether each completion takes part in the policy update (false: a group with all rewards equal). */
   trained: boolean[];

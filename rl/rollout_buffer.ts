@@ -63,6 +63,8 @@ export interface CollectMetrics {
   marker_rate: number;
   /** Fraction charged the over-length penalty. */
   overlong_rate: number;
+  /** Fraction cut off at the token cap (finish reason "length"), whatever the score function says. */
+  truncated_fraction: number;
   /** Mean completion length in tokens (the stop token included). */
   completion_len_mean: number;
   /** Generated tokens in all. */
@@ -97,6 +99,7 @@ function sequenceMetrics(sequences: readonly RolloutSequence[]): Omit<CollectMet
     accuracy: rate((s) => s.reward.correct),
     marker_rate: rate((s) => s.reward.marker),
     overlong_rate: rate((s) => s.reward.overLength),
+    truncated_fraction: rate((s) => s.finishReason === "length"),
     completion_len_mean: generated / sequences.length,
     tokens_generated: generated,
   };

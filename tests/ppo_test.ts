@@ -111,6 +111,9 @@ Deno.test("rl: collect, learn and ppoStep on the tiny model", async (t) => {
         assert.deepEqual(buf.promptTexts, prompts.map((p) => p.text));
         const m = buf.metrics;
         assert.equal(m.tokens_generated, buf.sequences.reduce((n, s) => n + s.tokens.length, 0));
+        const cut = buf.sequences.filter((s) => s.finishReason === "length").length;
+        assert.ok(cut > 0, "the random model's completions reach the cap"); // whatever the score says
+        assert.equal(m.truncated_fraction, cut / buf.size);
         for (const [k, v] of Object.entries(m)) assert.ok(Number.isFinite(v), `${k} = ${v}`);
         tidy(() => {
           const { batch, replay } = buf.batch([3, 0]);

@@ -44,6 +44,7 @@ function metrics(
     accuracy: correct.filter(Boolean).length / n,
     marker_rate: 0.25,
     overlong_rate: 0.5,
+    truncated_fraction: 0.25,
     completion_len_mean: tokens / n,
     tokens_generated: tokens,
     prefill_seconds: prefill,
@@ -59,7 +60,8 @@ Deno.test("rank metrics: collect metrics of two ranks equal those of all their s
   const mine = metrics(a.r, a.c, a.l, 0.5, 2);
   const theirs = metrics(b.r, b.c, b.l, 0.25, 3);
   const peer = [
-    [4, theirs.reward_mean * 4, (theirs.reward_std ** 2 + theirs.reward_mean ** 2) * 4, 1, 1, 2, 24],
+    // The peer's sums: sequences, rewards, squares, correct, marker, over-length, truncated (3 of 4), tokens.
+    [4, theirs.reward_mean * 4, (theirs.reward_std ** 2 + theirs.reward_mean ** 2) * 4, 1, 1, 2, 3, 24],
     [0.25, 3, 0.1, 3.25],
   ];
   const got = collectMetricsOverRanks(mine, 4, new PeerOf(peer));
@@ -70,6 +72,7 @@ Deno.test("rank metrics: collect metrics of two ranks equal those of all their s
     all.accuracy,
   ], 1e-12);
   assert.equal(got.tokens_generated, 48);
+  assert.equal(got.truncated_fraction, (1 + 3) / 8);
   assert.equal(got.completion_len_mean, 6);
   assert.deepEqual([got.prefill_seconds, got.decode_seconds], [0.5, 3], "seconds: the slowest rank's");
   assertClose([got.tokens_per_second], [48 / 3.25], 1e-12);

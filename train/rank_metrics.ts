@@ -13,13 +13,14 @@ export function collectMetricsOverRanks(m: CollectMetrics, sequences: number, dp
   if (dp.size === 1) return m;
   const n = sequences;
   const second = m.reward_std ** 2 + m.reward_mean ** 2;
-  const [total, rewardSum, secondSum, acc, marker, overlong, tokens] = dp.sum([
+  const [total, rewardSum, secondSum, acc, marker, overlong, truncated, tokens] = dp.sum([
     n,
     m.reward_mean * n,
     second * n,
     m.accuracy * n,
     m.marker_rate * n,
     m.overlong_rate * n,
+    m.truncated_fraction * n,
     m.tokens_generated,
   ]) as number[];
   const [prefill, decode, scoring, generating] = dp.max([
@@ -35,6 +36,7 @@ export function collectMetricsOverRanks(m: CollectMetrics, sequences: number, dp
     accuracy: acc! / total!,
     marker_rate: marker! / total!,
     overlong_rate: overlong! / total!,
+    truncated_fraction: truncated! / total!,
     completion_len_mean: tokens! / total!,
     tokens_generated: tokens!,
     prefill_seconds: prefill!,
