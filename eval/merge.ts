@@ -7,14 +7,15 @@
  * ```
  *
  * The base comes from the config: --config, else the run's own config.yaml for a checkpoint's adapter (as
- * `deno task evaluate` chooses), else the defaults. It loads on the CPU in `model.dtype`, at full precision
+ * `deno task evaluate` chooses), else the defaults with the adapter's own base (adapter_config.json's
+ * base_model_name_or_path, as PEFT records it) as model.id. It loads on the CPU in `model.dtype`, at full precision
  * even when the run trained over a 4-bit base: the merge adds the adapters to the unquantised weights, as
  * PEFT's `merge_and_unload` does on a reloaded base. Relative paths on the command line are taken from the
  * folder the command was started in. Exit status: 0, 1 on an error while running, 2 for bad arguments or a
  * bad config.
  * @module
  */
-import { loadPeftAdapter } from "../model/peft.ts";
+import { ADAPTER_CONFIG, loadPeftAdapter, readAdapterConfig } from "../model/peft.ts";
 import { modelWeightsIn, saveModel } from "../model/save.ts";
 import { failureText, fromStartDir, parseCommandLine } from "../train/cli.ts";
 import { loadTrainConfig, setOptionHint, type TrainConfig, TrainConfigError } from "../train/config.ts";
@@ -27,7 +28,8 @@ const USAGE =
   --adapter DIR      a PEFT adapter folder, a checkpoint folder, or a run folder (its newest checkpoint)
   -o, --out DIR      a new folder for the merged model
   -c, --config F     the training config whose model.id and model.dtype give the base (without it: the
-                     config.yaml of the run a checkpoint adapter is from, else the built-in defaults)
+                     config.yaml of the run a checkpoint adapter is from, else the built-in defaults with
+                     the adapter's base_model_name_or_path as model.id)
   --set key=value    a config override (repeatable), e.g. --set model.dtype=bfloat16
   -h, --help         this text
 
@@ -67,15 +69,21 @@ export async function main(args: string[]): Promise<number> {
     return 2;
   }
   const runConfig = v.config === undefined ? await adapterRunConfig(adapter) : null;
-  let cfg: TrainConfig;
+  let cfg: TrainConfig, from: string;
   try {
     cfg = await loadTrainConfig(runConfig ?? at(v.config), v.set ?? []);
+    from = v.config ? v.config : runConfig ? `${runConfig} (the adapter's run)` : "the defaults";
+    // A standalone PEFT adapter (one trained elsewhere) names its base; --config or --set model.id overrules it.
+    const named = (await readAdapterConfig(adapter)).baseModel;
+    if (!v.config && !runConfig && named && !(v.set ?? []).some((s) => s.startsWith("model.id="))) {
+      cfg = { ...cfg, model: { ...cfg.model, id: named } };
+      from = `${ADAPTER_CONFIG}'s base_model_name_or_path`;
+    }
   } catch (e) {
     console.error(`merge: ${(e as Error).message}`);
     return e instanceof TrainConfigError ? 2 : 1;
   }
   try {
-    const from = v.config ? v.config : runConfig ? `${runConfig} (the adapter's run)` : "the defaults";
     console.log(`base ${cfg.model.id} (${cfg.model.dtype}, from ${from}); adapter ${adapter}`);
     if (cfg.model.quantize4bit) {
       console.log("the run trained over a 4-bit base: merging into the full-precision weights");

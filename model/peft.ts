@@ -184,6 +184,8 @@ export interface AdapterConfig {
   alpha: number;
   /** lora_dropout (default 0). */
   dropout: number;
+  /** base_model_name_or_path: the model it was trained on (a Hub id or a path), when the file says. */
+  baseModel: string | null;
 }
 
 /**
@@ -215,7 +217,9 @@ export async function readAdapterConfig(dir: string): Promise<AdapterConfig> {
   for (const k of ["rank_pattern", "alpha_pattern"]) {
     if (pc[k] && Object.keys(pc[k] as object).length) throw new Error(`${path}: ${k} is not supported`);
   }
-  return { path, r: r as number, alpha: alpha as number, dropout: dropout as number };
+  const base = pc.base_model_name_or_path;
+  const baseModel = typeof base === "string" && base.trim() !== "" ? base : null;
+  return { path, r: r as number, alpha: alpha as number, dropout: dropout as number, baseModel };
 }
 
 /**

@@ -80,6 +80,30 @@ Deno.test("merge: a run's checkpoint becomes a model folder with the adapter in 
       lora.dispose();
     }
 
+    // A standalone PEFT adapter (no run around it) is merged into the base its adapter_config.json names.
+    const alone = join(tmp, "alone");
+    await Deno.mkdir(alone);
+    for (const f of ["adapter_config.json", "adapter_model.safetensors"]) {
+      await Deno.copyFile(join(run, "checkpoint-2", "adapter", f), join(alone, f));
+    }
+    const pc = JSON.parse(await Deno.readTextFile(join(alone, "adapter_config.json")));
+    await Deno.writeTextFile(
+      join(alone, "adapter_config.json"),
+      JSON.stringify({ ...pc, base_model_name_or_path: TINY }),
+    );
+    const fromPeft = join(tmp, "from-peft");
+    const r2 = await merge("--adapter", alone, "--out", fromPeft, "--set", "model.dtype=float32");
+    assert.equal(r2.code, 0, r2.stderr);
+    assert.match(
+      r2.stdout,
+      /^base .*qwen3-moe-tiny \(float32, from adapter_config\.json's base_model_name_or_path\)/m,
+    );
+    {
+      using twice = await loadModel(fromPeft);
+      using a = logits(twice), b = logits(merged);
+      assert.equal(tidy(() => a.sub(b).abs().amax().item()), 0, "the same merge");
+    }
+
     // Refused before anything loads: a folder that holds a model, a path that holds no adapter, no --out.
     const again = await merge("--adapter", run, "--out", out);
     assert.equal(again.code, 2);
