@@ -282,23 +282,33 @@ function dispatchGrouped(x: Tensor, routing: Routing, bank: ExpertBank): Tensor 
 }
 
 function dispatchLoop(x: Tensor, routing: Routing, bank: ExpertBank): Tensor {
-  const k = routing.experts.size(-1);
+  const k = routing.experts.size(-1), device = x.device;
   const ids = routing.experts.toArray(); // the one host sync
   const slots: number[][] = Array.from({ length: bank.count }, () => []);
   ids.forEach((e, i) => slots[e]!.push(i));
+  // Every expert's token–expert pairs, expert after expert: one upload of each index, not one per expert.
+  const flat = slots.flat();
+  const slotIdx = tensor(flat, { dtype: "int64", device });
+  const tokIdx = tensor(flat.map((i) => Math.floor(i / k)), { dtype: "int64", device });
   const weights = routing.weights.reshape([-1]);
-  let out = zeros(x.shape, { dtype: x.dtype, device: x.device });
+  const ys: Tensor[] = [], toks: Tensor[] = [];
+  let start = 0;
   for (let e = 0; e < bank.count; e++) {
-    const flat = slots[e]!;
-    if (flat.length === 0) continue;
-    const device = x.device;
-    const slotIdx = tensor(flat, { dtype: "int64", device });
-    const tokIdx = tensor(flat.map((i) => Math.floor(i / k)), { dtype: "int64", device });
-    const y = expertForward(bank, e, x.indexSelect(0, tokIdx)).mul(
-      weights.indexSelect(0, slotIdx).unsqueeze(-1),
-    );
-    out = out.indexAdd(0, tokIdx, y);
+    const n = slots[e]!.length;
+    if (n > 0) {
+      const tok = tokIdx.narrow(0, start, n);
+      const w = weights.indexSelect(0, slotIdx.narrow(0, start, n)).unsqueeze(-1);
+      ys.push(expertForward(bank, e, x.indexSelect(0, tok)).mul(w));
+      toks.push(tok);
+    }
+    start += n;
   }
+  // A token's rows are added in ascending expert order. On a CPU one index_add of them all does that (it adds
+  // row after row) without a copy of the output per expert; a GPU's atomic adds keep no order, so there each
+  // expert's rows are added by an index_add of their own.
+  let out = zeros(x.shape, { dtype: x.dtype, device });
+  if (device === "cpu") return ys.length ? out.indexAdd(0, tokIdx, cat(ys, 0)) : out;
+  ys.forEach((y, j) => (out = out.indexAdd(0, toks[j]!, y)));
   return out;
 }
 

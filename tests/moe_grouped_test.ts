@@ -2,18 +2,29 @@
  * The grouped-GEMM MoE dispatch (model/moe.ts "grouped"): the same outputs
  * and gradients as the loop dispatch, for plain and LoRA experts, where
  * libtorch has grouped GEMM (2.8 and later); where it has not, or for a bank
- * without grouped products (4-bit), "grouped" is the loop dispatch. And the
- * decode dispatch chosen by measurement.
+ * without grouped products (4-bit), "grouped" is the loop dispatch. The loop
+ * dispatch's uploads and order of additions. And the decode dispatch chosen
+ * by measurement.
  */
 import { fileURLToPath } from "node:url";
 import assert from "node:assert/strict";
-import { groupedMm, groupedMmAvailable, noGrad, randn, type Tensor, tensor, tidy } from "../ffi/mod.ts";
+import {
+  groupedMm,
+  groupedMmAvailable,
+  hostUploadCount,
+  noGrad,
+  randn,
+  type Tensor,
+  tensor,
+  tidy,
+  zeros,
+} from "../ffi/mod.ts";
 import { decodeDispatch, measureDispatch } from "../model/dispatch_choice.ts";
 import { generate } from "../model/generate.ts";
 import { LoraState } from "../model/lora.ts";
 import { LoraExperts } from "../model/lora_experts.ts";
 import { loadModel } from "../model/model.ts";
-import { dispatch, type ExpertBank, type Routing, StackedExperts } from "../model/moe.ts";
+import { dispatch, type ExpertBank, expertForward, type Routing, StackedExperts } from "../model/moe.ts";
 import { assertClose, assertNoLeak, DEVICE, FUSED_EXPERT_NAMES } from "./util.ts";
 
 const o = { dtype: "float32" as const, device: DEVICE };
@@ -98,6 +109,45 @@ Deno.test('moe grouped: without grouped products, "grouped" is the loop dispatch
       );
     }
     for (const t of [gu, dn, x, routing.experts, routing.weights, routing.logits]) t.dispose();
+  });
+});
+
+Deno.test("moe loop: one upload of each index per layer; a token's rows added in ascending expert order", () => {
+  assertNoLeak(() => {
+    const { gu, dn, x, routing } = tidy(setup);
+    const bank = new StackedExperts(gu, dn, FUSED_EXPERT_NAMES);
+    // Three experts per token: the order of a token's three additions shows in the last bits.
+    const three: Routing = tidy(() => {
+      const { values, indices } = routing.logits.softmax(-1).topk(3);
+      return { experts: indices, weights: values.div(values.sum(-1, true)), logits: routing.logits.clone() };
+    });
+    const i64 = { dtype: "int64" as const, device: DEVICE };
+    // Each expert's rows added by an index_add of their own, expert after expert (transformers' loop).
+    const byExpert = (xi: Tensor): Tensor => {
+      const ids = three.experts.toArray();
+      let out = zeros(xi.shape, o);
+      for (let e = 0; e < E; e++) {
+        const pairs = ids.flatMap((id, i) => (id === e ? [i] : []));
+        if (pairs.length === 0) continue;
+        const tok = tensor(pairs.map((i) => Math.floor(i / 3)), i64);
+        const w = three.weights.reshape([-1]).indexSelect(0, tensor(pairs, i64)).unsqueeze(-1);
+        out = out.indexAdd(0, tok, expertForward(bank, e, xi.indexSelect(0, tok)).mul(w));
+      }
+      return out;
+    };
+    const outputs = (f: (xi: Tensor) => Tensor): number[][] =>
+      tidy(() => {
+        const xi = x.detach().setRequiresGrad();
+        const y = f(xi);
+        y.square().sum().backward();
+        return [y.detach().toArray(), xi.grad!.toArray()];
+      });
+    const before = hostUploadCount();
+    const loop = outputs((xi) => dispatch(xi, three, bank, "loop"));
+    assert.equal(hostUploadCount() - before, 2, "the pairs' token and slot indices, once for every expert");
+    assert.deepEqual(loop, outputs(byExpert), "outputs and ∂x, bit for bit");
+    for (const t of [gu, dn, x, routing.experts, routing.weights, routing.logits]) t.dispose();
+    for (const t of [three.experts, three.weights, three.logits]) t.dispose();
   });
 });
 
