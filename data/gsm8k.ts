@@ -10,7 +10,7 @@
  * with `onBadRecord: "error"`, rejected with an error naming file and line.
  * @module
  */
-import { basename, extname } from "node:path";
+import { basename, extname, resolve } from "node:path";
 import { parseGold } from "./numbers.ts";
 import { isFile, isJsonObject } from "../model/json.ts";
 import { parseRepoId } from "../model/hub.ts";
@@ -150,6 +150,18 @@ export function splitContradiction(source: string, split: Gsm8kSplit): string | 
   if (named === split || !(GSM8K_SPLITS as readonly string[]).includes(named)) return null;
   return `${source} is named as GSM8K's ${named} split but is labelled "${split}": its ids and evaluation ` +
     `folders will say ${split}`;
+}
+
+/**
+ * Whether two sources give the same problems: the same local file whatever split labels it (the label only
+ * names its ids), however its path is written; or the same Hub dataset and split.
+ */
+export function sameProblems(
+  a: { source: string; split: Gsm8kSplit },
+  b: { source: string; split: Gsm8kSplit },
+): boolean {
+  if (looksLikePath(a.source) || looksLikePath(b.source)) return resolve(a.source) === resolve(b.source);
+  return a.source === b.source && a.split === b.split;
 }
 
 /**

@@ -14,6 +14,7 @@ export {
   loadGsm8k,
   type LoadGsm8kOptions,
   parseGsm8kRecord,
+  sameProblems,
   type SkippedRecord,
   splitContradiction,
 } from "./gsm8k.ts";

@@ -369,6 +369,14 @@ Deno.test("dataWarnings: a local file labelled as the other split, and evaluatio
     [],
     "nothing read, nothing said",
   );
+  // A local file is the same problems whatever split labels it, and however its path is written.
+  const oneFile = await loadTrainConfig(join(CONFIGS, "default.yaml"), [
+    "data.source=mine/gsm8k.jsonl",
+    "eval.source=./mine/gsm8k.jsonl",
+  ]);
+  assert.deepEqual(dataWarnings(oneFile, all), [
+    "evaluation reads the training problems (./mine/gsm8k.jsonl): its accuracy is not held out",
+  ]);
   const hubEvalOnTrain = await loadTrainConfig(join(CONFIGS, "default.yaml"), ["eval.split=train"]);
   assert.deepEqual(dataWarnings(hubEvalOnTrain, { training: false, evalSplit: "train" }), [
     "evaluation reads the training problems (openai/gsm8k): its accuracy is not held out",

@@ -10,6 +10,7 @@ import {
   type Gsm8kSplit,
   loadGsm8k,
   type LoadGsm8kOptions,
+  sameProblems,
   splitContradiction,
 } from "../data/gsm8k.ts";
 import type { PromptOptions } from "../data/prompt.ts";
@@ -96,7 +97,7 @@ export function dataWarnings(
     training ? splitContradiction(cfg.data.source, cfg.data.split) : null,
     evalSplit === null ? null : splitContradiction(cfg.eval.source, evalSplit),
   ].filter((w): w is string => w !== null);
-  if (evalSplit !== null && cfg.eval.source === cfg.data.source && evalSplit === cfg.data.split) {
+  if (evalSplit !== null && sameProblems({ source: cfg.eval.source, split: evalSplit }, cfg.data)) {
     warnings.push(
       `evaluation reads the training problems (${cfg.eval.source}): its accuracy is not held out`,
     );
