@@ -178,3 +178,22 @@ Deno.test({
     }
   },
 });
+
+Deno.test({
+  name: "tensorboard: a file whose first record cannot be written is closed, the error naming it",
+  sanitizeResources: true, // off by default: a file left open would pass unseen
+}, async () => {
+  const tmp = await Deno.makeTempDir({ prefix: "moerl-tb-fail-" });
+  const write = Deno.FsFile.prototype.write;
+  // A full disk.
+  Deno.FsFile.prototype.write = () => Promise.reject(new Error("No space left on device (os error 28)"));
+  try {
+    await assert.rejects(
+      TensorBoardLog.open(tmp),
+      /cannot append to .*events\.out\.tfevents\..*No space left/,
+    );
+  } finally {
+    Deno.FsFile.prototype.write = write;
+    await Deno.remove(tmp, { recursive: true });
+  }
+});

@@ -177,9 +177,14 @@ export class TensorBoardLog {
       throw new Error(`cannot create ${path}: ${(e as Error).message}`, { cause: e });
     }
     const log = new TensorBoardLog(path, file, now);
-    await log.#write({ wallTime: start, step: 0, body: { fileVersion: EVENT_FILE_VERSION } });
-    if (opts.resumeStep !== undefined) {
-      await log.#write({ wallTime: now(), step: opts.resumeStep, body: { sessionStart: true } });
+    try {
+      await log.#write({ wallTime: start, step: 0, body: { fileVersion: EVENT_FILE_VERSION } });
+      if (opts.resumeStep !== undefined) {
+        await log.#write({ wallTime: now(), step: opts.resumeStep, body: { sessionStart: true } });
+      }
+    } catch (e) {
+      log.close();
+      throw e;
     }
     return log;
   }
