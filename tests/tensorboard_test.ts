@@ -11,9 +11,11 @@ import { loadTrainConfig } from "../train/config.ts";
 import { train } from "../train/loop.ts";
 import { readRecords } from "../train/metrics.ts";
 import { PYTHON, pythonHas } from "./util.ts";
+import { nativeLiveCount } from "../ffi/mod.ts";
 
 const ROOT = join(import.meta.dirname!, "..");
 const FIXTURE = join(ROOT, "tests", "fixtures", "tensorboard", "events.bin");
+nativeLiveCount(); // the shim loaded now: the resource sanitizer would count its loading in a test as a leak
 
 /** A protocol buffer's fields: field number → values (varints as bigint, fixed64/32 as bytes, others bytes). */
 function fields(b: Uint8Array): Map<number, (bigint | Uint8Array)[]> {
@@ -194,6 +196,33 @@ Deno.test({
     );
   } finally {
     Deno.FsFile.prototype.write = write;
+    await Deno.remove(tmp, { recursive: true });
+  }
+});
+
+Deno.test({
+  name: "train: a run whose event file cannot be made stops with its metrics and samples logs closed",
+  sanitizeResources: true,
+}, async () => {
+  const tmp = await Deno.makeTempDir({ prefix: "moerl-tb-fail-" });
+  const open = Deno.open;
+  Deno.open = ((path: string | URL, options?: Deno.OpenOptions) =>
+    String(path).includes("events.out.tfevents.")
+      ? Promise.reject(new Error("Permission denied (os error 13)"))
+      : open(path, options)) as typeof Deno.open;
+  try {
+    const cfg = await loadTrainConfig(join(ROOT, "configs", "tiny.yaml"), [
+      `output.dir=${join(tmp, "run")}`,
+      "train.updates=1",
+      "eval.every=0",
+      "logging.tensorboard=true",
+    ]);
+    await assert.rejects(
+      train(cfg, { quiet: true }),
+      /cannot create .*events\.out\.tfevents\..*Permission denied/,
+    );
+  } finally {
+    Deno.open = open;
     await Deno.remove(tmp, { recursive: true });
   }
 });

@@ -212,16 +212,17 @@ async function trainLocked(
     }
     const open = async (file: string): Promise<JsonlLog | null> =>
       lead ? (await JsonlLog.open(join(dir, file), opts.resume ? { keepUpTo: start } : {})).log : null;
-    const metrics = await open(METRICS_FILE);
-    const samples = await open(SAMPLES_FILE);
-    // A new event file per start; a resume's session start makes TensorBoard drop the old file's later steps.
-    const board = lead && cfg.logging.tensorboard
-      ? await TensorBoardLog.open(dir, opts.resume ? { resumeStep: start + 1 } : {})
-      : null;
+    let metrics: JsonlLog | null = null, samples: JsonlLog | null = null, board: TensorBoardLog | null = null;
     const bar = quiet ? null : new ProgressBar(t.updates, { start });
     const records: StepRecord[] = [];
     const rl = { rollout: cfg.rollout, ppo: cfg.ppo, reward: cfg.reward, moe: cfg.moe };
-    try {
+    try { // opened within: one that fails closes those opened before it
+      metrics = await open(METRICS_FILE);
+      samples = await open(SAMPLES_FILE);
+      // A new event file per start; a resume's session start makes TensorBoard drop the old file's later steps.
+      board = lead && cfg.logging.tensorboard
+        ? await TensorBoardLog.open(dir, opts.resume ? { resumeStep: start + 1 } : {})
+        : null;
       for (let u = start; u < t.updates; u++) {
         const t0 = performance.now();
         const seed = updateSeed(cfg.seed, u);
