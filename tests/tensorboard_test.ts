@@ -226,3 +226,20 @@ Deno.test({
     await Deno.remove(tmp, { recursive: true });
   }
 });
+
+Deno.test("tensorboard: a second file in the same second (a quick resume in one process) gets a name of its own", async () => {
+  const dir = await Deno.makeTempDir({ prefix: "moerl-tb-" });
+  try {
+    const paths: string[] = [];
+    for (const at of [1700000000, 1700000000.4, 1700000000.9]) {
+      const log = await TensorBoardLog.open(dir, { resumeStep: 2, now: () => at });
+      log.close();
+      paths.push(log.path);
+    }
+    assert.equal(new Set(paths).size, 3);
+    assert.match(paths[1]!, /\.1$/);
+    assert.deepEqual([...paths].sort(), paths, "TensorBoard reads them in name order: the order they began");
+  } finally {
+    await Deno.remove(dir, { recursive: true });
+  }
+});

@@ -163,18 +163,25 @@ export class TensorBoardLog {
   }
 
   /**
-   * Starts a new event file in dir (`events.out.tfevents.<seconds>.<host>.<pid>`, TensorBoard's naming).
+   * Starts a new event file in dir (`events.out.tfevents.<seconds>.<host>.<pid>`, TensorBoard's naming, with
+   * `.1` to `.9` after it when this process started one there in the same second: a later name sorts after,
+   * so TensorBoard reads the files in the order they were started).
    * @throws {Error} naming the file when it cannot be created
    */
   static async open(dir: string, opts: TensorBoardLogOptions = {}): Promise<TensorBoardLog> {
     const now = opts.now ?? (() => Date.now() / 1000);
     const start = now();
-    const path = join(dir, `events.out.tfevents.${Math.floor(start)}.${hostname()}.${Deno.pid}`);
-    let file: Deno.FsFile;
-    try {
-      file = await Deno.open(path, { write: true, createNew: true });
-    } catch (e) {
-      throw new Error(`cannot create ${path}: ${(e as Error).message}`, { cause: e });
+    const base = join(dir, `events.out.tfevents.${Math.floor(start)}.${hostname()}.${Deno.pid}`);
+    let file: Deno.FsFile | null = null, path = base;
+    for (let n = 1; file === null; n++) {
+      try {
+        file = await Deno.open(path, { write: true, createNew: true });
+      } catch (e) {
+        if (!(e instanceof Deno.errors.AlreadyExists) || n > 9) {
+          throw new Error(`cannot create ${path}: ${(e as Error).message}`, { cause: e });
+        }
+        path = `${base}.${n}`;
+      }
     }
     const log = new TensorBoardLog(path, file, now);
     try {
