@@ -18,7 +18,13 @@
 import { ADAPTER_CONFIG, loadPeftAdapter, readAdapterConfig } from "../model/peft.ts";
 import { modelWeightsIn, saveModel } from "../model/save.ts";
 import { failureText, fromStartDir, parseCommandLine } from "../train/cli.ts";
-import { loadTrainConfig, setOptionHint, type TrainConfig, TrainConfigError } from "../train/config.ts";
+import {
+  loadTrainConfig,
+  parseSets,
+  setOptionHint,
+  type TrainConfig,
+  TrainConfigError,
+} from "../train/config.ts";
 import { loadConfiguredModel } from "../train/model.ts";
 import { adapterRunConfig, resolveAdapter } from "./adapter.ts";
 
@@ -72,10 +78,11 @@ export async function main(args: string[]): Promise<number> {
   let cfg: TrainConfig, from: string;
   try {
     cfg = await loadTrainConfig(runConfig ?? at(v.config), v.set ?? []);
+    const setId = (parseSets(v.set ?? []).model as { id?: unknown } | undefined)?.id !== undefined; // as parsed
     from = v.config ? v.config : runConfig ? `${runConfig} (the adapter's run)` : "the defaults";
     // A standalone PEFT adapter (one trained elsewhere) names its base; --config or --set model.id overrules it.
     const named = (await readAdapterConfig(adapter)).baseModel;
-    if (!v.config && !runConfig && named && !(v.set ?? []).some((s) => s.startsWith("model.id="))) {
+    if (!v.config && !runConfig && named && !setId) {
       cfg = { ...cfg, model: { ...cfg.model, id: named } };
       from = `${ADAPTER_CONFIG}'s base_model_name_or_path`;
     }

@@ -37,6 +37,20 @@ function logits(model: CausalLM): Tensor {
   );
 }
 
+/** A copy of a checkpoint's adapter as a standalone PEFT adapter (no run around it) naming base as its base. */
+async function standalone(adapter: string, dir: string, base: string): Promise<string> {
+  await Deno.mkdir(dir);
+  for (const f of ["adapter_config.json", "adapter_model.safetensors"]) {
+    await Deno.copyFile(join(adapter, f), join(dir, f));
+  }
+  const pc = JSON.parse(await Deno.readTextFile(join(dir, "adapter_config.json")));
+  await Deno.writeTextFile(
+    join(dir, "adapter_config.json"),
+    JSON.stringify({ ...pc, base_model_name_or_path: base }),
+  );
+  return dir;
+}
+
 /** A run folder with a checkpoint of non-zero adapters and config.yaml (4-bit base), under tmp. */
 async function makeRun(tmp: string): Promise<string> {
   const run = join(tmp, "run");
@@ -81,16 +95,7 @@ Deno.test("merge: a run's checkpoint becomes a model folder with the adapter in 
     }
 
     // A standalone PEFT adapter (no run around it) is merged into the base its adapter_config.json names.
-    const alone = join(tmp, "alone");
-    await Deno.mkdir(alone);
-    for (const f of ["adapter_config.json", "adapter_model.safetensors"]) {
-      await Deno.copyFile(join(run, "checkpoint-2", "adapter", f), join(alone, f));
-    }
-    const pc = JSON.parse(await Deno.readTextFile(join(alone, "adapter_config.json")));
-    await Deno.writeTextFile(
-      join(alone, "adapter_config.json"),
-      JSON.stringify({ ...pc, base_model_name_or_path: TINY }),
-    );
+    const alone = await standalone(join(run, "checkpoint-2", "adapter"), join(tmp, "alone"), TINY);
     const fromPeft = join(tmp, "from-peft");
     const r2 = await merge("--adapter", alone, "--out", fromPeft, "--set", "model.dtype=float32");
     assert.equal(r2.code, 0, r2.stderr);
@@ -122,6 +127,21 @@ Deno.test("merge: a run's checkpoint becomes a model folder with the adapter in 
     await Deno.remove(tmp, { recursive: true });
   }
   assert.equal(liveTensors(), live);
+});
+
+Deno.test("merge: --set model.id overrules a standalone adapter's base, however the --set is spaced", async () => {
+  const tmp = await Deno.makeTempDir({ prefix: "moerl-merge-" });
+  try {
+    await saveTinyCheckpoint(join(tmp, "run"), 1);
+    const adapter = join(tmp, "run", "checkpoint-1", "adapter");
+    const alone = await standalone(adapter, join(tmp, "alone"), join(tmp, "no-such-base"));
+    // `--set "model.id = DIR"` sets model.id as `--set model.id=DIR` does (parseSets trims the key and value).
+    const r = await merge("--adapter", alone, "--out", join(tmp, "merged"), "--set", ` model.id = ${TINY}`);
+    assert.equal(r.code, 0, r.stderr);
+    assert.match(r.stdout, /^base .*qwen3-moe-tiny \(/m);
+  } finally {
+    await Deno.remove(tmp, { recursive: true });
+  }
 });
 
 Deno.test({
