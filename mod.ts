@@ -11,9 +11,14 @@
  *
  * @example
  * ```ts ignore
- * import { DEFAULT_LORA, loadModel, Policy, policyOptimizer, ppoStep, Tokenizer } from "jsr:@moerl/moerl";
+ * import { buildPrompts, DEFAULT_LORA, loadGsm8k, loadModel, Policy, policyOptimizer, ppoStep, Tokenizer }
+ *   from "jsr:@moerl/moerl";
  * using model = await loadModel("huihui-ai/Huihui-MoE-1B-A0.6B-SFT", { dtype: "bfloat16", device: "cuda" });
  * const tok = await Tokenizer.load(model.dir);
+ * // A prompt is token ids and a gold answer, not text.
+ * const { examples } = await loadGsm8k("openai/gsm8k", { limit: 8 });
+ * const rendered = await buildPrompts(tok, examples.map((e) => e.question));
+ * const prompts = rendered.map((p, i) => ({ ...p, answer: examples[i]!.answer }));
  * const policy = new Policy(model, { lora: DEFAULT_LORA });
  * using opt = policyOptimizer(policy);
  * const { metrics } = await ppoStep(policy, opt, tok, prompts, { rollout: { k: 4 } });
