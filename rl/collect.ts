@@ -35,8 +35,9 @@ export interface RolloutTokenizer {
  * Scores one completion (default: rl/reward.ts `reward` against the prompt's answer, with the config's
  * `reward` section). It may be async (a verifier, a reward model): a generation batch's completions are scored
  * concurrently. Only `reward` must be set (a finite number); `correct`, `marker` and `overLength` feed the
- * metrics accuracy, marker_rate and overlong_rate (truncated_fraction comes from the finish reason). `cfg` is the config's `reward` section, checked, for a score that wraps `reward`:
- * `(c, p, cfg) => reward(c, p.answer, cfg)` and more.
+ * metrics accuracy, marker_rate and overlong_rate (truncated_fraction comes from the finish reason). `cfg` is
+ * the config's `reward` section, checked, for a score that wraps `reward`: `(c, p, cfg) => reward(c, p.answer,
+ * cfg)` and more.
  */
 export type ScoreFn = (
   completion: Completion,
