@@ -38,11 +38,18 @@ export async function resolveAdapter(path: string): Promise<string> {
  */
 export async function adapterRunConfig(path: string): Promise<string | null> {
   const dir = await resolveAdapter(path).catch(() => null);
-  if (dir === null || basename(dir) !== ADAPTER_DIR) return null;
-  const checkpoint = dirname(dir);
-  if (!/^checkpoint-\d+$/.test(basename(checkpoint))) return null;
+  const checkpoint = dir === null ? null : checkpointOf(dir);
+  if (checkpoint === null) return null;
   const file = join(dirname(checkpoint), RUN_CONFIG_FILE);
   return (await isFile(file)) ? file : null;
+}
+
+/** The checkpoint folder (`<run>/checkpoint-N`) an adapter folder is the `adapter/` of, or null. */
+export function checkpointOf(adapterDir: string): string | null {
+  const checkpoint = dirname(adapterDir);
+  return basename(adapterDir) === ADAPTER_DIR && /^checkpoint-\d+$/.test(basename(checkpoint))
+    ? checkpoint
+    : null;
 }
 
 /** How many times a run folder's newest checkpoint is chosen again after it was removed while loading. */

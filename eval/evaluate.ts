@@ -53,7 +53,7 @@ import {
 import { exitWithLauncher, spawnLocal, withoutNproc } from "../train/spawn.ts";
 import { evalTotalsOverRanks } from "../train/rank_metrics.ts";
 import { ADAPTER_DIR } from "../train/checkpoint.ts";
-import { adapterRunConfig, loadAdapterOnRanks, resolveAdapter } from "./adapter.ts";
+import { adapterRunConfig, checkpointOf, loadAdapterOnRanks, resolveAdapter } from "./adapter.ts";
 import {
   formatConfig,
   loadTrainConfig,
@@ -105,11 +105,9 @@ export interface EvalSummary extends EvalTotals {
  */
 function defaultOutput(cfg: TrainConfig, adapterDir: string | null, split: string): string {
   if (adapterDir === null) return join(runDir(cfg), "eval", `base-${split}`);
-  const checkpoint = dirname(adapterDir);
-  if (basename(adapterDir) === ADAPTER_DIR && /^checkpoint-\d+$/.test(basename(checkpoint))) {
-    return join(dirname(checkpoint), "eval", `${basename(checkpoint)}-${split}`);
-  }
-  const label = basename(adapterDir) === ADAPTER_DIR ? basename(checkpoint) : basename(adapterDir);
+  const checkpoint = checkpointOf(adapterDir);
+  if (checkpoint !== null) return join(dirname(checkpoint), "eval", `${basename(checkpoint)}-${split}`);
+  const label = basename(adapterDir) === ADAPTER_DIR ? basename(dirname(adapterDir)) : basename(adapterDir);
   return join(runDir(cfg), "eval", `${label}-${split}`);
 }
 

@@ -46,6 +46,7 @@ import {
   checkAdvantages,
   checkLoss,
   checkObjective,
+  checkUsedFunctions,
   type LearnFunctions,
   learnFunctions,
 } from "./replaceable.ts";
@@ -400,12 +401,7 @@ export function learn(
         "(policy.checkpointing): set one of them off",
     );
   }
-  if (opts.valueLoss && c.advantage === "group") { // it would never be called: no critic steps
-    throw new Error(
-      'learn: a valueLoss function was given, but ppo.advantage "group" trains no critic ' +
-        '(use "token_value" or "prompt_value", or leave valueLoss out)',
-    );
-  }
+  checkUsedFunctions(opts, c.advantage, "learn");
   const maxNorm = opts.maxGradNorm ?? DEFAULT_MAX_GRAD_NORM;
   if (opts.seed !== undefined && !(Number.isSafeInteger(opts.seed) && opts.seed >= 0)) {
     throw new RangeError(`learn: seed must be an integer >= 0, got ${opts.seed}`);

@@ -50,6 +50,21 @@ export function learnFunctions(f: LearnFunctions): Required<LearnFunctions> {
 }
 
 /**
+ * Refuses functions the settings would never call: a valueLoss with ppo.advantage "group", which trains no
+ * critic. learn checks it; train checks it before its first rollout.
+ * @param who the caller, for the message
+ * @throws {Error} saying which function and what to change
+ */
+export function checkUsedFunctions(f: LearnFunctions, advantage: string, who: string): void {
+  if (f.valueLoss && advantage === "group") {
+    throw new Error(
+      `${who}: a valueLoss function was given, but ppo.advantage "group" trains no critic ` +
+        '(use "token_value" or "prompt_value", or leave valueLoss out)',
+    );
+  }
+}
+
+/**
  * An advantages function's result, checked against the update: a sequence may be trained only where the
  * reference pass has its log-probs (a group whose rewards differ, a completion that is not empty), with one
  * finite advantage per completion token.

@@ -4,7 +4,7 @@
  */
 import assert from "node:assert/strict";
 import { join } from "node:path";
-import { cuda, liveTensors } from "../ffi/mod.ts";
+import { cuda, liveTensors, tensor } from "../ffi/mod.ts";
 import { loadTrainConfig, type TrainConfig } from "../train/config.ts";
 import { train } from "../train/loop.ts";
 import { escapeHtml } from "../train/report.ts";
@@ -232,6 +232,16 @@ Deno.test("train: every update gets its full batch when the data does not divide
       new RegExp(`model\\.device "${missing}": `),
     );
     await assert.rejects(() => Deno.stat(join(tmp, "c")), Deno.errors.NotFound);
+    // A replacement the settings would never call is refused before the first rollout, with nothing written.
+    await assert.rejects(
+      async () =>
+        train(await config(join(tmp, "f"), 1, "ppo.advantage=group"), {
+          quiet: true,
+          valueLoss: () => tensor(0),
+        }),
+      /^Error: train: a valueLoss function was given, but ppo\.advantage "group" trains no critic/,
+    );
+    await assert.rejects(() => Deno.stat(join(tmp, "f")), Deno.errors.NotFound);
     // A data file that is not there is named with its key, before anything is written.
     await assert.rejects(
       async () => train(await config(join(tmp, "e"), 1, "data.source=gsm8k/nowhere.jsonl"), { quiet: true }),

@@ -21,7 +21,7 @@ import { buildPrompts } from "../data/prompt.ts";
 import { resolveModel } from "../model/hub.ts";
 import { Tokenizer } from "../model/tokenizer.ts";
 import { collect, type ScoreFn } from "../rl/collect.ts";
-import type { LearnFunctions } from "../rl/replaceable.ts";
+import { checkUsedFunctions, type LearnFunctions } from "../rl/replaceable.ts";
 import type { RolloutPrompt } from "../rl/rollout_buffer.ts";
 import { evaluateExamples } from "../rl/evaluate.ts";
 import { learn } from "../rl/learn.ts";
@@ -100,6 +100,7 @@ export async function train(cfg: TrainConfig, opts: TrainOptions = {}): Promise<
       `train.microBatch × train.gradAccum = ${perUpdate} prompts per update do not split over ${dp.size} ranks`,
     );
   }
+  checkUsedFunctions(opts, cfg.ppo.advantage, "train"); // before the first rollout, not at its learn
   const share = perUpdate / dp.size, first = dp.rank * share;
   const dir = runDir(cfg);
   // Checked before the model loads or config.yaml is written: a refused run changes nothing.
