@@ -19,7 +19,7 @@ int32_t mt_exit_with_parent(mt_ctx* ctx, int32_t parent, const char* message, in
         if (getppid() != parent) {
           ssize_t written = write(STDERR_FILENO, text.data(), text.size());
           (void)written;  // nothing left to do if stderr is gone
-          _exit(1);  // no atexit handlers: the run folder only ever sees whole files (temp, then rename)
+          _exit(1);  // no atexit handlers needed: files are renamed into place whole, logs appended a line at a time
         }
         std::this_thread::sleep_for(std::chrono::milliseconds(interval_ms));
       }
