@@ -122,7 +122,7 @@ export function tokenAdvantages(
 export interface UpdateAdvantages {
   /**
    * The centred rewards, one per completion. learn trains its critic on the buffer's own group baseline before
-   * the advantages are computed, so a replacement's values here are checked, not used.
+   * the advantages are computed, so a replacement's values here must be an array but are not used.
    */
   centered: number[];
   /** Whether each completion takes part in the policy update (false: a group with all rewards equal). */
