@@ -8,7 +8,7 @@ import { liveTensors, noGrad, type Tensor, tensor, tidy } from "../ffi/mod.ts";
 import { type CausalLM, loadModel } from "../model/model.ts";
 import { loadPeftAdapter } from "../model/peft.ts";
 import { formatConfig, loadTrainConfig, RUN_CONFIG_FILE } from "../train/config.ts";
-import { saveTinyCheckpoint, TINY_MODEL as TINY } from "./tiny_checkpoint.ts";
+import { saveTinyCheckpoint, TINY_MODEL as TINY } from "./tiny.ts";
 import { PYTHON, pythonHas } from "./util.ts";
 
 const ROOT = join(import.meta.dirname!, "..");

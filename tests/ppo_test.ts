@@ -16,7 +16,6 @@ import {
   manualSeed,
   nativeLiveCount,
   noGrad,
-  randn,
   type Tensor,
   tensor,
   tidy,
@@ -34,6 +33,7 @@ import { learn } from "../rl/learn.ts";
 import { Policy } from "../rl/policy.ts";
 import { policyOptimizer, ppoStep } from "../rl/ppo.ts";
 import { reward, type RewardResult } from "../rl/reward.ts";
+import { perturbAdapters, tinyPrompts } from "./tiny.ts";
 import { assertClose, DEVICE, GradientRecorder, scriptedScore, withSequences } from "./util.ts";
 
 const MODEL = join(import.meta.dirname!, "fixtures", "models", "qwen3-moe-tiny");
@@ -83,18 +83,9 @@ Deno.test("rl: collect, learn and ppoStep on the tiny model", async (t) => {
   {
     using model = await loadModel(MODEL, { device: DEVICE });
     const tok = await Tokenizer.load(MODEL);
-    const questions = [["What is 3 + 4?", "7"], ["Tom has 2 apples and buys 5. How many?", "#### 7"]];
-    const prompts: RolloutPrompt[] = [];
-    for (const [q, answer] of questions) {
-      const p = await buildPrompt(tok, q!, { instruction: "" });
-      prompts.push({ ids: p.ids, text: p.text, answer: answer! });
-    }
+    const prompts = await tinyPrompts(tok);
     const policy = new Policy(model, { lora: { ...DEFAULT_LORA, r: 4, alpha: 8 } });
-    noGrad(() =>
-      tidy(() =>
-        policy.policyParameters().forEach((p) => p.copy_(randn(p.shape, { device: p.device }).mul(0.05)))
-      )
-    );
+    perturbAdapters(policy);
     const snapshot = (ps: Tensor[]): number[][] => tidy(() => ps.map((p) => p.toArray()));
 
     await t.step("collect: K samples per prompt, prompt-major; batches and routing aligned", async () => {

@@ -4,13 +4,11 @@
  */
 import assert from "node:assert/strict";
 import { join } from "node:path";
-import { Generator, liveTensors, manualSeed, noGrad, randn, type Tensor, tensor, tidy } from "../ffi/mod.ts";
-import { buildPrompt } from "../data/prompt.ts";
+import { Generator, liveTensors, manualSeed, type Tensor, tensor } from "../ffi/mod.ts";
 import { DEFAULT_LORA } from "../model/lora_apply.ts";
 import { loadModel } from "../model/model.ts";
 import { Tokenizer } from "../model/tokenizer.ts";
 import { collect } from "../rl/collect.ts";
-import type { RolloutPrompt } from "../rl/rollout_buffer.ts";
 import type { RlOverrides } from "../rl/config.ts";
 import { learn, type LearnOptions } from "../rl/learn.ts";
 import { groupScaledAdvantages, updateAdvantages } from "../rl/advantages.ts";
@@ -18,6 +16,7 @@ import { valueLoss } from "../rl/losses.ts";
 import { type ObjectiveResult, ppoObjective } from "../rl/objective.ts";
 import type { AdvantagesFn, ObjectiveFn, ValueLossFn } from "../rl/replaceable.ts";
 import { Policy } from "../rl/policy.ts";
+import { perturbAdapters, tinyPrompts } from "./tiny.ts";
 import { assertClose, DEVICE, GradientRecorder, scriptedScore } from "./util.ts";
 
 const MODEL = join(import.meta.dirname!, "fixtures", "models", "qwen3-moe-tiny");
@@ -31,18 +30,9 @@ Deno.test("learn: the advantages, objective and critic loss can be replaced", as
   {
     using model = await loadModel(MODEL, { device: DEVICE });
     const tok = await Tokenizer.load(MODEL);
-    const questions = [["What is 3 + 4?", "7"], ["Tom has 2 apples and buys 5. How many?", "#### 7"]];
-    const prompts: RolloutPrompt[] = [];
-    for (const [q, answer] of questions) {
-      const p = await buildPrompt(tok, q!, { instruction: "" });
-      prompts.push({ ids: p.ids, text: p.text, answer: answer! });
-    }
+    const prompts = await tinyPrompts(tok);
     const policy = new Policy(model, { lora: { ...DEFAULT_LORA, r: 4, alpha: 8 } });
-    noGrad(() =>
-      tidy(() =>
-        policy.policyParameters().forEach((p) => p.copy_(randn(p.shape, { device: p.device }).mul(0.05)))
-      )
-    );
+    perturbAdapters(policy);
 
     using g = new Generator(5, DEVICE);
     using buf = await collect(policy, tok, prompts, CFG, {

@@ -6,7 +6,7 @@
 import assert from "node:assert/strict";
 import { join } from "node:path";
 import { scoreText } from "../eval/score.ts";
-import { saveTinyCheckpoint } from "./tiny_checkpoint.ts";
+import { saveTinyCheckpoint } from "./tiny.ts";
 import { runEvaluation } from "../eval/evaluate.ts";
 import { formatConfig, loadTrainConfig, RUN_CONFIG_FILE } from "../train/config.ts";
 

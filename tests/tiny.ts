@@ -1,6 +1,9 @@
-/** A training checkpoint of the tiny fixture model, for tests of what reads one (evaluate, merge). */
+/** The tiny fixture model in tests: the RL tests' prompts, adapters that are not zero, a training checkpoint. */
 import { join } from "node:path";
-import { AdamW, manualSeed, randn, tidy } from "../ffi/mod.ts";
+import { AdamW, manualSeed, noGrad, randn, tidy } from "../ffi/mod.ts";
+import { buildPrompt } from "../data/prompt.ts";
+import type { Tokenizer } from "../model/tokenizer.ts";
+import type { RolloutPrompt } from "../rl/rollout_buffer.ts";
 import { DEFAULT_LORA, type LoraConfig } from "../model/lora_apply.ts";
 import { loadModel } from "../model/model.ts";
 import { Policy } from "../rl/policy.ts";
@@ -8,6 +11,26 @@ import { saveCheckpoint } from "../train/checkpoint.ts";
 
 /** The tiny Qwen3-MoE fixture's folder. */
 export const TINY_MODEL: string = join(import.meta.dirname!, "fixtures", "models", "qwen3-moe-tiny");
+
+/** Two GSM8K-style problems rendered for tok without an instruction, gold answers as a number and as `#### n`. */
+export async function tinyPrompts(tok: Tokenizer): Promise<RolloutPrompt[]> {
+  const questions = [["What is 3 + 4?", "7"], ["Tom has 2 apples and buys 5. How many?", "#### 7"]];
+  const prompts: RolloutPrompt[] = [];
+  for (const [q, answer] of questions) {
+    const p = await buildPrompt(tok, q!, { instruction: "" });
+    prompts.push({ ids: p.ids, text: p.text, answer: answer! });
+  }
+  return prompts;
+}
+
+/** Small random values (std 0.05) in every adapter of policy: a fresh LoRA's update is zero. */
+export function perturbAdapters(policy: Policy): void {
+  noGrad(() =>
+    tidy(() =>
+      policy.policyParameters().forEach((p) => p.copy_(randn(p.shape, { device: p.device }).mul(0.05)))
+    )
+  );
+}
 
 /**
  * Saves `<run>/checkpoint-<step>` of a policy over the tiny model (LoRA r 4, alpha 8, seed 0). Its adapters
@@ -22,9 +45,7 @@ export async function saveTinyCheckpoint(
   using model = await loadModel(TINY_MODEL);
   const policy = new Policy(model, { lora: { ...DEFAULT_LORA, r: 4, alpha: 8, ...opts.lora } });
   try {
-    if (opts.perturbed) {
-      for (const p of policy.policyParameters()) tidy(() => void p.copy_(randn(p.shape).mul(0.05)));
-    }
+    if (opts.perturbed) perturbAdapters(policy);
     using opt = new AdamW([{ params: policy.policyParameters(), lr: 1e-3 }, {
       params: policy.valueParameters(),
       lr: 1e-3,
