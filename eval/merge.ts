@@ -1,6 +1,6 @@
 /**
  * `deno task merge`: a trained adapter merged into its base model's weights and saved as a new model folder
- * (safetensors, config.json, tokenizer files), which transformers, vLLM or moerl load as any checkpoint:
+ * (safetensors, config.json, tokenizer files) in Hugging Face's layout, which moerl and transformers load:
  *
  * ```sh
  * deno task merge --adapter runs/<name>[/checkpoint-N] --out DIR [--config F] [--set key=value ...]
