@@ -11,7 +11,7 @@ import { isDirectory, isFile } from "../model/json.ts";
 import { ADAPTER_CONFIG } from "../model/peft.ts";
 import type { Replicas } from "../rl/replicas.ts";
 import { ADAPTER_DIR, latestCheckpoint } from "../train/checkpoint.ts";
-import { RUN_CONFIG_FILE } from "../train/config.ts";
+import { loadTrainConfig, RUN_CONFIG_FILE, type TrainConfig } from "../train/config.ts";
 
 /** The PEFT folder an --adapter argument names: itself, its `adapter/`, or its newest checkpoint's. */
 export async function resolveAdapter(path: string): Promise<string> {
@@ -36,12 +36,28 @@ export async function resolveAdapter(path: string): Promise<string> {
  * it): the model, dtype, prompt and token cap the adapter was trained with. Null for an adapter that is no
  * checkpoint's, a run without that file, or a path that names no adapter (the evaluation says why).
  */
-export async function adapterRunConfig(path: string): Promise<string | null> {
+async function adapterRunConfig(path: string): Promise<string | null> {
   const dir = await resolveAdapter(path).catch(() => null);
   const checkpoint = dir === null ? null : checkpointOf(dir);
   if (checkpoint === null) return null;
   const file = join(dirname(checkpoint), RUN_CONFIG_FILE);
   return (await isFile(file)) ? file : null;
+}
+
+/**
+ * The config a command uses an adapter with: `config` (--config), else the run's own config.yaml for a
+ * checkpoint's adapter, else the defaults; `sets` (--set) over it. `from` says which, for the user.
+ * @throws {TrainConfigError} for a bad config or --set; {@link Error} when the file cannot be read
+ */
+export async function adapterConfig(
+  config: string | undefined,
+  adapter: string | undefined,
+  sets: readonly string[],
+): Promise<{ cfg: TrainConfig; from: string; runConfig: string | null }> {
+  const runConfig = config === undefined && adapter !== undefined ? await adapterRunConfig(adapter) : null;
+  const cfg = await loadTrainConfig(runConfig ?? config, [...sets]);
+  const from = config ?? (runConfig ? `${runConfig} (the adapter's run)` : "the defaults");
+  return { cfg, from, runConfig };
 }
 
 /** The checkpoint folder (`<run>/checkpoint-N`) an adapter folder is the `adapter/` of, or null. */

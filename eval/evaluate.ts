@@ -53,15 +53,8 @@ import {
 import { exitWithLauncher, spawnLocal, withoutNproc } from "../train/spawn.ts";
 import { evalTotalsOverRanks } from "../train/rank_metrics.ts";
 import { ADAPTER_DIR } from "../train/checkpoint.ts";
-import { adapterRunConfig, checkpointOf, loadAdapterOnRanks, resolveAdapter } from "./adapter.ts";
-import {
-  formatConfig,
-  loadTrainConfig,
-  runDir,
-  setOptionHint,
-  type TrainConfig,
-  TrainConfigError,
-} from "../train/config.ts";
+import { adapterConfig, checkpointOf, loadAdapterOnRanks, resolveAdapter } from "./adapter.ts";
+import { formatConfig, runDir, setOptionHint, type TrainConfig, TrainConfigError } from "../train/config.ts";
 import {
   configuredEvaluation,
   dataWarnings,
@@ -307,18 +300,14 @@ export async function main(args: string[]): Promise<number> {
   const say = (env?.rank ?? 0) === 0 ? console.log : () => {};
   const at = fromStartDir;
   // Without --config, a checkpoint is evaluated as its run trained it (the run's config.yaml).
-  const runConfig = v.config === undefined && v.adapter !== undefined
-    ? await adapterRunConfig(at(v.adapter)!)
-    : null;
-  let cfg: TrainConfig;
+  let cfg: TrainConfig, from: string;
   try {
-    cfg = await loadTrainConfig(runConfig ?? at(v.config), v.set ?? []);
+    ({ cfg, from } = await adapterConfig(at(v.config), at(v.adapter), v.set ?? []));
   } catch (e) {
     console.error(`evaluate: ${(e as Error).message}`);
     return e instanceof TrainConfigError ? 2 : 1;
   }
-  const from = v.config ? ` ${v.config}` : runConfig ? ` ${runConfig} (the adapter's run)` : " (defaults)";
-  say(`config${from}:\n${formatConfig(cfg)}`);
+  say(`config ${from}:\n${formatConfig(cfg)}`);
   try {
     const threads = useAvailableCores(env?.localWorldSize ?? 1);
     say(`libtorch: ${threads} CPU thread${threads === 1 ? "" : "s"} per process (OMP_NUM_THREADS to change)`);

@@ -18,15 +18,9 @@
 import { ADAPTER_CONFIG, loadPeftAdapter, readAdapterConfig } from "../model/peft.ts";
 import { modelWeightsIn, saveModel } from "../model/save.ts";
 import { failureText, fromStartDir, parseCommandLine } from "../train/cli.ts";
-import {
-  loadTrainConfig,
-  parseSets,
-  setOptionHint,
-  type TrainConfig,
-  TrainConfigError,
-} from "../train/config.ts";
+import { parseSets, setOptionHint, type TrainConfig, TrainConfigError } from "../train/config.ts";
 import { loadConfiguredModel } from "../train/model.ts";
-import { adapterRunConfig, resolveAdapter } from "./adapter.ts";
+import { adapterConfig, resolveAdapter } from "./adapter.ts";
 
 const USAGE =
   `usage: deno task merge --adapter DIR --out DIR [--config configs/x.yaml] [--set key.path=value ...]
@@ -74,12 +68,11 @@ export async function main(args: string[]): Promise<number> {
     console.error(`merge: ${(e as Error).message}`);
     return 2;
   }
-  const runConfig = v.config === undefined ? await adapterRunConfig(adapter) : null;
   let cfg: TrainConfig, from: string;
   try {
-    cfg = await loadTrainConfig(runConfig ?? at(v.config), v.set ?? []);
+    let runConfig: string | null;
+    ({ cfg, from, runConfig } = await adapterConfig(at(v.config), adapter, v.set ?? []));
     const setId = (parseSets(v.set ?? []).model as { id?: unknown } | undefined)?.id !== undefined; // as parsed
-    from = v.config ? v.config : runConfig ? `${runConfig} (the adapter's run)` : "the defaults";
     // A standalone PEFT adapter (one trained elsewhere) names its base; --config or --set model.id overrules it.
     const named = (await readAdapterConfig(adapter)).baseModel;
     if (!v.config && !runConfig && named && !setId) {

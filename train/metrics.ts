@@ -15,7 +15,7 @@
  * Non-finite numbers are written as null (JSON has no NaN).
  * @module
  */
-import { writeAtomic } from "../model/atomic_write.ts";
+import { writeAll, writeAtomic } from "../model/atomic_write.ts";
 
 /** One record: its step and anything JSON can hold. */
 export interface StepRecord {
@@ -122,8 +122,7 @@ export class JsonlLog {
     if (!Number.isFinite(record.step)) throw new Error(`${this.path}: record without a numeric step`);
     const bytes = new TextEncoder().encode(JSON.stringify(record) + "\n");
     try {
-      let done = 0;
-      while (done < bytes.length) done += await this.#file.write(bytes.subarray(done));
+      await writeAll(this.#file, bytes);
       if (this.#sync) await this.#file.syncData();
     } catch (e) {
       throw new Error(

@@ -8,6 +8,7 @@
  */
 import { hostname } from "node:os";
 import { join } from "node:path";
+import { writeAll } from "../model/atomic_write.ts";
 
 /** What one event carries besides its time and step. */
 export type EventBody =
@@ -78,20 +79,21 @@ class Proto {
     return this;
   }
 
-  double(field: number, v: number): this {
-    const b = new Uint8Array(8);
-    new DataView(b.buffer).setFloat64(0, v, true);
-    this.#key(field, 1);
+  /** A fixed-width little-endian number: wire type 1 (8 bytes) or 5 (4 bytes). */
+  #fixed(field: number, wire: 1 | 5, set: (view: DataView) => void): this {
+    const b = new Uint8Array(wire === 1 ? 8 : 4);
+    set(new DataView(b.buffer));
+    this.#key(field, wire);
     this.#raw(b);
     return this;
   }
 
+  double(field: number, v: number): this {
+    return this.#fixed(field, 1, (d) => d.setFloat64(0, v, true));
+  }
+
   float(field: number, v: number): this {
-    const b = new Uint8Array(4);
-    new DataView(b.buffer).setFloat32(0, v, true);
-    this.#key(field, 5);
-    this.#raw(b);
-    return this;
+    return this.#fixed(field, 5, (d) => d.setFloat32(0, v, true));
   }
 
   bytes(field: number, v: Uint8Array): this {
@@ -210,8 +212,7 @@ export class TensorBoardLog {
     if (!this.#file) throw new Error(`${this.path}: event file is closed`);
     const bytes = frameRecord(encodeEvent(e));
     try {
-      let done = 0;
-      while (done < bytes.length) done += await this.#file.write(bytes.subarray(done));
+      await writeAll(this.#file, bytes);
     } catch (e) {
       throw new Error(`cannot append to ${this.path}: ${(e as Error).message}`, { cause: e });
     }
