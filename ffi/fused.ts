@@ -4,7 +4,7 @@
  * autograd keep it. {@link nf4Linear} decodes a 4-bit weight again in
  * backward (as bitsandbytes' 4-bit matmul does); {@link tokenStats} computes
  * log-probs and entropy from hidden states a chunk of tokens at a time, so no
- * [tokens, vocab] logits outlive a chunk.
+ * [tokens, vocab] logits outlive a chunk ({@link tokenLogprobs}: log-probs only).
  * @module
  */
 import { c, i64, int64, outPtr, pair } from "./handle.ts";
@@ -74,8 +74,39 @@ export function tokenStats(
   temperature: number,
   chunk: number,
 ): TokenStats {
+  const [logprobs, entropy] = headStats(x, weight, bias, targets, temperature, chunk, true);
+  return { logprobs, entropy: entropy! };
+}
+
+/**
+ * The log-probs alone of {@link tokenStats}, the same bits: each chunk skips
+ * the [chunk, V] passes that only the entropy needs (log-softmax, exp,
+ * product), work that passes reading log-probs only (the reference and
+ * old-policy passes) would throw away. `deno task bench:head` times both.
+ */
+export function tokenLogprobs(
+  x: Tensor,
+  weight: Tensor,
+  bias: Tensor | null,
+  targets: Tensor,
+  temperature: number,
+  chunk: number,
+): Tensor {
+  return headStats(x, weight, bias, targets, temperature, chunk, false)[0];
+}
+
+function headStats(
+  x: Tensor,
+  weight: Tensor,
+  bias: Tensor | null,
+  targets: Tensor,
+  temperature: number,
+  chunk: number,
+  entropy: boolean,
+): [Tensor, Tensor | null] {
+  const name = entropy ? "tokenStats" : "tokenLogprobs";
   if (!Number.isInteger(chunk) || chunk < 1) {
-    throw new RangeError(`tokenStats: chunk must be a whole number of tokens ≥ 1, got ${chunk}`);
+    throw new RangeError(`${name}: chunk must be a whole number of tokens ≥ 1, got ${chunk}`);
   }
   const status = shim().mt_token_stats(
     c(),
@@ -84,9 +115,10 @@ export function tokenStats(
     bias ? bias.ptr : null,
     targets.ptr,
     temperature,
-    int64(chunk, "tokenStats"),
+    int64(chunk, name),
+    entropy ? 1 : 0,
     pair,
   );
   check(status, "token_stats", () => [x.shape, weight.shape, targets.shape]);
-  return { logprobs: new Tensor(outPtr(pair, 0)), entropy: new Tensor(outPtr(pair, 1)) };
+  return [new Tensor(outPtr(pair, 0)), entropy ? new Tensor(outPtr(pair, 1)) : null];
 }

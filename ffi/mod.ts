@@ -48,7 +48,7 @@ export {
   type SdpaSupport,
   sdpaSupport,
 } from "./attention.ts";
-export { nf4Linear, type Nf4LinearParts, type TokenStats, tokenStats } from "./fused.ts";
+export { nf4Linear, type Nf4LinearParts, tokenLogprobs, type TokenStats, tokenStats } from "./fused.ts";
 export { type Device, type DType, ELEMENT_SIZE, isFloating, type Shape } from "./dtype.ts";
 export { dispose, keep, tidy, tidyAsync, TRACKED, type Tracked } from "./scope.ts";
 export { Handle, liveTensors, setLeakCheck } from "./handle.ts";

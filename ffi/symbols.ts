@@ -111,7 +111,7 @@ export const symbols = {
   mt_clip_grad_norm: { parameters: [C, BUF, I32, F64, BUF], result: I32 }, // handles, double*
 
   mt_nf4_linear: { parameters: [C, T, BUF, BUF, I32, T, I64], result: T }, // mt_tensor parts[7], int64_t* shape
-  mt_token_stats: { parameters: [C, T, T, T, T, F64, I64, BUF], result: I32 }, // mt_tensor out[2]
+  mt_token_stats: { parameters: [C, T, T, T, T, F64, I64, I32, BUF], result: I32 }, // mt_tensor out[2]
 
   mt_exit_with_parent: { parameters: [C, I32, BUF, I32], result: I32 }, // watchdog.cpp; the message a C string
 

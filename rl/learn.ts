@@ -36,7 +36,7 @@
  * metrics are reduced. Every rank then takes the same steps.
  * @module
  */
-import { clipGradNorm, dispose, noGrad, type Tensor, tensor, tidy } from "../ffi/mod.ts";
+import { clipGradNorm, dispose, type Tensor, tensor, tidy } from "../ffi/mod.ts";
 import { mulberry32, shuffleInPlace } from "../data/batches.ts";
 import { flatGroups, groupBaseline, type UpdateAdvantages, zeroSpreadFraction } from "./advantages.ts";
 import type { RolloutBuffer } from "./rollout_buffer.ts";
@@ -231,7 +231,7 @@ function oldPass(run: Run, trained: readonly number[], mismatch: Mismatch): numb
   for (const chunk of chunks(trained, run.lengths, run.micro)) {
     tidy(() => {
       const { batch, replay } = run.open(chunk);
-      const lp = noGrad(() => run.policy.forward(batch, { temperature: run.temperature, replay }).logprobs);
+      const lp = run.policy.logprobs(batch, { temperature: run.temperature, replay });
       later.read(lp, (x) =>
         tails(run, x, chunk).forEach((row, j) => {
           old[chunk[j]!] = row;

@@ -25,6 +25,7 @@ import {
   type Tensor,
   tensor,
   tidy,
+  tokenLogprobs as fusedLogprobs,
   tokenStats as fusedStats,
   zeros,
 } from "../ffi/mod.ts";
@@ -115,7 +116,15 @@ function checkHeadChunk(v: unknown): number {
   );
 }
 
-/** Statistics of the tempered distribution given by logits [N, V] (float32). */
+/** Log-probs of the targets under the tempered distribution given by logits [N, V] (float32). */
+function plainLogprobs(logits: Tensor, targets: Tensor, temperature: number): Tensor {
+  return tidy(() => {
+    const x = temperature === 1 ? logits : logits.div(temperature);
+    return x.sub(x.logsumexp(-1, true)).gather(-1, targets.unsqueeze(-1)).squeeze(-1);
+  });
+}
+
+/** Log-probs and entropy of the tempered distribution given by logits [N, V] (float32). */
 function plainTokenStats(
   logits: Tensor,
   targets: Tensor,
@@ -265,7 +274,7 @@ export class Policy {
     return tidy(() => {
       const head = this.model.decoder.lmHead, targets = layout.targets(batch.inputIds);
       const temperature = opts.temperature ?? 1;
-      const stats = this.headChunk > 0 && head instanceof Linear
+      const stats = this.#fused(head)
         ? fusedStats(states, head.weight, head.bias, targets, temperature, this.headChunk)
         : plainTokenStats(head.forward(states).to("float32"), targets, temperature);
       return {
@@ -276,12 +285,47 @@ export class Policy {
     });
   }
 
+  /** Log-probs [B, T] alone from completion states [N, H]: no entropy is computed. */
+  #logprobs(states: Tensor, layout: CompletionLayout, batch: SequenceBatch, opts: PassOptions): Tensor {
+    return tidy(() => {
+      const head = this.model.decoder.lmHead, targets = layout.targets(batch.inputIds);
+      const temperature = opts.temperature ?? 1;
+      const logprobs = this.#fused(head)
+        ? fusedLogprobs(states, head.weight, head.bias, targets, temperature, this.headChunk)
+        : plainLogprobs(head.forward(states).to("float32"), targets, temperature);
+      return layout.spread(logprobs);
+    });
+  }
+
+  /** Whether the head takes the chunked path (see {@link PolicyOptions.headChunk}). */
+  #fused(head: unknown): head is Linear {
+    return this.headChunk > 0 && head instanceof Linear;
+  }
+
   /** One forward pass with autograd (unless inside noGrad): the policy's outputs. */
   forward(batch: SequenceBatch, opts: PassOptions = {}): PolicyOutput {
     return tidy(() => {
       const f = this.model.decoder.forward(this.#input(batch, opts));
       return { ...this.head(f.hidden, batch, opts), routerLogits: f.routerLogits };
     });
+  }
+
+  /**
+   * The policy's log-probs [B, T] of the completion tokens, without autograd
+   * and without the entropy (the old-policy pass of an update needs no more).
+   */
+  logprobs(batch: SequenceBatch, opts: PassOptions = {}): Tensor {
+    return noGrad(() =>
+      tidy(() => {
+        const hidden = this.model.decoder.forward(this.#input(batch, opts)).hidden;
+        const layout = new CompletionLayout(batch);
+        try {
+          return this.#logprobs(layout.states(hidden), layout, batch, opts);
+        } finally {
+          layout.dispose();
+        }
+      })
+    );
   }
 
   /**
@@ -299,9 +343,7 @@ export class Policy {
           const layout = new CompletionLayout(batch);
           try {
             const states = layout.states(hidden);
-            const logprobs = opts.logprobs === false
-              ? null
-              : this.#stats(states, layout, batch, opts).logprobs;
+            const logprobs = opts.logprobs === false ? null : this.#logprobs(states, layout, batch, opts);
             return { logprobs, states };
           } finally {
             layout.dispose();

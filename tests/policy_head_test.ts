@@ -20,6 +20,7 @@ import {
   type Tensor,
   tensor,
   tidy,
+  tokenLogprobs,
   tokenStats,
   TorchError,
 } from "../ffi/mod.ts";
@@ -92,6 +93,53 @@ Deno.test("lm head: chunked log-probs, entropy and gradients equal the full-logi
   });
 });
 
+Deno.test("lm head: tokenLogprobs gives tokenStats' log-probs bit for bit, and their gradient alone", () => {
+  manualSeed(23);
+  assertNoLeak(() => {
+    const n = 11, h = 16, v = 40;
+    using x0 = tidy(() => randn([n, h], f32));
+    using w0 = tidy(() => randn([v, h], f32).mul(0.3));
+    using b0 = tidy(() => randn([v], f32));
+    using targets = tensor(Array.from({ length: n }, (_, i) => (i * 5) % v), {
+      dtype: "int64",
+      device: DEVICE,
+    });
+    using gLp = tidy(() => randn([n], f32));
+    for (const [temperature, chunk] of [[1, 4], [0.6, 3], [1, n + 2]] as const) {
+      // [logprobs, ∂x, ∂w, ∂b] with the loss Σ gLp · logprobs.
+      const run = (lp: (x: Tensor, w: Tensor, b: Tensor) => Tensor): number[][] =>
+        tidy(() => {
+          const x = x0.detach().setRequiresGrad(), w = w0.detach().setRequiresGrad();
+          const b = b0.detach().setRequiresGrad();
+          const out = lp(x, w, b);
+          out.mul(gLp).sum().backward();
+          return [arr(out), arr(x.grad!), arr(w.grad!), arr(b.grad!)];
+        });
+      const stats = run((x, w, b) => tokenStats(x, w, b, targets, temperature, chunk).logprobs);
+      const alone = run((x, w, b) => tokenLogprobs(x, w, b, targets, temperature, chunk));
+      const plain = run((x, w, b) => plainStats(x, w, b, targets, temperature)[0]!);
+      assert.deepEqual(alone[0], stats[0], `T=${temperature} chunk=${chunk}: the same log-probs`);
+      ["logprobs", "∂x", "∂w", "∂b"].forEach((name, i) => {
+        assertClose(alone[i]!, stats[i]!, 1e-6, `T=${temperature} chunk=${chunk} ${name} against tokenStats`);
+        assertClose(
+          alone[i]!,
+          plain[i]!,
+          1e-5,
+          `T=${temperature} chunk=${chunk} ${name} against full logits`,
+        );
+      });
+    }
+    assert.throws(
+      () => tokenLogprobs(x0, w0, null, targets, 1, 0),
+      /tokenLogprobs: chunk must be a whole number of tokens ≥ 1, got 0/,
+    );
+    assert.throws(
+      () => tidy(() => tokenLogprobs(x0, w0.narrow(1, 0, 8), null, targets, 1, 2)),
+      /does not fit states/,
+    );
+  });
+});
+
 /** Prompts with completions, left-padded (as tests/policy_test.ts). */
 function batch(): SequenceBatch {
   const prompts = [[5, 6, 7, 8], [9, 10], [11, 12, 13]];
@@ -117,6 +165,12 @@ Deno.test("lm head: Policy outputs and LoRA gradients do not depend on headChunk
           const o = noGrad(() => policy.forward(b, { temperature: 0.8 }));
           return [arr(o.logprobs), arr(o.entropy), arr(policy.reference(b).logprobs!)];
         });
+        // The log-probs-only pass (old policy) computes them as the full pass does, bit for bit.
+        assert.deepEqual(
+          tidy(() => arr(policy.logprobs(b, { temperature: 0.8 }))),
+          out[0],
+          `headChunk ${headChunk}`,
+        );
         const value = policy.backward(b, loss, { temperature: 0.8 });
         const grads = policy.policyParameters().map(gradOf);
         policy.checkpointing = true;

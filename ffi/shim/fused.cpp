@@ -121,26 +121,36 @@ Tensor logits(const Tensor& x, const Tensor& w, const c10::optional<Tensor>& bia
 }
 
 struct TokenStatsFn : public torch::autograd::Function<TokenStatsFn> {
+  // Outputs: the targets' log-probs, then (with_entropy) the entropies. Without them, each chunk skips the
+  // [c, V] passes that only the entropy needs (log-softmax, exp, product), and backward takes its gradient
+  // as zero.
   static variable_list forward(AutogradContext* ctx, const Tensor& x, const Tensor& w,
                                const c10::optional<Tensor>& bias, const Tensor& targets, double temperature,
-                               int64_t chunk) {
+                               int64_t chunk, bool with_entropy) {
     int64_t n = x.size(0);
     auto f32 = x.options().dtype(torch::kFloat);
-    Tensor picked = torch::empty({n}, f32), entropy = torch::empty({n}, f32), lse = torch::empty({n}, f32);
+    Tensor picked = torch::empty({n}, f32), lse = torch::empty({n}, f32);
+    Tensor entropy = with_entropy ? torch::empty({n}, f32) : Tensor();
     for (int64_t s = 0; s < n; s += chunk) {
       int64_t c = std::min(chunk, n - s);
       Tensor z = logits(x.narrow(0, s, c), w, bias, temperature);
-      Tensor l = z.logsumexp(-1, true);
-      Tensor logp = z.sub_(l);  // in place: z is this chunk's own tensor
-      picked.narrow(0, s, c).copy_(logp.gather(-1, targets.narrow(0, s, c).unsqueeze(-1)).squeeze(-1));
-      entropy.narrow(0, s, c).copy_(logp.exp().mul_(logp).sum(-1).neg());
+      Tensor l = z.logsumexp(-1, true), t = targets.narrow(0, s, c).unsqueeze(-1);
+      if (with_entropy) {
+        Tensor logp = z.sub_(l);  // in place: z is this chunk's own tensor
+        picked.narrow(0, s, c).copy_(logp.gather(-1, t).squeeze(-1));
+        entropy.narrow(0, s, c).copy_(logp.exp().mul_(logp).sum(-1).neg());
+      } else {  // the same subtraction, of the targets' logits alone: the same bits, no [c, V] pass
+        picked.narrow(0, s, c).copy_(z.gather(-1, t).sub_(l).squeeze(-1));
+      }
       lse.narrow(0, s, c).copy_(l.squeeze(-1));
     }
     // x and w are kept alive by the model anyway; lse and entropy are [N]. No logits are kept.
-    ctx->save_for_backward({x, w, bias.value_or(Tensor()), targets, lse, entropy.clone()});
+    ctx->save_for_backward({x, w, bias.value_or(Tensor()), targets, lse,
+                            with_entropy ? entropy.clone() : Tensor()});
     ctx->saved_data["temperature"] = temperature;
     ctx->saved_data["chunk"] = chunk;
     ctx->saved_data["bias_grad"] = bias.has_value() && bias->requires_grad();
+    if (!with_entropy) return {picked};
     return {picked, entropy};
   }
 
@@ -163,8 +173,13 @@ struct TokenStatsFn : public torch::autograd::Function<TokenStatsFn> {
       Tensor xc = x.narrow(0, s0, c), g_lp = grads[0].narrow(0, s0, c).unsqueeze(-1);
       Tensor logp = logits(xc, w, bias, temperature).sub_(lse.narrow(0, s0, c).unsqueeze(-1));
       Tensor p = logp.exp();
-      Tensor inner = logp.add_(entropy.narrow(0, s0, c).unsqueeze(-1)).mul_(grads[1].narrow(0, s0, c).unsqueeze(-1));
-      Tensor gz = p.mul_(inner.add_(g_lp)).neg_().scatter_add_(1, targets.narrow(0, s0, c).unsqueeze(-1), g_lp);
+      // No entropy output, or no gradient reached it: g_H = 0 and the inner term is g_lp alone.
+      Tensor inner = entropy.defined() && grads.size() > 1 && grads[1].defined()
+                         ? logp.add_(entropy.narrow(0, s0, c).unsqueeze(-1))
+                               .mul_(grads[1].narrow(0, s0, c).unsqueeze(-1))
+                               .add_(g_lp)
+                         : g_lp;
+      Tensor gz = p.mul_(inner).neg_().scatter_add_(1, targets.narrow(0, s0, c).unsqueeze(-1), g_lp);
       if (temperature != 1.0) gz.div_(temperature);
       Tensor gl = gz.to(x.scalar_type());  // back through the float32 cast
       if (want_x) gx.narrow(0, s0, c).copy_(gl.mm(w));
@@ -172,7 +187,7 @@ struct TokenStatsFn : public torch::autograd::Function<TokenStatsFn> {
       if (want_b) gb.add_(gz.sum(0));
     }
     return {gx, want_w ? gw.to(w.scalar_type()) : Tensor(), want_b ? gb.to(s[2].scalar_type()) : Tensor(),
-            Tensor(), Tensor(), Tensor()};
+            Tensor(), Tensor(), Tensor(), Tensor()};
   }
 };
 
@@ -234,7 +249,7 @@ Tensor nf4_linear(const Tensor& x, const Nf4Parts& w, const c10::optional<Tensor
 }
 
 std::vector<Tensor> token_stats(const Tensor& x, const Tensor& w, const c10::optional<Tensor>& bias,
-                                const Tensor& targets, double temperature, int64_t chunk) {
+                                const Tensor& targets, double temperature, int64_t chunk, bool with_entropy) {
   require(x.dim() == 2 && x.is_floating_point(), "token_stats: states must be float [N, H], got " +
                                                      dims(x.sizes()));
   require(w.dim() == 2 && w.size(1) == x.size(1), "token_stats: head weight " + dims(w.sizes()) +
@@ -243,7 +258,7 @@ std::vector<Tensor> token_stats(const Tensor& x, const Tensor& w, const c10::opt
           "token_stats: targets must be int64 [" + std::to_string(x.size(0)) + "]");
   require(temperature > 0 && std::isfinite(temperature), "token_stats: temperature must be > 0");
   require(chunk >= 1, "token_stats: chunk must be >= 1 token, got " + std::to_string(chunk));
-  return TokenStatsFn::apply(x, w, bias, targets, temperature, chunk);
+  return TokenStatsFn::apply(x, w, bias, targets, temperature, chunk, with_entropy);
 }
 
 }  // namespace moerl

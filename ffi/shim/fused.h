@@ -32,9 +32,11 @@ torch::Tensor nf4_linear(const torch::Tensor& x, const Nf4Parts& w, const c10::o
 
 // {log p(targets), entropy}, float32 [N] each, of softmax((x W^T + b) / temperature)
 // for x [N, H], computed `chunk` rows at a time; backward recomputes each chunk's logits.
+// Without with_entropy, only {log p(targets)}: the entropy's work is skipped.
 std::vector<torch::Tensor> token_stats(const torch::Tensor& x, const torch::Tensor& w,
                                        const c10::optional<torch::Tensor>& bias,
-                                       const torch::Tensor& targets, double temperature, int64_t chunk);
+                                       const torch::Tensor& targets, double temperature, int64_t chunk,
+                                       bool with_entropy);
 
 }  // namespace moerl
 

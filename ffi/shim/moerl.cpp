@@ -25,7 +25,7 @@ const char* mt_ctx_message(mt_ctx* ctx) { return ctx->message.c_str(); }
 void mt_ctx_set_grad(mt_ctx* ctx, int32_t enabled) { ctx->grad_enabled = enabled != 0; }
 int32_t mt_ctx_grad(mt_ctx* ctx) { return ctx->grad_enabled ? 1 : 0; }
 const char* mt_torch_version(void) { return TORCH_VERSION; }
-int32_t mt_abi_version(void) { return 8; }
+int32_t mt_abi_version(void) { return 9; }
 int64_t mt_live_count(void) { return live_count.load(std::memory_order_relaxed); }
 
 // ---- runtime -------------------------------------------------------------------
@@ -563,11 +563,11 @@ mt_tensor mt_nf4_linear(mt_ctx* ctx, mt_tensor x, const mt_tensor* parts, const 
 }
 
 int32_t mt_token_stats(mt_ctx* ctx, mt_tensor x, mt_tensor w, mt_tensor bias, mt_tensor targets,
-                       double temperature, int64_t chunk, mt_tensor* out) {
+                       double temperature, int64_t chunk, int32_t entropy, mt_tensor* out) {
   return STATUS_OP(ctx, {
-    auto r = moerl::token_stats(T(x), T(w), opt(bias), T(targets), temperature, chunk);
+    auto r = moerl::token_stats(T(x), T(w), opt(bias), T(targets), temperature, chunk, entropy != 0);
     out[0] = wrap(r[0]);
-    out[1] = wrap(r[1]);
+    out[1] = entropy ? wrap(r[1]) : nullptr;
   });
 }
 

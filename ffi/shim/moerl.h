@@ -208,11 +208,12 @@ mt_tensor mt_nf4_linear(mt_ctx* ctx, mt_tensor x, const mt_tensor* parts,
                         const int64_t* shape, int32_t ndim, mt_tensor bias, int64_t chunk);
 /* For states x [N, H] and an LM head w [V, H] (bias [V] or NULL): out[0] =
  * log softmax((x w^T + b) / temperature) at targets (int64 [N]), out[1] = the
- * entropy, float32 [N] each, computed chunk rows at a time. Backward
- * recomputes each chunk's logits, so no [N, V] tensor outlives a chunk. */
+ * entropy (NULL when entropy is 0: not computed), float32 [N] each, computed
+ * chunk rows at a time. Backward recomputes each chunk's logits, so no [N, V]
+ * tensor outlives a chunk. */
 int32_t mt_token_stats(mt_ctx* ctx, mt_tensor x, mt_tensor w, mt_tensor bias,
                        mt_tensor targets, double temperature, int64_t chunk,
-                       mt_tensor* out);
+                       int32_t entropy, mt_tensor* out);
 
 /* ---- data parallel: c10d process groups (dist.cpp) --------------------------------------
  * A group is an opaque handle over PyTorch's c10d: a TCPStore rendezvous and a
