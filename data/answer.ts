@@ -6,7 +6,8 @@
  *
  * - **strict**: only `#### <number>`, the number right after the marker
  *   (spaces and `$` allowed), as lm-evaluation-harness' and verl's
- *   strict-match regex `#### (\-?[0-9\.\,]+)`.
+ *   strict-match regex `#### (\-?[0-9\.\,]+)`, except that a number is read
+ *   whole: `#### 1e3` is 1000 and `#### 3/4` is 0.75, where that regex reads 1 and 3.
  * - **flexible**: a cascade, first hit wins: `####` (anything but letters may
  *   stand between marker and number, e.g. `#### **$42**` or `####\n42`),
  *   `Final Answer` (`Final Answer:`, `The final answer is`, a `Final Answer`

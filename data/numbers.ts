@@ -4,7 +4,7 @@
  * (data/answer.ts extracts the answer a completion commits to).
  *
  * Numbers: commas between digits (`1,234`; dropped wherever they stand), `$`, a leading `-` or `−` (U+2212),
- * decimals (`.5`, `1234.50`), simple fractions (`3/4`, `\frac{3}{4}`), mixed
+ * decimals (`.5`, `1234.50`), exponents (`1e3`, `2.5E-2`; past ±100 no number), simple fractions (`3/4`, `\frac{3}{4}`), mixed
  * numbers (`1 1/2`); units, `%` and a trailing period are ignored. Every
  * number is normalised to one canonical string (see {@link normalizeNumber}),
  * so equal numbers give equal strings, and {@link answersMatch} compares them
@@ -22,8 +22,11 @@ export interface Rational {
 // "1,0000" → 10000 (so "3,4,5" reads as 345; a comma followed by a space separates numbers).
 const UINT = String.raw`\d+(?:,\d+)*`;
 const UDEC = String.raw`(?:${UINT}(?:\.\d+)?|\.\d+)`;
-// Mixed number ("1 1/2", one space), fraction ("3/4", "1.5/2"), or decimal; longest first.
-const BODY = String.raw`(?:\d+ \d+\/\d+(?![\d.\/])|${UDEC}\/${UDEC}|${UDEC})`;
+// Mixed number ("1 1/2", one space), fraction ("3/4", "1.5/2"), or decimal with an optional exponent
+// ("1e3", "2.5E-2": read exactly, so "1e3" is 1000, not the 1 a unit rule would give); longest first.
+const BODY = String.raw`(?:\d+ \d+\/\d+(?![\d.\/])|${UDEC}\/${UDEC}|${UDEC}(?:[eE][-+]?\d+)?)`;
+// An exponent past this reads as no number: 10^k must stay a small exact integer.
+const MAX_EXPONENT = 100;
 const MINUS = "[-\u2212\uFF0D]";
 // Not glued to a preceding letter or digit: the "2" of "x2" and the "19" of "COVID19" are not numbers.
 const TOKEN = String.raw`(?<![\p{L}\p{N}_])(?:\\?\$\s?)?(?<sign>${MINUS}\s?)?(?:\\?\$\s?)?(?<body>${BODY})`;
@@ -59,6 +62,13 @@ function divide(a: Rational, b: Rational): Rational | null {
   return reduce(a.num * b.den, a.den * b.num);
 }
 
+/** r × 10^k, or null when |k| > {@link MAX_EXPONENT}. */
+function scaled(r: Rational, k: number): Rational | null {
+  if (Math.abs(k) > MAX_EXPONENT) return null;
+  const p = 10n ** BigInt(Math.abs(k));
+  return k >= 0 ? reduce(r.num * p, r.den) : reduce(r.num, r.den * p);
+}
+
 /** The value of a TOKEN match's body with its sign. */
 export function tokenValue(sign: string | undefined, body: string): Rational | null {
   let r: Rational | null;
@@ -70,7 +80,9 @@ export function tokenValue(sign: string | undefined, body: string): Rational | n
     const [a, b] = body.split("/").map(decimal);
     r = a && b ? divide(a, b) : null;
   } else {
-    r = decimal(body);
+    const [mantissa, exponent] = body.split(/[eE]/);
+    r = decimal(mantissa!);
+    if (r && exponent !== undefined) r = scaled(r, Number(exponent));
   }
   if (r && sign) r = { num: -r.num, den: r.den };
   return r;

@@ -28,6 +28,9 @@ const CASES: Case[] = [
   ["#### 25%", "25", "####", "25"],
   ["#### 18 dollars", "18", "####", "18"],
   ["#### 1,0000", "10000", "####", "10000"], // commas dropped wherever they stand, as lm-eval and verl
+  ["#### 1e3", "1000", "####", "1000"], // an exponent is read, not taken for a unit ("5x" → 5): not 1
+  ["#### 2.5E-2", "0.025", "####", "0.025"],
+  ["#### 1e400", null, null, null], // past ±100: no number, rather than 1
   ["I had 3 apples and 5 pears, 8 in all.\n#### 8", "8", "####", "8"],
   ["#### 5\nWait, let me redo this.\n#### 7", "7", "####", "7"], // the last marker wins
   ["I'll end with #### <number>.\n6 * 7 = 42\n#### 42", "42", "####", "42"],
@@ -155,6 +158,11 @@ Deno.test("normalizeNumber: one canonical string per number", () => {
     ["\\frac{1}{8}", "0.125"],
     ["1/0", null],
     ["5 dollars", "5"],
+    ["1e3", "1000"],
+    ["-1.5e+2", "-150"],
+    ["4E-1", "0.4"],
+    ["1e101", null],
+    ["3e kg", "3"],
     ["none", null],
     [0.1, "0.1"],
     [-3, "-3"],
@@ -207,8 +215,10 @@ Deno.test("parseGold: numbers, number strings and GSM8K solutions; anything else
   assert.equal(parseGold("#### 5\n#### 6"), "6", "the last marker");
   assert.equal(parseGold("#### 5\n#### six"), null, "a last marker without a number is malformed");
   assert.equal(parseGold("seventy-two"), null);
-  // After the marker, a whole number: these read as 1 and 1.5 before. Words after it may follow.
-  assert.equal(parseGold("#### 1e400"), null);
+  // After the marker, a whole number: these read as 1.5 and 5 before. Words after it may follow.
+  assert.equal(parseGold("#### 1e400"), null, "an exponent past ±100 is no number");
+  assert.equal(parseGold("#### 1e3"), "1000");
+  assert.equal(parseGold("1e-2"), "0.01");
   assert.equal(parseGold("#### 1.5.6"), null);
   assert.equal(parseGold("#### 5x"), null);
   assert.equal(parseGold("#### 72 apples"), "72");
