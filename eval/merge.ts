@@ -36,6 +36,13 @@ const USAGE =
 The base loads on the CPU at full precision (model.quantize4bit is ignored). Exit status: 0 done, 1 an error
 while running, 2 a bad argument or config.`;
 
+/** The hint for an unknown option: merge reads only the config's model section, so only model keys are offered. */
+function modelOptionHint(name: string): string | null {
+  const hint = setOptionHint(name);
+  if (hint === null || hint.includes("--set model.")) return hint;
+  return "merge reads only the model.* settings of a config";
+}
+
 /** The command line: returns the exit status. */
 export async function main(args: string[]): Promise<number> {
   const parsed = parseCommandLine(
@@ -49,7 +56,7 @@ export async function main(args: string[]): Promise<number> {
       set: { type: "string", multiple: true },
     },
     false,
-    setOptionHint,
+    modelOptionHint,
   );
   if (typeof parsed === "number") return parsed;
   const v = parsed.values;

@@ -129,6 +129,21 @@ Deno.test("merge: a run's checkpoint becomes a model folder with the adapter in 
   assert.equal(liveTensors(), live);
 });
 
+Deno.test("merge: an unknown option is named, and only model settings are suggested", async () => {
+  const updates = await merge("--adapter", "a", "--out", "b", "--updates", "3");
+  assert.equal(updates.code, 2);
+  assert.match(
+    updates.stderr,
+    /unknown option --updates \(merge reads only the model\.\* settings of a config\)/,
+  );
+  const dtype = await merge("--adapter", "a", "--out", "b", "--dtype", "bfloat16");
+  assert.equal(dtype.code, 2);
+  assert.match(
+    dtype.stderr,
+    /unknown option --dtype \(settings are given as --set key=value: --set model\.dtype=…\)/,
+  );
+});
+
 Deno.test("merge: --set model.id overrules a standalone adapter's base, however the --set is spaced", async () => {
   const tmp = await Deno.makeTempDir({ prefix: "moerl-merge-" });
   try {
