@@ -1,5 +1,5 @@
 /**
- * Greedy 0-shot GSM8K accuracy of a model, with or without a trained adapter:
+ * 0-shot GSM8K accuracy of a model, with or without a trained adapter, greedy or sampled:
  *
  * ```sh
  * deno task evaluate [--config configs/default.yaml] [--adapter runs/<name>/checkpoint-N] [--limit N]
@@ -14,11 +14,14 @@
  * folder (its `adapter/`), or a run folder (its newest checkpoint).
  * Completions are scored as `deno task score` does (eval/score.ts, data/answer.ts):
  * strict (`#### n` only) and flexible (`####`, a final-answer phrase, `\boxed`,
- * else the last number).
+ * else the last number). With `eval.samples` > 1 (and `eval.temperature` > 0)
+ * each problem gets that many sampled completions, and the summary adds pass@k
+ * and maj@k to the mean accuracy.
  *
- * Writes, each atomically, into --out (default `<run>/eval/<checkpoint or
- * "base">-<split>/`, the run being the adapter's own when it is a checkpoint's, else the config's):
- * `predictions.jsonl`, one line per problem, and
+ * Writes, each atomically, into --out (default `<run>/eval/<checkpoint, "base" or
+ * the adapter's folder>-<split>/`, the run being the adapter's own when it is a checkpoint's, else the config's;
+ * sampled: `…-<split>-t<temperature>-n<samples>/`):
+ * `predictions.jsonl`, one line per completion, and
  * `summary.json`, also printed. Relative paths on the command line are taken
  * from the folder the command was started in (`INIT_CWD` under `deno task`);
  * paths inside the config from the project root. Exit status: 0, 1 on an
@@ -81,6 +84,10 @@ export interface EvalSummary extends EvalTotals {
   skipped_records: number;
   /** Token cap. */
   max_new_tokens: number;
+  /** Sampling temperature (0: greedy). */
+  temperature: number;
+  /** Nucleus mass of sampled completions (1 when greedy). */
+  top_p: number;
   /** Generation batch size. */
   batch_size: number;
   /** Device and dtype. */
@@ -97,11 +104,13 @@ export interface EvalSummary extends EvalTotals {
  * the config's run folder (`<run>/eval/base-<split>`, `<run>/eval/<adapter folder>-<split>`).
  */
 function defaultOutput(cfg: TrainConfig, adapterDir: string | null, split: string): string {
-  if (adapterDir === null) return join(runDir(cfg), "eval", `base-${split}`);
+  // Sampled results go beside the greedy ones, not over them.
+  const tail = cfg.eval.temperature > 0 ? `${split}-t${cfg.eval.temperature}-n${cfg.eval.samples}` : split;
+  if (adapterDir === null) return join(runDir(cfg), "eval", `base-${tail}`);
   const checkpoint = checkpointOf(adapterDir);
-  if (checkpoint !== null) return join(dirname(checkpoint), "eval", `${basename(checkpoint)}-${split}`);
+  if (checkpoint !== null) return join(dirname(checkpoint), "eval", `${basename(checkpoint)}-${tail}`);
   const label = basename(adapterDir) === ADAPTER_DIR ? basename(dirname(adapterDir)) : basename(adapterDir);
-  return join(runDir(cfg), "eval", `${label}-${split}`);
+  return join(runDir(cfg), "eval", `${label}-${tail}`);
 }
 
 /** Options of {@link runEvaluation}. */
@@ -183,19 +192,29 @@ export async function runEvaluation(
     const tok = await Tokenizer.load(model.dir);
     const pct = (x: number): string => `${(100 * x).toFixed(1)}%`;
     const mine = rankShare(data.examples.length, dp);
+    const k = cfg.eval.samples;
+    const atK = (r: EvalTotals): string =>
+      k > 1
+        ? `; pass@${k} ${pct(r.pass_at_k_strict)} / ${pct(r.pass_at_k_flexible)}, maj@${k} ${
+          pct(r.maj_at_k_strict)
+        } / ${pct(r.maj_at_k_flexible)}`
+        : "";
     const own = await evaluateExamples(model.decoder, tok, mine.map((i) => data.examples[i]!), {
       ...configuredEvaluation(cfg),
       onBatch: (done, r) =>
         log(
           `  ${done}/${mine.length}${dp.size > 1 ? " (rank 0's share)" : ""}: strict ${
             pct(r.accuracy_strict)
-          }, flexible ${pct(r.accuracy_flexible)}`,
+          }, flexible ${pct(r.accuracy_flexible)}${atK(r)}`,
         ),
     });
     const t = evalTotalsOverRanks(own.totals, dp);
-    // Every rank's predictions, back in the problems' order.
+    // Every rank's predictions, back in the problems' order: rank r's j-th problem is problem j·size + r.
     const shares = dp.gatherText(JSON.stringify(own.predictions)).map((s) => JSON.parse(s) as Prediction[]);
-    const predictions = data.examples.map((_, i) => shares[i % dp.size]![Math.floor(i / dp.size)]!);
+    const predictions = data.examples.flatMap((_, i) => {
+      const j = Math.floor(i / dp.size);
+      return shares[i % dp.size]!.slice(j * k, (j + 1) * k);
+    });
     const summary: EvalSummary = {
       run: cfg.name,
       model: cfg.model.id,
@@ -205,6 +224,8 @@ export async function runEvaluation(
       limit: opts.limit ?? null,
       skipped_records: data.skipped.length,
       max_new_tokens: configuredEvaluation(cfg).maxNewTokens,
+      temperature: cfg.eval.temperature,
+      top_p: cfg.eval.temperature > 0 ? cfg.eval.topP : 1,
       batch_size: cfg.eval.batchSize,
       device: cfg.model.device,
       dtype: cfg.model.quantize4bit ? `nf4+${cfg.model.dtype}` : cfg.model.dtype,

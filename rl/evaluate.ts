@@ -1,12 +1,19 @@
 /**
- * Greedy 0-shot GSM8K accuracy of a decoder, its adapters (if any) as they
- * are: the one evaluation loop behind `deno task evaluate` (eval/evaluate.ts),
- * the training loop's periodic evaluations and the supervised warm-up's
- * accuracy. Completions end at the tokenizer's stop tokens and are judged
- * strict and flexible (data/answer.ts `judgeAnswer`). Switch LoRA dropout off
- * first (`policy.train(false)`).
+ * 0-shot GSM8K accuracy of a decoder, its adapters (if any) as they are: the
+ * one evaluation loop behind `deno task evaluate` (eval/evaluate.ts), the
+ * training loop's periodic evaluations and the supervised warm-up's accuracy.
+ * Completions end at the tokenizer's stop tokens and are judged strict and
+ * flexible (data/answer.ts `judgeAnswer`). Switch LoRA dropout off first
+ * (`policy.train(false)`).
+ *
+ * Greedy by default: one completion per problem. With sampling, `samples`
+ * completions per problem give the mean accuracy over completions (pass@1),
+ * pass@k (some completion is right, k = samples) and maj@k (the answer most
+ * completions give is right; a tie goes to the answer given first).
  * @module
  */
+import { Generator } from "../ffi/mod.ts";
+import { epochSeed } from "../data/batches.ts";
 import type { Gsm8kExample } from "../data/gsm8k.ts";
 import { type AnswerVerdict, judgeAnswer } from "../data/answer.ts";
 import { parseGold } from "../data/numbers.ts";
@@ -20,6 +27,8 @@ import type { Tokenizer } from "../model/tokenizer.ts";
 export interface Prediction extends AnswerVerdict {
   /** The problem's id (`<split>-<index>`). */
   id: string;
+  /** Which of the problem's completions this is (0 … samples − 1). */
+  sample: number;
   /** The question. */
   question: string;
   /** The gold answer (canonical number string). */
@@ -36,14 +45,24 @@ export interface Prediction extends AnswerVerdict {
 export interface EvalTotals {
   /** Problems evaluated. */
   n: number;
-  /** Correct under strict extraction. */
+  /** Completions per problem (1 when greedy). */
+  samples: number;
+  /** Completions correct under strict extraction (of n × samples). */
   correct_strict: number;
-  /** Correct under flexible extraction. */
+  /** Completions correct under flexible extraction. */
   correct_flexible: number;
-  /** correct_strict / n (0 when n is 0). */
+  /** correct_strict / (n × samples): the mean accuracy, pass@1 (0 when n is 0). */
   accuracy_strict: number;
-  /** correct_flexible / n. */
+  /** correct_flexible / (n × samples). */
   accuracy_flexible: number;
+  /** Fraction of problems with some completion correct under strict extraction: pass@k, k = samples. */
+  pass_at_k_strict: number;
+  /** pass@k under flexible extraction. */
+  pass_at_k_flexible: number;
+  /** Fraction of problems whose majority strict answer is correct: maj@k, k = samples. */
+  maj_at_k_strict: number;
+  /** maj@k under flexible extraction. */
+  maj_at_k_flexible: number;
   /** Mean completion length in tokens. */
   completion_tokens_mean: number;
   /** Fraction of completions cut at the token cap. */
@@ -52,6 +71,19 @@ export interface EvalTotals {
   seconds: number;
   /** Generated tokens per second. */
   tokens_per_second: number;
+}
+
+/** How {@link EvaluateOptions.sampling} draws completions. */
+export interface EvalSampling {
+  /** Sampling temperature, > 0. */
+  temperature: number;
+  /** Nucleus mass in (0, 1] (default 1: off). */
+  topP?: number;
+  /**
+   * Each generation batch draws from a generator seeded with (seed, its first problem's id): the same
+   * problems in the same batches draw the same completions, however the problems are split over processes.
+   */
+  seed: number;
 }
 
 /** Options of {@link evaluateExamples}. */
@@ -74,6 +106,10 @@ export interface EvaluateOptions {
   decodeDispatch?: GenerateOptions["decodeDispatch"];
   /** Buffers and graphs for "static" / "graph" decode, kept by the caller (default: made for this call). */
   session?: DecodeSession;
+  /** Completions per problem (default 1); more than 1 needs {@link sampling}. */
+  samples?: number;
+  /** Sample completions this way (default: greedy). */
+  sampling?: EvalSampling | null;
 }
 
 /** What an evaluation needs of a tokenizer (model/tokenizer.ts's Tokenizer has it). */
@@ -82,27 +118,72 @@ export type EvalTokenizer = Pick<
   "stopTokenIds" | "padTokenId" | "decode" | "applyChatTemplate" | "encode" | "encodeBatch"
 >;
 
-function totals(preds: readonly Prediction[], seconds: number): EvalTotals {
-  const n = preds.length;
-  const cs = preds.filter((p) => p.correct_strict).length,
-    cf = preds.filter((p) => p.correct_flexible).length;
+/** Whether the answer most of a problem's completions give (a tie: the one given first) is correct. */
+function majorityCorrect(group: readonly Prediction[], mode: "strict" | "flexible"): boolean {
+  const votes = new Map<string, { count: number; correct: boolean }>();
+  for (const p of group) {
+    const value = mode === "strict" ? p.extracted_strict : p.extracted_flexible;
+    if (value === null) continue;
+    const v = votes.get(value) ??
+      { count: 0, correct: mode === "strict" ? p.correct_strict : p.correct_flexible };
+    v.count++;
+    votes.set(value, v);
+  }
+  let best: { count: number; correct: boolean } | null = null;
+  for (const v of votes.values()) if (best === null || v.count > best.count) best = v; // first seen wins a tie
+  return best?.correct ?? false;
+}
+
+/** The totals of predictions, `samples` consecutive ones per problem. */
+export function evalTotals(preds: readonly Prediction[], samples: number, seconds: number): EvalTotals {
+  const m = preds.length, n = Math.floor(m / samples);
+  const count = (f: (p: Prediction) => boolean): number => preds.filter(f).length;
+  const groups = Array.from({ length: n }, (_, i) => preds.slice(i * samples, (i + 1) * samples));
+  const share = (f: (g: readonly Prediction[]) => boolean): number => n ? groups.filter(f).length / n : 0;
+  const cs = count((p) => p.correct_strict), cf = count((p) => p.correct_flexible);
   const tokens = preds.reduce((s, p) => s + p.completion_tokens, 0);
   return {
     n,
+    samples,
     correct_strict: cs,
     correct_flexible: cf,
-    accuracy_strict: n ? cs / n : 0,
-    accuracy_flexible: n ? cf / n : 0,
-    completion_tokens_mean: n ? tokens / n : 0,
-    truncated_fraction: n ? preds.filter((p) => p.finish_reason === "length").length / n : 0,
+    accuracy_strict: m ? cs / m : 0,
+    accuracy_flexible: m ? cf / m : 0,
+    pass_at_k_strict: share((g) => g.some((p) => p.correct_strict)),
+    pass_at_k_flexible: share((g) => g.some((p) => p.correct_flexible)),
+    maj_at_k_strict: share((g) => majorityCorrect(g, "strict")),
+    maj_at_k_flexible: share((g) => majorityCorrect(g, "flexible")),
+    completion_tokens_mean: m ? tokens / m : 0,
+    truncated_fraction: m ? count((p) => p.finish_reason === "length") / m : 0,
     seconds,
     tokens_per_second: seconds > 0 ? tokens / seconds : 0,
   };
 }
 
+/** A 32-bit FNV-1a hash of a problem id. */
+function idHash(id: string): number {
+  let h = 0x811c9dc5;
+  for (let i = 0; i < id.length; i++) h = Math.imul(h ^ id.charCodeAt(i), 0x01000193) >>> 0;
+  return h;
+}
+
+/** The checked number of completions per problem. */
+function checkSamples(samples: number, sampling: EvalSampling | null): number {
+  if (!Number.isSafeInteger(samples) || samples < 1) {
+    throw new RangeError(`evaluate: samples must be an integer >= 1, got ${samples}`);
+  }
+  if (samples > 1 && sampling === null) {
+    throw new RangeError(
+      `evaluate: ${samples} greedy completions of a problem would all be the same: sample them`,
+    );
+  }
+  return samples;
+}
+
 /**
- * Greedy completions of examples with decoder (its adapters, if any, as
- * they are), scored strict and flexible.
+ * Completions of examples with decoder (its adapters, if any, as they are),
+ * greedy or sampled, scored strict and flexible. Predictions come problem by
+ * problem, each problem's samples together.
  */
 export async function evaluateExamples(
   decoder: Decoder,
@@ -111,6 +192,15 @@ export async function evaluateExamples(
   opts: EvaluateOptions,
 ): Promise<{ predictions: Prediction[]; totals: EvalTotals }> {
   const t0 = performance.now();
+  const sampling = opts.sampling ?? null;
+  const samples = checkSamples(opts.samples ?? 1, sampling);
+  const golds = examples.map((ex) => {
+    const gold = parseGold(ex.answer);
+    if (gold === null) {
+      throw new Error(`${ex.id}: the gold answer ${JSON.stringify(ex.answer)} is not a number`);
+    }
+    return gold;
+  });
   const prompts = await buildPrompts(tok, examples.map((e) => e.question), opts.prompt);
   const eos = tok.stopTokenIds;
   const predictions: Prediction[] = [];
@@ -121,6 +211,9 @@ export async function evaluateExamples(
   const session = opts.session ?? own;
   for (let i = 0; i < examples.length; i += opts.batchSize) {
     const chunk = examples.slice(i, i + opts.batchSize);
+    using generator = sampling
+      ? new Generator(epochSeed(sampling.seed, idHash(chunk[0]!.id)), decoder.embed.device)
+      : null;
     const out = await generate(decoder, prompts.slice(i, i + opts.batchSize).map((p) => p.ids), {
       maxNewTokens: opts.maxNewTokens,
       eosTokenIds: eos,
@@ -129,23 +222,28 @@ export async function evaluateExamples(
       decodeMode: mode,
       decodeDispatch: opts.decodeDispatch,
       session: session ?? undefined,
+      samplesPerPrompt: samples,
+      ...(sampling
+        ? { doSample: true, temperature: sampling.temperature, topP: sampling.topP, generator: generator! }
+        : {}),
     });
-    chunk.forEach((ex, j) => {
-      const gold = parseGold(ex.answer);
-      if (gold === null) {
-        throw new Error(`${ex.id}: the gold answer ${JSON.stringify(ex.answer)} is not a number`);
-      }
+    out.tokens.forEach((tokens, r) => { // prompt-major: problem j's samples are rows j·samples …
+      const j = Math.floor(r / samples), ex = chunk[j]!, text = out.text![r]!;
       predictions.push({
         id: ex.id,
+        sample: r % samples,
         question: ex.question,
-        answer_gold: gold,
-        completion: out.text![j]!,
-        completion_tokens: out.tokens[j]!.length,
-        finish_reason: out.finishReasons[j]!,
-        ...judgeAnswer(out.text![j]!, gold),
+        answer_gold: golds[i + j]!,
+        completion: text,
+        completion_tokens: tokens.length,
+        finish_reason: out.finishReasons[r]!,
+        ...judgeAnswer(text, golds[i + j]!),
       });
     });
-    opts.onBatch?.(predictions.length, totals(predictions, (performance.now() - t0) / 1000));
+    opts.onBatch?.(
+      predictions.length / samples,
+      evalTotals(predictions, samples, (performance.now() - t0) / 1000),
+    );
   }
-  return { predictions, totals: totals(predictions, (performance.now() - t0) / 1000) };
+  return { predictions, totals: evalTotals(predictions, samples, (performance.now() - t0) / 1000) };
 }

@@ -94,8 +94,10 @@ export {
   type PpoStepResult,
 } from "./ppo.ts";
 export {
+  type EvalSampling,
   type EvalTokenizer,
   type EvalTotals,
+  evalTotals,
   evaluateExamples,
   type EvaluateOptions,
   type Prediction,

@@ -208,13 +208,14 @@ Deno.test({
 });
 
 Deno.test({
-  name: "data parallel: `deno task evaluate --nproc 2` writes what one process writes",
+  name: "data parallel: `deno task evaluate --nproc 2` writes what one process writes, greedy and sampled",
   ignore: !hasGloo,
   async fn(): Promise<void> {
     const tmp = await Deno.makeTempDir({ prefix: "moerl_dp_eval_" });
     try {
-      // Batches of one problem: each problem is decoded alone on either side, so greedy tokens match exactly.
-      const args = (out: string): string[] => [
+      // Batches of one problem: each problem is decoded alone on either side, so greedy tokens match exactly,
+      // and sampled ones too (a batch's draws are seeded by its first problem's id).
+      const args = (out: string, sets: string[] = []): string[] => [
         "run",
         "-A",
         join(ROOT, "eval", "evaluate.ts"),
@@ -224,7 +225,7 @@ Deno.test({
         "5",
         "--out",
         out,
-        ...["eval.batchSize=1", "eval.maxNewTokens=8"].flatMap((x) => ["--set", x]),
+        ...["eval.batchSize=1", "eval.maxNewTokens=8", ...sets].flatMap((x) => ["--set", x]),
       ];
       const run = async (a: string[]): Promise<Deno.CommandOutput> =>
         await new Deno.Command(Deno.execPath(), { args: a, env: ENV, stdout: "piped", stderr: "piped" })
@@ -253,6 +254,21 @@ Deno.test({
         assert.equal(s2[key], s1[key], key);
       }
       assert.equal(s2.n, 5);
+      const sampled = ["eval.samples=2", "eval.temperature=1"];
+      const [three, four] = [join(tmp, "three"), join(tmp, "four")];
+      const sampledOne = await run(args(three, sampled));
+      assert.equal(sampledOne.code, 0, text(sampledOne.stderr));
+      const sampledTwo = await run([...args(four, sampled), "--nproc", "2"]);
+      assert.equal(sampledTwo.code, 0, text(sampledTwo.stderr));
+      const lines = await Deno.readTextFile(join(three, "predictions.jsonl"));
+      assert.equal(await Deno.readTextFile(join(four, "predictions.jsonl")), lines);
+      assert.equal(lines.trim().split("\n").length, 10, "5 problems × 2 samples");
+      const [s3, s4] = await Promise.all(
+        [three, four].map(async (d) => JSON.parse(await Deno.readTextFile(join(d, "summary.json")))),
+      );
+      for (const key of ["n", "samples", "correct_flexible", "pass_at_k_flexible", "maj_at_k_flexible"]) {
+        assert.equal(s4[key], s3[key], key);
+      }
     } finally {
       await Deno.remove(tmp, { recursive: true });
     }

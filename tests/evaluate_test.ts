@@ -3,7 +3,8 @@
  * eager decode steps and with static buffers, whose one session serves every
  * batch (the last, smaller one on padding rows), and nothing leaks; each
  * batch generates from its own problems' prompts, and the totals count the
- * truncated completions.
+ * truncated completions. Sampled: several completions per problem, seeded,
+ * with pass@k and maj@k.
  */
 import assert from "node:assert/strict";
 import { join } from "node:path";
@@ -12,7 +13,7 @@ import { arithmeticSplit } from "../data/arithmetic.ts";
 import { DecodeSession } from "../model/decode_static.ts";
 import { loadModel } from "../model/model.ts";
 import { Tokenizer } from "../model/tokenizer.ts";
-import { evaluateExamples, type Prediction } from "../rl/evaluate.ts";
+import { evalTotals, evaluateExamples, type Prediction } from "../rl/evaluate.ts";
 import { DEVICE, FLOAT } from "./util.ts";
 
 Deno.test("evaluate: static decode steps give eager's predictions, one session across batches", async () => {
@@ -63,4 +64,50 @@ Deno.test("evaluate: every batch answers its own problems; truncated_fraction co
     all.predictions.filter((p) => p.completion_tokens === 12 && p.finish_reason === "length").length;
   assert.ok(cut > 0, "some completion ran to the cap");
   assert.equal(all.totals.truncated_fraction, cut / 4);
+});
+
+Deno.test("evaluate: sampled, each problem's samples together, seeded, with pass@k and maj@k of its predictions", async () => {
+  const dir = join(import.meta.dirname!, "fixtures", "models", "qwen3-moe-tiny");
+  const live = liveTensors();
+  {
+    using model = await loadModel(dir, { device: DEVICE, dtype: FLOAT });
+    const tok = await Tokenizer.load(dir);
+    const problems = arithmeticSplit(0.25, 1).heldOut.slice(0, 5);
+    const opts = { maxNewTokens: 10, batchSize: 2, prompt: { instruction: "" }, samples: 3 };
+    const run = (seed: number) =>
+      evaluateExamples(model.decoder, tok, problems, { ...opts, sampling: { temperature: 1, seed } });
+    const a = await run(7), b = await run(7), c = await run(8);
+    assert.deepEqual(
+      a.predictions.map((p) => [p.id, p.sample]),
+      problems.flatMap((ex) => [0, 1, 2].map((s) => [ex.id, s])),
+      "problem by problem, each problem's samples together",
+    );
+    const texts = (r: typeof a): string[] => r.predictions.map((p) => p.completion);
+    assert.deepEqual(texts(a), texts(b), "the same seed draws the same completions");
+    assert.notDeepEqual(texts(a), texts(c), "another seed draws others");
+    assert.ok(
+      problems.some((_, i) => new Set(texts(a).slice(3 * i, 3 * i + 3)).size > 1),
+      "a problem's samples differ",
+    );
+    assert.deepEqual({ ...a.totals, seconds: 0, tokens_per_second: 0 }, {
+      ...evalTotals(a.predictions, 3, 0),
+      seconds: 0,
+      tokens_per_second: 0,
+    });
+    assert.deepEqual([a.totals.n, a.totals.samples], [5, 3]);
+    // The greedy run of the same problems: one completion each, pass@1 and maj@1 its accuracy.
+    const greedy = await evaluateExamples(model.decoder, tok, problems, { ...opts, samples: 1 });
+    assert.equal(greedy.predictions.length, 5);
+    const g = greedy.totals;
+    assert.deepEqual([g.pass_at_k_strict, g.maj_at_k_flexible], [g.accuracy_strict, g.accuracy_flexible]);
+    await assert.rejects(
+      () => evaluateExamples(model.decoder, tok, problems, opts),
+      /evaluate: 3 greedy completions of a problem would all be the same: sample them/,
+    );
+    await assert.rejects(
+      () => evaluateExamples(model.decoder, tok, problems, { ...opts, samples: 0 }),
+      /evaluate: samples must be an integer >= 1, got 0/,
+    );
+  }
+  assert.equal(liveTensors(), live);
 });

@@ -5,7 +5,7 @@
  */
 import assert from "node:assert/strict";
 import type { CollectMetrics } from "../rl/rollout_buffer.ts";
-import type { EvalTotals } from "../rl/evaluate.ts";
+import { evalTotals, type Prediction } from "../rl/evaluate.ts";
 import { Replicas } from "../rl/replicas.ts";
 import { collectMetricsOverRanks, evalTotalsOverRanks } from "../train/rank_metrics.ts";
 import { assertClose } from "./util.ts";
@@ -78,30 +78,72 @@ Deno.test("rank metrics: collect metrics of two ranks equal those of all their s
   assertClose([got.tokens_per_second], [48 / 3.25], 1e-12);
 });
 
-Deno.test("rank metrics: evaluation totals of two ranks' problems", () => {
-  const totals = (
-    n: number,
-    strict: number,
-    flexible: number,
-    meanLen: number,
-    truncated: number,
-  ): EvalTotals => ({
-    n,
-    correct_strict: strict,
-    correct_flexible: flexible,
-    accuracy_strict: strict / n,
-    accuracy_flexible: flexible / n,
-    completion_tokens_mean: meanLen,
-    truncated_fraction: truncated / n,
-    seconds: 2,
-    tokens_per_second: (meanLen * n) / 2,
-  });
-  const mine = totals(5, 2, 3, 10, 1), theirs = totals(4, 1, 4, 20, 2);
-  const peer = [[4, 1, 4, 80, 2], [4]];
-  const got = evalTotalsOverRanks(mine, new PeerOf(peer));
-  assert.deepEqual([got.n, got.correct_strict, got.correct_flexible], [9, 3, 7]);
-  assertClose([got.accuracy_strict, got.accuracy_flexible], [3 / 9, 7 / 9], 1e-12);
-  assertClose([got.completion_tokens_mean, got.truncated_fraction], [130 / 9, 3 / 9], 1e-12);
-  assert.equal(got.seconds, 4);
-  assert.equal(theirs.n, 4);
+/** Rank 1's side of the reductions: records what it contributes (and answers with its own numbers). */
+class Contributions extends Replicas {
+  readonly seen: number[][] = [];
+  constructor() {
+    super(null);
+  }
+  override get size(): number {
+    return 2;
+  }
+  override sum(xs: readonly number[]): number[] {
+    this.seen.push([...xs]);
+    return [...xs];
+  }
+  override max(xs: readonly number[]): number[] {
+    return this.sum(xs);
+  }
+}
+
+/** A judged completion: its strict and flexible answers against gold "7". */
+function judged(
+  id: string,
+  sample: number,
+  strict: string | null,
+  flexible: string | null,
+  tokens: number,
+): Prediction {
+  return {
+    id,
+    sample,
+    question: "q",
+    answer_gold: "7",
+    completion: "c",
+    completion_tokens: tokens,
+    finish_reason: tokens >= 30 ? "length" : "stop",
+    extracted_strict: strict,
+    extracted_flexible: flexible,
+    method_flexible: flexible === null ? null : "last_number",
+    correct_strict: strict === "7",
+    correct_flexible: flexible === "7",
+  };
+}
+
+Deno.test("rank metrics: evaluation totals of two ranks' problems, sampled, equal those of all problems", () => {
+  // Three samples per problem; ranks hold problems 0, 2, 4 and 1, 3 (train/model.ts rankShare).
+  const problems: Prediction[][] = [
+    [judged("p0", 0, "7", "7", 10), judged("p0", 1, "3", "3", 12), judged("p0", 2, "3", "3", 30)], // maj wrong
+    [judged("p1", 0, null, "7", 8), judged("p1", 1, null, "7", 9), judged("p1", 2, "5", "5", 30)], // strict none
+    [judged("p2", 0, "7", "7", 11), judged("p2", 1, "7", "7", 11), judged("p2", 2, "1", "1", 11)],
+    [judged("p3", 0, "2", "2", 5), judged("p3", 1, "4", "4", 6), judged("p3", 2, "7", "7", 7)], // a tie: first
+    [judged("p4", 0, null, null, 30), judged("p4", 1, null, null, 30), judged("p4", 2, null, null, 30)],
+  ];
+  const share = (r: number): Prediction[] => problems.filter((_, i) => i % 2 === r).flat();
+  const mine = evalTotals(share(0), 3, 2), theirs = evalTotals(share(1), 3, 5);
+  const peer = new Contributions();
+  evalTotalsOverRanks(theirs, peer);
+  const got = evalTotalsOverRanks(mine, new PeerOf(peer.seen));
+  const want = evalTotals(problems.flat(), 3, 5);
+  assert.deepEqual(got, { ...want, tokens_per_second: got.tokens_per_second });
+  assertClose([got.tokens_per_second], [want.tokens_per_second], 1e-12);
+  // The numbers themselves, counted by hand.
+  assert.deepEqual([got.n, got.samples, got.correct_strict, got.correct_flexible], [5, 3, 4, 6]);
+  assertClose([got.pass_at_k_strict, got.pass_at_k_flexible, got.maj_at_k_strict, got.maj_at_k_flexible], [
+    3 / 5,
+    4 / 5,
+    1 / 5,
+    2 / 5,
+  ], 1e-12);
+  assertClose([got.accuracy_strict, got.truncated_fraction], [4 / 15, 5 / 15], 1e-12);
 });

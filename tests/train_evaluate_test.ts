@@ -122,6 +122,42 @@ Deno.test("evaluate: --adapter takes a run folder (its newest checkpoint); outpu
   await Deno.remove(tmp, { recursive: true });
 });
 
+Deno.test("evaluate: sampled (eval.samples, eval.temperature) writes every sample, and pass@k / maj@k", async () => {
+  const tmp = await Deno.makeTempDir({ prefix: "moerl-eval-" });
+  const run = join(tmp, "run");
+  await saveTinyCheckpoint(run, 2);
+  const sets = ["--set", "eval.samples=3", "--set", "eval.temperature=0.8", "--set", "eval.topP=0.9"];
+  const r = await evaluate("--config", "configs/tiny.yaml", "--adapter", run, "--limit", "2", ...sets);
+  assert.equal(r.code, 0, r.stderr);
+  // Beside the greedy results, not over them.
+  const { preds, summary } = await readOutputs(join(run, "eval", "checkpoint-2-train-t0.8-n3"));
+  assert.deepEqual(preds.map((p) => [p.id, p.sample]), [
+    ["train-0", 0],
+    ["train-0", 1],
+    ["train-0", 2],
+    ["train-1", 0],
+    ["train-1", 1],
+    ["train-1", 2],
+  ]);
+  const s = summary as unknown as Record<string, number>;
+  assert.deepEqual([s.n, s.samples, s.temperature, s.top_p], [2, 3, 0.8, 0.9]);
+  assert.equal(s.correct_flexible, preds.filter((p) => p.correct_flexible).length);
+  assert.equal(s.accuracy_flexible, s.correct_flexible / 6);
+  const anyRight = ["train-0", "train-1"].filter((id) =>
+    preds.some((p) => p.id === id && p.correct_flexible)
+  );
+  assert.equal(s.pass_at_k_flexible, anyRight.length / 2);
+  assert.match(r.stdout, /pass@3 [\d.]+% \/ [\d.]+%, maj@3 [\d.]+% \/ [\d.]+%/);
+  // Several greedy completions of a problem would be one completion several times.
+  const greedy = await evaluate("--config", "configs/tiny.yaml", "--limit", "2", "--set", "eval.samples=3");
+  assert.equal(greedy.code, 2);
+  assert.match(
+    greedy.stderr,
+    /eval\.samples: 3 greedy completions of a problem are all the same: set eval\.temperature > 0/,
+  );
+  await Deno.remove(tmp, { recursive: true });
+});
+
 Deno.test("evaluate: bad arguments and configs exit 2, a missing data file 1", async () => {
   const bad = await evaluate("--config", "configs/tiny.yaml", "--limit", "0");
   assert.equal(bad.code, 2);

@@ -106,7 +106,7 @@ export interface TrainSettings {
   headChunk: number;
 }
 
-/** Greedy evaluation on held-out problems. */
+/** Evaluation on held-out problems: greedy, or sampled (pass@k, maj@k). */
 export interface EvalSettings {
   /** Evaluate every N updates during training (0: never; the last update always is unless 0). */
   every: number;
@@ -120,6 +120,12 @@ export interface EvalSettings {
   batchSize: number;
   /** Token cap (null: rollout.maxNewTokens). */
   maxNewTokens: number | null;
+  /** Completions per problem: more than 1 reports pass@k and maj@k (k = samples) and needs temperature > 0. */
+  samples: number;
+  /** 0: greedy; above 0, completions are sampled at this temperature (seeded from `seed`). */
+  temperature: number;
+  /** Nucleus mass of sampled completions, in (0, 1]. */
+  topP: number;
 }
 
 /** Console and sample logging. */
@@ -227,7 +233,17 @@ export const DEFAULTS: DeepReadonly<TrainConfig> = deepFreeze<TrainConfig>({
   ppo: { ...DEFAULT_RL_CONFIG.ppo },
   reward: { ...DEFAULT_RL_CONFIG.reward, markerMethods: [...DEFAULT_RL_CONFIG.reward.markerMethods] },
   moe: { ...DEFAULT_RL_CONFIG.moe },
-  eval: { every: 100, limit: 500, source: GSM8K_HUB_ID, split: "test", batchSize: 64, maxNewTokens: null },
+  eval: {
+    every: 100,
+    limit: 500,
+    source: GSM8K_HUB_ID,
+    split: "test",
+    batchSize: 64,
+    maxNewTokens: null,
+    samples: 1,
+    temperature: 0,
+    topP: 1,
+  },
   logging: { sampleEvery: 10, samplesToLog: 4, tensorboard: false },
   output: { dir: null, checkpointEvery: 50, keepLast: 3 },
 });
@@ -294,6 +310,9 @@ const SCHEMA: Schema<TrainConfig> = {
     split: oneOf(...GSM8K_SPLITS),
     batchSize: int(1),
     maxNewTokens: nullable(int(1)),
+    samples: int(1),
+    temperature: num(0),
+    topP: num(0, 1, true),
   },
   logging: { sampleEvery: int(0), samplesToLog: int(0), tensorboard: bool },
   output: { dir: nullable(str), checkpointEvery: int(0), keepLast: nullable(int(1)) },
@@ -354,6 +373,11 @@ function crossChecks(cfg: TrainConfig): string[] {
     p.push(
       `ppo.minibatches (${cfg.ppo.minibatches}) must divide the update's ${sequences} sequences ` +
         "(train.microBatch × train.gradAccum × rollout.k)",
+    );
+  }
+  if (cfg.eval.samples > 1 && cfg.eval.temperature === 0) {
+    p.push(
+      `eval.samples: ${cfg.eval.samples} greedy completions of a problem are all the same: set eval.temperature > 0`,
     );
   }
   const t = cfg.lora.targetModules;

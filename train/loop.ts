@@ -267,6 +267,12 @@ async function trainLocked(
           const totals = evalTotalsOverRanks(ev.totals, dp);
           record.eval_accuracy_strict = totals.accuracy_strict;
           record.eval_accuracy_flexible = totals.accuracy_flexible;
+          if (totals.samples > 1) { // greedy: each equals the accuracy
+            record.eval_pass_at_k_strict = totals.pass_at_k_strict;
+            record.eval_pass_at_k_flexible = totals.pass_at_k_flexible;
+            record.eval_maj_at_k_strict = totals.maj_at_k_strict;
+            record.eval_maj_at_k_flexible = totals.maj_at_k_flexible;
+          }
         }
         await metrics?.append(record);
         await board?.scalars(record.step, { ...record, step: undefined });

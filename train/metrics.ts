@@ -11,7 +11,8 @@
  * Metric names are snake_case, as rl/ppo.ts's PpoMetrics (`reward_mean`,
  * `accuracy`, `kl`, `entropy`, `value_loss`, `tokens_per_second`, …); the
  * trainer adds `lr`, `update_seconds` (the update's wall time)
- * and, after an evaluation, `eval_accuracy_strict` / `eval_accuracy_flexible`.
+ * and, after an evaluation, `eval_accuracy_strict` / `eval_accuracy_flexible` (with `eval.samples` > 1
+ * also `eval_pass_at_k_*` and `eval_maj_at_k_*`).
  * Non-finite numbers are written as null (JSON has no NaN).
  * @module
  */

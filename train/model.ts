@@ -121,6 +121,10 @@ export function configuredEvaluation(cfg: DeepReadonly<TrainConfig>): EvaluateOp
     prompt: configuredPrompt(cfg),
     decodeMode: cfg.rollout.decode,
     decodeDispatch: cfg.rollout.decodeDispatch,
+    samples: cfg.eval.samples,
+    sampling: cfg.eval.temperature > 0
+      ? { temperature: cfg.eval.temperature, topP: cfg.eval.topP, seed: cfg.seed }
+      : null,
   };
 }
 

@@ -46,26 +46,36 @@ export function collectMetricsOverRanks(m: CollectMetrics, sequences: number, dp
   };
 }
 
-/** Evaluation totals over every rank's share of the problems. */
+/** Evaluation totals over every rank's share of the problems (each rank's problems with all their samples). */
 export function evalTotalsOverRanks(t: EvalTotals, dp: Replicas): EvalTotals {
   if (dp.size === 1) return t;
-  const generated = t.completion_tokens_mean * t.n;
-  const [n, strict, flexible, tokens, truncated] = dp.sum([
+  const completions = t.n * t.samples;
+  const [n, strict, flexible, passS, passF, majS, majF, tokens, truncated] = dp.sum([
     t.n,
     t.correct_strict,
     t.correct_flexible,
-    generated,
-    t.truncated_fraction * t.n,
-  ]) as number[];
+    t.pass_at_k_strict * t.n,
+    t.pass_at_k_flexible * t.n,
+    t.maj_at_k_strict * t.n,
+    t.maj_at_k_flexible * t.n,
+    t.completion_tokens_mean * completions,
+    t.truncated_fraction * completions,
+  ]).map((x) => Math.round(x)) as number[];
   const seconds = dp.max([t.seconds])[0]!;
+  const m = n! * t.samples;
   return {
     n: n!,
+    samples: t.samples,
     correct_strict: strict!,
     correct_flexible: flexible!,
-    accuracy_strict: n ? strict! / n : 0,
-    accuracy_flexible: n ? flexible! / n : 0,
-    completion_tokens_mean: n ? tokens! / n : 0,
-    truncated_fraction: n ? truncated! / n : 0,
+    accuracy_strict: m ? strict! / m : 0,
+    accuracy_flexible: m ? flexible! / m : 0,
+    pass_at_k_strict: n ? passS! / n : 0,
+    pass_at_k_flexible: n ? passF! / n : 0,
+    maj_at_k_strict: n ? majS! / n : 0,
+    maj_at_k_flexible: n ? majF! / n : 0,
+    completion_tokens_mean: m ? tokens! / m : 0,
+    truncated_fraction: m ? truncated! / m : 0,
     seconds,
     tokens_per_second: tokens! / Math.max(seconds, 1e-9),
   };
