@@ -127,6 +127,12 @@ Deno.test("train: a tiny run writes its folder, and --resume repeats the uninter
       Deno.errors.NotFound,
       "a refused start leaves no folder",
     );
+    // A job killed while its model loaded left only the lock file: a requeued --resume starts that run.
+    const loading = join(tmp, "loading");
+    await Deno.mkdir(loading);
+    await Deno.writeTextFile(join(loading, ".lock"), "pid 1\n");
+    const begun = await train(await config(loading, 1, "eval.every=0"), { quiet: true, resume: true });
+    assert.deepEqual(begun.records.map((r) => r.step), [1]);
     // One trainer per run folder: a second one (a requeued job while the first still runs) is refused, and
     // the folder is left as it was (two used to append the same steps twice, or lose them).
     const held = await lockRunDir(part);

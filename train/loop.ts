@@ -108,7 +108,7 @@ export async function train(cfg: TrainConfig, opts: TrainOptions = {}): Promise<
   // One writer per run folder: a second trainer (a requeued job, an orphaned rank 0) is refused here.
   const lock = lead ? await lockRunDir(dir) : null;
   try {
-    return await trainLocked(cfg, opts, dp, dir, share, first);
+    return await trainLocked(cfg, opts, dp, dir, share, first, lock?.lockedBefore ?? false);
   } catch (e) {
     // A start refused before anything was written leaves no folder behind (a failure here hides nothing).
     if (lock?.created) await removeIfOnlyLock(dir).catch(() => {});
@@ -132,6 +132,7 @@ async function trainLocked(
   dir: string,
   share: number,
   first: number,
+  lockedBefore: boolean,
 ): Promise<TrainResult> {
   const lead = dp.rank === 0;
   const quiet = opts.quiet || !lead;
@@ -139,7 +140,8 @@ async function trainLocked(
   const resumeFrom = opts.resume ? await latestCheckpoint(dir) : null;
   if (resumeFrom) checkResumable(resumeFrom, await readTrainerState(resumeFrom), cfg, dp.size);
   else if (opts.resume) {
-    const notice = await nothingToResume(dir);
+    const started = dp.sum([lockedBefore ? 1 : 0])[0]! > 0; // rank 0 alone took the lock, so it alone knows
+    const notice = await nothingToResume(dir, started);
     if (!quiet) console.log(notice);
   } else if (lead) await checkNewRunDir(dir);
 

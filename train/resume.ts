@@ -131,16 +131,20 @@ export async function checkNotCheckpoint(dir: string): Promise<void> {
 }
 
 /**
- * What resuming a folder without a checkpoint does: an error when it holds no run at all (a mistyped name
- * should not start a new run), else a notice that the run starts over (its logs reach no checkpoint).
+ * What resuming a folder without a checkpoint does: an error when no run was ever started there (a mistyped
+ * name should not start a new run), else a notice that the run starts over (its logs reach no checkpoint).
+ * `started`: a trainer held the folder before this one (its lock file was there), as when a job is killed
+ * while its model loads, before it logs anything; a requeued `--resume` then starts it.
  * @throws {Error} naming the folder when there is nothing to resume
  */
-export async function nothingToResume(dir: string): Promise<string> {
+export async function nothingToResume(dir: string, started: boolean): Promise<string> {
   const { records, malformed } = await readRecords(join(dir, METRICS_FILE));
-  if (records.length + malformed === 0) { // as checkNewRunDir counts: a torn first line is a run started
+  if (records.length + malformed === 0 && !started) { // as checkNewRunDir counts: a torn first line is a run
     throw new Error(`${dir}: nothing to resume (no checkpoint, no metrics): start the run without --resume`);
   }
-  return `${dir} has no checkpoint yet: starting over from update 0 (its ${records.length} logged updates are dropped)`;
+  return records.length + malformed === 0
+    ? `${dir}: the run started here stopped before its first update: starting it from update 0`
+    : `${dir} has no checkpoint yet: starting over from update 0 (its ${records.length} logged updates are dropped)`;
 }
 
 /** The lock file inside a run folder, held (flock) by the one trainer writing it. */
@@ -149,13 +153,17 @@ export const RUN_LOCK_FILE = ".lock";
 /**
  * Takes the run folder's writer lock (an exclusive flock on `<dir>/.lock`, released by the kernel when the
  * process ends, however it ends). Creates the folder if needed.
- * @returns the locked file (close it to release), and whether this call created the folder
+ * @returns the locked file (close it to release), whether this call created the folder, and whether the lock
+ * file was there before (a trainer has held this folder)
  * @throws {Error} naming the folder and the holder when another process holds the lock
  */
-export async function lockRunDir(dir: string): Promise<{ file: Deno.FsFile | null; created: boolean }> {
+export async function lockRunDir(
+  dir: string,
+): Promise<{ file: Deno.FsFile | null; created: boolean; lockedBefore: boolean }> {
   const created = !(await Deno.stat(dir).then(() => true, () => false));
   await Deno.mkdir(dir, { recursive: true });
   const path = join(dir, RUN_LOCK_FILE);
+  const lockedBefore = await isFile(path);
   const file = await Deno.open(path, { read: true, write: true, create: true });
   let locked: boolean;
   try {
@@ -165,7 +173,7 @@ export async function lockRunDir(dir: string): Promise<{ file: Deno.FsFile | nul
     console.warn(
       `train: ${path}: cannot lock here (${(e as Error).message}); one trainer per folder is unchecked`,
     );
-    return { file: null, created };
+    return { file: null, created, lockedBefore };
   }
   if (!locked) {
     file.close();
@@ -184,7 +192,7 @@ export async function lockRunDir(dir: string): Promise<{ file: Deno.FsFile | nul
     file.close(); // releases the lock, which nothing would otherwise close
     throw new Error(`${path}: ${(e as Error).message}`, { cause: e });
   }
-  return { file, created };
+  return { file, created, lockedBefore };
 }
 
 /** " on <host>" where the program may read it without a prompt, else "" (the pid alone). */
