@@ -257,8 +257,9 @@ const USAGE =
   --limit N          the first N problems only
   --split S          test or train (default: the config's eval.split)
   -o, --out DIR      where predictions.jsonl and summary.json go (default:
-                     <run>/eval/<checkpoint, base or adapter folder>-<split>)
-  --set key=value    a config override (repeatable)
+                     <run>/eval/<checkpoint, base or adapter folder>-<split>, sampled: …-t<T>-n<samples>)
+  --set key=value    a config override (repeatable); e.g. --set eval.samples=8 --set eval.temperature=0.6
+                     samples 8 completions per problem and adds pass@8 and maj@8 to the mean accuracy
   --nproc N          split the problems over N local processes
   -h, --help         this text
 
