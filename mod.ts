@@ -105,6 +105,7 @@ export {
   type RolloutPrompt,
   type RolloutSequence,
   type ScoreFn,
+  type ScoreResult,
   type SequenceBatch,
   type UpdateAdvantages,
   updateAdvantages,

@@ -15,7 +15,7 @@ import type { Policy } from "./policy.ts";
 import { rlConfig, type RlOverrides } from "./config.ts";
 import { parseGold } from "../data/numbers.ts";
 import { describe } from "../model/settings.ts";
-import { type Completion, reward, type RewardConfig, type RewardResult } from "./reward.ts";
+import { type Completion, reward, type RewardConfig, type ScoreResult } from "./reward.ts";
 import { RolloutBuffer, type RolloutPrompt, type RolloutSequence } from "./rollout_buffer.ts";
 
 /** What collecting needs of a tokenizer: model/tokenizer.ts's `Tokenizer` has it. */
@@ -34,8 +34,9 @@ export interface RolloutTokenizer {
 /**
  * Scores one completion (default: rl/reward.ts `reward` against the prompt's answer, with the config's
  * `reward` section). It may be async (a verifier, a reward model): a generation batch's completions are scored
- * concurrently. Only `reward` must be set (a finite number); `correct`, `marker` and `overLength` feed the
- * metrics accuracy, marker_rate and overlong_rate (truncated_fraction comes from the finish reason). `cfg` is
+ * concurrently. Only `reward` must be set (a finite number, {@link ScoreResult}); `correct`, `marker` and
+ * `overLength` feed the metrics accuracy, marker_rate and overlong_rate, counting as false when left out
+ * (truncated_fraction comes from the finish reason). `cfg` is
  * the config's `reward` section, checked, for a score that wraps `reward`: `(c, p, cfg) => reward(c, p.answer,
  * cfg)` and more.
  */
@@ -43,10 +44,10 @@ export type ScoreFn = (
   completion: Completion,
   prompt: RolloutPrompt,
   cfg: RewardConfig,
-) => RewardResult | Promise<RewardResult>;
+) => ScoreResult | Promise<ScoreResult>;
 
-/** A score function's result, checked: an object with a finite reward. */
-function checkScore(r: unknown, prompt: number, sample: number): RewardResult {
+/** A score function's result, checked: an object with a finite reward, and flags that are booleans if given. */
+function checkScore(r: unknown, prompt: number, sample: number): ScoreResult {
   const value = (r as { reward?: unknown } | null)?.reward;
   if (typeof r !== "object" || r === null || typeof value !== "number" || !Number.isFinite(value)) {
     // A string is quoted: a verifier's "1" would read as the number it is not.
@@ -54,10 +55,19 @@ function checkScore(r: unknown, prompt: number, sample: number): RewardResult {
     const shown = typeof r === "object" && r !== null ? `a reward of ${show(value)}` : show(r);
     throw new TypeError(
       `collect: the score function gave ${shown} for sample ${sample} of prompt ${prompt} ` +
-        `(it must return a RewardResult whose reward is a finite number)`,
+        `(it must return a ScoreResult whose reward is a finite number)`,
     );
   }
-  return r as RewardResult;
+  for (const flag of ["correct", "marker", "overLength"] as const) {
+    const v = (r as ScoreResult)[flag];
+    if (v !== undefined && typeof v !== "boolean") {
+      throw new TypeError(
+        `collect: the score function gave ${flag} ${describe(v)} for sample ${sample} of prompt ${prompt} ` +
+          "(true, false, or left out)",
+      );
+    }
+  }
+  return r as ScoreResult;
 }
 
 /** Options of {@link collect}. */

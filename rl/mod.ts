@@ -21,6 +21,7 @@ export {
   type RewardConfig,
   rewardConfig,
   type RewardResult,
+  type ScoreResult,
 } from "./reward.ts";
 export {
   DEFAULT_RL_CONFIG,

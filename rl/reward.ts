@@ -93,6 +93,13 @@ export interface RewardResult {
   extracted: Extraction;
 }
 
+/**
+ * What a score function returns (rl/collect.ts `ScoreFn`): the reward, and what it knows of the verdict. A
+ * flag it leaves out counts as false in the rates (accuracy, marker_rate, overlong_rate), and a logged sample's
+ * `correct` is then null.
+ */
+export type ScoreResult = Pick<RewardResult, "reward"> & Partial<Omit<RewardResult, "reward">>;
+
 /** The check of every reward setting (model/settings.ts), shared with deno task train's `reward` section. */
 export const REWARD_CHECKS: Checks<RewardConfig> = {
   correct: anyNum,

@@ -11,7 +11,7 @@ import { type Device, keep, type Tensor, tensor, tidy } from "../ffi/mod.ts";
 import type { FinishReason } from "../model/generate.ts";
 import { leftPad } from "../model/padding.ts";
 import type { SequenceBatch } from "./policy.ts";
-import type { RewardResult } from "./reward.ts";
+import type { ScoreResult } from "./reward.ts";
 
 /** One prompt: its token ids (e.g. data/prompt.ts `buildPrompt`) and the gold answer. */
 export interface RolloutPrompt {
@@ -36,7 +36,7 @@ export interface RolloutSequence {
   /** Why generation stopped. */
   finishReason: FinishReason;
   /** The reward and its parts. */
-  reward: RewardResult;
+  reward: ScoreResult;
 }
 
 /** One completion, for logging. */
@@ -47,8 +47,8 @@ export interface Sample {
   completion: string;
   /** Its reward. */
   reward: number;
-  /** Whether its answer was right. */
-  correct: boolean;
+  /** Whether its answer was right (null: its score function did not say). */
+  correct: boolean | null;
 }
 
 /** Numbers of a collect phase. */
@@ -96,9 +96,9 @@ function sequenceMetrics(sequences: readonly RolloutSequence[]): Omit<CollectMet
   return {
     reward_mean: rewardMean,
     reward_std: Math.sqrt(mean(rewards.map((r) => (r - rewardMean) ** 2))),
-    accuracy: rate((s) => s.reward.correct),
-    marker_rate: rate((s) => s.reward.marker),
-    overlong_rate: rate((s) => s.reward.overLength),
+    accuracy: rate((s) => s.reward.correct === true),
+    marker_rate: rate((s) => s.reward.marker === true),
+    overlong_rate: rate((s) => s.reward.overLength === true),
     truncated_fraction: rate((s) => s.finishReason === "length"),
     completion_len_mean: generated / sequences.length,
     tokens_generated: generated,
@@ -233,7 +233,7 @@ export class RolloutBuffer {
       prompt: this.promptTexts[s.prompt]!,
       completion: s.text,
       reward: s.reward.reward,
-      correct: s.reward.correct,
+      correct: s.reward.correct ?? null,
     }));
   }
 

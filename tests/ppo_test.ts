@@ -32,7 +32,7 @@ import { DEFAULT_RL_CONFIG, rlConfig, type RlOverrides } from "../rl/config.ts";
 import { learn } from "../rl/learn.ts";
 import { Policy } from "../rl/policy.ts";
 import { policyOptimizer, ppoStep } from "../rl/ppo.ts";
-import { reward, type RewardResult } from "../rl/reward.ts";
+import { reward, type RewardResult, type ScoreResult } from "../rl/reward.ts";
 import { perturbAdapters, tinyPrompts } from "./tiny.ts";
 import { assertClose, DEVICE, GradientRecorder, scriptedScore, withSequences } from "./util.ts";
 
@@ -245,7 +245,21 @@ Deno.test("rl: collect, learn and ppoStep on the tiny model", async (t) => {
           assertClose([s.reward.reward], [(s.reward.correct ? 1 : -1) - 0.01 * s.tokens.length], 1e-9)
         );
       }
+      // A score that only gives a reward (a reward model): its verdict flags count as false, and a logged
+      // sample says nothing of its correctness.
+      {
+        const bare: ScoreFn = (c) => ({ reward: c.tokens.length / 100 });
+        using buf = await collect(policy, tok, prompts, CFG, { seed: 1, score: bare });
+        assert.deepEqual(buf.rewards, buf.sequences.map((s) => s.tokens.length / 100));
+        const m = buf.metrics;
+        assert.deepEqual([m.accuracy, m.marker_rate, m.overlong_rate], [0, 0, 0]);
+        assert.ok(buf.samples(2).every((x) => x.correct === null));
+      }
       const wrong = [
+        [
+          () => ({ reward: 1, correct: "yes" }),
+          /gave correct "yes" \(a string\) for sample 0 of prompt 0 \(true, false, or left out\)/,
+        ],
         [() => Promise.resolve(undefined), /gave undefined for sample 0 of prompt 0/],
         [() => ({ reward: NaN }), /gave a reward of NaN for sample 0 of prompt 0/],
         // A verifier's text: shown as a string, not as the number it reads like.
@@ -271,7 +285,7 @@ Deno.test("rl: collect, learn and ppoStep on the tiny model", async (t) => {
       ] as const;
       for (const [score, message] of wrong) {
         await assert.rejects(
-          collect(policy, tok, prompts, CFG, { seed: 1, score: score as () => RewardResult }),
+          collect(policy, tok, prompts, CFG, { seed: 1, score: score as () => ScoreResult }),
           message,
         );
         assert.equal(liveTensors(), live, `nothing left after ${message}`);

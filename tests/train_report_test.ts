@@ -120,6 +120,7 @@ Deno.test("report: one SVG per metric with every point, the config and the lates
     { step: 20, prompt: "old", completion: "old completion", reward: 0, correct: false },
     { step: 30, prompt: "What is 2+2?", completion: "<b>4</b>\n#### 4", reward: 1.05, correct: true },
     { step: 30, prompt: "What is 3+3?", completion: "five", reward: 0, correct: false },
+    { step: 30, prompt: "Rate this", completion: "judged by a reward model", reward: 0.25, correct: null },
   ];
   await Deno.writeTextFile(join(dir, SAMPLES_FILE), samples.map((s) => JSON.stringify(s)).join("\n") + "\n");
   await Deno.writeTextFile(join(dir, "config.yaml"), "name: test-run\ntrain:\n  learningRate: 1e-5\n");
@@ -162,6 +163,10 @@ Deno.test("report: one SVG per metric with every point, the config and the lates
   assert.ok(!html.includes("<b>4</b>"));
   assert.match(html, /Samples \(step 30\)/);
   assert.ok(!html.includes("old completion"));
+  // One verdict each for the two judged samples; none for the one whose score did not judge its answer.
+  assert.equal((html.match(/class="ok">correct</g) ?? []).length, 1);
+  assert.equal((html.match(/class="bad">wrong</g) ?? []).length, 1);
+  assert.match(html, /<div class="sample">reward 0\.25/);
 
   // Atomic: no temporary file left; an empty run still gets a page.
   const names = [];

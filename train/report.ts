@@ -237,8 +237,12 @@ export function renderReport(input: {
   const lastStep = samples.length ? Math.max(...samples.map((s) => s.step)) : null;
   const latest = samples.filter((s) => s.step === lastStep);
   const sampleHtml = latest.map((s) => {
-    const ok = s.correct === true ? `<span class="ok">correct</span>` : `<span class="bad">wrong</span>`;
-    const reward = typeof s.reward === "number" ? ` · reward ${formatValue(s.reward)}` : "";
+    const ok = s.correct === true
+      ? `<span class="ok">correct</span>`
+      : s.correct === false
+      ? `<span class="bad">wrong</span>`
+      : ""; // a score that does not judge answers
+    const reward = typeof s.reward === "number" ? `${ok ? " · " : ""}reward ${formatValue(s.reward)}` : "";
     const prompt = typeof s.prompt === "string"
       ? `<details><summary>prompt</summary><pre>${escapeHtml(s.prompt)}</pre></details>`
       : "";
