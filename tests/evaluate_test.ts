@@ -85,6 +85,12 @@ Deno.test("evaluate: sampled, each problem's samples together, seeded, with pass
     const texts = (r: typeof a): string[] => r.predictions.map((p) => p.completion);
     assert.deepEqual(texts(a), texts(b), "the same seed draws the same completions");
     assert.notDeepEqual(texts(a), texts(c), "another seed draws others");
+    const fixed = await evaluateExamples(model.decoder, tok, problems, {
+      ...opts,
+      sampling: { temperature: 1, seed: 7 },
+      decodeMode: "static",
+    });
+    assert.deepEqual(texts(fixed), texts(a), "static decode steps draw what eager ones draw");
     assert.ok(
       problems.some((_, i) => new Set(texts(a).slice(3 * i, 3 * i + 3)).size > 1),
       "a problem's samples differ",
