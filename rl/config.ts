@@ -81,6 +81,12 @@ export interface PpoConfig {
   gaeLambda: number;
   /** Normalise the advantages over the update (false: Dr. GRPO's unscaled advantages). */
   normalizeAdvantages: boolean;
+  /**
+   * Leave completions cut at the token cap out of the policy loss (DAPO's overlong filtering, TRL's
+   * `mask_truncated_completions`): their rewards still count in their group's baseline and the critic still
+   * learns from them.
+   */
+  maskTruncated: boolean;
   /** Cap C of the per-token importance weight min(π_old / π_rollout, C) (null: no correction). */
   rolloutCorrection: number | null;
   /** Weight of the MoE load-balancing loss (0: off). */
@@ -137,6 +143,7 @@ export const DEFAULT_RL_CONFIG: Readonly<RlConfig> = Object.freeze({
     advantage: "token_value" as const,
     gaeLambda: 1,
     normalizeAdvantages: true,
+    maskTruncated: false,
     rolloutCorrection: 2,
     routerAuxCoef: 0,
   }),
@@ -173,6 +180,7 @@ export const PPO_CHECKS: Checks<PpoConfig> = {
   advantage: oneOf(...ADVANTAGE_ESTIMATORS),
   gaeLambda: num(0, 1),
   normalizeAdvantages: bool,
+  maskTruncated: bool,
   rolloutCorrection: nullable(num(1)),
   routerAuxCoef: num(0),
 };

@@ -445,14 +445,17 @@ export function learn(
   };
   const rewards = buffer.rewards;
   const signal = flatGroups(rewards, k).map((f, i) => !f && run.lengths[i]! > 0);
+  // ppo.maskTruncated: a completion cut at the cap keeps its advantage (and its place in the baseline and the
+  // normalisation, as TRL's mask_truncated_completions) but is not trained.
+  const cut = buffer.sequences.map((s) => c.maskTruncated && s.finishReason === "length");
   const wasTraining = policy.lora.state.training;
   const t0 = performance.now();
   policy.train(false);
   try {
     const first = referencePass(run, signal);
     const t1 = performance.now();
-    const { adv, trainedAll } = advantagesOnRanks(dp, run.lengths.length, () =>
-      checkAdvantages(
+    const { adv, trainedAll } = advantagesOnRanks(dp, run.lengths.length, () => {
+      const checked = checkAdvantages(
         run.fns.advantages(rewards, k, run.lengths, c.advantage === "group" ? null : first.values, {
           estimator: c.advantage,
           gaeLambda: c.gaeLambda,
@@ -461,7 +464,9 @@ export function learn(
         }),
         run.lengths,
         signal,
-      ));
+      );
+      return { ...checked, trained: checked.trained.map((t, i) => t && !cut[i]) };
+    });
     const trained = adv.trained.flatMap((t, i) => (t ? [i] : []));
     const mismatch = new Mismatch(Math.log(c.rolloutCorrection ?? 2));
     const old = c.epochs * c.minibatches > 1 ? oldPass(run, trained, mismatch) : null;

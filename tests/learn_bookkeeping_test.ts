@@ -18,6 +18,8 @@ import { DEFAULT_LORA } from "../model/lora_apply.ts";
 import { loadModel } from "../model/model.ts";
 import { Tokenizer } from "../model/tokenizer.ts";
 import { collect } from "../rl/collect.ts";
+import { updateAdvantages } from "../rl/advantages.ts";
+import type { AdvantagesFn } from "../rl/replaceable.ts";
 import type { RlOverrides } from "../rl/config.ts";
 import { learn } from "../rl/learn.ts";
 import { valueLoss } from "../rl/losses.ts";
@@ -242,5 +244,32 @@ Deno.test("learn, data parallel: advantages are normalised with every rank's tok
     assertClose([alone.advantage_std], [std(raw)], 1e-9, "one process");
     const twins = learn(policy, new GradientRecorder(), buf, cfg, { replicas: new TwinPeer() });
     assertClose([twins.advantage_std], [std([...raw, ...raw])], 1e-9, "over both ranks' tokens");
+  });
+});
+
+Deno.test("learn: ppo.maskTruncated leaves completions cut at the cap out of the policy loss, as untrained ones", async () => {
+  await withPolicy(async (policy, tok) => {
+    using got = await collect(policy, tok, PROMPTS, CFG, { seed: 1, score: scriptedScore((i) => i % 2) });
+    const cut = new Set([0, 5]); // these two ran to the cap
+    const sequences = got.sequences.map((s, i) => ({
+      ...s,
+      finishReason: cut.has(i) ? "length" as const : "stop" as const,
+    }));
+    using buf = withSequences(got, sequences);
+    const masked = new GradientRecorder();
+    const m = learn(policy, masked, buf, { ...CFG, ppo: { ...CFG.ppo, maskTruncated: true } }, { seed: 3 });
+    assert.equal(m.trained_fraction, 6 / 8);
+    // The same steps as an advantages function that marks them untrained (their advantages kept).
+    const untrained: AdvantagesFn = (rewards, k, lengths, values, cfg) => {
+      const adv = updateAdvantages(rewards, k, lengths, values, cfg);
+      return { ...adv, trained: adv.trained.map((t, i) => t && !cut.has(i)) };
+    };
+    const byHand = new GradientRecorder();
+    learn(policy, byHand, buf, CFG, { seed: 3, advantages: untrained });
+    assert.deepEqual(masked.steps, byHand.steps);
+    // Off (the default), they are trained, and the policy's gradient differs.
+    const all = new GradientRecorder();
+    assert.equal(learn(policy, all, buf, CFG, { seed: 3 }).trained_fraction, 1);
+    assert.notDeepEqual(all.steps.at(-1), masked.steps.at(-1));
   });
 });
