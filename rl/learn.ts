@@ -452,7 +452,7 @@ export function learn(
   const t0 = performance.now();
   policy.train(false);
   try {
-    const first = referencePass(run, signal);
+    const first = referencePass(run, signal.map((s, i) => s && !cut[i])); // no KL for what is not trained
     const t1 = performance.now();
     const { adv, trainedAll } = advantagesOnRanks(dp, run.lengths.length, () => {
       const checked = checkAdvantages(

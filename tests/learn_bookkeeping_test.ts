@@ -271,5 +271,15 @@ Deno.test("learn: ppo.maskTruncated leaves completions cut at the cap out of the
     const all = new GradientRecorder();
     assert.equal(learn(policy, all, buf, CFG, { seed: 3 }).trained_fraction, 1);
     assert.notDeepEqual(all.steps.at(-1), masked.steps.at(-1));
+    // Without a critic the reference pass reads only what is trained: the cut sequences are not in it.
+    const rows: number[] = [];
+    const real = policy.reference.bind(policy);
+    policy.reference = (batch, opts) => {
+      rows.push(batch.inputIds.size(0));
+      return real(batch, opts);
+    };
+    const group = { ...CFG, ppo: { ...CFG.ppo, advantage: "group" as const, maskTruncated: true } };
+    learn(policy, new GradientRecorder(), buf, group, { microBatch: 8 });
+    assert.deepEqual(rows, [6]);
   });
 });
