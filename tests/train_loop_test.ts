@@ -164,6 +164,26 @@ Deno.test("train: a tiny run writes its folder, and --resume repeats the uninter
   assert.equal(liveTensors(), live, "the run frees everything");
 });
 
+Deno.test("train: a refused --resume leaves no lock file in a folder that was there, so it is refused again", async () => {
+  const tmp = await Deno.makeTempDir({ prefix: "moerl_train_" });
+  try {
+    // An empty folder (made by a job script, say): a lock file left by the first refusal would read as a run
+    // started there, and the second --resume would start one.
+    const empty = join(tmp, "empty");
+    await Deno.mkdir(empty);
+    for (let i = 0; i < 2; i++) {
+      await assert.rejects(
+        async () => train(await config(empty, 1, "eval.every=0"), { quiet: true, resume: true }),
+        /empty: nothing to resume \(no checkpoint, no metrics\)/,
+        `attempt ${i + 1}`,
+      );
+      assert.deepEqual(await Array.fromAsync(Deno.readDir(empty)), [], "the folder is left as it was");
+    }
+  } finally {
+    await Deno.remove(tmp, { recursive: true });
+  }
+});
+
 Deno.test("lockRunDir: a file system without flock warns and goes on unguarded", async () => {
   const tmp = await Deno.makeTempDir({ prefix: "moerl_lock_" });
   const tryLock = Deno.FsFile.prototype.tryLock, warn = console.warn;

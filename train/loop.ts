@@ -37,6 +37,7 @@ import {
 } from "./checkpoint.ts";
 import { formatConfig, RUN_CONFIG_FILE, runDir, type TrainConfig } from "./config.ts";
 import { writeAtomic } from "../model/atomic_write.ts";
+import { isFile } from "../model/json.ts";
 import { JsonlLog, METRICS_FILE, SAMPLES_FILE, type StepRecord } from "./metrics.ts";
 import { TensorBoardLog } from "./tensorboard.ts";
 import { ProgressBar } from "./progress.ts";
@@ -110,18 +111,26 @@ export async function train(cfg: TrainConfig, opts: TrainOptions = {}): Promise<
   try {
     return await trainLocked(cfg, opts, dp, dir, share, first, lock?.lockedBefore ?? false);
   } catch (e) {
-    // A start refused before anything was written leaves no folder behind (a failure here hides nothing).
-    if (lock?.created) await removeIfOnlyLock(dir).catch(() => {});
+    // A start refused before anything was written leaves no folder behind (a failure here hides nothing), and
+    // no lock file of its own: a later --resume would take that for a run started there.
+    if (lock && !lock.lockedBefore) await removeOwnLock(dir, lock.created).catch(() => {});
     throw e;
   } finally {
     lock?.file?.close();
   }
 }
 
-async function removeIfOnlyLock(dir: string): Promise<void> {
-  const names = [];
-  for await (const x of Deno.readDir(dir)) names.push(x.name);
-  if (names.length === 1 && names[0] === RUN_LOCK_FILE) await Deno.remove(dir, { recursive: true });
+/**
+ * After a failed start whose lock file this process made: unless the run wrote its config.yaml (its first
+ * output, once the model and data have loaded), the lock file goes, and the folder too when this process made
+ * it and nothing else is in it.
+ */
+async function removeOwnLock(dir: string, created: boolean): Promise<void> {
+  if (await isFile(join(dir, RUN_CONFIG_FILE))) return;
+  await Deno.remove(join(dir, RUN_LOCK_FILE));
+  if (!created) return;
+  for await (const _ of Deno.readDir(dir)) return;
+  await Deno.remove(dir);
 }
 
 /** {@link train}, once rank 0 holds the run folder's lock. */
