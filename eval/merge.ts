@@ -36,9 +36,18 @@ const USAGE =
 The base loads on the CPU at full precision (model.quantize4bit is ignored). Exit status: 0 done, 1 an error
 while running, 2 a bad argument or config.`;
 
-/** The hint for an unknown option: merge reads only the config's model section, so only model keys are offered. */
+/** The model settings merge sets itself: the base loads on the CPU at full precision. */
+const OVERRIDDEN = ["model.device", "model.quantize4bit", "model.doubleQuant"];
+
+/**
+ * The hint for an unknown option: merge reads only the config's model section, so only model keys are offered,
+ * and not those it overrides.
+ */
 function modelOptionHint(name: string): string | null {
   const hint = setOptionHint(name);
+  if (hint !== null && OVERRIDDEN.some((k) => hint.includes(`--set ${k}=`))) {
+    return `the base loads on the CPU at full precision: merge has no use for ${OVERRIDDEN.join(", ")}`;
+  }
   if (hint === null || hint.includes("--set model.")) return hint;
   return "merge reads only the model.* settings of a config";
 }

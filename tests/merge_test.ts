@@ -142,6 +142,13 @@ Deno.test("merge: an unknown option is named, and only model settings are sugges
     dtype.stderr,
     /unknown option --dtype \(settings are given as --set key=value: --set model\.dtype=…\)/,
   );
+  // Nor a model setting merge overrides: following that hint would change nothing.
+  const device = await merge("--adapter", "a", "--out", "b", "--device", "cuda");
+  assert.equal(device.code, 2);
+  assert.match(
+    device.stderr,
+    /unknown option --device \(the base loads on the CPU at full precision: merge has no use for model\.device,/,
+  );
 });
 
 Deno.test("merge: --set model.id overrules a standalone adapter's base, however the --set is spaced", async () => {
