@@ -184,6 +184,37 @@ Deno.test("train: a refused --resume leaves no lock file in a folder that was th
   }
 });
 
+Deno.test("train: a sampled evaluation logs pass@k and maj@k, and leaves the training as it was", async () => {
+  const tmp = await Deno.makeTempDir({ prefix: "moerl_train_" });
+  try {
+    const sampled = ["eval.every=1", "eval.samples=3", "eval.temperature=1", "eval.limit=3"];
+    const withEval = await train(await config(join(tmp, "sampled"), 2, ...sampled), { quiet: true });
+    const keys = [
+      "eval_pass_at_k_strict",
+      "eval_pass_at_k_flexible",
+      "eval_maj_at_k_strict",
+      "eval_maj_at_k_flexible",
+    ];
+    for (const r of withEval.records) {
+      for (const k of keys) assert.ok(typeof r[k] === "number" && r[k] >= 0 && r[k] <= 1, `${k} ${r[k]}`);
+      assert.ok((r.eval_pass_at_k_flexible as number) >= (r.eval_accuracy_flexible as number));
+    }
+    const logged = JSON.parse((await Deno.readTextFile(join(withEval.dir, "metrics.jsonl"))).split("\n")[0]!);
+    for (const k of keys) assert.equal(logged[k], withEval.records[0]![k], k);
+    // Its draws come from its own generator: the updates are those of a run that does not evaluate.
+    const without = await train(await config(join(tmp, "none"), 2, "eval.every=0"), { quiet: true });
+    const trained = (r: Record<string, unknown>): Record<string, unknown> =>
+      Object.fromEntries(Object.entries(comparable(r)).filter(([k]) => !k.startsWith("eval_")));
+    assert.deepEqual(withEval.records.map(trained), without.records.map(trained));
+    // Greedy: pass@1 and maj@1 are the accuracy, so they are not logged.
+    const greedy = await train(await config(join(tmp, "greedy"), 1, "eval.every=1"), { quiet: true });
+    assert.ok("eval_accuracy_flexible" in greedy.records[0]!);
+    for (const k of keys) assert.ok(!(k in greedy.records[0]!), k);
+  } finally {
+    await Deno.remove(tmp, { recursive: true });
+  }
+});
+
 Deno.test("lockRunDir: a file system without flock warns and goes on unguarded", async () => {
   const tmp = await Deno.makeTempDir({ prefix: "moerl_lock_" });
   const tryLock = Deno.FsFile.prototype.tryLock, warn = console.warn;
