@@ -275,6 +275,26 @@ Deno.test({
   },
 });
 
+Deno.test({
+  name:
+    "data parallel: --resume of a run stopped while it loaded (only its lock file) starts it on every rank",
+  ignore: !hasGloo,
+  async fn(): Promise<void> {
+    const tmp = await Deno.makeTempDir({ prefix: "moerl_dp_lock_" });
+    try {
+      // Rank 0 alone takes the lock and sees it was there; the other ranks must not refuse the run.
+      const run = join(tmp, "run");
+      await Deno.mkdir(run);
+      await Deno.writeTextFile(join(run, ".lock"), "pid 1\n");
+      const r = await trainCli([...settings(run, 1), "--resume", "--nproc", "2"]);
+      assert.equal(r.code, 0, text(r.stderr));
+      assert.deepEqual((await readJsonl(join(run, "metrics.jsonl"))).map((x) => x.step), [1]);
+    } finally {
+      await Deno.remove(tmp, { recursive: true });
+    }
+  },
+});
+
 Deno.test("train --nproc: an update that does not split over the processes is refused before any starts", async () => {
   const tmp = await Deno.makeTempDir({ prefix: "moerl_dp_split_" });
   try {
