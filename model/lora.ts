@@ -3,9 +3,15 @@
  * A [r, in] Kaiming-uniform, B [out, r] zero, the base frozen. Adapters can be
  * switched off (the frozen reference policy is the same weights with adapters
  * off) and merged into / unmerged from full-precision base weights.
+ *
+ * A and B are float32 whatever the base's dtype, as PEFT keeps them: an AdamW
+ * step of ~1e-5 on a bfloat16 weight of ~0.03 (whose spacing there is ~1e-4)
+ * rounds back to the same value, so bfloat16 adapters would barely train. The
+ * forward pass casts them to the activations' dtype (mixed precision: float32
+ * master weights, bfloat16 products), so the activations stay as they were.
  * @module
  */
-import { keep, linear, noGrad, rand, type Tensor, tidy, zeros } from "../ffi/mod.ts";
+import { type DType, keep, linear, noGrad, rand, type Tensor, tidy, zeros } from "../ffi/mod.ts";
 import { Linear, type LinearLayer } from "./layers.ts";
 
 /** LoRA hyperparameters (PEFT's LoraConfig names in comments). */
@@ -36,9 +42,12 @@ function param(t: Tensor): Tensor {
   return keep(t.setRequiresGrad(true));
 }
 
-/** Uniform(−b, b) of shape, as dtype/device of like. */
+/** The dtype of every adapter weight: float32 (see the module doc). */
+export const ADAPTER_DTYPE: DType = "float32";
+
+/** Uniform(−b, b) of shape, float32 on like's device. */
 function uniform(shape: number[], bound: number, like: Tensor): Tensor {
-  return tidy(() => rand(shape, { dtype: like.dtype, device: like.device }).mul(2 * bound).sub(bound));
+  return tidy(() => rand(shape, { dtype: ADAPTER_DTYPE, device: like.device }).mul(2 * bound).sub(bound));
 }
 
 /** Inverted dropout of x with probability p (a copy of x when p is 0 or not training). */
@@ -59,9 +68,9 @@ export function adapterInput(x: Tensor, p: number, training: boolean): Tensor {
 export class LoraLinear implements LinearLayer {
   /** The frozen layer. */
   readonly base: LinearLayer;
-  /** Down-projection [r, in], trainable. */
+  /** Down-projection [r, in], trainable, float32. */
   readonly A: Tensor;
-  /** Up-projection [out, r], trainable. */
+  /** Up-projection [out, r], trainable, float32. */
   readonly B: Tensor;
   /** α / r. */
   readonly scale: number;
@@ -88,7 +97,7 @@ export class LoraLinear implements LinearLayer {
     this.scale = opts.alpha / opts.r;
     this.A = param(uniform([opts.r, dims.in], kaimingBound(dims.in), dims.like));
     try {
-      this.B = param(zeros([dims.out, opts.r], { dtype: dims.like.dtype, device: dims.like.device }));
+      this.B = param(zeros([dims.out, opts.r], { dtype: ADAPTER_DTYPE, device: dims.like.device }));
     } catch (e) {
       this.A.dispose(); // out of memory for B: A would be left to no one
       throw e;
@@ -101,8 +110,8 @@ export class LoraLinear implements LinearLayer {
       const y = this.base.forward(x);
       if (!this.state.enabled || this.merged) return y;
       // linear(x, W) is matmul(x, Wᵀ) in libtorch (no bias): the same kernels, two transpose ops fewer.
-      const h = linear(adapterInput(x, this.opts.dropout, this.state.training), this.A);
-      return y.add(linear(h, this.B).mul(this.scale));
+      const h = linear(adapterInput(x, this.opts.dropout, this.state.training), this.A.to(x.dtype));
+      return y.add(linear(h, this.B.to(x.dtype)).mul(this.scale));
     });
   }
 

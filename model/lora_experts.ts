@@ -4,10 +4,23 @@
  *
  * The gate/up projection carries one adapter over both ("fused") or one each
  * ("split"); the down projection carries one (see {@link ExpertLoraForm}).
+ * The adapters are float32 and cast to the activations' dtype in the forward
+ * pass, as model/lora.ts's.
  * @module
  */
-import { cat, groupedMm, keep, linear, noGrad, rand, type Tensor, tidy, zeros } from "../ffi/mod.ts";
-import { adapterInput, type LoraOptions, type LoraState } from "./lora.ts";
+import {
+  cat,
+  type DType,
+  groupedMm,
+  keep,
+  linear,
+  noGrad,
+  rand,
+  type Tensor,
+  tidy,
+  zeros,
+} from "../ffi/mod.ts";
+import { ADAPTER_DTYPE, adapterInput, type LoraOptions, type LoraState } from "./lora.ts";
 import { type ExpertBank, type ExpertNames, groupedMmFits, StackedExperts } from "./moe.ts";
 
 /**
@@ -24,9 +37,9 @@ export interface ExpertAdapter {
   offset: number;
   /** Rows in the slice. */
   size: number;
-  /** [E, r, in], trainable. */
+  /** [E, r, in], trainable, float32. */
   A: Tensor;
-  /** [E, size, r], trainable. */
+  /** [E, size, r], trainable, float32. */
   B: Tensor;
 }
 
@@ -38,7 +51,7 @@ function adapter(
   size: number,
   like: Tensor,
 ): ExpertAdapter {
-  const o = { dtype: like.dtype, device: like.device };
+  const o = { dtype: ADAPTER_DTYPE, device: like.device };
   const bound = 1 / Math.sqrt(inDim); // Kaiming-uniform(a=√5), as lora_A
   const A = keep(tidy(() => rand([e, r, inDim], o).mul(2 * bound).sub(bound)).setRequiresGrad(true));
   try {
@@ -67,6 +80,8 @@ export class LoraExperts implements ExpertBank {
   readonly form: ExpertLoraForm;
   /** True while merged into the base weights. */
   merged = false;
+  /** The activations' dtype (the base's): what the adapters are cast to in the forward pass. */
+  readonly #compute: DType;
 
   /**
    * Adds fresh adapters to base, whose experts have input width `hidden` and
@@ -86,6 +101,7 @@ export class LoraExperts implements ExpertBank {
     this.state = state;
     this.form = form;
     this.scale = opts.alpha / r;
+    this.#compute = like.dtype;
     const made: ExpertAdapter[] = [];
     const make = (inDim: number, offset: number, size: number): ExpertAdapter => {
       const a = adapter(e, r, inDim, offset, size, like);
@@ -122,8 +138,9 @@ export class LoraExperts implements ExpertBank {
 
   #delta(ad: ExpertAdapter, x: Tensor, e: number | null): Tensor {
     const xd = adapterInput(x, this.opts.dropout, this.state.training);
-    if (e === null) return xd.bmm(ad.A.transpose(1, 2)).bmm(ad.B.transpose(1, 2)).mul(this.scale);
-    return linear(linear(xd, ad.A.select(0, e)), ad.B.select(0, e)).mul(this.scale); // matmul(·, Wᵀ)
+    const [a, b] = [ad.A.to(x.dtype), ad.B.to(x.dtype)];
+    if (e === null) return xd.bmm(a.transpose(1, 2)).bmm(b.transpose(1, 2)).mul(this.scale);
+    return linear(linear(xd, a.select(0, e)), b.select(0, e)).mul(this.scale); // matmul(·, Wᵀ)
   }
 
   /** base gate/up of expert e plus the adapters' updates. */
@@ -151,12 +168,13 @@ export class LoraExperts implements ExpertBank {
   }
   /** Where the frozen bank has grouped products and the rank suits them. */
   get groupable(): boolean {
-    return this.base.groupable === true && groupedMmFits([this.opts.r], this.downAdapter.A.dtype);
+    return this.base.groupable === true && groupedMmFits([this.opts.r], this.#compute);
   }
 
   #deltaGrouped(ad: ExpertAdapter, x: Tensor, offs: Tensor): Tensor {
     const xd = adapterInput(x, this.opts.dropout, this.state.training);
-    return groupedMm(groupedMm(xd, ad.A.transpose(1, 2), offs), ad.B.transpose(1, 2), offs).mul(this.scale);
+    const [a, b] = [ad.A.to(x.dtype), ad.B.to(x.dtype)];
+    return groupedMm(groupedMm(xd, a.transpose(1, 2), offs), b.transpose(1, 2), offs).mul(this.scale);
   }
   /** Grouped over the experts' rows: base plus the adapters' updates. */
   gateUpGrouped(x: Tensor, offs: Tensor): Tensor {

@@ -38,7 +38,7 @@ export { parseSets, parseYaml, TrainConfigError } from "./config_schema.ts";
 export interface ModelSettings {
   /** A Hub repo id ("org/name", "org/name@revision") or a local folder in Hugging Face layout. */
   id: string;
-  /** Weight dtype of the frozen base (LoRA adapters take the same dtype; the value head is float32). */
+  /** Weight dtype of the frozen base (the LoRA adapters and the value head are float32 whatever it is). */
   dtype: "bfloat16" | "float16" | "float32";
   /** "cuda", "cuda:N" or "cpu". */
   device: Device;
