@@ -8,11 +8,20 @@
  * size, and remember the winner per (decoder, rows).
  * @module
  */
-import { cuda, noGrad, randn, tidy } from "../ffi/mod.ts";
+import { cuda, type Device, type DType, noGrad, randn, tidy } from "../ffi/mod.ts";
 import type { Decoder } from "./decoder.ts";
 import { dispatch, type MoeDispatch } from "./moe.ts";
 
 const chosen = new WeakMap<Decoder, Map<string, MoeDispatch>>();
+
+/**
+ * Whether a grouped GEMM on device in dtype can be recorded in a CUDA graph. libtorch's CUDA `_grouped_mm`
+ * (2.8 to 2.15) runs on the device only for bfloat16 (on sm90/sm100 GPUs); otherwise it falls back to a loop
+ * that copies the group offsets to the host, which a capture refuses. Off CUDA nothing is captured.
+ */
+export function groupedCapturable(device: Device, dtype: DType): boolean {
+  return !device.startsWith("cuda") || dtype === "bfloat16";
+}
 
 /** What {@link measureDispatch} timed: seconds per call of each mode it tried, and the fastest. */
 export interface DispatchMeasurement {
@@ -47,7 +56,9 @@ export function measureDispatch(
   const modes: MoeDispatch[] = [
     "dense",
     ...(opts.syncFree ? [] : ["loop" as const]),
-    ...(mlp.experts.groupable ? ["grouped" as const] : []),
+    ...(mlp.experts.groupable && (!opts.syncFree || groupedCapturable(device, decoder.embed.dtype))
+      ? ["grouped" as const]
+      : []),
   ];
   const sync = (): void => device.startsWith("cuda") ? cuda.synchronize(device) : undefined;
   const seconds: Partial<Record<MoeDispatch, number>> = {};

@@ -29,7 +29,7 @@ import type { Decoder } from "./decoder.ts";
 import { DECODE_MODES, type DecodeBuffers, type DecodeMode, DecodeSession } from "./decode_static.ts";
 import { KVCache } from "./kv_cache.ts";
 import { MOE_DISPATCHES, type MoeDispatch } from "./moe.ts";
-import { decodeDispatch } from "./dispatch_choice.ts";
+import { decodeDispatch, groupedCapturable } from "./dispatch_choice.ts";
 import { checkTokenIds, leftPad } from "./padding.ts";
 
 /** How the next token is chosen. Greedy unless doSample. */
@@ -262,9 +262,11 @@ async function run(
   const temperature = opts.doSample ? opts.temperature ?? 1 : 1;
   const decodeOpt = opts.decodeDispatch ?? opts.dispatch ?? "dense";
   // Captured steps must not wait on the host: "measured" then leaves "loop" out, and "grouped", which falls
-  // back to "loop" for a bank that cannot group (libtorch < 2.8, some adapters), becomes "dense" there.
+  // back to "loop" for a bank that cannot group (libtorch < 2.8, some adapters) and copies to the host on CUDA
+  // outside bfloat16 (groupedCapturable), becomes "dense" there.
   const captured = opts.decodeMode === "graph";
-  const allGroup = decoder.layers.every((l) => l.mlp.kind !== "moe" || l.mlp.experts.groupable === true);
+  const allGroup = groupedCapturable(device, decoder.embed.dtype) &&
+    decoder.layers.every((l) => l.mlp.kind !== "moe" || l.mlp.experts.groupable === true);
   const dispatchMode = decodeOpt === "measured"
     ? decodeDispatch(decoder, b, { syncFree: captured })
     : decodeOpt === "grouped" && captured && !allGroup

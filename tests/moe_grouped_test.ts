@@ -19,7 +19,7 @@ import {
   tidy,
   zeros,
 } from "../ffi/mod.ts";
-import { decodeDispatch, measureDispatch } from "../model/dispatch_choice.ts";
+import { decodeDispatch, groupedCapturable, measureDispatch } from "../model/dispatch_choice.ts";
 import { generate } from "../model/generate.ts";
 import { LoraState } from "../model/lora.ts";
 import { LoraExperts } from "../model/lora_experts.ts";
@@ -164,6 +164,16 @@ Deno.test("moe dispatch: measured per batch size on the model's own layer, then 
   assert.ok(
     !("loop" in free.seconds) && free.best !== "loop",
     "steps that must not wait on the host skip loop",
+  );
+  // CUDA graphs cannot record libtorch's grouped GEMM outside bfloat16 (it copies its offsets to the host).
+  assert.deepEqual(
+    [
+      groupedCapturable("cuda:0", "float32"),
+      groupedCapturable("cuda", "float16"),
+      groupedCapturable("cuda:1", "bfloat16"),
+      groupedCapturable("cpu", "float32"),
+    ],
+    [false, false, true, true],
   );
   const mode = decodeDispatch(model.decoder, 6);
   assert.equal(decodeDispatch(model.decoder, 6), mode, "measured once per size, then remembered");
