@@ -178,7 +178,7 @@ export function parseGold(gold: string | number): string | null {
     // The last marker is the answer; one without a number makes the gold malformed, not an earlier one right.
     const tail = gold.slice(gold.lastIndexOf("####") + 4);
     m = LEADING_NUMBER_RE.exec(tail);
-    // A number that goes on ("1e400", "1.5.6", "5x") would be read as its start: 1, 1.5, 5.
+    // A number that goes on ("1.5.6", "5x", "1e3e4") would be read as its start: 1.5, 5, 1000.
     if (m && /^(?:[.,]?\p{N}|[\p{L}_])/u.test(tail.slice(m[0].length))) m = null;
   } else m = WHOLE_NUMBER_RE.exec(gold);
   const r = m && tokenValue(m.groups!.sign, m.groups!.body!);
