@@ -27,7 +27,7 @@ import {
 } from "../train/config.ts";
 import { parseCommandLine } from "../train/cli.ts";
 import { lrFactor } from "../train/schedule.ts";
-import { dataWarnings } from "../train/model.ts";
+import { dataWarnings, precisionWarning } from "../train/model.ts";
 
 const ROOT = join(import.meta.dirname!, "..");
 const CONFIGS = join(ROOT, "configs");
@@ -381,4 +381,14 @@ Deno.test("dataWarnings: a local file labelled as the other split, and evaluatio
   assert.deepEqual(dataWarnings(hubEvalOnTrain, { training: false, evalSplit: "train" }), [
     "evaluation reads the training problems (openai/gsm8k): its accuracy is not held out",
   ]);
+});
+
+Deno.test("precisionWarning: float16 training is warned of (no loss scaling), bfloat16 and float32 are not", async () => {
+  const of = async (dtype: string) =>
+    precisionWarning(await loadTrainConfig(join(CONFIGS, "default.yaml"), [`model.dtype=${dtype}`]));
+  assert.match(
+    (await of("float16"))!,
+    /float16 trains without loss scaling: gradients below ~6e-8 become zero/,
+  );
+  assert.deepEqual([await of("bfloat16"), await of("float32")], [null, null]);
 });

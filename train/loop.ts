@@ -50,6 +50,7 @@ import {
   dataWarnings,
   loadConfiguredData,
   loadConfiguredModel,
+  precisionWarning,
   rankShare,
 } from "./model.ts";
 import {
@@ -160,6 +161,8 @@ async function trainLocked(
     for (const w of dataWarnings(cfg, { training: true, evalSplit })) {
       console.warn(`data: ${w}`);
     }
+    const precision = precisionWarning(cfg);
+    if (precision) console.warn(`model: ${precision}`);
   }
   await fetchFirst(dp, opts.localRank ?? dp.rank, async () => {
     await resolveModel(cfg.model.id);

@@ -105,6 +105,17 @@ export function dataWarnings(
   return warnings;
 }
 
+/**
+ * A warning for a model dtype that trains less reliably than its name suggests, or null: float16 has no loss
+ * scaling here (PyTorch's GradScaler), so activation gradients below its range (~6e-8) flush to zero.
+ */
+export function precisionWarning(cfg: DeepReadonly<TrainConfig>): string | null {
+  return cfg.model.dtype === "float16"
+    ? "model.dtype float16 trains without loss scaling: gradients below ~6e-8 become zero; bfloat16 (float32's " +
+      "range) does not need it"
+    : null;
+}
+
 /** How cfg renders a problem as a prompt (`data.instruction`, `data.system`). */
 export function configuredPrompt(cfg: DeepReadonly<TrainConfig>): PromptOptions {
   return {
