@@ -146,10 +146,13 @@ if [ "${MOERL_GPU_TESTS_ONLY:-0}" != 1 ]; then
   # shellcheck disable=SC2086
   step update-huihui 60 180 deno run -A bench/update.ts --shapes $HUIHUI --device $DEV --dtype $DT \
     --decode eager,graph $UPDATE
-  # The same update at Phi-tiny shapes over a 4-bit base: its peak memory against the 24 GB target.
+  # The same update at Phi-tiny shapes as configs/phi-tiny-moe.yaml runs it (4-bit base, passes of 2 prompts,
+  # gradient checkpointing): its peak memory against the 24 GB target. The KV cache is as wide as an update's
+  # longest prompt: 275 tokens, GSM8K train's longest in Phi's chat template with the default instruction
+  # (an update's longest is 186 at the median, 222 at p95; every epoch has an update with it).
   # shellcheck disable=SC2086
-  step update-phi-4bit 60 150 deno run -A bench/update.ts --shapes $PHI --device $DEV --dtype $DT \
-    --set model.quantize4bit=true --decode graph $UPDATE
+  step update-phi-4bit 60 150 deno run -A bench/update.ts --config configs/phi-tiny-moe.yaml --shapes $PHI \
+    --device $DEV --dtype $DT --decode graph --prompt-len 275 $UPDATE
   # shellcheck disable=SC2086
   step dp-nccl-huihui 30 90 deno run -A bench/data_parallel.ts --device $DEV --dtype $DT --shapes $HUIHUI \
     --procs 1 $DP
