@@ -134,30 +134,71 @@ function majorityCorrect(group: readonly Prediction[], mode: "strict" | "flexibl
   return best?.correct ?? false;
 }
 
+/** What evaluation totals are counted from: over problems (n, pass, maj) or completions (the rest). */
+export interface EvalCounts {
+  /** Problems. */
+  n: number;
+  /** Completions per problem. */
+  samples: number;
+  /** Completions correct under strict extraction. */
+  correctStrict: number;
+  /** Completions correct under flexible extraction. */
+  correctFlexible: number;
+  /** Problems with some completion correct, strict. */
+  passStrict: number;
+  /** Problems with some completion correct, flexible. */
+  passFlexible: number;
+  /** Problems whose majority answer is correct, strict. */
+  majStrict: number;
+  /** Problems whose majority answer is correct, flexible. */
+  majFlexible: number;
+  /** Generated tokens. */
+  tokens: number;
+  /** Completions cut at the token cap. */
+  truncated: number;
+}
+
+/** The totals of counts over `seconds` of generation and scoring. */
+export function evalTotalsFromCounts(c: EvalCounts, seconds: number): EvalTotals {
+  const m = c.n * c.samples;
+  const perCompletion = (x: number): number => m ? x / m : 0,
+    perProblem = (x: number): number => c.n ? x / c.n : 0;
+  return {
+    n: c.n,
+    samples: c.samples,
+    correct_strict: c.correctStrict,
+    correct_flexible: c.correctFlexible,
+    accuracy_strict: perCompletion(c.correctStrict),
+    accuracy_flexible: perCompletion(c.correctFlexible),
+    pass_at_k_strict: perProblem(c.passStrict),
+    pass_at_k_flexible: perProblem(c.passFlexible),
+    maj_at_k_strict: perProblem(c.majStrict),
+    maj_at_k_flexible: perProblem(c.majFlexible),
+    completion_tokens_mean: perCompletion(c.tokens),
+    truncated_fraction: perCompletion(c.truncated),
+    seconds,
+    tokens_per_second: seconds > 0 ? c.tokens / seconds : 0,
+  };
+}
+
 /** The totals of predictions, `samples` consecutive ones per problem. */
 export function evalTotals(preds: readonly Prediction[], samples: number, seconds: number): EvalTotals {
-  const m = preds.length, n = Math.floor(m / samples);
+  const n = Math.floor(preds.length / samples);
   const count = (f: (p: Prediction) => boolean): number => preds.filter(f).length;
   const groups = Array.from({ length: n }, (_, i) => preds.slice(i * samples, (i + 1) * samples));
-  const share = (f: (g: readonly Prediction[]) => boolean): number => n ? groups.filter(f).length / n : 0;
-  const cs = count((p) => p.correct_strict), cf = count((p) => p.correct_flexible);
-  const tokens = preds.reduce((s, p) => s + p.completion_tokens, 0);
-  return {
+  const problems = (f: (g: readonly Prediction[]) => boolean): number => groups.filter(f).length;
+  return evalTotalsFromCounts({
     n,
     samples,
-    correct_strict: cs,
-    correct_flexible: cf,
-    accuracy_strict: m ? cs / m : 0,
-    accuracy_flexible: m ? cf / m : 0,
-    pass_at_k_strict: share((g) => g.some((p) => p.correct_strict)),
-    pass_at_k_flexible: share((g) => g.some((p) => p.correct_flexible)),
-    maj_at_k_strict: share((g) => majorityCorrect(g, "strict")),
-    maj_at_k_flexible: share((g) => majorityCorrect(g, "flexible")),
-    completion_tokens_mean: m ? tokens / m : 0,
-    truncated_fraction: m ? count((p) => p.finish_reason === "length") / m : 0,
-    seconds,
-    tokens_per_second: seconds > 0 ? tokens / seconds : 0,
-  };
+    correctStrict: count((p) => p.correct_strict),
+    correctFlexible: count((p) => p.correct_flexible),
+    passStrict: problems((g) => g.some((p) => p.correct_strict)),
+    passFlexible: problems((g) => g.some((p) => p.correct_flexible)),
+    majStrict: problems((g) => majorityCorrect(g, "strict")),
+    majFlexible: problems((g) => majorityCorrect(g, "flexible")),
+    tokens: preds.reduce((s, p) => s + p.completion_tokens, 0),
+    truncated: count((p) => p.finish_reason === "length"),
+  }, seconds);
 }
 
 /** A 32-bit FNV-1a hash of a problem id. */

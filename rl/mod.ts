@@ -95,10 +95,12 @@ export {
   type PpoStepResult,
 } from "./ppo.ts";
 export {
+  type EvalCounts,
   type EvalSampling,
   type EvalTokenizer,
   type EvalTotals,
   evalTotals,
+  evalTotalsFromCounts,
   evaluateExamples,
   type EvaluateOptions,
   type Prediction,

@@ -116,26 +116,21 @@ function checkHeadChunk(v: unknown): number {
   );
 }
 
-/** Log-probs of the targets under the tempered distribution given by logits [N, V] (float32). */
-function plainLogprobs(logits: Tensor, targets: Tensor, temperature: number): Tensor {
-  return tidy(() => {
-    const x = temperature === 1 ? logits : logits.div(temperature);
-    return x.sub(x.logsumexp(-1, true)).gather(-1, targets.unsqueeze(-1)).squeeze(-1);
-  });
-}
-
-/** Log-probs and entropy of the tempered distribution given by logits [N, V] (float32). */
-function plainTokenStats(
+/**
+ * Log-probs of the targets under the tempered distribution given by logits [N, V] (float32), and its entropy
+ * when asked for (null otherwise).
+ */
+function plainStats(
   logits: Tensor,
   targets: Tensor,
   temperature: number,
-): { logprobs: Tensor; entropy: Tensor } {
+  withEntropy: boolean,
+): { logprobs: Tensor; entropy: Tensor | null } {
   return tidy(() => {
     const x = temperature === 1 ? logits : logits.div(temperature);
     const logp = x.sub(x.logsumexp(-1, true));
     const picked = logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1);
-    const entropy = logp.exp().mul(logp).sum(-1).neg();
-    return { logprobs: picked, entropy };
+    return { logprobs: picked, entropy: withEntropy ? logp.exp().mul(logp).sum(-1).neg() : null };
   });
 }
 
@@ -272,14 +267,10 @@ export class Policy {
   /** Log-probs and entropy [B, T] from completion states [N, H] laid out by layout. */
   #stats(states: Tensor, layout: CompletionLayout, batch: SequenceBatch, opts: PassOptions): PolicyOutput {
     return tidy(() => {
-      const head = this.model.decoder.lmHead, targets = layout.targets(batch.inputIds);
-      const temperature = opts.temperature ?? 1;
-      const stats = this.#fused(head)
-        ? fusedStats(states, head.weight, head.bias, targets, temperature, this.headChunk)
-        : plainTokenStats(head.forward(states).to("float32"), targets, temperature);
+      const stats = this.#headStats(states, layout, batch, opts, true);
       return {
         logprobs: layout.spread(stats.logprobs),
-        entropy: layout.spread(stats.entropy),
+        entropy: layout.spread(stats.entropy!),
         mask: layout.mask.clone(),
       };
     });
@@ -287,19 +278,32 @@ export class Policy {
 
   /** Log-probs [B, T] alone from completion states [N, H]: no entropy is computed. */
   #logprobs(states: Tensor, layout: CompletionLayout, batch: SequenceBatch, opts: PassOptions): Tensor {
+    return tidy(() => layout.spread(this.#headStats(states, layout, batch, opts, false).logprobs));
+  }
+
+  /**
+   * The LM head's [N] log-probs of the completion tokens (and entropies, with withEntropy): chunked (fused)
+   * for a plain Linear head when headChunk > 0 (see {@link PolicyOptions.headChunk}), else over full logits.
+   */
+  #headStats(
+    states: Tensor,
+    layout: CompletionLayout,
+    batch: SequenceBatch,
+    opts: PassOptions,
+    withEntropy: boolean,
+  ): { logprobs: Tensor; entropy: Tensor | null } {
     return tidy(() => {
       const head = this.model.decoder.lmHead, targets = layout.targets(batch.inputIds);
       const temperature = opts.temperature ?? 1;
-      const logprobs = this.#fused(head)
-        ? fusedLogprobs(states, head.weight, head.bias, targets, temperature, this.headChunk)
-        : plainLogprobs(head.forward(states).to("float32"), targets, temperature);
-      return layout.spread(logprobs);
+      if (!(this.headChunk > 0 && head instanceof Linear)) {
+        return plainStats(head.forward(states).to("float32"), targets, temperature, withEntropy);
+      }
+      const { weight, bias } = head;
+      return withEntropy ? fusedStats(states, weight, bias, targets, temperature, this.headChunk) : {
+        logprobs: fusedLogprobs(states, weight, bias, targets, temperature, this.headChunk),
+        entropy: null,
+      };
     });
-  }
-
-  /** Whether the head takes the chunked path (see {@link PolicyOptions.headChunk}). */
-  #fused(head: unknown): head is Linear {
-    return this.headChunk > 0 && head instanceof Linear;
   }
 
   /** One forward pass with autograd (unless inside noGrad): the policy's outputs. */

@@ -5,7 +5,7 @@
  * @module
  */
 import type { CollectMetrics } from "../rl/rollout_buffer.ts";
-import type { EvalTotals } from "../rl/evaluate.ts";
+import { type EvalTotals, evalTotalsFromCounts } from "../rl/evaluate.ts";
 import type { Replicas } from "../rl/replicas.ts";
 
 /** The collect metrics of every rank's sequences: means weighted by sequences, seconds the slowest rank's. */
@@ -49,8 +49,9 @@ export function collectMetricsOverRanks(m: CollectMetrics, sequences: number, dp
 /** Evaluation totals over every rank's share of the problems (each rank's problems with all their samples). */
 export function evalTotalsOverRanks(t: EvalTotals, dp: Replicas): EvalTotals {
   if (dp.size === 1) return t;
-  const completions = t.n * t.samples;
-  const [n, strict, flexible, passS, passF, majS, majF, tokens, truncated] = dp.sum([
+  // Back to counts (the fractions times what they are fractions of), summed over the ranks.
+  const m = t.n * t.samples;
+  const mine = [
     t.n,
     t.correct_strict,
     t.correct_flexible,
@@ -58,25 +59,30 @@ export function evalTotalsOverRanks(t: EvalTotals, dp: Replicas): EvalTotals {
     t.pass_at_k_flexible * t.n,
     t.maj_at_k_strict * t.n,
     t.maj_at_k_flexible * t.n,
-    t.completion_tokens_mean * completions,
-    t.truncated_fraction * completions,
-  ]).map((x) => Math.round(x)) as number[];
-  const seconds = dp.max([t.seconds])[0]!;
-  const m = n! * t.samples;
-  return {
+    t.completion_tokens_mean * m,
+    t.truncated_fraction * m,
+  ];
+  const [
+    n,
+    correctStrict,
+    correctFlexible,
+    passStrict,
+    passFlexible,
+    majStrict,
+    majFlexible,
+    tokens,
+    truncated,
+  ] = dp.sum(mine).map((x) => Math.round(x)) as number[];
+  return evalTotalsFromCounts({
     n: n!,
     samples: t.samples,
-    correct_strict: strict!,
-    correct_flexible: flexible!,
-    accuracy_strict: m ? strict! / m : 0,
-    accuracy_flexible: m ? flexible! / m : 0,
-    pass_at_k_strict: n ? passS! / n : 0,
-    pass_at_k_flexible: n ? passF! / n : 0,
-    maj_at_k_strict: n ? majS! / n : 0,
-    maj_at_k_flexible: n ? majF! / n : 0,
-    completion_tokens_mean: m ? tokens! / m : 0,
-    truncated_fraction: m ? truncated! / m : 0,
-    seconds,
-    tokens_per_second: tokens! / Math.max(seconds, 1e-9),
-  };
+    correctStrict: correctStrict!,
+    correctFlexible: correctFlexible!,
+    passStrict: passStrict!,
+    passFlexible: passFlexible!,
+    majStrict: majStrict!,
+    majFlexible: majFlexible!,
+    tokens: tokens!,
+    truncated: truncated!,
+  }, dp.max([t.seconds])[0]!);
 }
