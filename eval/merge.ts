@@ -18,7 +18,7 @@
 import { ADAPTER_CONFIG, loadPeftAdapter, readAdapterConfig } from "../model/peft.ts";
 import { modelWeightsIn, saveModel } from "../model/save.ts";
 import { failureText, fromStartDir, parseCommandLine } from "../train/cli.ts";
-import { parseSets, setOptionHint, type TrainConfig, TrainConfigError } from "../train/config.ts";
+import { optionSettings, parseSets, setHint, type TrainConfig, TrainConfigError } from "../train/config.ts";
 import { loadConfiguredModel } from "../train/model.ts";
 import { adapterConfig, resolveAdapter } from "./adapter.ts";
 
@@ -44,11 +44,11 @@ const OVERRIDDEN = ["model.device", "model.quantize4bit", "model.doubleQuant"];
  * and not those it overrides.
  */
 function modelOptionHint(name: string): string | null {
-  const hint = setOptionHint(name);
-  if (hint !== null && OVERRIDDEN.some((k) => hint.includes(`--set ${k}=`))) {
+  const keys = optionSettings(name);
+  if (keys.some((k) => OVERRIDDEN.includes(k))) {
     return `the base loads on the CPU at full precision: merge has no use for ${OVERRIDDEN.join(", ")}`;
   }
-  if (hint === null || hint.includes("--set model.")) return hint;
+  if (keys.length === 0 || keys.some((k) => k.startsWith("model."))) return setHint(keys);
   return "merge reads only the model.* settings of a config";
 }
 

@@ -418,9 +418,19 @@ export function suggestKey(key: string, siblings: readonly string[]): string | n
  * key of any section, or another tool's name for one), or null.
  */
 export function setOptionHint(name: string): string | null {
+  return setHint(optionSettings(name));
+}
+
+/** The settings an unknown option `--name` may mean (a key path, a key of any section, another tool's name). */
+export function optionSettings(name: string): string[] {
   const keys = configKeys().includes(name) ? name : suggestKey(name, []);
-  return keys
-    ? `settings are given as --set key=value: ${keys.split(" or ").map((k) => `--set ${k}=…`).join(" or ")}`
+  return keys ? keys.split(" or ") : [];
+}
+
+/** How to set keys from the command line, or null for none. */
+export function setHint(keys: readonly string[]): string | null {
+  return keys.length
+    ? `settings are given as --set key=value: ${keys.map((k) => `--set ${k}=…`).join(" or ")}`
     : null;
 }
 
