@@ -45,6 +45,11 @@ function param(t: Tensor): Tensor {
 /** The dtype of every adapter weight: float32 (see the module doc). */
 export const ADAPTER_DTYPE: DType = "float32";
 
+/** An adapter weight in the activations' dtype: itself when they match (no call per step on a float32 model). */
+export function inDtype(w: Tensor, dtype: DType): Tensor {
+  return w.dtype === dtype ? w : w.to(dtype);
+}
+
 /** Uniform(−b, b) of shape, float32 on like's device. */
 function uniform(shape: number[], bound: number, like: Tensor): Tensor {
   return tidy(() => rand(shape, { dtype: ADAPTER_DTYPE, device: like.device }).mul(2 * bound).sub(bound));
@@ -110,8 +115,8 @@ export class LoraLinear implements LinearLayer {
       const y = this.base.forward(x);
       if (!this.state.enabled || this.merged) return y;
       // linear(x, W) is matmul(x, Wᵀ) in libtorch (no bias): the same kernels, two transpose ops fewer.
-      const h = linear(adapterInput(x, this.opts.dropout, this.state.training), this.A.to(x.dtype));
-      return y.add(linear(h, this.B.to(x.dtype)).mul(this.scale));
+      const h = linear(adapterInput(x, this.opts.dropout, this.state.training), inDtype(this.A, x.dtype));
+      return y.add(linear(h, inDtype(this.B, x.dtype)).mul(this.scale));
     });
   }
 

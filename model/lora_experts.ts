@@ -20,7 +20,7 @@ import {
   tidy,
   zeros,
 } from "../ffi/mod.ts";
-import { ADAPTER_DTYPE, adapterInput, type LoraOptions, type LoraState } from "./lora.ts";
+import { ADAPTER_DTYPE, adapterInput, inDtype, type LoraOptions, type LoraState } from "./lora.ts";
 import { type ExpertBank, type ExpertNames, groupedMmFits, StackedExperts } from "./moe.ts";
 
 /**
@@ -138,7 +138,7 @@ export class LoraExperts implements ExpertBank {
 
   #delta(ad: ExpertAdapter, x: Tensor, e: number | null): Tensor {
     const xd = adapterInput(x, this.opts.dropout, this.state.training);
-    const [a, b] = [ad.A.to(x.dtype), ad.B.to(x.dtype)];
+    const [a, b] = [inDtype(ad.A, x.dtype), inDtype(ad.B, x.dtype)];
     if (e === null) return xd.bmm(a.transpose(1, 2)).bmm(b.transpose(1, 2)).mul(this.scale);
     return linear(linear(xd, a.select(0, e)), b.select(0, e)).mul(this.scale); // matmul(·, Wᵀ)
   }
@@ -173,7 +173,7 @@ export class LoraExperts implements ExpertBank {
 
   #deltaGrouped(ad: ExpertAdapter, x: Tensor, offs: Tensor): Tensor {
     const xd = adapterInput(x, this.opts.dropout, this.state.training);
-    const [a, b] = [ad.A.to(x.dtype), ad.B.to(x.dtype)];
+    const [a, b] = [inDtype(ad.A, x.dtype), inDtype(ad.B, x.dtype)];
     return groupedMm(groupedMm(xd, a.transpose(1, 2), offs), b.transpose(1, 2), offs).mul(this.scale);
   }
   /** Grouped over the experts' rows: base plus the adapters' updates. */
