@@ -20,7 +20,7 @@
  *
  * Writes, each atomically, into --out (default `<run>/eval/<checkpoint, "base" or
  * the adapter's folder>-<split>/`, the run being the adapter's own when it is a checkpoint's, else the config's;
- * sampled: `…-<split>-t<temperature>-n<samples>/`):
+ * sampled: `…-<split>-t<temperature>[-p<topP>]-n<samples>/`):
  * `predictions.jsonl`, one line per completion, and
  * `summary.json`, also printed. Relative paths on the command line are taken
  * from the folder the command was started in (`INIT_CWD` under `deno task`);
@@ -104,8 +104,9 @@ export interface EvalSummary extends EvalTotals {
  * the config's run folder (`<run>/eval/base-<split>`, `<run>/eval/<adapter folder>-<split>`).
  */
 function defaultOutput(cfg: TrainConfig, adapterDir: string | null, split: string): string {
-  // Sampled results go beside the greedy ones, not over them.
-  const tail = cfg.eval.temperature > 0 ? `${split}-t${cfg.eval.temperature}-n${cfg.eval.samples}` : split;
+  // Sampled results go beside the greedy ones, not over them, nor over those sampled otherwise.
+  const { temperature, topP, samples } = cfg.eval;
+  const tail = temperature > 0 ? `${split}-t${temperature}${topP < 1 ? `-p${topP}` : ""}-n${samples}` : split;
   if (adapterDir === null) return join(runDir(cfg), "eval", `base-${tail}`);
   const checkpoint = checkpointOf(adapterDir);
   if (checkpoint !== null) return join(dirname(checkpoint), "eval", `${basename(checkpoint)}-${tail}`);
@@ -199,6 +200,7 @@ export async function runEvaluation(
           pct(r.maj_at_k_strict)
         } / ${pct(r.maj_at_k_flexible)}`
         : "";
+    using _casts = lora?.state.holdCasts() ?? null;
     const own = await evaluateExamples(model.decoder, tok, mine.map((i) => data.examples[i]!), {
       ...configuredEvaluation(cfg),
       onBatch: (done, r) =>
@@ -257,7 +259,7 @@ const USAGE =
   --limit N          the first N problems only
   --split S          test or train (default: the config's eval.split)
   -o, --out DIR      where predictions.jsonl and summary.json go (default:
-                     <run>/eval/<checkpoint, base or adapter folder>-<split>, sampled: …-t<T>-n<samples>)
+                     <run>/eval/<checkpoint, base or adapter folder>-<split>, sampled: …-t<T>[-p<topP>]-n<samples>)
   --set key=value    a config override (repeatable); e.g. --set eval.samples=8 --set eval.temperature=0.6
                      samples 8 completions per problem and adds pass@8 and maj@8 to the mean accuracy
   --nproc N          split the problems over N local processes

@@ -130,7 +130,7 @@ Deno.test("evaluate: sampled (eval.samples, eval.temperature) writes every sampl
   const r = await evaluate("--config", "configs/tiny.yaml", "--adapter", run, "--limit", "2", ...sets);
   assert.equal(r.code, 0, r.stderr);
   // Beside the greedy results, not over them.
-  const { preds, summary } = await readOutputs(join(run, "eval", "checkpoint-2-train-t0.8-n3"));
+  const { preds, summary } = await readOutputs(join(run, "eval", "checkpoint-2-train-t0.8-p0.9-n3"));
   assert.deepEqual(preds.map((p) => [p.id, p.sample]), [
     ["train-0", 0],
     ["train-0", 1],
