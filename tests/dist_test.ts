@@ -63,6 +63,7 @@ Deno.test({
       assert.match(String(j.intAvg), /all_reduce: "avg" divides in place.*tensor 0 of 1 is int64/);
       assert.deepEqual(j.intAvgAfter, [r, 1], "an int64 tensor refused for avg keeps its values");
       assert.deepEqual(j.broadcast, [[2, 2.5]]);
+      assert.equal(j.bumped, true, "a broadcast bumps the tensor's version, as an in-place op does");
       assert.deepEqual(j.gathered, [[0, 0], [1, 1], [2, 4]]);
     }
   },

@@ -71,7 +71,9 @@ try {
       intAvg = (e as Error).message;
     }
     const b = tensor([[rank, rank + 0.5]], { dtype: "float32" });
+    const version = b.version;
     g.broadcast([b], world - 1);
+    const bumped = b.version > version; // the backend wrote b in place: held casts of it must go stale
     const gathered = g.allGather(tensor([rank, rank * rank], { dtype: "float64" }));
     g.barrier();
     Object.assign(out, {
@@ -83,6 +85,7 @@ try {
       intAvg,
       intAvgAfter: ia.tolist(),
       broadcast: b.tolist(),
+      bumped,
       gathered: gathered.tolist(),
     });
   } else if (scenario === "gradients") {

@@ -85,6 +85,9 @@ std::vector<std::vector<Tensor>> per_tensor(Group& grp, const mt_tensor* ts, int
     works.push_back(on_backend(grp, [&](auto& pg) { return issue(pg, lists.back()); }));
   }
   for (auto& w : works) wait(grp, w, what);
+  // The backends write the tensors in place without an ATen op: bump their version counters as one would, so
+  // that what is keyed on a version (model/lora.ts's held adapter casts) sees the new values.
+  for (auto& l : lists) l[0].unsafeGetTensorImpl()->bump_version();
   return lists;
 }
 
