@@ -17,6 +17,13 @@
  * "static" and "graph" keep one DecodeSession per row of the table, so the
  * graphs are captured in the warm-up run (its time is the "first s" column)
  * and the timed runs replay them. On a CPU "graph" runs the static-buffer steps without graphs (= static).
+ *
+ * With LoRA adapters (--lora R: rank R, α = 2R, on every linear layer and expert, as the default config), a
+ * bfloat16 model casts its float32 adapters in each forward. Collect holds those casts for all its decode steps
+ * (model/lora.ts AdapterCasts); `--casts held,fresh` times both ways, and the last lines give held / fresh:
+ *
+ *   deno run -A bench/generate_shapes.ts --device cuda --dtype bfloat16 --lora 16 --casts held,fresh \
+ *     --dispatch dense --decode eager,graph --batch 64,256
  */
 import { benchArgs } from "./cli.ts";
 import { cuda, type Device, type DType, manualSeed } from "../ffi/mod.ts";
@@ -25,6 +32,7 @@ import { modelLine } from "./shapes.ts";
 import { BANDWIDTH_FORMULA, boundTokensPerSecond, decodeStepBytes } from "./bandwidth.ts";
 import { DECODE_MODES, type DecodeMode, DecodeSession } from "../model/decode_static.ts";
 import { generate } from "../model/generate.ts";
+import { DEFAULT_LORA, LoraModel } from "../model/lora_apply.ts";
 import { ATTENTION_CHECK, type AttentionImpl } from "../model/layers.ts";
 import { randomModel } from "../model/model.ts";
 import type { MoeDispatch } from "../model/moe.ts";
@@ -44,6 +52,8 @@ const a = benchArgs(
     layers: { type: "string" }, // override num_hidden_layers for a quick CPU try
     attention: { type: "string", default: "auto" }, // auto | sdpa | eager (bench/attention.ts compares them)
     bandwidth: { type: "string" }, // GB/s of the device's memory, for the bound (default 4800, an H200, on CUDA)
+    lora: { type: "string", default: "0" }, // adapter rank (0: none)
+    casts: { type: "string", default: "held" }, // held,fresh: adapter casts kept across steps or made per step
   },
 );
 const raw = JSON.parse(await Deno.readTextFile(a.shapes!));
@@ -60,6 +70,12 @@ if (decodes.some((d) => !(DECODE_MODES as readonly string[]).includes(d))) {
 if (dispatches.some((d) => !["loop", "dense", "grouped"].includes(d))) {
   throw new Error(`--dispatch ${a.dispatch}`);
 }
+const rank = Number(a.lora);
+if (!Number.isSafeInteger(rank) || rank < 0) {
+  throw new Error(`--lora: expected an integer >= 0, got ${a.lora}`);
+}
+const castModes = a.casts!.split(",");
+if (castModes.some((c) => c !== "held" && c !== "fresh")) throw new Error(`--casts ${a.casts}: held, fresh`);
 const onGpu = device.startsWith("cuda");
 const bandwidth = a.bandwidth ? Number(a.bandwidth) : onGpu ? 4800 : null;
 const elementBytes = dtype === "float32" ? 4 : 2;
@@ -71,6 +87,10 @@ if (!ATTENTION_CHECK.ok(a.attention)) throw new Error(`--attention: expected ${A
 using model = await randomModel(config, { dtype, device, attention: a.attention as AttentionImpl });
 sync();
 console.log(modelLine(a.shapes!, config, dtype, device, (performance.now() - t0) / 1000));
+using lora = rank > 0
+  ? new LoraModel(model.decoder, config, { ...DEFAULT_LORA, r: rank, alpha: 2 * rank })
+  : null;
+if (lora) console.log(`LoRA r${rank}: ${lora.trainableCount().toLocaleString("en-US")} float32 parameters`);
 
 // Prompts: random ids of the full prompt length (uniform length keeps the
 // numbers comparable across runs; padding is exercised by the tests).
@@ -86,10 +106,12 @@ interface Setting {
   dispatch: MoeDispatch;
   decodeMode: DecodeMode;
   session: DecodeSession | null;
+  casts: string;
 }
 
 async function timeGenerate(x: Setting, maxNew: number): Promise<number> {
   sync();
+  using _casts = x.casts === "held" ? lora?.state.holdCasts() ?? null : null;
   const start = performance.now();
   const out = await generate(model.decoder, x.prompts, {
     maxNewTokens: maxNew,
@@ -105,38 +127,42 @@ async function timeGenerate(x: Setting, maxNew: number): Promise<number> {
 }
 
 const rows: string[] = [];
+const rates = new Map<string, number>(); // decode tok/s by batch/dispatch/decode/casts
 for (const batch of batches) {
   for (const dispatch of dispatches) {
     for (const decodeMode of decodes) {
-      if (decodeMode === "graph" && dispatch === "loop" && onGpu) continue; // loop syncs: not capturable
-      using session = decodeMode === "eager"
-        ? null
-        : new DecodeSession(model.decoder, { graphs: decodeMode === "graph" });
-      const x: Setting = { prompts: promptsOf(batch), dispatch, decodeMode, session };
-      // Warm-up at the full length: allocator, kernels, cuBLAS handles, and every graph's capture.
-      const first = await timeGenerate(x, newTokens);
-      if (onGpu) cuda.resetPeakMemoryStats(device);
-      const prefill = Math.min(await timeGenerate(x, 1), await timeGenerate(x, 1)); // prefill + 1 step
-      const full = await timeGenerate(x, newTokens);
-      const decodeRate = (batch * (newTokens - 1)) / (full - prefill);
-      const peak = onGpu ? `${(cuda.memoryStats(device).peakAllocated / 2 ** 30).toFixed(2)} GiB` : "-";
-      const graphs = session ? String(session.stats.captures) : "-";
-      // The bound at the mean context of the decode steps.
-      const bytes = decodeStepBytes(config, batch, promptLen + newTokens / 2, elementBytes);
-      const bound = bandwidth === null ? null : boundTokensPerSecond(bytes, batch, bandwidth);
-      const mbu = bound === null ? "-" : `${(100 * decodeRate / bound).toFixed(1)}%`;
-      rows.push(
-        `${String(batch).padStart(5)}  ${dispatch.padEnd(8)} ${decodeMode.padEnd(7)} ${
-          first.toFixed(2).padStart(7)
-        } ` +
-          `${prefill.toFixed(3).padStart(9)} ${full.toFixed(2).padStart(8)} ` +
-          `${(batch * newTokens / full).toFixed(1).padStart(13)} ${decodeRate.toFixed(1).padStart(12)} ` +
-          `${graphs.padStart(6)} ${peak.padStart(10)} ${
-            (bound === null ? "-" : bound.toFixed(0)).padStart(11)
+      for (const casts of lora ? castModes : ["-"]) {
+        if (decodeMode === "graph" && dispatch === "loop" && onGpu) continue; // loop syncs: not capturable
+        using session = decodeMode === "eager"
+          ? null
+          : new DecodeSession(model.decoder, { graphs: decodeMode === "graph" });
+        const x: Setting = { prompts: promptsOf(batch), dispatch, decodeMode, session, casts };
+        // Warm-up at the full length: allocator, kernels, cuBLAS handles, and every graph's capture.
+        const first = await timeGenerate(x, newTokens);
+        if (onGpu) cuda.resetPeakMemoryStats(device);
+        const prefill = Math.min(await timeGenerate(x, 1), await timeGenerate(x, 1)); // prefill + 1 step
+        const full = await timeGenerate(x, newTokens);
+        const decodeRate = (batch * (newTokens - 1)) / (full - prefill);
+        rates.set(`${batch}/${dispatch}/${decodeMode}/${casts}`, decodeRate);
+        const peak = onGpu ? `${(cuda.memoryStats(device).peakAllocated / 2 ** 30).toFixed(2)} GiB` : "-";
+        const graphs = session ? String(session.stats.captures) : "-";
+        // The bound at the mean context of the decode steps.
+        const bytes = decodeStepBytes(config, batch, promptLen + newTokens / 2, elementBytes);
+        const bound = bandwidth === null ? null : boundTokensPerSecond(bytes, batch, bandwidth);
+        const mbu = bound === null ? "-" : `${(100 * decodeRate / bound).toFixed(1)}%`;
+        rows.push(
+          `${String(batch).padStart(5)}  ${dispatch.padEnd(8)} ${decodeMode.padEnd(7)} ${casts.padEnd(6)} ${
+            first.toFixed(2).padStart(7)
           } ` +
-          `${mbu.padStart(6)}`,
-      );
-      console.log(rows.at(-1));
+            `${prefill.toFixed(3).padStart(9)} ${full.toFixed(2).padStart(8)} ` +
+            `${(batch * newTokens / full).toFixed(1).padStart(13)} ${decodeRate.toFixed(1).padStart(12)} ` +
+            `${graphs.padStart(6)} ${peak.padStart(10)} ${
+              (bound === null ? "-" : bound.toFixed(0)).padStart(11)
+            } ` +
+            `${mbu.padStart(6)}`,
+        );
+        console.log(rows.at(-1));
+      }
     }
   }
 }
@@ -144,7 +170,7 @@ console.log(
   `prompt ${promptLen}, ${newTokens} new tokens (greedy, no EOS); first = warm-up run incl. captures`,
 );
 console.log(
-  "batch  dispatch decode    first s  prefill s  total s  overall tok/s  decode tok/s graphs  peak mem " +
+  "batch  dispatch decode  casts    first s  prefill s  total s  overall tok/s  decode tok/s graphs  peak mem " +
     "bound tok/s    MBU",
 );
 console.log(
@@ -152,3 +178,11 @@ console.log(
     `ctx = prompt + new/2 = ${promptLen + newTokens / 2}`,
 );
 for (const r of rows) console.log(r);
+for (const [key, held] of rates) {
+  const fresh = key.endsWith("/held") ? rates.get(key.replace(/held$/, "fresh")) : undefined;
+  if (fresh !== undefined) {
+    console.log(
+      `held / fresh casts, decode tok/s at ${key.replace(/\/held$/, "")}: ${(held / fresh).toFixed(2)}x`,
+    );
+  }
+}

@@ -22,6 +22,30 @@ export function cudaGraphsSupported(): boolean {
   return shim().mt_graph_supported() === 1;
 }
 
+/** How many CudaGraph functions are running (warm-up, capture or eager replay): 0 or 1 unless they nest. */
+let inside = 0;
+
+/**
+ * Whether a {@link CudaGraph}'s function is running now (its warm-up, capture, or an eager replay). Such a
+ * function must not reuse tensors it did not get from its caller, as a cache would hand it: a recording
+ * keeps reading the very tensor it was recorded with, even after the cache has replaced it.
+ */
+export function inGraphFunction(): boolean {
+  return inside > 0;
+}
+
+/** fn, with {@link inGraphFunction} true while it runs. */
+function asGraphFunction(fn: () => unknown): () => void {
+  return () => {
+    inside++;
+    try {
+      fn();
+    } finally {
+      inside--;
+    }
+  };
+}
+
 /** Number of native CUDA graphs created and not yet disposed (0 where graphs are unsupported). */
 export function liveGraphs(): number {
   return Number(shim().mt_graph_live_count());
@@ -117,7 +141,7 @@ export class CudaGraph {
    */
   warmup(fn: () => unknown): void {
     this.#live();
-    if (this.mode === "eager") return void tidy(() => void fn());
+    if (this.mode === "eager") return void tidy(asGraphFunction(fn));
     this.#around(0, fn);
   }
 
@@ -150,7 +174,7 @@ export class CudaGraph {
     if (this.mode === "graph") {
       return void check(shim().mt_graph_replay(ctx(), this.#ptr!), "graph_replay", () => []);
     }
-    const broken = brokenRules(() => tidy(() => void fn()));
+    const broken = brokenRules(() => tidy(asGraphFunction(fn)));
     if (broken && this.#standIn) {
       throw new Error(
         `CudaGraph: the recorded function ${broken}, which a CUDA graph cannot record ` +
@@ -191,7 +215,7 @@ export class CudaGraph {
     const op = capture ? "graph_capture" : "graph_warmup";
     check(shim().mt_graph_begin(ctx(), this.#ptr!, capture, this.#pool?.id ?? null), op, () => []);
     try {
-      tidy(() => void fn());
+      tidy(asGraphFunction(fn));
     } catch (e) {
       // fn's error wins; a capture it cut short may still have ended cleanly: drop what it recorded.
       if (shim().mt_graph_end(ctx(), this.#ptr!) === 0 && capture) shim().mt_graph_reset(ctx(), this.#ptr!);

@@ -8,7 +8,7 @@ import { type ShimLibrary, symbols } from "./symbols.ts";
 import { envVar } from "./env.ts";
 
 /** The ABI version this TypeScript expects from the shim (mt_abi_version). */
-const ABI_VERSION = 9;
+const ABI_VERSION = 10;
 
 /** An error raised by libtorch (or by the shim's argument checks). */
 export class TorchError extends Error {

@@ -74,6 +74,7 @@ export {
   cudaGraphsSupported,
   type GraphPool,
   graphPool,
+  inGraphFunction,
   liveGraphs,
 } from "./graph.ts";
 export {

@@ -39,6 +39,7 @@ export const symbols = {
 
   mt_free: { parameters: [T], result: "void" },
   mt_meta: { parameters: [C, T, BUF, I32], result: I32 }, // int64_t* out
+  mt_version: { parameters: [C, T], result: I64 },
 
   // data: const void*, shape: const int64_t*
   mt_from_data: { parameters: [C, BUF, I64, I32, BUF, I32, I32], result: T },

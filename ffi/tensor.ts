@@ -160,6 +160,15 @@ export class Tensor extends Handle {
   get device(): Device {
     return this.#m().device;
   }
+  /**
+   * The version counter (torch's `t._version`): every in-place write bumps it (an optimizer step, a load
+   * into the tensor, `copy_`), so an equal version means unchanged data since it was read.
+   */
+  get version(): number {
+    const v = Number(shim().mt_version(c(), this.ptr));
+    check(v < 0 ? -1 : 0, "version", () => []);
+    return v;
+  }
   /** Number of dimensions. */
   get ndim(): number {
     return this.#m().shape.length;

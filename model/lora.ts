@@ -11,7 +11,18 @@
  * master weights, bfloat16 products), so the activations stay as they were.
  * @module
  */
-import { type DType, keep, linear, noGrad, rand, type Tensor, tidy, zeros } from "../ffi/mod.ts";
+import {
+  type DType,
+  inGraphFunction,
+  isGradEnabled,
+  keep,
+  linear,
+  noGrad,
+  rand,
+  type Tensor,
+  tidy,
+  zeros,
+} from "../ffi/mod.ts";
 import { Linear, type LinearLayer } from "./layers.ts";
 
 /** LoRA hyperparameters (PEFT's LoraConfig names in comments). */
@@ -30,6 +41,24 @@ export class LoraState {
   enabled = true;
   /** Training mode: adapter dropout is active. */
   training = false;
+  /** The held casts of the adapters while {@link holdCasts} holds them, else null. */
+  casts: AdapterCasts | null = null;
+
+  /**
+   * Holds the adapters' casts to the activations' dtype until the returned handle is disposed: no-grad
+   * forwards meanwhile cast each adapter once, not on every call (see {@link AdapterCasts}). Nested holds share
+   * the outer one.
+   */
+  holdCasts(): Disposable {
+    if (this.casts) return { [Symbol.dispose]: () => {} };
+    const casts = this.casts = new AdapterCasts();
+    return {
+      [Symbol.dispose]: () => {
+        casts.dispose();
+        if (this.casts === casts) this.casts = null;
+      },
+    };
+  }
 }
 
 /** Kaiming-uniform (a = √5) bound for a [rows, fanIn] matrix, as nn.Linear and PEFT initialise lora_A. */
@@ -45,9 +74,51 @@ function param(t: Tensor): Tensor {
 /** The dtype of every adapter weight: float32 (see the module doc). */
 export const ADAPTER_DTYPE: DType = "float32";
 
-/** An adapter weight in the activations' dtype: itself when they match (no call per step on a float32 model). */
-export function inDtype(w: Tensor, dtype: DType): Tensor {
-  return w.dtype === dtype ? w : w.to(dtype);
+/**
+ * Casts of adapter weights to the activations' dtype, reused by no-grad forwards while the weights are
+ * unchanged: a decode step would otherwise launch two cast kernels per adapter (336 per step at Huihui's
+ * shapes). A weight's version (bumped by every in-place write: an optimizer step, a load) tells a held cast
+ * from a stale one. Made by {@link LoraState.holdCasts} for a phase that runs many no-grad forwards
+ * (generation, the learn phase's old-policy pass), and freed at its end.
+ */
+export class AdapterCasts {
+  readonly #held = new Map<Tensor, { cast: Tensor; version: number }>();
+
+  /** How many casts are held. */
+  get size(): number {
+    return this.#held.size;
+  }
+
+  /** w in dtype, held until w changes (borrowed: do not dispose it). */
+  of(w: Tensor, dtype: DType): Tensor {
+    const version = w.version;
+    let held = this.#held.get(w);
+    if (held?.version !== version || held.cast.dtype !== dtype) {
+      held?.cast.dispose();
+      held = { cast: keep(w.to(dtype)), version };
+      this.#held.set(w, held);
+    }
+    return held.cast;
+  }
+
+  /** Frees the held casts. */
+  dispose(): void {
+    for (const { cast } of this.#held.values()) cast.dispose();
+    this.#held.clear();
+  }
+}
+
+/**
+ * w (or its slice `expert` along dim 0) in the activations' dtype, for an adapter's forward: w itself when the
+ * dtypes match (no call at all on a float32 model); a held cast in a no-grad forward while `casts` is held;
+ * else a fresh cast. A forward that records autograd needs its cast in the graph, and a CUDA graph's function
+ * must not read a held cast: its recording would keep reading that tensor after it went stale.
+ */
+export function adapterWeight(w: Tensor, dtype: DType, casts: AdapterCasts | null, expert?: number): Tensor {
+  const pick = (t: Tensor): Tensor => (expert === undefined ? t : t.select(0, expert));
+  if (w.dtype === dtype) return pick(w);
+  if (casts && !isGradEnabled() && !inGraphFunction()) return pick(casts.of(w, dtype));
+  return pick(w).to(dtype); // the expert's slice alone: casting its whole bank per expert would cost E times
 }
 
 /** Uniform(−b, b) of shape, float32 on like's device. */
@@ -115,8 +186,11 @@ export class LoraLinear implements LinearLayer {
       const y = this.base.forward(x);
       if (!this.state.enabled || this.merged) return y;
       // linear(x, W) is matmul(x, Wᵀ) in libtorch (no bias): the same kernels, two transpose ops fewer.
-      const h = linear(adapterInput(x, this.opts.dropout, this.state.training), inDtype(this.A, x.dtype));
-      return y.add(linear(h, inDtype(this.B, x.dtype)).mul(this.scale));
+      const h = linear(
+        adapterInput(x, this.opts.dropout, this.state.training),
+        adapterWeight(this.A, x.dtype, this.state.casts),
+      );
+      return y.add(linear(h, adapterWeight(this.B, x.dtype, this.state.casts)).mul(this.scale));
     });
   }
 

@@ -238,6 +238,7 @@ export class LoraModel {
     for (const m of [...this.linears.values(), ...this.experts.values()]) m.dispose();
     this.linears.clear();
     this.experts.clear();
+    this.state.casts?.dispose(); // a hold still open when the model goes: its casts would outlive the adapters
   }
 
   /** {@link dispose} at the end of a `using` block. */

@@ -20,7 +20,7 @@ import {
   tidy,
   zeros,
 } from "../ffi/mod.ts";
-import { ADAPTER_DTYPE, adapterInput, inDtype, type LoraOptions, type LoraState } from "./lora.ts";
+import { ADAPTER_DTYPE, adapterInput, adapterWeight, type LoraOptions, type LoraState } from "./lora.ts";
 import { type ExpertBank, type ExpertNames, groupedMmFits, StackedExperts } from "./moe.ts";
 
 /**
@@ -138,9 +138,12 @@ export class LoraExperts implements ExpertBank {
 
   #delta(ad: ExpertAdapter, x: Tensor, e: number | null): Tensor {
     const xd = adapterInput(x, this.opts.dropout, this.state.training);
-    const [a, b] = [inDtype(ad.A, x.dtype), inDtype(ad.B, x.dtype)];
+    const [a, b] = [
+      adapterWeight(ad.A, x.dtype, this.state.casts, e ?? undefined),
+      adapterWeight(ad.B, x.dtype, this.state.casts, e ?? undefined),
+    ];
     if (e === null) return xd.bmm(a.transpose(1, 2)).bmm(b.transpose(1, 2)).mul(this.scale);
-    return linear(linear(xd, a.select(0, e)), b.select(0, e)).mul(this.scale); // matmul(·, Wᵀ)
+    return linear(linear(xd, a), b).mul(this.scale); // matmul(·, Wᵀ)
   }
 
   /** base gate/up of expert e plus the adapters' updates. */
@@ -173,7 +176,10 @@ export class LoraExperts implements ExpertBank {
 
   #deltaGrouped(ad: ExpertAdapter, x: Tensor, offs: Tensor): Tensor {
     const xd = adapterInput(x, this.opts.dropout, this.state.training);
-    const [a, b] = [inDtype(ad.A, x.dtype), inDtype(ad.B, x.dtype)];
+    const [a, b] = [
+      adapterWeight(ad.A, x.dtype, this.state.casts),
+      adapterWeight(ad.B, x.dtype, this.state.casts),
+    ];
     return groupedMm(groupedMm(xd, a.transpose(1, 2), offs), b.transpose(1, 2), offs).mul(this.scale);
   }
   /** Grouped over the experts' rows: base plus the adapters' updates. */

@@ -159,6 +159,8 @@ export async function collect(
   const t0 = performance.now();
   // One session for the update's generation batches: its buffers and graphs serve every batch.
   using session = c.decode === "eager" ? null : new DecodeSession(decoder, { graphs: c.decode === "graph" });
+  // Each decode step reuses the adapters' casts to a bfloat16 model's dtype (freed when collect returns).
+  using _casts = policy.lora.state.holdCasts();
   policy.train(false);
   try {
     for (let first = 0; first < prompts.length; first += perBatch) {

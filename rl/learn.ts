@@ -449,6 +449,8 @@ export function learn(
   // normalisation, as TRL's mask_truncated_completions) but is not trained.
   const cut = buffer.sequences.map((s) => c.maskTruncated && s.finishReason === "length");
   const wasTraining = policy.lora.state.training;
+  // The old-policy pass's micro-batches share the adapters' casts (the training passes cast afresh, in autograd).
+  using _casts = policy.lora.state.holdCasts();
   const t0 = performance.now();
   policy.train(false);
   try {

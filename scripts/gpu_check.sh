@@ -5,7 +5,8 @@
 # 512, with MBU), the default RL update (eager against graph decode), the same update at Phi-tiny shapes over
 # a 4-bit base (its peak memory), the NCCL group's cost per update, a default-sized update against TRL's
 # GRPOTrainer, the Gloo and torchrun tests, training-step memory variants, fused against eager attention, the
-# LM head with and without the entropy, the bfloat16 and CPU suites, and the native-binding report. A summary is printed last.
+# LM head with and without the entropy, LoRA adapter casts held against cast per step, the bfloat16 and CPU
+# suites, and the native-binding report. A summary is printed last.
 #
 #   scripts/gpu_pack.sh                        # here, with network: fills .gpu/ (carry it)
 #   OUT=/tmp/moerl-gpu scripts/gpu_check.sh    # there
@@ -69,12 +70,12 @@ if [ "${MOERL_GPU_REHEARSAL:-0}" = 1 ]; then # toy sizes on the CPU: does every 
   BATCHES=2,4 PROMPT=16 NEW=8 RL="--prompts 4 --k 2 --new 8 --micro 2" DP="--prompts 4 --k 2 --new 8 --micro 2"
   MEM="--batch 2 --seq 64" ATT="--batch 2 --prompt 16 --new 8 --layers 2"
   UPDATE="--set train.gradAccum=1 --set rollout.maxNewTokens=8 --prompt-len 16"
-  HEAD="--tokens 64 --hidden 64 --vocab 1000 --chunk 16 --runs 2"
+  HEAD="--tokens 64 --hidden 64 --vocab 1000 --chunk 16 --runs 2" CASTS="--batch 2 --prompt 16 --new 8"
 else
   DEV=cuda DT=bfloat16 HUIHUI=bench/shapes/huihui-moe-1b-a0.6b.json PHI=bench/shapes/phi-tiny-moe.json
   BATCHES=16,64,256,512 PROMPT=128 NEW=128 RL="--prompts 128 --k 4 --new 256 --micro 32 --prompt-len 152"
   DP="--prompts 32 --k 4 --new 128 --micro 8" MEM="--batch 8 --seq 512" ATT="--batch 16 --prompt 512 --new 64"
-  UPDATE="" HEAD="--tokens 16384 --runs 5"
+  UPDATE="" HEAD="--tokens 16384 --runs 5" CASTS="--batch 64 --prompt 128 --new 32"
 fi
 {
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
@@ -168,6 +169,11 @@ if [ "${MOERL_GPU_TESTS_ONLY:-0}" != 1 ]; then
   # The no-grad passes' LM head (Huihui's 1024 × 151,936), log-probs only against log-probs with entropy.
   # shellcheck disable=SC2086
   step head-huihui 10 45 deno run -A bench/head.ts --device $DEV --dtype $DT $HEAD
+  # Eager decode with the default config's LoRA (r 16, every linear and expert): bf16 casts of the float32
+  # adapters held across steps (as collect does) against cast in every step.
+  # shellcheck disable=SC2086
+  step casts-huihui 15 60 deno run -A bench/generate_shapes.ts --shapes $HUIHUI --device $DEV --dtype $DT \
+    --lora 16 --casts held,fresh --dispatch dense --decode eager $CASTS
 fi
 # shellcheck disable=SC2046
 [ "$DEV" = cuda ] && step test-cuda-bf16 60 150 $(suite cuda bfloat16)

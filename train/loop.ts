@@ -277,6 +277,7 @@ async function trainLocked(
         const logged = buffer.samples(cfg.logging.samplesToLog);
         if (cfg.eval.every > 0 && ((u + 1) % cfg.eval.every === 0 || u + 1 === t.updates)) {
           const part = rankShare(evalSet.length, dp).map((i) => evalSet[i]!);
+          using _casts = policy.lora.state.holdCasts();
           const ev = await evaluateExamples(model.decoder, tok, part, configuredEvaluation(cfg));
           const totals = evalTotalsOverRanks(ev.totals, dp);
           record.eval_accuracy_strict = totals.accuracy_strict;

@@ -25,7 +25,7 @@ const char* mt_ctx_message(mt_ctx* ctx) { return ctx->message.c_str(); }
 void mt_ctx_set_grad(mt_ctx* ctx, int32_t enabled) { ctx->grad_enabled = enabled != 0; }
 int32_t mt_ctx_grad(mt_ctx* ctx) { return ctx->grad_enabled ? 1 : 0; }
 const char* mt_torch_version(void) { return TORCH_VERSION; }
-int32_t mt_abi_version(void) { return 9; }
+int32_t mt_abi_version(void) { return 10; }
 int64_t mt_live_count(void) { return live_count.load(std::memory_order_relaxed); }
 
 // ---- runtime -------------------------------------------------------------------
@@ -114,6 +114,14 @@ int32_t mt_meta(mt_ctx* ctx, mt_tensor t, int64_t* out, int32_t cap) {
     for (int32_t i = 0; i < nd; i++) out[4 + i] = x.size(i);
     return nd;
   }, -1);
+}
+
+int64_t mt_version(mt_ctx* ctx, mt_tensor t) {
+  return guarded(ctx, [&]() -> int64_t {
+    const Tensor& x = T(t);
+    if (!x.defined()) throw std::invalid_argument("undefined tensor");
+    return static_cast<int64_t>(x._version());
+  }, int64_t{-1});
 }
 
 // ---- creation -------------------------------------------------------------------------

@@ -61,6 +61,8 @@ void mt_free(mt_tensor t);
 /* out = [dtype, device, requires_grad, ndim, size0, size1, ...]; returns ndim
  * or -1 if cap is too small. */
 int32_t mt_meta(mt_ctx* ctx, mt_tensor t, int64_t* out, int32_t cap);
+/* t's version counter (torch's t._version): every in-place write bumps it; -1 on error. */
+int64_t mt_version(mt_ctx* ctx, mt_tensor t);
 
 /* ---- creation ---------------------------------------------------------------- */
 mt_tensor mt_from_data(mt_ctx* ctx, const void* data, int64_t nbytes,
