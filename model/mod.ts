@@ -139,7 +139,7 @@ export {
 export { type Routing, softmaxTopK, sparsemixer, StackedExperts, swiglu } from "./moe.ts";
 export { buildQwen3Moe } from "./qwen3_moe.ts";
 export { buildPhiMoe } from "./phimoe.ts";
-export { dropout, LoraLinear, type LoraOptions, LoraState } from "./lora.ts";
+export { AdapterCasts, adapterWeight, dropout, LoraLinear, type LoraOptions, LoraState } from "./lora.ts";
 export { type ExpertAdapter, type ExpertLoraForm, LoraExperts } from "./lora_experts.ts";
 export {
   DEFAULT_LORA,
