@@ -29,6 +29,11 @@ export class TorchError extends Error {
     this.op = op;
     this.shapes = shapes;
   }
+
+  /** Whether an allocation failed: CUDA's "out of memory", or the CPU allocator's "can't allocate memory". */
+  get outOfMemory(): boolean {
+    return /out of memory|can't allocate memory/i.test(this.message);
+  }
 }
 
 interface Loaded {

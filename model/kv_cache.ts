@@ -7,7 +7,8 @@
  * tensor instead, for decode steps recorded once and replayed (CUDA graphs).
  * @module
  */
-import { type Device, type DType, keep, type Tensor, tidy, zeros } from "../ffi/mod.ts";
+import { type Device, type DType, ELEMENT_SIZE, keep, type Tensor, tidy, zeros } from "../ffi/mod.ts";
+import type { Decoder } from "./decoder.ts";
 
 /** What a forward pass needs of a cache (model/decoder.ts). */
 export interface KVStore {
@@ -17,6 +18,13 @@ export interface KVStore {
   update(layer: number, k: Tensor, v: Tensor): [Tensor, Tensor];
   /** Called once per forward pass, after every layer has written its S new slots. */
   advance(s: number): void;
+}
+
+/** Bytes of decoder's {@link KVCache} for batch rows of maxLength slots: keys and values of every layer. */
+export function kvCacheBytes(decoder: Decoder, batch: number, maxLength: number): number {
+  const { kvHeads, headDim } = decoder.dims;
+  return 2 * decoder.layers.length * batch * kvHeads * maxLength * headDim *
+    ELEMENT_SIZE[decoder.embed.dtype];
 }
 
 /** Keys and values of every layer for a batch being generated. */

@@ -7,10 +7,11 @@
  * every layer (for routing replay).
  * @module
  */
-import { cat, dispose, full, Generator, type Tensor, tensor, tidy } from "../ffi/mod.ts";
+import { cat, dispose, full, Generator, type Tensor, tensor, tidy, TorchError } from "../ffi/mod.ts";
 import { epochSeed } from "../data/batches.ts";
 import { DecodeSession } from "../model/decode_static.ts";
 import { generate } from "../model/generate.ts";
+import { kvCacheBytes } from "../model/kv_cache.ts";
 import type { Policy } from "./policy.ts";
 import { rlConfig, type RlOverrides } from "./config.ts";
 import { parseGold } from "../data/numbers.ts";
@@ -183,6 +184,8 @@ export async function collect(
         decodeMode: c.decode,
         session: session ?? undefined,
         decode: (ids) => tokenizer.decode(ids, { skipSpecialTokens: true, skipUnknownIds: true }),
+      }).catch((e: unknown) => {
+        throw outOfMemoryHint(e, policy, chunk.length, Math.max(...chunk.map((p) => p.ids.length)), c);
       });
       try {
         prefill += gen.seconds.prefill;
@@ -269,4 +272,29 @@ export async function collect(
     dispose(routingParts);
     policy.train(wasTraining);
   }
+}
+
+/**
+ * A generation batch that ran out of memory, as an error naming the settings that bound it (other errors as
+ * they are): the KV cache grows with rows × (prompt + rollout.maxNewTokens), which the bare libtorch message
+ * does not say.
+ */
+function outOfMemoryHint(
+  e: unknown,
+  policy: Policy,
+  prompts: number,
+  promptWidth: number,
+  c: { k: number; maxNewTokens: number; generationBatch: number | null },
+): unknown {
+  if (!(e instanceof TorchError) || !e.outOfMemory) return e;
+  const rows = prompts * c.k, slots = promptWidth + c.maxNewTokens;
+  const gib = kvCacheBytes(policy.model.decoder, rows, slots) / 2 ** 30;
+  const fewer = Math.max(c.k, Math.floor(rows / 2 / c.k) * c.k);
+  return new Error(
+    `collect: out of memory generating ${rows} sequences at once (${prompts} prompts × rollout.k ${c.k}), ` +
+      `up to ${slots} tokens each; their KV cache alone takes ${gib.toPrecision(3)} GiB. Set ` +
+      `rollout.generationBatch to fewer sequences (a multiple of rollout.k, e.g. ${fewer}), or lower ` +
+      `rollout.maxNewTokens. (${e.message})`,
+    { cause: e },
+  );
 }

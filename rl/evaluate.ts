@@ -12,7 +12,7 @@
  * completions give is right; a tie goes to the answer given first).
  * @module
  */
-import { Generator } from "../ffi/mod.ts";
+import { Generator, TorchError } from "../ffi/mod.ts";
 import { epochSeed } from "../data/batches.ts";
 import type { Gsm8kExample } from "../data/gsm8k.ts";
 import { type AnswerVerdict, judgeAnswer } from "../data/answer.ts";
@@ -21,6 +21,7 @@ import { buildPrompts, type PromptOptions } from "../data/prompt.ts";
 import type { Decoder } from "../model/decoder.ts";
 import { type DecodeMode, DecodeSession } from "../model/decode_static.ts";
 import { type FinishReason, generate, type GenerateOptions } from "../model/generate.ts";
+import { kvCacheBytes } from "../model/kv_cache.ts";
 import type { Tokenizer } from "../model/tokenizer.ts";
 
 /** One problem's result (a line of predictions.jsonl). */
@@ -255,7 +256,8 @@ export async function evaluateExamples(
     using generator = sampling
       ? new Generator(epochSeed(sampling.seed, idHash(chunk[0]!.id)), decoder.embed.device)
       : null;
-    const out = await generate(decoder, prompts.slice(i, i + opts.batchSize).map((p) => p.ids), {
+    const batch = prompts.slice(i, i + opts.batchSize).map((p) => p.ids);
+    const out = await generate(decoder, batch, {
       maxNewTokens: opts.maxNewTokens,
       eosTokenIds: eos,
       padTokenId: tok.padTokenId ?? eos[0] ?? 0,
@@ -267,6 +269,19 @@ export async function evaluateExamples(
       ...(sampling
         ? { doSample: true, temperature: sampling.temperature, topP: sampling.topP, generator: generator! }
         : {}),
+    }).catch((e: unknown) => {
+      if (!(e instanceof TorchError) || !e.outOfMemory) throw e;
+      const rows = batch.length * samples,
+        slots = Math.max(...batch.map((p) => p.length)) + opts.maxNewTokens;
+      const gib = kvCacheBytes(decoder, rows, slots) / 2 ** 30;
+      throw new Error(
+        `evaluate: out of memory generating ${rows} completions at once (${batch.length} problems × ` +
+          `${samples} samples), up to ${slots} tokens each; their KV cache alone takes ${
+            gib.toPrecision(3)
+          } GiB. ` +
+          `Lower the batch size (eval.batchSize), or the token cap (eval.maxNewTokens). (${e.message})`,
+        { cause: e },
+      );
     });
     out.tokens.forEach((tokens, r) => { // prompt-major: problem j's samples are rows j·samples …
       const j = Math.floor(r / samples), ex = chunk[j]!, text = out.text![r]!;

@@ -1,0 +1,75 @@
+/**
+ * A generation batch too large for memory fails with an error that names the
+ * settings bounding it (rollout.generationBatch, rollout.maxNewTokens) and the
+ * KV cache's size, not with the allocator's message alone; the process lives on.
+ * An evaluation batch too large names eval.batchSize.
+ */
+import assert from "node:assert/strict";
+import { join } from "node:path";
+import { liveTensors, TorchError } from "../ffi/mod.ts";
+import { DEFAULT_LORA } from "../model/lora_apply.ts";
+import { loadModel } from "../model/model.ts";
+import { Tokenizer } from "../model/tokenizer.ts";
+import { collect } from "../rl/collect.ts";
+import { evaluateExamples } from "../rl/evaluate.ts";
+import { Policy } from "../rl/policy.ts";
+import { DEVICE, FLOAT, scriptedScore } from "./util.ts";
+
+const MODEL = join(import.meta.dirname!, "fixtures", "models", "qwen3-moe-tiny");
+
+Deno.test("collect: out of memory in generation names rollout.generationBatch and the KV cache's size", async () => {
+  const live = liveTensors();
+  {
+    using model = await loadModel(MODEL, { dtype: FLOAT, device: DEVICE });
+    const tok = await Tokenizer.load(MODEL);
+    using policy = new Policy(model, { lora: { ...DEFAULT_LORA, r: 4, alpha: 8 } });
+    const prompts = [[5, 6, 7], [8, 9]].map((ids, i) => ({ ids, answer: i }));
+    // 2^40 new tokens: no allocator grants their cache, so it fails at once rather than filling the memory.
+    const cfg = { rollout: { k: 2, maxNewTokens: 2 ** 40 } };
+    const err = await collect(policy, tok, prompts, cfg, { seed: 1, score: scriptedScore(() => 1) }).then(
+      () => null,
+      (e: unknown) => e,
+    );
+    assert.ok(err instanceof Error, "collect must fail");
+    assert.match(
+      err.message,
+      /^collect: out of memory generating 4 sequences at once \(2 prompts × rollout\.k 2\), up to 1099511627779 tokens each; their KV cache alone takes [\d.e+]+ GiB\. Set rollout\.generationBatch to fewer sequences \(a multiple of rollout\.k, e\.g\. 2\), or lower rollout\.maxNewTokens\./,
+    );
+    assert.ok(err.cause instanceof TorchError && err.cause.outOfMemory, "the allocator's error is its cause");
+    // The process and the policy live on: a collect that fits runs.
+    using buf = await collect(policy, tok, prompts, { rollout: { k: 2, maxNewTokens: 3 } }, {
+      seed: 1,
+      score: scriptedScore(() => 1),
+    });
+    assert.equal(buf.size, 4);
+  }
+  assert.equal(liveTensors(), live);
+});
+
+Deno.test("evaluate: out of memory in generation names eval.batchSize and the KV cache's size", async () => {
+  const live = liveTensors();
+  {
+    using model = await loadModel(MODEL, { dtype: FLOAT, device: DEVICE });
+    const tok = await Tokenizer.load(MODEL);
+    const examples = [1, 2, 3].map((i) => ({
+      id: `test-${i}`,
+      question: `What is ${i} + ${i}?`,
+      solution: `${i} + ${i} = ${2 * i}
+#### ${2 * i}`,
+      answer: String(2 * i),
+      answerValue: 2 * i,
+    }));
+    const err = await evaluateExamples(model.decoder, tok, examples, { maxNewTokens: 2 ** 40, batchSize: 2 })
+      .then(
+        () => null,
+        (e: unknown) => e,
+      );
+    assert.ok(err instanceof Error, "the evaluation must fail");
+    assert.match(
+      err.message,
+      /^evaluate: out of memory generating 2 completions at once \(2 problems × 1 samples\), up to \d+ tokens each; their KV cache alone takes [\d.e+]+ GiB\. Lower the batch size \(eval\.batchSize\), or the token cap \(eval\.maxNewTokens\)\./,
+    );
+    assert.ok(err.cause instanceof TorchError && err.cause.outOfMemory);
+  }
+  assert.equal(liveTensors(), live);
+});
