@@ -178,6 +178,9 @@ console.log(
     `ctx = prompt + new/2 = ${promptLen + newTokens / 2}`,
 );
 for (const r of rows) console.log(r);
+if (lora && dtype === "float32") {
+  console.log("float32 model: its float32 adapters need no cast, held or fresh");
+}
 for (const [key, held] of rates) {
   const fresh = key.endsWith("/held") ? rates.get(key.replace(/held$/, "fresh")) : undefined;
   if (fresh !== undefined) {
