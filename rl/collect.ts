@@ -289,12 +289,19 @@ function outOfMemoryHint(
   if (!(e instanceof TorchError) || !e.outOfMemory) return e;
   const rows = prompts * c.k, slots = promptWidth + c.maxNewTokens;
   const gib = kvCacheBytes(policy.model.decoder, rows, slots) / 2 ** 30;
-  const fewer = Math.max(c.k, Math.floor(rows / 2 / c.k) * c.k);
+  // One prompt's K samples are the fewest a batch holds: a smaller rollout.generationBatch cannot help then.
+  const advice = prompts > 1
+    ? `Set rollout.generationBatch to fewer sequences (a multiple of rollout.k, e.g. ${
+      Math.floor(prompts / 2) * c.k
+    }), or lower rollout.maxNewTokens.`
+    : "The batch is one prompt's samples already, the fewest rollout.generationBatch allows: lower " +
+      "rollout.maxNewTokens (or rollout.k).";
   return new Error(
-    `collect: out of memory generating ${rows} sequences at once (${prompts} prompts × rollout.k ${c.k}), ` +
-      `up to ${slots} tokens each; their KV cache alone takes ${gib.toPrecision(3)} GiB. Set ` +
-      `rollout.generationBatch to fewer sequences (a multiple of rollout.k, e.g. ${fewer}), or lower ` +
-      `rollout.maxNewTokens. (${e.message})`,
+    `collect: out of memory generating ${rows} sequences at once (${prompts} prompt${
+      prompts > 1 ? "s" : ""
+    } × rollout.k ${c.k}), up to ${slots} tokens each; their KV cache alone takes ${
+      gib.toPrecision(3)
+    } GiB. ${advice} (${e.message})`,
     { cause: e },
   );
 }

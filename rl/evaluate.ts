@@ -274,12 +274,18 @@ export async function evaluateExamples(
       const rows = batch.length * samples,
         slots = Math.max(...batch.map((p) => p.length)) + opts.maxNewTokens;
       const gib = kvCacheBytes(decoder, rows, slots) / 2 ** 30;
+      // A batch of one problem is the smallest: then only fewer tokens (or samples) can help.
+      const advice = batch.length > 1
+        ? "Lower the batch size (eval.batchSize), or the token cap (eval.maxNewTokens)."
+        : `The batch is one problem already: lower the token cap (eval.maxNewTokens)${
+          samples > 1 ? " or the samples per problem (eval.samples)" : ""
+        }.`;
       throw new Error(
-        `evaluate: out of memory generating ${rows} completions at once (${batch.length} problems × ` +
-          `${samples} samples), up to ${slots} tokens each; their KV cache alone takes ${
-            gib.toPrecision(3)
-          } GiB. ` +
-          `Lower the batch size (eval.batchSize), or the token cap (eval.maxNewTokens). (${e.message})`,
+        `evaluate: out of memory generating ${rows} completions at once (${batch.length} problem${
+          batch.length > 1 ? "s" : ""
+        } × ${samples} samples), up to ${slots} tokens each; their KV cache alone takes ${
+          gib.toPrecision(3)
+        } GiB. ${advice} (${e.message})`,
         { cause: e },
       );
     });

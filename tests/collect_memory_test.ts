@@ -2,7 +2,8 @@
  * A generation batch too large for memory fails with an error that names the
  * settings bounding it (rollout.generationBatch, rollout.maxNewTokens) and the
  * KV cache's size, not with the allocator's message alone; the process lives on.
- * An evaluation batch too large names eval.batchSize.
+ * An evaluation batch too large names eval.batchSize. A batch of one prompt (one problem), which no smaller
+ * batch setting can shrink, is told to cut the tokens instead.
  */
 import assert from "node:assert/strict";
 import { join } from "node:path";
@@ -70,6 +71,55 @@ Deno.test("evaluate: out of memory in generation names eval.batchSize and the KV
       /^evaluate: out of memory generating 2 completions at once \(2 problems × 1 samples\), up to \d+ tokens each; their KV cache alone takes [\d.e+]+ GiB\. Lower the batch size \(eval\.batchSize\), or the token cap \(eval\.maxNewTokens\)\./,
     );
     assert.ok(err.cause instanceof TorchError && err.cause.outOfMemory);
+  }
+  assert.equal(liveTensors(), live);
+});
+
+Deno.test("out of memory with one prompt (one problem) per batch advises no smaller batch, which there is not", async () => {
+  const live = liveTensors();
+  {
+    using model = await loadModel(MODEL, { dtype: FLOAT, device: DEVICE });
+    const tok = await Tokenizer.load(MODEL);
+    using policy = new Policy(model, { lora: { ...DEFAULT_LORA, r: 4, alpha: 8 } });
+    const prompts = [[5, 6, 7], [8, 9]].map((ids, i) => ({ ids, answer: i }));
+    const cfg = { rollout: { k: 2, generationBatch: 2, maxNewTokens: 2 ** 40 } };
+    const err = await collect(policy, tok, prompts, cfg, { seed: 1, score: scriptedScore(() => 1) }).then(
+      () => null,
+      (e: unknown) => e,
+    );
+    assert.ok(err instanceof Error && err.cause instanceof TorchError, "collect must fail out of memory");
+    assert.match(
+      err.message,
+      /^collect: out of memory generating 2 sequences at once \(1 prompt × rollout\.k 2\)/,
+    );
+    assert.doesNotMatch(err.message, /generationBatch to fewer/, "the batch is one prompt's samples already");
+    assert.match(err.message, /lower rollout\.maxNewTokens/);
+
+    const examples = [{
+      id: "test-1",
+      question: "What is 1 + 1?",
+      solution: "1 + 1 = 2\n#### 2",
+      answer: "2",
+      answerValue: 2,
+    }];
+    const sampling = { temperature: 1, topP: 1, seed: 1 };
+    const ev = await evaluateExamples(model.decoder, tok, examples, {
+      maxNewTokens: 2 ** 40,
+      batchSize: 4,
+      samples: 2,
+      sampling,
+    }).then(() => null, (e: unknown) => e);
+    assert.ok(
+      ev instanceof Error && ev.cause instanceof TorchError,
+      "the evaluation must fail out of memory",
+    );
+    assert.match(
+      ev.message,
+      /^evaluate: out of memory generating 2 completions at once \(1 problem × 2 samples\)/,
+    );
+    assert.doesNotMatch(ev.message, /eval\.batchSize/, "the batch is one problem already");
+    assert.match(ev.message, /eval\.maxNewTokens/);
+    assert.match(ev.message, /eval\.samples/);
   }
   assert.equal(liveTensors(), live);
 });
