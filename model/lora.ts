@@ -94,6 +94,7 @@ export class AdapterCasts {
     const version = w.version;
     let held = this.#held.get(w);
     if (held?.version !== version || held.cast.dtype !== dtype) {
+      this.#held.delete(w); // first: a cast that fails (out of memory) must not leave the freed one held
       held?.cast.dispose();
       held = { cast: keep(w.to(dtype)), version };
       this.#held.set(w, held);
