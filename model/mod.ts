@@ -86,14 +86,8 @@ export {
   type LayerContext,
   type MoeMlp,
 } from "./decoder.ts";
-export {
-  type FinishReason,
-  generate,
-  type GenerateOptions,
-  type GenerateResult,
-  sampleNext,
-  type SamplingOptions,
-} from "./generate.ts";
+export { type FinishReason, generate, type GenerateOptions, type GenerateResult } from "./generate.ts";
+export { checkSampling, sampleNext, type SamplingOptions } from "./sampling.ts";
 export { KVCache, type KVStore, StaticKVView } from "./kv_cache.ts";
 export {
   DECODE_MODES,

@@ -6,7 +6,8 @@
 import assert from "node:assert/strict";
 import { join } from "node:path";
 import { Generator, liveTensors, tensor, tidy } from "../ffi/mod.ts";
-import { generate, type GenerateOptions, sampleNext } from "../model/generate.ts";
+import { generate, type GenerateOptions } from "../model/generate.ts";
+import { sampleNext } from "../model/sampling.ts";
 import { loadModel } from "../model/model.ts";
 import { Tokenizer } from "../model/tokenizer.ts";
 import { DEVICE } from "./util.ts";
