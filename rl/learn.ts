@@ -226,6 +226,8 @@ function referencePass(run: Run, signal: readonly boolean[]): ReferenceResult {
 
 /** Phase 3: log π_old of the trained sequences from a no-grad training-path pass. */
 function oldPass(run: Run, trained: readonly number[], mismatch: Mismatch): number[][] {
+  // Its micro-batches share the adapters' casts, freed before the training passes (which cast in autograd).
+  using _casts = run.policy.lora.state.holdCasts();
   const old: number[][] = [];
   using later = new DeferredReads();
   for (const chunk of chunks(trained, run.lengths, run.micro)) {
@@ -449,8 +451,6 @@ export function learn(
   // normalisation, as TRL's mask_truncated_completions) but is not trained.
   const cut = buffer.sequences.map((s) => c.maskTruncated && s.finishReason === "length");
   const wasTraining = policy.lora.state.training;
-  // The old-policy pass's micro-batches share the adapters' casts (the training passes cast afresh, in autograd).
-  using _casts = policy.lora.state.holdCasts();
   const t0 = performance.now();
   policy.train(false);
   try {

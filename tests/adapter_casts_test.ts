@@ -22,6 +22,9 @@ import { DEFAULT_LORA } from "../model/lora_apply.ts";
 import { loadModel } from "../model/model.ts";
 import { Tokenizer } from "../model/tokenizer.ts";
 import { collect } from "../rl/collect.ts";
+import { learn } from "../rl/learn.ts";
+import { ppoObjective } from "../rl/objective.ts";
+import { policyOptimizer } from "../rl/ppo.ts";
 import { Policy } from "../rl/policy.ts";
 import { assertNoLeak, DEVICE, scriptedScore } from "./util.ts";
 
@@ -192,6 +195,32 @@ Deno.test("adapter casts: collect on a bfloat16 model holds every adapter's cast
     assert.ok(held.length > 0);
     assert.ok(held.every((n) => n === adapters), `held casts ${held}, adapter weights ${adapters}`);
     assert.equal(policy.lora.state.casts, null, "freed when collect returns");
+  }
+  assert.equal(liveTensors(), live);
+});
+
+Deno.test("adapter casts: learn frees the old pass's held casts before its training passes", async () => {
+  const live = liveTensors();
+  manualSeed(5);
+  {
+    using model = await loadModel(MODEL, bf16);
+    const tok = await Tokenizer.load(MODEL);
+    using policy = new Policy(model, { lora: { ...DEFAULT_LORA, r: 4, alpha: 8 } });
+    const prompts = [[5, 6, 7], [8, 9]].map((ids, i) => ({ ids, answer: i }));
+    // Two epochs: an old pass, then training passes.
+    const cfg = { rollout: { k: 2, maxNewTokens: 4 }, ppo: { epochs: 2 } };
+    using buf = await collect(policy, tok, prompts, cfg, { seed: 2, score: scriptedScore((i) => i % 2) });
+    using opt = policyOptimizer(policy);
+    const during: (number | null)[] = [];
+    const m = learn(policy, opt, buf, cfg, {
+      objective: (out, inputs, c) => {
+        during.push(policy.lora.state.casts?.size ?? null);
+        return ppoObjective(out, inputs, c);
+      },
+    });
+    assert.ok(m.optimizer_steps === 2 && during.length >= 2);
+    assert.ok(during.every((x) => x === null), `casts held in the training passes: ${during}`);
+    assert.equal(policy.lora.state.casts, null);
   }
   assert.equal(liveTensors(), live);
 });
