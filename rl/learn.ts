@@ -36,7 +36,7 @@
  * metrics are reduced. Every rank then takes the same steps.
  * @module
  */
-import { clipGradNorm, dispose, type Tensor, tensor, tidy } from "../ffi/mod.ts";
+import { clipGradNorm, dispose, type Tensor, tensor, tidy, TorchError } from "../ffi/mod.ts";
 import { mulberry32, shuffleInPlace } from "../data/batches.ts";
 import { flatGroups, groupBaseline, type UpdateAdvantages, zeroSpreadFraction } from "./advantages.ts";
 import type { RolloutBuffer } from "./rollout_buffer.ts";
@@ -498,8 +498,20 @@ export function learn(
   } catch (e) {
     // A step that failed midway leaves its micro-batches' gradients: drop them, or the next update applies them.
     for (const p of [...policy.policyParameters(), ...policy.valueParameters()]) p.clearGrad();
-    throw e;
+    throw outOfMemoryHint(e, run.micro);
   } finally {
     policy.train(wasTraining);
   }
+}
+
+/** A pass that ran out of memory, as an error naming the settings that bound it (other errors as they are). */
+function outOfMemoryHint(e: unknown, micro: number): unknown {
+  if (!(e instanceof TorchError) || !e.outOfMemory) return e;
+  return new Error(
+    `learn: out of memory in a pass of up to ${micro} sequences (LearnOptions.microBatch; deno task train ` +
+      "passes train.microBatch × rollout.k). Fewer sequences per pass change the passes, not the update: lower " +
+      "train.microBatch and raise train.gradAccum as much, or set train.gradientCheckpointing: true, or a " +
+      `smaller train.headChunk. (${e.message})`,
+    { cause: e },
+  );
 }

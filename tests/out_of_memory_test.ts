@@ -2,17 +2,20 @@
  * A generation batch too large for memory fails with an error that names the
  * settings bounding it (rollout.generationBatch, rollout.maxNewTokens) and the
  * KV cache's size, not with the allocator's message alone; the process lives on.
- * An evaluation batch too large names eval.batchSize. A batch of one prompt (one problem), which no smaller
+ * An evaluation batch too large names eval.batchSize, and a learn pass train.microBatch. A batch of one prompt (one problem), which no smaller
  * batch setting can shrink, is told to cut the tokens instead.
  */
 import assert from "node:assert/strict";
 import { join } from "node:path";
-import { liveTensors, TorchError } from "../ffi/mod.ts";
+import { liveTensors, TorchError, zeros } from "../ffi/mod.ts";
 import { DEFAULT_LORA } from "../model/lora_apply.ts";
 import { loadModel } from "../model/model.ts";
 import { Tokenizer } from "../model/tokenizer.ts";
 import { collect } from "../rl/collect.ts";
 import { evaluateExamples } from "../rl/evaluate.ts";
+import { learn } from "../rl/learn.ts";
+import { ppoObjective } from "../rl/objective.ts";
+import { policyOptimizer } from "../rl/ppo.ts";
 import { Policy } from "../rl/policy.ts";
 import { DEVICE, FLOAT, scriptedScore } from "./util.ts";
 
@@ -120,6 +123,47 @@ Deno.test("out of memory with one prompt (one problem) per batch advises no smal
     assert.doesNotMatch(ev.message, /eval\.batchSize/, "the batch is one problem already");
     assert.match(ev.message, /eval\.maxNewTokens/);
     assert.match(ev.message, /eval\.samples/);
+  }
+  assert.equal(liveTensors(), live);
+});
+
+Deno.test("learn: out of memory in a pass names train.microBatch and gradient checkpointing; no gradient is left", async () => {
+  const live = liveTensors();
+  {
+    using model = await loadModel(MODEL, { dtype: FLOAT, device: DEVICE });
+    const tok = await Tokenizer.load(MODEL);
+    using policy = new Policy(model, { lora: { ...DEFAULT_LORA, r: 4, alpha: 8 } });
+    const prompts = [[5, 6, 7], [8, 9]].map((ids, i) => ({ ids, answer: i }));
+    const cfg = { rollout: { k: 2, maxNewTokens: 3 } };
+    using buf = await collect(policy, tok, prompts, cfg, { seed: 1, score: scriptedScore((i) => i % 2) });
+    using opt = policyOptimizer(policy);
+    let calls = 0;
+    const err = (() => {
+      try {
+        learn(policy, opt, buf, cfg, {
+          microBatch: 2,
+          // The second pass asks for 2^50 bytes, as a pass too large for the device would: the first pass's
+          // gradients are then waiting for the step.
+          objective: (out, inputs, c) => {
+            if (++calls === 2) zeros([2 ** 48], { dtype: "float32", device: DEVICE }).dispose();
+            return ppoObjective(out, inputs, c);
+          },
+        });
+      } catch (e) {
+        return e;
+      }
+      return null;
+    })();
+    assert.ok(err instanceof Error, "learn must fail");
+    assert.match(
+      err.message,
+      /^learn: out of memory in a pass of up to 2 sequences \(LearnOptions\.microBatch; deno task train passes train\.microBatch × rollout\.k\)\. .*lower train\.microBatch and raise train\.gradAccum as much, or set train\.gradientCheckpointing: true/,
+    );
+    assert.ok(err.cause instanceof TorchError && err.cause.outOfMemory);
+    assert.ok(
+      policy.policyParameters().every((p) => p.grad === null),
+      "the failed step's gradients are dropped",
+    );
   }
   assert.equal(liveTensors(), live);
 });
