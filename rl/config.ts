@@ -9,7 +9,13 @@
 import { ADVANTAGE_ESTIMATORS, type AdvantageEstimator } from "./advantages.ts";
 import { DECODE_MODES, type DecodeMode } from "../model/decode_static.ts";
 import { MOE_DISPATCHES, type MoeDispatch } from "../model/moe.ts";
-import { type KlEstimator, RATIO_LEVELS, type RatioLevel } from "./losses.ts";
+import {
+  type KlEstimator,
+  LOSS_AGGREGATIONS,
+  type LossAggregation,
+  RATIO_LEVELS,
+  type RatioLevel,
+} from "./losses.ts";
 import {
   bool,
   type Checks,
@@ -91,6 +97,12 @@ export interface PpoConfig {
   rolloutCorrection: number | null;
   /** Weight of the MoE load-balancing loss (0: off). */
   routerAuxCoef: number;
+  /**
+   * How the per-token terms add up to the loss: "token_mean" (TRL's dapo, verl's token-mean),
+   * "seq_mean_token_mean" (GRPO's per-sequence mean) or "seq_mean_token_sum_norm" (Dr. GRPO's Σ / (S·L), L
+   * being rollout.maxNewTokens); see rl/losses.ts `LOSS_AGGREGATIONS`.
+   */
+  lossAggregation: LossAggregation;
 }
 
 /** Mixture-of-experts handling (the `moe` section). */
@@ -146,6 +158,7 @@ export const DEFAULT_RL_CONFIG: Readonly<RlConfig> = Object.freeze({
     maskTruncated: false,
     rolloutCorrection: 2,
     routerAuxCoef: 0,
+    lossAggregation: "token_mean" as const,
   }),
   reward: DEFAULT_REWARD_CONFIG,
   moe: Object.freeze({ routingReplay: "rollout" as const }),
@@ -183,6 +196,7 @@ export const PPO_CHECKS: Checks<PpoConfig> = {
   maskTruncated: bool,
   rolloutCorrection: nullable(num(1)),
   routerAuxCoef: num(0),
+  lossAggregation: oneOf(...LOSS_AGGREGATIONS),
 };
 
 /** The check of every `moe` setting. */

@@ -121,6 +121,8 @@ interface Run {
   optimizer: StepOptimizer;
   buffer: RolloutBuffer;
   ppo: PpoConfig;
+  /** The completion token cap (rollout.maxNewTokens). */
+  maxTokens: number;
   micro: number;
   /** This rank's sequences' completion lengths. */
   lengths: number[];
@@ -287,6 +289,7 @@ function policySteps(
             rolloutLogprobs: per((i) => seqs[i]!.logprobs),
             tokens,
             sequences: global.length,
+            maxTokens: run.maxTokens,
             attentionMask: batch.attentionMask,
             routerTopK: policy.model.config.numExpertsPerTok,
           };
@@ -371,7 +374,7 @@ export function learn(
 ): LearnMetrics {
   policy.checkAlive("learn");
   buffer.checkAlive("learn");
-  const { ppo: c, moe } = rlConfig(cfg);
+  const { ppo: c, moe, rollout } = rlConfig(cfg);
   const dp = opts.replicas ?? Replicas.single();
   const k = buffer.k;
   const lengths = buffer.sequences.map((s) => s.tokens.length);
@@ -397,6 +400,13 @@ export function learn(
       'moe.routingReplay "rollout": the rollouts carry no routing record (collect with recordRouting)',
     );
   }
+  const longest = Math.max(0, ...all.lengths);
+  if (c.lossAggregation === "seq_mean_token_sum_norm" && longest > rollout.maxNewTokens) {
+    throw new RangeError(
+      `ppo.lossAggregation "seq_mean_token_sum_norm" divides by rollout.maxNewTokens (${rollout.maxNewTokens}), ` +
+        `but a completion has ${longest} tokens: give learn the config collect ran with`,
+    );
+  }
   if (c.routerAuxCoef > 0 && policy.checkpointing) { // checked before any step, not at the first objective
     throw new Error(
       "ppo.routerAuxCoef > 0 needs router logits, which a checkpointed backward does not keep " +
@@ -416,6 +426,7 @@ export function learn(
     optimizer,
     buffer,
     ppo: c,
+    maxTokens: rollout.maxNewTokens,
     micro,
     lengths,
     temperature: buffer.temperature,

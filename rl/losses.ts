@@ -10,7 +10,8 @@
  * tokens of a whole minibatch instead, so that micro-batches accumulate to
  * the minibatch's token mean (TRL's `dapo` aggregation; verl's `token-mean`).
  * Each token weighs the same, so long completions are not down-weighted as
- * with GRPO's per-sequence mean (docs/rl-update.md).
+ * with GRPO's per-sequence mean (docs/rl-update.md). {@link lossWeights}
+ * gives the other aggregations, as per-token weights for {@link weightedSum}.
  *
  * All functions allocate only inside `tidy`; the tensors they return are the
  * caller's. Metrics (clip fractions, approximate KL, ...) carry no autograd
@@ -54,6 +55,70 @@ export function maskedMean(x: Tensor, mask: Tensor, tokens?: number): Tensor {
   });
 }
 
+/**
+ * How per-token loss terms add up to a minibatch's loss (verl's `loss_agg_mode`; TRL's `loss_type` in
+ * brackets), n being the minibatch's trained tokens, S its trained sequences, |o_i| sequence i's trained tokens
+ * and L the completion token cap:
+ * - "token_mean": Σ x / n, every token alike (TRL "dapo", verl "token-mean");
+ * - "seq_mean_token_mean": Σ_i (Σ_t x / |o_i|) / S, every sequence alike, so a long completion's tokens weigh
+ *   less (TRL "grpo", the GRPO paper; GSPO's setup with the sequence ratio);
+ * - "seq_mean_token_sum_norm": Σ x / (S·L), a constant divisor, without GRPO's length bias (TRL "dr_grpo",
+ *   Dr. GRPO, Liu et al. 2025).
+ */
+export const LOSS_AGGREGATIONS = ["token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm"] as const;
+
+/** One of {@link LOSS_AGGREGATIONS}. */
+export type LossAggregation = typeof LOSS_AGGREGATIONS[number];
+
+/** What {@link lossWeights} divides by: the whole minibatch's counts, so that micro-batches add up to it. */
+export interface AggregationCounts {
+  /** Trained tokens of the minibatch ("token_mean"; default: the batch's). */
+  tokens?: number;
+  /** Trained sequences of the minibatch (the "seq_mean" modes; default: the batch's rows). */
+  sequences?: number;
+  /** The completion token cap L ("seq_mean_token_sum_norm", required). */
+  maxTokens?: number;
+}
+
+/**
+ * Each token's weight [B, T] (float32, 0 off the mask) in the minibatch's loss under `aggregation`: the loss
+ * is {@link weightedSum}(x, weights).
+ * @throws {RangeError} for an unknown aggregation, a count that is not > 0, or "seq_mean_token_sum_norm"
+ *   without maxTokens
+ */
+export function lossWeights(
+  mask: Tensor,
+  aggregation: LossAggregation,
+  counts: AggregationCounts = {},
+): Tensor {
+  if (!LOSS_AGGREGATIONS.includes(aggregation)) {
+    throw new RangeError(
+      `lossWeights: aggregation must be one of ${LOSS_AGGREGATIONS.join(", ")}, got ${
+        JSON.stringify(aggregation)
+      }`,
+    );
+  }
+  for (const [k, v] of Object.entries(counts)) {
+    if (v !== undefined && !(v > 0)) throw new RangeError(`lossWeights: ${k} must be > 0, got ${v}`);
+  }
+  if (aggregation === "seq_mean_token_sum_norm" && counts.maxTokens === undefined) {
+    throw new RangeError('lossWeights: "seq_mean_token_sum_norm" divides by the token cap: give maxTokens');
+  }
+  return tidy(() => {
+    const m = mask.to("float32");
+    if (aggregation === "token_mean") return m.div(counts.tokens ?? Math.max(1, m.sum().item()));
+    const sequences = counts.sequences ?? m.size(0);
+    if (aggregation === "seq_mean_token_sum_norm") return m.div(counts.maxTokens! * sequences);
+    return m.div(m.sum(1, true).clamp(1).mul(sequences));
+  });
+}
+
+/** `Σ w·x` over the positions where w is nonzero (a NaN or ±inf elsewhere does not leak in). A scalar. */
+export function weightedSum(x: Tensor, weights: Tensor): Tensor {
+  sameShape("weightedSum", x, weights);
+  return tidy(() => x.maskedFill(weights.eq(0), 0).mul(weights).sum());
+}
+
 /** Where the PPO ratio is taken: "token" (PPO) or "sequence" (GSPO); see {@link ClipOptions.ratioLevel}. */
 export const RATIO_LEVELS = ["token", "sequence"] as const;
 
@@ -83,10 +148,12 @@ export interface ClipOptions {
   tokens?: number;
 }
 
-/** What {@link ppoClippedLoss} returns: scalars; only `loss` has autograd history. */
+/** What {@link ppoClippedLoss} returns: scalars but perToken; only `loss` and `perToken` have autograd history. */
 export interface PpoLossResult {
   /** The clipped surrogate loss, token-mean. */
   loss: Tensor;
+  /** Each token's (weighted) term of it [B, T], 0 off the mask: for another aggregation ({@link lossWeights}). */
+  perToken: Tensor;
   /** Fraction of valid tokens where the clip is active (its gradient is cut off). */
   clipFraction: Tensor;
   /** The part of clipFraction below 1 − ε (negative advantages). */
@@ -159,13 +226,17 @@ export function ppoClippedLoss(
     let surrogate = ratio.mul(adv).minimum(ratio.clamp(1 - low, 1 + high).mul(adv)).neg();
     // Dual clip: at most −c·A where A < 0 (a constant there, so no gradient); no bound where A ≥ 0.
     if (dual !== null) surrogate = surrogate.minimum(adv.mul(-dual).maskedFill(adv.ge(0), Infinity));
-    const weighted = opts.weights ? surrogate.mul(opts.weights.detach()) : surrogate;
+    const weighted = (opts.weights ? surrogate.mul(opts.weights.detach()) : surrogate).maskedFill(
+      valid.logicalNot(),
+      0,
+    );
     const loss = maskedMean(weighted, mask, opts.tokens);
     const r = ratio.detach(), lr = logRatio.detach();
     const below = r.lt(1 - low).logicalAnd(adv.lt(0));
     const above = r.gt(1 + high).logicalAnd(adv.gt(0));
     return {
       loss,
+      perToken: weighted,
       clipFraction: maskedMean(below.logicalOr(above).to("float32"), mask, opts.tokens),
       clipLowFraction: maskedMean(below.to("float32"), mask, opts.tokens),
       dualClipFraction: dual === null

@@ -45,11 +45,15 @@ export {
   zeroSpreadFraction,
 } from "./advantages.ts";
 export {
+  type AggregationCounts,
   type ClipOptions,
   entropyBonus,
   type KlEstimator,
   klPenalty,
   type KlResult,
+  LOSS_AGGREGATIONS,
+  type LossAggregation,
+  lossWeights,
   maskedMean,
   ppoClippedLoss,
   type PpoLossResult,
@@ -57,6 +61,7 @@ export {
   type RatioLevel,
   routerAuxLoss,
   valueLoss,
+  weightedSum,
 } from "./losses.ts";
 export { collect, type CollectOptions, type RolloutTokenizer, type ScoreFn } from "./collect.ts";
 export {

@@ -8,8 +8,11 @@
  *   advantages, weighted per token by the rollout correction
  *   w = min(π_old / π_rollout, C) when C is set;
  * - KL: k3 or k2 to the reference (adapters off), in the loss;
- * - every term a token-mean over the trained tokens of the minibatch (the
- *   router loss, a per-forward mean, weighted by the batch's share of them).
+ * - policyLoss and KL aggregated as `lossAggregation` says (rl/losses.ts
+ *   `LOSS_AGGREGATIONS`): a token-mean over the trained tokens of the
+ *   minibatch, GRPO's per-sequence mean or Dr. GRPO's constant divisor; the
+ *   entropy a token-mean always (as TRL's); the router loss, a per-forward
+ *   mean, weighted by the batch's share of the tokens.
  *
  * The critic is not here: rl/learn.ts trains it on its own, on the frozen
  * base's states, so the policy loss reaches only the adapters.
@@ -17,7 +20,15 @@
  */
 import { stack, type Tensor, tidy } from "../ffi/mod.ts";
 import type { PpoConfig } from "./config.ts";
-import { entropyBonus, klPenalty, maskedMean, ppoClippedLoss, routerAuxLoss } from "./losses.ts";
+import {
+  entropyBonus,
+  klPenalty,
+  lossWeights,
+  maskedMean,
+  ppoClippedLoss,
+  routerAuxLoss,
+  weightedSum,
+} from "./losses.ts";
 import type { PolicyOutput } from "./policy.ts";
 
 /** The settings the objective uses. */
@@ -32,6 +43,7 @@ export type ObjectiveConfig = Pick<
   | "entropyCoef"
   | "rolloutCorrection"
   | "routerAuxCoef"
+  | "lossAggregation"
 >;
 
 /** The constants the objective needs besides the policy's outputs. */
@@ -47,11 +59,12 @@ export interface ObjectiveInputs {
   /** Token-mean denominator: the trained tokens of the whole minibatch (default: this batch's). */
   tokens?: number;
   /**
-   * The trained sequences of the whole minibatch (over all ranks; learn sets it): the denominator of a loss
-   * averaged per sequence, as verl's "seq-mean-token-mean", so that micro-batches add up to the minibatch's
-   * mean. ppoObjective does not use it.
+   * The trained sequences of the whole minibatch (over all ranks; learn sets it): the divisor of the
+   * per-sequence aggregations, so that micro-batches add up to the minibatch's mean (default: this batch's).
    */
   sequences?: number;
+  /** The completion token cap (rollout.maxNewTokens; learn sets it): "seq_mean_token_sum_norm"'s divisor. */
+  maxTokens?: number;
   /** Attention mask [B, T] and experts per token, for the router loss. */
   attentionMask?: Tensor;
   /** Experts per token, for the router loss. */
@@ -143,7 +156,15 @@ export function ppoObjective(
       tokens: n,
     });
     const ref = inputs.refLogprobs;
-    const kl = ref ? klPenalty(out.logprobs, ref, out.mask, cfg.klEstimator, n).mean : null;
+    const klTerms = ref ? klPenalty(out.logprobs, ref, out.mask, cfg.klEstimator, n) : null;
+    // Token-mean as the parts' own means; another aggregation weighs the same per-token terms otherwise. The
+    // entropy bonus stays a token mean (as TRL's), so that its coefficient means the same under every one.
+    const agg = cfg.lossAggregation;
+    const w = agg === "token_mean"
+      ? null
+      : lossWeights(out.mask, agg, { sequences: inputs.sequences, maxTokens: inputs.maxTokens });
+    const policyLoss = w ? weightedSum(pg.perToken, w) : pg.loss;
+    const kl = klTerms ? (w ? weightedSum(klTerms.perToken, w) : klTerms.mean) : null;
     const entropy = entropyBonus(out.entropy, out.mask, n);
     // The router loss is a per-forward mean: weighted by this batch's share of the minibatch's tokens
     // (on the device: reading the count back would wait for the queued work).
@@ -152,11 +173,11 @@ export function ppoObjective(
         n === undefined ? 1 : out.mask.sum().div(n),
       )
       : null;
-    let loss = pg.loss.sub(entropy.mul(cfg.entropyCoef));
+    let loss = policyLoss.sub(entropy.mul(cfg.entropyCoef));
     if (kl && cfg.klCoef > 0) loss = loss.add(kl.mul(cfg.klCoef));
     if (aux) loss = loss.add(aux.mul(cfg.routerAuxCoef));
     const parts: Record<ObjectivePart, Tensor> = {
-      policy_loss: pg.loss,
+      policy_loss: policyLoss,
       kl: kl ?? nan(),
       kl_k1: ref ? klPenalty(out.logprobs, ref, out.mask, "k1", n).mean : nan(),
       entropy,

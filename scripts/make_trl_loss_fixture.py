@@ -14,6 +14,11 @@ Cases (each the loss summed over the micro-batches and the gradient of that sum)
   token, two ranks holding [0, 1] and [2, 3] (num_processes 2, gradients averaged as DDP does)
   sequence (GSPO), one micro-batch, entropy_coef 0.01, without the sampler correction
   sequence, micro-batches [1] and [0, 2, 3], without the sampler correction
+and with loss_type "grpo" (the per-sequence mean) and "dr_grpo" (a divisor of sequences × max_completion_length,
+8 here), whose micro-batches and ranks hold as many completions each (TRL then equals the whole batch's mean):
+  grpo: token, one micro-batch, entropy_coef 0.01; token, micro-batches [0, 1] and [2, 3]; sequence (GSPO's
+    setup), one micro-batch, without the sampler correction
+  dr_grpo: token, one micro-batch, entropy_coef 0.01; token, two ranks holding [0, 1] and [2, 3]
 
 TRL averages its entropy bonus per micro-batch, so the accumulated cases leave it out. With
 importance_sampling_level "sequence" and a per-token sampler weight TRL spreads each token's weight over
@@ -36,7 +41,7 @@ import trl
 from trl.trainer.grpo_trainer import GRPOTrainer
 
 OUT = Path(__file__).resolve().parent.parent / "tests" / "fixtures" / "trl" / "grpo_loss.json"
-EPS_LOW, EPS_HIGH, BETA, CAP = 0.2, 0.28, 0.04, 2.0
+EPS_LOW, EPS_HIGH, BETA, CAP, MAX_COMPLETION = 0.2, 0.28, 0.04, 2.0, 8
 
 # Seed 12 makes every branch count: token ratios beyond both clips, sampler weights above the cap, and
 # sequence ratios beyond both clips.
@@ -54,7 +59,7 @@ ENTROPY = torch.rand(B, T) * 2
 ADV = torch.tensor([1.3, -0.7, 0.4, -1.1])
 
 
-def trl_loss(rows, level, correction, entropy_coef, accumulation, processes):
+def trl_loss(rows, level, correction, entropy_coef, accumulation, processes, loss_type):
     """TRL's loss on the completions `rows`, and the gradients of its log-probs and entropies."""
     logp = LOGP[rows].clone().requires_grad_(True)
     entropy = ENTROPY[rows].clone().requires_grad_(True)
@@ -72,7 +77,8 @@ def trl_loss(rows, level, correction, entropy_coef, accumulation, processes):
         off_policy_mask_threshold=None,
         importance_sampling_level=level,
         beta=BETA,
-        loss_type="dapo",
+        loss_type=loss_type,
+        max_completion_length=MAX_COMPLETION,
         epsilon_low=EPS_LOW,
         epsilon_high=EPS_HIGH,
         args=types.SimpleNamespace(
@@ -109,17 +115,18 @@ def trl_loss(rows, level, correction, entropy_coef, accumulation, processes):
     return loss.item(), logp.grad, entropy.grad if entropy.grad is not None else zeros
 
 
-def case(level, splits, correction=True, entropy_coef=0.0, ranks=False):
+def case(level, splits, correction=True, entropy_coef=0.0, ranks=False, loss_type="dapo"):
     """TRL over the splits: accumulated micro-batches, or ranks whose gradients are averaged."""
     loss, grad_logp, grad_entropy = 0.0, torch.zeros(B, T), torch.zeros(B, T)
     for rows in splits:
         acc, procs = (1, len(splits)) if ranks else (len(splits), 1)
-        value, g_logp, g_entropy = trl_loss(rows, level, correction, entropy_coef, acc, procs)
+        value, g_logp, g_entropy = trl_loss(rows, level, correction, entropy_coef, acc, procs, loss_type)
         scale = 1 / len(splits) if ranks else 1  # DDP averages the ranks' gradients
         loss += value * scale
         grad_logp[rows] += g_logp * scale
         grad_entropy[rows] += g_entropy * scale
     return {
+        "lossType": loss_type,
         "level": level,
         "splits": splits,
         "ranks": ranks,
@@ -139,6 +146,7 @@ def main() -> None:
         "clipHigh": EPS_HIGH,
         "klCoef": BETA,
         "rolloutCorrection": CAP,
+        "maxCompletion": MAX_COMPLETION,
         "mask": MASK.tolist(),
         "logprobs": LOGP.tolist(),
         "old": OLD.tolist(),
@@ -152,6 +160,11 @@ def main() -> None:
             case("token", [[0, 1], [2, 3]], ranks=True),
             case("sequence", [[0, 1, 2, 3]], correction=False, entropy_coef=0.01),
             case("sequence", [[1], [0, 2, 3]], correction=False),
+            case("token", [[0, 1, 2, 3]], entropy_coef=0.01, loss_type="grpo"),
+            case("token", [[0, 1], [2, 3]], loss_type="grpo"),
+            case("sequence", [[0, 1, 2, 3]], correction=False, loss_type="grpo"),
+            case("token", [[0, 1, 2, 3]], entropy_coef=0.01, loss_type="dr_grpo"),
+            case("token", [[0, 1], [2, 3]], ranks=True, loss_type="dr_grpo"),
         ],
     }
     OUT.parent.mkdir(parents=True, exist_ok=True)

@@ -25,10 +25,12 @@ import {
 import {
   entropyBonus,
   klPenalty,
+  lossWeights,
   maskedMean,
   ppoClippedLoss,
   routerAuxLoss,
   valueLoss,
+  weightedSum,
 } from "../rl/losses.ts";
 import { DEFAULT_RL_CONFIG } from "../rl/config.ts";
 import { OBJECTIVE_PARTS, ppoObjective, rolloutWeights } from "../rl/objective.ts";
@@ -47,6 +49,37 @@ Deno.test("losses: masked token mean", () => {
       const mask = t([[1, 1, 0], [0, 1, 1]]);
       assertClose([maskedMean(x, mask).item()], [3.5]); // (1 + 2 + 5 + 6) / 4
       assertClose([maskedMean(x, t([[0, 0, 0], [0, 0, 0]])).item()], [0], 0, "no valid token");
+    })
+  );
+});
+
+Deno.test("losses: the loss aggregations by hand (token mean, GRPO's sequence mean, Dr. GRPO's divisor)", () => {
+  assertNoLeak(() =>
+    tidy(() => {
+      // Two completions of 1 and 3 tokens (column 0 is prompt); NaN and ∞ off the mask do not leak in.
+      const x = t([[NaN, 4, 0, 0], [Infinity, 1, 2, 3]]);
+      const mask = t([[0, 1, 0, 0], [0, 1, 1, 1]]);
+      const sum = (agg: Parameters<typeof lossWeights>[1], counts = {}): number =>
+        weightedSum(x, lossWeights(mask, agg, counts)).item();
+      assertClose([sum("token_mean")], [(4 + 1 + 2 + 3) / 4], 1e-6, "Σ x / n");
+      assertClose([sum("token_mean", { tokens: 8 })], [10 / 8], 1e-6, "the minibatch's n");
+      assertClose(
+        [sum("seq_mean_token_mean")],
+        [(4 / 1 + 6 / 3) / 2],
+        1e-6,
+        "mean over sequences of their means",
+      );
+      assertClose([sum("seq_mean_token_mean", { sequences: 4 })], [(4 + 2) / 4], 1e-6, "the minibatch's S");
+      assertClose([sum("seq_mean_token_sum_norm", { maxTokens: 5 })], [10 / (2 * 5)], 1e-6, "Σ x / (S·L)");
+      assert.throws(
+        () => lossWeights(mask, "seq_mean_token_sum_norm"),
+        /divides by the token cap: give maxTokens/,
+      );
+      assert.throws(() => lossWeights(mask, "token_mean", { tokens: 0 }), /tokens must be > 0, got 0/);
+      assert.throws(
+        () => lossWeights(mask, "grpo" as "token_mean"),
+        /aggregation must be one of token_mean, seq_mean_token_mean, seq_mean_token_sum_norm, got "grpo"/,
+      );
     })
   );
 });
@@ -302,6 +335,7 @@ interface TrlFixture {
   clipHigh: number;
   klCoef: number;
   rolloutCorrection: number;
+  maxCompletion: number;
   mask: number[][];
   logprobs: number[][];
   old: number[][];
@@ -310,6 +344,7 @@ interface TrlFixture {
   entropy: number[][];
   advantages: number[];
   cases: {
+    lossType: "dapo" | "grpo" | "dr_grpo";
     level: "token" | "sequence";
     splits: number[][];
     ranks: boolean;
@@ -321,7 +356,14 @@ interface TrlFixture {
   }[];
 }
 
-Deno.test("losses: the objective gives TRL's GRPO loss and gradients, over micro-batches and ranks", () => {
+/** TRL's loss_type as ppo.lossAggregation. */
+const AGGREGATION_OF = {
+  dapo: "token_mean",
+  grpo: "seq_mean_token_mean",
+  dr_grpo: "seq_mean_token_sum_norm",
+} as const;
+
+Deno.test("losses: the objective gives TRL's GRPO loss and gradients (dapo, grpo, dr_grpo), over micro-batches and ranks", () => {
   const fx: TrlFixture = JSON.parse(
     Deno.readTextFileSync(join(import.meta.dirname!, "fixtures", "trl", "grpo_loss.json")),
   );
@@ -329,7 +371,9 @@ Deno.test("losses: the objective gives TRL's GRPO loss and gradients, over micro
   const rowsOf = (x: number[][], rows: number[]): Tensor => t(rows.map((r) => x[r]!));
   assertNoLeak(() => {
     for (const c of fx.cases) {
-      const what = `${c.level} ${JSON.stringify(c.splits)}${c.ranks ? " over ranks" : ""} (TRL ${fx.trl})`;
+      const what = `${c.lossType}, ${c.level} ${JSON.stringify(c.splits)}${
+        c.ranks ? " over ranks" : ""
+      } (TRL ${fx.trl})`;
       // A micro-batch or a rank each: the loss is summed and the gradients add up, each part dividing by
       // the tokens of all of them, as learn runs them (ranks sum their gradients; DDP averages TRL's).
       let loss = 0;
@@ -346,6 +390,8 @@ Deno.test("losses: the objective gives TRL's GRPO loss and gradients, over micro
             refLogprobs: rowsOf(fx.ref, rows),
             rolloutLogprobs: rowsOf(fx.rollout, rows),
             tokens,
+            sequences: fx.mask.length,
+            maxTokens: fx.maxCompletion,
           }, {
             ...DEFAULT_RL_CONFIG.ppo,
             clip: fx.clip,
@@ -355,6 +401,7 @@ Deno.test("losses: the objective gives TRL's GRPO loss and gradients, over micro
             entropyCoef: c.entropyCoef,
             rolloutCorrection: c.correction ? fx.rolloutCorrection : null,
             ratioLevel: c.level,
+            lossAggregation: AGGREGATION_OF[c.lossType],
           });
           r.loss.backward();
           loss += r.loss.item();

@@ -30,6 +30,7 @@ import { RolloutBuffer, type RolloutPrompt } from "../rl/rollout_buffer.ts";
 import { Replicas } from "../rl/replicas.ts";
 import { DEFAULT_RL_CONFIG, rlConfig, type RlOverrides } from "../rl/config.ts";
 import { learn } from "../rl/learn.ts";
+import { LOSS_AGGREGATIONS } from "../rl/losses.ts";
 import { Policy } from "../rl/policy.ts";
 import { policyOptimizer, ppoStep } from "../rl/ppo.ts";
 import { reward, type RewardResult, type ScoreResult } from "../rl/reward.ts";
@@ -61,6 +62,10 @@ Deno.test("rl config: every bad value names its section and key", () => {
     [{ ppo: { rolloutCorrection: 0.5 } }, /ppo\.rolloutCorrection: expected a number ≥ 1, or null, got 0\.5/],
     [{ ppo: { gaeLambda: 2 } }, /ppo\.gaeLambda: expected a number in \[0, 1\], got 2/],
     [{ moe: { routingReplay: "on" as "off" } }, /moe\.routingReplay: expected one of "off", "rollout"/],
+    [
+      { ppo: { lossAggregation: "dapo" as "token_mean" } },
+      /ppo\.lossAggregation: expected one of "token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm"/,
+    ],
     [{ rollout: { temperature: 0 } }, /rollout\.temperature/],
     // A misspelt key in code is an error too, not a setting silently left at its default.
     [
@@ -398,26 +403,61 @@ Deno.test("rl: collect, learn and ppoStep on the tiny model", async (t) => {
       assert.equal(rec.steps[0]!.length, policy.valueParameters().length);
     });
 
-    await t.step("learn: micro-batches accumulate to the gradient of one pass", async () => {
-      using g = new Generator(5, DEVICE);
-      using buf = await collect(policy, tok, prompts, CFG, {
-        generator: g,
-        score: scriptedScore((i) => (i * 7) % 3),
-      });
-      const grads = (microBatch: number): number[][][] => {
-        const rec = new GradientRecorder();
-        learn(policy, rec, buf, CFG, { microBatch, maxGradNorm: 0 });
-        return rec.steps;
-      };
-      // The critic steps once per micro-batch of prompt groups; the policy once per minibatch.
-      const whole = grads(4), single = grads(1);
-      assert.deepEqual([whole.length, single.length], [2, 3], "critic steps, then one policy step");
-      const policyGrad = (steps: number[][][]): number[][] => steps.at(-1)!;
-      policyGrad(whole).forEach((gr, i) => {
-        assert.ok(gr.length > 0 && gr.some((x) => x !== 0));
-        assertClose(policyGrad(single)[i]!, gr, 1e-5, `param ${i}`);
-      });
-    });
+    await t.step(
+      "learn: micro-batches accumulate to the gradient of one pass, under every loss aggregation",
+      async () => {
+        using g = new Generator(5, DEVICE);
+        using got = await collect(policy, tok, prompts, CFG, {
+          generator: g,
+          score: scriptedScore((i) => (i * 7) % 3),
+        });
+        // Completions cut to 2..6 tokens (the tiny model seldom stops early): the aggregations weigh them otherwise.
+        const cut = got.sequences.map((s, i) => {
+          const n = Math.min(s.tokens.length, 2 + (i * 3) % 5);
+          return { ...s, tokens: s.tokens.slice(0, n), logprobs: s.logprobs.slice(0, n) };
+        });
+        using buf = withSequences(got, cut);
+        const policyGrad = (steps: number[][][]): number[][] => steps.at(-1)!;
+        const byAggregation: number[][] = [];
+        for (const lossAggregation of LOSS_AGGREGATIONS) {
+          const cfg = {
+            ...CFG,
+            ppo: { ...CFG.ppo, lossAggregation },
+            moe: { routingReplay: "off" as const },
+          };
+          const grads = (microBatch: number): number[][][] => {
+            const rec = new GradientRecorder();
+            learn(policy, rec, buf, cfg, { microBatch, maxGradNorm: 0 });
+            return rec.steps;
+          };
+          // The critic steps once per micro-batch of prompt groups; the policy once per minibatch.
+          const whole = grads(4), single = grads(1);
+          assert.deepEqual([whole.length, single.length], [2, 3], "critic steps, then one policy step");
+          policyGrad(whole).forEach((gr, i) => {
+            assert.ok(gr.length > 0 && gr.some((x) => x !== 0));
+            assertClose(policyGrad(single)[i]!, gr, 1e-5, `${lossAggregation}: param ${i}`);
+          });
+          byAggregation.push(policyGrad(whole).flat());
+        }
+        // Each aggregation weighs the tokens otherwise (completions of different lengths).
+        for (let a = 1; a < byAggregation.length; a++) {
+          assert.ok(
+            byAggregation[a]!.some((x, i) => Math.abs(x - byAggregation[0]![i]!) > 1e-6 * (1 + Math.abs(x))),
+            `${LOSS_AGGREGATIONS[a]} gives token_mean's gradient`,
+          );
+        }
+        // Dr. GRPO's divisor is the token cap: a learn told a smaller cap than collect's is refused.
+        const drGrpo = {
+          rollout: { ...CFG.rollout, maxNewTokens: 1 },
+          ppo: { ...CFG.ppo, lossAggregation: "seq_mean_token_sum_norm" as const },
+          moe: { routingReplay: "off" as const },
+        };
+        assert.throws(
+          () => learn(policy, new GradientRecorder(), buf, drGrpo),
+          /ppo\.lossAggregation "seq_mean_token_sum_norm" divides by rollout\.maxNewTokens \(1\), but a completion has \d+ tokens/,
+        );
+      },
+    );
 
     await t.step(
       "learn at the rollout's temperature: the training pass scores what the sampler drew",
