@@ -509,20 +509,28 @@ export function learn(
   } catch (e) {
     // A step that failed midway leaves its micro-batches' gradients: drop them, or the next update applies them.
     for (const p of [...policy.policyParameters(), ...policy.valueParameters()]) p.clearGrad();
-    throw outOfMemoryHint(e, run.micro);
+    throw outOfMemoryHint(e, run.micro, c.advantage);
   } finally {
     policy.train(wasTraining);
   }
 }
 
-/** A pass that ran out of memory, as an error naming the settings that bound it (other errors as they are). */
-function outOfMemoryHint(e: unknown, micro: number): unknown {
+/**
+ * A pass that ran out of memory, as an error naming the settings that bound it (other errors as they are).
+ * The micro-batch also sets the critic's steps (one per micro-batch of prompt groups): with a critic, a smaller
+ * one changes the update, not only the passes.
+ */
+function outOfMemoryHint(e: unknown, micro: number, advantage: PpoConfig["advantage"]): unknown {
   if (!(e instanceof TorchError) || !e.outOfMemory) return e;
+  const advice = advantage === "group"
+    ? "Fewer sequences per pass change the passes, not the update: lower train.microBatch and raise " +
+      "train.gradAccum as much, or set train.gradientCheckpointing: true, or a smaller train.headChunk."
+    : "train.gradientCheckpointing: true or a smaller train.headChunk change the passes, not the update; a " +
+      "lower train.microBatch (train.gradAccum raised as much) also gives the critic (ppo.advantage " +
+      `${JSON.stringify(advantage)}) more, smaller steps: it steps once per micro-batch of prompt groups.`;
   return new Error(
     `learn: out of memory in a pass of up to ${micro} sequences (LearnOptions.microBatch; deno task train ` +
-      "passes train.microBatch × rollout.k). Fewer sequences per pass change the passes, not the update: lower " +
-      "train.microBatch and raise train.gradAccum as much, or set train.gradientCheckpointing: true, or a " +
-      `smaller train.headChunk. (${e.message})`,
+      `passes train.microBatch × rollout.k). ${advice} (${e.message})`,
     { cause: e },
   );
 }

@@ -134,13 +134,16 @@ Deno.test("learn: out of memory in a pass names train.microBatch and gradient ch
     const tok = await Tokenizer.load(MODEL);
     using policy = new Policy(model, { lora: { ...DEFAULT_LORA, r: 4, alpha: 8 } });
     const prompts = [[5, 6, 7], [8, 9]].map((ids, i) => ({ ids, answer: i }));
-    const cfg = { rollout: { k: 2, maxNewTokens: 3 } };
-    using buf = await collect(policy, tok, prompts, cfg, { seed: 1, score: scriptedScore((i) => i % 2) });
+    const collected = { rollout: { k: 2, maxNewTokens: 3 } };
+    using buf = await collect(policy, tok, prompts, collected, {
+      seed: 1,
+      score: scriptedScore((i) => i % 2),
+    });
     using opt = policyOptimizer(policy);
-    let calls = 0;
-    const err = (() => {
+    const failure = (advantage: "token_value" | "group"): unknown => {
+      let calls = 0;
       try {
-        learn(policy, opt, buf, cfg, {
+        learn(policy, opt, buf, { ...collected, ppo: { advantage } }, {
           microBatch: 2,
           // The second pass asks for 2^50 bytes, as a pass too large for the device would: the first pass's
           // gradients are then waiting for the step.
@@ -153,12 +156,26 @@ Deno.test("learn: out of memory in a pass names train.microBatch and gradient ch
         return e;
       }
       return null;
-    })();
+    };
+    const head =
+      /^learn: out of memory in a pass of up to 2 sequences \(LearnOptions\.microBatch; deno task train passes train\.microBatch × rollout\.k\)\. /;
+    // Without a critic the micro-batches split the passes only.
+    const plain = failure("group");
+    assert.ok(plain instanceof Error, "learn must fail");
+    assert.match(plain.message, head);
+    assert.match(
+      plain.message,
+      /Fewer sequences per pass change the passes, not the update: lower train\.microBatch and raise train\.gradAccum as much, or set train\.gradientCheckpointing: true, or a smaller train\.headChunk/,
+    );
+    // The critic steps once per micro-batch of prompt groups: fewer sequences per pass give it more, smaller steps.
+    const err = failure("token_value");
     assert.ok(err instanceof Error, "learn must fail");
+    assert.match(err.message, head);
     assert.match(
       err.message,
-      /^learn: out of memory in a pass of up to 2 sequences \(LearnOptions\.microBatch; deno task train passes train\.microBatch × rollout\.k\)\. .*lower train\.microBatch and raise train\.gradAccum as much, or set train\.gradientCheckpointing: true/,
+      /train\.gradientCheckpointing: true or a smaller train\.headChunk change the passes, not the update; a lower train\.microBatch \(train\.gradAccum raised as much\) also gives the critic \(ppo\.advantage "token_value"\) more, smaller steps: it steps once per micro-batch of prompt groups/,
     );
+    assert.doesNotMatch(err.message, /not the update: lower train\.microBatch/);
     assert.ok(err.cause instanceof TorchError && err.cause.outOfMemory);
     assert.ok(
       policy.policyParameters().every((p) => p.grad === null),
