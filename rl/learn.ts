@@ -360,7 +360,7 @@ function advantagesOnRanks(
  * rates). Leaves no gradients behind.
  * @param cfg overrides of rl/config.ts's defaults (the `ppo` and `moe` sections are used)
  * @throws {RangeError} for a bad config, a minibatch count that does not divide the buffer's sequences,
- *   or a bad micro-batch size; {@link Error} for routing replay on a model without MoE layers, the router
+ *   a bad micro-batch size, or Dr. GRPO's aggregation with a completion longer than rollout.maxNewTokens; {@link Error} for routing replay on a model without MoE layers, the router
  *   loss with gradient checkpointing, a valueLoss function without a critic (ppo.advantage "group"), or
  *   (after the critic's steps, which the advantages need) a replacement advantages, objective or critic loss
  *   function whose result does not fit (every rank throws)

@@ -60,7 +60,7 @@ export interface ObjectiveInputs {
   tokens?: number;
   /**
    * The trained sequences of the whole minibatch (over all ranks; learn sets it): the divisor of the
-   * per-sequence aggregations, so that micro-batches add up to the minibatch's mean (default: this batch's).
+   * per-sequence aggregations, so that micro-batches add up to the minibatch's mean (default: this batch's rows).
    */
   sequences?: number;
   /** The completion token cap (rollout.maxNewTokens; learn sets it): "seq_mean_token_sum_norm"'s divisor. */
@@ -95,7 +95,9 @@ export interface ObjectiveResult {
   loss: Tensor;
   /**
    * Detached scalars, one per {@link OBJECTIVE_PARTS} in that order ([parts]): read them with one
-   * `toArray()`. Token means use the same denominator as the loss. kl and kl_k1 are NaN without
+   * `toArray()`. policy_loss is the loss's term, aggregated as `lossAggregation` says; the others are token
+   * means over the denominator of the token-mean loss (kl too: the loss's KL term follows lossAggregation, the
+   * logged kl stays comparable across aggregations). kl and kl_k1 are NaN without
    * reference log-probs, router_aux_loss and dual_clip_fraction NaN when off, is_weight_mean 1 without a
    * correction.
    */
@@ -164,7 +166,7 @@ export function ppoObjective(
       ? null
       : lossWeights(out.mask, agg, { sequences: inputs.sequences, maxTokens: inputs.maxTokens });
     const policyLoss = w ? weightedSum(pg.perToken, w) : pg.loss;
-    const kl = klTerms ? (w ? weightedSum(klTerms.perToken, w) : klTerms.mean) : null;
+    const kl = klTerms ? (w ? weightedSum(klTerms.perToken, w) : klTerms.mean) : null; // the loss's term
     const entropy = entropyBonus(out.entropy, out.mask, n);
     // The router loss is a per-forward mean: weighted by this batch's share of the minibatch's tokens
     // (on the device: reading the count back would wait for the queued work).
@@ -178,7 +180,7 @@ export function ppoObjective(
     if (aux) loss = loss.add(aux.mul(cfg.routerAuxCoef));
     const parts: Record<ObjectivePart, Tensor> = {
       policy_loss: policyLoss,
-      kl: kl ?? nan(),
+      kl: klTerms?.mean ?? nan(), // a token mean, whatever the aggregation (as kl_k1)
       kl_k1: ref ? klPenalty(out.logprobs, ref, out.mask, "k1", n).mean : nan(),
       entropy,
       router_aux_loss: aux ?? nan(),

@@ -403,6 +403,10 @@ Deno.test("losses: the objective gives TRL's GRPO loss and gradients (dapo, grpo
             ratioLevel: c.level,
             lossAggregation: AGGREGATION_OF[c.lossType],
           });
+          // The logged kl is a token mean under every aggregation (only the loss's term follows it).
+          const klLogged = (r.parts.toArray() as number[])[OBJECTIVE_PARTS.indexOf("kl")]!;
+          const klMean = klPenalty(logprobs, rowsOf(fx.ref, rows), mask, "k3", tokens).mean.item();
+          assertClose([klLogged], [klMean], 1e-6, `${what}: logged kl`);
           r.loss.backward();
           loss += r.loss.item();
           const gl = logprobs.grad!.tolist() as number[][], ge = entropy.grad!.tolist() as number[][];
