@@ -256,6 +256,7 @@ export async function collect(
       promptTexts,
       k: c.k,
       temperature: c.temperature,
+      maxNewTokens: c.maxNewTokens,
       pad,
       sequences,
       routing,

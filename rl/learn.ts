@@ -121,7 +121,7 @@ interface Run {
   optimizer: StepOptimizer;
   buffer: RolloutBuffer;
   ppo: PpoConfig;
-  /** The completion token cap (rollout.maxNewTokens). */
+  /** The completion token cap (the buffer's, else rollout.maxNewTokens). */
   maxTokens: number;
   micro: number;
   /** This rank's sequences' completion lengths. */
@@ -358,10 +358,11 @@ function advantagesOnRanks(
  * `optimizer`, which must hold `policy.policyParameters()` and
  * `policy.valueParameters()` (their own groups, for their own learning
  * rates). Leaves no gradients behind.
- * @param cfg overrides of rl/config.ts's defaults (the `ppo` and `moe` sections are used)
+ * @param cfg overrides of rl/config.ts's defaults (the `ppo` and `moe` sections are used, and
+ *   `rollout.maxNewTokens` for a buffer that does not record its token cap)
  * @throws {RangeError} for a bad config, a minibatch count that does not divide the buffer's sequences,
- *   a bad micro-batch size, or Dr. GRPO's aggregation with a completion longer than rollout.maxNewTokens; {@link Error} for routing replay on a model without MoE layers, the router
- *   loss with gradient checkpointing, a valueLoss function without a critic (ppo.advantage "group"), or
+ *   a bad micro-batch size, or Dr. GRPO's aggregation with a completion longer than the token cap;
+ *   {@link Error} for routing replay on a model without MoE layers, the router loss with gradient checkpointing, a valueLoss function without a critic (ppo.advantage "group"), or
  *   (after the critic's steps, which the advantages need) a replacement advantages, objective or critic loss
  *   function whose result does not fit (every rank throws)
  */
@@ -400,11 +401,13 @@ export function learn(
       'moe.routingReplay "rollout": the rollouts carry no routing record (collect with recordRouting)',
     );
   }
+  // Dr. GRPO's divisor: the cap the completions were sampled with, else (a buffer made by hand) the config's.
+  const cap = buffer.maxNewTokens ?? rollout.maxNewTokens;
   const longest = Math.max(0, ...all.lengths);
-  if (c.lossAggregation === "seq_mean_token_sum_norm" && longest > rollout.maxNewTokens) {
+  if (c.lossAggregation === "seq_mean_token_sum_norm" && longest > cap) {
     throw new RangeError(
-      `ppo.lossAggregation "seq_mean_token_sum_norm" divides by rollout.maxNewTokens (${rollout.maxNewTokens}), ` +
-        `but a completion has ${longest} tokens: give learn the config collect ran with`,
+      `ppo.lossAggregation "seq_mean_token_sum_norm" divides by the token cap (${cap}), but a completion has ` +
+        `${longest} tokens: give the buffer the cap it was sampled with (maxNewTokens)`,
     );
   }
   if (c.routerAuxCoef > 0 && policy.checkpointing) { // checked before any step, not at the first objective
@@ -426,7 +429,7 @@ export function learn(
     optimizer,
     buffer,
     ppo: c,
-    maxTokens: rollout.maxNewTokens,
+    maxTokens: cap,
     micro,
     lengths,
     temperature: buffer.temperature,

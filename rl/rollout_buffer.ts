@@ -119,6 +119,8 @@ export class RolloutBuffer {
   readonly k: number;
   /** The sampling temperature (the learn phase uses it too). */
   readonly temperature: number;
+  /** The token cap the completions were sampled with (Dr. GRPO's divisor uses it); null when not known. */
+  readonly maxNewTokens: number | null;
   /** The pad id of every batch built from the buffer. */
   readonly pad: number;
   /** The completions, prompt-major: `[p0c0, …, p0c(k−1), p1c0, …]`. */
@@ -139,6 +141,8 @@ export class RolloutBuffer {
     promptTexts: readonly string[];
     k: number;
     temperature: number;
+    /** The token cap of the sampling (default null: not known, e.g. a buffer assembled by hand). */
+    maxNewTokens?: number | null;
     pad: number;
     sequences: readonly RolloutSequence[];
     timings: CollectTimings;
@@ -150,6 +154,7 @@ export class RolloutBuffer {
     this.promptTexts = init.promptTexts;
     this.k = init.k;
     this.temperature = init.temperature;
+    this.maxNewTokens = init.maxNewTokens ?? null;
     this.pad = init.pad;
     this.sequences = init.sequences;
     this.routing = init.routing && keep(init.routing); // the buffer's to free, not a scope's (it may outlive one)
@@ -213,6 +218,7 @@ export class RolloutBuffer {
       promptTexts: indices.map((p) => this.promptTexts[p]!),
       k: this.k,
       temperature: this.temperature,
+      maxNewTokens: this.maxNewTokens,
       pad: this.pad,
       sequences,
       routing,

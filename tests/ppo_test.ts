@@ -446,15 +446,33 @@ Deno.test("rl: collect, learn and ppoStep on the tiny model", async (t) => {
             `${LOSS_AGGREGATIONS[a]} gives token_mean's gradient`,
           );
         }
-        // Dr. GRPO's divisor is the token cap: a learn told a smaller cap than collect's is refused.
+        // Dr. GRPO's divisor is the cap the buffer was sampled with (6), whatever learn's config says ...
+        assert.equal(got.maxNewTokens, 6);
         const drGrpo = {
           rollout: { ...CFG.rollout, maxNewTokens: 1 },
           ppo: { ...CFG.ppo, lossAggregation: "seq_mean_token_sum_norm" as const },
           moe: { routingReplay: "off" as const },
         };
+        const rec = new GradientRecorder();
+        learn(policy, rec, buf, drGrpo, { microBatch: 4, maxGradNorm: 0 });
+        assertClose(
+          policyGrad(rec.steps).flat(),
+          byAggregation[2]!,
+          1e-6,
+          "the buffer's cap, not the config's",
+        );
+        // ... and a buffer made by hand, which does not know its cap, takes the config's, and refuses a longer one.
+        using unknown = new RolloutBuffer({
+          ...buf,
+          maxNewTokens: null,
+          routing: null,
+          routingStart: [],
+          device: DEVICE,
+          timings: buf.metrics,
+        });
         assert.throws(
-          () => learn(policy, new GradientRecorder(), buf, drGrpo),
-          /ppo\.lossAggregation "seq_mean_token_sum_norm" divides by rollout\.maxNewTokens \(1\), but a completion has \d+ tokens/,
+          () => learn(policy, new GradientRecorder(), unknown, drGrpo),
+          /ppo\.lossAggregation "seq_mean_token_sum_norm" divides by the token cap \(1\), but a completion has \d+ tokens/,
         );
       },
     );
