@@ -27,6 +27,15 @@ export function kvCacheBytes(decoder: Decoder, batch: number, maxLength: number)
     ELEMENT_SIZE[decoder.embed.dtype];
 }
 
+/**
+ * What a generation batch of rows × slots asks of memory, for an out-of-memory message: "up to S tokens each;
+ * their KV cache alone takes G GiB".
+ */
+export function kvCacheDemand(decoder: Decoder, rows: number, slots: number): string {
+  const gib = kvCacheBytes(decoder, rows, slots) / 2 ** 30;
+  return `up to ${slots} tokens each; their KV cache alone takes ${gib.toPrecision(3)} GiB`;
+}
+
 /** Keys and values of every layer for a batch being generated. */
 export class KVCache implements KVStore {
   /** Per layer [B, nKV, maxLength, headDim]. */

@@ -11,7 +11,7 @@ import { cat, dispose, full, Generator, type Tensor, tensor, tidy, TorchError } 
 import { epochSeed } from "../data/batches.ts";
 import { DecodeSession } from "../model/decode_static.ts";
 import { generate } from "../model/generate.ts";
-import { kvCacheBytes } from "../model/kv_cache.ts";
+import { kvCacheDemand } from "../model/kv_cache.ts";
 import type { Policy } from "./policy.ts";
 import { rlConfig, type RlOverrides } from "./config.ts";
 import { parseGold } from "../data/numbers.ts";
@@ -288,8 +288,7 @@ function outOfMemoryHint(
   c: { k: number; maxNewTokens: number; generationBatch: number | null },
 ): unknown {
   if (!(e instanceof TorchError) || !e.outOfMemory) return e;
-  const rows = prompts * c.k, slots = promptWidth + c.maxNewTokens;
-  const gib = kvCacheBytes(policy.model.decoder, rows, slots) / 2 ** 30;
+  const rows = prompts * c.k;
   // One prompt's K samples are the fewest a batch holds: a smaller rollout.generationBatch cannot help then.
   const advice = prompts > 1
     ? `Set rollout.generationBatch to fewer sequences (a multiple of rollout.k, e.g. ${
@@ -300,9 +299,9 @@ function outOfMemoryHint(
   return new Error(
     `collect: out of memory generating ${rows} sequences at once (${prompts} prompt${
       prompts > 1 ? "s" : ""
-    } × rollout.k ${c.k}), up to ${slots} tokens each; their KV cache alone takes ${
-      gib.toPrecision(3)
-    } GiB. ${advice} (${e.message})`,
+    } × rollout.k ${c.k}), ${
+      kvCacheDemand(policy.model.decoder, rows, promptWidth + c.maxNewTokens)
+    }. ${advice} (${e.message})`,
     { cause: e },
   );
 }

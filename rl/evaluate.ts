@@ -21,7 +21,7 @@ import { buildPrompts, type PromptOptions } from "../data/prompt.ts";
 import type { Decoder } from "../model/decoder.ts";
 import { type DecodeMode, DecodeSession } from "../model/decode_static.ts";
 import { type FinishReason, generate, type GenerateOptions } from "../model/generate.ts";
-import { kvCacheBytes } from "../model/kv_cache.ts";
+import { kvCacheDemand } from "../model/kv_cache.ts";
 import type { Tokenizer } from "../model/tokenizer.ts";
 
 /** One problem's result (a line of predictions.jsonl). */
@@ -273,7 +273,6 @@ export async function evaluateExamples(
       if (!(e instanceof TorchError) || !e.outOfMemory) throw e;
       const rows = batch.length * samples,
         slots = Math.max(...batch.map((p) => p.length)) + opts.maxNewTokens;
-      const gib = kvCacheBytes(decoder, rows, slots) / 2 ** 30;
       // A batch of one problem is the smallest: then only fewer tokens (or samples) can help.
       const advice = batch.length > 1
         ? "Lower the batch size (eval.batchSize), or the token cap (eval.maxNewTokens)."
@@ -283,9 +282,7 @@ export async function evaluateExamples(
       throw new Error(
         `evaluate: out of memory generating ${rows} completions at once (${batch.length} problem${
           batch.length > 1 ? "s" : ""
-        } × ${samples} samples), up to ${slots} tokens each; their KV cache alone takes ${
-          gib.toPrecision(3)
-        } GiB. ${advice} (${e.message})`,
+        } × ${samples} samples), ${kvCacheDemand(decoder, rows, slots)}. ${advice} (${e.message})`,
         { cause: e },
       );
     });

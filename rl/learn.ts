@@ -362,9 +362,10 @@ function advantagesOnRanks(
  *   `rollout.maxNewTokens` for a buffer that does not record its token cap)
  * @throws {RangeError} for a bad config, a minibatch count that does not divide the buffer's sequences,
  *   a bad micro-batch size, or Dr. GRPO's aggregation with a completion longer than the token cap;
- *   {@link Error} for routing replay on a model without MoE layers, the router loss with gradient checkpointing, a valueLoss function without a critic (ppo.advantage "group"), or
- *   (after the critic's steps, which the advantages need) a replacement advantages, objective or critic loss
- *   function whose result does not fit (every rank throws)
+ *   {@link Error} for routing replay on a model without MoE layers, the router loss with gradient
+ *   checkpointing, a valueLoss function without a critic (ppo.advantage "group"), or (after the critic's
+ *   steps, which the advantages need) a replacement advantages, objective or critic loss function whose result
+ *   does not fit (every rank throws)
  */
 export function learn(
   policy: Policy,
