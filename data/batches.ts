@@ -6,6 +6,7 @@
  * have seen, with no generator state to save.
  * @module
  */
+import { counterHash } from "../model/random.ts";
 
 /** A position in the stream of micro-batches: batch `index` (from 0) of epoch `epoch` (from 0). */
 export interface BatchPosition {
@@ -43,13 +44,6 @@ export interface MicroBatcherOptions {
 
 const UINT32 = 2 ** 32;
 
-/** A finalizer of 32-bit integers (the "lowbias32" hash): close seeds give unrelated outputs. */
-function hash32(x: number): number {
-  x = Math.imul(x ^ (x >>> 16), 0x7feb352d);
-  x = Math.imul(x ^ (x >>> 15), 0x846ca68b);
-  return (x ^ (x >>> 16)) >>> 0;
-}
-
 /**
  * mulberry32: a tiny 32-bit PRNG (uniform floats in [0, 1)), ample for
  * shuffling, identical on every platform.
@@ -65,9 +59,9 @@ export function mulberry32(seed: number): () => number {
   };
 }
 
-/** The PRNG seed of one epoch: both inputs hashed, so epochs (and seeds) do not give shifted streams. */
+/** The PRNG seed of one epoch: word `epoch` of the stream `seed`, so epochs (and seeds) do not give shifted streams. */
 export function epochSeed(seed: number, epoch: number): number {
-  return hash32((hash32(seed >>> 0) + Math.imul(epoch >>> 0, 0x9e3779b9)) >>> 0);
+  return counterHash(seed, epoch);
 }
 
 /** Shuffles xs in place (Fisher–Yates), drawing from rand; returns xs. */

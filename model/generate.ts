@@ -14,6 +14,7 @@ import {
   cat,
   cuda,
   type Device,
+  fromTypedArray,
   full,
   type Generator,
   keep,
@@ -31,6 +32,7 @@ import { KVCache } from "./kv_cache.ts";
 import { MOE_DISPATCHES, type MoeDispatch } from "./moe.ts";
 import { decodeDispatch, groupedCapturable } from "./dispatch_choice.ts";
 import { checkTokenIds, leftPad } from "./padding.ts";
+import { counterHash, streamUniform } from "./random.ts";
 import { checkSampling, drawNext, type SamplingOptions } from "./sampling.ts";
 
 /** Options for {@link generate}. */
@@ -43,6 +45,13 @@ export interface GenerateOptions extends SamplingOptions {
   padTokenId?: number;
   /** Random source for sampling (default: libtorch's global generator). */
   generator?: Generator;
+  /**
+   * Instead of a generator, one seed per prompt (integers in [0, 2^32)): sample j of prompt i takes its
+   * step-t token at the uniform number t of the stream (seed i, j) (model/random.ts), by inverse-CDF
+   * sampling. Its tokens then depend on its own prompt, seed and j alone, not on the other prompts of the
+   * batch nor its place among them, as with vLLM's per-request seeds. Needs doSample.
+   */
+  sampleSeeds?: readonly number[];
   /** A row also stops once its decoded text contains one of these (needs decode). */
   stopStrings?: readonly string[];
   /** Turns token ids into text (e.g. a Tokenizer's decode); needed for text output and stop strings. */
@@ -157,6 +166,7 @@ export async function generate(
     throw new RangeError(`generate: samplesPerPrompt must be an integer >= 1, got ${samples}`);
   }
   if (opts.doSample) checkSampling(opts);
+  if (opts.sampleSeeds) checkSampleSeeds(opts, prompts.length);
   const session = opts.session;
   if (session && session.decoder !== decoder) {
     throw new RangeError("generate: the session records another decoder's steps");
@@ -175,6 +185,32 @@ export async function generate(
   } finally {
     release?.();
   }
+}
+
+function checkSampleSeeds(opts: GenerateOptions, prompts: number): void {
+  const seeds = opts.sampleSeeds!;
+  if (!opts.doSample) throw new RangeError("generate: sampleSeeds need doSample");
+  if (opts.generator) throw new RangeError("generate: give a generator or sampleSeeds, not both");
+  if (seeds.length !== prompts) {
+    throw new RangeError(`generate: ${seeds.length} sampleSeeds for ${prompts} prompts (one per prompt)`);
+  }
+  const bad = seeds.findIndex((x) => !(Number.isSafeInteger(x) && x >= 0 && x < 2 ** 32));
+  if (bad >= 0) {
+    throw new RangeError(`generate: sampleSeeds[${bad}] must be an integer in [0, 2^32), got ${seeds[bad]}`);
+  }
+}
+
+/**
+ * The uniform numbers of every real row's sample stream, [b, steps] float64 on the device: made once per
+ * call, so a decode step only takes a column (no host-to-device copy, which would wait on the device).
+ */
+function rowUniforms(seeds: readonly number[], samples: number, steps: number, device: Device): Tensor {
+  const u = new Float64Array(seeds.length * samples * steps);
+  for (let r = 0; r < seeds.length * samples; r++) {
+    const key = counterHash(seeds[Math.floor(r / samples)]!, r % samples);
+    for (let t = 0; t < steps; t++) u[r * steps + t] = streamUniform(key, t);
+  }
+  return fromTypedArray(u, [seeds.length * samples, steps], { device });
 }
 
 function checkChoice(what: string, value: string | undefined, allowed: readonly string[]): void {
@@ -240,6 +276,9 @@ async function run(
   const logprobs = zeros([rows, t], { dtype: "float32", device });
   const eos = tensor(opts.eosTokenIds?.length ? [...opts.eosTokenIds] : [-1], i64);
   const padT = tensor([pad], i64);
+  const uniforms = opts.doSample && opts.sampleSeeds
+    ? rowUniforms(opts.sampleSeeds, samples, t, device)
+    : null;
   // [moeLayers, rows, positions, k], allocated at the prefill once k is known.
   let routing: Tensor | null = null;
   const record = (experts: readonly Tensor[], at: number, width: number): void => {
@@ -298,7 +337,9 @@ async function run(
         tidy(() => {
           // Padding rows (past b) draw nothing, so a row's samples do not depend on the session's bucket.
           const real = rows === b ? scores : scores.narrow(0, 0, b);
-          let chosen = opts.doSample ? drawNext(real, opts, opts.generator) : real.argmax(-1);
+          let chosen = opts.doSample
+            ? drawNext(real, opts, opts.generator, uniforms?.narrow(1, step, 1))
+            : real.argmax(-1);
           if (rows > b) chosen = cat([chosen, full([rows - b], pad, i64)], 0);
           const next = where(finished, padT, chosen);
           const tempered = temperature === 1 ? scores : scores.div(temperature);

@@ -7,7 +7,7 @@
  * every layer (for routing replay).
  * @module
  */
-import { cat, dispose, full, Generator, type Tensor, tensor, tidy, TorchError } from "../ffi/mod.ts";
+import { cat, dispose, full, type Generator, type Tensor, tensor, tidy, TorchError } from "../ffi/mod.ts";
 import { epochSeed } from "../data/batches.ts";
 import { DecodeSession } from "../model/decode_static.ts";
 import { generate } from "../model/generate.ts";
@@ -76,10 +76,10 @@ export interface CollectOptions {
   /** Random source for sampling (seed it for reproducible rollouts). */
   generator?: Generator;
   /**
-   * Instead of a generator: each generation batch samples from its own generator, seeded from
-   * (seed, the update-wide index of the batch's first prompt). A batch's samples then depend only
-   * on its own prompts, so the prompts of an update can be split over data-parallel ranks (in
-   * whole generation batches) and still draw what one process drawing them all would.
+   * Instead of a generator: each prompt's samples draw from their own streams, keyed by (seed, the
+   * prompt's update-wide index) (generate's `sampleSeeds`). A prompt's completions then depend on
+   * neither `rollout.generationBatch` nor the other prompts, so the prompts of an update can be split
+   * over data-parallel ranks and still draw what one process drawing them all would.
    */
   seed?: number;
   /** The update-wide index of prompts[0] (default 0): a data-parallel rank's offset, for `seed`. */
@@ -166,9 +166,10 @@ export async function collect(
   try {
     for (let first = 0; first < prompts.length; first += perBatch) {
       const chunk = prompts.slice(first, first + perBatch);
-      using own = opts.seed === undefined
-        ? null
-        : new Generator(epochSeed(opts.seed, (opts.firstPrompt ?? 0) + first), device);
+      const seed = opts.seed;
+      const sampleSeeds = seed === undefined
+        ? undefined
+        : chunk.map((_, i) => epochSeed(seed, (opts.firstPrompt ?? 0) + first + i));
       const gen = await generate(decoder, chunk.map((p) => [...p.ids]), {
         maxNewTokens: c.maxNewTokens,
         eosTokenIds: stop,
@@ -177,7 +178,8 @@ export async function collect(
         temperature: c.temperature,
         topP: c.topP,
         topK: c.topK,
-        generator: own ?? opts.generator,
+        generator: opts.generator,
+        sampleSeeds,
         samplesPerPrompt: c.k,
         recordRouting: record,
         decodeDispatch: c.decodeDispatch,

@@ -12,7 +12,7 @@
  * completions give is right; a tie goes to the answer given first).
  * @module
  */
-import { Generator, TorchError } from "../ffi/mod.ts";
+import { TorchError } from "../ffi/mod.ts";
 import { epochSeed } from "../data/batches.ts";
 import type { Gsm8kExample } from "../data/gsm8k.ts";
 import { type AnswerVerdict, judgeAnswer } from "../data/answer.ts";
@@ -81,8 +81,9 @@ export interface EvalSampling {
   /** Nucleus mass in (0, 1] (default 1: off). */
   topP?: number;
   /**
-   * Each generation batch draws from a generator seeded with (seed, its first problem's id): the same
-   * problems in the same batches draw the same completions, however the problems are split over processes.
+   * Each problem's samples draw from their own streams, keyed by (seed, the problem's id) (generate's
+   * `sampleSeeds`): a problem draws the same completions whatever the batch size, and however the problems
+   * are split over processes.
    */
   seed: number;
 }
@@ -253,9 +254,6 @@ export async function evaluateExamples(
   const session = opts.session ?? own;
   for (let i = 0; i < examples.length; i += opts.batchSize) {
     const chunk = examples.slice(i, i + opts.batchSize);
-    using generator = sampling
-      ? new Generator(epochSeed(sampling.seed, idHash(chunk[0]!.id)), decoder.embed.device)
-      : null;
     const batch = prompts.slice(i, i + opts.batchSize).map((p) => p.ids);
     const out = await generate(decoder, batch, {
       maxNewTokens: opts.maxNewTokens,
@@ -267,7 +265,12 @@ export async function evaluateExamples(
       session: session ?? undefined,
       samplesPerPrompt: samples,
       ...(sampling
-        ? { doSample: true, temperature: sampling.temperature, topP: sampling.topP, generator: generator! }
+        ? {
+          doSample: true,
+          temperature: sampling.temperature,
+          topP: sampling.topP,
+          sampleSeeds: chunk.map((ex) => epochSeed(sampling.seed, idHash(ex.id))),
+        }
         : {}),
     }).catch((e: unknown) => {
       if (!(e instanceof TorchError) || !e.outOfMemory) throw e;

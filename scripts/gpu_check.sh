@@ -5,8 +5,9 @@
 # 512, with MBU), the default RL update (eager against graph decode), the same update at Phi-tiny shapes over
 # a 4-bit base (its peak memory), the NCCL group's cost per update, a default-sized update against TRL's
 # GRPOTrainer, the Gloo and torchrun tests, training-step memory variants, fused against eager attention, the
-# LM head with and without the entropy, the bfloat16 suite, LoRA adapter casts held against cast per step, the
-# CPU suite, and the native-binding report. A summary is printed last.
+# LM head with and without the entropy, the bfloat16 suite, LoRA adapter casts held against cast per step, a
+# decode step's seeded draw against multinomial, the CPU suite, and the native-binding report. A summary is
+# printed last.
 #
 #   scripts/gpu_pack.sh                        # here, with network: fills .gpu/ (carry it)
 #   OUT=/tmp/moerl-gpu scripts/gpu_check.sh    # there
@@ -71,11 +72,13 @@ if [ "${MOERL_GPU_REHEARSAL:-0}" = 1 ]; then # toy sizes on the CPU: does every 
   MEM="--batch 2 --seq 64" ATT="--batch 2 --prompt 16 --new 8 --layers 2"
   UPDATE="--set train.gradAccum=1 --set rollout.maxNewTokens=8 --prompt-len 16"
   HEAD="--tokens 64 --hidden 64 --vocab 1000 --chunk 16 --runs 2" CASTS="--batch 2 --prompt 16 --new 8"
+  SAMPLING="--rows 4 --vocab 1000 --runs 2"
 else
   DEV=cuda DT=bfloat16 HUIHUI=bench/shapes/huihui-moe-1b-a0.6b.json PHI=bench/shapes/phi-tiny-moe.json
   BATCHES=16,64,256,512 PROMPT=128 NEW=128 RL="--prompts 128 --k 4 --new 256 --micro 32 --prompt-len 152"
   DP="--prompts 32 --k 4 --new 128 --micro 8" MEM="--batch 8 --seq 512" ATT="--batch 16 --prompt 512 --new 64"
   UPDATE="" HEAD="--tokens 16384 --runs 5" CASTS="--batch 64 --prompt 128 --new 32"
+  SAMPLING="--rows 512 --runs 5"
 fi
 {
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
@@ -177,6 +180,9 @@ fi
 # shellcheck disable=SC2086
 [ "${MOERL_GPU_TESTS_ONLY:-0}" != 1 ] && step casts-huihui 15 60 deno run -A bench/generate_shapes.ts \
   --shapes $HUIHUI --device $DEV --dtype $DT --lora 16 --casts held,fresh --dispatch dense --decode eager $CASTS
+# A decode step's draw at the default update's 512 rows: seeded streams (collect's) against libtorch's multinomial.
+# shellcheck disable=SC2086
+[ "${MOERL_GPU_TESTS_ONLY:-0}" != 1 ] && step sampling-512 10 30 deno run -A bench/sampling.ts --device $DEV $SAMPLING
 grep -h "max |Δlogits|\|greedy tokens equal" "$LOGS"/test-*.log 2>/dev/null | sed 's/\x1b\[[0-9;]*m//g' \
   >"$LOGS/parity.txt"
 # shellcheck disable=SC2046

@@ -32,8 +32,9 @@ function settings(dir: string, updates: number, extra: string[] = []): string[] 
       "rollout.k=4",
       "rollout.temperature=2",
       "rollout.maxNewTokens=24",
-      // Each rank's share (2 prompts × 4): one process draws the same samples in batches of that size.
-      "rollout.generationBatch=8",
+      // Generation batches of a whole update (1 process: 4 prompts × 4) or a rank's share (2 × 4): a prompt's
+      // samples do not depend on the batch they are drawn in.
+      "rollout.generationBatch=null",
       ...extra,
     ].flatMap((s) => ["--set", s]),
   ];

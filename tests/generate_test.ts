@@ -1,16 +1,17 @@
 /**
  * Generation beyond greedy parity (tests/model_parity_test.ts): the sampling processors against hand-computed allowed sets,
- * seeded reproducibility, EOS and stop strings, a prefill shared by several samples of a prompt, the routing
+ * seeded reproducibility, draws at seeded uniforms that do not depend on the batch, EOS and stop strings, a prefill shared by several samples of a prompt, the routing
  * record against a full forward, log-probs at the sampling temperature, and no leaked tensors.
  */
 import assert from "node:assert/strict";
 import { join } from "node:path";
-import { Generator, liveTensors, tensor, tidy } from "../ffi/mod.ts";
+import { fromTypedArray, Generator, liveTensors, randn, tensor, tidy } from "../ffi/mod.ts";
 import { generate, type GenerateOptions } from "../model/generate.ts";
-import { sampleNext } from "../model/sampling.ts";
+import { streamUniform } from "../model/random.ts";
+import { drawNext, sampleNext } from "../model/sampling.ts";
 import { loadModel } from "../model/model.ts";
 import { Tokenizer } from "../model/tokenizer.ts";
-import { DEVICE } from "./util.ts";
+import { assertClose, DEVICE } from "./util.ts";
 
 const MODEL = join(import.meta.dirname!, "fixtures", "models", "qwen3-moe-tiny");
 const PROMPTS = [[5, 6, 7, 8, 9], [10, 11], [12, 13, 14]];
@@ -57,6 +58,44 @@ Deno.test("generate: sampling processors keep exactly HF's allowed sets", async 
   });
 });
 
+Deno.test("sampling at given uniforms takes each kept token for its share, and never a removed one", () => {
+  const logp = [0.5, 0.3, 0.15, 0.05].map(Math.log);
+  const n = 20000;
+  const draw = (us: readonly number[], opts: Parameters<typeof drawNext>[1]): number[] =>
+    tidy(() => {
+      const u = fromTypedArray(Float64Array.from(us), [us.length, 1], { device: DEVICE });
+      return drawNext(tensor(us.map(() => logp), { device: DEVICE }), opts, undefined, u).toArray();
+    });
+  // top-p 0.9 removes the 0.05 token: the rest renormalised.
+  const ids = draw(Array.from({ length: n }, (_, i) => streamUniform(3, i)), { topP: 0.9 });
+  const counts = [0, 1, 2, 3].map((k) => ids.filter((id) => id === k).length);
+  assert.equal(counts[3], 0, "the removed token is never taken");
+  [0.5, 0.3, 0.15].forEach((q, k) => {
+    const p = q / 0.95, sd = Math.sqrt(p * (1 - p) / n);
+    assert.ok(Math.abs(counts[k]! / n - p) < 5 * sd, `token ${k}: ${counts[k]! / n} vs ${p}`);
+  });
+  // The ends of [0, 1) take the first and the last kept token; either side of a boundary (to float32 softmax
+  // rounding) the tokens on each side.
+  assert.deepEqual(draw([0, 1 - 2 ** -53, 0.499, 0.501], { topP: 0.9 }), [0, 2, 0, 0]);
+  assert.deepEqual(draw([0.5 / 0.95 - 1e-6, 0.5 / 0.95 + 1e-6], { topP: 0.9 }), [0, 1]);
+  // top-k 1 is greedy whatever u is.
+  assert.deepEqual(draw([0, 0.5, 1 - 2 ** -53], { topK: 1 }), [0, 0, 0]);
+  // A row's token depends on its scores and u alone: alone, or at another place among other rows.
+  const rows = tidy(() => randn([6, 1000], { device: DEVICE }).mul(3).tolist() as number[][]);
+  const us = rows.map((_, i) => streamUniform(9, i));
+  const pick = (order: number[]): number[] =>
+    tidy(() => {
+      const u = fromTypedArray(Float64Array.from(order.map((i) => us[i]!)), [order.length, 1], {
+        device: DEVICE,
+      });
+      return drawNext(tensor(order.map((i) => rows[i]!), { device: DEVICE }), { topP: 0.95 }, undefined, u)
+        .toArray();
+    });
+  const all = pick([0, 1, 2, 3, 4, 5]);
+  assert.deepEqual(pick([5, 4, 3, 2, 1, 0]), [...all].reverse());
+  assert.deepEqual(pick([3]), [all[3]]);
+});
+
 Deno.test("generate: the tiny model's generation", async (t) => {
   using model = await loadModel(MODEL, { device: DEVICE });
   const live = liveTensors();
@@ -74,6 +113,53 @@ Deno.test("generate: the tiny model's generation", async (t) => {
     };
     assert.deepEqual(await run(3), await run(3));
     assert.notDeepEqual(await run(3), await run(4));
+  });
+
+  await t.step("sampleSeeds: a row's tokens depend on its prompt, seed and sample alone", async () => {
+    const run = (
+      prompts: number[][],
+      sampleSeeds: number[],
+      more: Partial<GenerateOptions> = {},
+    ): Promise<{ tokens: number[][]; logprobs: number[][] }> =>
+      generate(model.decoder, prompts, {
+        maxNewTokens: 10,
+        doSample: true,
+        temperature: 1.5,
+        samplesPerPrompt: 2,
+        sampleSeeds,
+        ...more,
+      });
+    const all = await run(PROMPTS, [11, 12, 0]);
+    const alone = await run([PROMPTS[1]!], [12]);
+    assert.deepEqual(alone.tokens, all.tokens.slice(2, 4), "prompt 1 alone draws what it drew in the batch");
+    assertClose(alone.logprobs.flat(), all.logprobs.slice(2, 4).flat(), 1e-4, "its log-probs");
+    const moved = await run([PROMPTS[2]!, PROMPTS[0]!], [0, 11], { samplesPerPrompt: 3 });
+    assert.deepEqual(moved.tokens.slice(0, 2), all.tokens.slice(4, 6), "at another place, with more samples");
+    assert.deepEqual(moved.tokens.slice(3, 5), all.tokens.slice(0, 2));
+    const padded = await run(PROMPTS, [11, 12, 0], { decodeMode: "static" });
+    assert.deepEqual(padded.tokens, all.tokens, "static decode steps (padding rows in the bucket) too");
+    const other = await run(PROMPTS, [11, 12, 1]);
+    assert.deepEqual(other.tokens.slice(0, 4), all.tokens.slice(0, 4));
+    assert.notDeepEqual(other.tokens.slice(4), all.tokens.slice(4), "another seed draws other tokens");
+    assert.ok(
+      all.tokens.some((row, r) => r % 2 === 0 && row.join() !== all.tokens[r + 1]!.join()),
+      "samples differ",
+    );
+    for (
+      const [bad, reason] of [
+        [{ doSample: false }, /sampleSeeds need doSample/],
+        [{ sampleSeeds: [1, 2] }, /2 sampleSeeds for 3 prompts \(one per prompt\)/],
+        [{ sampleSeeds: [1, 2, -1] }, /sampleSeeds\[2\] must be an integer in \[0, 2\^32\), got -1/],
+        [{ sampleSeeds: [1, 2 ** 32, 3] }, /sampleSeeds\[1\] must be an integer/],
+      ] as const
+    ) {
+      await assert.rejects(() => run(PROMPTS, [1, 2, 3], bad as Partial<GenerateOptions>), reason);
+    }
+    using g = new Generator(1, DEVICE);
+    await assert.rejects(
+      () => run(PROMPTS, [1, 2, 3], { generator: g }),
+      /a generator or sampleSeeds, not both/,
+    );
   });
 
   await t.step("a row that emits EOS stops and reports it; others run to the length", async () => {

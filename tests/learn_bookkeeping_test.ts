@@ -27,7 +27,7 @@ import { Mismatch } from "../rl/mismatch.ts";
 import { Policy } from "../rl/policy.ts";
 import { policyOptimizer } from "../rl/ppo.ts";
 import { Replicas } from "../rl/replicas.ts";
-import type { RolloutPrompt } from "../rl/rollout_buffer.ts";
+import type { RolloutBuffer, RolloutPrompt } from "../rl/rollout_buffer.ts";
 import { assertClose, DEVICE, GradientRecorder, scriptedScore, withSequences } from "./util.ts";
 
 const MODEL = join(import.meta.dirname!, "fixtures", "models", "qwen3-moe-tiny");
@@ -181,25 +181,29 @@ Deno.test("collect: each completion is scored against its own prompt", async () 
   });
 });
 
-Deno.test("collect with a seed: batches of one prompt group draw what each prompt collected alone draws", async () => {
+Deno.test("collect with a seed: a prompt draws the same completions in any generation batch, or alone", async () => {
   await withPolicy(async (policy, tok) => {
-    // Generation batches of K = 2 sequences: one prompt each.
-    const cfg = { ...CFG, rollout: { ...CFG.rollout, generationBatch: 2 } };
     const score = scriptedScore(() => 0);
-    using together = await collect(policy, tok, PROMPTS, cfg, { seed: 7, score, recordRouting: false });
-    for (const [p, prompt] of PROMPTS.entries()) {
-      using alone = await collect(policy, tok, [prompt], cfg, {
+    const run = (prompts: RolloutPrompt[], generationBatch: number | null, firstPrompt?: number) =>
+      collect(policy, tok, prompts, { ...CFG, rollout: { ...CFG.rollout, generationBatch } }, {
         seed: 7,
-        firstPrompt: p,
+        firstPrompt,
         score,
         recordRouting: false,
       });
-      assert.deepEqual(
-        alone.sequences.map((s) => s.tokens),
-        together.sequences.slice(2 * p, 2 * p + 2).map((s) => s.tokens),
-        `prompt ${p}`,
-      );
+    const tokens = (b: RolloutBuffer): number[][] => b.sequences.map((s) => s.tokens);
+    // K = 2: all prompts at once, then batches of one and of three prompts.
+    using together = await run(PROMPTS, null);
+    for (const g of [2, 6]) {
+      using split = await run(PROMPTS, g);
+      assert.deepEqual(tokens(split), tokens(together), `generationBatch ${g}`);
     }
+    for (const [p, prompt] of PROMPTS.entries()) {
+      using alone = await run([prompt], null, p);
+      assert.deepEqual(tokens(alone), tokens(together).slice(2 * p, 2 * p + 2), `prompt ${p}`);
+    }
+    using other = await collect(policy, tok, PROMPTS, CFG, { seed: 8, score, recordRouting: false });
+    assert.notDeepEqual(tokens(other), tokens(together), "another seed draws others");
   });
 });
 

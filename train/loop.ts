@@ -8,9 +8,9 @@
  *
  * Data parallel (`opts.replicas`, train/launch.ts): every rank draws the
  * same prompts and takes its contiguous share (whole prompt groups), each
- * generation batch seeded by its update-wide position; learn() reduces what
- * must be global. The update is the one a single process would make from the
- * same prompts with `rollout.generationBatch` set to a rank's share. Rank 0
+ * prompt's samples drawn from streams keyed by its update-wide position;
+ * learn() reduces what must be global. The update is the one a single
+ * process would make from the same prompts. Rank 0
  * alone writes the run folder; evaluation is split over the ranks.
  * @module
  */

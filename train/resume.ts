@@ -4,8 +4,7 @@
  * folder without a run in it; a resumed run needs the checkpoint's settings:
  * the same world size and the same config, except for the settings below,
  * which change speed, memory, length or bookkeeping, not what an update
- * learns (`rollout.generationBatch` also changes which random draws each
- * sample gets: the samples differ, their distribution does not). Anything
+ * learns. Anything
  * else changed on resume would silently continue a different run from the
  * old one's weights, optimizer moments and data position.
  * @module
