@@ -7,7 +7,7 @@ import assert from "node:assert/strict";
 import { join } from "node:path";
 import { fromTypedArray, Generator, liveTensors, randn, tensor, tidy } from "../ffi/mod.ts";
 import { generate, type GenerateOptions } from "../model/generate.ts";
-import { streamUniform } from "../model/random.ts";
+import { counterHash, streamUniform } from "../model/random.ts";
 import { drawNext, sampleNext } from "../model/sampling.ts";
 import { loadModel } from "../model/model.ts";
 import { Tokenizer } from "../model/tokenizer.ts";
@@ -78,6 +78,13 @@ Deno.test("sampling at given uniforms takes each kept token for its share, and n
   // rounding) the tokens on each side.
   assert.deepEqual(draw([0, 1 - 2 ** -53, 0.499, 0.501], { topP: 0.9 }), [0, 2, 0, 0]);
   assert.deepEqual(draw([0.5 / 0.95 - 1e-6, 0.5 / 0.95 + 1e-6], { topP: 0.9 }), [0, 1]);
+  // u = 0 (a value the streams give) skips removed tokens at the front too: with the order reversed, top-p
+  // 0.9 removes token 0 and u = 0 takes token 1.
+  const front = tidy(() => {
+    const u = fromTypedArray(Float64Array.from([0]), [1, 1], { device: DEVICE });
+    return drawNext(tensor([[...logp].reverse()], { device: DEVICE }), { topP: 0.9 }, undefined, u).toArray();
+  });
+  assert.deepEqual(front, [1], "a removed first token is never taken, even at u = 0");
   // top-k 1 is greedy whatever u is.
   assert.deepEqual(draw([0, 0.5, 1 - 2 ** -53], { topK: 1 }), [0, 0, 0]);
   // A row's token depends on its scores and u alone: alone, or at another place among other rows.
@@ -145,6 +152,29 @@ Deno.test("generate: the tiny model's generation", async (t) => {
       all.tokens.some((row, r) => r % 2 === 0 && row.join() !== all.tokens[r + 1]!.join()),
       "samples differ",
     );
+    // Step t of sample j takes uniform t of the stream (seed, j): replayed from a forward over each row's
+    // whole sequence, the token holds u_t in its stretch of the cumulative distribution (to rounding).
+    const seeds = [11, 12, 0];
+    for (let r = 0; r < all.tokens.length; r++) {
+      const prompt = PROMPTS[Math.floor(r / 2)]!, seq = [...prompt, ...all.tokens[r]!];
+      const probs = tidy(() =>
+        model.decoder.forward({
+          inputIds: tensor([seq], { dtype: "int64", device: DEVICE }),
+          positionIds: tensor([seq.map((_, j) => j)], { dtype: "int64", device: DEVICE }),
+          attentionMask: tensor([seq.map(() => 1)], { dtype: "int64", device: DEVICE }),
+        }).logits!.to("float32").div(1.5).softmax(-1).tolist() as number[][][]
+      );
+      const key = counterHash(seeds[Math.floor(r / 2)]!, r % 2);
+      all.tokens[r]!.forEach((id, t) => {
+        const p = probs[0]![prompt.length - 1 + t]!;
+        const below = p.slice(0, id).reduce((a, x) => a + x, 0), total = p.reduce((a, x) => a + x, 0);
+        const u = streamUniform(key, t);
+        assert.ok(
+          below / total - 1e-4 <= u && u <= (below + p[id]!) / total + 1e-4,
+          `row ${r} step ${t}: u ${u} outside [${below / total}, ${(below + p[id]!) / total})`,
+        );
+      });
+    }
     for (
       const [bad, reason] of [
         [{ doSample: false }, /sampleSeeds need doSample/],
