@@ -48,8 +48,10 @@ export interface GenerateOptions extends SamplingOptions {
   /**
    * Instead of a generator, one seed per prompt (integers in [0, 2^32)): sample j of prompt i takes its
    * step-t token at the uniform number t of the stream (seed i, j) (model/random.ts), by inverse-CDF
-   * sampling. Its tokens then depend on its own prompt, seed and j alone, not on the other prompts of the
-   * batch nor its place among them, as with vLLM's per-request seeds. Needs doSample.
+   * sampling. Its random numbers then depend on its own seed and j alone, not on the other prompts of the
+   * batch nor its place among them, as with vLLM's per-request seeds; so do its tokens, as far as its logits
+   * do (another batch size or padding can round them differently, and a draw that close to a token boundary
+   * flips). Needs doSample.
    */
   sampleSeeds?: readonly number[];
   /** A row also stops once its decoded text contains one of these (needs decode). */

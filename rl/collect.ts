@@ -77,9 +77,10 @@ export interface CollectOptions {
   generator?: Generator;
   /**
    * Instead of a generator: each prompt's samples draw from their own streams, keyed by (seed, the
-   * prompt's update-wide index) (generate's `sampleSeeds`). A prompt's completions then depend on
+   * prompt's update-wide index) (generate's `sampleSeeds`). A prompt's random numbers then depend on
    * neither `rollout.generationBatch` nor the other prompts, so the prompts of an update can be split
-   * over data-parallel ranks and still draw what one process drawing them all would.
+   * over data-parallel ranks and still draw what one process drawing them all would (the same tokens
+   * where the batch's size does not round the logits differently: docs/rl-update.md).
    */
   seed?: number;
   /** The update-wide index of prompts[0] (default 0): a data-parallel rank's offset, for `seed`. */

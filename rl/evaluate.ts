@@ -82,8 +82,8 @@ export interface EvalSampling {
   topP?: number;
   /**
    * Each problem's samples draw from their own streams, keyed by (seed, the problem's id) (generate's
-   * `sampleSeeds`): a problem draws the same completions whatever the batch size, and however the problems
-   * are split over processes.
+   * `sampleSeeds`): a problem draws the same random numbers whatever the batch size, and however the problems
+   * are split over processes (the same completions where the batch does not round its logits differently).
    */
   seed: number;
 }
