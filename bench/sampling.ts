@@ -6,8 +6,8 @@
  *
  * A generator draw is libtorch's multinomial; a seeded draw (generate's `sampleSeeds`, which collect and
  * evaluate use) finds each row's uniform number along its float64 cumulative distribution. Both take the same
- * float32 scores [rows, vocab] through temperature and top-p, alternating step by step (--steps per round,
- * --runs rounds, medians); prints each one's milliseconds per step and the ratio seeded / generator.
+ * float32 scores [rows, vocab] through temperature and top-p; each round times --steps steps of one, then of
+ * the other (--runs rounds, medians); prints each one's milliseconds per step and the ratio seeded / generator.
  */
 import { benchArgs } from "./cli.ts";
 import { cuda, type Device, fromTypedArray, Generator, manualSeed, noGrad, randn, tidy } from "../ffi/mod.ts";

@@ -214,8 +214,8 @@ Deno.test({
   async fn(): Promise<void> {
     const tmp = await Deno.makeTempDir({ prefix: "moerl_dp_eval_" });
     try {
-      // Batches of one problem: each problem is decoded alone on either side, so greedy tokens match exactly,
-      // and sampled ones too (a batch's draws are seeded by its first problem's id).
+      // Batches of one problem: each problem is decoded alone on either side, so its logits, and with them greedy
+      // and sampled tokens (drawn from streams keyed by the problem's id), match exactly.
       const args = (out: string, sets: string[] = []): string[] => [
         "run",
         "-A",

@@ -6,8 +6,8 @@
  * learns the centred rewards, as a mean over each step's tokens (one per
  * sequence for the prompt-level critic); the optimizer sees gradients clipped
  * to maxGradNorm; the rollout/training mismatch counts |Δ log p| beyond
- * log C; each completion is scored against its own prompt; seeded
- * generation batches draw what collecting each prompt group alone draws;
+ * log C; each completion is scored against its own prompt; with a seed a
+ * prompt draws the same completions in any generation batch, or alone;
  * and under data parallelism advantages are normalised over every rank's
  * tokens.
  */

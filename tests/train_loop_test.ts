@@ -201,7 +201,7 @@ Deno.test("train: a sampled evaluation logs pass@k and maj@k, and leaves the tra
     }
     const logged = JSON.parse((await Deno.readTextFile(join(withEval.dir, "metrics.jsonl"))).split("\n")[0]!);
     for (const k of keys) assert.equal(logged[k], withEval.records[0]![k], k);
-    // Its draws come from its own generator: the updates are those of a run that does not evaluate.
+    // Its draws come from streams of its own (keyed by problem): the updates are those of a run that does not evaluate.
     const without = await train(await config(join(tmp, "none"), 2, "eval.every=0"), { quiet: true });
     const trained = (r: Record<string, unknown>): Record<string, unknown> =>
       Object.fromEntries(Object.entries(comparable(r)).filter(([k]) => !k.startsWith("eval_")));
