@@ -32,9 +32,9 @@ function settings(dir: string, updates: number, extra: string[] = []): string[] 
       "rollout.k=4",
       "rollout.temperature=2",
       "rollout.maxNewTokens=24",
-      // Generation batches of a whole update (1 process: 4 prompts × 4) or a rank's share (2 × 4): a prompt's
-      // samples do not depend on the batch they are drawn in.
-      "rollout.generationBatch=null",
+      // A rank's share (2 prompts × 4) per generation batch in both runs: batches of one shape round the logits
+      // alike on any build, so the hot sampler's draws cannot flip between the runs (docs/data-parallel.md).
+      "rollout.generationBatch=8",
       ...extra,
     ].flatMap((s) => ["--set", s]),
   ];
