@@ -457,6 +457,19 @@ async function finishRows(
         reason = "stop";
       }
     }
+    // A NaN log-prob means the step's scores held NaN or infinity: the token was chosen from nothing (the
+    // seeded draw then takes token 0, argmax the NaN's index). Read here, with the tokens, not at every step.
+    const bad = lps[i]!.slice(0, n).findIndex(Number.isNaN);
+    if (bad >= 0) {
+      const samples = opts.samplesPerPrompt ?? 1;
+      throw new Error(
+        `generate: the scores of row ${i} (prompt ${Math.floor(i / samples)}, sample ${
+          i % samples
+        }) at new ` +
+          `token ${bad} are not finite (NaN or infinity): the model's weights or activations hold NaN, or ` +
+          "overflowed (float16?)",
+      );
+    }
     out.tokens.push(row.slice(0, n));
     out.logprobs.push(lps[i]!.slice(0, n));
     out.finishReasons.push(reason);

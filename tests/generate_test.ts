@@ -9,6 +9,7 @@ import { fromTypedArray, Generator, liveTensors, randn, tensor, tidy } from "../
 import { generate, type GenerateOptions } from "../model/generate.ts";
 import { counterHash, streamUniform } from "../model/random.ts";
 import { drawNext, sampleNext } from "../model/sampling.ts";
+import type { RmsNorm } from "../model/layers.ts";
 import { loadModel } from "../model/model.ts";
 import { Tokenizer } from "../model/tokenizer.ts";
 import { assertClose, DEVICE } from "./util.ts";
@@ -401,6 +402,23 @@ Deno.test("generate: the tiny model's generation", async (t) => {
       () => generate(model.decoder, [[1, 2], [3, vocab + 4]], { maxNewTokens: 2 }),
       new RegExp(`sequence 1 has token id ${vocab + 4} at index 1; the model has ${vocab} token embeddings`),
     );
+  });
+
+  await t.step("scores that are not finite are an error, not a token", async () => {
+    const norm = (model.decoder.finalNorm as RmsNorm).weight;
+    using saved = norm.clone();
+    norm.fill_(NaN);
+    try {
+      for (const more of [{}, { doSample: true, sampleSeeds: [3, 4] }] as const) {
+        await assert.rejects(
+          () => generate(model.decoder, [[1, 2], [3]], { maxNewTokens: 3, samplesPerPrompt: 2, ...more }),
+          /generate: the scores of row 0 \(prompt 0, sample 0\) at new token 0 are not finite \(NaN or infinity\)/,
+        );
+      }
+    } finally {
+      norm.copy_(saved);
+    }
+    assert.equal((await generate(model.decoder, [[1, 2]], { maxNewTokens: 2 })).tokens[0]!.length, 2);
   });
 
   await t.step("a failure mid-generation frees what it made (the routing record too)", async () => {
