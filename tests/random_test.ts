@@ -1,7 +1,7 @@
 /**
  * The counter-based streams that sampling draws from (model/random.ts): uniform within a stream and across
- * keys (the first draw of many rows is what a decode step takes), uncorrelated between neighbours, and the
- * data order's seeds unchanged by sharing their hash.
+ * keys (the first draw of many rows is what a decode step takes), uncorrelated between neighbours, pinned
+ * (so seeded runs repeat across versions), and the data order's seeds unchanged by sharing their hash.
  */
 import assert from "node:assert/strict";
 import { epochSeed } from "../data/batches.ts";
@@ -64,6 +64,18 @@ Deno.test("streamUniform: neighbours are uncorrelated (next index, next key, nex
   }
   // 53 bits: values below 2^-32 are possible, so both words contribute.
   assert.ok(base.some((u) => u * 2 ** 32 % 1 !== 0), "the low word reaches the value");
+});
+
+Deno.test("streamUniform's values are pinned: a seeded run samples what it sampled before", () => {
+  const pinned: [number, number, number][] = [
+    [0, 0, 0.007765129353267897],
+    [1, 0, 0.6957482285077939],
+    [12345, 7, 0.44384827139307115],
+    [2 ** 32 - 1, 255, 0.48706587527372325],
+  ];
+  for (const [key, index, want] of pinned) {
+    assert.equal(streamUniform(key, index), want, `(${key}, ${index})`);
+  }
 });
 
 Deno.test("epochSeed is word `epoch` of stream `seed`: the data order of earlier runs is unchanged", () => {
