@@ -37,6 +37,7 @@
  * @module
  */
 import { clipGradNorm, dispose, type Tensor, tensor, tidy, TorchError } from "../ffi/mod.ts";
+import type { LossScaler } from "./loss_scale.ts";
 import { mulberry32, shuffleInPlace } from "../data/batches.ts";
 import { flatGroups, groupBaseline, type UpdateAdvantages, zeroSpreadFraction } from "./advantages.ts";
 import type { RolloutBuffer } from "./rollout_buffer.ts";
@@ -76,6 +77,11 @@ export interface LearnOptions extends LearnFunctions {
   seed?: number;
   /** The ranks of a data-parallel update (default: a single process); see the module doc. */
   replicas?: Replicas;
+  /**
+   * Scales the policy's loss (rl/loss_scale.ts), for a float16 model; keep one across updates. A step whose
+   * gradients overflow is skipped and the scale backed off, instead of the error a non-finite norm gives.
+   */
+  lossScaler?: LossScaler;
 }
 
 /** The numbers of a learn phase (NaN where a quantity does not apply, e.g. kl without a KL penalty). */
@@ -107,6 +113,10 @@ export type LearnMetrics = Record<ObjectivePart, number> & {
   mismatch_frac: number;
   /** Policy optimizer steps taken. */
   optimizer_steps: number;
+  /** Policy steps skipped because their scaled gradients overflowed ({@link LearnOptions.lossScaler}). */
+  skipped_steps: number;
+  /** The loss scale after the update (NaN without a loss scaler). */
+  loss_scale: number;
   /** Seconds in the reference/critic pass. */
   reference_seconds: number;
   /** Seconds in the old pass. */
@@ -135,11 +145,14 @@ interface Run {
   local(ids: readonly number[]): number[];
   /** A batch of the chosen sequences and, with routing replay, their experts. */
   open(ids: readonly number[]): { batch: SequenceBatch; replay: Tensor[] | null };
+  /** The policy's loss scale, if any. */
+  scaler: LossScaler | null;
   /**
-   * One optimizer step of a parameter group: its gradients summed over the ranks, clipped to maxGradNorm
-   * (when set), applied and zeroed. Returns the norm before clipping. `group` names it in errors.
+   * One optimizer step of a parameter group: its gradients summed over the ranks (and the policy's divided by
+   * its loss scale), clipped to maxGradNorm (when set), applied and zeroed. Returns the norm before clipping;
+   * null for a policy step skipped because its scaled gradients overflowed. `group` names it in errors.
    */
-  step(params: Tensor[], group: "policy" | "critic"): number;
+  step(params: Tensor[], group: "policy" | "critic"): number | null;
 }
 
 /** Each row's log-probs of the chosen sequences' completion tokens, on the host. */
@@ -212,7 +225,7 @@ function referencePass(run: Run, signal: readonly boolean[]): ReferenceResult {
       });
     }
     if (!critic) continue;
-    normSum += run.step(policy.valueParameters(), "critic");
+    normSum += run.step(policy.valueParameters(), "critic")!; // null only for a scaled policy
     steps++;
     later.flush();
   }
@@ -259,11 +272,11 @@ function policySteps(
   old: readonly number[][] | null,
   mismatch: Mismatch,
   seed: number,
-): { parts: Record<ObjectivePart, number>; steps: number; loss: number; gradNorm: number } {
+): { parts: Record<ObjectivePart, number>; steps: number; skipped: number; loss: number; gradNorm: number } {
   const { buffer, ppo: c, policy, dp, all } = run;
   const n = all.lengths.length, seqs = buffer.sequences;
   const sums = new Array<number>(OBJECTIVE_PARTS.length).fill(0);
-  let steps = 0, normSum = 0, lossSum = 0;
+  let steps = 0, skipped = 0, normSum = 0, lossSum = 0;
   const rand = mulberry32(seed);
   const params = policy.policyParameters();
   policy.train(true);
@@ -275,6 +288,7 @@ function policySteps(
       if (global.length === 0) continue;
       const tokens = global.reduce((s, i) => s + all.lengths[i]!, 0);
       const ids = run.local(global);
+      const scale = run.scaler?.scale ?? 1; // the same on every rank: the ranks' overflows are summed
       // Losses, objective parts and log-probs are read once the step is queued.
       using later = new DeferredReads();
       for (const chunk of chunks(ids, run.lengths, run.micro)) {
@@ -293,9 +307,10 @@ function policySteps(
             attentionMask: batch.attentionMask,
             routerTopK: policy.model.config.numExpertsPerTok,
           };
-          const loss = policy.backwardLoss(batch, (out) => {
+          policy.backwardLoss(batch, (out) => {
             const r = checkObjective(run.fns.objective(out, inputs, c));
             later.read(r.parts, (x) => x.toArray().forEach((v, p) => (sums[p] = sums[p]! + v)));
+            later.read(r.loss, (x) => (lossSum += x.item())); // unscaled: a scaled one may overflow
             // With one step the training pass is π_old: measure the sampler's mismatch on it.
             if (!old) {
               later.read(
@@ -304,12 +319,13 @@ function policySteps(
                   tails(run, lp, chunk).forEach((row, j) => mismatch.add(row, seqs[chunk[j]!]!.logprobs)),
               );
             }
-            return r.loss;
+            return scale === 1 ? r.loss : r.loss.mul(scale);
           }, { temperature: run.temperature, replay });
-          later.read(loss, (x) => (lossSum += x.item()));
         });
       }
-      normSum += run.step(params, "policy");
+      const norm = run.step(params, "policy");
+      if (norm === null) skipped++;
+      else normSum += norm;
       steps++;
       later.flush();
     }
@@ -319,9 +335,10 @@ function policySteps(
   const parts = Object.fromEntries(OBJECTIVE_PARTS.map((p, i) => [p, steps ? totals[i]! / steps : NaN]));
   return {
     parts: parts as Record<ObjectivePart, number>,
-    steps,
+    steps: steps - skipped,
+    skipped,
     loss: steps ? loss / steps : NaN,
-    gradNorm: steps ? normSum / steps : NaN,
+    gradNorm: steps > skipped ? normSum / (steps - skipped) : NaN,
   };
 }
 
@@ -445,9 +462,17 @@ export function learn(
       if (replay) dispose(replay);
       return { batch, replay: null };
     },
-    step(params, group): number {
+    scaler: opts.lossScaler ?? null,
+    step(params, group): number | null {
       dp.sumGradients(params);
+      const scaler = group === "policy" ? run.scaler : null;
+      if (scaler && scaler.scale !== 1) unscale(params, scaler.scale);
       const norm = clipGradNorm(params, maxNorm > 0 ? maxNorm : Number.MAX_VALUE);
+      scaler?.update(!Number.isFinite(norm)); // the same on every rank (summed gradients)
+      if (scaler && !Number.isFinite(norm)) {
+        optimizer.zeroGrad(params);
+        return null;
+      }
       if (!Number.isFinite(norm)) { // the same on every rank (summed gradients): every rank throws
         const loss = group === "policy" ? "objective" : "valueLoss";
         throw new Error(
@@ -506,6 +531,8 @@ export function learn(
       mismatch_max: mm.max,
       mismatch_frac: mm.frac,
       optimizer_steps: steps.steps,
+      skipped_steps: steps.skipped,
+      loss_scale: run.scaler?.scale ?? NaN,
       reference_seconds: (t1 - t0) / 1000,
       old_seconds: (t2 - t1) / 1000,
       learn_seconds: (t3 - t2) / 1000,
@@ -516,6 +543,14 @@ export function learn(
     throw outOfMemoryHint(e, run.micro, c.advantage);
   } finally {
     policy.train(wasTraining);
+  }
+}
+
+/** Divides each parameter's gradient by the loss scale, in place (a power of two: exactly). */
+function unscale(params: readonly Tensor[], scale: number): void {
+  for (const p of params) {
+    using g = p.grad;
+    if (g) tidy(() => void g.copy_(g.mul(1 / scale)));
   }
 }
 

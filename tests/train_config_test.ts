@@ -383,12 +383,25 @@ Deno.test("dataWarnings: a local file labelled as the other split, and evaluatio
   ]);
 });
 
-Deno.test("precisionWarning: float16 training is warned of (no loss scaling), bfloat16 and float32 are not", async () => {
-  const of = async (dtype: string) =>
-    precisionWarning(await loadTrainConfig(join(CONFIGS, "default.yaml"), [`model.dtype=${dtype}`]));
+Deno.test("precisionWarning: float16 with train.lossScale off is warned of; scaled float16, bfloat16 and float32 are not", async () => {
+  const of = async (dtype: string, lossScale = "auto") =>
+    precisionWarning(
+      await loadTrainConfig(join(CONFIGS, "default.yaml"), [
+        `model.dtype=${dtype}`,
+        `train.lossScale=${lossScale}`,
+      ]),
+    );
   assert.match(
-    (await of("float16"))!,
-    /float16 trains without loss scaling: gradients below ~6e-8 become zero/,
+    (await of("float16", "off"))!,
+    /float16 with train\.lossScale off: gradients below ~6e-8 become zero/,
   );
-  assert.deepEqual([await of("bfloat16"), await of("float32")], [null, null]);
+  assert.deepEqual([await of("float16"), await of("bfloat16", "off"), await of("float32")], [
+    null,
+    null,
+    null,
+  ]);
+  await assert.rejects(
+    () => loadTrainConfig(join(CONFIGS, "default.yaml"), ["train.lossScale=static"]),
+    /train\.lossScale/,
+  );
 });

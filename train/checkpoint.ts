@@ -34,6 +34,7 @@ import type { LoraModel } from "../model/lora_apply.ts";
 import { ADAPTER_CONFIG, ADAPTER_WEIGHTS, savePeftAdapter } from "../model/peft.ts";
 import { VALUE_HEAD_FILE, type ValueHead } from "../model/value_head.ts";
 import { exists, writeAtomic } from "../model/atomic_write.ts";
+import type { LossScaleState } from "../rl/loss_scale.ts";
 import { prepareOptimizerRestore, saveOptimizerState } from "./optimizer_state.ts";
 import { prepareAdapterCopy, type PreparedRestore, prepareValueHeadCopy } from "./restore.ts";
 
@@ -77,6 +78,8 @@ export interface TrainerState {
   config: unknown;
   /** Processes of the data-parallel run that wrote it (absent in older checkpoints: 1). */
   worldSize?: number;
+  /** The policy's loss scale, where the run scales it (`train.lossScale`). */
+  lossScale?: LossScaleState;
   /** When it was written (ISO 8601). */
   savedAt: string;
 }
@@ -111,6 +114,8 @@ export interface CheckpointInput {
   keepLast?: number | null;
   /** Processes of the data-parallel run (default 1). */
   worldSize?: number;
+  /** The policy's loss scale, where the run scales it. */
+  lossScale?: LossScaleState;
 }
 
 /**
@@ -196,6 +201,7 @@ export async function saveCheckpoint(runDir: string, input: CheckpointInput): Pr
     baseModel: input.baseModel ?? "",
     config: input.config ?? null,
     worldSize: input.worldSize ?? 1,
+    ...(input.lossScale ? { lossScale: input.lossScale } : {}),
     savedAt: new Date().toISOString(),
   };
   try {
@@ -270,6 +276,12 @@ export async function readTrainerState(dir: string): Promise<TrainerState> {
   ) {
     throw new Error(
       `${path}: corrupt or of another format (expected "${TRAINER_STATE_FORMAT}" with step and rng {seed, step, batcherPosition})`,
+    );
+  }
+  const ls = s.lossScale;
+  if (ls !== undefined && !(Number.isFinite(ls?.scale) && ls.scale > 0 && int(ls.goodSteps))) {
+    throw new Error(
+      `${path}: corrupt lossScale ${JSON.stringify(ls)} (expected { scale > 0, goodSteps >= 0 })`,
     );
   }
   return { ...s, metricsTail: Array.isArray(s.metricsTail) ? s.metricsTail : [] };

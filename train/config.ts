@@ -90,6 +90,11 @@ export interface TrainSettings {
   valueWeightDecay: number;
   /** Clip each group's gradient (adapters; value head) to this global L2 norm (0: no clipping). */
   maxGradNorm: number;
+  /**
+   * Dynamic scaling of the policy's loss (rl/loss_scale.ts): "auto" scales a float16 model's and leaves the
+   * others as they are; "dynamic" scales any; "off" none.
+   */
+  lossScale: "auto" | "dynamic" | "off";
   /** Updates of linear warm-up from lr/warmupUpdates to lr (0: none). */
   warmupUpdates: number;
   /** After warm-up: constant, or cosine decay to minLrRatio·lr at the last update. */
@@ -222,6 +227,7 @@ export const DEFAULTS: DeepReadonly<TrainConfig> = deepFreeze<TrainConfig>({
     weightDecay: DEFAULT_POLICY_OPTIMIZER.weightDecay,
     valueWeightDecay: DEFAULT_POLICY_OPTIMIZER.valueWeightDecay,
     maxGradNorm: DEFAULT_MAX_GRAD_NORM,
+    lossScale: "auto",
     warmupUpdates: 20,
     schedule: "constant",
     minLrRatio: 0.1,
@@ -293,6 +299,7 @@ const SCHEMA: Schema<TrainConfig> = {
     weightDecay: num(0),
     valueWeightDecay: num(0),
     maxGradNorm: num(0),
+    lossScale: oneOf("auto", "dynamic", "off"),
     warmupUpdates: int(0),
     schedule: oneOf("constant", "cosine"),
     minLrRatio: num(0, 1),

@@ -25,6 +25,7 @@ import { checkUsedFunctions, type LearnFunctions } from "../rl/replaceable.ts";
 import type { RolloutPrompt } from "../rl/rollout_buffer.ts";
 import { evaluateExamples } from "../rl/evaluate.ts";
 import { learn } from "../rl/learn.ts";
+import { LossScaler } from "../rl/loss_scale.ts";
 import { Replicas } from "../rl/replicas.ts";
 import { collectMetricsOverRanks, evalTotalsOverRanks } from "./rank_metrics.ts";
 import {
@@ -205,8 +206,13 @@ async function trainLocked(
     }
 
     let start = 0, pos = { epoch: 0, index: 0 };
+    // float16 flushes small gradients to zero: its policy loss is scaled (train.lossScale "auto").
+    const scaler = t.lossScale === "dynamic" || (t.lossScale === "auto" && cfg.model.dtype === "float16")
+      ? new LossScaler()
+      : null;
     if (resumeFrom) {
       const state = await loadCheckpoint(resumeFrom, policy, opt);
+      if (scaler && state.lossScale) scaler.restore(state.lossScale);
       start = state.step;
       pos = state.rng.batcherPosition;
       // A checkpoint from before short micro-batches were dropped may point at one: the next epoch's start.
@@ -266,6 +272,7 @@ async function trainLocked(
           advantages: opts.advantages,
           objective: opts.objective,
           valueLoss: opts.valueLoss,
+          lossScaler: scaler ?? undefined,
         });
         const record: StepRecord = {
           step: u + 1,
@@ -314,6 +321,7 @@ async function trainLocked(
             baseModel: cfg.model.id,
             keepLast: cfg.output.keepLast,
             worldSize: dp.size,
+            lossScale: scaler?.state(),
           });
           await writeReport(dir, cfg.name);
         }

@@ -106,13 +106,13 @@ export function dataWarnings(
 }
 
 /**
- * A warning for a model dtype that trains less reliably than its name suggests, or null: float16 has no loss
- * scaling here (PyTorch's GradScaler), so activation gradients below its range (~6e-8) flush to zero.
+ * A warning for a model dtype that trains less reliably than its name suggests, or null: float16 with
+ * `train.lossScale: off`, whose activation gradients below its range (~6e-8) flush to zero.
  */
 export function precisionWarning(cfg: DeepReadonly<TrainConfig>): string | null {
-  return cfg.model.dtype === "float16"
-    ? "model.dtype float16 trains without loss scaling: gradients below ~6e-8 become zero; bfloat16 (float32's " +
-      "range) does not need it"
+  return cfg.model.dtype === "float16" && cfg.train.lossScale === "off"
+    ? "model.dtype float16 with train.lossScale off: gradients below ~6e-8 become zero (lossScale auto scales " +
+      "them into range; bfloat16, with float32's range, does not need it)"
     : null;
 }
 

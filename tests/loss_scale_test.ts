@@ -1,0 +1,135 @@
+/**
+ * Dynamic loss scaling (rl/loss_scale.ts): the scale's moves, a scaled learn phase that takes the unscaled
+ * one's steps bit for bit (powers of two), an overflow that skips the step and backs the scale off instead of
+ * failing, and the scale kept across a checkpoint and --resume.
+ */
+import assert from "node:assert/strict";
+import { join } from "node:path";
+import { liveTensors, manualSeed, tidy } from "../ffi/mod.ts";
+import { DEFAULT_LORA } from "../model/lora_apply.ts";
+import { loadModel } from "../model/model.ts";
+import { Tokenizer } from "../model/tokenizer.ts";
+import { collect } from "../rl/collect.ts";
+import { learn, type LearnMetrics } from "../rl/learn.ts";
+import { LossScaler } from "../rl/loss_scale.ts";
+import { Policy } from "../rl/policy.ts";
+import { policyOptimizer } from "../rl/ppo.ts";
+import type { RolloutPrompt } from "../rl/rollout_buffer.ts";
+import { loadTrainConfig } from "../train/config.ts";
+import { latestCheckpoint, readTrainerState } from "../train/checkpoint.ts";
+import { train } from "../train/loop.ts";
+import { DEVICE, scriptedScore } from "./util.ts";
+
+const ROOT = join(import.meta.dirname!, "..");
+const MODEL = join(ROOT, "tests", "fixtures", "models", "qwen3-moe-tiny");
+const PROMPTS: RolloutPrompt[] = [[5, 6, 7], [8, 9], [10, 11, 12], [13, 14]].map((ids, i) => ({
+  ids,
+  answer: 10 + i,
+}));
+const CFG = {
+  rollout: { k: 2, maxNewTokens: 6, topK: 50 },
+  ppo: { klCoef: 0.1, entropyCoef: 0.01, epochs: 1, minibatches: 4 },
+  moe: { routingReplay: "off" as const },
+};
+
+Deno.test("LossScaler: backs off on an overflow, grows after growthInterval good steps, and round-trips", () => {
+  const s = new LossScaler({ initScale: 1024, growthInterval: 3 });
+  s.update(false);
+  s.update(false);
+  assert.deepEqual(s.state(), { scale: 1024, goodSteps: 2 });
+  s.update(true);
+  assert.deepEqual(
+    [s.state(), s.skipped],
+    [{ scale: 512, goodSteps: 0 }, 1],
+    "an overflow restarts the count",
+  );
+  for (let i = 0; i < 3; i++) s.update(false);
+  assert.deepEqual(s.state(), { scale: 1024, goodSteps: 0 });
+  const t = new LossScaler();
+  assert.equal(t.scale, 2 ** 16, "GradScaler's first scale");
+  t.restore({ scale: 8, goodSteps: 5 });
+  assert.deepEqual(t.state(), { scale: 8, goodSteps: 5 });
+  for (
+    const [opts, reason] of [
+      [{ initScale: 0 }, /initScale must be a finite number > 0, got 0/],
+      [{ growthFactor: 1 }, /growthFactor must be a finite number > 1, got 1/],
+      [{ backoffFactor: 1 }, /backoffFactor must be in \(0, 1\), got 1/],
+      [{ growthInterval: 0.5 }, /growthInterval must be an integer >= 1, got 0\.5/],
+    ] as const
+  ) assert.throws(() => new LossScaler(opts), reason);
+  assert.throws(() => t.restore({ scale: NaN, goodSteps: 0 }), /a saved state holds scale NaN/);
+});
+
+/** Collects the same rollouts on a fresh policy and learns from them with `scaler`; returns the adapters after. */
+async function learnWith(
+  scaler?: LossScaler,
+): Promise<{ m: LearnMetrics; before: number[][]; adapters: number[][] }> {
+  manualSeed(5);
+  using model = await loadModel(MODEL, { device: DEVICE });
+  const tok = await Tokenizer.load(MODEL);
+  const policy = new Policy(model, { lora: { ...DEFAULT_LORA, r: 4, alpha: 8 } });
+  try {
+    using buf = await collect(policy, tok, PROMPTS, CFG, { seed: 1, score: scriptedScore((i) => i % 2) });
+    using opt = policyOptimizer(policy, { learningRate: 5e-2 });
+    const before = policy.policyParameters().map((p) => tidy(() => p.toArray()));
+    const m = learn(policy, opt, buf, CFG, { microBatch: 4, seed: 0, lossScaler: scaler });
+    return { m, before, adapters: policy.policyParameters().map((p) => tidy(() => p.toArray())) };
+  } finally {
+    policy.dispose();
+  }
+}
+
+Deno.test("learn with a loss scale of 2^8 takes the unscaled steps bit for bit", async () => {
+  const live = liveTensors();
+  const plain = await learnWith();
+  const scaled = await learnWith(new LossScaler({ initScale: 256 }));
+  assert.equal(plain.m.optimizer_steps, 4);
+  assert.notDeepEqual(plain.adapters, plain.before, "the adapters moved");
+  assert.deepEqual(scaled.adapters, plain.adapters, "the same adapters after 4 steps");
+  const { loss_scale: _a, ...rest } = scaled.m, { loss_scale: _b, ...want } = plain.m;
+  const timeless = (m: Record<string, number>) => Object.entries(m).filter(([k]) => !k.endsWith("_seconds"));
+  assert.deepEqual(timeless(rest), timeless(want), "the same metrics: loss, gradient norm, parts");
+  assert.deepEqual([scaled.m.loss_scale, scaled.m.skipped_steps, plain.m.loss_scale], [256, 0, NaN]);
+  assert.equal(liveTensors(), live);
+});
+
+Deno.test("learn: an overflowing loss scale skips the step and backs off, instead of failing", async () => {
+  // 2^140 × the loss is beyond float32: every step's gradients are inf or NaN.
+  const scaler = new LossScaler({ initScale: 2 ** 140 });
+  const over = await learnWith(scaler);
+  assert.deepEqual([over.m.optimizer_steps, over.m.skipped_steps], [0, 4]);
+  assert.equal(scaler.scale, 2 ** 136, "halved at each of the 4 steps");
+  assert.deepEqual([over.m.loss_scale, scaler.skipped], [2 ** 136, 4]);
+  assert.ok(Number.isNaN(over.m.grad_norm), "no step, no norm");
+  assert.ok(Number.isFinite(over.m.loss), `the loss is read unscaled: ${over.m.loss}`);
+  assert.deepEqual(over.adapters, over.before, "no step was taken");
+});
+
+Deno.test("train.lossScale: the scale is logged, kept in the checkpoint and restored by --resume", async () => {
+  const tmp = await Deno.makeTempDir({ prefix: "moerl_lossscale_" });
+  try {
+    const cfg = (updates: number) =>
+      loadTrainConfig(join(ROOT, "configs", "tiny.yaml"), [
+        `output.dir=${tmp}`,
+        `train.updates=${updates}`,
+        "output.checkpointEvery=1",
+        "eval.every=0",
+        "train.lossScale=dynamic",
+      ]);
+    const first = await train(await cfg(1), { quiet: true });
+    assert.equal(first.records[0]!.loss_scale, 2 ** 16);
+    const ckpt = (await latestCheckpoint(first.dir))!;
+    const state = await readTrainerState(ckpt);
+    assert.equal(state.lossScale?.scale, 2 ** 16);
+    // A scale the run could have reached (after overflows): the resumed update scales by it.
+    const file = join(ckpt, "trainer_state.json");
+    await Deno.writeTextFile(file, JSON.stringify({ ...state, lossScale: { scale: 1024, goodSteps: 7 } }));
+    const resumed = await train(await cfg(2), { quiet: true, resume: true });
+    assert.equal(resumed.records.at(-1)!.loss_scale, 1024);
+    assert.equal((await readTrainerState((await latestCheckpoint(first.dir))!)).lossScale?.scale, 1024);
+    await Deno.writeTextFile(file, JSON.stringify({ ...state, lossScale: { scale: -1, goodSteps: 0 } }));
+    await assert.rejects(() => readTrainerState(ckpt), /trainer_state\.json: corrupt lossScale/);
+  } finally {
+    await Deno.remove(tmp, { recursive: true });
+  }
+});
