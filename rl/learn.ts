@@ -115,7 +115,7 @@ export type LearnMetrics = Record<ObjectivePart, number> & {
   optimizer_steps: number;
   /** Policy steps skipped because their scaled gradients overflowed ({@link LearnOptions.lossScaler}). */
   skipped_steps: number;
-  /** The loss scale after the update (NaN without a loss scaler). */
+  /** The policy loss's scale after the update (1 without a loss scaler). */
   loss_scale: number;
   /** Seconds in the reference/critic pass. */
   reference_seconds: number;
@@ -532,7 +532,7 @@ export function learn(
       mismatch_frac: mm.frac,
       optimizer_steps: steps.steps,
       skipped_steps: steps.skipped,
-      loss_scale: run.scaler?.scale ?? NaN,
+      loss_scale: run.scaler?.scale ?? 1,
       reference_seconds: (t1 - t0) / 1000,
       old_seconds: (t2 - t1) / 1000,
       learn_seconds: (t3 - t2) / 1000,

@@ -5,13 +5,14 @@
  */
 import assert from "node:assert/strict";
 import { join } from "node:path";
-import { liveTensors, manualSeed, tidy } from "../ffi/mod.ts";
+import { type DType, liveTensors, manualSeed, randn, tidy } from "../ffi/mod.ts";
 import { DEFAULT_LORA } from "../model/lora_apply.ts";
 import { loadModel } from "../model/model.ts";
 import { Tokenizer } from "../model/tokenizer.ts";
 import { collect } from "../rl/collect.ts";
 import { learn, type LearnMetrics } from "../rl/learn.ts";
 import { LossScaler } from "../rl/loss_scale.ts";
+import { ppoObjective } from "../rl/objective.ts";
 import { Policy } from "../rl/policy.ts";
 import { policyOptimizer } from "../rl/ppo.ts";
 import type { RolloutPrompt } from "../rl/rollout_buffer.ts";
@@ -60,19 +61,37 @@ Deno.test("LossScaler: backs off on an overflow, grows after growthInterval good
   assert.throws(() => t.restore({ scale: NaN, goodSteps: 0 }), /a saved state holds scale NaN/);
 });
 
-/** Collects the same rollouts on a fresh policy and learns from them with `scaler`; returns the adapters after. */
+/** How {@link learnWith} runs. */
+interface LearnSetup {
+  scaler?: LossScaler;
+  dtype?: DType;
+  /** Multiplies the objective's loss (small: as a large batch's token divisor). */
+  lossFactor?: number;
+  /** Policy steps (minibatches of one epoch). */
+  steps?: number;
+}
+
+/** Collects the same rollouts on a fresh policy and learns from them; returns the adapters before and after. */
 async function learnWith(
-  scaler?: LossScaler,
+  { scaler, dtype = "float32", lossFactor = 1, steps = 4 }: LearnSetup = {},
 ): Promise<{ m: LearnMetrics; before: number[][]; adapters: number[][] }> {
   manualSeed(5);
-  using model = await loadModel(MODEL, { device: DEVICE });
+  using model = await loadModel(MODEL, { device: DEVICE, dtype });
   const tok = await Tokenizer.load(MODEL);
   const policy = new Policy(model, { lora: { ...DEFAULT_LORA, r: 4, alpha: 8 } });
   try {
     using buf = await collect(policy, tok, PROMPTS, CFG, { seed: 1, score: scriptedScore((i) => i % 2) });
     using opt = policyOptimizer(policy, { learningRate: 5e-2 });
     const before = policy.policyParameters().map((p) => tidy(() => p.toArray()));
-    const m = learn(policy, opt, buf, CFG, { microBatch: 4, seed: 0, lossScaler: scaler });
+    const m = learn(policy, opt, buf, { ...CFG, ppo: { ...CFG.ppo, minibatches: steps } }, {
+      microBatch: 4,
+      seed: 0,
+      lossScaler: scaler,
+      objective: (out, inputs, c) => {
+        const r = ppoObjective(out, inputs, c);
+        return lossFactor === 1 ? r : { ...r, loss: r.loss.mul(lossFactor) };
+      },
+    });
     return { m, before, adapters: policy.policyParameters().map((p) => tidy(() => p.toArray())) };
   } finally {
     policy.dispose();
@@ -82,27 +101,66 @@ async function learnWith(
 Deno.test("learn with a loss scale of 2^8 takes the unscaled steps bit for bit", async () => {
   const live = liveTensors();
   const plain = await learnWith();
-  const scaled = await learnWith(new LossScaler({ initScale: 256 }));
+  const scaled = await learnWith({ scaler: new LossScaler({ initScale: 256 }) });
   assert.equal(plain.m.optimizer_steps, 4);
   assert.notDeepEqual(plain.adapters, plain.before, "the adapters moved");
   assert.deepEqual(scaled.adapters, plain.adapters, "the same adapters after 4 steps");
   const { loss_scale: _a, ...rest } = scaled.m, { loss_scale: _b, ...want } = plain.m;
   const timeless = (m: Record<string, number>) => Object.entries(m).filter(([k]) => !k.endsWith("_seconds"));
   assert.deepEqual(timeless(rest), timeless(want), "the same metrics: loss, gradient norm, parts");
-  assert.deepEqual([scaled.m.loss_scale, scaled.m.skipped_steps, plain.m.loss_scale], [256, 0, NaN]);
+  assert.deepEqual([scaled.m.loss_scale, scaled.m.skipped_steps, plain.m.loss_scale], [256, 0, 1]);
   assert.equal(liveTensors(), live);
 });
 
 Deno.test("learn: an overflowing loss scale skips the step and backs off, instead of failing", async () => {
   // 2^140 × the loss is beyond float32: every step's gradients are inf or NaN.
   const scaler = new LossScaler({ initScale: 2 ** 140 });
-  const over = await learnWith(scaler);
+  const over = await learnWith({ scaler });
   assert.deepEqual([over.m.optimizer_steps, over.m.skipped_steps], [0, 4]);
   assert.equal(scaler.scale, 2 ** 136, "halved at each of the 4 steps");
   assert.deepEqual([over.m.loss_scale, scaler.skipped], [2 ** 136, 4]);
   assert.ok(Number.isNaN(over.m.grad_norm), "no step, no norm");
   assert.ok(Number.isFinite(over.m.loss), `the loss is read unscaled: ${over.m.loss}`);
   assert.deepEqual(over.adapters, over.before, "no step was taken");
+});
+
+/** Whether this libtorch computes float16 matmuls on DEVICE (libtorch 1.13 has none on the CPU). */
+function float16Computes(): boolean {
+  try {
+    tidy(() => {
+      const a = randn([2, 2], { device: DEVICE }).to("float16");
+      a.matmul(a);
+    });
+    return true;
+  } catch {
+    return false;
+  }
+}
+
+Deno.test({
+  name: "float16: a small loss's gradients flush to zero unscaled; scaled, they match float32's",
+  ignore: !float16Computes(),
+  async fn(): Promise<void> {
+    // × 1e-6: the size of a per-token gradient in a large batch. One step, from the same float16 rollouts: the
+    // reference is the step at the loss's own size.
+    const ref = await learnWith({ dtype: "float16", steps: 1 });
+    const plain = await learnWith({ dtype: "float16", steps: 1, lossFactor: 1e-6 });
+    const scaled = await learnWith({
+      scaler: new LossScaler(),
+      dtype: "float16",
+      steps: 1,
+      lossFactor: 1e-6,
+    });
+    const moved = (r: typeof ref): number =>
+      r.adapters.flat().filter((x, i) => x !== r.before.flat()[i]).length / r.adapters.flat().length;
+    assert.ok(moved(ref) > 0.3, `at the loss's size, ${moved(ref)} of the weights moved`);
+    assert.ok(moved(plain) < 0.5 * moved(ref), `float16 unscaled moved ${moved(plain)} of the weights`);
+    assert.ok(Math.abs(moved(scaled) - moved(ref)) < 0.01, `scaled ${moved(scaled)} against ${moved(ref)}`);
+    assert.ok(
+      Math.abs(scaled.m.grad_norm / (1e-6 * ref.m.grad_norm) - 1) < 0.01,
+      `gradient norms ${scaled.m.grad_norm} (scaled) and 1e-6 × ${ref.m.grad_norm}`,
+    );
+  },
 });
 
 Deno.test("train.lossScale: the scale is logged, kept in the checkpoint and restored by --resume", async () => {
