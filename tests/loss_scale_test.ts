@@ -1,7 +1,7 @@
 /**
  * Dynamic loss scaling (rl/loss_scale.ts): the scale's moves, a scaled learn phase that takes the unscaled
  * one's steps bit for bit (powers of two), an overflow that skips the step and backs the scale off instead of
- * failing, and the scale kept across a checkpoint and --resume.
+ * failing (its gradients dropped, the next steps taken), and the scale kept across a checkpoint and --resume.
  */
 import assert from "node:assert/strict";
 import { join } from "node:path";
@@ -74,7 +74,7 @@ interface LearnSetup {
 /** Collects the same rollouts on a fresh policy and learns from them; returns the adapters before and after. */
 async function learnWith(
   { scaler, dtype = "float32", lossFactor = 1, steps = 4 }: LearnSetup = {},
-): Promise<{ m: LearnMetrics; before: number[][]; adapters: number[][] }> {
+): Promise<{ m: LearnMetrics; before: number[][]; adapters: number[][]; gradsLeft: number }> {
   manualSeed(5);
   using model = await loadModel(MODEL, { device: DEVICE, dtype });
   const tok = await Tokenizer.load(MODEL);
@@ -92,7 +92,9 @@ async function learnWith(
         return lossFactor === 1 ? r : { ...r, loss: r.loss.mul(lossFactor) };
       },
     });
-    return { m, before, adapters: policy.policyParameters().map((p) => tidy(() => p.toArray())) };
+    const params = [...policy.policyParameters(), ...policy.valueParameters()];
+    const gradsLeft = params.filter((p) => tidy(() => p.grad !== null)).length;
+    return { m, before, adapters: policy.policyParameters().map((p) => tidy(() => p.toArray())), gradsLeft };
   } finally {
     policy.dispose();
   }
@@ -122,6 +124,19 @@ Deno.test("learn: an overflowing loss scale skips the step and backs off, instea
   assert.ok(Number.isNaN(over.m.grad_norm), "no step, no norm");
   assert.ok(Number.isFinite(over.m.loss), `the loss is read unscaled: ${over.m.loss}`);
   assert.deepEqual(over.adapters, over.before, "no step was taken");
+  assert.equal(over.gradsLeft, 0, "the overflowed gradients are dropped");
+});
+
+Deno.test("learn: after an overflow the scale backs off and the next steps are taken", async () => {
+  // 2^140 overflows at the first step; backed off by 2^-132 it is 2^8, which does not.
+  const live = liveTensors();
+  const scaler = new LossScaler({ initScale: 2 ** 140, backoffFactor: 2 ** -132 });
+  const r = await learnWith({ scaler });
+  assert.deepEqual([r.m.optimizer_steps, r.m.skipped_steps, r.m.loss_scale], [3, 1, 256]);
+  assert.ok(Number.isFinite(r.m.grad_norm) && r.m.grad_norm > 0, `the taken steps' norm: ${r.m.grad_norm}`);
+  assert.notDeepEqual(r.adapters, r.before, "the adapters moved");
+  assert.equal(r.gradsLeft, 0);
+  assert.equal(liveTensors(), live);
 });
 
 /** Whether this libtorch computes float16 matmuls on DEVICE (libtorch 1.13 has none on the CPU). */
