@@ -1,7 +1,8 @@
 /**
  * Dynamic loss scaling (rl/loss_scale.ts): the scale's moves, a scaled learn phase that takes the unscaled
  * one's steps bit for bit (powers of two), an overflow that skips the step and backs the scale off instead of
- * failing (its gradients dropped, the next steps taken), and the scale kept across a checkpoint and --resume.
+ * failing (its gradients dropped, the next steps taken), which models train.lossScale scales, and the scale
+ * kept across a checkpoint and --resume.
  */
 import assert from "node:assert/strict";
 import { join } from "node:path";
@@ -176,6 +177,34 @@ Deno.test({
       `gradient norms ${scaled.m.grad_norm} (scaled) and 1e-6 × ${ref.m.grad_norm}`,
     );
   },
+});
+
+Deno.test("train.lossScale auto scales a float16 model's loss alone; off scales none", async () => {
+  const tmp = await Deno.makeTempDir({ prefix: "moerl_lossscale_" });
+  try {
+    const run = async (dtype: DType, lossScale: string) => {
+      const cfg = await loadTrainConfig(join(ROOT, "configs", "tiny.yaml"), [
+        `output.dir=${join(tmp, `${dtype}-${lossScale}`)}`,
+        "train.updates=1",
+        "output.checkpointEvery=1",
+        "eval.every=0",
+        `model.dtype=${dtype}`,
+        `train.lossScale=${lossScale}`,
+      ]);
+      const r = await train(cfg, { quiet: true });
+      return [r.records[0]!.loss_scale, (await readTrainerState((await latestCheckpoint(r.dir))!)).lossScale];
+    };
+    assert.deepEqual(await run("float32", "auto"), [1, undefined], "float32: not scaled, nothing kept");
+    if (!float16Computes()) return; // libtorch 1.13 on a CPU: loadModel refuses float16
+    const [scale, kept] = await run("float16", "auto");
+    assert.ok(
+      (scale as number) > 1 && kept !== undefined,
+      `float16 auto: scale ${scale}, kept ${JSON.stringify(kept)}`,
+    );
+    assert.deepEqual(await run("float16", "off"), [1, undefined], "float16 off: not scaled");
+  } finally {
+    await Deno.remove(tmp, { recursive: true });
+  }
 });
 
 Deno.test("train.lossScale: the scale is logged, kept in the checkpoint and restored by --resume", async () => {
