@@ -79,20 +79,21 @@ export interface LearnOptions extends LearnFunctions {
   replicas?: Replicas;
   /**
    * Scales the policy's loss (rl/loss_scale.ts), for a float16 model; keep one across updates. A step whose
-   * gradients overflow is skipped and the scale backed off, instead of the error a non-finite norm gives.
+   * gradients overflow is skipped and the scale backed off, instead of the error a non-finite norm gives;
+   * one that overflows at a scale of 1 or less has a loss that is not finite, and gives that error.
    */
   lossScaler?: LossScaler;
 }
 
 /** The numbers of a learn phase (NaN where a quantity does not apply, e.g. kl without a KL penalty). */
 export type LearnMetrics = Record<ObjectivePart, number> & {
-  /** The policy's total loss (the objective of rl/objective.ts), mean over its optimizer steps. */
+  /** The policy's total loss (the objective of rl/objective.ts), mean over its steps (skipped ones too). */
   loss: number;
   /** The critic's loss, mean over its steps (each before its update). */
   value_loss: number;
   /** The mean of its values over all completion tokens. */
   value_mean: number;
-  /** The policy's gradient norm before clipping, mean over its steps. */
+  /** The policy's gradient norm before clipping, mean over the steps taken (not skipped). */
   grad_norm: number;
   /** The critic's gradient norm before clipping, mean over its steps. */
   value_grad_norm: number;
@@ -469,15 +470,17 @@ export function learn(
       if (scaler && scaler.scale !== 1) unscale(params, scaler.scale);
       const norm = clipGradNorm(params, maxNorm > 0 ? maxNorm : Number.MAX_VALUE);
       scaler?.update(!Number.isFinite(norm)); // the same on every rank (summed gradients)
-      if (scaler && !Number.isFinite(norm)) {
+      // Gradients that overflow below a scale of 1 are not a float16 overflow: the loss itself is not finite.
+      if (scaler && !Number.isFinite(norm) && scaler.scale >= 1) {
         optimizer.zeroGrad(params);
         return null;
       }
       if (!Number.isFinite(norm)) { // the same on every rank (summed gradients): every rank throws
         const loss = group === "policy" ? "objective" : "valueLoss";
+        const scaled = scaler ? ` even at a loss scale of ${scaler.scale * 2}` : "";
         throw new Error(
-          `learn: the ${group}'s gradient norm is ${norm} (the ${loss}'s loss or an input to it is not finite); ` +
-            "no step taken",
+          `learn: the ${group}'s gradient norm is ${norm}${scaled} (the ${loss}'s loss or an input to it is not ` +
+            "finite); no step taken",
         );
       }
       optimizer.step(params);

@@ -5,7 +5,9 @@
  * the policy's loss by the scale before backward, so that they stay in range,
  * and divides the gradients by it before clipping. A step whose gradients
  * overflowed (inf or NaN) is skipped and the scale halved; after
- * `growthInterval` steps in a row without overflow it doubles. Powers of two
+ * `growthInterval` steps in a row without overflow it doubles. Gradients that
+ * overflow at a scale of 1 or less come from a loss that is not finite, and
+ * learn() throws, as it does without scaling. Powers of two
  * leave float32 and bfloat16 gradients bit for bit as they were.
  * @module
  */

@@ -101,17 +101,17 @@ async function learnWith(
   }
 }
 
-Deno.test("learn with a loss scale of 2^8 takes the unscaled steps bit for bit", async () => {
+Deno.test("learn with a loss scale of 2^16 takes the unscaled steps bit for bit", async () => {
   const live = liveTensors();
   const plain = await learnWith();
-  const scaled = await learnWith({ scaler: new LossScaler({ initScale: 256 }) });
+  const scaled = await learnWith({ scaler: new LossScaler() }); // 2^16, as train.lossScale gives
   assert.equal(plain.m.optimizer_steps, 4);
   assert.notDeepEqual(plain.adapters, plain.before, "the adapters moved");
   assert.deepEqual(scaled.adapters, plain.adapters, "the same adapters after 4 steps");
   const { loss_scale: _a, ...rest } = scaled.m, { loss_scale: _b, ...want } = plain.m;
   const timeless = (m: Record<string, number>) => Object.entries(m).filter(([k]) => !k.endsWith("_seconds"));
   assert.deepEqual(timeless(rest), timeless(want), "the same metrics: loss, gradient norm, parts");
-  assert.deepEqual([scaled.m.loss_scale, scaled.m.skipped_steps, plain.m.loss_scale], [256, 0, 1]);
+  assert.deepEqual([scaled.m.loss_scale, scaled.m.skipped_steps, plain.m.loss_scale], [2 ** 16, 0, 1]);
   assert.equal(liveTensors(), live);
 });
 
@@ -138,6 +138,16 @@ Deno.test("learn: after an overflow the scale backs off and the next steps are t
   assert.notDeepEqual(r.adapters, r.before, "the adapters moved");
   assert.equal(r.gradsLeft, 0);
   assert.equal(liveTensors(), live);
+});
+
+Deno.test("learn: a loss that is not finite still fails once the scale is down to 1, naming the scale", async () => {
+  // Scale 4, then 2: skipped as overflows; at 1 the gradients are NaN at the loss's own size.
+  const scaler = new LossScaler({ initScale: 4 });
+  await assert.rejects(
+    () => learnWith({ scaler, lossFactor: NaN }),
+    /learn: the policy's gradient norm is NaN even at a loss scale of 1 \(the objective's loss or an input to it is not finite\); no step taken/,
+  );
+  assert.equal(scaler.skipped, 3);
 });
 
 /** Whether this libtorch computes float16 matmuls on DEVICE (libtorch 1.13 has none on the CPU). */
