@@ -461,13 +461,10 @@ async function finishRows(
     // seeded draw then takes token 0, argmax the NaN's index). Read here, with the tokens, not at every step.
     const bad = lps[i]!.slice(0, n).findIndex(Number.isNaN);
     if (bad >= 0) {
-      const samples = opts.samplesPerPrompt ?? 1;
+      const samples = opts.samplesPerPrompt ?? 1, prompt = Math.floor(i / samples), sample = i % samples;
       throw new Error(
-        `generate: the scores of row ${i} (prompt ${Math.floor(i / samples)}, sample ${
-          i % samples
-        }) at new ` +
-          `token ${bad} are not finite (NaN or infinity): the model's weights or activations hold NaN, or ` +
-          "overflowed (float16?)",
+        `generate: the scores of row ${i} (prompt ${prompt}, sample ${sample}) at new token ${bad} are not ` +
+          "finite (NaN or infinity): the model's weights or activations hold NaN, or overflowed (float16?)",
       );
     }
     out.tokens.push(row.slice(0, n));

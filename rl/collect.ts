@@ -164,10 +164,10 @@ export async function collect(
   // Each decode step reuses the adapters' casts to a bfloat16 model's dtype (freed when collect returns).
   using _casts = policy.lora.state.holdCasts();
   policy.train(false);
+  const seed = opts.seed;
   try {
     for (let first = 0; first < prompts.length; first += perBatch) {
       const chunk = prompts.slice(first, first + perBatch);
-      const seed = opts.seed;
       const sampleSeeds = seed === undefined
         ? undefined
         : chunk.map((_, i) => epochSeed(seed, (opts.firstPrompt ?? 0) + first + i));

@@ -20,6 +20,12 @@ export interface LossScaleState {
   goodSteps: number;
 }
 
+/** Whether s is a state some scaler could be in: a finite scale > 0 and a whole count of good steps. */
+export function isLossScaleState(s: unknown): s is LossScaleState {
+  const { scale, goodSteps } = (s ?? {}) as Partial<LossScaleState>;
+  return Number.isFinite(scale) && scale! > 0 && Number.isSafeInteger(goodSteps) && goodSteps! >= 0;
+}
+
 /** Settings of a {@link LossScaler}; the defaults are GradScaler's. */
 export interface LossScalerOptions {
   /** The first scale (default 2^16). */
@@ -90,11 +96,11 @@ export class LossScaler {
    * @throws {RangeError} for a state that no scaler could have reached (a scale not finite and > 0, a negative count)
    */
   restore(state: LossScaleState): void {
-    const { scale, goodSteps } = state;
-    if (!(Number.isFinite(scale) && scale > 0 && Number.isSafeInteger(goodSteps) && goodSteps >= 0)) {
+    if (!isLossScaleState(state)) {
+      const { scale, goodSteps } = state as LossScaleState;
       throw new RangeError(`LossScaler: a saved state holds scale ${scale} and goodSteps ${goodSteps}`);
     }
-    this.scale = scale;
-    this.goodSteps = goodSteps;
+    this.scale = state.scale;
+    this.goodSteps = state.goodSteps;
   }
 }

@@ -89,7 +89,7 @@ export {
   type LearnOptions,
   type StepOptimizer,
 } from "./learn.ts";
-export { LossScaler, type LossScalerOptions, type LossScaleState } from "./loss_scale.ts";
+export { isLossScaleState, LossScaler, type LossScalerOptions, type LossScaleState } from "./loss_scale.ts";
 export { type AdvantagesFn, type LearnFunctions, type ObjectiveFn, type ValueLossFn } from "./replaceable.ts";
 export {
   DEFAULT_POLICY_OPTIMIZER,

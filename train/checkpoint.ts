@@ -34,7 +34,7 @@ import type { LoraModel } from "../model/lora_apply.ts";
 import { ADAPTER_CONFIG, ADAPTER_WEIGHTS, savePeftAdapter } from "../model/peft.ts";
 import { VALUE_HEAD_FILE, type ValueHead } from "../model/value_head.ts";
 import { exists, writeAtomic } from "../model/atomic_write.ts";
-import type { LossScaleState } from "../rl/loss_scale.ts";
+import { isLossScaleState, type LossScaleState } from "../rl/loss_scale.ts";
 import { prepareOptimizerRestore, saveOptimizerState } from "./optimizer_state.ts";
 import { prepareAdapterCopy, type PreparedRestore, prepareValueHeadCopy } from "./restore.ts";
 
@@ -279,7 +279,7 @@ export async function readTrainerState(dir: string): Promise<TrainerState> {
     );
   }
   const ls = s.lossScale;
-  if (ls !== undefined && !(Number.isFinite(ls?.scale) && ls.scale > 0 && int(ls.goodSteps))) {
+  if (ls !== undefined && !isLossScaleState(ls)) {
     throw new Error(
       `${path}: corrupt lossScale ${JSON.stringify(ls)} (expected { scale > 0, goodSteps >= 0 })`,
     );

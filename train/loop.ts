@@ -10,7 +10,8 @@
  * same prompts and takes its contiguous share (whole prompt groups), each
  * prompt's samples drawn from streams keyed by its update-wide position;
  * learn() reduces what must be global. The update is the one a single
- * process would make from the same prompts. Rank 0
+ * process would make from the same prompts in generation batches of the
+ * same shape (docs/data-parallel.md). Rank 0
  * alone writes the run folder; evaluation is split over the ranks.
  * @module
  */
